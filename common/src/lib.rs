@@ -1,0 +1,13 @@
+//! Shared building blocks of Keelson: the formats that both the image pipeline (which writes them)
+//! and PID 1 (which reads them at boot) must agree on byte for byte.
+//!
+//! - [`gpt`]: GUID partition tables (read, write, grow to fill a disk).
+//! - [`partitions`]: the partition roles of a Keelson disk and their Discoverable Partitions
+//!   Specification type GUIDs.
+//! - [`verity`]: the dm-verity superblock and (with the `verity-build` feature) the hash tree.
+//! - [`cmdline`]: the kernel command line keys Keelson uses.
+
+pub mod cmdline;
+pub mod gpt;
+pub mod partitions;
+pub mod verity;
