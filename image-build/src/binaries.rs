@@ -1,0 +1,65 @@
+//! Builds the Keelson binaries that go into the image: statically linked
+//! (`x86_64-unknown-linux-gnu` with `crt-static`) and reproducible (build paths remapped, one
+//! codegen unit, SOURCE_DATE_EPOCH set), in a target directory of their own so the developer's
+//! normal builds are not invalidated by the different flags.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+/// The Rust target image binaries are built for.
+pub const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Binaries the image needs, with their packages.
+pub const BINARIES: &[(&str, &str)] = &[("keelson-init", "keelson-init"), ("sysd", "keelson-sysd")];
+
+/// Builds the image binaries from `workspace` and returns the directory holding them.
+pub fn build(workspace: &Path, epoch: u64, quiet: bool) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let target_dir = workspace.join("target/image");
+    let cargo_home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|_| PathBuf::from("/root/.cargo"));
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut rustflags = vec![
+        "-C".to_owned(),
+        "target-feature=+crt-static".to_owned(),
+        format!("--remap-path-prefix={}=/keelson", workspace.display()),
+        format!("--remap-path-prefix={}=/cargo", cargo_home.display()),
+    ];
+    if !sysroot.is_empty() {
+        rustflags.push(format!("--remap-path-prefix={sysroot}=/rustc"));
+    }
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(workspace)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            TARGET,
+            "--target-dir",
+        ])
+        .arg(&target_dir)
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
+        .env_remove("RUSTFLAGS")
+        .env("SOURCE_DATE_EPOCH", epoch.to_string());
+    for (_, package) in BINARIES {
+        cmd.args(["-p", package]);
+    }
+    if quiet {
+        cmd.arg("-q").stdout(Stdio::null());
+    }
+    let status = cmd.status().with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("building the image binaries failed ({status}); see cargo's output above");
+    }
+    Ok(target_dir.join(TARGET).join("release"))
+}

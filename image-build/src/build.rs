@@ -1,0 +1,434 @@
+//! `image-build build`: the whole pipeline for one config, from pinned packages to `out/<name>/`.
+//!
+//! Every step is a function of the config, the lock, the workspace sources and the host tools'
+//! versions: timestamps come from the lock's `source_date_epoch`, identifiers from the config's
+//! seed, file modes are set explicitly, and every list is sorted.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use keelson_common::cmdline;
+use keelson_common::gpt::Gpt;
+use keelson_common::partitions::Slot;
+use keelson_common::verity;
+use serde::Serialize;
+
+use crate::config::ImageConfig;
+use crate::disk;
+use crate::esp;
+use crate::fetch;
+use crate::initramfs;
+use crate::kmod::ModuleTree;
+use crate::lock::{lock_path, Lock};
+use crate::rootfs::{self, FileEntry};
+use crate::uki;
+use crate::util::{self, derive, derive_guid, mib, run, sha256_file, Progress};
+
+/// Options of one build.
+pub struct Options {
+    pub config: PathBuf,
+    pub out: Option<PathBuf>,
+    pub cache: PathBuf,
+    pub workspace: PathBuf,
+    /// Use prebuilt image binaries from here instead of building them.
+    pub bins: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+#[derive(Serialize)]
+struct Manifest {
+    image: ImageInfo,
+    inputs: Vec<Input>,
+    tools: Vec<ToolVersion>,
+    outputs: Vec<Output>,
+    partitions: Vec<PartitionInfo>,
+    kernel_modules: Vec<String>,
+    rootfs: Vec<FileEntry>,
+    initramfs: Vec<FileEntry>,
+}
+
+#[derive(Serialize)]
+struct ImageInfo {
+    name: String,
+    version: String,
+    description: String,
+    config: String,
+    source_date_epoch: u64,
+    kernel_release: String,
+    roothash_a: String,
+    cmdline: String,
+    uki: String,
+}
+
+#[derive(Serialize)]
+struct Input {
+    kind: &'static str,
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    sha256: String,
+}
+
+#[derive(Serialize)]
+struct ToolVersion {
+    name: &'static str,
+    version: String,
+}
+
+#[derive(Serialize)]
+struct Output {
+    path: String,
+    size: u64,
+    sha256: String,
+}
+
+#[derive(Serialize)]
+struct PartitionInfo {
+    number: usize,
+    label: String,
+    type_guid: String,
+    uuid: String,
+    first_lba: u64,
+    last_lba: u64,
+    attributes: u64,
+}
+
+/// The os-release of an image; also the UKI's `.osrel`, which systemd-boot sorts entries by.
+pub fn os_release(cfg: &ImageConfig) -> String {
+    format!(
+        "NAME=\"Keelson\"\nID=keelson\nPRETTY_NAME=\"Keelson {v} ({n})\"\nVERSION=\"{v}\"\nVERSION_ID={v}\nIMAGE_ID=keelson\nIMAGE_VERSION={v}\nVARIANT_ID={n}\nANSI_COLOR=\"0;36\"\n",
+        v = cfg.version,
+        n = cfg.name
+    )
+}
+
+/// The UKI file name for a version with a fresh boot-assessment counter.
+pub fn uki_name(version: &str, tries: u32) -> String {
+    format!("keelson_{version}+{tries}.efi")
+}
+
+fn tool_version(name: &'static str, arg: &str) -> ToolVersion {
+    let version = Command::new(name)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default();
+    ToolVersion { name, version }
+}
+
+/// Runs the pipeline.
+pub fn build(opts: &Options) -> Result<PathBuf> {
+    let cfg = ImageConfig::load(&opts.config)?;
+    util::check_tools(util::TOOLS)?;
+    let lock = Lock::load(&cfg)?;
+    let epoch = lock.source_date_epoch;
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("out").join(&cfg.name));
+    let work = out.join(".work");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let mut p = Progress::new(opts.quiet, 10);
+
+    p.step(&format!("fetching {} pinned packages", lock.packages.len()));
+    let debs = fetch::fetch_all(&lock, &opts.cache, &lock_path(&cfg), &cfg.path)?;
+    let mut inputs: Vec<Input> = debs
+        .iter()
+        .map(|(pin, _)| Input {
+            kind: "deb",
+            name: pin.name.clone(),
+            version: Some(pin.version.clone()),
+            sha256: pin.sha256.clone(),
+        })
+        .collect();
+    p.done(&format!("{} verified", debs.len()));
+
+    p.step("unpacking kernel and bootloader");
+    let kernel_pin = lock.pin(&cfg.kernel.package)?;
+    let boot_pin = lock.pin(&cfg.bootloader.package)?;
+    let deb_of = |name: &str| {
+        debs.iter()
+            .find(|(p, _)| p.name == name)
+            .map(|(_, f)| f.clone())
+    };
+    let kdir = work.join("kernel");
+    initramfs::unpack_deb(&deb_of(&kernel_pin.name).context("kernel deb")?, &kdir)?;
+    let bdir = work.join("bootloader");
+    initramfs::unpack_deb(&deb_of(&boot_pin.name).context("bootloader deb")?, &bdir)?;
+    let release = single_dir_name(&kdir.join("lib/modules"))?;
+    let vmlinuz = kdir.join(format!("boot/vmlinuz-{release}"));
+    let stub = bdir.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
+    let sdboot = bdir.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+    for f in [&vmlinuz, &stub, &sdboot] {
+        if !f.is_file() {
+            bail!("{} is missing from the unpacked packages", f.display());
+        }
+    }
+    p.done(&format!(
+        "kernel {release}, vmlinuz {}",
+        mib(std::fs::metadata(&vmlinuz)?.len())
+    ));
+
+    p.step("building the image binaries (static, reproducible)");
+    let bins = match &opts.bins {
+        Some(b) => b.clone(),
+        None => crate::binaries::build(&opts.workspace, epoch, opts.quiet)?,
+    };
+    let init_bin = bins.join("keelson-init");
+    let sysd_bin = bins.join("sysd");
+    for (name, path) in [("keelson-init", &init_bin), ("sysd", &sysd_bin)] {
+        let sha256 = sha256_file(path)
+            .with_context(|| format!("image binary {name} not found in {}", bins.display()))?;
+        inputs.push(Input {
+            kind: "binary",
+            name: name.to_owned(),
+            version: Some(cfg.version.clone()),
+            sha256,
+        });
+    }
+    inputs.push(Input {
+        kind: "config",
+        name: cfg.path.display().to_string(),
+        version: None,
+        sha256: sha256_file(&cfg.path)?,
+    });
+    p.done(&format!(
+        "init {}, sysd {}",
+        mib(std::fs::metadata(&init_bin)?.len()),
+        mib(std::fs::metadata(&sysd_bin)?.len())
+    ));
+
+    p.step("resolving kernel modules");
+    let tree = ModuleTree::open(&kdir.join("lib/modules").join(&release))?;
+    let closure = tree.closure(&cfg.kernel.modules)?;
+    p.done(&format!(
+        "{} requested, {} built in, {} files with dependencies",
+        cfg.kernel.modules.len(),
+        closure.builtin.len(),
+        closure.deps.len()
+    ));
+
+    let osrel = os_release(&cfg);
+    p.step("root file system (EROFS) and dm-verity tree");
+    let stage = work.join("rootfs");
+    rootfs::stage(
+        &stage,
+        &osrel,
+        &[
+            ("usr/sbin/init".into(), init_bin.clone(), 0o755),
+            ("usr/bin/sysd".into(), sysd_bin.clone(), 0o755),
+        ],
+    )?;
+    let root_img = out.join("root.erofs");
+    std::fs::create_dir_all(&out)?;
+    rootfs::mkfs_erofs(
+        &stage,
+        &root_img,
+        epoch,
+        derive_guid(&cfg.seed, "root-a fs"),
+    )?;
+    let root_len = std::fs::metadata(&root_img)?.len();
+    let salt = derive(&cfg.seed, "root-a verity salt");
+    let verity_uuid = derive_guid(&cfg.seed, "root-a verity").0;
+    let tree_v = verity::build(
+        &mut std::fs::File::open(&root_img)?,
+        root_len,
+        &salt,
+        verity_uuid,
+    )?;
+    let verity_img = out.join("root.verity");
+    std::fs::write(&verity_img, &tree_v.hash_device)?;
+    let roothash = verity::to_hex(&tree_v.root_hash);
+    p.done(&format!(
+        "root {}, verity {}, root hash {}",
+        mib(root_len),
+        mib(tree_v.hash_device.len() as u64),
+        &roothash[..16]
+    ));
+
+    p.step("initramfs");
+    let (initrd, initrd_files) = initramfs::build(
+        &std::fs::read(&init_bin)?,
+        &osrel,
+        &tree,
+        &closure,
+        &release,
+        epoch,
+    )?;
+    let initrd_path = out.join("initramfs.img");
+    std::fs::write(&initrd_path, &initrd)?;
+    p.done(&mib(initrd.len() as u64));
+
+    p.step("unified kernel image");
+    let mut args: Vec<String> = cfg.kernel.cmdline.clone();
+    args.push(format!("{}={}", cmdline::SLOT, Slot::A));
+    args.push(format!("{}={roothash}", cmdline::ROOTHASH));
+    let cmdline_text = args.join(" ");
+    let cmdline_path = out.join("cmdline");
+    std::fs::write(&cmdline_path, format!("{cmdline_text}\n"))?;
+    let osrel_path = work.join("os-release");
+    std::fs::write(&osrel_path, &osrel)?;
+    let cmdline_sec = work.join("cmdline");
+    std::fs::write(&cmdline_sec, &cmdline_text)?;
+    std::fs::copy(&vmlinuz, out.join("vmlinuz"))?;
+    let uki_file = uki_name(&cfg.version, cfg.bootloader.tries);
+    let uki_path = out.join(&uki_file);
+    uki::build(
+        &stub,
+        &osrel_path,
+        &cmdline_sec,
+        &vmlinuz,
+        &initrd_path,
+        &uki_path,
+        epoch,
+    )?;
+    p.done(&format!(
+        "{uki_file} {}",
+        mib(std::fs::metadata(&uki_path)?.len())
+    ));
+
+    p.step("EFI system partition (FAT32)");
+    let loader_conf = format!(
+        "timeout {}\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n",
+        cfg.bootloader.timeout
+    );
+    let esp_files = vec![
+        ("EFI/BOOT/BOOTX64.EFI".to_owned(), std::fs::read(&sdboot)?),
+        (format!("EFI/Linux/{uki_file}"), std::fs::read(&uki_path)?),
+        ("loader/loader.conf".to_owned(), loader_conf.into_bytes()),
+    ];
+    let serial = derive(&cfg.seed, "esp serial");
+    let esp_img = esp::build(
+        cfg.disk.esp_mib << 20,
+        u32::from_le_bytes([serial[0], serial[1], serial[2], serial[3]]),
+        epoch,
+        &esp_files,
+    )?;
+    let esp_path = work.join("esp.img");
+    std::fs::write(&esp_path, &esp_img)?;
+    p.done(&mib(esp_img.len() as u64));
+
+    p.step("data file system (ext4) and GPT disk");
+    let data_path = work.join("data.ext4");
+    rootfs::mkfs_data(
+        &data_path,
+        &work,
+        cfg.disk.data_mib << 20,
+        epoch,
+        derive_guid(&cfg.seed, "data fs"),
+    )?;
+    let disk_raw = out.join("disk.raw");
+    let parts = disk::layout(&cfg.disk, &esp_path, &root_img, &verity_img, &data_path);
+    let gpt = disk::assemble(&disk_raw, &cfg.seed, &parts)?;
+    let disk_qcow2 = out.join("disk.qcow2");
+    let _ = std::fs::remove_file(&disk_qcow2);
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&disk_raw)
+        .arg(&disk_qcow2))
+    .context("qemu-img (package qemu-utils)")?;
+    p.done(&format!(
+        "disk {} (sparse), qcow2 {}",
+        mib(std::fs::metadata(&disk_raw)?.len()),
+        mib(std::fs::metadata(&disk_qcow2)?.len())
+    ));
+
+    p.step("manifest (SBOM)");
+    let mut outputs = Vec::new();
+    for name in [
+        "disk.raw",
+        "disk.qcow2",
+        "vmlinuz",
+        "initramfs.img",
+        "cmdline",
+        "root.erofs",
+        "root.verity",
+        uki_file.as_str(),
+    ] {
+        let path = out.join(name);
+        outputs.push(Output {
+            path: name.to_owned(),
+            size: std::fs::metadata(&path)?.len(),
+            sha256: sha256_file(&path)?,
+        });
+    }
+    let manifest = Manifest {
+        image: ImageInfo {
+            name: cfg.name.clone(),
+            version: cfg.version.clone(),
+            description: cfg.description.clone(),
+            config: cfg.path.display().to_string(),
+            source_date_epoch: epoch,
+            kernel_release: release.clone(),
+            roothash_a: roothash.clone(),
+            cmdline: cmdline_text.clone(),
+            uki: uki_file.clone(),
+        },
+        inputs,
+        tools: vec![
+            tool_version("mkfs.erofs", "--version"),
+            tool_version("mkfs.ext4", "-V"),
+            tool_version("objcopy", "--version"),
+            tool_version("qemu-img", "--version"),
+        ],
+        outputs,
+        partitions: partition_info(&gpt),
+        kernel_modules: closure.deps.keys().cloned().collect(),
+        rootfs: rootfs::list(&stage)?,
+        initramfs: initrd_files,
+    };
+    std::fs::write(
+        out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)? + "\n",
+    )?;
+    std::fs::remove_dir_all(&work)?;
+    p.done("manifest.json");
+    p.finish(&format!("{} -> {}", cfg.path.display(), out.display()));
+    Ok(out)
+}
+
+fn partition_info(gpt: &Gpt) -> Vec<PartitionInfo> {
+    gpt.partitions()
+        .map(|(number, p)| PartitionInfo {
+            number,
+            label: p.name.clone(),
+            type_guid: p.type_guid.to_string(),
+            uuid: p.unique_guid.to_string(),
+            first_lba: p.first_lba,
+            last_lba: p.last_lba,
+            attributes: p.attributes,
+        })
+        .collect()
+}
+
+fn single_dir_name(dir: &Path) -> Result<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    match names.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!(
+            "expected one kernel release in {}, found {names:?}",
+            dir.display()
+        ),
+    }
+}

@@ -1,0 +1,173 @@
+//! The root file system: a staged tree (merged /usr, mount points, Keelson's binaries and
+//! os-release) packed into EROFS with every timestamp and owner fixed; and the initial data
+//! file system (ext4) that init grows on first boot.
+
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use keelson_common::gpt::Guid;
+use serde::Serialize;
+
+use crate::util::{run, sha256_file};
+
+/// One file of a built file system, for the SBOM.
+#[derive(Debug, Serialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// What goes into the root besides the skeleton: (path in the image, source, mode).
+pub type Install = (String, PathBuf, u32);
+
+/// Mount points and directories every Keelson root has, with their modes.
+const DIRS: &[(&str, u32)] = &[
+    ("dev", 0o755),
+    ("efi", 0o700),
+    ("etc", 0o755),
+    ("proc", 0o555),
+    ("run", 0o755),
+    ("sys", 0o555),
+    ("tmp", 0o1777),
+    ("usr", 0o755),
+    ("usr/bin", 0o755),
+    ("usr/lib", 0o755),
+    ("usr/lib/keelson", 0o755),
+    ("usr/sbin", 0o755),
+    ("usr/share", 0o755),
+    ("usr/share/keelson", 0o755),
+    ("var", 0o755),
+];
+
+/// Merged-/usr compatibility links.
+const LINKS: &[(&str, &str)] = &[("bin", "usr/bin"), ("lib", "usr/lib"), ("sbin", "usr/sbin")];
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// Stages the root tree in `dir`. Modes are set explicitly, so the caller's umask never leaks in.
+pub fn stage(dir: &Path, os_release: &str, installs: &[Install]) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    set_mode(dir, 0o755)?;
+    for (d, mode) in DIRS {
+        let p = dir.join(d);
+        std::fs::create_dir_all(&p)?;
+        set_mode(&p, *mode)?;
+    }
+    for (link, target) in LINKS {
+        symlink(target, dir.join(link))?;
+    }
+    let osr = dir.join("usr/lib/os-release");
+    std::fs::write(&osr, os_release)?;
+    set_mode(&osr, 0o644)?;
+    for (path, src, mode) in installs {
+        let dst = dir.join(path);
+        std::fs::copy(src, &dst)
+            .with_context(|| format!("installing {} as /{path}", src.display()))?;
+        set_mode(&dst, *mode)?;
+    }
+    Ok(())
+}
+
+/// Packs `dir` into an EROFS image at `out`.
+pub fn mkfs_erofs(dir: &Path, out: &Path, epoch: u64, uuid: Guid) -> Result<()> {
+    let _ = std::fs::remove_file(out);
+    run(Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(format!("-T{epoch}"))
+        .arg(format!("-U{uuid}"))
+        .arg("--all-root")
+        // Host xattrs (SELinux labels and the like) must not leak into the image.
+        .arg("-x-1")
+        // An exported SOURCE_DATE_EPOCH overrides -T in erofs-utils 1.5 and changes the output.
+        .env_remove("SOURCE_DATE_EPOCH")
+        .arg(out)
+        .arg(dir))
+    .context("mkfs.erofs (package erofs-utils)")?;
+    Ok(())
+}
+
+/// mke2fs settings spelled out, so the host's /etc/mke2fs.conf cannot change the image.
+const MKE2FS_CONF: &str = "[defaults]\n\
+    base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr,has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize\n\
+    default_mntopts = acl,user_xattr\n\
+    blocksize = 4096\n\
+    inode_size = 256\n\
+    inode_ratio = 16384\n";
+
+/// Makes the initial ext4 data file system (`size` bytes) at `out`.
+pub fn mkfs_data(out: &Path, work: &Path, size: u64, epoch: u64, uuid: Guid) -> Result<()> {
+    let conf = work.join("mke2fs.conf");
+    std::fs::write(&conf, MKE2FS_CONF)?;
+    let _ = std::fs::remove_file(out);
+    std::fs::File::create(out)?.set_len(size)?;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "keelson-data", "-U"])
+        .arg(uuid.to_string())
+        .arg("-E")
+        .arg(format!(
+            "hash_seed={uuid},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0,nodiscard"
+        ))
+        .arg(out)
+        .env("MKE2FS_CONFIG", &conf)
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string()))
+    .context("mkfs.ext4 (package e2fsprogs)")?;
+    Ok(())
+}
+
+/// Lists every file under `dir` (sorted) with mode, size and hash, for the SBOM.
+pub fn list(dir: &Path) -> Result<Vec<FileEntry>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            let rel = format!("/{}", path.strip_prefix(dir)?.display());
+            let mode = format!("{:o}", meta.permissions().mode());
+            let ft = meta.file_type();
+            if ft.is_symlink() {
+                let target = std::fs::read_link(&path)?.display().to_string();
+                out.push(FileEntry {
+                    path: rel,
+                    mode,
+                    size: None,
+                    sha256: None,
+                    target: Some(target),
+                });
+            } else if ft.is_dir() {
+                out.push(FileEntry {
+                    path: rel,
+                    mode,
+                    size: None,
+                    sha256: None,
+                    target: None,
+                });
+                stack.push(path);
+            } else {
+                out.push(FileEntry {
+                    path: rel,
+                    mode,
+                    size: Some(meta.len()),
+                    sha256: Some(sha256_file(&path)?),
+                    target: None,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
