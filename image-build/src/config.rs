@@ -231,7 +231,7 @@ data_mib = 32
         let err = load_text(&GOOD.replace("esp_mib = 64", "esp_mib = \"big\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("t.toml:12:11:"), "{err}");
+        assert!(err.contains("t.toml:11:11:"), "{err}");
     }
 
     #[test]

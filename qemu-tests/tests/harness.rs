@@ -1,0 +1,388 @@
+//! Self-tests of the harness that boot something real without a Keelson image: Debian's cloud
+//! kernel with a busybox initramfs built on the fly.
+//!
+//! The QEMU tests are `#[ignore]`d because the kernel comes from a Debian package unpacked into
+//! `/tmp/debs/k` (set `KEELSON_TEST_KERNEL_ROOT` to use another unpacked `linux-image-*-cloud-amd64`)
+//! and may be absent in CI. Run them with `cargo test -p qemu-tests -- --ignored` (as root).
+//! The namespace test only needs root and iproute2.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qemu_tests::{Guest, GuestBuilder, NetNs, NicModel};
+
+const KERNEL_VERSION: &str = "6.1.0-56-cloud-amd64";
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The root of the unpacked kernel package (`boot/vmlinuz-*`, `lib/modules/*`).
+fn kernel_root() -> PathBuf {
+    std::env::var_os("KEELSON_TEST_KERNEL_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/debs/k"))
+}
+
+fn kernel() -> PathBuf {
+    let path = kernel_root().join(format!("boot/vmlinuz-{KERNEL_VERSION}"));
+    assert!(
+        path.is_file(),
+        "{} missing: unpack linux-image-{KERNEL_VERSION} (dpkg-deb -x) into {}",
+        path.display(),
+        kernel_root().display()
+    );
+    path
+}
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// A minimal writer of the `newc` cpio format the kernel unpacks as an initramfs.
+struct Cpio {
+    out: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn new() -> Self {
+        Cpio {
+            out: Vec::new(),
+            ino: 1,
+        }
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        let fields = [
+            self.ino,
+            mode,
+            0, // uid
+            0, // gid
+            1, // nlink
+            0, // mtime
+            u32::try_from(data.len()).expect("cpio member too large"),
+            0, // devmajor
+            0, // devminor
+            rdev.0,
+            rdev.1,
+            u32::try_from(name.len() + 1).unwrap(),
+            0, // check
+        ];
+        self.ino += 1;
+        self.out.extend_from_slice(b"070701");
+        for field in fields {
+            self.out
+                .extend_from_slice(format!("{field:08x}").as_bytes());
+        }
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040755, (0, 0), &[]);
+    }
+
+    fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.entry(name, 0o100000 | mode, (0, 0), data);
+    }
+
+    fn char_dev(&mut self, name: &str, major: u32, minor: u32) {
+        self.entry(name, 0o020600, (major, minor), &[]);
+    }
+
+    fn pad(&mut self) {
+        while self.out.len() % 4 != 0 {
+            self.out.push(0);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        self.out
+    }
+}
+
+/// Writes an initramfs with static busybox, `/init` = `script`, and the given kernel modules
+/// (paths relative to the kernel package's `lib/modules/VERSION/kernel`) in `/modules`.
+fn initramfs(dir: &Path, script: &str, modules: &[&str]) -> PathBuf {
+    let busybox = std::fs::read(BUSYBOX)
+        .unwrap_or_else(|e| panic!("{BUSYBOX}: {e} (install the Debian package busybox-static)"));
+    let mut cpio = Cpio::new();
+    for d in ["bin", "dev", "proc", "sys", "modules", "www"] {
+        cpio.dir(d);
+    }
+    // The kernel opens /dev/console for init's stdio before anything could mount devtmpfs.
+    cpio.char_dev("dev/console", 5, 1);
+    cpio.file("bin/busybox", 0o755, &busybox);
+    cpio.file("init", 0o755, script.as_bytes());
+    cpio.file("www/hello.txt", 0o644, b"PONG from the guest\n");
+    let module_dir = kernel_root().join(format!("lib/modules/{KERNEL_VERSION}/kernel"));
+    for module in modules {
+        let path = module_dir.join(module);
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = Path::new(module).file_name().unwrap().to_string_lossy();
+        cpio.file(&format!("modules/{name}"), 0o644, &data);
+    }
+    let path = dir.join("initramfs.cpio");
+    std::fs::write(&path, cpio.finish()).unwrap();
+    path
+}
+
+#[test]
+#[ignore = "needs root and Debian's cloud kernel unpacked in /tmp/debs/k"]
+fn busybox_guest_says_hello_and_powers_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = initramfs(
+        dir.path(),
+        "#!/bin/busybox sh\necho HELLO\n/bin/busybox poweroff -f\n",
+        &[],
+    );
+    let guest = GuestBuilder::direct(kernel(), initrd, "console=ttyS0", None)
+        .spawn()
+        .unwrap();
+    let line = guest.wait_for("HELLO", Duration::from_secs(60)).unwrap();
+    assert_eq!(line.trim(), "HELLO");
+    let status = guest.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "QEMU exited with {status}");
+
+    // The kernel's own output precedes HELLO, all stamped relative to the spawn.
+    let lines = guest.lines_with_times();
+    let hello = lines.iter().position(|(_, l)| l.trim() == "HELLO").unwrap();
+    assert!(hello > 0, "kernel messages expected before HELLO");
+    assert!(
+        lines.windows(2).all(|w| w[0].0 <= w[1].0),
+        "timestamps go forward"
+    );
+    assert!(lines[hello].0 > Duration::ZERO);
+    eprintln!(
+        "first serial line at {:?}, HELLO at {:?}",
+        lines[0].0, lines[hello].0
+    );
+    // Consumed: HELLO is not found again, but is from the start.
+    assert!(guest.wait_for("HELLO", Duration::from_millis(50)).is_err());
+    guest
+        .wait_for_from_start("HELLO", Duration::from_millis(50))
+        .unwrap();
+}
+
+/// Loads virtio-net, serves a file with busybox httpd, and reaches it through a port forward
+/// inside the guest's namespace; also drives the monitor and checks the error paths.
+#[test]
+#[ignore = "needs root and Debian's cloud kernel unpacked in /tmp/debs/k"]
+fn busybox_guest_serves_http_through_forward_in_netns() {
+    let modules = [
+        "drivers/virtio/virtio_ring.ko",
+        "drivers/virtio/virtio.ko",
+        "drivers/virtio/virtio_pci_legacy_dev.ko",
+        "drivers/virtio/virtio_pci_modern_dev.ko",
+        "drivers/virtio/virtio_pci.ko",
+        "net/core/failover.ko",
+        "drivers/net/net_failover.ko",
+        "drivers/net/virtio_net.ko",
+    ];
+    let mut script = String::from("#!/bin/busybox sh\nB=/bin/busybox\n");
+    for m in &modules {
+        let name = Path::new(m).file_name().unwrap().to_string_lossy();
+        script.push_str(&format!("$B insmod /modules/{name}\n"));
+    }
+    script.push_str(
+        "$B ip link set lo up\n\
+         $B ip link set eth0 up\n\
+         $B ip addr add 10.0.2.15/24 dev eth0\n\
+         $B httpd -p 80 -h /www\n\
+         echo READY one\n\
+         echo READY two\n\
+         while true; do $B sleep 1; done\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = initramfs(dir.path(), &script, &modules);
+    let guest = GuestBuilder::direct(kernel(), initrd, "console=ttyS0", None)
+        .nic(NicModel::VirtioNet)
+        .forward(18080, 80)
+        .spawn()
+        .unwrap();
+
+    // Consume semantics: the two READY lines are matched in order.
+    let timeout = Duration::from_secs(60);
+    assert_eq!(guest.wait_for("READY", timeout).unwrap(), "READY one");
+    assert_eq!(guest.wait_for("READY", timeout).unwrap(), "READY two");
+
+    let status = guest.monitor("info status").unwrap();
+    assert!(status.contains("running"), "info status: {status:?}");
+
+    let body = guest.run_in_netns(|| http_get(18080, "/hello.txt"));
+    assert!(body.contains("PONG from the guest"), "response: {body:?}");
+    // The forward exists only in the guest's namespace.
+    assert!(
+        TcpStream::connect_timeout(&"127.0.0.1:18080".parse().unwrap(), Duration::from_secs(1))
+            .is_err(),
+        "port 18080 reachable outside the guest's namespace"
+    );
+
+    let err = guest
+        .wait_for("NEVER PRINTED", Duration::from_millis(200))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("timed out") && err.contains("READY two"),
+        "{err}"
+    );
+
+    guest.quit().unwrap();
+    guest.wait_exit(Duration::from_secs(10)).unwrap();
+    let err = guest
+        .wait_for("NEVER PRINTED", Duration::from_secs(5))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("QEMU exited"), "{err}");
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    // slirp accepts the connection at once and may only then find the guest's server; retry
+    // briefly in case httpd is not listening yet.
+    for _ in 0..50 {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        if stream
+            .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .is_err()
+        {
+            continue;
+        }
+        let mut response = String::new();
+        if stream.read_to_string(&mut response).is_ok() && !response.is_empty() {
+            return response;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no HTTP response on 127.0.0.1:{port}");
+}
+
+#[test]
+fn early_qemu_exit_is_reported_with_stderr() {
+    assert!(
+        is_root(),
+        "this test needs root for the network namespace (run the suite as root, as .ci/run does)"
+    );
+    qemu_tests::qemu_system().expect("qemu-system-x86_64 is required (installed by .ci/run)");
+    let guest: Guest =
+        GuestBuilder::direct("/nonexistent/vmlinuz", "/nonexistent/initrd", "", None)
+            .spawn()
+            .unwrap();
+    let err = guest
+        .wait_for("anything", Duration::from_secs(30))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("QEMU exited"), "{err}");
+    assert!(
+        err.contains("/nonexistent/vmlinuz"),
+        "stderr expected: {err}"
+    );
+}
+
+#[test]
+fn netns_is_isolated_and_cleaned_up() {
+    assert!(
+        is_root(),
+        "this test needs root for network namespaces (run the suite as root, as .ci/run does)"
+    );
+    let ns = NetNs::new().unwrap();
+    let name = ns.name().to_string();
+    assert!(ns.path().exists());
+
+    // Only `lo`, and it is up.
+    let out = ns.output("ip", &["-o", "link"]).unwrap();
+    let links = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(links.lines().count(), 1, "{links}");
+    assert!(links.contains("lo:") && links.contains("UP"), "{links}");
+
+    // A listener inside is reachable inside, not from the host namespace.
+    let listener = ns.run_in(|| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::scope(|s| {
+            s.spawn(|| listener.accept().unwrap());
+            TcpStream::connect(("127.0.0.1", port)).unwrap();
+        });
+        listener
+    });
+    let port = listener.local_addr().unwrap().port();
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "a listener in the namespace answered in the host namespace"
+    );
+    drop(listener);
+    // Panics inside propagate.
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ns.run_in(|| panic!("inside"));
+    }));
+    assert!(caught.is_err());
+
+    drop(ns);
+    assert!(!Path::new("/run/netns").join(&name).exists());
+}
+
+/// OVMF under TCG: an empty disk gets as far as the boot manager giving up on it, which shows the
+/// pflash setup (read-only code, private variable store) works. Reports firmware timings.
+#[test]
+#[ignore = "needs root and the ovmf package; slow-ish under TCG"]
+fn ovmf_boots_to_the_boot_manager() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("empty.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let guest = GuestBuilder::uefi(&disk)
+        .nic(NicModel::None)
+        .spawn()
+        .unwrap();
+    let line = guest
+        .wait_for("BdsDxe: failed to load", Duration::from_secs(120))
+        .unwrap();
+    assert!(line.contains("UEFI Misc Device"), "{line}");
+    for (at, line) in guest.lines_with_times().iter().take(5) {
+        eprintln!("{at:>12.3?} {line:?}");
+    }
+    // The system's template stays pristine; the guest wrote to its own copy.
+    assert!(guest.dir().join("OVMF_VARS.fd").is_file());
+    let overlay = guest.disk_path().unwrap();
+    assert_eq!(overlay.extension().unwrap(), "qcow2");
+}
+
+#[test]
+fn overlay_grows_and_copy_stays_sparse() {
+    qemu_tests::qemu_img().expect("qemu-img is required (installed by .ci/run)");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    let file = std::fs::File::create(&base).unwrap();
+    file.set_len(8 << 20).unwrap();
+    drop(file);
+    let overlay = dir.path().join("o.qcow2");
+    qemu_tests::create_overlay(&base, &overlay, Some(32 << 20)).unwrap();
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 32 << 20);
+    assert_eq!(info["backing-filename-format"], "raw");
+    // Smaller than the image is refused rather than silently truncating the guest's disk.
+    assert!(qemu_tests::create_overlay(&base, &overlay, Some(1 << 20)).is_err());
+
+    let copy = dir.path().join("copy.img");
+    qemu_tests::copy_disk(&base, &copy).unwrap();
+    let meta = std::fs::metadata(&copy).unwrap();
+    assert_eq!(meta.len(), 8 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.blocks() * 512 < 8 << 20, "copy is not sparse");
+}
