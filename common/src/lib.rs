@@ -6,8 +6,10 @@
 //!   Specification type GUIDs.
 //! - [`verity`]: the dm-verity superblock and (with the `verity-build` feature) the hash tree.
 //! - [`cmdline`]: the kernel command line keys Keelson uses.
+//! - [`cpio`]: a deterministic `newc` archive writer (initramfs).
 
 pub mod cmdline;
+pub mod cpio;
 pub mod gpt;
 pub mod partitions;
 pub mod verity;

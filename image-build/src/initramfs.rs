@@ -9,10 +9,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use flate2::{Compression, GzBuilder};
 
-use crate::cpio::{Entry, Writer};
 use crate::kmod::{render_load, Closure, ModuleTree};
 use crate::rootfs::FileEntry;
 use crate::util::sha256_hex;
+use keelson_common::cpio::{Entry, Writer};
 
 /// Builds the compressed initramfs; returns it and its file list for the SBOM.
 pub fn build(

@@ -6,7 +6,6 @@
 mod binaries;
 mod build;
 mod config;
-mod cpio;
 mod disk;
 mod esp;
 mod fetch;

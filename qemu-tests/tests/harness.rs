@@ -1,33 +1,67 @@
 //! Self-tests of the harness that boot something real without a Keelson image: Debian's cloud
 //! kernel with a busybox initramfs built on the fly.
 //!
-//! The QEMU tests are `#[ignore]`d because the kernel comes from a Debian package unpacked into
-//! `/tmp/debs/k` (set `KEELSON_TEST_KERNEL_ROOT` to use another unpacked `linux-image-*-cloud-amd64`)
-//! and may be absent in CI. Run them with `cargo test -p qemu-tests -- --ignored` (as root).
-//! The namespace test only needs root and iproute2.
+//! The kernel is the cloud kernel the vm image pins, unpacked from image-build's package cache
+//! (`KEELSON_TEST_KERNEL_ROOT` points at another unpacked `linux-image-*-cloud-amd64`). Needs
+//! root, QEMU and OVMF, all installed by `./dev test`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keelson_common::cpio::{Entry, Writer};
 use qemu_tests::{Guest, GuestBuilder, NetNs, NicModel};
 
-const KERNEL_VERSION: &str = "6.1.0-56-cloud-amd64";
 const BUSYBOX: &str = "/bin/busybox";
 
-/// The root of the unpacked kernel package (`boot/vmlinuz-*`, `lib/modules/*`).
+/// The root of the unpacked kernel package (`boot/vmlinuz-*`, `lib/modules/*`): the cloud
+/// kernel the vm image pins, unpacked once from image-build's package cache.
 fn kernel_root() -> PathBuf {
-    std::env::var_os("KEELSON_TEST_KERNEL_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/debs/k"))
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        if let Some(root) = std::env::var_os("KEELSON_TEST_KERNEL_ROOT") {
+            return PathBuf::from(root);
+        }
+        let cache = qemu_tests::workspace_root().join("cache/debs");
+        let deb = std::fs::read_dir(&cache)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (build the vm image first: ./dev image)",
+                    cache.display()
+                )
+            })
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with("linux-image-") && name.contains("-cloud-amd64_")
+            })
+            .unwrap_or_else(|| panic!("no cloud kernel package in {}", cache.display()));
+        let root = std::env::temp_dir().join(format!("keelson-test-kernel-{}", std::process::id()));
+        let status = std::process::Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(&root)
+            .status()
+            .unwrap();
+        assert!(status.success(), "dpkg-deb -x {}", deb.display());
+        root
+    })
+    .clone()
+}
+
+/// The kernel release (`6.1.0-56-cloud-amd64`), the one directory under `lib/modules`.
+fn release() -> String {
+    let dir = kernel_root().join("lib/modules");
+    let entry = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap();
+    entry.file_name().to_string_lossy().into_owned()
 }
 
 fn kernel() -> PathBuf {
-    let path = kernel_root().join(format!("boot/vmlinuz-{KERNEL_VERSION}"));
+    let path = kernel_root().join(format!("boot/vmlinuz-{}", release()));
     assert!(
         path.is_file(),
-        "{} missing: unpack linux-image-{KERNEL_VERSION} (dpkg-deb -x) into {}",
+        "{} missing from the unpacked kernel in {}",
         path.display(),
         kernel_root().display()
     );
@@ -38,101 +72,64 @@ fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
 
-/// A minimal writer of the `newc` cpio format the kernel unpacks as an initramfs.
-struct Cpio {
-    out: Vec<u8>,
-    ino: u32,
-}
-
-impl Cpio {
-    fn new() -> Self {
-        Cpio {
-            out: Vec::new(),
-            ino: 1,
-        }
-    }
-
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
-        let fields = [
-            self.ino,
-            mode,
-            0, // uid
-            0, // gid
-            1, // nlink
-            0, // mtime
-            u32::try_from(data.len()).expect("cpio member too large"),
-            0, // devmajor
-            0, // devminor
-            rdev.0,
-            rdev.1,
-            u32::try_from(name.len() + 1).unwrap(),
-            0, // check
-        ];
-        self.ino += 1;
-        self.out.extend_from_slice(b"070701");
-        for field in fields {
-            self.out
-                .extend_from_slice(format!("{field:08x}").as_bytes());
-        }
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn dir(&mut self, name: &str) {
-        self.entry(name, 0o040755, (0, 0), &[]);
-    }
-
-    fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
-        self.entry(name, 0o100000 | mode, (0, 0), data);
-    }
-
-    fn char_dev(&mut self, name: &str, major: u32, minor: u32) {
-        self.entry(name, 0o020600, (major, minor), &[]);
-    }
-
-    fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
-            self.out.push(0);
-        }
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[]);
-        self.out
-    }
-}
-
 /// Writes an initramfs with static busybox, `/init` = `script`, and the given kernel modules
 /// (paths relative to the kernel package's `lib/modules/VERSION/kernel`) in `/modules`.
 fn initramfs(dir: &Path, script: &str, modules: &[&str]) -> PathBuf {
     let busybox = std::fs::read(BUSYBOX)
         .unwrap_or_else(|e| panic!("{BUSYBOX}: {e} (install the Debian package busybox-static)"));
-    let mut cpio = Cpio::new();
+    let mut cpio = Writer::new(Vec::new(), 0);
     for d in ["bin", "dev", "proc", "sys", "modules", "www"] {
-        cpio.dir(d);
+        cpio.add(&Entry::Dir {
+            path: d,
+            mode: 0o755,
+        })
+        .unwrap();
     }
     // The kernel opens /dev/console for init's stdio before anything could mount devtmpfs.
-    cpio.char_dev("dev/console", 5, 1);
-    cpio.file("bin/busybox", 0o755, &busybox);
-    cpio.file("init", 0o755, script.as_bytes());
-    cpio.file("www/hello.txt", 0o644, b"PONG from the guest\n");
-    let module_dir = kernel_root().join(format!("lib/modules/{KERNEL_VERSION}/kernel"));
+    cpio.add(&Entry::CharDev {
+        path: "dev/console",
+        mode: 0o600,
+        major: 5,
+        minor: 1,
+    })
+    .unwrap();
+    cpio.add(&Entry::File {
+        path: "bin/busybox",
+        mode: 0o755,
+        data: &busybox,
+    })
+    .unwrap();
+    cpio.add(&Entry::File {
+        path: "init",
+        mode: 0o755,
+        data: script.as_bytes(),
+    })
+    .unwrap();
+    cpio.add(&Entry::File {
+        path: "www/hello.txt",
+        mode: 0o644,
+        data: b"PONG from the guest\n",
+    })
+    .unwrap();
+    let module_dir = kernel_root().join(format!("lib/modules/{}/kernel", release()));
     for module in modules {
         let path = module_dir.join(module);
         let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let name = Path::new(module).file_name().unwrap().to_string_lossy();
-        cpio.file(&format!("modules/{name}"), 0o644, &data);
+        let path = format!("modules/{name}");
+        cpio.add(&Entry::File {
+            path: &path,
+            mode: 0o644,
+            data: &data,
+        })
+        .unwrap();
     }
     let path = dir.join("initramfs.cpio");
-    std::fs::write(&path, cpio.finish()).unwrap();
+    std::fs::write(&path, cpio.finish().unwrap()).unwrap();
     path
 }
 
 #[test]
-#[ignore = "needs root and Debian's cloud kernel unpacked in /tmp/debs/k"]
 fn busybox_guest_says_hello_and_powers_off() {
     let dir = tempfile::tempdir().unwrap();
     let initrd = initramfs(
@@ -171,7 +168,6 @@ fn busybox_guest_says_hello_and_powers_off() {
 /// Loads virtio-net, serves a file with busybox httpd, and reaches it through a port forward
 /// inside the guest's namespace; also drives the monitor and checks the error paths.
 #[test]
-#[ignore = "needs root and Debian's cloud kernel unpacked in /tmp/debs/k"]
 fn busybox_guest_serves_http_through_forward_in_netns() {
     let modules = [
         "drivers/virtio/virtio_ring.ko",
@@ -333,7 +329,6 @@ fn netns_is_isolated_and_cleaned_up() {
 /// OVMF under TCG: an empty disk gets as far as the boot manager giving up on it, which shows the
 /// pflash setup (read-only code, private variable store) works. Reports firmware timings.
 #[test]
-#[ignore = "needs root and the ovmf package; slow-ish under TCG"]
 fn ovmf_boots_to_the_boot_manager() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("empty.img");

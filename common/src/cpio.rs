@@ -1,4 +1,4 @@
-//! A deterministic `newc` cpio writer for the initramfs: entries in the order given (callers
+//! A deterministic `newc` cpio writer (initramfs images; test guests): entries in the order given (callers
 //! sort), inode numbers counted from 1, every timestamp the same, owner root.
 
 use std::io::Write;

@@ -1,0 +1,144 @@
+//! Shutdown: stopping sysd, then every other process, unmounting /var so its journal is clean
+//! for the next boot, and finally halting, rebooting or powering off.
+
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::reboot::reboot;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::signalfd::SignalFd;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::{sync, Pid};
+
+use crate::fatal::{fatal, PowerAction};
+use crate::say;
+use crate::supervise::{reap_all, Supervisor};
+
+/// How long sysd gets to stop its services.
+pub const SYSD_GRACE: Duration = Duration::from_secs(20);
+/// How long everything else gets after SIGTERM.
+pub const OTHERS_GRACE: Duration = Duration::from_secs(2);
+
+/// The last log line's verb.
+pub fn final_word(action: PowerAction) -> &'static str {
+    match action {
+        PowerAction::Poweroff => "powering off",
+        PowerAction::Reboot => "rebooting",
+        PowerAction::Halt => "halting",
+    }
+}
+
+/// Reaps children until `done` says so (given everything reaped so far and whether any children
+/// remain) or the deadline passes; returns whether `done` was satisfied. Signals arriving
+/// meanwhile are drained and ignored: a shutdown is already under way.
+fn reap_until(
+    sfd: &SignalFd,
+    timeout: Duration,
+    mut done: impl FnMut(&[(Pid, WaitStatus)], bool) -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (reaped, none_left) = reap_all();
+        if done(&reaped, none_left) {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ms = u16::try_from(left.as_millis().saturating_add(1)).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(sfd),
+            PollFlags::POLLIN,
+        )];
+        let _ = poll(&mut fds, PollTimeout::from(ms));
+        while let Ok(Some(_)) = sfd.read_signal() {}
+    }
+}
+
+/// Carries out `action`. Never returns.
+pub fn run(action: PowerAction, sup: &mut Supervisor, sfd: &SignalFd) -> ! {
+    say!("shutdown: {} requested", action.name());
+    sup.stop_restarting();
+    if let Some(pid) = sup.pid() {
+        let _ = kill(pid, Signal::SIGTERM);
+        let is_sysd = |reaped: &[(Pid, WaitStatus)], _: bool| reaped.iter().any(|(p, _)| *p == pid);
+        if !reap_until(sfd, SYSD_GRACE, is_sysd) {
+            say!(
+                "shutdown: sysd did not stop within {} s; killing it",
+                SYSD_GRACE.as_secs()
+            );
+            let _ = kill(pid, Signal::SIGKILL);
+            reap_until(sfd, OTHERS_GRACE, is_sysd);
+        }
+    }
+    sup.mark_stopped();
+    say!("shutdown: sysd stopped");
+
+    let all = Pid::from_raw(-1);
+    let no_children = |_: &[(Pid, WaitStatus)], none_left: bool| none_left;
+    if kill(all, Signal::SIGTERM).is_ok() && !reap_until(sfd, OTHERS_GRACE, no_children) {
+        say!("shutdown: processes left after SIGTERM; sending SIGKILL");
+    }
+    // Always: kill(-1) reports ESRCH when nothing is left, and stragglers of other sessions
+    // may not be init's children yet.
+    let _ = kill(all, Signal::SIGKILL);
+    reap_until(sfd, Duration::from_secs(1), no_children);
+
+    sync();
+    unmount_var();
+    sync();
+    say!("shutdown: {}", final_word(action));
+    match reboot(action.mode()) {
+        Ok(never) => match never {},
+        Err(e) => fatal(&format!("reboot(2) for {} failed: {e}", action.name())),
+    }
+}
+
+/// Unmounts /var, retrying briefly while the last processes' files close; falls back to a
+/// read-only remount, which also leaves the journal clean.
+fn unmount_var() {
+    let mut last = Errno::UnknownErrno;
+    for _ in 0..10 {
+        match nix::mount::umount2("/var", MntFlags::empty()) {
+            Ok(()) => {
+                say!("shutdown: /var unmounted cleanly");
+                return;
+            }
+            Err(Errno::EINVAL) => {
+                say!("shutdown: /var was not mounted");
+                return;
+            }
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let remount = nix::mount::mount(
+        None::<&str>,
+        "/var",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
+    match remount {
+        Ok(()) => say!("shutdown: cannot unmount /var ({last:?}); remounted it read-only"),
+        Err(e) => say!(
+            "shutdown: cannot unmount /var ({last:?}) nor remount it read-only ({e:?}); \
+             it will need journal recovery"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_words() {
+        assert_eq!(final_word(PowerAction::Poweroff), "powering off");
+        assert_eq!(final_word(PowerAction::Reboot), "rebooting");
+        assert_eq!(final_word(PowerAction::Halt), "halting");
+    }
+}
