@@ -216,10 +216,11 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
 
     p.step("resolving kernel modules");
     let tree = ModuleTree::open(&kdir.join("lib/modules").join(&release))?;
-    let closure = tree.closure(&cfg.kernel.modules)?;
+    let closure = tree.closure(&cfg.kernel.modules, &cfg.kernel.drivers)?;
     p.done(&format!(
-        "{} requested, {} built in, {} files with dependencies",
+        "{} modules and {} drivers requested, {} built in, {} files with dependencies",
         cfg.kernel.modules.len(),
+        cfg.kernel.drivers.len(),
         closure.builtin.len(),
         closure.deps.len()
     ));

@@ -41,8 +41,13 @@ pub struct Kernel {
     /// Extra kernel command line arguments (Keelson adds slot and root hash).
     #[serde(default)]
     pub cmdline: Vec<String>,
-    /// Modules stage 1 loads, in order; their dependency closure is added automatically.
+    /// Modules stage 1 always loads, in order; their dependency closure is added automatically.
     pub modules: Vec<String>,
+    /// Hardware drivers: in the initramfs, loaded only when a present device matches one of
+    /// their aliases (as udev's coldplug would), so a server image carries many NIC and storage
+    /// drivers without paying for them at boot.
+    #[serde(default)]
+    pub drivers: Vec<String>,
 }
 
 /// systemd-boot.

@@ -1,5 +1,5 @@
 //! The initramfs: init (stage 1), the kernel modules stage 1 loads with their dependency closure,
-//! `modules.dep`/`modules.load`, `/etc/initrd-release` (which tells init it is stage 1) and
+//! `modules.dep`/`modules.load`/`modules.alias`, `/etc/initrd-release` (which tells init it is stage 1) and
 //! `/dev/console`; a gzip'd `newc` cpio, deterministic down to the gzip header.
 
 use std::collections::BTreeMap;
@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use flate2::{Compression, GzBuilder};
 
-use crate::kmod::{render_load, Closure, ModuleTree};
+use crate::kmod::{render_alias, render_load, Closure, ModuleTree};
 use crate::rootfs::FileEntry;
 use crate::util::sha256_hex;
 use keelson_common::cpio::{Entry, Writer};
@@ -52,6 +52,10 @@ pub fn build(
     files.insert(
         format!("{mod_dir}/modules.load"),
         (0o644, Some(render_load(closure).into_bytes())),
+    );
+    files.insert(
+        format!("{mod_dir}/modules.alias"),
+        (0o644, Some(render_alias(closure).into_bytes())),
     );
     for m in closure.deps.keys() {
         let rel = tree.file(m).context("module vanished from the tree")?;

@@ -32,8 +32,12 @@ pub struct Closure {
     pub load: Vec<String>,
     /// Requested modules built into the kernel (nothing to load).
     pub builtin: Vec<String>,
+    /// Hardware drivers: loaded by init only when a device's modalias matches one of theirs.
+    pub drivers: Vec<String>,
     /// Every module file needed, with its dependencies in depmod order.
     pub deps: BTreeMap<String, Vec<String>>,
+    /// `(modalias pattern, driver)` for every requested driver, sorted.
+    pub aliases: Vec<(String, String)>,
 }
 
 impl ModuleTree {
@@ -73,7 +77,7 @@ impl ModuleTree {
         self.files.get(name).map(String::as_str)
     }
 
-    fn direct_deps(&self, name: &str) -> Result<Vec<String>> {
+    fn modinfo(&self, name: &str) -> Result<Vec<u8>> {
         let rel = &self.files[name];
         let data = std::fs::read(self.root.join(rel)).with_context(|| format!("reading {rel}"))?;
         let obj =
@@ -81,23 +85,29 @@ impl ModuleTree {
         let section = obj
             .section_by_name(".modinfo")
             .with_context(|| format!("{rel} has no .modinfo section"))?;
-        let info = section.data()?;
-        Ok(modinfo_deps(info)
+        Ok(section.data()?.to_vec())
+    }
+
+    fn direct_deps(&self, name: &str) -> Result<Vec<String>> {
+        Ok(modinfo_deps(&self.modinfo(name)?)
             .into_iter()
-            .map(|d| normalise(&d))
-            .filter(|d| self.files.contains_key(d))
+            .filter_map(|d| {
+                // A soft dependency may name a crypto algorithm (`crc32c`) rather than a module;
+                // its generic implementation is `<name>_generic` by kernel convention.
+                let d = normalise(&d);
+                let generic = format!("{d}_generic");
+                [d, generic].into_iter().find(|c| self.files.contains_key(c))
+            })
             .collect())
     }
 
-    /// Resolves `requested` to its closure. Unknown names are an error naming them.
-    pub fn closure(&self, requested: &[String]) -> Result<Closure> {
-        let mut load = Vec::new();
-        let mut builtin = Vec::new();
+    fn split(&self, key: &str, requested: &[String], builtin: &mut Vec<String>) -> Result<Vec<String>> {
+        let mut found = Vec::new();
         let mut unknown = Vec::new();
         for r in requested {
             let n = normalise(r);
             if self.files.contains_key(&n) {
-                load.push(n);
+                found.push(n);
             } else if self.builtin.contains(&n) {
                 builtin.push(n);
             } else {
@@ -106,12 +116,31 @@ impl ModuleTree {
         }
         if !unknown.is_empty() {
             bail!(
-                "kernel.modules names modules this kernel has neither as a file nor built in: {}",
+                "{key} names modules this kernel has neither as a file nor built in: {}",
                 unknown.join(", ")
             );
         }
+        Ok(found)
+    }
+
+    /// Resolves the always-loaded `modules` and the hardware `drivers` to their closure.
+    /// Unknown names are an error naming them.
+    pub fn closure(&self, modules: &[String], drivers: &[String]) -> Result<Closure> {
+        let mut builtin = Vec::new();
+        let load = self.split("kernel.modules", modules, &mut builtin)?;
+        let drivers = self.split("kernel.drivers", drivers, &mut builtin)?;
+        let mut aliases = Vec::new();
+        for d in &drivers {
+            let info = self.modinfo(d)?;
+            let before = aliases.len();
+            aliases.extend(modinfo_aliases(&info).into_iter().map(|a| (a, d.clone())));
+            if aliases.len() == before {
+                bail!("kernel.drivers: {d} declares no device aliases, so no device would ever load it; move it to kernel.modules");
+            }
+        }
+        aliases.sort();
         let mut direct: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut todo = load.clone();
+        let mut todo: Vec<String> = load.iter().chain(&drivers).cloned().collect();
         while let Some(m) = todo.pop() {
             if direct.contains_key(&m) {
                 continue;
@@ -127,7 +156,9 @@ impl ModuleTree {
         Ok(Closure {
             load,
             builtin,
+            drivers,
             deps,
+            aliases,
         })
     }
 
@@ -145,6 +176,15 @@ impl ModuleTree {
         }
         out
     }
+}
+
+/// Renders `modules.alias` in depmod's format (`alias <pattern> <module>`), drivers only.
+pub fn render_alias(closure: &Closure) -> String {
+    let mut out = String::from("# Device aliases of the hardware drivers init loads on demand.\n");
+    for (pattern, module) in &closure.aliases {
+        out.push_str(&format!("alias {pattern} {module}\n"));
+    }
+    out
 }
 
 /// Renders `modules.load`.
@@ -181,6 +221,15 @@ fn depmod_order(m: &str, direct: &BTreeMap<String, Vec<String>>) -> Vec<String> 
     post.pop(); // `m` itself comes last in post-order
     post.reverse();
     post
+}
+
+/// Device aliases (`alias=pci:v00001AF4d*...`) in a `.modinfo` section; symbolic aliases that
+/// match no device (`alias=fs-erofs`, `alias=crypto-...`) are left out.
+pub fn modinfo_aliases(info: &[u8]) -> Vec<String> {
+    info.split(|&b| b == 0)
+        .filter_map(|f| String::from_utf8_lossy(f).strip_prefix("alias=").map(str::to_owned))
+        .filter(|a| a.contains(':'))
+        .collect()
 }
 
 /// Dependencies named in a `.modinfo` section: `depends=a,b` and the `pre:` part of `softdep=`.

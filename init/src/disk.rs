@@ -167,9 +167,14 @@ fn scan(slot: Slot) -> (Option<BootDisk>, Vec<DiskReport>) {
 
 /// Polls sysfs until a disk holding `slot`'s root partition shows up, or returns the description
 /// of everything seen at the deadline.
-pub fn wait_for_boot_disk(slot: Slot, timeout: Duration) -> Result<BootDisk, String> {
+pub fn wait_for_boot_disk(
+    slot: Slot,
+    timeout: Duration,
+    between_polls: &mut dyn FnMut(),
+) -> Result<BootDisk, String> {
     let deadline = Instant::now() + timeout;
     loop {
+        between_polls();
         let (found, reports) = scan(slot);
         if let Some(disk) = found {
             return Ok(disk);

@@ -62,6 +62,12 @@ pub fn boottime() -> Duration {
     }
 }
 
+/// Sends later lines to stderr: for a forked child whose fds were rearranged (the console's fd
+/// number may now hold something else, such as sysd's notify pipe on fd 3).
+pub fn use_stderr() {
+    CONSOLE.store(-1, Ordering::Relaxed);
+}
+
 /// One log line, newline included.
 pub fn format_line(at: Duration, msg: &str) -> String {
     format!(

@@ -100,64 +100,219 @@ pub fn plan(dep: &DepMap, wanted: &[String]) -> Plan {
     plan
 }
 
-/// The outcome of [`load_all`].
-#[derive(Debug, Default)]
-pub struct Loaded {
-    /// Modules now in the kernel (freshly loaded or already there).
+/// Loads modules as stage 1 needs them: the always-loaded list (`modules.load`) and, by
+/// coldplug, the hardware drivers whose device aliases (`modules.alias`) match a device the
+/// kernel has found. Each module is loaded once; failures are logged, not fatal: if a module
+/// mattered, the boot-disk wait fails with a description of what is missing.
+pub struct Loader {
+    dir: PathBuf,
+    dep: DepMap,
+    aliases: Vec<(String, String)>,
+    /// Module paths already loaded (or tried).
+    done: HashSet<String>,
+    /// Device modaliases already matched.
+    seen: HashSet<String>,
+    /// Modules loaded so far.
     pub count: usize,
-    /// Milliseconds spent.
-    pub millis: u128,
+    started: Instant,
 }
 
-/// Loads everything `modules.load` in `/lib/modules/<running kernel>` asks for. A module that
-/// fails to load is logged, not fatal: if it mattered, the boot-disk wait fails with a
-/// description of what is missing.
-pub fn load_all() -> Loaded {
-    let start = Instant::now();
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let dir = Path::new("/lib/modules").join(release.trim());
-    let load_list = match std::fs::read_to_string(dir.join("modules.load")) {
-        Ok(text) => parse_load_list(&text),
-        Err(e) => {
-            crate::say!(
-                "modules: no {}/modules.load ({e}); loading none",
-                dir.display()
-            );
-            Vec::new()
-        }
-    };
-    let dep = match std::fs::read_to_string(dir.join("modules.dep")) {
-        Ok(text) => DepMap::parse(&text),
-        Err(e) => {
-            if !load_list.is_empty() {
+impl Loader {
+    /// Reads `modules.dep` and `modules.alias` of the running kernel.
+    pub fn open() -> Loader {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let dir = Path::new("/lib/modules").join(release.trim());
+        let dep = match std::fs::read_to_string(dir.join("modules.dep")) {
+            Ok(text) => DepMap::parse(&text),
+            Err(e) => {
                 crate::say!("modules: no {}/modules.dep ({e})", dir.display());
+                DepMap::default()
             }
-            DepMap::default()
-        }
-    };
-    let plan = plan(&dep, &load_list);
-    if !plan.builtin.is_empty() {
-        crate::say!(
-            "modules: not in modules.dep, assuming built into the kernel: {}",
-            plan.builtin.join(", ")
-        );
-    }
-    let mut count = 0;
-    for path in &plan.order {
-        let full = if path.starts_with('/') {
-            PathBuf::from(path)
-        } else {
-            dir.join(path)
         };
-        match load_one(&full) {
-            Ok(()) => count += 1,
-            Err(e) => crate::say!("modules: cannot load {}: {e}", full.display()),
+        let aliases = std::fs::read_to_string(dir.join("modules.alias"))
+            .map(|t| parse_aliases(&t))
+            .unwrap_or_default();
+        Loader {
+            dir,
+            dep,
+            aliases,
+            done: HashSet::new(),
+            seen: HashSet::new(),
+            count: 0,
+            started: Instant::now(),
         }
     }
-    Loaded {
-        count,
-        millis: start.elapsed().as_millis(),
+
+    /// Milliseconds since [`Loader::open`].
+    pub fn millis(&self) -> u128 {
+        self.started.elapsed().as_millis()
     }
+
+    /// Loads everything `modules.load` asks for.
+    pub fn load_list(&mut self) {
+        let list = match std::fs::read_to_string(self.dir.join("modules.load")) {
+            Ok(text) => parse_load_list(&text),
+            Err(e) => {
+                crate::say!("modules: no {}/modules.load ({e}); loading none", self.dir.display());
+                return;
+            }
+        };
+        let plan = plan(&self.dep, &list);
+        if !plan.builtin.is_empty() {
+            crate::say!(
+                "modules: not in modules.dep, assuming built into the kernel: {}",
+                plan.builtin.join(", ")
+            );
+        }
+        self.load_paths(&plan.order);
+    }
+
+    /// Loads the drivers of devices not matched before; returns how many modules it loaded.
+    /// Loading a bus driver (virtio_pci) reveals new devices (virtio disks), so callers repeat
+    /// this until it loads nothing, and keep calling it while waiting for slow buses.
+    pub fn coldplug(&mut self) -> usize {
+        let before = self.count;
+        loop {
+            let fresh: Vec<String> = device_modaliases()
+                .into_iter()
+                .filter(|m| self.seen.insert(m.clone()))
+                .collect();
+            let wanted: Vec<String> = self
+                .aliases
+                .iter()
+                .filter(|(pattern, _)| fresh.iter().any(|m| glob_match(pattern, m)))
+                .map(|(_, module)| module.clone())
+                .collect();
+            if wanted.is_empty() {
+                return self.count - before;
+            }
+            let order = plan(&self.dep, &wanted).order;
+            if !self.load_paths(&order) {
+                return self.count - before;
+            }
+        }
+    }
+
+    /// Loads the paths not tried before; returns whether any was new.
+    fn load_paths(&mut self, order: &[String]) -> bool {
+        let mut any = false;
+        for path in order {
+            if !self.done.insert(path.clone()) {
+                continue;
+            }
+            any = true;
+            let full = if path.starts_with('/') { PathBuf::from(path) } else { self.dir.join(path) };
+            match load_one(&full) {
+                Ok(()) => self.count += 1,
+                // No such hardware or firmware interface (efivarfs without UEFI): nothing to do.
+                Err(Error::Init(Errno::ENODEV)) => {}
+                Err(e) => crate::say!("modules: cannot load {}: {e}", full.display()),
+            }
+        }
+        any
+    }
+}
+
+/// `alias <pattern> <module>` lines of `modules.alias`, module names normalised.
+pub fn parse_aliases(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("alias"), Some(pattern), Some(module)) => {
+                    Some((pattern.to_owned(), module_name(module)))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The modalias of every device on every bus (`/sys/bus/*/devices/*/modalias`).
+fn device_modaliases() -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(buses) = std::fs::read_dir("/sys/bus") else { return out };
+    for bus in buses.filter_map(Result::ok) {
+        let Ok(devices) = std::fs::read_dir(bus.path().join("devices")) else { continue };
+        for dev in devices.filter_map(Result::ok) {
+            if let Ok(alias) = std::fs::read_to_string(dev.path().join("modalias")) {
+                let alias = alias.trim();
+                if !alias.is_empty() {
+                    out.push(alias.to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// fnmatch(3) without flags, as modprobe matches aliases: `*`, `?` and `[...]` classes
+/// (with ranges and `!`/`^` negation).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    fn class(p: &[u8], c: u8) -> Option<(bool, usize)> {
+        // p starts after '['; returns (matched, bytes consumed including ']').
+        let mut i = 0;
+        let negate = matches!(p.first(), Some(b'!') | Some(b'^'));
+        if negate {
+            i += 1;
+        }
+        let mut matched = false;
+        let mut first = true;
+        while i < p.len() {
+            let b = p[i];
+            if b == b']' && !first {
+                return Some((matched != negate, i + 1));
+            }
+            first = false;
+            if i + 2 < p.len() && p[i + 1] == b'-' && p[i + 2] != b']' {
+                if (b..=p[i + 2]).contains(&c) {
+                    matched = true;
+                }
+                i += 3;
+            } else {
+                if b == c {
+                    matched = true;
+                }
+                i += 1;
+            }
+        }
+        None
+    }
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        let step = match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, ti));
+                pi += 1;
+                continue;
+            }
+            Some(b'?') => Some(1),
+            Some(b'[') => match class(&p[pi + 1..], t[ti]) {
+                Some((true, used)) => Some(used + 1),
+                Some((false, _)) => None,
+                None => (t[ti] == b'[').then_some(1),
+            },
+            Some(&c) => (c == t[ti]).then_some(1),
+            None => None,
+        };
+        match step {
+            Some(n) => {
+                pi += n;
+                ti += 1;
+            }
+            None => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
 }
 
 /// Why one module did not load.
@@ -224,6 +379,24 @@ garbage line without colon
             ]
         );
         assert_eq!(p.builtin, vec!["button"]);
+    }
+
+    #[test]
+    fn globs_match_like_fnmatch() {
+        let virtio_blk = "virtio:d00000002v*";
+        assert!(glob_match(virtio_blk, "virtio:d00000002v00001AF4"));
+        assert!(!glob_match(virtio_blk, "virtio:d00000001v00001AF4"));
+        assert!(glob_match("pci:v*d*sv*sd*bc01sc06i01*", "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01"));
+        assert!(glob_match("acpi*:PNP0C0C:*", "acpi:PNP0C0C:"));
+        assert!(glob_match("a[0-9]c", "a7c") && !glob_match("a[!0-9]c", "a7c"));
+        assert!(glob_match("x?z", "xyz") && !glob_match("x?z", "xz"));
+        assert!(!glob_match("abc", "abcd") && glob_match("abc*", "abc"));
+    }
+
+    #[test]
+    fn aliases_parse() {
+        let a = parse_aliases("# c\nalias pci:v*d*bc01sc06i01* ahci\nalias acpi*:PNP0C0C:* button\njunk\n");
+        assert_eq!(a, vec![("pci:v*d*bc01sc06i01*".to_owned(), "ahci".to_owned()), ("acpi*:PNP0C0C:*".to_owned(), "button".to_owned())]);
     }
 
     #[test]

@@ -44,14 +44,21 @@ pub fn run() -> ! {
     }
     let slot = args.slot;
 
-    let loaded = crate::modules::load_all();
+    // Drivers of the hardware present first (the boot disk), then the always-loaded list.
+    let mut modules = crate::modules::Loader::open();
+    modules.coldplug();
+    modules.load_list();
     say!(
         "stage1: modules loaded ({} modules in {} ms)",
-        loaded.count,
-        loaded.millis
+        modules.count,
+        modules.millis()
     );
 
-    let mut disk = match disk::wait_for_boot_disk(slot, args.disk_timeout) {
+    // Slow buses (AHCI, USB) report disks after their driver loaded: keep matching new devices
+    // while waiting.
+    let mut disk = match disk::wait_for_boot_disk(slot, args.disk_timeout, &mut || {
+        modules.coldplug();
+    }) {
         Ok(d) => d,
         Err(seen) => fatal(&format!(
             "no disk with partition {} after {} s; saw: {seen}",

@@ -80,6 +80,7 @@ pub fn run() -> ! {
 
     identity();
     check_root_read_only();
+    log_network_interfaces();
 
     let sfd = match SignalFd::with_flags(
         &handled_signals(),
@@ -96,6 +97,32 @@ pub fn run() -> ! {
         say!("power button: {path}");
     }
     event_loop(&sfd, &mut buttons)
+}
+
+/// One line per network interface with the driver bound to it: on real hardware, the first thing
+/// to know when a node does not come up on the network is whether its NIC has a driver.
+fn log_network_interfaces() {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        say!("network interfaces: /sys/class/net unreadable");
+        return;
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lo")
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        say!("network interfaces: none (no NIC, or no driver for it)");
+    }
+    for name in names {
+        let driver = std::fs::read_link(format!("/sys/class/net/{name}/device/driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "virtual".into());
+        let mac = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap_or_default();
+        say!("network interface {name} ({driver}) {}", mac.trim());
+    }
 }
 
 /// Machine ID, hostname, /etc and the boot counter.

@@ -424,6 +424,7 @@ fn child(
     // Formatting allocates, which is sound after fork only because init is single-threaded (no
     // other thread can have held the allocator's lock at fork time).
     let errno = Errno::last();
+    crate::log::use_stderr();
     say!(
         "cannot exec {}: {errno}",
         String::from_utf8_lossy(path.as_bytes())

@@ -79,9 +79,9 @@ fn direct_boot_read_only_root_persistent_var_and_clean_poweroff() {
     };
 
     let g = boot();
-    g.wait_for("data: clean", BOOT).unwrap();
     let grown = g.wait_for("grew", BOOT).unwrap();
     assert!(grown.contains("data"), "{grown}");
+    g.wait_for("data: clean", BOOT).unwrap();
     let id_line = g.wait_for("machine-id: generated ", BOOT).unwrap();
     let id = id_line.rsplit(' ').next().unwrap().trim().to_owned();
     assert_eq!(id.len(), 32, "{id_line}");
