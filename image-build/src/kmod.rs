@@ -96,12 +96,19 @@ impl ModuleTree {
                 // its generic implementation is `<name>_generic` by kernel convention.
                 let d = normalise(&d);
                 let generic = format!("{d}_generic");
-                [d, generic].into_iter().find(|c| self.files.contains_key(c))
+                [d, generic]
+                    .into_iter()
+                    .find(|c| self.files.contains_key(c))
             })
             .collect())
     }
 
-    fn split(&self, key: &str, requested: &[String], builtin: &mut Vec<String>) -> Result<Vec<String>> {
+    fn split(
+        &self,
+        key: &str,
+        requested: &[String],
+        builtin: &mut Vec<String>,
+    ) -> Result<Vec<String>> {
         let mut found = Vec::new();
         let mut unknown = Vec::new();
         for r in requested {
@@ -227,7 +234,11 @@ fn depmod_order(m: &str, direct: &BTreeMap<String, Vec<String>>) -> Vec<String> 
 /// match no device (`alias=fs-erofs`, `alias=crypto-...`) are left out.
 pub fn modinfo_aliases(info: &[u8]) -> Vec<String> {
     info.split(|&b| b == 0)
-        .filter_map(|f| String::from_utf8_lossy(f).strip_prefix("alias=").map(str::to_owned))
+        .filter_map(|f| {
+            String::from_utf8_lossy(f)
+                .strip_prefix("alias=")
+                .map(str::to_owned)
+        })
         .filter(|a| a.contains(':'))
         .collect()
 }

@@ -153,7 +153,10 @@ impl Loader {
         let list = match std::fs::read_to_string(self.dir.join("modules.load")) {
             Ok(text) => parse_load_list(&text),
             Err(e) => {
-                crate::say!("modules: no {}/modules.load ({e}); loading none", self.dir.display());
+                crate::say!(
+                    "modules: no {}/modules.load ({e}); loading none",
+                    self.dir.display()
+                );
                 return;
             }
         };
@@ -201,7 +204,11 @@ impl Loader {
                 continue;
             }
             any = true;
-            let full = if path.starts_with('/') { PathBuf::from(path) } else { self.dir.join(path) };
+            let full = if path.starts_with('/') {
+                PathBuf::from(path)
+            } else {
+                self.dir.join(path)
+            };
             match load_one(&full) {
                 Ok(()) => self.count += 1,
                 // No such hardware or firmware interface (efivarfs without UEFI): nothing to do.
@@ -231,9 +238,13 @@ pub fn parse_aliases(text: &str) -> Vec<(String, String)> {
 /// The modalias of every device on every bus (`/sys/bus/*/devices/*/modalias`).
 fn device_modaliases() -> Vec<String> {
     let mut out = Vec::new();
-    let Ok(buses) = std::fs::read_dir("/sys/bus") else { return out };
+    let Ok(buses) = std::fs::read_dir("/sys/bus") else {
+        return out;
+    };
     for bus in buses.filter_map(Result::ok) {
-        let Ok(devices) = std::fs::read_dir(bus.path().join("devices")) else { continue };
+        let Ok(devices) = std::fs::read_dir(bus.path().join("devices")) else {
+            continue;
+        };
         for dev in devices.filter_map(Result::ok) {
             if let Ok(alias) = std::fs::read_to_string(dev.path().join("modalias")) {
                 let alias = alias.trim();
@@ -386,7 +397,10 @@ garbage line without colon
         let virtio_blk = "virtio:d00000002v*";
         assert!(glob_match(virtio_blk, "virtio:d00000002v00001AF4"));
         assert!(!glob_match(virtio_blk, "virtio:d00000001v00001AF4"));
-        assert!(glob_match("pci:v*d*sv*sd*bc01sc06i01*", "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01"));
+        assert!(glob_match(
+            "pci:v*d*sv*sd*bc01sc06i01*",
+            "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01"
+        ));
         assert!(glob_match("acpi*:PNP0C0C:*", "acpi:PNP0C0C:"));
         assert!(glob_match("a[0-9]c", "a7c") && !glob_match("a[!0-9]c", "a7c"));
         assert!(glob_match("x?z", "xyz") && !glob_match("x?z", "xz"));
@@ -395,8 +409,16 @@ garbage line without colon
 
     #[test]
     fn aliases_parse() {
-        let a = parse_aliases("# c\nalias pci:v*d*bc01sc06i01* ahci\nalias acpi*:PNP0C0C:* button\njunk\n");
-        assert_eq!(a, vec![("pci:v*d*bc01sc06i01*".to_owned(), "ahci".to_owned()), ("acpi*:PNP0C0C:*".to_owned(), "button".to_owned())]);
+        let a = parse_aliases(
+            "# c\nalias pci:v*d*bc01sc06i01* ahci\nalias acpi*:PNP0C0C:* button\njunk\n",
+        );
+        assert_eq!(
+            a,
+            vec![
+                ("pci:v*d*bc01sc06i01*".to_owned(), "ahci".to_owned()),
+                ("acpi*:PNP0C0C:*".to_owned(), "button".to_owned())
+            ]
+        );
     }
 
     #[test]

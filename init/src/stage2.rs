@@ -120,7 +120,8 @@ fn log_network_interfaces() {
             .ok()
             .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "virtual".into());
-        let mac = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap_or_default();
+        let mac =
+            std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap_or_default();
         say!("network interface {name} ({driver}) {}", mac.trim());
     }
 }

@@ -1,0 +1,241 @@
+//! `bench-boot`: image sizes and the boot timeline of the vm image under QEMU (TCG), side by side
+//! with the floor the same kernel allows (a busybox initramfs that only prints its uptime), in one
+//! run. Prints tables; asserts nothing (these machines are shared and noisy).
+//!
+//! Usage: `./dev bench` (builds the image first), or `cargo run --release -p qemu-tests --bin
+//! bench-boot -- [RUNS]`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use keelson_common::cpio::{Entry, Writer};
+use qemu_tests::{image, GuestBuilder, NicModel};
+
+const BOOT: Duration = Duration::from_secs(240);
+
+/// One boot's phases, in seconds.
+#[derive(Default, Clone)]
+struct Timeline {
+    firmware: f64,
+    kernel: f64,
+    stage1: f64,
+    stage2: f64,
+    init_total: f64,
+    total: f64,
+    rss_kib: f64,
+}
+
+/// `[    1.472582] keelson-init: msg` → (1.472582, msg).
+fn init_line(line: &str) -> Option<(f64, &str)> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    let (ts, msg) = rest.split_once(']')?;
+    let msg = msg.trim_start().strip_prefix("keelson-init: ")?;
+    Some((ts.trim().parse().ok()?, msg))
+}
+
+fn timeline(lines: &[(Duration, String)]) -> Result<Timeline> {
+    let find = |prefix: &str| {
+        lines.iter().find_map(|(at, l)| {
+            let (ts, msg) = init_line(l)?;
+            msg.starts_with(prefix)
+                .then_some((at.as_secs_f64(), ts, msg.to_owned()))
+        })
+    };
+    let (arrive, start, _) = find("stage1: start").context("no stage1 start")?;
+    let (_, switch, _) = find("stage1: switching root").context("no switch_root")?;
+    let (_, s2, _) = find("stage2: start").context("no stage2 start")?;
+    let (_, done, msg) = find("boot complete in").context("no boot complete")?;
+    let rss = msg
+        .split("init rss ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0.0);
+    let kernel_start = arrive - start;
+    Ok(Timeline {
+        firmware: kernel_start,
+        kernel: start,
+        stage1: switch - start,
+        stage2: done - s2,
+        init_total: done - start,
+        total: kernel_start + done,
+        rss_kib: rss,
+    })
+}
+
+fn keelson_boot(dir: &Path, uefi: bool) -> Result<Timeline> {
+    let builder = if uefi {
+        GuestBuilder::uefi_from_image_dir(dir)?
+    } else {
+        GuestBuilder::from_image_dir(dir)?
+    };
+    let g = builder.nic(NicModel::None).spawn()?;
+    g.wait_for("boot complete in", BOOT)?;
+    timeline(&g.lines_with_times())
+}
+
+/// The same kernel with a busybox initramfs whose /init prints the uptime: the floor any init
+/// can reach on this kernel and QEMU.
+fn busybox_floor(dir: &Path, work: &Path) -> Result<Timeline> {
+    let busybox =
+        std::fs::read("/bin/busybox").context("/bin/busybox (apt-get install busybox-static)")?;
+    let mut cpio = Writer::new(Vec::new(), 0);
+    for d in ["bin", "dev", "proc"] {
+        cpio.add(&Entry::Dir {
+            path: d,
+            mode: 0o755,
+        })?;
+    }
+    cpio.add(&Entry::CharDev {
+        path: "dev/console",
+        mode: 0o600,
+        major: 5,
+        minor: 1,
+    })?;
+    cpio.add(&Entry::File {
+        path: "bin/busybox",
+        mode: 0o755,
+        data: &busybox,
+    })?;
+    let script = "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\necho \"FLOOR $(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n/bin/busybox poweroff -f\n";
+    cpio.add(&Entry::File {
+        path: "init",
+        mode: 0o755,
+        data: script.as_bytes(),
+    })?;
+    let initrd = work.join("busybox.cpio");
+    std::fs::write(&initrd, cpio.finish()?)?;
+    let cmdline = std::fs::read_to_string(dir.join("cmdline"))?;
+    let g = GuestBuilder::direct(dir.join("vmlinuz"), &initrd, cmdline.trim(), None)
+        .nic(NicModel::None)
+        .spawn()?;
+    let line = g.wait_for("FLOOR ", BOOT)?;
+    let at = g
+        .lines_with_times()
+        .iter()
+        .find(|(_, l)| l.contains("FLOOR "))
+        .map(|(at, _)| at.as_secs_f64())
+        .unwrap_or(0.0);
+    let uptime: f64 = line
+        .trim()
+        .trim_start_matches("FLOOR ")
+        .parse()
+        .unwrap_or(0.0);
+    Ok(Timeline {
+        firmware: at - uptime,
+        kernel: uptime,
+        total: at,
+        ..Timeline::default()
+    })
+}
+
+fn median(runs: &[Timeline], f: impl Fn(&Timeline) -> f64) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(f).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn size(dir: &Path, name: &str) -> Result<u64> {
+    Ok(std::fs::metadata(dir.join(name))
+        .with_context(|| format!("{}/{name}", dir.display()))?
+        .len())
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+fn main() -> Result<()> {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(3);
+    if runs == 0 {
+        bail!("RUNS must be at least 1");
+    }
+    let dir = image("vm")?;
+    let uki = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("keelson_") && n.ends_with(".efi"))
+        .context("no UKI in out/vm")?;
+    let (uki_b, initrd_b, root_b, kernel_b) = (
+        size(&dir, &uki)?,
+        size(&dir, "initramfs.img")?,
+        size(&dir, "root.erofs")?,
+        size(&dir, "vmlinuz")?,
+    );
+    let disk_alloc = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(dir.join("disk.raw"))?.blocks() * 512
+    };
+    println!("## Image sizes (out/vm)\n");
+    println!("| artifact | size |\n|---|---|");
+    println!("| kernel (vmlinuz, Debian cloud) | {} |", mib(kernel_b));
+    println!("| initramfs (init + modules, gzip) | {} |", mib(initrd_b));
+    println!("| UKI ({uki}) | {} |", mib(uki_b));
+    println!("| root fs (EROFS) | {} |", mib(root_b));
+    println!(
+        "| UKI + root fs | {} (target 40 MiB: {:.2}x of budget) |",
+        mib(uki_b + root_b),
+        (uki_b + root_b) as f64 / (40.0 * 1048576.0)
+    );
+    println!(
+        "| disk.raw (allocated / apparent) | {} / {} |",
+        mib(disk_alloc),
+        mib(size(&dir, "disk.raw")?)
+    );
+    println!("| disk.qcow2 | {} |", mib(size(&dir, "disk.qcow2")?));
+
+    let work = tempfile::tempdir()?;
+    let (mut direct, mut uefi, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        eprintln!("run {}/{runs}", i + 1);
+        floor.push(busybox_floor(&dir, work.path())?);
+        direct.push(keelson_boot(&dir, false)?);
+        uefi.push(keelson_boot(&dir, true)?);
+    }
+    println!("\n## Boot timeline, QEMU TCG, 1 vCPU, median of {runs} runs (seconds)\n");
+    println!("| phase | Keelson direct | Keelson UEFI (OVMF + systemd-boot + UKI) | busybox floor, same kernel |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, f: &dyn Fn(&Timeline) -> f64, with_floor: bool| {
+        let fl = if with_floor {
+            format!("{:.3}", median(&floor, f))
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {name} | {:.3} | {:.3} | {fl} |",
+            median(&direct, f),
+            median(&uefi, f)
+        );
+    };
+    row(
+        "QEMU start → kernel start (firmware)",
+        &|t| t.firmware,
+        true,
+    );
+    row("kernel start → init (kernel)", &|t| t.kernel, true);
+    row("stage 1 (init → switch_root)", &|t| t.stage1, false);
+    row("stage 2 (→ sysd ready)", &|t| t.stage2, false);
+    row("init start → boot complete", &|t| t.init_total, false);
+    row("QEMU start → boot complete", &|t| t.total, true);
+    println!(
+        "| init RSS at boot complete (KiB) | {:.0} | {:.0} | - |",
+        median(&direct, |t| t.rss_kib),
+        median(&uefi, |t| t.rss_kib)
+    );
+    let init = median(&direct, |t| t.init_total);
+    println!("\nKeelson userspace (init start → boot complete): {init:.3} s; target 0.5 s ({:.2}x of target).", init / 0.5);
+    println!(
+        "Debian 12 minbase with systemd needs ~11.8 s of userspace on this kernel and QEMU (design field notes, not re-measured here): Keelson is {:.1}x faster.",
+        11.8 / init
+    );
+    println!(
+        "Kernel + Keelson userspace vs the busybox floor (kernel start → boot complete vs → /init): {:.2}x.",
+        (median(&direct, |t| t.kernel) + init) / median(&floor, |t| t.kernel)
+    );
+    Ok(())
+}
