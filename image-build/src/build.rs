@@ -216,11 +216,13 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
 
     p.step("resolving kernel modules");
     let tree = ModuleTree::open(&kdir.join("lib/modules").join(&release))?;
-    let closure = tree.closure(&cfg.kernel.modules, &cfg.kernel.drivers)?;
+    let closure = tree.closure("kernel.modules", &cfg.kernel.modules, &cfg.kernel.drivers)?;
+    let root_closure = tree.closure("kernel.root_modules", &cfg.kernel.root_modules, &[])?;
     p.done(&format!(
-        "{} modules and {} drivers requested, {} built in, {} files with dependencies",
+        "{} modules, {} drivers, {} root modules requested; {} built in, {} files for the initramfs",
         cfg.kernel.modules.len(),
         cfg.kernel.drivers.len(),
+        cfg.kernel.root_modules.len(),
         closure.builtin.len(),
         closure.deps.len()
     ));
@@ -236,6 +238,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
             ("usr/bin/sysd".into(), sysd_bin.clone(), 0o755),
         ],
     )?;
+    rootfs::add_modules(&stage, &tree, &root_closure, &release)?;
     let root_img = out.join("root.erofs");
     std::fs::create_dir_all(&out)?;
     rootfs::mkfs_erofs(
@@ -390,7 +393,12 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         ],
         outputs,
         partitions: partition_info(&gpt),
-        kernel_modules: closure.deps.keys().cloned().collect(),
+        kernel_modules: closure
+            .deps
+            .keys()
+            .chain(root_closure.deps.keys())
+            .cloned()
+            .collect(),
         rootfs: rootfs::list(&stage)?,
         initramfs: initrd_files,
     };

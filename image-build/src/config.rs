@@ -48,6 +48,11 @@ pub struct Kernel {
     /// drivers without paying for them at boot.
     #[serde(default)]
     pub drivers: Vec<String>,
+    /// Modules the boot does not need (container networking, overlay, the ESP's file system):
+    /// they live in the verified root under /usr/lib/modules and init loads them in the
+    /// background once sysd is starting, keeping them off the boot's critical path.
+    #[serde(default)]
+    pub root_modules: Vec<String>,
 }
 
 /// systemd-boot.

@@ -132,9 +132,9 @@ impl ModuleTree {
 
     /// Resolves the always-loaded `modules` and the hardware `drivers` to their closure.
     /// Unknown names are an error naming them.
-    pub fn closure(&self, modules: &[String], drivers: &[String]) -> Result<Closure> {
+    pub fn closure(&self, key: &str, modules: &[String], drivers: &[String]) -> Result<Closure> {
         let mut builtin = Vec::new();
-        let load = self.split("kernel.modules", modules, &mut builtin)?;
+        let load = self.split(key, modules, &mut builtin)?;
         let drivers = self.split("kernel.drivers", drivers, &mut builtin)?;
         let mut aliases = Vec::new();
         for d in &drivers {

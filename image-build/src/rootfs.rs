@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use keelson_common::gpt::Guid;
 use serde::Serialize;
 
+use crate::kmod::{render_load, Closure, ModuleTree};
 use crate::util::{run, sha256_file};
 
 /// One file of a built file system, for the SBOM.
@@ -78,6 +79,40 @@ pub fn stage(dir: &Path, os_release: &str, installs: &[Install]) -> Result<()> {
         std::fs::copy(src, &dst)
             .with_context(|| format!("installing {} as /{path}", src.display()))?;
         set_mode(&dst, *mode)?;
+    }
+    Ok(())
+}
+
+/// Adds the kernel modules of `closure` under `usr/lib/modules/<release>` with their
+/// `modules.dep` and `modules.load`, for stage 2 to load.
+pub fn add_modules(dir: &Path, tree: &ModuleTree, closure: &Closure, release: &str) -> Result<()> {
+    let base = Path::new("usr/lib/modules").join(release);
+    let mut files: Vec<(PathBuf, Vec<u8>)> = vec![
+        (
+            base.join("modules.dep"),
+            tree.render_dep(closure).into_bytes(),
+        ),
+        (base.join("modules.load"), render_load(closure).into_bytes()),
+    ];
+    for m in closure.deps.keys() {
+        let rel = tree.file(m).context("module vanished from the tree")?;
+        let data =
+            std::fs::read(tree.root.join(rel)).with_context(|| format!("reading module {rel}"))?;
+        files.push((base.join(rel), data));
+    }
+    for (path, data) in files {
+        // Create each missing parent with an explicit mode: the umask must not reach the image.
+        let mut acc = dir.to_owned();
+        for part in path.parent().into_iter().flat_map(Path::components) {
+            acc.push(part);
+            if !acc.exists() {
+                std::fs::create_dir(&acc)?;
+                set_mode(&acc, 0o755)?;
+            }
+        }
+        let dst = dir.join(&path);
+        std::fs::write(&dst, data)?;
+        set_mode(&dst, 0o644)?;
     }
     Ok(())
 }

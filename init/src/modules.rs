@@ -118,7 +118,8 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Reads `modules.dep` and `modules.alias` of the running kernel.
+    /// Reads `modules.dep` and `modules.alias` of the running kernel (in `/lib/modules`, which
+    /// is the initramfs' in stage 1 and the root's `/usr/lib/modules` in stage 2).
     pub fn open() -> Loader {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let dir = Path::new("/lib/modules").join(release.trim());
@@ -217,6 +218,29 @@ impl Loader {
             }
         }
         any
+    }
+}
+
+/// Stage 2: loads the root's `modules.load` (modules the boot does not wait for) in a child
+/// process, so init keeps serving signals and sysd starts at the same time. The child is reaped
+/// by init's ordinary zombie reaping.
+pub fn load_root_modules_in_background() {
+    // SAFETY: init is single-threaded, so the child may run arbitrary code (allocate, log)
+    // after fork; it ends with _exit and never returns into init's loop.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            let mut loader = Loader::open();
+            loader.load_list();
+            crate::say!(
+                "modules: {} from the root loaded in {} ms",
+                loader.count,
+                loader.millis()
+            );
+            // SAFETY: ends the child without running init's exit paths.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {}
+        Err(e) => crate::say!("modules: cannot fork the root module loader: {e}"),
     }
 }
 

@@ -96,6 +96,7 @@ pub fn run() -> ! {
     for (path, _) in &buttons {
         say!("power button: {path}");
     }
+    crate::modules::load_root_modules_in_background();
     event_loop(&sfd, &mut buttons)
 }
 
