@@ -758,6 +758,25 @@ impl Guest {
     }
 
     fn wait(&self, patterns: &[&str], timeout: Duration, consume: bool) -> Result<Match> {
+        let mut m = self.wait_raw(patterns, timeout, consume)?;
+        // A match in the unterminated last line may have caught it half-written: give the line
+        // a moment to complete so callers parsing it see all of it (prompts stay partial).
+        let settle = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < settle {
+            let serial = self.poll_serial();
+            if let Some((_, full)) = serial.log.lines_with_times().get(m.next.line) {
+                if full.len() >= m.line.len() && serial.log.complete_lines() > m.next.line {
+                    m.line = full.clone();
+                    break;
+                }
+            }
+            drop(serial);
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        Ok(m)
+    }
+
+    fn wait_raw(&self, patterns: &[&str], timeout: Duration, consume: bool) -> Result<Match> {
         let deadline = Instant::now() + timeout;
         let mut exited = None;
         loop {
