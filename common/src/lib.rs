@@ -7,7 +7,10 @@
 //! - [`verity`]: the dm-verity superblock and (with the `verity-build` feature) the hash tree.
 //! - [`cmdline`]: the kernel command line keys Keelson uses.
 //! - [`cpio`]: a deterministic `newc` archive writer (initramfs).
+//! - [`api`] (feature `api`): the wire types of sysd's HTTP API, shared with keelctl.
 
+#[cfg(feature = "api")]
+pub mod api;
 pub mod cmdline;
 pub mod cpio;
 pub mod gpt;
