@@ -1,0 +1,356 @@
+//! `keelctl`: the command line for Keelson's system daemon.
+//!
+//! It talks to sysd's HTTP API on the root-only unix socket (`/run/keelson/sysd.sock`, see
+//! `docs/api.md`) and shows the answers as tables or, with `-o json`, as the raw JSON (NDJSON
+//! for streams). It is deliberately synchronous and small — no async runtime, no HTTP library
+//! (see [`http`]) — because it runs on the host and in the admin container, one request at a
+//! time.
+
+mod http;
+mod render;
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use keelson_common::api::{
+    ApplyPlan, Event, LogLine, ServiceStatus, Stats, Version, API_PREFIX, SOCKET_PATH,
+};
+use serde::de::DeserializeOwned;
+
+use crate::http::{encode_segment, Client};
+
+/// Control Keelson's system daemon (sysd): services, logs, events, resource usage and config.
+#[derive(Debug, Parser)]
+#[command(name = "keelctl", version)]
+struct Cli {
+    /// sysd's API socket.
+    #[arg(long, global = true, env = "KEELSON_SOCKET", default_value = SOCKET_PATH)]
+    socket: PathBuf,
+    /// Output format: tables for people, or the API's JSON (NDJSON for streams).
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List services: state, health, pid, restarts, uptime, image.
+    Ps,
+    /// Show one service in detail, including its last exit and why it is not running.
+    Status { service: String },
+    /// Print a service's captured output.
+    Logs {
+        /// Keep printing new lines as they come.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines (default: all that sysd keeps).
+        #[arg(short = 'n', long, value_name = "N")]
+        tail: Option<usize>,
+        service: String,
+    },
+    /// Start a stopped or failed service.
+    Start { service: String },
+    /// Stop a service (it stays stopped until started or the config is applied again).
+    Stop { service: String },
+    /// Restart a service.
+    Restart { service: String },
+    /// Send a signal to a service's main process (what follows is up to its restart policy).
+    Kill {
+        /// Name (`TERM`, `SIGHUP`) or number.
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+        service: String,
+    },
+    /// Apply a service config: show what will change, then do it.
+    Apply {
+        /// Only show what would change.
+        #[arg(long)]
+        dry_run: bool,
+        /// The config (TOML); `-` reads standard input.
+        file: PathBuf,
+    },
+    /// Resource usage of every service (CPU, memory, pids, I/O, OOM kills).
+    Stats,
+    /// Follow sysd's events (starts, exits, health changes, applies).
+    Events {
+        /// Start after this sequence number (older events that sysd still keeps come first).
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+    },
+    /// Show keelctl's and sysd's versions.
+    Version,
+    /// Print a shell completion script (e.g. `keelctl completions bash > /etc/bash_completion.d/keelctl`).
+    Completions { shell: clap_complete::Shell },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    match run(&cli, &mut out).and_then(|()| out.flush().map_err(Into::into)) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `keelctl logs -f | head`: the reader left, which is not an error.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("keelctl: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run(cli: &Cli, out: &mut impl Write) -> Result<()> {
+    let client = Client::new(&cli.socket);
+    let json = cli.output == Output::Json;
+    match &cli.command {
+        Command::Ps => {
+            let body = client.get(&api("/services"))?;
+            if json {
+                return print_raw(out, &body);
+            }
+            let services: Vec<ServiceStatus> = parse(&body)?;
+            write!(out, "{}", render::ps(&services, now_ms()))?;
+        }
+        Command::Status { service } => {
+            let body = client.get(&service_path(service, ""))?;
+            if json {
+                return print_raw(out, &body);
+            }
+            let status: ServiceStatus = parse(&body)?;
+            write!(out, "{}", render::status(&status, now_ms()))?;
+        }
+        Command::Logs {
+            follow,
+            tail,
+            service,
+        } => {
+            let mut query = Vec::new();
+            if let Some(n) = tail {
+                query.push(format!("tail={n}"));
+            }
+            if *follow {
+                query.push("follow=1".to_string());
+            }
+            let mut path = service_path(service, "/logs");
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            stream::<LogLine>(&client, &path, json, out, render::log_line)?;
+        }
+        Command::Start { service } => action(&client, service_path(service, "/start"), json, out)?,
+        Command::Stop { service } => action(&client, service_path(service, "/stop"), json, out)?,
+        Command::Restart { service } => {
+            action(&client, service_path(service, "/restart"), json, out)?
+        }
+        Command::Kill { signal, service } => {
+            let path = service_path(service, &format!("/kill?signal={}", encode_segment(signal)));
+            action(&client, path, json, out)?
+        }
+        Command::Apply { dry_run, file } => apply(&client, file, *dry_run, json, out)?,
+        Command::Stats => {
+            let body = client.get(&api("/stats"))?;
+            if json {
+                return print_raw(out, &body);
+            }
+            let stats: Vec<Stats> = parse(&body)?;
+            write!(out, "{}", render::stats(&stats))?;
+        }
+        Command::Events { since } => {
+            let path = match since {
+                Some(seq) => api(&format!("/events?since={seq}")),
+                None => api("/events"),
+            };
+            stream::<Event>(&client, &path, json, out, render::event)?;
+        }
+        Command::Version => {
+            let body = client.get(&api("/version"))?;
+            if json {
+                return print_raw(out, &body);
+            }
+            let version: Version = parse(&body)?;
+            writeln!(out, "keelctl {}", env!("CARGO_PKG_VERSION"))?;
+            writeln!(
+                out,
+                "sysd    {} (up {})",
+                version.version,
+                render::duration(version.uptime_s)
+            )?;
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "keelctl", out);
+        }
+    }
+    Ok(())
+}
+
+fn api(path: &str) -> String {
+    format!("{API_PREFIX}{path}")
+}
+
+fn service_path(service: &str, rest: &str) -> String {
+    api(&format!("/services/{}{rest}", encode_segment(service)))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn parse<T: DeserializeOwned>(body: &str) -> Result<T> {
+    serde_json::from_str(body)
+        .context("sysd's answer is not what keelctl expects (version mismatch?)")
+}
+
+fn print_raw(out: &mut impl Write, body: &str) -> Result<()> {
+    writeln!(out, "{}", body.trim_end())?;
+    Ok(())
+}
+
+/// Prints an NDJSON stream line by line as it arrives, until the server ends it.
+fn stream<T: DeserializeOwned>(
+    client: &Client,
+    path: &str,
+    json: bool,
+    out: &mut impl Write,
+    show: fn(&T) -> String,
+) -> Result<()> {
+    let response = client.send("GET", path, None)?;
+    for line in response.lines() {
+        let line = line.context("reading sysd's stream")?;
+        if line.is_empty() {
+            continue;
+        }
+        if json {
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "{}", show(&parse::<T>(&line)?))?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// POSTs to a service action and shows the service's new state.
+fn action(client: &Client, path: String, json: bool, out: &mut impl Write) -> Result<()> {
+    let body = client.send("POST", &path, None)?.text()?;
+    if json {
+        return print_raw(out, &body);
+    }
+    let status: ServiceStatus = parse(&body)?;
+    writeln!(out, "{}: {}", status.name, status.state.as_str())?;
+    Ok(())
+}
+
+/// Dry run first (and show it), then — unless `dry_run` — the real apply and its result.
+fn apply(
+    client: &Client,
+    file: &PathBuf,
+    dry_run: bool,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let config = if file.as_os_str() == "-" {
+        let mut text = Vec::new();
+        io::stdin()
+            .read_to_end(&mut text)
+            .context("reading the config from standard input")?;
+        text
+    } else {
+        std::fs::read(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let post = |query: &str| -> Result<(String, ApplyPlan)> {
+        let body = client
+            .send(
+                "POST",
+                &api(&format!("/apply{query}")),
+                Some(("application/toml", &config)),
+            )?
+            .text()?;
+        let plan = parse(&body)?;
+        Ok((body, plan))
+    };
+
+    let (body, plan) = post("?dry_run=1")?;
+    if dry_run {
+        if json {
+            return print_raw(out, &body);
+        }
+        write!(out, "{}", render::plan_diff(&plan))?;
+        writeln!(out, "dry run: nothing changed")?;
+        return Ok(());
+    }
+    if !json {
+        write!(out, "{}", render::plan_diff(&plan))?;
+        out.flush()?;
+    }
+    let (body, applied) = post("")?;
+    if json {
+        return print_raw(out, &body);
+    }
+    let same = |a: &ApplyPlan, b: &ApplyPlan| {
+        (&a.start, &a.restart, &a.stop, &a.unchanged)
+            == (&b.start, &b.restart, &b.stop, &b.unchanged)
+    };
+    if !same(&plan, &applied) {
+        writeln!(out, "services changed meanwhile; what was applied:")?;
+        write!(out, "{}", render::plan_diff(&applied))?;
+    }
+    write!(out, "{}", render::plan_summary(&applied))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from(["keelctl", "-o", "json", "logs", "-f", "-n", "5", "web"])
+            .expect("parses");
+        assert_eq!(cli.output, Output::Json);
+        match cli.command {
+            Command::Logs {
+                follow,
+                tail,
+                service,
+            } => {
+                assert!(follow);
+                assert_eq!(tail, Some(5));
+                assert_eq!(service, "web");
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["keelctl", "logs"]).is_err());
+        assert!(Cli::try_parse_from(["keelctl", "-o", "yaml", "ps"]).is_err());
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(service_path("web", "/logs"), "/v1/services/web/logs");
+        assert_eq!(service_path("a b", ""), "/v1/services/a%20b");
+    }
+}
