@@ -1,33 +1,141 @@
-//! `sysd`: Keelson's system daemon, started and supervised by init.
+//! `sysd`: Keelson's system daemon, started and supervised by init (PID 1).
 //!
-//! Today it owns the boot handshake and the stop path: it tells init it is ready (the line that
-//! ends the boot timeline) and, on SIGTERM from init at shutdown, stops and exits 0. Services,
-//! networking, first-boot config and updates grow here.
+//! It runs every service as an OCI container from the declarative config (system services
+//! from the image, user services from /var), supervises them, and serves the local API that
+//! keelctl talks to. The same binary, re-executed as `sysd runtime ...`, is the short-lived
+//! single-threaded helper that creates containers, so the tokio daemon itself never forks.
+//!
+//! Boot handshake: once the API socket is up and every service task is launched, sysd writes
+//! READY=1 to init (services become ready on their own, in dependency order). On SIGTERM it
+//! stops services, dependents first, and exits 0.
 
+mod api;
+mod net;
 mod notify;
+mod runtime;
+mod spec;
+mod supervisor;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
+#[derive(Parser, Debug)]
+#[command(name = "sysd", version, about = "Keelson's service supervisor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate service config files as sysd would load them (system files first, the last
+    /// one as the user's file).
+    Check {
+        /// Files to check together; with --system, all are system files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        system: bool,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct DaemonArgs {
+    /// System services baked into the image.
+    #[arg(long, default_value = spec::SYSTEM_DIR)]
+    system_dir: PathBuf,
+    /// The user's service config (replaced by `keelctl apply`).
+    #[arg(long, default_value = spec::USER_FILE)]
+    user_config: PathBuf,
+    /// Runtime state (container state, bundles).
+    #[arg(long, default_value = "/run/keelson")]
+    run_dir: PathBuf,
+    /// API socket.
+    #[arg(long, default_value = keelson_common::api::SOCKET_PATH)]
+    socket: PathBuf,
+    /// Named volumes.
+    #[arg(long, default_value = "/var/lib/keelson/volumes")]
+    volumes: PathBuf,
+    /// Service log files.
+    #[arg(long, default_value = "/var/log/keelson")]
+    log_dir: PathBuf,
+    /// cgroup (v2) under which every service gets its leaf.
+    #[arg(long, default_value = "/keelson")]
+    cgroup_parent: String,
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("runtime") {
+        return runtime::helper::helper_main(&args[2..]);
+    }
     tracing_subscriber::fmt()
         .with_target(false)
         .without_time()
         .with_ansi(false)
+        .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { files, system }) => check(&files, system),
+        None => daemon(cli.daemon),
+    }
+}
+
+fn check(files: &[PathBuf], all_system: bool) -> ExitCode {
+    let mut services = Vec::new();
+    for (i, path) in files.iter().enumerate() {
+        let source = if all_system || i + 1 < files.len() {
+            spec::Source::System
+        } else {
+            spec::Source::User
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        match spec::parse_file(path, &text, source) {
+            Ok(s) => services.extend(s),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match spec::Config::from_services(services) {
+        Ok(cfg) => {
+            println!("ok: {} services", cfg.services.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn daemon(args: DaemonArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(err) => {
-            tracing::error!(%err, "cannot start the async runtime");
+            tracing::error!("sysd: cannot start the async runtime: {err}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run()) {
+    match rt.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("sysd: {err:#}");
@@ -36,16 +144,49 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<()> {
+async fn run(args: DaemonArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    std::fs::create_dir_all("/run/keelson").context("creating /run/keelson")?;
+    if let Err(err) = net::loopback_up() {
+        tracing::warn!("sysd: cannot bring up the loopback interface: {err}");
+    }
+    runtime::become_subreaper().context("becoming the child subreaper of containers")?;
+    std::fs::create_dir_all(&args.run_dir)
+        .with_context(|| format!("creating {}", args.run_dir.display()))?;
+
+    let rt =
+        runtime::Runtime::new(args.run_dir.join("runtime")).with_cgroup_parent(&args.cgroup_parent);
+    let paths = supervisor::Paths {
+        sources: spec::Sources {
+            system_dir: args.system_dir,
+            user_file: args.user_config,
+        },
+        layout: supervisor::resolve::Layout {
+            volumes: args.volumes,
+            cgroup_parent: args.cgroup_parent,
+        },
+        log_dir: args.log_dir,
+    };
+    let sup = supervisor::Supervisor::new(rt, paths);
+    sup.clean_leftovers().await;
+
+    let listener = api::server::bind(&args.socket)?;
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::server::serve(listener, Arc::clone(&sup), async {
+        let _ = api_stopped.await;
+    }));
+
+    sup.boot();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "sysd: ready");
     notify::ready().context("telling init that sysd is ready")?;
+
     tokio::select! {
         _ = term.recv() => tracing::info!("sysd: SIGTERM, stopping"),
         _ = int.recv() => tracing::info!("sysd: SIGINT, stopping"),
     }
+    sup.shutdown().await;
+    let _ = stop_api.send(());
+    let _ = server.await;
     tracing::info!("sysd: stopped");
     Ok(())
 }

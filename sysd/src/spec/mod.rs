@@ -1,0 +1,820 @@
+//! The declarative service config: TOML files with a versioned schema (`version = 1`),
+//! documented in `docs/config.md`.
+//!
+//! Two sources make the effective config: system services baked into the image
+//! (`/usr/lib/keelson/services.d/*.toml`, protected by dm-verity) and the user's config
+//! (`/var/lib/keelson/services.toml`, replaced whole by `keelctl apply`). A name may appear only
+//! once across both. Everything is checked before anything is used: unknown keys and bad values
+//! are reported by the parser with file:line:col and the key path; cross-service problems
+//! (unknown dependency, dependency cycle) name the services involved. A config that fails
+//! validation is never partially applied.
+
+pub mod units;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use units::{Capability, CpuQuota, SignalName, Size, Span};
+
+/// The schema version this sysd understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One config file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    version: u32,
+    #[serde(default)]
+    services: BTreeMap<String, toml::Spanned<ServiceSpec>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    #[default]
+    Service,
+    /// Runs to completion before its dependents start (LinuxKit's `onboot`).
+    Oneshot,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Network {
+    /// The host's network namespace (the default until container networks exist).
+    #[default]
+    Host,
+    /// A private network namespace with only loopback.
+    None,
+}
+
+/// A mount into the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum MountSpec {
+    /// A named volume: a directory under `/var/lib/keelson/volumes/NAME`, created on first use,
+    /// kept across restarts, updates and reboots.
+    Volume {
+        source: String,
+        target: String,
+        #[serde(default)]
+        readonly: bool,
+    },
+    /// A host path.
+    Bind {
+        source: String,
+        target: String,
+        #[serde(default)]
+        readonly: bool,
+    },
+    Tmpfs {
+        target: String,
+        size: Option<Size>,
+        /// Octal permission bits as a string, e.g. "1777".
+        mode: Option<String>,
+    },
+}
+
+impl MountSpec {
+    pub fn target(&self) -> &str {
+        match self {
+            MountSpec::Volume { target, .. }
+            | MountSpec::Bind { target, .. }
+            | MountSpec::Tmpfs { target, .. } => target,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub memory_max: Option<Size>,
+    pub cpu_weight: Option<u64>,
+    pub cpu_quota: Option<CpuQuota>,
+    pub pids_max: Option<u64>,
+    pub io_weight: Option<u64>,
+}
+
+/// A readiness or health check: exactly one of `exec`, `tcp`, `http`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    /// A command run inside the container; exit status 0 passes.
+    pub exec: Option<Vec<String>>,
+    /// `HOST:PORT` to connect to, from the service's network namespace.
+    pub tcp: Option<String>,
+    /// `http://HOST:PORT/PATH`, from the service's network namespace; a 2xx or 3xx passes.
+    pub http: Option<String>,
+    #[serde(default = "default_interval")]
+    pub interval: Span,
+    #[serde(default = "default_timeout")]
+    pub timeout: Span,
+    /// Consecutive failures that count as failed.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Failures during this time after start do not count.
+    #[serde(default = "default_start_period")]
+    pub start_period: Span,
+}
+
+fn default_interval() -> Span {
+    Span(std::time::Duration::from_secs(2))
+}
+fn default_timeout() -> Span {
+    Span(std::time::Duration::from_secs(1))
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_start_period() -> Span {
+    Span(std::time::Duration::ZERO)
+}
+fn default_stop_timeout() -> Span {
+    Span(std::time::Duration::from_secs(10))
+}
+fn default_stop_signal() -> SignalName {
+    SignalName(nix::sys::signal::Signal::SIGTERM)
+}
+
+/// The probe a [`Check`] runs, once validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Exec(Vec<String>),
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Http {
+        host: String,
+        port: u16,
+        path: String,
+    },
+}
+
+impl Check {
+    pub fn probe(&self) -> Result<Probe, String> {
+        match (&self.exec, &self.tcp, &self.http) {
+            (Some(argv), None, None) => {
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err("exec: the command is empty".into());
+                }
+                Ok(Probe::Exec(argv.clone()))
+            }
+            (None, Some(addr), None) => {
+                let (host, port) = split_host_port(addr).map_err(|e| format!("tcp: {e}"))?;
+                Ok(Probe::Tcp { host, port })
+            }
+            (None, None, Some(url)) => {
+                let rest = url.strip_prefix("http://").ok_or_else(|| {
+                    format!("http: {url:?} must start with http:// (https is not supported)")
+                })?;
+                let (authority, path) = match rest.find('/') {
+                    Some(i) => (&rest[..i], rest[i..].to_string()),
+                    None => (rest, "/".to_string()),
+                };
+                let (host, port) = if authority.contains(':') {
+                    split_host_port(authority).map_err(|e| format!("http: {e}"))?
+                } else {
+                    (authority.to_string(), 80)
+                };
+                Ok(Probe::Http { host, port, path })
+            }
+            _ => Err("set exactly one of `exec`, `tcp`, `http`".into()),
+        }
+    }
+}
+
+fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{s:?}: invalid port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{s:?}: empty host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// One service as written in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// A root file system directory or an OCI image layout directory (absolute path).
+    pub image: String,
+    #[serde(default)]
+    pub kind: Kind,
+    /// Replaces the image's entrypoint.
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's command (the arguments after the entrypoint).
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    /// `NAME`, `UID`, `NAME:GROUP` or `UID:GID`, resolved in the image's /etc/passwd and
+    /// /etc/group.
+    pub user: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+    #[serde(default)]
+    pub network: Network,
+    #[serde(default)]
+    pub cap_add: Vec<Capability>,
+    #[serde(default)]
+    pub cap_drop: Vec<Capability>,
+    #[serde(default)]
+    pub privileged: bool,
+    #[serde(default)]
+    pub user_namespace: bool,
+    #[serde(default)]
+    pub resources: Resources,
+    /// Default: `always` for services, `never` for one-shot tasks.
+    pub restart: Option<RestartPolicy>,
+    /// With `restart = "on-failure"`: give up after this many consecutive failed runs.
+    pub max_retries: Option<u32>,
+    /// Start after these are ready (or have given up); ordering only.
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// Start only once these are ready; stop when they are stopped or have failed for good.
+    #[serde(default)]
+    pub requires: Vec<String>,
+    /// Until it passes, the service is `starting`; dependents wait for it.
+    pub ready: Option<Check>,
+    /// Run after ready; `retries` consecutive failures mark it unhealthy and restart it.
+    pub health: Option<Check>,
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: SignalName,
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout: Span,
+    /// The update health gate waits for every critical service to be running.
+    #[serde(default)]
+    pub critical: bool,
+    /// Disabled services are validated but not started until `keelctl start`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ServiceSpec {
+    pub fn restart_policy(&self) -> RestartPolicy {
+        self.restart.unwrap_or(match self.kind {
+            Kind::Service => RestartPolicy::Always,
+            Kind::Oneshot => RestartPolicy::Never,
+        })
+    }
+
+    /// Both kinds of dependency, without duplicates.
+    pub fn dependencies(&self) -> BTreeSet<&str> {
+        self.after
+            .iter()
+            .chain(&self.requires)
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// Short content hash: equal exactly when the service would run the same way.
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&json);
+        hex::encode(&digest[..6])
+    }
+}
+
+/// Where a service's definition comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    System,
+    User,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::System => "system",
+            Source::User => "user",
+        }
+    }
+}
+
+/// A validated service with where it was defined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub spec: ServiceSpec,
+    pub source: Source,
+    /// `file:line:col` of its table, for messages.
+    pub origin: String,
+}
+
+/// The effective, validated config: every service by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    pub services: BTreeMap<String, Service>,
+}
+
+/// A config problem, already phrased for a person: where, what, and what is expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The system services directory in the image.
+pub const SYSTEM_DIR: &str = "/usr/lib/keelson/services.d";
+/// The user's config, replaced by `apply`.
+pub const USER_FILE: &str = "/var/lib/keelson/services.toml";
+
+/// Parses one file's text into services (no cross-file checks yet).
+pub fn parse_file(path: &Path, text: &str, source: Source) -> Result<Vec<Service>, ConfigError> {
+    let shown = path.display();
+    let file: File = toml::from_str(text).map_err(|e| {
+        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ConfigError(format!("{shown}:{line}:{col}: {}", e.message()))
+    })?;
+    if file.version != SCHEMA_VERSION {
+        return Err(ConfigError(format!(
+            "{shown}: version = {} is not supported (this sysd reads version = {SCHEMA_VERSION})",
+            file.version
+        )));
+    }
+    let mut out = Vec::new();
+    for (name, spanned) in file.services {
+        let (line, col) = line_col(text, spanned.span().start);
+        let origin = format!("{shown}:{line}:{col}");
+        let spec = spanned.into_inner();
+        check_service(&name, &spec)
+            .map_err(|e| ConfigError(format!("{origin}: service `{name}`: {e}")))?;
+        out.push(Service {
+            name,
+            spec,
+            source,
+            origin,
+        });
+    }
+    Ok(out)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+/// Valid service, volume and container names: they become directory, cgroup and host names.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_lowercase() | b[0].is_ascii_digit()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
+}
+
+fn clean_absolute(path: &str) -> bool {
+    path.starts_with('/') && !path.split('/').any(|c| c == "..")
+}
+
+/// Per-service checks that the types alone cannot express. The error names the field.
+fn check_service(name: &str, s: &ServiceSpec) -> Result<(), String> {
+    if !valid_name(name) {
+        return Err("invalid name: use 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit".into());
+    }
+    if !clean_absolute(&s.image) {
+        return Err(format!(
+            "image: {:?} must be an absolute path to a root file system or OCI image layout directory (registry images come with the image store)",
+            s.image
+        ));
+    }
+    for (field, argv) in [("entrypoint", &s.entrypoint), ("command", &s.command)] {
+        if argv
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|x| x.contains('\0')))
+        {
+            return Err(format!("{field}: arguments cannot contain NUL"));
+        }
+    }
+    if s.entrypoint
+        .as_ref()
+        .is_some_and(|a| a.first().is_some_and(String::is_empty))
+    {
+        return Err("entrypoint: the program name is empty".into());
+    }
+    for key in s.env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(format!("env: invalid variable name {key:?}"));
+        }
+    }
+    if let Some(dir) = &s.workdir {
+        if !clean_absolute(dir) {
+            return Err(format!(
+                "workdir: {dir:?} must be an absolute path without '..'"
+            ));
+        }
+    }
+    if let Some(user) = &s.user {
+        if user.is_empty() || user.split(':').count() > 2 || user.split(':').any(str::is_empty) {
+            return Err(format!(
+                "user: {user:?} must be NAME, UID, NAME:GROUP or UID:GID"
+            ));
+        }
+    }
+    let mut targets = BTreeSet::new();
+    for (i, m) in s.mounts.iter().enumerate() {
+        let at = format!("mounts[{i}]");
+        let target = m.target();
+        if !clean_absolute(target) || target == "/" {
+            return Err(format!(
+                "{at}.target: {target:?} must be an absolute path without '..' (and not /)"
+            ));
+        }
+        if !targets.insert(target.trim_end_matches('/')) {
+            return Err(format!("{at}.target: {target:?} is mounted twice"));
+        }
+        match m {
+            MountSpec::Volume { source, .. } if !valid_name(source) => {
+                return Err(format!("{at}.source: volume name {source:?} must be 1-63 characters of a-z, 0-9, '-' and '_'"));
+            }
+            MountSpec::Bind { source, .. } if !clean_absolute(source) => {
+                return Err(format!(
+                    "{at}.source: {source:?} must be an absolute host path without '..'"
+                ));
+            }
+            MountSpec::Tmpfs {
+                mode: Some(mode), ..
+            } if u32::from_str_radix(mode, 8).map_or(true, |m| m > 0o7777) => {
+                return Err(format!(
+                    "{at}.mode: {mode:?} is not an octal mode like \"1777\""
+                ));
+            }
+            _ => {}
+        }
+    }
+    let r = &s.resources;
+    for (field, v) in [("cpu_weight", r.cpu_weight), ("io_weight", r.io_weight)] {
+        if v.is_some_and(|w| !(1..=10_000).contains(&w)) {
+            return Err(format!("resources.{field}: must be between 1 and 10000"));
+        }
+    }
+    if r.pids_max == Some(0) {
+        return Err("resources.pids_max: must be at least 1".into());
+    }
+    if r.memory_max.is_some_and(|m| m.0 < (1 << 20)) {
+        return Err(
+            "resources.memory_max: must be at least 1M (a smaller limit cannot start a process)"
+                .into(),
+        );
+    }
+    if s.max_retries.is_some() && s.restart_policy() != RestartPolicy::OnFailure {
+        return Err("max_retries: only meaningful with restart = \"on-failure\"".into());
+    }
+    if s.kind == Kind::Oneshot {
+        if s.restart_policy() == RestartPolicy::Always {
+            return Err("restart: a oneshot task cannot restart \"always\" (use \"on-failure\" or \"never\")".into());
+        }
+        if s.health.is_some() || s.ready.is_some() {
+            return Err("a oneshot task is ready when it exits 0; remove `ready`/`health`".into());
+        }
+    }
+    for (field, check) in [("ready", &s.ready), ("health", &s.health)] {
+        if let Some(c) = check {
+            c.probe().map_err(|e| format!("{field}.{e}"))?;
+            if c.interval.0.is_zero() || c.timeout.0.is_zero() {
+                return Err(format!("{field}: interval and timeout must be above 0"));
+            }
+            if c.retries == 0 {
+                return Err(format!("{field}.retries: must be at least 1"));
+            }
+        }
+    }
+    for dep in s.dependencies() {
+        if dep == name {
+            return Err("depends on itself (in `after` or `requires`)".into());
+        }
+    }
+    if s.privileged && s.user_namespace {
+        return Err("privileged and user_namespace cannot be combined".into());
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Builds the effective config from parsed services, checking what spans services:
+    /// unique names, dependencies that exist, no cycles.
+    pub fn from_services(services: Vec<Service>) -> Result<Config, ConfigError> {
+        let mut map: BTreeMap<String, Service> = BTreeMap::new();
+        for svc in services {
+            if let Some(prev) = map.get(&svc.name) {
+                return Err(ConfigError(format!(
+                    "{}: service `{}` is already defined at {}{}",
+                    svc.origin,
+                    svc.name,
+                    prev.origin,
+                    if prev.source == Source::System {
+                        " (a system service; pick another name)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            map.insert(svc.name.clone(), svc);
+        }
+        for svc in map.values() {
+            for (field, deps) in [("after", &svc.spec.after), ("requires", &svc.spec.requires)] {
+                for dep in deps {
+                    if !map.contains_key(dep) {
+                        return Err(ConfigError(format!(
+                            "{}: service `{}`: {field}: no service named `{dep}`",
+                            svc.origin, svc.name
+                        )));
+                    }
+                }
+            }
+        }
+        let config = Config { services: map };
+        if let Some(cycle) = config.find_cycle() {
+            let first = &config.services[&cycle[0]];
+            return Err(ConfigError(format!(
+                "{}: dependency cycle: {}",
+                first.origin,
+                cycle.join(" -> ")
+            )));
+        }
+        Ok(config)
+    }
+
+    /// A dependency cycle as a path `a -> b -> a`, if there is one.
+    fn find_cycle(&self) -> Option<Vec<String>> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            Active,
+            Done,
+        }
+        fn visit<'a>(
+            cfg: &'a Config,
+            name: &'a str,
+            marks: &mut BTreeMap<&'a str, Mark>,
+            stack: &mut Vec<&'a str>,
+        ) -> Option<Vec<String>> {
+            match marks.get(name).copied().unwrap_or(Mark::New) {
+                Mark::Done => return None,
+                Mark::Active => {
+                    let from = stack.iter().position(|n| *n == name).unwrap_or(0);
+                    let mut cycle: Vec<String> =
+                        stack[from..].iter().map(|s| s.to_string()).collect();
+                    cycle.push(name.to_string());
+                    return Some(cycle);
+                }
+                Mark::New => {}
+            }
+            marks.insert(name, Mark::Active);
+            stack.push(name);
+            for dep in cfg.services[name].spec.dependencies() {
+                if let Some(c) = visit(cfg, dep, marks, stack) {
+                    return Some(c);
+                }
+            }
+            stack.pop();
+            marks.insert(name, Mark::Done);
+            None
+        }
+        let mut marks = BTreeMap::new();
+        for name in self.services.keys() {
+            let mut stack = Vec::new();
+            if let Some(c) = visit(self, name, &mut marks, &mut stack) {
+                return Some(c);
+            }
+        }
+        None
+    }
+}
+
+/// Where the two sources live (overridable for tests and the benchmark).
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub system_dir: PathBuf,
+    pub user_file: PathBuf,
+}
+
+impl Sources {
+    /// Reads the system services (every `*.toml` in the directory, in name order).
+    pub fn read_system(&self) -> Result<Vec<Service>, ConfigError> {
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&self.system_dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(ConfigError(format!("{}: {e}", self.system_dir.display())));
+            }
+        };
+        files.sort();
+        let mut out = Vec::new();
+        for path in files {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            out.extend(parse_file(&path, &text, Source::System)?);
+        }
+        Ok(out)
+    }
+
+    /// The user's config text, if there is one.
+    pub fn read_user_text(&self) -> Result<Option<String>, ConfigError> {
+        match std::fs::read_to_string(&self.user_file) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ConfigError(format!("{}: {e}", self.user_file.display()))),
+        }
+    }
+
+    /// The effective config from system services and the given user text.
+    pub fn combine(
+        &self,
+        system: Vec<Service>,
+        user_text: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let mut all = system;
+        if let Some(text) = user_text {
+            all.extend(parse_file(&self.user_file, text, Source::User)?);
+        }
+        Config::from_services(all)
+    }
+
+    /// Replaces the user's config file atomically (write, fsync, rename, fsync dir).
+    pub fn store_user_text(&self, text: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let dir = self.user_file.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir)?;
+        let tmp = self.user_file.with_extension("toml.new");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.user_file)?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let services = parse_file(Path::new("svc.toml"), text, Source::User)?;
+        Config::from_services(services)
+    }
+
+    const GOOD: &str = r#"
+version = 1
+
+[services.db]
+image = "/usr/lib/keelson/images/base"
+command = ["sleep", "infinity"]
+resources = { memory_max = "64M", cpu_quota = "50%", pids_max = 64 }
+ready = { tcp = "127.0.0.1:5432", interval = "500ms" }
+critical = true
+
+[services.web]
+image = "/usr/lib/keelson/images/base"
+entrypoint = ["/bin/httpd", "-f"]
+requires = ["db"]
+restart = "on-failure"
+max_retries = 5
+cap_drop = ["ALL"]
+cap_add = ["net_bind_service"]
+mounts = [
+  { type = "volume", source = "www", target = "/srv" },
+  { type = "tmpfs", target = "/cache", size = "16M", mode = "1777" },
+]
+health = { http = "http://127.0.0.1:8080/healthz", retries = 2 }
+stop_signal = "SIGQUIT"
+stop_timeout = "5s"
+"#;
+
+    #[test]
+    fn good_config_parses() {
+        let cfg = parse(GOOD).unwrap();
+        let web = &cfg.services["web"].spec;
+        assert_eq!(web.restart_policy(), RestartPolicy::OnFailure);
+        assert_eq!(web.cap_add[0].0, "CAP_NET_BIND_SERVICE");
+        assert_eq!(
+            web.health.as_ref().unwrap().probe().unwrap(),
+            Probe::Http {
+                host: "127.0.0.1".into(),
+                port: 8080,
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(
+            cfg.services["db"].spec.resources.memory_max,
+            Some(Size(64 << 20))
+        );
+        assert_eq!(cfg.services["web"].origin, "svc.toml:11:1");
+        assert_ne!(
+            cfg.services["web"].spec.hash(),
+            cfg.services["db"].spec.hash()
+        );
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().0
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_position_and_key() {
+        let e = err("version = 1\n[services.web]\nimage = \"/x\"\nimgae = \"/y\"\n");
+        assert!(e.starts_with("svc.toml:4:1: unknown field `imgae`"), "{e}");
+        let e = err(
+            "version = 1\n[services.web]\nimage = \"/x\"\nresources = { memory_max = \"12XB\" }\n",
+        );
+        assert!(e.starts_with("svc.toml:4:"), "{e}");
+        assert!(e.contains("invalid size \"12XB\""), "{e}");
+        let e = err("version = 1\n[services.web]\nimage = \"/x\"\nstop_signal = \"SIGFOO\"\n");
+        assert!(e.contains("unknown signal"), "{e}");
+        let e = err("version = 2\n");
+        assert!(e.contains("version = 2 is not supported"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_service_and_field() {
+        let e =
+            err("version = 1\n[services.web]\nimage = \"/x\"\nresources = { cpu_weight = 0 }\n");
+        assert_eq!(
+            e,
+            "svc.toml:2:1: service `web`: resources.cpu_weight: must be between 1 and 10000"
+        );
+        let e = err("version = 1\n[services.web]\nimage = \"x\"\n");
+        assert!(e.contains("service `web`: image:"), "{e}");
+        let e = err("version = 1\n[services.Web]\nimage = \"/x\"\n");
+        assert!(e.contains("service `Web`: invalid name"), "{e}");
+        let e = err("version = 1\n[services.web]\nimage = \"/x\"\nready = { tcp = \"a:1\", exec = [\"true\"] }\n");
+        assert!(e.contains("ready.set exactly one of"), "{e}");
+        let e = err("version = 1\n[services.web]\nimage = \"/x\"\nmax_retries = 3\n");
+        assert!(e.contains("max_retries"), "{e}");
+        let e = err(
+            "version = 1\n[services.t]\nimage = \"/x\"\nkind = \"oneshot\"\nrestart = \"always\"\n",
+        );
+        assert!(e.contains("oneshot"), "{e}");
+        let e = err("version = 1\n[services.web]\nimage = \"/x\"\nmounts = [{ type = \"bind\", source = \"../etc\", target = \"/e\" }]\n");
+        assert!(e.contains("mounts[0].source"), "{e}");
+    }
+
+    #[test]
+    fn dependencies_must_exist_and_not_cycle() {
+        let e = err("version = 1\n[services.web]\nimage = \"/x\"\nrequires = [\"db\"]\n");
+        assert!(
+            e.contains("service `web`: requires: no service named `db`"),
+            "{e}"
+        );
+        let e = err(
+            "version = 1\n[services.a]\nimage = \"/x\"\nafter = [\"b\"]\n[services.b]\nimage = \"/x\"\nrequires = [\"c\"]\n[services.c]\nimage = \"/x\"\nafter = [\"a\"]\n",
+        );
+        assert!(e.ends_with("dependency cycle: a -> b -> c -> a"), "{e}");
+    }
+
+    #[test]
+    fn a_name_is_defined_once_across_sources() {
+        let sys = parse_file(
+            Path::new("/usr/lib/keelson/services.d/base.toml"),
+            "version = 1\n[services.ntp]\nimage = \"/x\"\n",
+            Source::System,
+        )
+        .unwrap();
+        let user = parse_file(
+            Path::new("/var/lib/keelson/services.toml"),
+            "version = 1\n\n[services.ntp]\nimage = \"/y\"\n",
+            Source::User,
+        )
+        .unwrap();
+        let e = Config::from_services(sys.into_iter().chain(user).collect())
+            .unwrap_err()
+            .0;
+        assert_eq!(e, "/var/lib/keelson/services.toml:3:1: service `ntp` is already defined at /usr/lib/keelson/services.d/base.toml:2:1 (a system service; pick another name)");
+    }
+}

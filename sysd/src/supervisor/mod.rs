@@ -1,0 +1,1030 @@
+//! The supervisor: one task per service drives it through its lifecycle (wait for
+//! dependencies, start the container, readiness, health, restart with backoff, stop), and a
+//! shared table answers the API. Tasks talk to each other only through published status: a
+//! service waiting on its dependencies watches a global "something changed" counter and reads
+//! their states, so starts run in parallel wherever the dependency graph allows.
+//!
+//! `apply` validates the whole new config first; only then is it stored and reconciled:
+//! services whose spec hash changed restart, removed ones stop, new ones start, others are not
+//! touched.
+
+mod checks;
+pub mod events;
+pub mod logs;
+pub mod resolve;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keelson_common::api::{
+    self, now_ms, ApplyPlan, ExitInfo, Health, ServiceStatus, State, Stream,
+};
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::api::{Backend, EventFeed, Failure, LogFeed};
+use crate::runtime::Runtime;
+use crate::spec::{Config, Kind, RestartPolicy, Service, Sources};
+use events::EventBus;
+use logs::LogHub;
+
+/// First restart delay; doubles per consecutive failure up to [`BACKOFF_MAX`].
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A run at least this long resets the failure count and the backoff.
+const RESET_AFTER: Duration = Duration::from_secs(10);
+
+/// Host paths and names the supervisor uses.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub sources: Sources,
+    pub layout: resolve::Layout,
+    pub log_dir: PathBuf,
+}
+
+enum Cmd {
+    Start,
+    Stop(oneshot::Sender<()>),
+    Restart,
+    Replace(Arc<Service>),
+    Remove(oneshot::Sender<()>),
+    Kill(Signal),
+}
+
+struct Handle {
+    service: Arc<Service>,
+    status: watch::Receiver<ServiceStatus>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+}
+
+pub struct Supervisor {
+    /// Itself, for `apply` to spawn tasks from a `&self` API call.
+    me: std::sync::Weak<Supervisor>,
+    runtime: Runtime,
+    paths: Paths,
+    events: EventBus,
+    logs: Arc<LogHub>,
+    handles: Mutex<BTreeMap<String, Handle>>,
+    system: Mutex<Vec<Service>>,
+    /// Bumped on every status change: dependency waits and stop ordering watch it.
+    epoch: watch::Sender<u64>,
+    apply_lock: tokio::sync::Mutex<()>,
+    started: Instant,
+}
+
+impl Supervisor {
+    pub fn new(runtime: Runtime, paths: Paths) -> Arc<Self> {
+        Arc::new_cyclic(|me| Supervisor {
+            me: me.clone(),
+            logs: Arc::new(LogHub::new(
+                paths.log_dir.clone(),
+                logs::Rotation::default(),
+            )),
+            runtime,
+            paths,
+            events: EventBus::new(),
+            handles: Mutex::new(BTreeMap::new()),
+            system: Mutex::new(Vec::new()),
+            epoch: watch::channel(0).0,
+            apply_lock: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
+        })
+    }
+
+    /// Loads the config and starts everything. A bad user config is reported and skipped (the
+    /// system services still run, so the node stays manageable); a bad system config is the
+    /// image's fault and is reported the same way.
+    pub fn boot(self: &Arc<Self>) {
+        let sources = &self.paths.sources;
+        let system = sources.read_system().unwrap_or_else(|e| {
+            self.events.emit(
+                None,
+                "config-error",
+                format!("system services not loaded: {e}"),
+            );
+            Vec::new()
+        });
+        *self.system.lock().unwrap_or_else(|p| p.into_inner()) = system.clone();
+        let user = sources.read_user_text().unwrap_or_else(|e| {
+            self.events.emit(
+                None,
+                "config-error",
+                format!("user services not loaded: {e}"),
+            );
+            None
+        });
+        let config = match sources.combine(system.clone(), user.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.events.emit(
+                    None,
+                    "config-error",
+                    format!("user services not loaded: {e}"),
+                );
+                sources.combine(system, None).unwrap_or_default()
+            }
+        };
+        for svc in config.services.into_values() {
+            self.spawn(Arc::new(svc));
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, svc: Arc<Service>) {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(initial_status(&svc));
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                svc.name.clone(),
+                Handle {
+                    service: Arc::clone(&svc),
+                    status: status_rx,
+                    cmds: cmd_tx,
+                },
+            );
+        let task = ServiceTask {
+            sup: Arc::clone(self),
+            svc,
+            status: status_tx,
+            cmds: cmd_rx,
+        };
+        tokio::spawn(task.run());
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.epoch.send_modify(|n| *n += 1);
+    }
+
+    fn state_of(&self, name: &str) -> Option<State> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles.get(name).map(|h| h.status.borrow().state)
+    }
+
+    fn send(&self, name: &str, cmd: Cmd) -> Result<(), Failure> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let handle = handles.get(name).ok_or_else(|| unknown(name, &handles))?;
+        handle
+            .cmds
+            .send(cmd)
+            .map_err(|_| Failure::internal(format!("service {name}: its task has ended")))
+    }
+
+    /// Stops every service, dependents before what they depend on, in parallel otherwise.
+    pub async fn shutdown(self: &Arc<Self>) {
+        self.events.emit(None, "shutdown", "stopping all services");
+        let services: Vec<Arc<Service>> = {
+            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            handles.values().map(|h| Arc::clone(&h.service)).collect()
+        };
+        let mut waits = Vec::new();
+        for svc in &services {
+            let dependents: Vec<String> = services
+                .iter()
+                .filter(|o| o.spec.dependencies().contains(svc.name.as_str()))
+                .map(|o| o.name.clone())
+                .collect();
+            let sup = Arc::clone(self);
+            let name = svc.name.clone();
+            waits.push(tokio::spawn(async move {
+                let mut epoch = sup.epoch.subscribe();
+                while dependents
+                    .iter()
+                    .any(|d| sup.state_of(d).is_some_and(is_active))
+                {
+                    if epoch.changed().await.is_err() {
+                        break;
+                    }
+                }
+                let (tx, rx) = oneshot::channel();
+                if sup.send(&name, Cmd::Stop(tx)).is_ok() {
+                    let _ = rx.await;
+                }
+            }));
+        }
+        for w in waits {
+            let _ = w.await;
+        }
+        self.events.emit(None, "shutdown", "all services stopped");
+    }
+
+    /// Kills containers left by a previous sysd (after a crash): nothing runs twice.
+    pub async fn clean_leftovers(&self) {
+        match self.runtime.cleanup_leftovers().await {
+            Ok(found) => {
+                for left in found {
+                    self.events.emit(
+                        left.id.as_deref(),
+                        "cleanup",
+                        format!("removed what a previous sysd left: {}", left.describe()),
+                    );
+                }
+            }
+            Err(e) => self.events.emit(None, "cleanup-failed", format!("{e:#}")),
+        }
+    }
+}
+
+fn unknown(name: &str, handles: &BTreeMap<String, Handle>) -> Failure {
+    let known: Vec<&str> = handles.keys().map(String::as_str).collect();
+    Failure::not_found(format!(
+        "no service named {name:?} (known: {})",
+        known.join(", ")
+    ))
+}
+
+/// Running or on its way: something a dependency's stop must wait for.
+fn is_active(s: State) -> bool {
+    matches!(s, State::Starting | State::Running | State::Stopping)
+}
+
+fn initial_status(svc: &Service) -> ServiceStatus {
+    ServiceStatus {
+        name: svc.name.clone(),
+        kind: match svc.spec.kind {
+            Kind::Service => api::Kind::Service,
+            Kind::Oneshot => api::Kind::Oneshot,
+        },
+        state: if svc.spec.enabled {
+            State::Waiting
+        } else {
+            State::Stopped
+        },
+        health: None,
+        critical: svc.spec.critical,
+        source: svc.source.as_str().into(),
+        image: svc.spec.image.clone(),
+        pid: None,
+        started_at_ms: None,
+        restarts: 0,
+        last_exit: None,
+        reason: if svc.spec.enabled {
+            None
+        } else {
+            Some("disabled in the config".into())
+        },
+        next_restart_ms: None,
+        spec_hash: svc.spec.hash(),
+    }
+}
+
+/// A running container instance.
+struct Instance {
+    pid: i32,
+    pidfd: OwnedFd,
+    started: Instant,
+}
+
+/// Why a run ended.
+enum Ended {
+    Exited(ExitInfo),
+    /// The start failed, or readiness never came, or health failed `retries` times (the
+    /// instance was stopped); with the reason.
+    Failed(ExitInfo, String),
+    /// A required dependency stopped; the instance was stopped.
+    DependencyLost(String),
+    Command(Cmd),
+}
+
+struct ServiceTask {
+    sup: Arc<Supervisor>,
+    svc: Arc<Service>,
+    status: watch::Sender<ServiceStatus>,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+}
+
+impl ServiceTask {
+    fn name(&self) -> &str {
+        &self.svc.name
+    }
+
+    fn set(&self, f: impl FnOnce(&mut ServiceStatus)) {
+        self.status.send_modify(f);
+        self.sup.bump();
+    }
+
+    fn event(&self, kind: &str, message: impl Into<String>) {
+        self.sup.events.emit(Some(&self.svc.name), kind, message);
+    }
+
+    async fn run(mut self) {
+        let mut want = self.svc.spec.enabled;
+        let mut failures: u32 = 0;
+        loop {
+            if !want {
+                // Parked: stopped, failed for good or completed. Wait for a command.
+                let Some(cmd) = self.cmds.recv().await else {
+                    return;
+                };
+                match cmd {
+                    Cmd::Start | Cmd::Restart => {
+                        want = true;
+                        failures = 0;
+                    }
+                    Cmd::Replace(svc) => {
+                        want = svc.spec.enabled;
+                        self.replace(svc);
+                        failures = 0;
+                    }
+                    Cmd::Stop(ack) => {
+                        let _ = ack.send(());
+                    }
+                    Cmd::Remove(ack) => {
+                        let _ = ack.send(());
+                        return;
+                    }
+                    Cmd::Kill(_) => {}
+                }
+                continue;
+            }
+
+            if let Some(cmd) = self.wait_for_dependencies().await {
+                match self.handle_idle(cmd, &mut want) {
+                    Flow::Continue => continue,
+                    Flow::Exit => return,
+                }
+            }
+
+            let ended = self.run_once().await;
+            let (exit, why) = match ended {
+                Ended::Command(cmd) => {
+                    match cmd {
+                        Cmd::Stop(ack) => {
+                            want = false;
+                            self.set(|s| {
+                                s.state = State::Stopped;
+                                s.reason = Some("stopped on request".into());
+                            });
+                            let _ = ack.send(());
+                        }
+                        Cmd::Remove(ack) => {
+                            let _ = ack.send(());
+                            return;
+                        }
+                        Cmd::Restart => {
+                            self.set(|s| s.restarts += 1);
+                            failures = 0;
+                        }
+                        Cmd::Replace(svc) => {
+                            want = svc.spec.enabled;
+                            self.replace(svc);
+                            failures = 0;
+                        }
+                        Cmd::Start | Cmd::Kill(_) => {}
+                    }
+                    continue;
+                }
+                Ended::DependencyLost(reason) => {
+                    self.set(|s| {
+                        s.state = State::Waiting;
+                        s.reason = Some(reason);
+                    });
+                    continue;
+                }
+                Ended::Exited(exit) => (Some(exit), None),
+                Ended::Failed(exit, why) => (Some(exit), Some(why)),
+            };
+
+            if let Some(exit) = &exit {
+                let exit = exit.clone();
+                if exit.oom_killed {
+                    self.event(
+                        "oom-killed",
+                        "the kernel's OOM killer ended it (memory limit reached)",
+                    );
+                }
+                self.set(|s| s.last_exit = Some(exit));
+            }
+            let ran = self
+                .status
+                .borrow()
+                .started_at_ms
+                .map(|t| now_ms().saturating_sub(t));
+            let clean = why.is_none() && exit.as_ref().is_some_and(|e| e.code == Some(0));
+            if ran.is_some_and(|ms| ms >= RESET_AFTER.as_millis() as u64) {
+                failures = 0;
+            }
+            let spec = &self.svc.spec;
+            if spec.kind == Kind::Oneshot && clean {
+                self.event("completed", "ran to completion");
+                self.set(|s| {
+                    s.state = State::Completed;
+                    s.reason = None;
+                });
+                want = false;
+                continue;
+            }
+            let policy = spec.restart_policy();
+            let restart = match policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => !clean,
+                RestartPolicy::Never => false,
+            };
+            let reason = why.unwrap_or_else(|| describe_exit(exit.as_ref()));
+            if !restart {
+                let state = if clean { State::Stopped } else { State::Failed };
+                self.event(
+                    if clean { "stopped" } else { "failed" },
+                    format!("{reason}; restart = {policy:?}, not restarting"),
+                );
+                self.set(|s| {
+                    s.state = state;
+                    s.reason = Some(reason);
+                });
+                want = false;
+                continue;
+            }
+            failures += 1;
+            if spec.max_retries.is_some_and(|max| failures > max) {
+                let max = spec.max_retries.unwrap_or(0);
+                self.event("failed", format!("{reason}; gave up after {max} retries"));
+                self.set(|s| {
+                    s.state = State::Failed;
+                    s.reason = Some(format!("{reason} (gave up after {max} retries)"));
+                });
+                want = false;
+                continue;
+            }
+            let delay = backoff(failures);
+            self.event(
+                "restarting",
+                format!("{reason}; restarting in {}ms", delay.as_millis()),
+            );
+            self.set(|s| {
+                s.state = State::Backoff;
+                s.reason = Some(reason);
+                s.next_restart_ms = Some(now_ms() + delay.as_millis() as u64);
+            });
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                cmd = self.cmds.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    if let Flow::Exit = self.handle_idle(cmd, &mut want) { return; }
+                    if matches!(self.status.borrow().state, State::Stopped) { failures = 0; }
+                }
+            }
+            self.set(|s| {
+                s.next_restart_ms = None;
+                s.restarts += 1;
+            });
+        }
+    }
+
+    /// A command while not running: applies it; says whether the task goes on.
+    fn handle_idle(&mut self, cmd: Cmd, want: &mut bool) -> Flow {
+        match cmd {
+            Cmd::Start | Cmd::Restart | Cmd::Kill(_) => {}
+            Cmd::Stop(ack) => {
+                *want = false;
+                self.set(|s| {
+                    s.state = State::Stopped;
+                    s.reason = Some("stopped on request".into());
+                    s.next_restart_ms = None;
+                });
+                let _ = ack.send(());
+            }
+            Cmd::Replace(svc) => {
+                *want = svc.spec.enabled;
+                self.replace(svc);
+            }
+            Cmd::Remove(ack) => {
+                let _ = ack.send(());
+                return Flow::Exit;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn replace(&mut self, svc: Arc<Service>) {
+        self.event(
+            "updated",
+            format!(
+                "spec changed ({} -> {})",
+                self.svc.spec.hash(),
+                svc.spec.hash()
+            ),
+        );
+        let fresh = initial_status(&svc);
+        self.svc = svc;
+        self.set(|s| {
+            *s = ServiceStatus {
+                last_exit: s.last_exit.clone(),
+                ..fresh
+            };
+        });
+    }
+
+    /// Waits until every dependency allows a start; returns early with a command.
+    async fn wait_for_dependencies(&mut self) -> Option<Cmd> {
+        let mut epoch = self.sup.epoch.subscribe();
+        loop {
+            match self.blocking_dependency() {
+                None => return None,
+                Some(reason) => {
+                    if self.status.borrow().reason.as_deref() != Some(&reason)
+                        || self.status.borrow().state != State::Waiting
+                    {
+                        self.set(|s| {
+                            s.state = State::Waiting;
+                            s.reason = Some(reason);
+                        });
+                    }
+                }
+            }
+            tokio::select! {
+                r = epoch.changed() => if r.is_err() { return None },
+                cmd = self.cmds.recv() => return cmd.or(Some(Cmd::Remove(oneshot::channel().0))),
+            }
+        }
+    }
+
+    /// The first dependency that does not allow a start yet, as a reason.
+    fn blocking_dependency(&self) -> Option<String> {
+        let spec = &self.svc.spec;
+        for dep in &spec.requires {
+            match self.sup.state_of(dep) {
+                Some(State::Running | State::Completed) => {}
+                Some(state) => return Some(format!("waiting for {dep} ({})", state.as_str())),
+                None => return Some(format!("waiting for {dep} (not defined)")),
+            }
+        }
+        for dep in &spec.after {
+            if let Some(State::Waiting | State::Starting | State::Backoff) = self.sup.state_of(dep)
+            {
+                return Some(format!("waiting for {dep} to start (after)"));
+            }
+        }
+        None
+    }
+
+    /// Starts the container and watches it until it ends or a command interrupts it.
+    async fn run_once(&mut self) -> Ended {
+        self.set(|s| {
+            s.state = State::Starting;
+            s.reason = None;
+            s.health = None;
+        });
+        let instance = match self.start_container().await {
+            Ok(i) => i,
+            Err(err) => {
+                let reason = format!("start failed: {err:#}");
+                self.event("start-failed", reason.clone());
+                self.sup
+                    .logs
+                    .push(self.name(), Stream::Stderr, format!("[sysd] {reason}"));
+                let info = ExitInfo {
+                    code: None,
+                    signal: None,
+                    oom_killed: false,
+                    at_ms: now_ms(),
+                };
+                return Ended::Failed(info, reason);
+            }
+        };
+        let ended = self.watch(&instance).await;
+        // Whatever ended the run, nothing of the instance may stay: kill the cgroup, reap,
+        // remove the container.
+        let ended = match ended {
+            Ended::Command(cmd) => {
+                let exit = crate::runtime::wait_exit(&instance.pidfd);
+                tokio::pin!(exit);
+                self.stop_instance(&instance, exit, "stopping on request")
+                    .await;
+                Ended::Command(cmd)
+            }
+            other => other,
+        };
+        self.cleanup(&instance).await;
+        ended
+    }
+
+    async fn start_container(&mut self) -> anyhow::Result<Instance> {
+        let image = resolve::image(&self.svc.spec.image)?;
+        let cfg = resolve::container(&self.svc, &image, &self.sup.paths.layout)?;
+        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        self.sup.logs.capture(self.name(), Stream::Stdout, out_r);
+        self.sup.logs.capture(self.name(), Stream::Stderr, err_r);
+        let started = self.sup.runtime.start(&cfg, out_w, err_w).await?;
+        let pid = started.pid;
+        self.event("started", format!("pid {pid}"));
+        self.set(|s| {
+            s.pid = Some(pid);
+            s.started_at_ms = Some(now_ms());
+        });
+        Ok(Instance {
+            pid,
+            pidfd: started.pidfd,
+            started: Instant::now(),
+        })
+    }
+
+    /// From start to the end of the instance: readiness, then health, and commands.
+    async fn watch(&mut self, inst: &Instance) -> Ended {
+        let spec = Arc::clone(&self.svc);
+        let spec = &spec.spec;
+        let exit = crate::runtime::wait_exit(&inst.pidfd);
+        tokio::pin!(exit);
+        let mut epoch = self.sup.epoch.subscribe();
+        let netns_pid = (spec.network == crate::spec::Network::None).then_some(inst.pid);
+
+        let mut ready = spec.ready.is_none();
+        if ready {
+            self.became_ready();
+        }
+        let mut failures = 0u32;
+        let mut next_check = tokio::time::Instant::now();
+        loop {
+            let check = if ready {
+                spec.health.as_ref()
+            } else {
+                spec.ready.as_ref()
+            };
+            let tick = async {
+                match check {
+                    Some(c) => {
+                        tokio::time::sleep_until(next_check).await;
+                        Some(c)
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                res = exit.as_mut() => {
+                    return Ended::Exited(self.exit_info(res));
+                }
+                cmd = self.cmds.recv() => {
+                    match cmd {
+                        Some(Cmd::Start) => {}
+                        Some(Cmd::Kill(sig)) => {
+                            self.event("signal", format!("sending {sig} to pid {}", inst.pid));
+                            let _ = crate::runtime::signal_pidfd(&inst.pidfd, sig as i32);
+                        }
+                        Some(cmd) => return Ended::Command(cmd),
+                        None => return Ended::Command(Cmd::Remove(oneshot::channel().0)),
+                    }
+                }
+                r = epoch.changed() => {
+                    if r.is_ok() {
+                        if let Some(dep) = self.lost_requirement() {
+                            self.stop_instance(inst, exit.as_mut(), &format!("required service {dep} stopped")).await;
+                            return Ended::DependencyLost(format!("waiting for {dep} (required, stopped)"));
+                        }
+                    }
+                }
+                Some(c) = tick => {
+                    let probe = match c.probe() { Ok(p) => p, Err(_) => continue };
+                    let target = checks::Target { runtime: &self.sup.runtime, container_id: self.name(), netns_pid };
+                    let result = checks::run(&probe, &target, c.timeout.0).await;
+                    next_check = tokio::time::Instant::now() + c.interval.0;
+                    match result {
+                        Ok(()) => {
+                            failures = 0;
+                            if !ready {
+                                ready = true;
+                                self.became_ready();
+                            } else if self.status.borrow().health != Some(Health::Healthy) {
+                                self.event("healthy", "health check passed");
+                                self.set(|s| s.health = Some(Health::Healthy));
+                            }
+                        }
+                        Err(err) => {
+                            if inst.started.elapsed() < c.start_period.0 {
+                                continue;
+                            }
+                            failures += 1;
+                            let what = if ready { "health" } else { "readiness" };
+                            if failures >= c.retries {
+                                let why = format!("{what} check failed {failures} times: {err:#}");
+                                self.event("unhealthy", why.clone());
+                                self.set(|s| s.health = Some(Health::Unhealthy));
+                                let info = self.stop_instance(inst, exit.as_mut(), "unhealthy").await;
+                                return Ended::Failed(info, why);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn became_ready(&self) {
+        let has_health = self.svc.spec.health.is_some();
+        if self.svc.spec.kind == Kind::Oneshot {
+            return;
+        }
+        self.event("ready", "running");
+        self.set(|s| {
+            s.state = State::Running;
+            s.reason = None;
+            s.health = has_health.then_some(Health::Starting);
+        });
+    }
+
+    /// A required dependency that is stopped or failed for good.
+    fn lost_requirement(&self) -> Option<String> {
+        self.svc
+            .spec
+            .requires
+            .iter()
+            .find(|dep| {
+                matches!(
+                    self.sup.state_of(dep),
+                    Some(State::Stopped | State::Failed) | None
+                )
+            })
+            .cloned()
+    }
+
+    fn exit_info(&self, res: std::io::Result<crate::runtime::ExitInfo>) -> ExitInfo {
+        use crate::runtime::ExitInfo as Raw;
+        let oom_killed = self.oom_kills() > 0;
+        let (code, signal) = match res {
+            Ok(Raw::Exited(c)) => (Some(c), None),
+            Ok(Raw::Signaled(s)) => (None, Some(s)),
+            Err(_) => (None, None),
+        };
+        ExitInfo {
+            code,
+            signal,
+            oom_killed,
+            at_ms: now_ms(),
+        }
+    }
+
+    fn oom_kills(&self) -> u64 {
+        let path = format!("{}/{}", self.sup.paths.layout.cgroup_parent, self.svc.name);
+        self.sup
+            .runtime
+            .stats(&path)
+            .ok()
+            .and_then(|s| s.memory_oom_kill)
+            .unwrap_or(0)
+    }
+
+    /// Stop signal, stop timeout, then SIGKILL of the whole cgroup; returns how it ended.
+    async fn stop_instance<F>(&self, inst: &Instance, mut exit: Pin<&mut F>, why: &str) -> ExitInfo
+    where
+        F: Future<Output = std::io::Result<crate::runtime::ExitInfo>>,
+    {
+        let spec = &self.svc.spec;
+        self.event(
+            "stopping",
+            format!(
+                "{why}: sending {} (timeout {})",
+                spec.stop_signal, spec.stop_timeout
+            ),
+        );
+        self.set(|s| s.state = State::Stopping);
+        let _ = crate::runtime::signal_pidfd(&inst.pidfd, spec.stop_signal.0 as i32);
+        let res = match tokio::time::timeout(spec.stop_timeout.0, exit.as_mut()).await {
+            Ok(res) => res,
+            Err(_) => {
+                self.event(
+                    "killing",
+                    format!(
+                        "still running after {}: SIGKILL to its cgroup",
+                        spec.stop_timeout
+                    ),
+                );
+                let cg = format!("{}/{}", self.sup.paths.layout.cgroup_parent, self.svc.name);
+                if let Err(e) = self.sup.runtime.kill_cgroup(&cg).await {
+                    tracing::warn!("sysd: {}: {e:#}", self.name());
+                }
+                exit.await
+            }
+        };
+        if let Err(err) = &res {
+            tracing::warn!("sysd: {}: waiting for pid {}: {err}", self.name(), inst.pid);
+        }
+        let info = self.exit_info(res);
+        self.event("stopped", describe_exit(Some(&info)));
+        info
+    }
+
+    async fn cleanup(&self, _inst: &Instance) {
+        let cg = format!("{}/{}", self.sup.paths.layout.cgroup_parent, self.svc.name);
+        if let Err(e) = self.sup.runtime.kill_cgroup(&cg).await {
+            tracing::warn!("sysd: {}: {e:#}", self.name());
+        }
+        if let Err(e) = self.sup.runtime.remove(self.name(), &cg).await {
+            self.event("cleanup-failed", format!("{e:#}"));
+        }
+        self.set(|s| {
+            s.pid = None;
+        });
+    }
+}
+
+enum Flow {
+    Continue,
+    Exit,
+}
+
+fn backoff(failures: u32) -> Duration {
+    let shift = failures.saturating_sub(1).min(16);
+    BACKOFF_START.saturating_mul(1 << shift).min(BACKOFF_MAX)
+}
+
+fn describe_exit(exit: Option<&ExitInfo>) -> String {
+    match exit {
+        Some(e) if e.oom_killed => format!(
+            "killed by the OOM killer (memory limit){}",
+            e.signal
+                .map(|s| format!(", signal {s}"))
+                .unwrap_or_default()
+        ),
+        Some(ExitInfo { code: Some(c), .. }) => format!("exited with status {c}"),
+        Some(ExitInfo {
+            signal: Some(s), ..
+        }) => {
+            let name = Signal::try_from(*s).map(|s| s.as_str()).unwrap_or("?");
+            format!("killed by signal {s} ({name})")
+        }
+        _ => "ended".into(),
+    }
+}
+
+impl Backend for Supervisor {
+    fn version(&self) -> api::Version {
+        api::Version {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_s: self.started.elapsed().as_secs(),
+        }
+    }
+
+    fn list(&self) -> Vec<ServiceStatus> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles
+            .values()
+            .map(|h| h.status.borrow().clone())
+            .collect()
+    }
+
+    fn status(&self, name: &str) -> Result<ServiceStatus, Failure> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles
+            .get(name)
+            .map(|h| h.status.borrow().clone())
+            .ok_or_else(|| unknown(name, &handles))
+    }
+
+    async fn start(&self, name: &str) -> Result<ServiceStatus, Failure> {
+        self.send(name, Cmd::Start)?;
+        tokio::task::yield_now().await;
+        self.status(name)
+    }
+
+    async fn stop(&self, name: &str) -> Result<ServiceStatus, Failure> {
+        let (tx, rx) = oneshot::channel();
+        self.send(name, Cmd::Stop(tx))?;
+        let _ = rx.await;
+        self.status(name)
+    }
+
+    async fn restart(&self, name: &str) -> Result<ServiceStatus, Failure> {
+        self.send(name, Cmd::Restart)?;
+        tokio::task::yield_now().await;
+        self.status(name)
+    }
+
+    async fn kill(&self, name: &str, signal: i32) -> Result<ServiceStatus, Failure> {
+        let sig = Signal::try_from(signal)
+            .map_err(|_| Failure::bad_request(format!("invalid signal {signal}")))?;
+        if self.status(name)?.pid.is_none() {
+            return Err(Failure::conflict(format!(
+                "{name} is not running: nothing to signal"
+            )));
+        }
+        self.send(name, Cmd::Kill(sig))?;
+        tokio::task::yield_now().await;
+        self.status(name)
+    }
+
+    fn logs(&self, name: &str, tail: Option<usize>, follow: bool) -> Result<LogFeed, Failure> {
+        self.status(name)?;
+        let (backlog, live) = self.logs.read(name, tail, follow);
+        Ok(LogFeed { backlog, live })
+    }
+
+    fn events(&self, since: Option<u64>) -> EventFeed {
+        let (backlog, live) = self.events.subscribe(since);
+        EventFeed { backlog, live }
+    }
+
+    fn stats(&self) -> Vec<api::Stats> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles
+            .values()
+            .filter(|h| h.status.borrow().pid.is_some())
+            .map(|h| {
+                let cg = format!("{}/{}", self.paths.layout.cgroup_parent, h.service.name);
+                let raw = self.runtime.stats(&cg).unwrap_or_default();
+                api::Stats {
+                    service: h.service.name.clone(),
+                    cpu_usage_usec: raw.cpu_usage_usec,
+                    memory_current: raw.memory_current,
+                    memory_peak: raw.memory_peak,
+                    memory_max: h.service.spec.resources.memory_max.map(|m| m.0),
+                    pids_current: raw.pids_current,
+                    io_read_bytes: raw.io_rbytes,
+                    io_write_bytes: raw.io_wbytes,
+                    oom_kills: raw.memory_oom_kill,
+                }
+            })
+            .collect()
+    }
+
+    async fn apply(&self, config: String, dry_run: bool) -> Result<ApplyPlan, Failure> {
+        let _guard = self.apply_lock.lock().await;
+        let system = self
+            .system
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let new: Config = self
+            .paths
+            .sources
+            .combine(system, Some(&config))
+            .map_err(|e| Failure::bad_request(format!("config rejected, nothing changed: {e}")))?;
+        let current: BTreeMap<String, Arc<Service>> = {
+            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            handles
+                .iter()
+                .map(|(n, h)| (n.clone(), Arc::clone(&h.service)))
+                .collect()
+        };
+        let mut plan = ApplyPlan {
+            dry_run,
+            ..ApplyPlan::default()
+        };
+        for (name, svc) in &new.services {
+            match current.get(name) {
+                None => plan.start.push(name.clone()),
+                Some(old) if old.spec != svc.spec => plan.restart.push(name.clone()),
+                Some(_) => plan.unchanged.push(name.clone()),
+            }
+        }
+        plan.stop = current
+            .keys()
+            .filter(|n| !new.services.contains_key(*n))
+            .cloned()
+            .collect();
+        if dry_run {
+            return Ok(plan);
+        }
+        self.paths.sources.store_user_text(&config).map_err(|e| {
+            Failure::internal(format!(
+                "storing {}: {e}; nothing changed",
+                self.paths.sources.user_file.display()
+            ))
+        })?;
+        for name in &plan.stop {
+            let (tx, rx) = oneshot::channel();
+            if self.send(name, Cmd::Stop(tx)).is_ok() {
+                let _ = rx.await;
+            }
+            let (tx, rx) = oneshot::channel();
+            if self.send(name, Cmd::Remove(tx)).is_ok() {
+                let _ = rx.await;
+            }
+            self.handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            self.logs.forget(name);
+            self.bump();
+        }
+        if let Some(me) = self.me.upgrade() {
+            for name in &plan.start {
+                me.spawn(Arc::new(new.services[name].clone()));
+            }
+        }
+        for name in &plan.restart {
+            let svc = Arc::new(new.services[name].clone());
+            let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(h) = handles.get_mut(name) {
+                h.service = Arc::clone(&svc);
+                let _ = h.cmds.send(Cmd::Replace(svc));
+            }
+        }
+        self.events.emit(
+            None,
+            "applied",
+            format!(
+                "{} started, {} restarted, {} stopped, {} unchanged",
+                plan.start.len(),
+                plan.restart.len(),
+                plan.stop.len(),
+                plan.unchanged.len()
+            ),
+        );
+        Ok(plan)
+    }
+}

@@ -1,0 +1,550 @@
+//! Host integration tests of the supervisor: a real sysd (the built binary) with real
+//! containers from a busybox root file system, driven through its HTTP API on a unix socket,
+//! as keelctl drives it.
+//!
+//! Each test starts its own sysd in a private mount namespace (`unshare -m`) with cgroup2
+//! mounted at /sys/fs/cgroup (these hosts have a hybrid v1 layout), its own cgroup parent,
+//! state, log and volume directories, and TCP ports of its own on the host network. They need
+//! root; without it they are skipped with a printed reason.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::symlink;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
+static PORTS: AtomicU16 = AtomicU16::new(0);
+
+/// A free-ish TCP port range per test (process id spreads parallel runs apart).
+fn port() -> u16 {
+    let base = 20_000 + (std::process::id() % 2000) as u16 * 10;
+    base + PORTS.fetch_add(1, Ordering::SeqCst)
+}
+
+struct Sysd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    cgroup_parent: String,
+}
+
+impl Sysd {
+    /// A sysd whose system services are `system` (the TOML text; `ROOTFS` is replaced by the
+    /// busybox root file system path).
+    fn start(system: &str) -> Option<Sysd> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !Path::new("/bin/busybox").exists() {
+            eprintln!("skipping: needs root and /bin/busybox (busybox-static)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rootfs = dir.path().join("rootfs");
+        for d in ["bin", "etc", "srv"] {
+            std::fs::create_dir_all(rootfs.join(d)).expect("mkdir");
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
+        let list = Command::new("/bin/busybox")
+            .arg("--list")
+            .output()
+            .expect("busybox --list");
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            let _ = symlink("busybox", rootfs.join("bin").join(applet));
+        }
+        std::fs::write(
+            rootfs.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
+        )
+        .expect("passwd");
+        std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").expect("group");
+        std::fs::create_dir_all(dir.path().join("system")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("system/10-test.toml"),
+            system.replace("ROOTFS", &rootfs.display().to_string()),
+        )
+        .expect("write system config");
+        let mut sysd = Sysd {
+            cgroup_parent: format!(
+                "/keelson-sv-{}-{}",
+                std::process::id(),
+                dir.path()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .trim_start_matches('.')
+            ),
+            dir,
+            child: None,
+        };
+        sysd.spawn();
+        Some(sysd)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn rootfs(&self) -> String {
+        self.path("rootfs").display().to_string()
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path().display();
+        let script = format!(
+            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {SYSD} --system-dir {d}/system --user-config {d}/var/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent {}",
+            self.cgroup_parent
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("sysd.log"))
+            .expect("log");
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning sysd");
+        self.child = Some(child);
+        self.wait_until("the API socket", || {
+            UnixStream::connect(self.path("run/sysd.sock")).is_ok()
+        });
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("sysd.log")).unwrap_or_default()
+    }
+
+    /// One HTTP request; returns status and body.
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = UnixStream::connect(self.path("run/sysd.sock")).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Type: application/toml\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("response");
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        (status, body)
+    }
+
+    fn json(&self, method: &str, path: &str) -> Value {
+        let (status, body) = self.request(method, path, "");
+        assert!(status < 300, "{method} {path}: {status} {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    fn service(&self, name: &str) -> Value {
+        self.json("GET", &format!("/v1/services/{name}"))
+    }
+
+    fn state(&self, name: &str) -> String {
+        self.service(name)["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn wait_until(&self, what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out waiting for {what}\n--- sysd log ---\n{}",
+            self.log()
+        );
+    }
+
+    fn wait_state(&self, name: &str, state: &str) -> Value {
+        self.wait_until(&format!("{name} to be {state}"), || {
+            self.state(name) == state
+        });
+        self.service(name)
+    }
+
+    /// Events so far (the stream is read until it has been quiet for a moment).
+    fn events(&self) -> Vec<Value> {
+        let mut s = UnixStream::connect(self.path("run/sysd.sock")).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        write!(s, "GET /v1/events?since=0 HTTP/1.1\r\nHost: k\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<Value>(line.trim()) {
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    fn event_index(events: &[Value], service: &str, kind: &str) -> Option<usize> {
+        events
+            .iter()
+            .position(|e| e["service"] == service && e["kind"] == kind)
+    }
+
+    /// Container inits running under this sysd's cgroup parent, per service.
+    fn running_instances(&self, service: &str) -> usize {
+        let procs = Path::new("/sys/fs/cgroup/unified")
+            .join(self.cgroup_parent.trim_start_matches('/'))
+            .join(service)
+            .join("cgroup.procs");
+        std::fs::read_to_string(procs)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Sysd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let parent =
+            Path::new("/sys/fs/cgroup/unified").join(self.cgroup_parent.trim_start_matches('/'));
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                for _ in 0..50 {
+                    if std::fs::remove_dir(e.path()).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[test]
+fn dependencies_oneshots_readiness_and_a_failing_service() {
+    let p = port();
+    let Some(sysd) = Sysd::start(&format!(
+        r#"version = 1
+[services.db]
+image = "ROOTFS"
+command = ["sh", "-c", "sleep 1; exec nc -ll -p {p} -e cat"]
+ready = {{ tcp = "127.0.0.1:{p}", interval = "200ms", retries = 50 }}
+
+[services.migrate]
+image = "ROOTFS"
+kind = "oneshot"
+command = ["sh", "-c", "echo migrating; sleep 1"]
+
+[services.app]
+image = "ROOTFS"
+command = ["sh", "-c", "echo app up as $(id -u):$(id -g); exec sleep 1000"]
+requires = ["db", "migrate"]
+user = "nobody"
+
+[services.worker]
+image = "ROOTFS"
+command = ["sleep", "1000"]
+after = ["app"]
+
+[services.broken]
+image = "ROOTFS"
+command = ["/bin/does-not-exist"]
+restart = "on-failure"
+max_retries = 2
+
+[services.noimage]
+image = "/nonexistent/image"
+command = ["true"]
+"#
+    )) else {
+        return;
+    };
+    sysd.wait_state("worker", "running");
+    assert_eq!(sysd.state("migrate"), "completed");
+    let events = sysd.events();
+    let at = |s: &str, k: &str| {
+        Sysd::event_index(&events, s, k).unwrap_or_else(|| panic!("no {s} {k} in {events:#?}"))
+    };
+    assert!(
+        at("db", "ready") < at("app", "started"),
+        "app started before db was ready"
+    );
+    assert!(
+        at("migrate", "completed") < at("app", "started"),
+        "app started before migrate completed"
+    );
+    assert!(at("app", "ready") < at("worker", "started"));
+
+    // The program is missing: a clear reason, retried with backoff, then failed for good.
+    let broken = sysd.wait_state("broken", "failed");
+    let reason = broken["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("/bin/does-not-exist") && reason.contains("gave up after 2 retries"),
+        "{reason}"
+    );
+    assert_eq!(broken["restarts"], 2);
+    // The image is missing: in backoff with the reason, retried forever (restart = always).
+    sysd.wait_until("noimage to retry", || {
+        sysd.service("noimage")["restarts"].as_u64().unwrap_or(0) >= 2
+    });
+    let noimage = sysd.service("noimage");
+    assert!(
+        noimage["reason"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/image"),
+        "{noimage}"
+    );
+    // The others did not notice.
+    for s in ["db", "app", "worker"] {
+        assert_eq!(sysd.state(s), "running", "{s}");
+        assert_eq!(sysd.service(s)["restarts"], 0, "{s}");
+    }
+    // Logs: captured, timestamped, in memory and on disk.
+    let (status, logs) = sysd.request("GET", "/v1/services/app/logs", "");
+    assert_eq!(status, 200);
+    assert!(logs.contains("app up as 65534:65534"), "{logs}");
+    let file = std::fs::read_to_string(sysd.path("var/log/app.log")).unwrap();
+    assert!(file.contains(" stdout app up as 65534:65534"), "{file}");
+    let (status, body) = sysd.request("GET", "/v1/services/nope", "");
+    assert_eq!(status, 404, "{body}");
+}
+
+#[test]
+fn kill_restarts_health_failure_restarts_and_requires_follows() {
+    let p = port();
+    let Some(sysd) = Sysd::start(&format!(
+        r#"version = 1
+[services.db]
+image = "ROOTFS"
+command = ["nc", "-ll", "-p", "{p}", "-e", "cat"]
+ready = {{ tcp = "127.0.0.1:{p}", interval = "200ms" }}
+
+[services.app]
+image = "ROOTFS"
+command = ["sleep", "1000"]
+requires = ["db"]
+
+[services.flaky]
+image = "ROOTFS"
+command = ["sh", "-c", "touch /tmp/ok; sleep 2; rm /tmp/ok; exec sleep 1000"]
+health = {{ exec = ["test", "-f", "/tmp/ok"], interval = "300ms", retries = 2 }}
+"#
+    )) else {
+        return;
+    };
+    let before = sysd.wait_state("app", "running");
+    let pid = before["pid"].as_i64().unwrap() as i32;
+    // SAFETY: killing a container init of this test's sysd.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    sysd.wait_until("app to restart", || {
+        let s = sysd.service("app");
+        s["restarts"] == 1 && s["state"] == "running"
+    });
+    let app = sysd.service("app");
+    assert_ne!(app["pid"].as_i64().unwrap() as i32, pid);
+    assert_eq!(app["last_exit"]["signal"], 9);
+    let events = sysd.events();
+    assert!(
+        events.iter().any(|e| e["service"] == "app"
+            && e["kind"] == "restarting"
+            && e["message"].as_str().unwrap().contains("SIGKILL")),
+        "{events:#?}"
+    );
+
+    sysd.wait_until("flaky to be restarted as unhealthy", || {
+        sysd.service("flaky")["restarts"].as_u64().unwrap_or(0) >= 1
+    });
+    let events = sysd.events();
+    let unhealthy = events
+        .iter()
+        .find(|e| e["service"] == "flaky" && e["kind"] == "unhealthy")
+        .expect("unhealthy event");
+    assert!(
+        unhealthy["message"]
+            .as_str()
+            .unwrap()
+            .contains("health check failed 2 times"),
+        "{unhealthy}"
+    );
+
+    // Stopping a required service stops its dependents; starting it brings them back.
+    let (status, _) = sysd.request("POST", "/v1/services/db/stop", "");
+    assert_eq!(status, 200);
+    sysd.wait_state("app", "waiting");
+    let (status, _) = sysd.request("POST", "/v1/services/db/start", "");
+    assert_eq!(status, 200);
+    sysd.wait_state("app", "running");
+}
+
+#[test]
+fn apply_restarts_only_what_changed_and_rejects_bad_config_whole() {
+    let Some(sysd) = Sysd::start(
+        "version = 1\n[services.base]\nimage = \"ROOTFS\"\ncommand = [\"sleep\", \"1000\"]\n",
+    ) else {
+        return;
+    };
+    let root = sysd.rootfs();
+    let user = |cmd_b: &str| {
+        format!(
+            "version = 1\n[services.a]\nimage = \"{root}\"\ncommand = [\"sleep\", \"1000\"]\n\n[services.b]\nimage = \"{root}\"\ncommand = [\"sleep\", \"{cmd_b}\"]\n"
+        )
+    };
+    let (status, body) = sysd.request("POST", "/v1/apply", &user("1000"));
+    assert_eq!(status, 200, "{body}");
+    let a = sysd.wait_state("a", "running");
+    let b = sysd.wait_state("b", "running");
+    let base = sysd.wait_state("base", "running");
+
+    let (status, body) = sysd.request("POST", "/v1/apply?dry_run=1", &user("2000"));
+    assert_eq!(status, 200, "{body}");
+    let plan: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(plan["restart"], serde_json::json!(["b"]));
+    assert_eq!(plan["unchanged"], serde_json::json!(["a", "base"]));
+    assert_eq!(
+        sysd.service("b")["pid"],
+        b["pid"],
+        "a dry run changed something"
+    );
+
+    let (status, body) = sysd.request("POST", "/v1/apply", &user("2000"));
+    assert_eq!(status, 200, "{body}");
+    sysd.wait_until("b to restart with the new spec", || {
+        let s = sysd.service("b");
+        s["state"] == "running" && s["pid"] != b["pid"]
+    });
+    assert_eq!(sysd.service("a")["pid"], a["pid"], "a was restarted");
+    assert_eq!(
+        sysd.service("base")["pid"],
+        base["pid"],
+        "base was restarted"
+    );
+
+    // Invalid: rejected whole, naming position, service and field; nothing changes.
+    let stored = std::fs::read_to_string(sysd.path("var/services.toml")).unwrap();
+    let bad = format!("{}\n[services.c]\nimage = \"{root}\"\ncommand = [\"true\"]\nresources = {{ cpu_weight = 0 }}\n", user("3000"));
+    let (status, body) = sysd.request("POST", "/v1/apply", &bad);
+    assert_eq!(status, 400);
+    assert!(
+        body.contains(":10:1: service `c`: resources.cpu_weight: must be between 1 and 10000"),
+        "{body}"
+    );
+    let (status, body) = sysd.request(
+        "POST",
+        "/v1/apply",
+        "version = 1\n[services.base]\nimage = \"/x\"\n",
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("service `base` is already defined"), "{body}");
+    assert_eq!(
+        std::fs::read_to_string(sysd.path("var/services.toml")).unwrap(),
+        stored
+    );
+    assert!(sysd
+        .json("GET", "/v1/services")
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["name"] != "c"));
+
+    // Removing a service stops it.
+    let (status, body) = sysd.request(
+        "POST",
+        "/v1/apply",
+        &format!(
+            "version = 1\n[services.a]\nimage = \"{root}\"\ncommand = [\"sleep\", \"1000\"]\n"
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = sysd.request("GET", "/v1/services/b", "");
+    assert_eq!(status, 404);
+    assert_eq!(sysd.service("a")["pid"], a["pid"]);
+}
+
+#[test]
+fn a_killed_sysd_comes_back_without_duplicates_and_stops_gracefully() {
+    let Some(mut sysd) = Sysd::start(
+        "version = 1\n[services.one]\nimage = \"ROOTFS\"\ncommand = [\"sleep\", \"1000\"]\n\n[services.flusher]\nimage = \"ROOTFS\"\ncommand = [\"sh\", \"-c\", \"trap 'echo flushed > /data/stopped; exit 0' TERM; while :; do sleep 0.2; done\"]\nmounts = [{ type = \"volume\", source = \"flush\", target = \"/data\" }]\n",
+    ) else {
+        return;
+    };
+    let first = sysd.wait_state("one", "running");
+    sysd.wait_state("flusher", "running");
+    // SAFETY: killing our own child (sysd) the way a crash would end it.
+    unsafe { libc::kill(sysd.pid(), libc::SIGKILL) };
+    if let Some(mut c) = sysd.child.take() {
+        let _ = c.wait();
+    }
+    sysd.spawn();
+    sysd.wait_until("one to run again", || {
+        sysd.state("one") == "running" && sysd.service("one")["pid"] != first["pid"]
+    });
+    sysd.wait_state("flusher", "running");
+    assert!(
+        sysd.log()
+            .contains("removed what a previous sysd left: container one"),
+        "{}",
+        sysd.log()
+    );
+    // Exactly one instance of each, and the old init is gone.
+    assert_eq!(sysd.running_instances("one"), 1);
+    let old = first["pid"].as_i64().unwrap() as i32;
+    assert!(
+        !Path::new(&format!("/proc/{old}")).exists()
+            || std::fs::read_to_string(format!("/proc/{old}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+    );
+
+    sysd.terminate();
+    assert_eq!(
+        std::fs::read_to_string(sysd.path("var/volumes/flush/stopped")).unwrap(),
+        "flushed\n"
+    );
+    assert!(sysd.log().contains("sysd: stopped"), "{}", sysd.log());
+}
