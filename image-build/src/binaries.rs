@@ -1,4 +1,4 @@
-//! Builds the Keelson binaries that go into the image: statically linked
+//! Builds the Keelson binaries that go into the image (init, sysd, keelctl): statically linked
 //! (`x86_64-unknown-linux-gnu` with `crt-static`) and reproducible (build paths remapped, one
 //! codegen unit, SOURCE_DATE_EPOCH set), in a target directory of their own so the developer's
 //! normal builds are not invalidated by the different flags.
@@ -12,7 +12,11 @@ use anyhow::{bail, Context, Result};
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Binaries the image needs, with their packages.
-pub const BINARIES: &[(&str, &str)] = &[("keelson-init", "keelson-init"), ("sysd", "keelson-sysd")];
+pub const BINARIES: &[(&str, &str)] = &[
+    ("keelson-init", "keelson-init"),
+    ("sysd", "keelson-sysd"),
+    ("keelctl", "keelctl"),
+];
 
 /// Builds the image binaries from `workspace` and returns the directory holding them.
 pub fn build(workspace: &Path, epoch: u64, quiet: bool) -> Result<PathBuf> {
@@ -51,8 +55,8 @@ pub fn build(workspace: &Path, epoch: u64, quiet: bool) -> Result<PathBuf> {
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
         .env_remove("RUSTFLAGS")
         .env("SOURCE_DATE_EPOCH", epoch.to_string());
-    for (_, package) in BINARIES {
-        cmd.args(["-p", package]);
+    for (bin, package) in BINARIES {
+        cmd.args(["-p", package, "--bin", bin]);
     }
     if quiet {
         cmd.arg("-q").stdout(Stdio::null());

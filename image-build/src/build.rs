@@ -18,10 +18,12 @@ use crate::config::ImageConfig;
 use crate::disk;
 use crate::esp;
 use crate::fetch;
+use crate::images::{self, IMAGES_DIR};
 use crate::initramfs;
 use crate::kmod::ModuleTree;
 use crate::lock::{lock_path, Lock};
 use crate::rootfs::{self, FileEntry};
+use crate::services;
 use crate::uki;
 use crate::util::{self, derive, derive_guid, mib, run, sha256_file, Progress};
 
@@ -43,6 +45,8 @@ struct Manifest {
     tools: Vec<ToolVersion>,
     outputs: Vec<Output>,
     partitions: Vec<PartitionInfo>,
+    images: Vec<ImageManifest>,
+    services: Vec<ServiceManifest>,
     kernel_modules: Vec<String>,
     rootfs: Vec<FileEntry>,
     initramfs: Vec<FileEntry>,
@@ -68,6 +72,28 @@ struct Input {
     #[serde(skip_serializing_if = "Option::is_none")]
     version: Option<String>,
     sha256: String,
+}
+
+/// A service image in the root: what it is made of.
+#[derive(Serialize)]
+struct ImageManifest {
+    name: String,
+    description: String,
+    path: String,
+    packages: Vec<Input>,
+    applet_links: usize,
+    mount_points: Vec<String>,
+    files: usize,
+    size: u64,
+}
+
+/// A system service file in the root.
+#[derive(Serialize)]
+struct ServiceManifest {
+    path: String,
+    source: String,
+    sha256: String,
+    services: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -134,6 +160,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     let cfg = ImageConfig::load(&opts.config)?;
     util::check_tools(util::TOOLS)?;
     let lock = Lock::load(&cfg)?;
+    let service_files = services::load(&cfg)?;
     let epoch = lock.source_date_epoch;
     let out = opts
         .out
@@ -144,7 +171,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         std::fs::remove_dir_all(&work)?;
     }
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let mut p = Progress::new(opts.quiet, 10);
+    let mut p = Progress::new(opts.quiet, 11);
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
     let debs = fetch::fetch_all(&lock, &opts.cache, &lock_path(&cfg), &cfg.path)?;
@@ -192,7 +219,12 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     };
     let init_bin = bins.join("keelson-init");
     let sysd_bin = bins.join("sysd");
-    for (name, path) in [("keelson-init", &init_bin), ("sysd", &sysd_bin)] {
+    let keelctl_bin = bins.join("keelctl");
+    for (name, path) in [
+        ("keelson-init", &init_bin),
+        ("sysd", &sysd_bin),
+        ("keelctl", &keelctl_bin),
+    ] {
         let sha256 = sha256_file(path)
             .with_context(|| format!("image binary {name} not found in {}", bins.display()))?;
         inputs.push(Input {
@@ -208,10 +240,22 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         version: None,
         sha256: sha256_file(&cfg.path)?,
     });
+    for f in &service_files {
+        inputs.push(Input {
+            kind: "services",
+            name: f.source.display().to_string(),
+            version: None,
+            sha256: sha256_file(&f.source)?,
+        });
+    }
+    // The image's own sysd is the authority on its service files.
+    services::check(&sysd_bin, &service_files)?;
     p.done(&format!(
-        "init {}, sysd {}",
+        "init {}, sysd {}, keelctl {}; {} service files checked",
         mib(std::fs::metadata(&init_bin)?.len()),
-        mib(std::fs::metadata(&sysd_bin)?.len())
+        mib(std::fs::metadata(&sysd_bin)?.len()),
+        mib(std::fs::metadata(&keelctl_bin)?.len()),
+        service_files.len()
     ));
 
     p.step("resolving kernel modules");
@@ -228,7 +272,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     ));
 
     let osrel = os_release(&cfg);
-    p.step("root file system (EROFS) and dm-verity tree");
+    p.step("service images and system services");
     let stage = work.join("rootfs");
     rootfs::stage(
         &stage,
@@ -236,8 +280,76 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         &[
             ("usr/sbin/init".into(), init_bin.clone(), 0o755),
             ("usr/bin/sysd".into(), sysd_bin.clone(), 0o755),
+            ("usr/bin/keelctl".into(), keelctl_bin.clone(), 0o755),
         ],
     )?;
+    let mut image_info = Vec::new();
+    for (name, spec) in &cfg.images {
+        let dir = stage.join(IMAGES_DIR).join(name);
+        let mut img = images::Stage::new(&dir)?;
+        let mut pins: Vec<_> = lock.image_packages(name).collect();
+        pins.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut packages = Vec::new();
+        for pin in pins {
+            let deb = deb_of(&pin.name).with_context(|| format!("{} deb", pin.name))?;
+            img.unpack_deb(&pin.name, &deb)
+                .with_context(|| format!("building image {name}"))?;
+            packages.push(Input {
+                kind: "deb",
+                name: pin.name.clone(),
+                version: Some(pin.version.clone()),
+                sha256: pin.sha256.clone(),
+            });
+        }
+        let applet_links = img.finish(&spec.users)?;
+        let mount_points = services::prepare_image(&service_files, name, &dir, &stage)?;
+        let files = rootfs::list(&dir)?;
+        image_info.push(ImageManifest {
+            name: name.clone(),
+            description: spec.description.clone(),
+            path: format!("/{IMAGES_DIR}/{name}"),
+            packages,
+            applet_links,
+            mount_points,
+            files: files.len(),
+            size: files.iter().filter_map(|f| f.size).sum(),
+        });
+    }
+    services::install(&stage, &service_files)?;
+    let service_info = service_files
+        .iter()
+        .map(|f| {
+            Ok(ServiceManifest {
+                path: format!("/{}", f.dest),
+                source: f.source.display().to_string(),
+                sha256: sha256_file(&f.source)?,
+                services: f.services.iter().map(|s| s.name.clone()).collect(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let images_text = if image_info.is_empty() {
+        "no images".to_owned()
+    } else {
+        image_info
+            .iter()
+            .map(|i| {
+                format!(
+                    "{} ({} packages, {})",
+                    i.name,
+                    i.packages.len(),
+                    mib(i.size)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    p.done(&format!(
+        "{images_text}; {} services in {} files",
+        service_info.iter().map(|s| s.services.len()).sum::<usize>(),
+        service_info.len()
+    ));
+
+    p.step("root file system (EROFS) and dm-verity tree");
     rootfs::add_modules(&stage, &tree, &root_closure, &release)?;
     let root_img = out.join("root.erofs");
     std::fs::create_dir_all(&out)?;
@@ -393,6 +505,8 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         ],
         outputs,
         partitions: partition_info(&gpt),
+        images: image_info,
+        services: service_info,
         kernel_modules: closure
             .deps
             .keys()

@@ -3,6 +3,7 @@
 //! Unknown keys are errors, reported with the file, line and column (serde's
 //! `deny_unknown_fields` plus the span `toml` gives us).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -23,9 +24,17 @@ pub struct ImageConfig {
     pub description: String,
     /// Seed for every UUID, salt and serial number in the image, so builds are reproducible.
     pub seed: String,
+    /// System service files (paths relative to this config), installed in order into
+    /// `/usr/lib/keelson/services.d/NN-<name>.toml` and checked with the image's own sysd.
+    #[serde(default)]
+    pub services: Vec<PathBuf>,
     pub kernel: Kernel,
     pub bootloader: Bootloader,
     pub disk: Disk,
+    /// Root file systems for services, built from Debian packages, at
+    /// `/usr/lib/keelson/images/<name>/`.
+    #[serde(default)]
+    pub images: BTreeMap<String, Image>,
     #[serde(skip)]
     pub name: String,
     #[serde(skip)]
@@ -53,6 +62,52 @@ pub struct Kernel {
     /// background once sysd is starting, keeping them off the boot's critical path.
     #[serde(default)]
     pub root_modules: Vec<String>,
+}
+
+/// A service root file system made of Debian packages and their dependency closure.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    /// Free text describing the image.
+    #[serde(default)]
+    pub description: String,
+    /// Debian packages; `lock` pins them with their Depends/Pre-Depends closure.
+    pub packages: Vec<String>,
+    /// Accounts besides root and nobody in the image's /etc/passwd and /etc/group.
+    #[serde(default)]
+    pub users: Vec<User>,
+}
+
+/// An account in an image's /etc/passwd (and its group of the same name in /etc/group).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    /// Primary group id (default: the uid); a group named like the user is created with it.
+    pub gid: Option<u32>,
+    #[serde(default = "default_home")]
+    pub home: String,
+    #[serde(default = "default_shell")]
+    pub shell: String,
+}
+
+fn default_home() -> String {
+    "/nonexistent".into()
+}
+
+fn default_shell() -> String {
+    "/usr/sbin/nologin".into()
+}
+
+/// Valid image and account names: they become directory names and /etc/passwd fields.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_'))
 }
 
 /// systemd-boot.
@@ -146,6 +201,12 @@ impl ImageConfig {
         Ok(cfg)
     }
 
+    /// The service files, resolved against the config's directory, in config order.
+    pub fn service_files(&self) -> Vec<PathBuf> {
+        let dir = self.path.parent().unwrap_or(Path::new(""));
+        self.services.iter().map(|s| dir.join(s)).collect()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: self.path.display().to_string(),
@@ -190,6 +251,49 @@ impl ImageConfig {
                 "kernel.modules is empty: stage 1 needs at least the disk and dm-verity drivers"
                     .into(),
             ));
+        }
+        for (name, image) in &self.images {
+            if !valid_name(name) {
+                return Err(invalid(format!(
+                    "images.{name}: use 1-32 characters of a-z, 0-9, '-' and '_', starting with a letter (it becomes a directory name)"
+                )));
+            }
+            if image.packages.is_empty() {
+                return Err(invalid(format!("images.{name}.packages is empty")));
+            }
+            let mut seen = std::collections::BTreeSet::from([0, 65534]);
+            for u in &image.users {
+                if !valid_name(&u.name) || matches!(u.name.as_str(), "root" | "nobody" | "nogroup")
+                {
+                    return Err(invalid(format!(
+                        "images.{name}.users: {:?} is not a valid new account name (a-z, 0-9, '-', '_'; root and nobody exist already)",
+                        u.name
+                    )));
+                }
+                if !seen.insert(u.uid) {
+                    return Err(invalid(format!(
+                        "images.{name}.users: uid {} of {} is used twice (0 and 65534 are root and nobody)",
+                        u.uid, u.name
+                    )));
+                }
+                for (field, v) in [("home", &u.home), ("shell", &u.shell)] {
+                    if !v.starts_with('/') || v.contains(':') || v.contains('\n') {
+                        return Err(invalid(format!(
+                            "images.{name}.users: {field} {v:?} of {} must be an absolute path without ':'",
+                            u.name
+                        )));
+                    }
+                }
+            }
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            let f = &self.service_files()[i];
+            if s.extension().and_then(|e| e.to_str()) != Some("toml") || !f.is_file() {
+                return Err(invalid(format!(
+                    "services[{i}]: {} is not a .toml file (paths are relative to the config's directory)",
+                    f.display()
+                )));
+            }
         }
         Ok(())
     }
@@ -254,5 +358,43 @@ data_mib = 32
             .unwrap_err()
             .to_string();
         assert!(err.contains("version"), "{err}");
+    }
+
+    #[test]
+    fn images_and_services_are_checked() {
+        let with = |extra: &str| load_text(&format!("{GOOD}{extra}"));
+        let c = with("[images.base]\npackages = [\"busybox-static\"]\nusers = [{ name = \"www\", uid = 33 }]\n")
+            .unwrap();
+        let u = &c.images["base"].users[0];
+        assert_eq!(
+            (u.gid, u.home.as_str(), u.shell.as_str()),
+            (None, "/nonexistent", "/usr/sbin/nologin")
+        );
+        let err = with("[images.Base]\npackages = [\"x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("images.Base"), "{err}");
+        let err = with("[images.b]\npackages = []\n").unwrap_err().to_string();
+        assert!(err.contains("images.b.packages is empty"), "{err}");
+        let err = with("[images.b]\npackages = [\"x\"]\nusers = [{ name = \"a\", uid = 65534 }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("uid 65534"), "{err}");
+        let err = with(
+            "[images.b]\npackages = [\"x\"]\nusers = [{ name = \"a\", uid = 5, home = \"rel\" }]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("home \"rel\""), "{err}");
+        let err = load_text(&GOOD.replace(
+            "seed = \"s\"",
+            "seed = \"s\"\nservices = [\"missing.toml\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("services[0]") && err.contains("missing.toml"),
+            "{err}"
+        );
     }
 }

@@ -20,10 +20,31 @@ pub fn fetch(pin: &Pin, cache: &Path, lock_file: &Path, config: &Path) -> Result
     if file.exists() && sha256_file(&file)? == pin.sha256 {
         return Ok(file);
     }
+    // Download into a directory of this process and move the verified file into place, so a
+    // failed or concurrent fetch never removes or half-writes a file another build is using.
+    let tmp = cache.join(format!(".download-{}-{}", std::process::id(), pin.name));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = download(pin, &tmp, lock_file, config).and_then(|downloaded| {
+        std::fs::rename(&downloaded, &file)
+            .with_context(|| format!("moving {} into the cache", downloaded.display()))
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    result?;
+    Ok(file)
+}
+
+/// `apt-get download` of `pin` into `dir`; returns the file once its sha256 matches the pin.
+fn download(pin: &Pin, dir: &Path, lock_file: &Path, config: &Path) -> Result<PathBuf> {
+    let file = dir.join(format!(
+        "{}_{}_amd64.deb",
+        pin.name,
+        pin.version.replace(':', "%3a")
+    ));
     let out = Command::new("apt-get")
         .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
         .arg(format!("{}={}", pin.name, pin.version))
-        .current_dir(cache)
+        .current_dir(dir)
         .output()
         .context("running apt-get (package apt)")?;
     if !out.status.success() {
@@ -47,7 +68,6 @@ pub fn fetch(pin: &Pin, cache: &Path, lock_file: &Path, config: &Path) -> Result
     let actual = sha256_file(&file)
         .with_context(|| format!("apt-get did not produce {}", file.display()))?;
     if actual != pin.sha256 {
-        let _ = std::fs::remove_file(&file);
         bail!(
             "{} {}: sha256 {actual} does not match the pin {} in {}; if the archive really changed, review it and run `image-build lock {}`",
             pin.name,

@@ -9,10 +9,12 @@ mod config;
 mod disk;
 mod esp;
 mod fetch;
+mod images;
 mod initramfs;
 mod kmod;
 mod lock;
 mod rootfs;
+mod services;
 mod uki;
 mod util;
 
@@ -45,11 +47,12 @@ enum Cmd {
         /// Where downloaded packages are cached (default: <workspace>/cache/debs).
         #[arg(long)]
         cache: Option<PathBuf>,
-        /// Take keelson-init and sysd from this directory instead of building them.
+        /// Take keelson-init, sysd and keelctl from this directory instead of building them.
         #[arg(long)]
         bins: Option<PathBuf>,
     },
-    /// Pin the config's packages (exact version and sha256) in configs/<name>.lock.
+    /// Pin the config's packages (exact version and sha256) in configs/<name>.lock, with the
+    /// dependency closure of every service image's packages.
     Lock {
         config: PathBuf,
         /// SOURCE_DATE_EPOCH to record (default: keep the lock's, or now for a new lock).
@@ -101,18 +104,25 @@ fn run(cli: Cli) -> Result<()> {
                         .map(|d| d.as_secs())
                         .unwrap_or(0)
                 });
-            let packages = lock::requested_packages(&cfg)
+            let mut index = lock::AptCache::default();
+            let mut packages = lock::requested_packages(&cfg)
                 .iter()
-                .map(|r| lock::resolve(r))
+                .map(|r| lock::resolve(&mut index, r))
                 .collect::<Result<Vec<_>>>()?;
+            packages.extend(lock::resolve_images(&mut index, &cfg)?);
             let new = lock::Lock {
                 source_date_epoch: epoch,
                 packages,
             };
             if !cli.quiet {
                 for p in &new.packages {
+                    let images = if p.images.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (images: {})", p.images.join(", "))
+                    };
                     eprintln!(
-                        "{} -> {} {} sha256:{}",
+                        "{} -> {} {} sha256:{}{images}",
                         p.requested,
                         p.name,
                         p.version,

@@ -42,6 +42,8 @@ const DIRS: &[(&str, u32)] = &[
     ("usr/bin", 0o755),
     ("usr/lib", 0o755),
     ("usr/lib/keelson", 0o755),
+    ("usr/lib/keelson/images", 0o755),
+    ("usr/lib/keelson/services.d", 0o755),
     ("usr/sbin", 0o755),
     ("usr/share", 0o755),
     ("usr/share/keelson", 0o755),

@@ -10,13 +10,30 @@ fn ws() -> PathBuf {
         .to_owned()
 }
 
-/// Copies configs/vm.toml and its lock into a temp dir, with `edit` applied to the lock.
+/// Copies configs/vm.toml, its lock and its service files into a temp dir, with `edit` applied
+/// to the lock.
 fn config_with_lock(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
     let cfg = dir.join("vm.toml");
     std::fs::copy(ws().join("configs/vm.toml"), &cfg).unwrap();
     let lock = std::fs::read_to_string(ws().join("configs/vm.lock")).unwrap();
     std::fs::write(dir.join("vm.lock"), edit(lock)).unwrap();
+    std::fs::create_dir_all(dir.join("services")).unwrap();
+    for f in std::fs::read_dir(ws().join("configs/services")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join("services").join(f.file_name().unwrap())).unwrap();
+    }
     cfg
+}
+
+/// The line `key = ...` of package `name` in a lock.
+fn pin_line(lock: &str, name: &str, key: &str) -> String {
+    lock.split("[[package]]")
+        .find(|block| block.contains(&format!("name = \"{name}\"")))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(&format!("{key} =")))
+        .unwrap()
+        .to_owned()
 }
 
 fn build_err(cfg: &Path, out: &Path) -> String {
@@ -35,12 +52,7 @@ fn build_err(cfg: &Path, out: &Path) -> String {
 fn sha256_mismatch_names_the_package_and_the_fix() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config_with_lock(d.path(), |l| {
-        let good = l
-            .lines()
-            .rev()
-            .find(|x| x.starts_with("sha256"))
-            .unwrap()
-            .to_owned();
+        let good = pin_line(&l, "systemd-boot-efi", "sha256");
         l.replace(&good, &format!("sha256 = \"{}\"", "0".repeat(64)))
     });
     let err = build_err(&cfg, &d.path().join("out"));
@@ -55,12 +67,7 @@ fn sha256_mismatch_names_the_package_and_the_fix() {
 fn a_version_the_mirror_no_longer_has_names_the_fix() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config_with_lock(d.path(), |l| {
-        let v = l
-            .lines()
-            .rev()
-            .find(|x| x.starts_with("version"))
-            .unwrap()
-            .to_owned();
+        let v = pin_line(&l, "systemd-boot-efi", "version");
         l.replace(&v, "version = \"0.0.1-keelson-gone\"")
     });
     let err = build_err(&cfg, &d.path().join("out"));
@@ -88,4 +95,86 @@ fn unknown_config_key_is_located() {
         err.contains(&format!("vm.toml:{line}:1: unknown field `esp_size`")),
         "{err}"
     );
+}
+
+#[test]
+fn an_image_package_missing_from_the_lock_names_the_fix() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_with_lock(d.path(), |l| l);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"dropbear-bin\"]", "\"dropbear-bin\", \"hello\"]");
+    std::fs::write(&cfg, text).unwrap();
+    let err = build_err(&cfg, &d.path().join("out"));
+    assert!(
+        err.contains("hello is used by images.admin") && err.contains("image-build lock"),
+        "{err}"
+    );
+}
+
+/// Replaces `from` in the copied services/system.toml; returns its path and the 1-based line
+/// of the first line containing `marker` after the edit.
+fn edit_services(dir: &Path, from: &str, to: &str, marker: &str) -> (PathBuf, usize) {
+    let path = dir.join("services/system.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from));
+    let text = text.replacen(from, to, 1);
+    std::fs::write(&path, &text).unwrap();
+    let line = text.lines().position(|l| l.contains(marker)).unwrap() + 1;
+    (path, line)
+}
+
+#[test]
+fn a_service_of_the_wrong_type_is_located_before_anything_is_fetched() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_with_lock(d.path(), |l| l);
+    let (_, line) = edit_services(
+        d.path(),
+        "image = \"/usr/lib/keelson/images/base\"",
+        "image = 5",
+        "image = 5",
+    );
+    let err = build_err(&cfg, &d.path().join("out"));
+    assert!(
+        err.contains(&format!("system.toml:{line}:9:")) && err.contains("invalid type"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_service_of_an_image_that_is_not_built_is_located() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_with_lock(d.path(), |l| l);
+    let (_, line) = edit_services(
+        d.path(),
+        "[services.admin]\nimage = \"/usr/lib/keelson/images/admin\"",
+        "[services.admin]\nimage = \"/usr/lib/keelson/images/nope\"",
+        "[services.admin]",
+    );
+    let err = build_err(&cfg, &d.path().join("out"));
+    assert!(
+        err.contains(&format!("system.toml:{line}:1: service `admin`: image /usr/lib/keelson/images/nope is not built into this image")),
+        "{err}"
+    );
+}
+
+/// The image's own sysd checks the service files: its file:line:col message fails the build.
+#[test]
+fn a_service_file_sysd_rejects_fails_the_build_with_its_location() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_with_lock(d.path(), |l| l);
+    let (_, line) = edit_services(
+        d.path(),
+        "critical = true\n",
+        "critical = true\nrestart_policy = \"always\"\n",
+        "restart_policy",
+    );
+    let err = build_err(&cfg, &d.path().join("out"));
+    assert!(
+        err.contains(&format!(
+            "system.toml:{line}:1: unknown field `restart_policy`"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("sysd check"), "{err}");
 }
