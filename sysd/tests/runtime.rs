@@ -181,6 +181,7 @@ impl Fixture {
             cap_drop: vec![],
             privileged: false,
             user_namespace: None,
+            host_pid: false,
             resources: Resources::default(),
             cgroup_path: format!("{}/{name}", self.cgroup_parent),
             annotations: BTreeMap::new(),

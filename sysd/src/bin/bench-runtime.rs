@@ -279,6 +279,7 @@ fn config(rootfs: &Path, id: &str) -> ContainerConfig {
         cap_drop: vec![],
         privileged: false,
         user_namespace: None,
+        host_pid: false,
         resources: Resources::default(),
         cgroup_path: format!("{CGROUP_PARENT}/bench"),
         annotations: BTreeMap::new(),

@@ -414,11 +414,13 @@ pub fn spec(cfg: &ContainerConfig) -> Result<Spec> {
 
     let mut namespaces = vec![
         LinuxNamespaceType::Mount,
-        LinuxNamespaceType::Pid,
         LinuxNamespaceType::Ipc,
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Cgroup,
     ];
+    if !cfg.host_pid {
+        namespaces.push(LinuxNamespaceType::Pid);
+    }
     if cfg.network != NetworkMode::Host {
         namespaces.push(LinuxNamespaceType::Network);
     }
@@ -733,6 +735,7 @@ pub(crate) mod tests {
             cap_drop: vec![],
             privileged: false,
             user_namespace: None,
+            host_pid: false,
             resources: Resources::default(),
             cgroup_path: "/keelson/web".into(),
             annotations: BTreeMap::from([("org.keelson.service".into(), "web".into())]),

@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -62,6 +62,8 @@ pub struct ContainerConfig {
     pub additional_gids: Vec<u32>,
     pub mounts: Vec<Mount>,
     pub network: NetworkMode,
+    /// Share the host's pid namespace (see every process of the node: the admin container).
+    pub host_pid: bool,
     /// Capabilities to add to / drop from Docker's default set, `CAP_` prefixed, upper case;
     /// `ALL` allowed in either.
     pub cap_add: Vec<String>,
@@ -270,8 +272,14 @@ impl Runtime {
                 state.display()
             );
         }
-        let spec = bundle::spec(cfg)?;
         let bundle_dir = self.bundles_dir().join(&cfg.id);
+        let rootfs = mount_rootfs(&bundle_dir, &cfg.rootfs)
+            .await
+            .with_context(|| format!("service {svc}: preparing its root file system"))?;
+        let spec = bundle::spec(&ContainerConfig {
+            rootfs,
+            ..cfg.clone()
+        })?;
         bundle::write(&bundle_dir, &spec).with_context(|| format!("service {svc}"))?;
         std::fs::create_dir_all(self.containers_dir())
             .with_context(|| format!("creating {}", self.containers_dir().display()))?;
@@ -427,6 +435,7 @@ impl Runtime {
     pub async fn remove(&self, id: &str, cgroup_path: &str) -> Result<()> {
         self.kill_cgroup(cgroup_path).await?;
         if !id.is_empty() {
+            unmount_rootfs(&self.bundles_dir().join(id))?;
             for dir in [self.containers_dir().join(id), self.bundles_dir().join(id)] {
                 match tokio::fs::remove_dir_all(&dir).await {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -559,6 +568,7 @@ impl Runtime {
         if id.is_empty() {
             return Ok(());
         }
+        unmount_rootfs(&self.bundles_dir().join(id))?;
         for dir in [self.containers_dir().join(id), self.bundles_dir().join(id)] {
             match tokio::fs::remove_dir_all(&dir).await {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -568,6 +578,64 @@ impl Runtime {
             }
         }
         Ok(())
+    }
+}
+
+/// How long a start waits for the kernel's overlay file system (init loads the module in the
+/// background while sysd starts).
+const OVERLAY_WAIT: Duration = Duration::from_secs(10);
+
+/// Mounts the container's root: an overlay of the (read-only) image directory with an empty
+/// upper layer on /run, at `BUNDLE/rootfs`. The image itself is never written, and the runtime
+/// can create mount points that the image lacks (a user's volume at /data) in the upper layer
+/// before the root is made read-only. Returns the mount point.
+async fn mount_rootfs(bundle: &Path, image: &Path) -> Result<PathBuf> {
+    use nix::mount::{mount, MsFlags};
+    let (upper, work, merged) = (
+        bundle.join("upper"),
+        bundle.join("work"),
+        bundle.join("rootfs"),
+    );
+    for dir in [&upper, &work, &merged] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let lower = image.display().to_string();
+    if lower.contains([',', ':']) || lower.contains('\\') {
+        bail!("image path {lower} cannot contain ',', ':' or '\\' (overlayfs option syntax)");
+    }
+    let options = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    let deadline = tokio::time::Instant::now() + OVERLAY_WAIT;
+    loop {
+        match mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            MsFlags::MS_NODEV,
+            Some(options.as_str()),
+        ) {
+            Ok(()) => return Ok(merged),
+            Err(nix::errno::Errno::ENODEV) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("mounting an overlay of {lower} on {}", merged.display())
+                })
+            }
+        }
+    }
+}
+
+/// Unmounts `BUNDLE/rootfs` if it is mounted (idempotent).
+fn unmount_rootfs(bundle: &Path) -> Result<()> {
+    let merged = bundle.join("rootfs");
+    match nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("unmounting {}", merged.display())),
     }
 }
 

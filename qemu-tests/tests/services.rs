@@ -1,0 +1,332 @@
+//! Service scenarios of the sysd issue: the test image (`configs/test.toml`: the vm image plus
+//! `configs/services/test.toml`) booted under QEMU TCG. The harness drives the node the way an
+//! operator would, with keelctl, from the `testshell` service (a root shell on guest port 7000,
+//! reached through a QEMU port forward inside the test's network namespace), and reads sysd's
+//! event lines on the console.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use qemu_tests::{create_overlay, image, DiskFormat, Guest, GuestBuilder};
+use serde_json::Value;
+
+/// Generous: TCG on a loaded 2-core machine.
+const BOOT: Duration = Duration::from_secs(240);
+const SETTLE: Duration = Duration::from_secs(240);
+const SHELL_PORT: u16 = 17000;
+const WEB_PORT: u16 = 18080;
+
+/// Services of the test config that must all reach `running`.
+const LONG_RUNNING: &[&str] = &[
+    "testshell",
+    "timesync",
+    "web",
+    "counter",
+    "db",
+    "app",
+    "worker",
+    "flusher",
+    "isolated",
+];
+
+fn test_image() -> PathBuf {
+    image("test").expect("the test image (./dev image configs/test.toml)")
+}
+
+fn boot(disk: &std::path::Path) -> Guest {
+    GuestBuilder::from_image_dir(&test_image())
+        .unwrap()
+        .disk_no_copy(disk, DiskFormat::Qcow2)
+        .memory_mib(1024)
+        .forward(SHELL_PORT, 7000)
+        .forward(WEB_PORT, 8080)
+        .spawn()
+        .unwrap()
+}
+
+fn fresh_disk(dir: &tempfile::TempDir) -> PathBuf {
+    let disk = dir.path().join("disk.qcow2");
+    create_overlay(&test_image().join("disk.raw"), &disk, Some(2 << 30)).unwrap();
+    disk
+}
+
+/// Runs `script` in the guest's test shell; returns its combined output. Panics with the
+/// console tail when the shell cannot be reached.
+fn sh(g: &Guest, script: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = g.run_in_netns(|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", SHELL_PORT))?;
+            s.set_read_timeout(Some(Duration::from_secs(120)))?;
+            write!(s, "{{ {script}\n}} 2>&1; echo __END__\nexit\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        match attempt {
+            Ok(out) if out.contains("__END__") => return out.replace("__END__\n", ""),
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
+            other => panic!("test shell unreachable: {other:?}\n{}", g.serial_tail(60)),
+        }
+    }
+}
+
+fn ps(g: &Guest) -> Vec<Value> {
+    let out = sh(g, "keelctl -o json ps");
+    serde_json::from_str::<Value>(out.trim())
+        .unwrap_or_else(|e| panic!("keelctl ps: {e}: {out}"))
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn service(list: &[Value], name: &str) -> Value {
+    list.iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn wait_until(
+    g: &Guest,
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let list = ps(g);
+        if ok(&list) {
+            return list;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}: {list:#?}\n{}",
+                g.serial_tail(80)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn events(g: &Guest) -> Vec<Value> {
+    sh(g, "timeout 3 keelctl -o json events")
+        .lines()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect()
+}
+
+fn index(events: &[Value], svc: &str, kind: &str) -> usize {
+    events
+        .iter()
+        .position(|e| e["service"] == svc && e["kind"] == kind)
+        .unwrap_or_else(|| panic!("no `{kind}` event for {svc}: {events:#?}"))
+}
+
+#[test]
+fn default_services_reach_ready_and_are_supervised() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = boot(&fresh_disk(&dir));
+    g.wait_for("sysd: testshell: ready", BOOT).unwrap();
+
+    // Everything comes up; the one-shot completes; the crasher gives up with its reason.
+    let list = wait_until(&g, "every service to be ready", SETTLE, |l| {
+        LONG_RUNNING
+            .iter()
+            .all(|n| service(l, n)["state"] == "running")
+            && service(l, "migrate")["state"] == "completed"
+    });
+    assert!(list.len() >= 12, "{list:#?}");
+
+    // Dependency order, from the event stream.
+    let ev = events(&g);
+    assert!(index(&ev, "db", "ready") < index(&ev, "migrate", "started"));
+    assert!(index(&ev, "migrate", "completed") < index(&ev, "app", "started"));
+    assert!(index(&ev, "app", "ready") < index(&ev, "worker", "started"));
+
+    // The web service answers through the port forward.
+    let body = g.run_in_netns(|| {
+        let mut s = TcpStream::connect(("127.0.0.1", WEB_PORT)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(s, "GET / HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    assert!(body.contains("hello from web"), "{body}");
+
+    // kill -9 of a service's main process: restarted, with an event saying why.
+    let counter = service(&list, "counter");
+    let out = sh(&g, "keelctl kill -s KILL counter");
+    assert!(!out.contains("error"), "{out}");
+    wait_until(&g, "counter to be restarted", SETTLE, |l| {
+        let c = service(l, "counter");
+        c["state"] == "running" && c["pid"] != counter["pid"]
+    });
+    g.wait_for(
+        "sysd: counter: restarting: killed by signal 9 (SIGKILL)",
+        SETTLE,
+    )
+    .unwrap();
+
+    // Over its memory limit: OOM-killed by the kernel, reported, restarted.
+    g.wait_for("sysd: hog: oom-killed", SETTLE).unwrap();
+    g.wait_for(
+        "sysd: hog: restarting: OOM-killed at its memory limit",
+        SETTLE,
+    )
+    .unwrap();
+    // A failing health check restarts its service.
+    g.wait_for(
+        "sysd: flaky: unhealthy: health check failed 3 times",
+        SETTLE,
+    )
+    .unwrap();
+    g.wait_for("sysd: flaky: restarting: health check failed", SETTLE)
+        .unwrap();
+    let list = wait_until(&g, "crasher to give up", SETTLE, |l| {
+        service(l, "crasher")["state"] == "failed"
+    });
+    let reason = service(&list, "crasher")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("exited with status 3") && reason.contains("gave up after 2 retries"),
+        "{reason}"
+    );
+
+    // stats come from the services' cgroups (cgroup v2 controllers on the real kernel).
+    let stats: Value = serde_json::from_str(sh(&g, "keelctl -o json stats").trim()).unwrap();
+    let c = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "counter")
+        .cloned()
+        .unwrap();
+    assert!(c["memory_current"].as_u64().unwrap_or(0) > 0, "{stats:#}");
+    assert_eq!(c["memory_max"], 8 << 20, "{stats:#}");
+    assert!(c["pids_current"].as_u64().unwrap_or(0) >= 1, "{stats:#}");
+    let logs = sh(&g, "keelctl logs -n 3 counter");
+    assert!(logs.contains("count "), "{logs}");
+
+    // apply: user services start; a change restarts only that service; bad config is
+    // rejected whole with the field named, and nothing changes.
+    let user = |arg: &str| {
+        format!(
+            "version = 1\n[services.u1]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sleep\", \"100000\"]\n\n[services.u2]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sleep\", \"{arg}\"]\n"
+        )
+    };
+    let out = sh(
+        &g,
+        &format!(
+            "cat > /tmp/u.toml <<'EOF'\n{}EOF\nkeelctl apply /tmp/u.toml",
+            user("100000")
+        ),
+    );
+    assert!(out.contains("u1") && out.contains("u2"), "{out}");
+    let before = wait_until(&g, "user services", SETTLE, |l| {
+        service(l, "u1")["state"] == "running" && service(l, "u2")["state"] == "running"
+    });
+    let out = sh(
+        &g,
+        &format!(
+            "cat > /tmp/u.toml <<'EOF'\n{}EOF\nkeelctl apply /tmp/u.toml",
+            user("200000")
+        ),
+    );
+    assert!(out.contains("u2"), "{out}");
+    let after = wait_until(&g, "u2 to restart", SETTLE, |l| {
+        let u2 = service(l, "u2");
+        u2["state"] == "running" && u2["pid"] != service(&before, "u2")["pid"]
+    });
+    for unchanged in ["u1", "web", "db", "app", "counter"] {
+        assert_eq!(
+            service(&after, unchanged)["pid"],
+            service(&before, unchanged)["pid"],
+            "{unchanged} restarted"
+        );
+    }
+    let out = sh(&g, "printf 'version = 1\\n[services.u1]\\nimage = \"/x\"\\nresources = { memory_max = \"lots\" }\\n' > /tmp/bad.toml; keelctl apply /tmp/bad.toml; echo rc=$?");
+    assert!(
+        out.contains("rc=1") && out.contains("memory_max") && out.contains("invalid size"),
+        "{out}"
+    );
+    let unchanged = ps(&g);
+    assert_eq!(
+        service(&unchanged, "u1")["pid"],
+        service(&after, "u1")["pid"]
+    );
+    assert_eq!(
+        service(&unchanged, "u2")["pid"],
+        service(&after, "u2")["pid"]
+    );
+}
+
+#[test]
+fn killed_sysd_is_restarted_and_power_off_stops_services_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = fresh_disk(&dir);
+    let g = boot(&disk);
+    g.wait_for("sysd: testshell: ready", BOOT).unwrap();
+    let before = wait_until(&g, "services", SETTLE, |l| {
+        LONG_RUNNING
+            .iter()
+            .all(|n| service(l, n)["state"] == "running")
+    });
+
+    // The test shell shares the host's pid namespace: kill sysd like a crash would.
+    sh(&g, "kill -9 $(pidof sysd)");
+    g.wait_for("sysd killed by signal SIGKILL", SETTLE).unwrap();
+    g.wait_for("removed what a previous sysd left", SETTLE)
+        .unwrap();
+    let after = wait_until(&g, "services after the sysd restart", SETTLE, |l| {
+        LONG_RUNNING
+            .iter()
+            .all(|n| service(l, n)["state"] == "running")
+    });
+    for name in ["web", "counter", "db"] {
+        assert_ne!(
+            service(&after, name)["pid"],
+            service(&before, name)["pid"],
+            "{name} kept an old instance"
+        );
+    }
+    // One instance per service: exactly one container init per service cgroup.
+    let out = sh(&g, "for d in /sys/fs/cgroup/keelson/*/; do echo \"$(basename $d) $(wc -l < $d/cgroup.procs)\"; done");
+    for name in ["web", "counter", "db", "app", "worker"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no cgroup for {name}: {out}"));
+        let procs: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(procs >= 1, "{out}");
+    }
+    let initial_stops = sh(&g, "cat /flush/stops 2>/dev/null | wc -l")
+        .trim()
+        .to_string();
+
+    // Power-off: every service gets its stop signal; the flusher writes to /var.
+    g.powerdown().unwrap();
+    g.wait_for("sysd: flusher: stopped: exited with status 0", SETTLE)
+        .unwrap();
+    g.wait_for("sysd: stopped", SETTLE).unwrap();
+    g.wait_for("shutdown: /var unmounted cleanly", SETTLE)
+        .unwrap();
+    g.wait_exit(SETTLE).unwrap();
+    drop(g);
+
+    let g = boot(&disk);
+    g.wait_for("sysd: testshell: ready", BOOT).unwrap();
+    let stops = sh(&g, "cat /flush/stops | wc -l");
+    let n: usize = stops.trim().parse().unwrap_or(0);
+    let before: usize = initial_stops.parse().unwrap_or(0);
+    assert_eq!(
+        n,
+        before + 1,
+        "flusher's stop record did not survive the reboot: {stops}"
+    );
+}
