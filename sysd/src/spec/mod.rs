@@ -59,6 +59,16 @@ pub enum Network {
     None,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PidMode {
+    /// Its own pid namespace: the service's main process is pid 1 there.
+    #[default]
+    Private,
+    /// The host's pid namespace (sees every process of the node).
+    Host,
+}
+
 /// A mount into the container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
@@ -236,6 +246,8 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub network: Network,
     #[serde(default)]
+    pub pid: PidMode,
+    #[serde(default)]
     pub cap_add: Vec<Capability>,
     #[serde(default)]
     pub cap_drop: Vec<Capability>,
@@ -352,10 +364,27 @@ pub const USER_FILE: &str = "/var/lib/keelson/services.toml";
 /// Parses one file's text into services (no cross-file checks yet).
 pub fn parse_file(path: &Path, text: &str, source: Source) -> Result<Vec<Service>, ConfigError> {
     let shown = path.display();
-    let file: File = toml::from_str(text).map_err(|e| {
-        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-        ConfigError(format!("{shown}:{line}:{col}: {}", e.message()))
-    })?;
+    // serde_path_to_error names the key (`services.web.resources.memory_max`) that toml's own
+    // error only points at.
+    let file: File =
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            // Spanned's private wrapper key is not part of what the user wrote.
+            let key = e
+                .path()
+                .to_string()
+                .split('.')
+                .filter(|k| !k.starts_with("$__"))
+                .collect::<Vec<_>>()
+                .join(".");
+            let e = e.into_inner();
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            let key = if key.is_empty() || key == "." {
+                String::new()
+            } else {
+                format!("{key}: ")
+            };
+            ConfigError(format!("{shown}:{line}:{col}: {key}{}", e.message()))
+        })?;
     if file.version != SCHEMA_VERSION {
         return Err(ConfigError(format!(
             "{shown}: version = {} is not supported (this sysd reads version = {SCHEMA_VERSION})",
@@ -749,12 +778,19 @@ stop_timeout = "5s"
     #[test]
     fn unknown_keys_and_bad_values_name_position_and_key() {
         let e = err("version = 1\n[services.web]\nimage = \"/x\"\nimgae = \"/y\"\n");
-        assert!(e.starts_with("svc.toml:4:1: unknown field `imgae`"), "{e}");
+        assert!(
+            e.starts_with("svc.toml:4:1: services.web.imgae: unknown field `imgae`"),
+            "{e}"
+        );
         let e = err(
             "version = 1\n[services.web]\nimage = \"/x\"\nresources = { memory_max = \"12XB\" }\n",
         );
-        assert!(e.starts_with("svc.toml:4:"), "{e}");
-        assert!(e.contains("invalid size \"12XB\""), "{e}");
+        assert!(
+            e.starts_with(
+                "svc.toml:4:28: services.web.resources.memory_max: invalid size \"12XB\""
+            ),
+            "{e}"
+        );
         let e = err("version = 1\n[services.web]\nimage = \"/x\"\nstop_signal = \"SIGFOO\"\n");
         assert!(e.contains("unknown signal"), "{e}");
         let e = err("version = 2\n");

@@ -834,12 +834,14 @@ fn backoff(failures: u32) -> Duration {
 
 fn describe_exit(exit: Option<&ExitInfo>) -> String {
     match exit {
-        Some(e) if e.oom_killed => format!(
-            "killed by the OOM killer (memory limit){}",
-            e.signal
-                .map(|s| format!(", signal {s}"))
-                .unwrap_or_default()
-        ),
+        Some(e) if e.oom_killed => {
+            let how = match (e.code, e.signal) {
+                (Some(c), _) => format!("exited with status {c}"),
+                (_, Some(s)) => format!("signal {s}"),
+                _ => "ended".into(),
+            };
+            format!("OOM-killed at its memory limit ({how})")
+        }
         Some(ExitInfo { code: Some(c), .. }) => format!("exited with status {c}"),
         Some(ExitInfo {
             signal: Some(s), ..

@@ -185,6 +185,7 @@ pub fn container(svc: &Service, image: &Image, layout: &Layout) -> Result<Contai
         cap_add: spec.cap_add.iter().map(|c| c.0.clone()).collect(),
         cap_drop: spec.cap_drop.iter().map(|c| c.0.clone()).collect(),
         privileged: spec.privileged,
+        host_pid: spec.pid == crate::spec::PidMode::Host,
         user_namespace: spec.user_namespace.then_some(100_000),
         resources,
         cgroup_path: format!("{}/{}", layout.cgroup_parent, svc.name),
