@@ -172,7 +172,7 @@ fn a_service_file_sysd_rejects_fails_the_build_with_its_location() {
     let err = build_err(&cfg, &d.path().join("out"));
     assert!(
         err.contains(&format!(
-            "system.toml:{line}:1: unknown field `restart_policy`"
+            "system.toml:{line}:1: services.timesync.restart_policy: unknown field `restart_policy`"
         )),
         "{err}"
     );

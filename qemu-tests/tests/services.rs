@@ -17,6 +17,7 @@ const BOOT: Duration = Duration::from_secs(240);
 const SETTLE: Duration = Duration::from_secs(240);
 const SHELL_PORT: u16 = 17000;
 const WEB_PORT: u16 = 18080;
+const SSH_PORT: u16 = 10022;
 
 /// Services of the test config that must all reach `running`.
 const LONG_RUNNING: &[&str] = &[
@@ -42,6 +43,7 @@ fn boot(disk: &std::path::Path) -> Guest {
         .memory_mib(1024)
         .forward(SHELL_PORT, 7000)
         .forward(WEB_PORT, 8080)
+        .forward(SSH_PORT, 22)
         .spawn()
         .unwrap()
 }
@@ -269,6 +271,22 @@ fn default_services_reach_ready_and_are_supervised() {
         service(&unchanged, "u2")["pid"],
         service(&after, "u2")["pid"]
     );
+
+    // The admin container is opt-in: defined, stopped, and an SSH server once started.
+    assert_eq!(service(&unchanged, "admin")["state"], "stopped");
+    let out = sh(&g, "keelctl start admin");
+    assert!(!out.contains("error"), "{out}");
+    wait_until(&g, "the admin container", SETTLE, |l| {
+        service(l, "admin")["state"] == "running"
+    });
+    let banner = g.run_in_netns(|| {
+        let mut s = TcpStream::connect(("127.0.0.1", SSH_PORT)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    });
+    assert!(banner.starts_with("SSH-2.0-dropbear"), "{banner:?}");
 }
 
 #[test]

@@ -14,7 +14,6 @@
 #[path = "../src/runtime/mod.rs"]
 mod runtime;
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::symlink;
@@ -24,7 +23,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use runtime::{ContainerConfig, ExitInfo, Mount, NetworkMode, Resources, Runtime};
+use runtime::{ContainerConfig, ExitInfo, Mount, NetworkMode, Runtime};
 
 const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
 
@@ -164,28 +163,12 @@ fn fixture() -> Option<Fixture> {
 
 impl Fixture {
     fn config(&self, name: &str, args: &[&str]) -> ContainerConfig {
-        ContainerConfig {
-            id: name.into(),
-            service: name.into(),
-            rootfs: self.rootfs.clone(),
-            writable_root: false,
-            args: args.iter().map(|s| s.to_string()).collect(),
-            env: vec!["PATH=/bin".into()],
-            cwd: "/".into(),
-            uid: 0,
-            gid: 0,
-            additional_gids: vec![],
-            mounts: vec![],
-            network: NetworkMode::None,
-            cap_add: vec![],
-            cap_drop: vec![],
-            privileged: false,
-            user_namespace: None,
-            host_pid: false,
-            resources: Resources::default(),
-            cgroup_path: format!("{}/{name}", self.cgroup_parent),
-            annotations: BTreeMap::new(),
-        }
+        ContainerConfig::new(
+            name,
+            self.rootfs.clone(),
+            args,
+            format!("{}/{name}", self.cgroup_parent),
+        )
     }
 
     fn runtime(&self) -> Runtime {

@@ -364,11 +364,13 @@ fn kill_restarts_health_failure_restarts_and_requires_follows() {
 image = "ROOTFS"
 command = ["nc", "-ll", "-p", "{p}", "-e", "cat"]
 ready = {{ tcp = "127.0.0.1:{p}", interval = "200ms" }}
+stop_timeout = "1s"
 
 [services.app]
 image = "ROOTFS"
 command = ["sleep", "1000"]
 requires = ["db"]
+stop_timeout = "1s"
 
 [services.flaky]
 image = "ROOTFS"
@@ -432,7 +434,7 @@ fn apply_restarts_only_what_changed_and_rejects_bad_config_whole() {
     let root = sysd.rootfs();
     let user = |cmd_b: &str| {
         format!(
-            "version = 1\n[services.a]\nimage = \"{root}\"\ncommand = [\"sleep\", \"1000\"]\n\n[services.b]\nimage = \"{root}\"\ncommand = [\"sleep\", \"{cmd_b}\"]\n"
+            "version = 1\n[services.a]\nimage = \"{root}\"\ncommand = [\"sleep\", \"1000\"]\n\n[services.b]\nimage = \"{root}\"\ncommand = [\"sleep\", \"{cmd_b}\"]\nstop_timeout = \"1s\"\n"
         )
     };
     let (status, body) = sysd.request("POST", "/v1/apply", &user("1000"));
@@ -471,7 +473,7 @@ fn apply_restarts_only_what_changed_and_rejects_bad_config_whole() {
     let (status, body) = sysd.request("POST", "/v1/apply", &bad);
     assert_eq!(status, 400);
     assert!(
-        body.contains(":10:1: service `c`: resources.cpu_weight: must be between 1 and 10000"),
+        body.contains(":11:1: service `c`: resources.cpu_weight: must be between 1 and 10000"),
         "{body}"
     );
     let (status, body) = sysd.request(
@@ -509,7 +511,7 @@ fn apply_restarts_only_what_changed_and_rejects_bad_config_whole() {
 #[test]
 fn a_killed_sysd_comes_back_without_duplicates_and_stops_gracefully() {
     let Some(mut sysd) = Sysd::start(
-        "version = 1\n[services.one]\nimage = \"ROOTFS\"\ncommand = [\"sleep\", \"1000\"]\n\n[services.flusher]\nimage = \"ROOTFS\"\ncommand = [\"sh\", \"-c\", \"trap 'echo flushed > /data/stopped; exit 0' TERM; while :; do sleep 0.2; done\"]\nmounts = [{ type = \"volume\", source = \"flush\", target = \"/data\" }]\n",
+        "version = 1\n[services.one]\nimage = \"ROOTFS\"\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n\n[services.flusher]\nimage = \"ROOTFS\"\ncommand = [\"sh\", \"-c\", \"trap 'echo flushed > /data/stopped; exit 0' TERM; while :; do sleep 0.2; done\"]\nmounts = [{ type = \"volume\", source = \"flush\", target = \"/data\" }]\n",
     ) else {
         return;
     };

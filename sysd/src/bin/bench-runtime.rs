@@ -17,7 +17,6 @@
 #[path = "../runtime/mod.rs"]
 mod runtime;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::symlink;
@@ -27,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use runtime::{ContainerConfig, NetworkMode, Resources, Runtime};
+use runtime::{ContainerConfig, Runtime};
 
 const CGROUP_PARENT: &str = "/keelson-bench";
 
@@ -264,25 +263,12 @@ fn devnull() -> Result<OwnedFd> {
 fn config(rootfs: &Path, id: &str) -> ContainerConfig {
     ContainerConfig {
         id: id.into(),
-        service: "bench".into(),
-        rootfs: rootfs.to_path_buf(),
-        writable_root: false,
-        args: vec!["/bin/true".into()],
-        env: vec!["PATH=/bin".into()],
-        cwd: "/".into(),
-        uid: 0,
-        gid: 0,
-        additional_gids: vec![],
-        mounts: vec![],
-        network: NetworkMode::None,
-        cap_add: vec![],
-        cap_drop: vec![],
-        privileged: false,
-        user_namespace: None,
-        host_pid: false,
-        resources: Resources::default(),
-        cgroup_path: format!("{CGROUP_PARENT}/bench"),
-        annotations: BTreeMap::new(),
+        ..ContainerConfig::new(
+            "bench",
+            rootfs,
+            &["/bin/true"],
+            format!("{CGROUP_PARENT}/bench"),
+        )
     }
 }
 

@@ -720,25 +720,14 @@ pub(crate) mod tests {
     pub(crate) fn config() -> ContainerConfig {
         ContainerConfig {
             id: "web-1".into(),
-            service: "web".into(),
-            rootfs: "/var/lib/keelson/images/web".into(),
-            writable_root: false,
-            args: vec!["/bin/httpd".into(), "-f".into()],
             env: vec!["PATH=/usr/bin:/bin".into()],
-            cwd: "/".into(),
-            uid: 0,
-            gid: 0,
-            additional_gids: vec![],
-            mounts: vec![],
-            network: NetworkMode::None,
-            cap_add: vec![],
-            cap_drop: vec![],
-            privileged: false,
-            user_namespace: None,
-            host_pid: false,
-            resources: Resources::default(),
-            cgroup_path: "/keelson/web".into(),
             annotations: BTreeMap::from([("org.keelson.service".into(), "web".into())]),
+            ..ContainerConfig::new(
+                "web",
+                "/var/lib/keelson/images/web",
+                &["/bin/httpd", "-f"],
+                "/keelson/web".into(),
+            )
         }
     }
 

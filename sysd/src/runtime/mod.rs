@@ -80,6 +80,42 @@ pub struct ContainerConfig {
     pub annotations: BTreeMap<String, String>,
 }
 
+impl ContainerConfig {
+    /// `args` as root in `rootfs` (id = service name), PATH=/bin, no network, the default
+    /// capabilities and no limits: the base the tests and the benchmark fill in (the
+    /// supervisor sets every field itself, so the daemon does not use it).
+    #[allow(dead_code)]
+    pub fn new(
+        service: &str,
+        rootfs: impl Into<PathBuf>,
+        args: &[&str],
+        cgroup_path: String,
+    ) -> Self {
+        ContainerConfig {
+            id: service.into(),
+            service: service.into(),
+            rootfs: rootfs.into(),
+            writable_root: false,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            mounts: vec![],
+            network: NetworkMode::None,
+            host_pid: false,
+            cap_add: vec![],
+            cap_drop: vec![],
+            privileged: false,
+            user_namespace: None,
+            resources: Resources::default(),
+            cgroup_path,
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mount {
     /// Bind mount of a host path (named volumes are resolved to a host dir by the caller).
@@ -434,17 +470,7 @@ impl Runtime {
     /// libcontainer state, the bundle and the cgroup. Parts already gone are fine.
     pub async fn remove(&self, id: &str, cgroup_path: &str) -> Result<()> {
         self.kill_cgroup(cgroup_path).await?;
-        if !id.is_empty() {
-            unmount_rootfs(&self.bundles_dir().join(id))?;
-            for dir in [self.containers_dir().join(id), self.bundles_dir().join(id)] {
-                match tokio::fs::remove_dir_all(&dir).await {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                        return Err(e).with_context(|| format!("removing {}", dir.display()))
-                    }
-                    _ => {}
-                }
-            }
-        }
+        self.remove_files(id).await?;
         cgroup::remove(&self.cgroup_dir(cgroup_path)).await
     }
 
