@@ -2,6 +2,11 @@
 //! memory once idle, for 10 and 100 services (busybox `sleep` containers). Each run is a real
 //! sysd (the `sysd` next to this binary, or `$KEELSON_SYSD`) in a private mount namespace with
 //! cgroup2 at /sys/fs/cgroup, driven through its API socket. Needs root and /bin/busybox.
+//! The peer, in the same run: containerd (Debian's, with runc and one
+//! `containerd-shim-runc-v2` per container, as Docker, nerdctl and Kubernetes run them)
+//! starting the same containers from the same root file system through `ctr run -d`, eight at
+//! a time; its memory is containerd's plus every shim's. (containerd uses this host's own
+//! cgroup setup; it is skipped with a note when it is not installed.)
 //! Prints a table; asserts nothing about time (the machines are shared).
 
 use std::io::{Read, Write};
@@ -44,28 +49,170 @@ fn run() -> Result<()> {
     for n in [10, 100] {
         rows.push(measure(&sysd, n).with_context(|| format!("{n} services"))?);
     }
+    let mut peers = Vec::new();
+    if Command::new("ctr")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok()
+    {
+        for n in [10, 100] {
+            peers.push(containerd(n).with_context(|| format!("containerd, {n} containers"))?);
+        }
+    } else {
+        println!("(containerd not installed: apt-get install containerd for the peer rows)");
+    }
     println!("sysd: {}", sysd.display());
     println!(
-        "{:>9} {:>16} {:>14} {:>15}",
-        "services", "start→ready (s)", "per service", "sysd RSS idle"
+        "{:<11} {:>9} {:>16} {:>14} {:>15} {:>12}",
+        "supervisor", "services", "start→ready (s)", "per service", "RSS idle (MiB)", "RSS vs sysd"
     );
     for r in &rows {
         println!(
-            "{:>9} {:>16.2} {:>11.1} ms {:>11.1} MiB",
+            "{:<11} {:>9} {:>16.2} {:>11.1} ms {:>15.1} {:>12}",
+            "keelson",
             r.services,
             r.ready_s,
             r.per_service_ms,
-            r.rss_kib as f64 / 1024.0
+            r.rss_kib as f64 / 1024.0,
+            "1.00x"
+        );
+    }
+    for p in &peers {
+        let ours = rows
+            .iter()
+            .find(|r| r.services == p.services)
+            .map_or(1, |r| r.rss_kib);
+        println!(
+            "{:<11} {:>9} {:>16.2} {:>11.1} ms {:>15.1} {:>11.2}x",
+            "containerd",
+            p.services,
+            p.ready_s,
+            p.per_service_ms,
+            p.rss_kib as f64 / 1024.0,
+            p.rss_kib as f64 / ours as f64
         );
     }
     if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
         let per = (b.rss_kib.saturating_sub(a.rss_kib)) as f64 / (b.services - a.services) as f64;
-        println!("memory per additional service in sysd: {per:.1} KiB");
+        println!("sysd memory per additional service: {per:.1} KiB");
     }
     if let Some(h) = rows.iter().find_map(|r| r.helper_rss_kib) {
-        println!("(a container start runs the `sysd runtime create` helper briefly; its peak RSS: {:.1} MiB)", h as f64 / 1024.0);
+        println!(
+            "(a container start runs the `sysd runtime create` helper briefly; its peak RSS: {:.1} MiB)",
+            h as f64 / 1024.0
+        );
     }
     Ok(())
+}
+
+/// The peer: containerd + one shim per container, `n` busybox `sleep` containers started with
+/// `ctr run -d --rootfs`, eight at a time.
+fn containerd(n: usize) -> Result<Row> {
+    let dir = std::env::temp_dir().join(format!("keelson-bench-ctd-{}-{n}", std::process::id()));
+    let _cleanup = RemoveDir(dir.clone());
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin"))?;
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
+    symlink("busybox", rootfs.join("bin/sleep"))?;
+    // The gRPC API only: the CRI plugin (Kubernetes) is not part of the comparison.
+    std::fs::write(
+        dir.join("config.toml"),
+        "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+    )?;
+    let address = dir.join("containerd.sock");
+    let child = Command::new("containerd")
+        .arg("-c")
+        .arg(dir.join("config.toml"))
+        .arg("--root")
+        .arg(dir.join("root"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .arg("--address")
+        .arg(&address)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting containerd")?;
+    let mut guard = Guard(child);
+    let ctr = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new("ctr")
+            .arg("--address")
+            .arg(&address)
+            .args(["-n", "bench"])
+            .args(args)
+            .output()?)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctr(&["version"])
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        if Instant::now() > deadline {
+            bail!("containerd did not answer");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t0 = Instant::now();
+    let ids: Vec<String> = (0..n).map(|i| format!("s{i:03}")).collect();
+    let root = rootfs.display().to_string();
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = ids
+            .chunks(n.div_ceil(8))
+            .map(|chunk| {
+                let (ctr, root) = (&ctr, &root);
+                scope.spawn(move || -> Result<()> {
+                    for id in chunk {
+                        let out =
+                            ctr(&["run", "-d", "--rootfs", root, id, "/bin/sleep", "1000000"])?;
+                        if !out.status.success() {
+                            bail!(
+                                "ctr run {id}: {}",
+                                String::from_utf8_lossy(&out.stderr).trim()
+                            );
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a ctr worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    let ready = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let address_arg = address.display().to_string();
+    let mut rss = rss_kib(guard.0.id()).context("containerd's VmRSS")?;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read_to_string(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if cmdline.starts_with("/usr/bin/containerd-shim") && cmdline.contains(&address_arg) {
+            rss += rss_kib(pid).unwrap_or(0);
+        }
+    }
+    for id in &ids {
+        let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for id in &ids {
+        let _ = ctr(&["task", "delete", "-f", id]);
+        let _ = ctr(&["container", "delete", id]);
+    }
+    let _ = guard.0.kill();
+    Ok(Row {
+        services: n,
+        ready_s: ready.as_secs_f64(),
+        per_service_ms: ready.as_secs_f64() * 1000.0 / n as f64,
+        rss_kib: rss,
+        helper_rss_kib: None,
+    })
 }
 
 fn measure(sysd: &Path, n: usize) -> Result<Row> {
