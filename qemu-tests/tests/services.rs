@@ -338,6 +338,13 @@ fn killed_sysd_is_restarted_and_power_off_stops_services_gracefully() {
     // Power-off: every service gets its stop signal; the flusher writes to /var.
     g.powerdown().unwrap();
     wait(&g, "sysd: flusher: stopped: exited with status 0", SETTLE);
+    // `plain` (sleep, no SIGTERM handler) runs under sysd's init: TERM ends it, no SIGKILL.
+    let console = g.serial_log();
+    assert!(
+        console.contains("sysd: plain: stopped: exited with status 143"),
+        "{console}"
+    );
+    assert!(!console.contains("sysd: plain: killing"), "{console}");
     wait(&g, "shutdown: /var unmounted cleanly", SETTLE);
     let console = g.serial_log();
     assert!(

@@ -73,8 +73,10 @@ struct DaemonArgs {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("runtime") {
-        return runtime::helper::helper_main(&args[2..]);
+    match args.get(1).map(String::as_str) {
+        Some("runtime") => return runtime::helper::helper_main(&args[2..]),
+        Some("init") => return runtime::init::init_main(&args[2..]),
+        _ => {}
     }
     tracing_subscriber::fmt()
         .with_target(false)
@@ -162,6 +164,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
             user_file: args.user_config,
         },
         layout: supervisor::resolve::Layout {
+            images: args.volumes.with_file_name("images"),
             volumes: args.volumes,
             cgroup_parent: args.cgroup_parent,
         },

@@ -25,6 +25,7 @@
 pub(crate) mod bundle;
 mod cgroup;
 pub mod helper;
+pub mod init;
 pub(crate) mod seccomp;
 
 pub use cgroup::Stats;
@@ -62,6 +63,9 @@ pub struct ContainerConfig {
     pub additional_gids: Vec<u32>,
     pub mounts: Vec<Mount>,
     pub network: NetworkMode,
+    /// Run `args` under sysd's minimal init (`sysd init --`), which forwards signals and
+    /// reaps zombies (Docker's `--init`).
+    pub init: bool,
     /// Share the host's pid namespace (see every process of the node: the admin container).
     pub host_pid: bool,
     /// Capabilities to add to / drop from Docker's default set, `CAP_` prefixed, upper case;
@@ -105,6 +109,7 @@ impl ContainerConfig {
             mounts: vec![],
             network: NetworkMode::None,
             host_pid: false,
+            init: false,
             cap_add: vec![],
             cap_drop: vec![],
             privileged: false,
@@ -157,6 +162,9 @@ pub struct Resources {
 
 /// Environment variable overriding the helper executable (default `/proc/self/exe`).
 pub const EXE_ENV: &str = "KEELSON_RUNTIME_EXE";
+
+/// Where the init (sysd's own binary) is mounted in a container with `init`.
+pub const INIT_PATH: &str = "/.keelson-init";
 
 /// Bytes of `exec` output kept.
 pub const EXEC_OUTPUT_LIMIT: usize = 4096;
@@ -312,10 +320,32 @@ impl Runtime {
         let rootfs = mount_rootfs(&bundle_dir, &cfg.rootfs)
             .await
             .with_context(|| format!("service {svc}: preparing its root file system"))?;
-        let spec = bundle::spec(&ContainerConfig {
+        let mut effective = ContainerConfig {
             rootfs,
             ..cfg.clone()
-        })?;
+        };
+        if cfg.init {
+            // Our own static binary is the init: the image needs nothing for it.
+            let exe = std::fs::canonicalize(&self.exe)
+                .with_context(|| format!("resolving {}", self.exe.display()))?;
+            if !is_static_elf(&exe)? {
+                bail!(
+                    "service {svc}: init = true needs a statically linked sysd (as in the image); {} is dynamically linked",
+                    exe.display()
+                );
+            }
+            effective.mounts.push(Mount::Bind {
+                source: exe,
+                target: INIT_PATH.into(),
+                readonly: true,
+            });
+            effective.args = [INIT_PATH, "init", "--"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(cfg.args.iter().cloned())
+                .collect();
+        }
+        let spec = bundle::spec(&effective)?;
         bundle::write(&bundle_dir, &spec).with_context(|| format!("service {svc}"))?;
         std::fs::create_dir_all(self.containers_dir())
             .with_context(|| format!("creating {}", self.containers_dir().display()))?;
@@ -654,6 +684,34 @@ async fn mount_rootfs(bundle: &Path, image: &Path) -> Result<PathBuf> {
             }
         }
     }
+}
+
+/// Whether `path` is an ELF executable without a program interpreter (it runs in any root).
+pub fn is_static_elf(path: &Path) -> Result<bool> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let u16_at = |o: usize| {
+        data.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(|b| u64::from_le_bytes(b) as usize)
+    };
+    if !data.starts_with(b"\x7fELF\x02\x01") {
+        bail!("{} is not a 64-bit little-endian ELF file", path.display());
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        bail!("{}: truncated ELF header", path.display());
+    };
+    const PT_INTERP: u32 = 3;
+    Ok((0..phnum).all(|i| {
+        let at = phoff + i * phentsize;
+        data.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            != Some(PT_INTERP)
+    }))
 }
 
 /// Unmounts `BUNDLE/rootfs` if it is mounted (idempotent).

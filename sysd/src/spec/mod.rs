@@ -247,6 +247,10 @@ pub struct ServiceSpec {
     pub network: Network,
     #[serde(default)]
     pub pid: PidMode,
+    /// Run the command under a minimal init that forwards signals and reaps zombies
+    /// (Docker's `--init`): for programs that do not expect to be pid 1.
+    #[serde(default)]
+    pub init: bool,
     #[serde(default)]
     pub cap_add: Vec<Capability>,
     #[serde(default)]

@@ -11,6 +11,7 @@
 mod checks;
 pub mod events;
 pub mod logs;
+pub mod oci_layout;
 pub mod resolve;
 
 use std::collections::BTreeMap;
@@ -605,7 +606,10 @@ impl ServiceTask {
     }
 
     async fn start_container(&mut self) -> anyhow::Result<Instance> {
-        let image = resolve::image(&self.svc.spec.image)?;
+        // Off the (single-threaded) runtime: the first start of an OCI layout unpacks it.
+        let (reference, layout) = (self.svc.spec.image.clone(), self.sup.paths.layout.clone());
+        let image =
+            tokio::task::spawn_blocking(move || resolve::image(&reference, &layout)).await??;
         let cfg = resolve::container(&self.svc, &image, &self.sup.paths.layout)?;
         let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;

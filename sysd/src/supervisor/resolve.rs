@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use super::oci_layout;
 use crate::runtime::{ContainerConfig, Mount, NetworkMode, Resources};
 use crate::spec::{MountSpec, Network, Service};
 
@@ -19,6 +20,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub struct Layout {
     /// Named volumes live in `volumes/NAME`.
     pub volumes: PathBuf,
+    /// OCI image layouts are unpacked into `images/<manifest digest hex>/rootfs`.
+    pub images: PathBuf,
     /// cgroup parent of every service, e.g. `/keelson`.
     pub cgroup_parent: String,
 }
@@ -41,15 +44,24 @@ pub struct Image {
     pub defaults: ImageDefaults,
 }
 
-/// Finds the image. Today: a root file system directory.
-pub fn image(reference: &str) -> Result<Image> {
+/// Finds the image: a root file system directory, or an OCI image layout directory
+/// (`/path/layout`, or `/path/layout:TAG` to pick a tagged manifest) unpacked once into
+/// `layout.images` (see [`oci_layout`](super::oci_layout)).
+pub fn image(reference: &str, layout: &Layout) -> Result<Image> {
     let path = Path::new(reference);
+    if !oci_layout::is_layout(path) {
+        if let Some((dir, tag)) = reference.rsplit_once(':') {
+            if !tag.is_empty() && !tag.contains('/') && oci_layout::is_layout(Path::new(dir)) {
+                return oci_layout::unpack(Path::new(dir), Some(tag), &layout.images);
+            }
+        }
+    }
     let meta = std::fs::metadata(path).with_context(|| format!("image {reference}"))?;
     if !meta.is_dir() {
         bail!("image {reference}: not a directory");
     }
-    if path.join("oci-layout").exists() {
-        bail!("image {reference}: is an OCI image layout; run it once the image store unpacks layouts (use its unpacked root file system directory for now)");
+    if oci_layout::is_layout(path) {
+        return oci_layout::unpack(path, None, &layout.images);
     }
     Ok(Image {
         rootfs: path.to_path_buf(),
@@ -186,6 +198,7 @@ pub fn container(svc: &Service, image: &Image, layout: &Layout) -> Result<Contai
         cap_drop: spec.cap_drop.iter().map(|c| c.0.clone()).collect(),
         privileged: spec.privileged,
         host_pid: spec.pid == crate::spec::PidMode::Host,
+        init: spec.init,
         user_namespace: spec.user_namespace.then_some(100_000),
         resources,
         cgroup_path: format!("{}/{}", layout.cgroup_parent, svc.name),
@@ -268,6 +281,7 @@ mod tests {
         let vols = tempfile::tempdir().unwrap();
         let layout = Layout {
             volumes: vols.path().to_path_buf(),
+            images: vols.path().join("images"),
             cgroup_parent: "/keelson".into(),
         };
         let image = Image {
@@ -328,5 +342,62 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{e:#}").starts_with("no command"));
+    }
+
+    #[test]
+    fn image_directory_or_layout() {
+        use crate::supervisor::oci_layout::tests::{
+            image as layout_image, tagged, tar, write_index, E, TAR,
+        };
+        let t = tempfile::tempdir().unwrap();
+        let layout = Layout {
+            volumes: t.path().join("volumes"),
+            images: t.path().join("images"),
+            cgroup_parent: "/keelson".into(),
+        };
+        let plain = t.path().join("rootfs");
+        std::fs::create_dir(&plain).unwrap();
+        let img = image(plain.to_str().unwrap(), &layout).unwrap();
+        assert_eq!(
+            (img.rootfs, img.defaults),
+            (plain, ImageDefaults::default())
+        );
+
+        let oci = t.path().join("oci");
+        let v1 = layout_image(
+            &oci,
+            &[(TAR, tar(&[E::File("v", "1", 0o644)]))],
+            serde_json::json!({ "Cmd": ["/v1"] }),
+        );
+        let v2 = layout_image(
+            &oci,
+            &[(TAR, tar(&[E::File("v", "2", 0o644)]))],
+            serde_json::json!({ "Cmd": ["/v2"] }),
+        );
+        write_index(&oci, vec![tagged(v1, "v1"), tagged(v2, "latest")]);
+        let oci = oci.to_str().unwrap();
+        let img = image(oci, &layout).unwrap();
+        assert!(
+            img.rootfs.starts_with(&layout.images),
+            "{}",
+            img.rootfs.display()
+        );
+        assert_eq!(std::fs::read_to_string(img.rootfs.join("v")).unwrap(), "2");
+        assert_eq!(img.defaults.cmd, ["/v2"]);
+        let img = image(&format!("{oci}:v1"), &layout).unwrap();
+        assert_eq!(std::fs::read_to_string(img.rootfs.join("v")).unwrap(), "1");
+        assert_eq!(img.defaults.cmd, ["/v1"]);
+
+        let e = format!("{:#}", image(&format!("{oci}:v9"), &layout).unwrap_err());
+        assert!(e.contains("no manifest tagged \"v9\""), "{e}");
+        let missing = t.path().join("missing:v1");
+        let e = format!(
+            "{:#}",
+            image(missing.to_str().unwrap(), &layout).unwrap_err()
+        );
+        assert!(
+            e.starts_with(&format!("image {}:", missing.display())),
+            "{e}"
+        );
     }
 }
