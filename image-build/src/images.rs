@@ -53,8 +53,11 @@ const SKELETON: &[(&str, u32)] = &[
 ];
 
 /// Package content an image does not need: documentation, manual pages, translations, lintian
-/// overrides, initramfs hooks. Matched as path prefixes (whole components) after the merged-/usr mapping.
+/// overrides, initramfs hooks, and glibc's iconv converter modules (gconv: 8 MiB, loaded only by
+/// iconv_open for charsets beyond UTF-8/ASCII, which no service image here uses). Matched as
+/// path prefixes (whole components) after the merged-/usr mapping.
 const DROPPED: &[&str] = &[
+    "usr/lib/x86_64-linux-gnu/gconv",
     "usr/share/doc",
     "usr/share/doc-base",
     "usr/share/gtk-doc",
