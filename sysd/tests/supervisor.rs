@@ -5,7 +5,7 @@
 //! Each test starts its own sysd in a private mount namespace (`unshare -m`) with cgroup2
 //! mounted at /sys/fs/cgroup (these hosts have a hybrid v1 layout), its own cgroup parent,
 //! state, log and volume directories, and TCP ports of its own on the host network. They need
-//! root; without it they are skipped with a printed reason.
+//! root and busybox-static (installed by `./dev deps`) and fail without them.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::symlink;
@@ -36,11 +36,17 @@ impl Sysd {
     /// A sysd whose system services are `system` (the TOML text; `ROOTFS` is replaced by the
     /// busybox root file system path).
     fn start(system: &str) -> Option<Sysd> {
+        // Fail, never skip: `./dev test` runs as root and installs busybox-static.
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 || !Path::new("/bin/busybox").exists() {
-            eprintln!("skipping: needs root and /bin/busybox (busybox-static)");
-            return None;
-        }
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "these tests need root (./dev test runs them as root)"
+        );
+        assert!(
+            Path::new("/bin/busybox").exists(),
+            "/bin/busybox missing: apt-get install busybox-static (./dev deps)"
+        );
         let dir = tempfile::tempdir().expect("tempdir");
         let rootfs = dir.path().join("rootfs");
         for d in ["bin", "etc", "srv"] {
