@@ -432,7 +432,10 @@ impl ServiceTask {
                 let state = if clean { State::Stopped } else { State::Failed };
                 self.event(
                     if clean { "stopped" } else { "failed" },
-                    format!("{reason}; restart = {policy:?}, not restarting"),
+                    format!(
+                        "{reason}; restart = \"{}\", not restarting",
+                        policy.as_str()
+                    ),
                 );
                 self.set(|s| {
                     s.state = state;
