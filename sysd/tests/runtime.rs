@@ -13,10 +13,11 @@
 #[allow(dead_code)]
 #[path = "../src/runtime/mod.rs"]
 mod runtime;
+#[path = "../src/testing.rs"]
+mod testing;
 
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::symlink;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -62,58 +63,6 @@ impl Drop for Fixture {
     }
 }
 
-fn is_cgroup2(path: &str) -> bool {
-    let c = std::ffi::CString::new(path).expect("path");
-    // SAFETY: statfs into a zeroed struct with a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::CGROUP2_SUPER_MAGIC }
-}
-
-/// Puts the calling thread into a private mount namespace with cgroup2 at /sys/fs/cgroup.
-fn private_cgroup2() -> Result<(), String> {
-    if is_cgroup2("/sys/fs/cgroup") {
-        return Ok(());
-    }
-    // SAFETY: unshare/mount with valid C strings; they only affect this thread's view.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(format!(
-                "unshare(CLONE_NEWNS): {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let root = c"/";
-        if libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(format!(
-                "making / private: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        if libc::mount(
-            c"none".as_ptr(),
-            c"/sys/fs/cgroup".as_ptr(),
-            c"cgroup2".as_ptr(),
-            0,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(format!(
-                "mounting cgroup2: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// A busybox rootfs, a state dir and a private cgroup parent. Fails (never skips) without root
 /// or busybox: `./dev test` runs as root and installs busybox-static, so a missing one is a
 /// broken setup, not a reason to pass.
@@ -126,7 +75,7 @@ fn fixture() -> Option<Fixture> {
     if !busybox.exists() {
         panic!("/bin/busybox missing: apt-get install busybox-static (./dev deps)");
     }
-    if let Err(e) = private_cgroup2() {
+    if let Err(e) = testing::private_cgroup2() {
         panic!("cannot set up cgroup2 in a private mount namespace: {e}");
     }
     runtime::become_subreaper().expect("PR_SET_CHILD_SUBREAPER");
@@ -136,19 +85,8 @@ fn fixture() -> Option<Fixture> {
     // the rootfs.
     fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let rootfs = base.join("rootfs");
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "scratch"] {
-        fs::create_dir_all(rootfs.join(d)).expect("mkdir");
-    }
-    fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
-    let list = Command::new(busybox)
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            let _ = symlink("busybox", rootfs.join("bin").join(applet));
-        }
-    }
+    testing::busybox_rootfs(&rootfs).expect("busybox rootfs");
+    fs::create_dir_all(rootfs.join("scratch")).expect("mkdir");
     let n = SEQ.fetch_add(1, Ordering::SeqCst);
     Some(Fixture {
         _dir: dir,

@@ -8,7 +8,6 @@
 //! root and busybox-static (installed by `./dev deps`) and fail without them.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::symlink;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +15,11 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+// Only the rootfs builder: sysd itself is started under `unshare -m` with cgroup2.
+#[allow(dead_code)]
+#[path = "../src/testing.rs"]
+mod testing;
 
 const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
 static PORTS: AtomicU16 = AtomicU16::new(0);
@@ -49,23 +53,7 @@ impl Sysd {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let rootfs = dir.path().join("rootfs");
-        for d in ["bin", "etc", "srv"] {
-            std::fs::create_dir_all(rootfs.join(d)).expect("mkdir");
-        }
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
-        let list = Command::new("/bin/busybox")
-            .arg("--list")
-            .output()
-            .expect("busybox --list");
-        for applet in String::from_utf8_lossy(&list.stdout).lines() {
-            let _ = symlink("busybox", rootfs.join("bin").join(applet));
-        }
-        std::fs::write(
-            rootfs.join("etc/passwd"),
-            "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
-        )
-        .expect("passwd");
-        std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").expect("group");
+        testing::busybox_rootfs(&rootfs).expect("busybox rootfs");
         std::fs::create_dir_all(dir.path().join("system")).expect("mkdir");
         std::fs::write(
             dir.path().join("system/10-test.toml"),

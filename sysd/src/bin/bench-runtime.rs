@@ -16,10 +16,11 @@
 #[allow(dead_code)]
 #[path = "../runtime/mod.rs"]
 mod runtime;
+#[path = "../testing.rs"]
+mod testing;
 
 use std::fs;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -59,13 +60,14 @@ fn run() -> Result<()> {
             bail!("{tool} not found (apt-get install crun runc)");
         }
     }
-    private_cgroup2()?;
+    testing::private_cgroup2()?;
     runtime::become_subreaper().context("PR_SET_CHILD_SUBREAPER")?;
 
     let base_dir = std::env::temp_dir().join(format!("keelson-bench-{}", std::process::id()));
     fs::create_dir_all(&base_dir)?;
     let base = base_dir.as_path();
-    let rootfs = busybox_rootfs(&base.join("rootfs"))?;
+    let rootfs = base.join("rootfs");
+    testing::busybox_rootfs(&rootfs)?;
     let cfg = config(&rootfs, "bench");
 
     // One bundle for crun and runc: the spec sysd generates, with the masked-equal seccomp
@@ -270,55 +272,4 @@ fn config(rootfs: &Path, id: &str) -> ContainerConfig {
             format!("{CGROUP_PARENT}/bench"),
         )
     }
-}
-
-fn busybox_rootfs(rootfs: &Path) -> Result<PathBuf> {
-    for d in ["bin", "proc", "sys", "dev", "tmp"] {
-        fs::create_dir_all(rootfs.join(d))?;
-    }
-    fs::copy("/bin/busybox", rootfs.join("bin/busybox")).context("copying /bin/busybox")?;
-    for applet in ["sh", "true"] {
-        symlink("busybox", rootfs.join("bin").join(applet))?;
-    }
-    Ok(rootfs.to_path_buf())
-}
-
-/// This (still single-threaded) process into a private mount namespace with cgroup2 at
-/// /sys/fs/cgroup, unless it already is cgroup2.
-fn private_cgroup2() -> Result<()> {
-    // SAFETY: statfs into a zeroed struct with a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(c"/sys/fs/cgroup".as_ptr(), &mut st) } == 0
-        && st.f_type == libc::CGROUP2_SUPER_MAGIC
-    {
-        return Ok(());
-    }
-    // SAFETY: unshare/mount with valid C strings; they only change this process's view.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNS)");
-        }
-        if libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("making / private");
-        }
-        if libc::mount(
-            c"none".as_ptr(),
-            c"/sys/fs/cgroup".as_ptr(),
-            c"cgroup2".as_ptr(),
-            0,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("mounting cgroup2");
-        }
-    }
-    Ok(())
 }

@@ -10,7 +10,6 @@
 //! Prints a table; asserts nothing about time (the machines are shared).
 
 use std::io::{Read, Write};
-use std::os::unix::fs::symlink;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -28,12 +27,29 @@ fn main() -> ExitCode {
     }
 }
 
+// Only the rootfs builder: sysd itself is started under `unshare -m` with cgroup2.
+#[allow(dead_code)]
+#[path = "../testing.rs"]
+mod testing;
+
 struct Row {
     services: usize,
     ready_s: f64,
     per_service_ms: f64,
     rss_kib: u64,
     helper_rss_kib: Option<u64>,
+}
+
+impl Row {
+    fn new(services: usize, ready: Duration, rss_kib: u64, helper_rss_kib: Option<u64>) -> Row {
+        Row {
+            services,
+            ready_s: ready.as_secs_f64(),
+            per_service_ms: ready.as_secs_f64() * 1000.0 / services as f64,
+            rss_kib,
+            helper_rss_kib,
+        }
+    }
 }
 
 fn run() -> Result<()> {
@@ -112,9 +128,7 @@ fn containerd(n: usize) -> Result<Row> {
     let dir = std::env::temp_dir().join(format!("keelson-bench-ctd-{}-{n}", std::process::id()));
     let _cleanup = RemoveDir(dir.clone());
     let rootfs = dir.join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin"))?;
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
-    symlink("busybox", rootfs.join("bin/sleep"))?;
+    testing::busybox_rootfs(&rootfs)?;
     // The gRPC API only: the CRI plugin (Kubernetes) is not part of the comparison.
     std::fs::write(
         dir.join("config.toml"),
@@ -206,25 +220,14 @@ fn containerd(n: usize) -> Result<Row> {
         let _ = ctr(&["container", "delete", id]);
     }
     let _ = guard.0.kill();
-    Ok(Row {
-        services: n,
-        ready_s: ready.as_secs_f64(),
-        per_service_ms: ready.as_secs_f64() * 1000.0 / n as f64,
-        rss_kib: rss,
-        helper_rss_kib: None,
-    })
+    Ok(Row::new(n, ready, rss, None))
 }
 
 fn measure(sysd: &Path, n: usize) -> Result<Row> {
     let dir = std::env::temp_dir().join(format!("keelson-bench-sysd-{}-{n}", std::process::id()));
     let _cleanup = RemoveDir(dir.clone());
     let rootfs = dir.join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin"))?;
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
-        .context("/bin/busybox (apt-get install busybox-static)")?;
-    for applet in ["sh", "sleep"] {
-        symlink("busybox", rootfs.join("bin").join(applet))?;
-    }
+    testing::busybox_rootfs(&rootfs)?;
     std::fs::create_dir_all(dir.join("system"))?;
     let mut config = String::from("version = 1\n");
     for i in 0..n {
@@ -271,13 +274,7 @@ fn measure(sysd: &Path, n: usize) -> Result<Row> {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
     let _ = guard.0.wait();
-    Ok(Row {
-        services: n,
-        ready_s: ready.as_secs_f64(),
-        per_service_ms: ready.as_secs_f64() * 1000.0 / n as f64,
-        rss_kib: rss,
-        helper_rss_kib: helper_peak,
-    })
+    Ok(Row::new(n, ready, rss, helper_peak))
 }
 
 struct RemoveDir(PathBuf);
