@@ -11,6 +11,7 @@
 
 mod api;
 mod net;
+mod network;
 mod notify;
 mod runtime;
 mod spec;
@@ -69,6 +70,22 @@ struct DaemonArgs {
     /// cgroup (v2) under which every service gets its leaf.
     #[arg(long, default_value = "/keelson")]
     cgroup_parent: String,
+    /// Manage the host network from `[network]`/`[host]` (init passes it; without it sysd
+    /// leaves links, addresses and routes alone, as the host tests need).
+    #[arg(long)]
+    host_network: bool,
+    /// DHCP leases kept across reboots.
+    #[arg(long, default_value = "/var/lib/keelson/network")]
+    network_state: PathBuf,
+    /// The resolver file (/etc/resolv.conf links to it).
+    #[arg(long, default_value = "/run/keelson/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// Where the hostname in force is written.
+    #[arg(long, default_value = "/etc/hostname")]
+    hostname_file: PathBuf,
+    /// The machine ID (the default hostname derives from it).
+    #[arg(long, default_value = "/etc/machine-id")]
+    machine_id: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -172,6 +189,31 @@ async fn run(args: DaemonArgs) -> Result<()> {
     };
     let sup = supervisor::Supervisor::new(rt, paths);
     sup.clean_leftovers().await;
+    if args.host_network {
+        sup.manage_network();
+        let net_paths = network::Paths {
+            state_dir: args.network_state.clone(),
+            resolv_conf: args.resolv_conf.clone(),
+            hostname_file: args.hostname_file.clone(),
+            machine_id: args.machine_id.clone(),
+        };
+        let emit_to = Arc::downgrade(&sup);
+        let emit: network::Emit = Arc::new(move |kind: &str, message: String| {
+            if let Some(s) = emit_to.upgrade() {
+                s.network_event(kind, message);
+            }
+        });
+        let bump_to = Arc::downgrade(&sup);
+        let on_online = Arc::new(move || {
+            if let Some(s) = bump_to.upgrade() {
+                s.network_changed();
+            }
+        });
+        match network::Net::start(net_paths, sup.boot_network_config(), emit, on_online) {
+            Ok(net) => sup.set_network(net),
+            Err(err) => tracing::error!("sysd: host networking not started: {err}"),
+        }
+    }
 
     let listener = api::server::bind(&args.socket)?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -188,6 +230,9 @@ async fn run(args: DaemonArgs) -> Result<()> {
         _ = int.recv() => tracing::info!("sysd: SIGINT, stopping"),
     }
     sup.shutdown().await;
+    if let Some(net) = sup.network() {
+        net.shutdown().await;
+    }
     let _ = stop_api.send(());
     let _ = server.await;
     tracing::info!("sysd: stopped");

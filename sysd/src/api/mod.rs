@@ -5,6 +5,7 @@
 
 use std::future::Future;
 
+use keelson_common::api::network::NetworkStatus;
 use keelson_common::api::{ApplyPlan, Event, LogLine, ServiceStatus, Stats, Version};
 use tokio::sync::broadcast;
 
@@ -91,4 +92,13 @@ pub trait Backend: Send + Sync + 'static {
         config: String,
         dry_run: bool,
     ) -> impl Future<Output = Result<ApplyPlan, Failure>> + Send;
+    /// The host network (`GET /v1/network`): links, addresses, routes, DNS, leases.
+    fn network(&self) -> impl Future<Output = Result<NetworkStatus, Failure>> + Send {
+        async {
+            Err(Failure {
+                status: 501,
+                message: "this sysd does not manage the host network".into(),
+            })
+        }
+    }
 }

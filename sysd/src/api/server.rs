@@ -202,6 +202,7 @@ enum Endpoint {
     Events,
     Stats,
     Apply,
+    Network,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +242,7 @@ impl Endpoint {
             ["events"] => (Endpoint::Events, get),
             ["stats"] => (Endpoint::Stats, get),
             ["apply"] => (Endpoint::Apply, post),
+            ["network"] => (Endpoint::Network, get),
             _ => return None,
         })
     }
@@ -337,6 +339,10 @@ async fn dispatch<B: Backend>(
             let dry_run = query.flag("dry_run")?;
             let config = read_config(req).await?;
             Ok(json(&backend.apply(config, dry_run).await?))
+        }
+        Endpoint::Network => {
+            query.allow(&[])?;
+            Ok(json(&backend.network().await?))
         }
     }
 }

@@ -9,6 +9,7 @@
 //! (unknown dependency, dependency cycle) name the services involved. A config that fails
 //! validation is never partially applied.
 
+pub mod network;
 pub mod units;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,6 +31,8 @@ struct File {
     version: u32,
     #[serde(default)]
     services: BTreeMap<String, toml::Spanned<ServiceSpec>>,
+    network: Option<network::NetworkSpec>,
+    host: Option<network::HostSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -357,6 +360,8 @@ pub struct Service {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     pub services: BTreeMap<String, Service>,
+    /// `[network]` and `[host]` (the user's file wins over the image's, table by table).
+    pub net: network::NetConfig,
 }
 
 /// A config problem, already phrased for a person: where, what, and what is expected.
@@ -378,6 +383,19 @@ pub const USER_FILE: &str = "/var/lib/keelson/services.toml";
 
 /// Parses one file's text into services (no cross-file checks yet).
 pub fn parse_file(path: &Path, text: &str, source: Source) -> Result<Vec<Service>, ConfigError> {
+    parse_document(path, text, source).map(|(services, _)| services)
+}
+
+/// The `[network]` and `[host]` tables of one file, checked, if it has either.
+pub fn parse_net(path: &Path, text: &str) -> Result<Option<network::NetConfig>, ConfigError> {
+    parse_document(path, text, Source::User).map(|(_, net)| net)
+}
+
+fn parse_document(
+    path: &Path,
+    text: &str,
+    source: Source,
+) -> Result<(Vec<Service>, Option<network::NetConfig>), ConfigError> {
     let shown = path.display();
     // serde_path_to_error names the key (`services.web.resources.memory_max`) that toml's own
     // error only points at.
@@ -406,6 +424,25 @@ pub fn parse_file(path: &Path, text: &str, source: Source) -> Result<Vec<Service
             file.version
         )));
     }
+    let net = if file.network.is_some() || file.host.is_some() {
+        // Where the tables start (a Spanned wrapper does not survive serde_path_to_error's
+        // option handling), for the message.
+        let at = ["[network", "network", "[host", "host"]
+            .iter()
+            .find_map(|k| text.find(k))
+            .unwrap_or(0);
+        let (line, col) = line_col(text, at);
+        let net = network::NetConfig {
+            network: file.network.unwrap_or_default(),
+            host: file.host.unwrap_or_default(),
+            origin: Some(shown.to_string()),
+        };
+        network::check(&net.network, &net.host)
+            .map_err(|e| ConfigError(format!("{shown}:{line}:{col}: {e}")))?;
+        Some(net)
+    } else {
+        None
+    };
     let mut out = Vec::new();
     for (name, spanned) in file.services {
         let (line, col) = line_col(text, spanned.span().start);
@@ -420,7 +457,7 @@ pub fn parse_file(path: &Path, text: &str, source: Source) -> Result<Vec<Service
             origin,
         });
     }
-    Ok(out)
+    Ok((out, net))
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -591,7 +628,7 @@ impl Config {
         for svc in map.values() {
             for (field, deps) in [("after", &svc.spec.after), ("requires", &svc.spec.requires)] {
                 for dep in deps {
-                    if !map.contains_key(dep) {
+                    if !map.contains_key(dep) && dep != network::NETWORK_ONLINE {
                         return Err(ConfigError(format!(
                             "{}: service `{}`: {field}: no service named `{dep}`",
                             svc.origin, svc.name
@@ -600,7 +637,10 @@ impl Config {
                 }
             }
         }
-        let config = Config { services: map };
+        let config = Config {
+            services: map,
+            net: network::NetConfig::default(),
+        };
         if let Some(cycle) = config.find_cycle() {
             let first = &config.services[&cycle[0]];
             return Err(ConfigError(format!(
@@ -640,6 +680,9 @@ impl Config {
             marks.insert(name, Mark::Active);
             stack.push(name);
             for dep in cfg.services[name].spec.dependencies() {
+                if !cfg.services.contains_key(dep) {
+                    continue; // network-online, not a service
+                }
                 if let Some(c) = visit(cfg, dep, marks, stack) {
                     return Some(c);
                 }
@@ -705,10 +748,39 @@ impl Sources {
         user_text: Option<&str>,
     ) -> Result<Config, ConfigError> {
         let mut all = system;
+        let mut net = None;
         if let Some(text) = user_text {
-            all.extend(parse_file(&self.user_file, text, Source::User)?);
+            let (services, user_net) = parse_document(&self.user_file, text, Source::User)?;
+            all.extend(services);
+            net = user_net;
         }
-        Config::from_services(all)
+        let mut config = Config::from_services(all)?;
+        config.net = match net {
+            Some(n) => n,
+            None => self.read_system_net()?.unwrap_or_default(),
+        };
+        Ok(config)
+    }
+
+    /// The `[network]`/`[host]` tables of the system files (the last file that has them).
+    pub fn read_system_net(&self) -> Result<Option<network::NetConfig>, ConfigError> {
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&self.system_dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect(),
+            Err(_) => return Ok(None),
+        };
+        files.sort();
+        let mut net = None;
+        for path in files {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            if let Some(n) = parse_net(&path, &text)? {
+                net = Some(n);
+            }
+        }
+        Ok(net)
     }
 
     /// Replaces the user's config file atomically (write, fsync, rename, fsync dir).

@@ -76,6 +76,15 @@ pub struct Supervisor {
     epoch: watch::Sender<u64>,
     apply_lock: tokio::sync::Mutex<()>,
     started: Instant,
+    /// The host network manager, when sysd manages the host network (`--host-network`).
+    net: NetworkSlot,
+}
+
+/// Set once at boot: whether the host network is managed and, once started, its manager.
+#[derive(Default)]
+struct NetworkSlot {
+    managed: std::sync::atomic::AtomicBool,
+    net: std::sync::OnceLock<Arc<crate::network::Net>>,
 }
 
 impl Supervisor {
@@ -94,12 +103,66 @@ impl Supervisor {
             epoch: watch::channel(0).0,
             apply_lock: tokio::sync::Mutex::new(()),
             started: Instant::now(),
+            net: NetworkSlot::default(),
         })
     }
 
     /// Loads the config and starts everything. A bad user config is reported and skipped (the
     /// system services still run, so the node stays manageable); a bad system config is the
     /// image's fault and is reported the same way.
+    /// Services waiting for `network-online` wait for the manager given to `set_network`.
+    pub fn manage_network(&self) {
+        self.net
+            .managed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn set_network(&self, net: Arc<crate::network::Net>) {
+        let _ = self.net.net.set(net);
+        self.bump();
+    }
+
+    pub fn network(&self) -> Option<&Arc<crate::network::Net>> {
+        self.net.net.get()
+    }
+
+    /// For the network manager: an event, and a new look at dependencies on network-online.
+    pub fn network_event(&self, kind: &str, message: String) {
+        self.events.emit(None, kind, message);
+    }
+
+    /// Dependency waits look again (the network-online state changed).
+    pub fn network_changed(&self) {
+        self.bump();
+    }
+
+    /// Why `network-online` does not allow a start yet, if it does not.
+    fn network_blocks(&self) -> Option<String> {
+        if !self.net.managed.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        match self.net.net.get().map(|n| n.online()) {
+            None | Some(crate::network::Online::Pending) => Some(format!(
+                "waiting for {}",
+                crate::spec::network::NETWORK_ONLINE
+            )),
+            Some(_) => None,
+        }
+    }
+
+    /// The effective `[network]`/`[host]` config as boot loads it (a bad user file falls back
+    /// to the image's, like the services).
+    pub fn boot_network_config(&self) -> crate::spec::network::NetConfig {
+        let sources = &self.paths.sources;
+        let system = sources.read_system().unwrap_or_default();
+        let user = sources.read_user_text().ok().flatten();
+        sources
+            .combine(system.clone(), user.as_deref())
+            .or_else(|_| sources.combine(system, None))
+            .map(|c| c.net)
+            .unwrap_or_default()
+    }
+
     pub fn boot(self: &Arc<Self>) {
         let sources = &self.paths.sources;
         let system = sources.read_system().unwrap_or_else(|e| {
@@ -551,7 +614,18 @@ impl ServiceTask {
     /// The first dependency that does not allow a start yet, as a reason.
     fn blocking_dependency(&self) -> Option<String> {
         let spec = &self.svc.spec;
+        if spec
+            .dependencies()
+            .contains(crate::spec::network::NETWORK_ONLINE)
+        {
+            if let Some(reason) = self.sup.network_blocks() {
+                return Some(reason);
+            }
+        }
         for dep in &spec.requires {
+            if dep == crate::spec::network::NETWORK_ONLINE {
+                continue;
+            }
             match self.sup.state_of(dep) {
                 Some(State::Running | State::Completed) => {}
                 Some(state) => return Some(format!("waiting for {dep} ({})", state.as_str())),
@@ -740,6 +814,7 @@ impl ServiceTask {
             .spec
             .requires
             .iter()
+            .filter(|dep| *dep != crate::spec::network::NETWORK_ONLINE)
             .find(|dep| {
                 matches!(
                     self.sup.state_of(dep),
@@ -950,6 +1025,18 @@ impl Backend for Supervisor {
             .collect()
     }
 
+    async fn network(&self) -> Result<keelson_common::api::network::NetworkStatus, Failure> {
+        match self.network() {
+            Some(net) => Ok(net.status().await),
+            None => Err(Failure {
+                status: 501,
+                message:
+                    "this sysd does not manage the host network (started without --host-network)"
+                        .into(),
+            }),
+        }
+    }
+
     async fn apply(&self, config: String, dry_run: bool) -> Result<ApplyPlan, Failure> {
         let _guard = self.apply_lock.lock().await;
         let system = self
@@ -987,6 +1074,13 @@ impl Backend for Supervisor {
             .collect();
         if dry_run {
             return Ok(plan);
+        }
+        // The network first, as a try: a config whose network fails its check is refused
+        // whole (services included) and the previous network is back in place.
+        if let Some(net) = self.network() {
+            net.apply(new.net.clone()).await.map_err(|e| {
+                Failure::bad_request(format!("config rejected, nothing changed: {e}"))
+            })?;
         }
         self.paths.sources.store_user_text(&config).map_err(|e| {
             Failure::internal(format!(

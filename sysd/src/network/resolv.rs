@@ -1,0 +1,50 @@
+//! /etc/resolv.conf (a link to /run/keelson/resolv.conf that init makes): the configured DNS
+//! servers and search domains first, then those of the DHCP leases. Replaced atomically, so a
+//! resolver never reads half a file.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::Path;
+
+/// glibc and musl read at most three nameservers.
+const MAX_NAMESERVERS: usize = 3;
+
+pub fn render(dns: &[IpAddr], search: &[String]) -> String {
+    let mut out = String::from("# Written by sysd from [network] and DHCP leases.\n");
+    for d in dns.iter().take(MAX_NAMESERVERS) {
+        out.push_str(&format!("nameserver {d}\n"));
+    }
+    if !search.is_empty() {
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    out
+}
+
+pub fn write(path: &Path, dns: &[IpAddr], search: &[String]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("conf.new");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(render(dns, search).as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_nameservers_then_search() {
+        let dns: Vec<IpAddr> = ["10.0.0.1", "10.0.0.2", "fd00::1", "10.0.0.4"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let text = render(&dns, &["example.org".into(), "lan".into()]);
+        assert_eq!(
+            text,
+            "# Written by sysd from [network] and DHCP leases.\nnameserver 10.0.0.1\nnameserver 10.0.0.2\nnameserver fd00::1\nsearch example.org lan\n"
+        );
+    }
+}

@@ -1,0 +1,479 @@
+//! Host integration tests of host networking: a real sysd (`--host-network`) in a network
+//! namespace the test creates, joined by a veth pair to a second namespace where a real
+//! `dnsmasq` serves DHCP (or nothing, for static configs). Nothing here touches the host's
+//! own network. They need root, iproute2 and dnsmasq (`./dev deps` installs them).
+//!
+//! sysd's event lines (mirrored on its stderr) are what the tests wait on; the kernel's view
+//! is read back with `ip`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two namespaces: `server` (10.77.N.1 on `vs`) and `client` (sysd's, link `ve0`).
+struct Lab {
+    server: String,
+    client: String,
+    subnet: String,
+    dir: tempfile::TempDir,
+    dnsmasq: Option<Child>,
+    sysd: Option<Child>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "these tests need root");
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{n}", std::process::id() % 100_000);
+        let lab = Lab {
+            server: format!("kn-s-{id}"),
+            client: format!("kn-c-{id}"),
+            subnet: format!("10.77.{}", 10 + (std::process::id() % 200 + n) % 240),
+            dir: tempfile::tempdir().expect("tempdir"),
+            dnsmasq: None,
+            sysd: None,
+        };
+        run(&["ip", "netns", "add", &lab.server]);
+        run(&["ip", "netns", "add", &lab.client]);
+        run(&[
+            "ip",
+            "-n",
+            &lab.server,
+            "link",
+            "add",
+            "vs",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ve0",
+            "netns",
+            &lab.client,
+        ]);
+        let gw = format!("{}.1/24", lab.subnet);
+        run(&["ip", "-n", &lab.server, "addr", "add", &gw, "dev", "vs"]);
+        run(&["ip", "-n", &lab.server, "link", "set", "vs", "up"]);
+        run(&["ip", "-n", &lab.server, "link", "set", "lo", "up"]);
+        std::fs::create_dir_all(lab.path("system")).unwrap();
+        std::fs::create_dir_all(lab.path("var")).unwrap();
+        std::fs::write(lab.path("machine-id"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        lab
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn gw(&self) -> String {
+        format!("{}.1", self.subnet)
+    }
+
+    /// dnsmasq on `vs`: range .100-.150, 2 min leases (its minimum) with T1/T2 as given.
+    fn start_dnsmasq(&mut self, extra: &[&str]) {
+        assert!(
+            Path::new("/usr/sbin/dnsmasq").exists(),
+            "dnsmasq missing: apt-get install dnsmasq-base (./dev deps)"
+        );
+        let s = &self.subnet;
+        let range = format!("--dhcp-range={s}.100,{s}.150,255.255.255.0,2m");
+        let router = format!("--dhcp-option=option:router,{s}.1");
+        let dns = format!("--dhcp-option=option:dns-server,{s}.1");
+        let leases = format!("--dhcp-leasefile={}", self.path("dnsmasq.leases").display());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("dnsmasq.log"))
+            .unwrap();
+        let mut args = vec![
+            "netns",
+            "exec",
+            &self.server,
+            "dnsmasq",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--interface=vs",
+            "--bind-interfaces",
+            "--port=0",
+            "--log-dhcp",
+            "--dhcp-option=option:domain-name,lab.test",
+            &range,
+            &router,
+            &dns,
+            &leases,
+        ];
+        args.extend_from_slice(extra);
+        let child = Command::new("ip")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dnsmasq");
+        self.dnsmasq = Some(child);
+        // Its socket is bound before it logs "started".
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.dnsmasq_log().contains("DHCP, IP range") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop_dnsmasq(&mut self) {
+        if let Some(mut c) = self.dnsmasq.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn dnsmasq_log(&self) -> String {
+        std::fs::read_to_string(self.path("dnsmasq.log")).unwrap_or_default()
+    }
+
+    /// sysd with `config` as its system file; its own mount and UTS namespaces (cgroup2,
+    /// hostname), in the client network namespace.
+    fn start_sysd(&mut self, config: &str) {
+        std::fs::write(self.path("system/10-net.toml"), config).unwrap();
+        self.spawn_sysd();
+    }
+
+    fn spawn_sysd(&mut self) {
+        let d = self.dir.path().display();
+        let script = format!(
+            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {SYSD} --host-network --system-dir {d}/system --user-config {d}/var/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent /keelson-net-{} --network-state {d}/var/network --resolv-conf {d}/run/resolv.conf --hostname-file {d}/hostname --machine-id {d}/machine-id",
+            self.client
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("sysd.log"))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.client, "unshare", "-m", "-u"])
+            .args(["--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("sysd");
+        self.sysd = Some(child);
+        self.wait_log("sysd: ready", 1);
+    }
+
+    /// SIGTERM and wait (sysd releases its leases on the way out).
+    fn stop_sysd(&mut self) {
+        if let Some(mut c) = self.sysd.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("sysd.log")).unwrap_or_default()
+    }
+
+    /// Waits until `needle` appears `count` times in sysd's log.
+    fn wait_log(&self, needle: &str, count: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= count {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {needle:?} (x{count})\n--- sysd log ---\n{log}\n--- dnsmasq log ---\n{}",
+                self.dnsmasq_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["ip", "-n", &self.client];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = UnixStream::connect(self.path("run/sysd.sock")).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("response");
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, body.to_string())
+    }
+
+    fn status(&self) -> Value {
+        let (code, body) = self.request("GET", "/v1/network", "");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// The address sysd's last lease event names on ve0.
+    fn leased_address(&self) -> String {
+        let st = self.status();
+        st["leases"][0]["address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_sysd();
+        self.stop_dnsmasq();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.server])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.client])
+            .status();
+    }
+}
+
+const DHCP_CONFIG: &str = "version = 1\n[network.interfaces.ve0]\ndhcp = true\n";
+
+/// Lease, resolv.conf, hostname default, online; renew at T1; the server stops answering
+/// (renewing fails, rebinding starts at T2) and comes back (rebound, same address).
+#[test]
+fn dhcp_lease_renew_and_server_outage() {
+    let mut lab = Lab::new();
+    lab.start_dnsmasq(&["--dhcp-option=58,4", "--dhcp-option=59,8"]);
+    lab.start_sysd(DHCP_CONFIG);
+    let log = lab.wait_log("dhcp-lease: ve0: offered", 1);
+    let addr = lab.leased_address();
+    assert!(
+        addr.starts_with(&format!("{}.1", lab.subnet)),
+        "{addr}\n{log}"
+    );
+    assert!(lab.ip(&["-4", "addr", "show", "ve0"]).contains(&addr));
+    let routes = lab.ip(&["-4", "route"]);
+    assert!(
+        routes.contains(&format!("default via {} dev ve0 proto dhcp", lab.gw())),
+        "{routes}"
+    );
+    let resolv = std::fs::read_to_string(lab.path("run/resolv.conf")).unwrap();
+    assert!(
+        resolv.contains(&format!("nameserver {}\n", lab.gw())),
+        "{resolv}"
+    );
+    assert!(resolv.contains("search lab.test\n"), "{resolv}");
+    lab.wait_log("network-online: default route and DNS server present", 1);
+    let st = lab.status();
+    assert_eq!(st["online"], "online");
+    assert_eq!(st["hostname"], "keelson-01234567");
+    assert_eq!(st["hostname_source"], "machine-id");
+    assert_eq!(st["leases"][0]["t1_secs"], 4);
+    assert_eq!(
+        std::fs::read_to_string(lab.path("hostname")).unwrap(),
+        "keelson-01234567\n"
+    );
+
+    // T1 = 4 s: renewed by unicast, same address.
+    lab.wait_log("dhcp-lease: ve0: renewed", 1);
+    assert_eq!(lab.leased_address(), addr);
+
+    // The server goes away: renewing gets no answer, rebinding starts at T2.
+    lab.stop_dnsmasq();
+    lab.wait_log("dhcp-rebinding", 1);
+    assert!(lab.ip(&["-4", "addr", "show", "ve0"]).contains(&addr));
+    // It returns (same lease database): the broadcast rebind is answered.
+    lab.start_dnsmasq(&["--dhcp-option=58,4", "--dhcp-option=59,8"]);
+    lab.wait_log("dhcp-lease: ve0: rebound", 1);
+    assert_eq!(lab.leased_address(), addr);
+}
+
+/// Option 121 routes win over the router option; a remembered lease the server does not
+/// know is NAKed (authoritative server) and replaced; after a restart (a reboot for the
+/// client) the lease kept on /var is requested again and confirmed.
+#[test]
+fn dhcp_option_121_nak_and_lease_kept_across_restart() {
+    let mut lab = Lab::new();
+    let gw = lab.gw();
+    let opt121 = format!("--dhcp-option=121,192.168.177.0/24,{gw},0.0.0.0/0,{gw}");
+    lab.start_dnsmasq(&["--dhcp-authoritative", &opt121]);
+    // A lease from "another network": outside the server's range.
+    std::fs::create_dir_all(lab.path("var/network")).unwrap();
+    let stale = format!(
+        r#"{{"address":"{}.250","prefix":24,"server":"{gw}","routers":[],"dns":[],"domain":null,"hostname":null,"mtu":null,"classless_routes":[],"lease_secs":120,"t1_secs":60,"t2_secs":105,"acquired_unix":1}}"#,
+        lab.subnet
+    );
+    std::fs::write(lab.path("var/network/lease-ve0.json"), stale).unwrap();
+    lab.start_sysd(DHCP_CONFIG);
+    let log = lab.wait_log("dhcp-lease: ve0: offered", 1);
+    assert!(
+        log.contains(&format!("requesting the previous lease {}.250", lab.subnet)),
+        "{log}"
+    );
+    assert!(log.contains("dhcp-nak: ve0: server"), "{log}");
+    let addr = lab.leased_address();
+    assert!(!addr.starts_with(&format!("{}.250", lab.subnet)), "{addr}");
+    let routes = lab.ip(&["-4", "route"]);
+    assert!(
+        routes.contains(&format!("192.168.177.0/24 via {gw} dev ve0 proto dhcp")),
+        "{routes}"
+    );
+    assert!(
+        routes.contains(&format!("default via {gw} dev ve0 proto dhcp")),
+        "{routes}"
+    );
+
+    // A restart: the lease is released on the way down, kept on /var, and requested again.
+    lab.stop_sysd();
+    assert!(lab.log().contains("released"), "{}", lab.log());
+    assert!(!lab.ip(&["-4", "addr", "show", "ve0"]).contains(&addr));
+    lab.spawn_sysd();
+    lab.wait_log("dhcp-lease: ve0: confirmed", 1);
+    let bare = addr.split('/').next().unwrap();
+    assert!(
+        lab.log()
+            .contains(&format!("requesting the previous lease {bare}")),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(lab.leased_address(), addr);
+}
+
+/// A static config is applied, re-applied without change, changed (the old address goes),
+/// and bad configs are refused or rolled back with the node keeping its network.
+#[test]
+fn static_config_idempotent_and_bad_applies_roll_back() {
+    let mut lab = Lab::new();
+    let s = lab.subnet.clone();
+    let good = format!(
+        "version = 1\n[host]\nhostname = \"node-a\"\n[network]\ndns = [\"{s}.53\"]\nsearch = [\"example.test\"]\n[network.interfaces.ve0]\naddresses = [\"{s}.2/24\", \"fd77::2/64\"]\ngateway = \"{s}.1\"\nroutes = [{{ to = \"172.31.0.0/16\", via = \"{s}.1\" }}]\nmtu = 1400\n"
+    );
+    lab.start_sysd(&good);
+    lab.wait_log("network-online", 1);
+    let addrs = lab.ip(&["addr", "show", "ve0"]);
+    assert!(addrs.contains(&format!("inet {s}.2/24")), "{addrs}");
+    assert!(addrs.contains("inet6 fd77::2/64"), "{addrs}");
+    assert!(addrs.contains("mtu 1400"), "{addrs}");
+    let routes = lab.ip(&["-4", "route"]);
+    assert!(
+        routes.contains(&format!("default via {s}.1 dev ve0 proto static")),
+        "{routes}"
+    );
+    assert!(
+        routes.contains(&format!("172.31.0.0/16 via {s}.1 dev ve0 proto static")),
+        "{routes}"
+    );
+    let resolv = std::fs::read_to_string(lab.path("run/resolv.conf")).unwrap();
+    assert!(resolv.contains(&format!("nameserver {s}.53")), "{resolv}");
+    let st = lab.status();
+    assert_eq!(st["hostname"], "node-a");
+    assert_eq!(st["hostname_source"], "config");
+
+    // The same config through apply: nothing changes, nothing is duplicated.
+    let (code, body) = lab.request("POST", "/v1/apply", &good);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        lab.ip(&["-4", "addr", "show", "ve0"])
+            .matches("inet ")
+            .count(),
+        1
+    );
+    assert_eq!(
+        lab.ip(&["-4", "route"]).matches("default").count(),
+        1,
+        "{}",
+        lab.ip(&["-4", "route"])
+    );
+
+    let before = lab.ip(&["-4", "addr", "show", "ve0"]);
+    // An invalid address: refused by validation, with the key.
+    let bad = good.replace(&format!("{s}.2/24"), &format!("{s}.300/24"));
+    let (code, body) = lab.request("POST", "/v1/apply", &bad);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("network.interfaces.ve0.addresses[0]"),
+        "{body}"
+    );
+    // An unknown interface: refused before anything changes.
+    let bad = good.replace("interfaces.ve0", "interfaces.eth9");
+    let (code, body) = lab.request("POST", "/v1/apply", &bad);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("network.interfaces.eth9: no such link"),
+        "{body}"
+    );
+    assert!(body.contains("ve0"), "{body}");
+    // A gateway outside every address: refused by validation.
+    let bad = good.replace(&format!("gateway = \"{s}.1\""), "gateway = \"10.99.0.1\"");
+    let (code, body) = lab.request("POST", "/v1/apply", &bad);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("gateway: 10.99.0.1 is not inside"), "{body}");
+    // No address at all: refused.
+    let (code, body) = lab.request(
+        "POST",
+        "/v1/apply",
+        "version = 1\n[network.interfaces.ve0]\nmtu = 1500\n",
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("without an address"), "{body}");
+    // A gateway in the subnet that does not answer: applied, checked, rolled back.
+    let bad = good
+        .replace(&format!("{s}.2/24"), &format!("{s}.3/24"))
+        .replace(
+            &format!("gateway = \"{s}.1\""),
+            &format!("gateway = \"{s}.99\""),
+        );
+    let (code, body) = lab.request("POST", "/v1/apply", &bad);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains(&format!("gateway {s}.99 does not answer")),
+        "{body}"
+    );
+    assert!(body.contains("rolled back"), "{body}");
+    let after = lab.ip(&["-4", "addr", "show", "ve0"]);
+    assert!(after.contains(&format!("inet {s}.2/24")), "{after}");
+    assert!(!after.contains(&format!("inet {s}.3/24")), "{after}");
+    assert_eq!(
+        before.matches("inet ").count(),
+        after.matches("inet ").count()
+    );
+    let routes = lab.ip(&["-4", "route"]);
+    assert!(
+        routes.contains(&format!("default via {s}.1 dev ve0 proto static")),
+        "{routes}"
+    );
+    assert!(lab.log().contains("network-rollback"), "{}", lab.log());
+
+    // A good change: the new address replaces the old one.
+    let changed = good.replace(&format!("{s}.2/24"), &format!("{s}.4/24"));
+    let (code, body) = lab.request("POST", "/v1/apply", &changed);
+    assert_eq!(code, 200, "{body}");
+    let addrs = lab.ip(&["-4", "addr", "show", "ve0"]);
+    assert!(addrs.contains(&format!("inet {s}.4/24")), "{addrs}");
+    assert!(!addrs.contains(&format!("inet {s}.2/24")), "{addrs}");
+}
