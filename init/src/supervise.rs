@@ -113,7 +113,8 @@ struct Exec {
 
 impl Exec {
     fn sysd() -> Self {
-        Self::new(SYSD, &[SYSD])
+        // sysd owns the host network on a node (the flag keeps host tests off the host's links).
+        Self::new(SYSD, &[SYSD, "--host-network"])
     }
 
     fn new(path: &str, args: &[&str]) -> Self {

@@ -7,6 +7,7 @@
 //! time.
 
 mod http;
+mod net;
 mod render;
 
 use std::io::{self, Read, Write};
@@ -88,6 +89,8 @@ enum Command {
         #[arg(long, value_name = "SEQ")]
         since: Option<u64>,
     },
+    /// Show the host network: links, addresses, routes, DNS, DHCP leases, network-online.
+    Net,
     /// Show keelctl's and sysd's versions.
     Version,
     /// Print a shell completion script (e.g. `keelctl completions bash > /etc/bash_completion.d/keelctl`).
@@ -180,6 +183,7 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<()> {
             };
             stream::<Event>(&client, &path, json, out, render::event)?;
         }
+        Command::Net => net::run(&client, json, out)?,
         Command::Version => {
             let body = client.get(&api("/version"))?;
             if json {

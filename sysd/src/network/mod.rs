@@ -418,6 +418,17 @@ impl Net {
             .collect();
         self.remove_statics(link.index, &stale_addrs, &stale_routes)
             .await;
+        // DHCP off: its client goes first (releasing its lease removes its address, which
+        // may be the very address the static config is about to put there).
+        let running = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&link.name);
+        if !spec.dhcp && running {
+            self.stop_client(&link.name).await;
+        }
+
         for a in &addresses {
             self.nl
                 .replace_address(link.index, *a, None)
@@ -442,15 +453,8 @@ impl Net {
                 },
             );
         }
-        let running = self
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&link.name);
         if dhcp_on && !running {
             self.start_client(link);
-        } else if !dhcp_on && running {
-            self.stop_client(&link.name).await;
         }
         Ok(())
     }

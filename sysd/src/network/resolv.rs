@@ -24,11 +24,12 @@ pub fn write(path: &Path, dns: &[IpAddr], search: &[String]) -> std::io::Result<
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("conf.new");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(render(dns, search).as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    f.write_all(render(dns, search).as_bytes())
 }
 
 #[cfg(test)]
