@@ -131,6 +131,8 @@ pub struct Client {
     pub carrier: watch::Receiver<bool>,
     pub stop: watch::Receiver<bool>,
     pub reports: mpsc::UnboundedSender<Report>,
+    /// How the lease about to be reported was obtained (`offered`, `renewed`...).
+    pub how: &'static str,
 }
 
 enum State {
@@ -197,6 +199,11 @@ impl Client {
                             self.note("dhcp-error", format!("installing {}: {e}", l.address));
                         }
                         applied = Some(l.clone());
+                        let _ = self.reports.send(Report::Bound {
+                            link: self.name.clone(),
+                            lease: l.clone(),
+                            how: self.how,
+                        });
                     }
                     self.bound(l).await
                 }
@@ -399,11 +406,8 @@ impl Client {
                         format!("keeping the lease in {}: {e}", self.lease_file.display()),
                     );
                 }
-                let _ = self.reports.send(Report::Bound {
-                    link: self.name.clone(),
-                    lease: lease.clone(),
-                    how,
-                });
+                // Reported once the address and routes are in place (see `run`).
+                self.how = how;
                 State::Bound(lease)
             }
             None => State::Init { hint: None },

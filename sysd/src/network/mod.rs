@@ -153,6 +153,9 @@ impl Net {
             tokio::spawn(async move {
                 tokio::time::sleep(timeout).await;
                 if *net.online.borrow() == Online::Pending {
+                    net.refresh().await;
+                }
+                if *net.online.borrow() == Online::Pending {
                     let reason = net.missing().await;
                     (net.emit)(
                         "network-online-timeout",
@@ -492,6 +495,7 @@ impl Net {
             carrier: carrier_rx,
             stop: stop_rx,
             reports: self.reports.clone(),
+            how: "offered",
         };
         let task = tokio::spawn(client.run());
         (self.emit)(
@@ -592,12 +596,14 @@ impl Net {
         }
     }
 
-    /// Link events: carrier changes go to the DHCP client of the link; new links get the
-    /// config (a NIC that shows up late, a link recreated).
+    /// Link events: carrier changes go to the DHCP client of the link and become events;
+    /// route events re-evaluate network-online.
     async fn watch_links(self: Arc<Self>) {
-        let Ok((conn, _handle, mut messages)) =
-            rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])
-        else {
+        let Ok((conn, _handle, mut messages)) = rtnetlink::new_multicast_connection(&[
+            rtnetlink::MulticastGroup::Link,
+            rtnetlink::MulticastGroup::Ipv4Route,
+            rtnetlink::MulticastGroup::Ipv6Route,
+        ]) else {
             (self.emit)("network-error", "cannot subscribe to link events".into());
             return;
         };
@@ -607,8 +613,14 @@ impl Net {
             let rtnetlink::packet_core::NetlinkPayload::InnerMessage(inner) = msg.payload else {
                 continue;
             };
-            let RouteNetlinkMessage::NewLink(m) = inner else {
-                continue;
+            let m = match inner {
+                RouteNetlinkMessage::NewLink(m) => m,
+                // A default route came or went (ours or anyone's): online may have changed.
+                RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => {
+                    self.refresh().await;
+                    continue;
+                }
+                _ => continue,
             };
             let links = match self.nl.links().await {
                 Ok(l) => l,

@@ -1,0 +1,190 @@
+//! Host networking scenarios of the networking issue, on the test image under QEMU TCG with
+//! QEMU's user network (its DHCP server hands out 10.0.2.15, gateway 10.0.2.2, DNS 10.0.2.3).
+//! The guest runs in the test's own network namespace; "the outside" is a small HTTP server
+//! the test starts in that namespace, which the guest reaches at 10.0.2.2.
+//!
+//! Driven like services.rs: keelctl in the `testshell` service (port 7000, forwarded), and
+//! sysd's event lines on the console.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use qemu_tests::{create_overlay, image, DiskFormat, Guest, GuestBuilder};
+
+const BOOT: Duration = Duration::from_secs(240);
+const SHELL_PORT: u16 = 17000;
+
+fn test_image() -> PathBuf {
+    image("test").expect("the test image (./dev image configs/test.toml)")
+}
+
+fn boot(disk: &std::path::Path) -> Guest {
+    GuestBuilder::from_image_dir(&test_image())
+        .unwrap()
+        .disk_no_copy(disk, DiskFormat::Qcow2)
+        .memory_mib(1024)
+        .forward(SHELL_PORT, 7000)
+        .spawn()
+        .unwrap()
+}
+
+fn wait(g: &Guest, pattern: &str, timeout: Duration) -> String {
+    g.wait_for(pattern, timeout)
+        .unwrap_or_else(|e| panic!("{e}\n--- console ---\n{}", g.serial_tail(150)))
+}
+
+fn sh(g: &Guest, script: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let attempt = g.run_in_netns(|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", SHELL_PORT))?;
+            s.set_read_timeout(Some(Duration::from_secs(120)))?;
+            write!(s, "{{ {script}\n}} 2>&1; echo __END__\nexit\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        match attempt {
+            Ok(out) if out.contains("__END__") => return out.replace("__END__\n", ""),
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
+            other => panic!("test shell unreachable: {other:?}\n{}", g.serial_tail(60)),
+        }
+    }
+}
+
+/// An HTTP server on 127.0.0.1 of the guest's namespace (10.0.2.2 from inside the guest).
+fn outside_server(g: &Guest) -> u16 {
+    let listener = g.run_in_netns(|| TcpListener::bind(("127.0.0.1", 0)).unwrap());
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let body = "hello from the test namespace\n";
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+fn apply(g: &Guest, toml: &str) -> String {
+    sh(
+        g,
+        &format!("cat > /tmp/net.toml <<'EOF'\n{toml}\nEOF\nkeelctl apply /tmp/net.toml; echo \"exit=$?\""),
+    )
+}
+
+/// The default rule gets QEMU's DHCP lease and reaches the outside; a static config applied
+/// through the API replaces it; a config whose gateway does not answer is rolled back; after
+/// going back to DHCP and a reboot, the lease kept on /var is requested again.
+#[test]
+fn default_dhcp_static_apply_rollback_and_lease_after_reboot() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.qcow2");
+    create_overlay(&test_image().join("disk.raw"), &disk, Some(2 << 30)).unwrap();
+    let g = boot(&disk);
+    wait(
+        &g,
+        "sysd: dhcp-lease: eth0: offered 10.0.2.15/24 from 10.0.2.2",
+        BOOT,
+    );
+    wait(
+        &g,
+        "sysd: network-online: default route and DNS server present",
+        BOOT,
+    );
+    wait(&g, "sysd: testshell: ready", BOOT);
+    let console = g.serial_log();
+    // The test shell waits for network-online (after = ["network-online"]).
+    let online = console.find("sysd: network-online").unwrap();
+    let shell = console.find("sysd: testshell: starting").unwrap();
+    assert!(online < shell, "testshell started before network-online");
+
+    let net = sh(&g, "keelctl net");
+    assert!(net.contains("online:   online"), "{net}");
+    assert!(net.contains("10.0.2.15/24"), "{net}");
+    assert!(net.contains("dns:      10.0.2.3"), "{net}");
+    assert!(net.contains("default"), "{net}");
+    assert!(net.contains("dhcp"), "{net}");
+    let resolv = sh(&g, "cat /proc/1/root/run/keelson/resolv.conf");
+    assert!(resolv.contains("nameserver 10.0.2.3"), "{resolv}");
+    let host = sh(&g, "cat /proc/1/root/etc/hostname");
+    assert!(host.trim().starts_with("keelson-"), "{host}");
+
+    let port = outside_server(&g);
+    let got = sh(&g, &format!("wget -q -O - http://10.0.2.2:{port}/"));
+    assert!(got.contains("hello from the test namespace"), "{got}");
+
+    // A static config through the API (what first-boot user data will also produce).
+    let static_cfg = "version = 1\n[host]\nhostname = \"static-node\"\n[network]\ndns = [\"10.0.2.3\"]\n[network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n";
+    let out = apply(&g, static_cfg);
+    assert!(out.contains("exit=0"), "{out}");
+    let net = sh(&g, "keelctl net");
+    assert!(net.contains("static"), "{net}");
+    assert!(net.contains("static-node"), "{net}");
+    let routes = sh(&g, "ip route");
+    assert!(
+        routes.contains("default via 10.0.2.2 dev eth0 proto static"),
+        "{routes}"
+    );
+    let got = sh(&g, &format!("wget -q -O - http://10.0.2.2:{port}/"));
+    assert!(got.contains("hello from the test namespace"), "{got}");
+
+    // A gateway that does not answer: tried, rolled back, the node keeps its network.
+    let bad = static_cfg.replace("gateway = \"10.0.2.2\"", "gateway = \"10.0.2.99\"");
+    let out = apply(&g, &bad);
+    assert!(out.contains("exit=1"), "{out}");
+    assert!(out.contains("gateway 10.0.2.99 does not answer"), "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+    let routes = sh(&g, "ip route");
+    assert!(
+        routes.contains("default via 10.0.2.2 dev eth0 proto static"),
+        "{routes}"
+    );
+    assert!(!routes.contains("10.0.2.99"), "{routes}");
+    // An unknown interface: refused before anything changes.
+    let out = apply(
+        &g,
+        &static_cfg.replace("interfaces.eth0", "interfaces.eth7"),
+    );
+    assert!(
+        out.contains("network.interfaces.eth7: no such link"),
+        "{out}"
+    );
+
+    // Back to the default rule (DHCP), then a reboot: the kept lease is requested again.
+    let out = apply(&g, "version = 1\n");
+    assert!(out.contains("exit=0"), "{out}");
+    wait(&g, "sysd: dhcp-lease: eth0: confirmed 10.0.2.15/24", BOOT);
+    g.powerdown().unwrap();
+    wait(
+        &g,
+        "sysd: dhcp-unbound: eth0: no lease (released 10.0.2.15 to 10.0.2.2)",
+        BOOT,
+    );
+    g.wait_exit(BOOT).unwrap();
+    drop(g);
+
+    let g = boot(&disk);
+    wait(
+        &g,
+        "sysd: dhcp-reboot: eth0: requesting the previous lease 10.0.2.15",
+        BOOT,
+    );
+    wait(
+        &g,
+        "sysd: dhcp-lease: eth0: confirmed 10.0.2.15/24 from 10.0.2.2",
+        BOOT,
+    );
+    wait(&g, "sysd: testshell: ready", BOOT);
+    // A new guest, a new namespace: a new server in it.
+    let port = outside_server(&g);
+    let got = sh(&g, &format!("wget -q -O - http://10.0.2.2:{port}/"));
+    assert!(got.contains("hello from the test namespace"), "{got}");
+}
