@@ -1,0 +1,363 @@
+//! Host networking: time from a DHCP client's start until the link has its lease installed
+//! (address, default route, DNS known), for sysd (`--host-network`, from process start to its
+//! `network-online` event) side by side with `busybox udhcpc` and ISC `dhclient` against the
+//! same dnsmasq in the same run; and the resident memory networking adds to sysd (sysd with
+//! and without `--host-network`, no services).
+//!
+//! Everything runs in two network namespaces this benchmark creates (client and server joined
+//! by a veth pair); dnsmasq runs with `--no-ping` so its address probe does not dominate.
+//! Each client gets a fresh start every run (no kept lease, address flushed). Needs root,
+//! iproute2, dnsmasq, busybox; dhclient is skipped with a note when missing. Prints a table;
+//! asserts nothing about time.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const RUNS: usize = 5;
+const SERVER: &str = "kbench-srv";
+const CLIENT: &str = "kbench-cli";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-network: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("{args:?}"))?;
+    if !st.success() {
+        bail!("{args:?} failed");
+    }
+    Ok(())
+}
+
+struct Lab {
+    dir: Scratch,
+    dnsmasq: Child,
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.dnsmasq.kill();
+        let _ = self.dnsmasq.wait();
+        let _ = sh(&["ip", "netns", "del", SERVER]);
+        let _ = sh(&["ip", "netns", "del", CLIENT]);
+    }
+}
+
+fn lab() -> Result<Lab> {
+    let _ = sh(&["ip", "netns", "del", SERVER]);
+    let _ = sh(&["ip", "netns", "del", CLIENT]);
+    sh(&["ip", "netns", "add", SERVER])?;
+    sh(&["ip", "netns", "add", CLIENT])?;
+    sh(&[
+        "ip", "-n", SERVER, "link", "add", "vs", "type", "veth", "peer", "name", "ve0", "netns",
+        CLIENT,
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        SERVER,
+        "addr",
+        "add",
+        "10.66.0.1/24",
+        "dev",
+        "vs",
+    ])?;
+    sh(&["ip", "-n", SERVER, "link", "set", "vs", "up"])?;
+    sh(&["ip", "-n", CLIENT, "link", "set", "lo", "up"])?;
+    let dir = Scratch(std::env::temp_dir().join(format!("kbench-net-{}", std::process::id())));
+    std::fs::create_dir_all(dir.path())?;
+    let leases = format!("--dhcp-leasefile={}", dir.path().join("leases").display());
+    let dnsmasq = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            SERVER,
+            "dnsmasq",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+        ])
+        .args([
+            "--interface=vs",
+            "--bind-interfaces",
+            "--port=0",
+            "--no-ping",
+        ])
+        .args(["--dhcp-range=10.66.0.100,10.66.0.200,255.255.255.0,1h"])
+        .args(["--dhcp-option=option:router,10.66.0.1"])
+        .args(["--dhcp-option=option:dns-server,10.66.0.1", &leases])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("dnsmasq (apt-get install dnsmasq-base)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(Lab { dir, dnsmasq })
+}
+
+/// Back to an unconfigured link.
+fn reset() -> Result<()> {
+    let _ = sh(&["ip", "-n", CLIENT, "addr", "flush", "dev", "ve0"]);
+    let _ = sh(&["ip", "-n", CLIENT, "route", "flush", "table", "main"]);
+    sh(&["ip", "-n", CLIENT, "link", "set", "ve0", "up"])?;
+    // Carrier on a fresh veth comes at once; give it a moment to settle identically.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(())
+}
+
+fn has_default_route() -> bool {
+    Command::new("ip")
+        .args(["-n", CLIENT, "-4", "route", "show", "default"])
+        .output()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false)
+}
+
+/// sysd: process start → `network-online` on its stderr. Returns the time and sysd's RSS then.
+fn sysd_once(lab: &Lab, sysd: &Path, network: bool) -> Result<(Duration, u64)> {
+    let d = lab.dir.path();
+    let _ = std::fs::remove_dir_all(d.join("state"));
+    std::fs::create_dir_all(d.join("system"))?;
+    std::fs::write(
+        d.join("system/net.toml"),
+        "version = 1\n[network.interfaces.ve0]\ndhcp = true\n",
+    )?;
+    let mut args = vec![
+        format!("--system-dir={}/system", d.display()),
+        format!("--user-config={}/state/services.toml", d.display()),
+        format!("--run-dir={}/run", d.display()),
+        format!("--socket={}/run/sysd.sock", d.display()),
+        format!("--volumes={}/state/volumes", d.display()),
+        format!("--log-dir={}/state/log", d.display()),
+        "--cgroup-parent=/keelson-bench-net".into(),
+        format!("--network-state={}/state/network", d.display()),
+        format!("--resolv-conf={}/run/resolv.conf", d.display()),
+        format!("--hostname-file={}/hostname", d.display()),
+        format!("--machine-id={}/machine-id", d.display()),
+    ];
+    if network {
+        args.push("--host-network".into());
+    }
+    let start = Instant::now();
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            CLIENT,
+            "unshare",
+            "-m",
+            "-u",
+            "--propagation",
+            "private",
+        ])
+        .arg(sysd)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("sysd")?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let wanted = if network {
+        "sysd: network-online"
+    } else {
+        "sysd: ready"
+    };
+    let mut took = None;
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        if line.contains(wanted) {
+            took = Some(start.elapsed());
+            break;
+        }
+    }
+    let took = took.context("sysd ended before going online")?;
+    // Settle, then its memory (the `ip netns exec` and `unshare` exec into sysd: same pid).
+    std::thread::sleep(Duration::from_millis(300));
+    let rss = rss_kib(child.id()).unwrap_or(0);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    Ok((took, rss))
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// udhcpc: start → exit after the lease (-q), its script installs address, route, DNS.
+fn udhcpc_once(lab: &Lab) -> Result<Duration> {
+    let script = lab.dir.path().join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr replace \"$ip/$mask\" dev \"$interface\"\n  for r in $router; do ip route replace default via \"$r\" dev \"$interface\"; break; done\n  for d in $dns; do echo \"nameserver $d\"; done > \"$(dirname \"$0\")/resolv.udhcpc\"\n;; esac\n",
+    )?;
+    sh(&["chmod", "755", &script.display().to_string()])?;
+    let start = Instant::now();
+    let st = Command::new("ip")
+        .args([
+            "netns", "exec", CLIENT, "busybox", "udhcpc", "-i", "ve0", "-f", "-q", "-n",
+        ])
+        .args(["-t", "10", "-T", "1", "-s"])
+        .arg(&script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    let took = start.elapsed();
+    if !st.success() || !has_default_route() {
+        bail!("udhcpc got no lease");
+    }
+    Ok(took)
+}
+
+/// dhclient: start → it has bound and forked to the background (`-1`: one try).
+fn dhclient_once(lab: &Lab) -> Result<Duration> {
+    let script = lab.dir.path().join("dhclient.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$reason\" in BOUND|RENEW|REBOOT)\n  ip addr replace \"$new_ip_address/$new_subnet_mask\" dev \"$interface\"\n  for r in $new_routers; do ip route replace default via \"$r\" dev \"$interface\"; break; done\n  for d in $new_domain_name_servers; do echo \"nameserver $d\"; done > \"$(dirname \"$0\")/resolv.dhclient\"\n;; esac\n",
+    )?;
+    sh(&["chmod", "755", &script.display().to_string()])?;
+    let lf = lab.dir.path().join("dhclient.leases");
+    let pf = lab.dir.path().join("dhclient.pid");
+    let _ = std::fs::remove_file(&lf);
+    let start = Instant::now();
+    let st = Command::new("ip")
+        .args(["netns", "exec", CLIENT, "dhclient", "-1", "-4", "-sf"])
+        .arg(&script)
+        .arg("-lf")
+        .arg(&lf)
+        .arg("-pf")
+        .arg(&pf)
+        .arg("ve0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    let took = start.elapsed();
+    if let Ok(pid) = std::fs::read_to_string(&pf) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SAFETY: kill(2) on the dhclient this run started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    if !st.success() || !has_default_route() {
+        bail!("dhclient got no lease");
+    }
+    Ok(took)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn run() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("needs root");
+    }
+    let sysd: PathBuf = match std::env::var_os("KEELSON_SYSD") {
+        Some(p) => p.into(),
+        None => std::env::current_exe()?.with_file_name("sysd"),
+    };
+    if !sysd.exists() {
+        bail!("{} missing (cargo build -p keelson-sysd)", sysd.display());
+    }
+    let lab = lab()?;
+    std::fs::write(
+        lab.dir.path().join("machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )?;
+    let has_dhclient =
+        Path::new("/usr/sbin/dhclient").exists() || Path::new("/sbin/dhclient").exists();
+
+    // Warm-up: dnsmasq learns the MAC once.
+    reset()?;
+    sysd_once(&lab, &sysd, true)?;
+
+    let (mut t_sysd, mut t_udhcpc, mut t_dhclient) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut rss_net, mut rss_plain) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        reset()?;
+        let (t, rss) = sysd_once(&lab, &sysd, true)?;
+        t_sysd.push(t);
+        rss_net.push(rss);
+        reset()?;
+        t_udhcpc.push(udhcpc_once(&lab)?);
+        if has_dhclient {
+            reset()?;
+            t_dhclient.push(dhclient_once(&lab)?);
+        }
+        reset()?;
+        let (_, rss) = sysd_once(&lab, &sysd, false)?;
+        rss_plain.push(rss);
+    }
+    let base = median(t_sysd.clone()).as_secs_f64() * 1000.0;
+    println!(
+        "DHCPv4 against dnsmasq in a namespace, start → lease installed (median of {RUNS} runs)"
+    );
+    println!("{:<34} {:>10} {:>12}", "client", "ms", "vs sysd");
+    let row = |name: &str, v: &[Duration]| {
+        let ms = median(v.to_vec()).as_secs_f64() * 1000.0;
+        println!("{name:<34} {ms:>10.1} {:>11.2}x", ms / base);
+    };
+    row("sysd --host-network (to online)", &t_sysd);
+    row("busybox udhcpc -q", &t_udhcpc);
+    if has_dhclient {
+        row("dhclient -1", &t_dhclient);
+    } else {
+        println!("{:<34} {:>10}", "dhclient -1", "not installed");
+    }
+    let mid = |v: &mut Vec<u64>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (net, plain) = (mid(&mut rss_net), mid(&mut rss_plain));
+    println!();
+    println!("sysd resident memory, no services (median)");
+    println!("{:<34} {:>10}", "sysd", "RSS KiB");
+    println!("{:<34} {:>10}", "without --host-network", plain);
+    println!("{:<34} {:>10}", "with --host-network, online", net);
+    println!(
+        "{:<34} {:>10} ({:+.1}%)",
+        "added by networking",
+        net as i64 - plain as i64,
+        (net as f64 - plain as f64) * 100.0 / plain.max(1) as f64
+    );
+    Ok(())
+}
