@@ -86,6 +86,9 @@ struct DaemonArgs {
     /// The machine ID (the default hostname derives from it).
     #[arg(long, default_value = "/etc/machine-id")]
     machine_id: PathBuf,
+    /// `nft` for container networks: the binary, or an image root with Debian's nftables.
+    #[arg(long, default_value = "/usr/lib/keelson/images/nft")]
+    nft: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -196,6 +199,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
             resolv_conf: args.resolv_conf.clone(),
             hostname_file: args.hostname_file.clone(),
             machine_id: args.machine_id.clone(),
+            nft: args.nft.clone(),
         };
         let emit_to = Arc::downgrade(&sup);
         let emit: network::Emit = Arc::new(move |kind: &str, message: String| {

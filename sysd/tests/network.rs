@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+// The busybox root file system for the bridge test's containers.
+#[allow(dead_code)]
+#[path = "../src/testing.rs"]
+mod testing;
+
 const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -160,7 +165,7 @@ impl Lab {
     fn spawn_sysd(&mut self) {
         let d = self.dir.path().display();
         let script = format!(
-            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {SYSD} --host-network --system-dir {d}/system --user-config {d}/var/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent /keelson-net-{} --network-state {d}/var/network --resolv-conf {d}/run/resolv.conf --hostname-file {d}/hostname --machine-id {d}/machine-id",
+            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {SYSD} --host-network --system-dir {d}/system --user-config {d}/var/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent /keelson-net-{} --network-state {d}/var/network --resolv-conf {d}/run/resolv.conf --hostname-file {d}/hostname --machine-id {d}/machine-id --nft /usr/sbin/nft",
             self.client
         );
         let log = std::fs::OpenOptions::new()
@@ -476,4 +481,150 @@ fn static_config_idempotent_and_bad_applies_roll_back() {
     let addrs = lab.ip(&["-4", "addr", "show", "ve0"]);
     assert!(addrs.contains(&format!("inet {s}.4/24")), "{addrs}");
     assert!(!addrs.contains(&format!("inet {s}.2/24")), "{addrs}");
+}
+
+/// Two bridge services: addresses from the configured subnet (kept across a restart), names
+/// resolvable from each other, outbound traffic masqueraded to a server that has no route
+/// back to the bridge, and a published port reachable from outside the node.
+#[test]
+fn bridge_services_talk_by_name_reach_out_and_publish_ports() {
+    assert!(
+        Path::new("/usr/sbin/nft").exists(),
+        "nft missing: apt-get install nftables (./dev deps)"
+    );
+    let mut lab = Lab::new();
+    let s = lab.subnet.clone();
+    let rootfs = lab.path("rootfs");
+    testing::busybox_rootfs(&rootfs).unwrap();
+    std::fs::create_dir_all(rootfs.join("www")).unwrap();
+    std::fs::write(rootfs.join("www/index.html"), "hello from web\n").unwrap();
+    std::fs::create_dir_all(lab.path("out")).unwrap();
+    // The outside: an HTTP server in the server namespace.
+    std::fs::create_dir_all(lab.path("outside")).unwrap();
+    std::fs::write(lab.path("outside/ok"), "outside ok\n").unwrap();
+    let outside = lab.path("outside").display().to_string();
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.server,
+        "busybox",
+        "httpd",
+        "-p",
+        &format!("{s}.1:8099"),
+        "-h",
+        &outside,
+    ]);
+    let config = format!(
+        r#"version = 1
+[network]
+dns = ["{s}.1"]
+[network.bridge]
+subnet = "10.89.0.0/24"
+[network.interfaces.ve0]
+addresses = ["{s}.2/24"]
+gateway = "{s}.1"
+
+[services.web]
+image = "{root}"
+command = ["httpd", "-f", "-p", "80", "-h", "/www"]
+network = "bridge"
+ports = ["18081:80/tcp"]
+ready = {{ tcp = "127.0.0.1:80", interval = "200ms" }}
+
+[services.client]
+image = "{root}"
+command = ["sh", "-c", "until wget -q -O /out/by-name http://web/; do sleep 1; done; until wget -q -O /out/outside http://{s}.1:8099/ok; do sleep 1; done; cat /etc/hosts > /out/hosts; exec sleep 100000"]
+network = "bridge"
+requires = ["web"]
+mounts = [{{ type = "bind", source = "{out}", target = "/out" }}]
+"#,
+        root = rootfs.display(),
+        out = lab.path("out").display()
+    );
+    lab.start_sysd(&config);
+    let log = lab.wait_log("sysd: endpoint: client: 10.89.0.", 1);
+    assert!(
+        log.contains(
+            "endpoint: web: 10.89.0.2/24 on keel0 via 10.89.0.1, publishing 18081->80/tcp"
+        ),
+        "{log}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !lab.path("out/hosts").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "client never finished\n{}",
+            lab.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let by_name = std::fs::read_to_string(lab.path("out/by-name")).unwrap();
+    assert_eq!(by_name, "hello from web\n");
+    let outside = std::fs::read_to_string(lab.path("out/outside")).unwrap();
+    assert_eq!(outside, "outside ok\n");
+    let hosts = std::fs::read_to_string(lab.path("out/hosts")).unwrap();
+    assert!(hosts.contains("10.89.0.2 web\n"), "{hosts}");
+    assert!(hosts.contains("10.89.0.3 client\n"), "{hosts}");
+
+    // The published port, from outside the node (the server namespace).
+    let url = format!("http://{s}.2:18081/");
+    let got = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.server,
+        "busybox",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        &url,
+    ]);
+    assert_eq!(got, "hello from web\n");
+
+    // A restart keeps the address.
+    let (code, body) = lab.request("POST", "/v1/services/web/restart", "");
+    assert_eq!(code, 200, "{body}");
+    let log = lab.wait_log("sysd: endpoint: web: 10.89.0.2/24", 2);
+    assert!(!log.contains("endpoint: web: 10.89.0.4"), "{log}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.server,
+                "busybox",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout) == "hello from web\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web unreachable after its restart\n{}",
+            lab.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // Two services cannot publish the same host port: refused at apply time.
+    let clash = format!(
+        "version = 1\n[services.other]\nimage = \"{}\"\ncommand = [\"sleep\", \"100\"]\nnetwork = \"bridge\"\nports = [\"18081:81\"]\n",
+        rootfs.display()
+    );
+    let (code, body) = lab.request("POST", "/v1/apply", &clash);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("host port 18081/tcp is already published by service"),
+        "{body}"
+    );
+    assert!(body.contains("`web`") && body.contains("`other`"), "{body}");
 }

@@ -141,6 +141,15 @@ impl Netlink {
         Ok(msgs.iter().map(Link::from_message).collect())
     }
 
+    pub async fn add_bridge(&self, name: &str) -> Result<()> {
+        self.handle
+            .link()
+            .add(rtnetlink::LinkBridge::new(name).build())
+            .execute()
+            .await
+            .map_err(nl(format!("creating bridge {name}")))
+    }
+
     pub async fn set_up(&self, index: u32, mtu: Option<u32>) -> Result<()> {
         let mut b = LinkUnspec::new_with_index(index).up();
         if let Some(mtu) = mtu {

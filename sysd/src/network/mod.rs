@@ -8,6 +8,7 @@
 //! exists, static gateways answer a ping, DHCP links get a lease) and rolled back to the last
 //! good one when the check fails, so a bad apply never cuts the node off.
 
+pub mod bridge;
 pub mod dhcp;
 pub mod links;
 mod probe;
@@ -47,6 +48,8 @@ pub struct Paths {
     pub hostname_file: PathBuf,
     /// The machine ID, for the default hostname.
     pub machine_id: PathBuf,
+    /// `nft`: the binary, or the root of an image holding Debian's nftables.
+    pub nft: PathBuf,
 }
 
 /// Whether services waiting for `network-online` may start.
@@ -85,6 +88,9 @@ struct State {
     dns: Vec<IpAddr>,
     search: Vec<String>,
     hostname: (String, &'static str),
+    /// Published ports by service (bridge services that have started).
+    ports: BTreeMap<String, (Ipv4Addr, Vec<crate::spec::network::PortSpec>)>,
+    bridge_up: bool,
 }
 
 /// The network manager.
@@ -99,6 +105,8 @@ pub struct Net {
     apply_lock: tokio::sync::Mutex<()>,
     /// Bumped on every lease change (apply's try waits on it).
     lease_epoch: watch::Sender<u64>,
+    /// One bridge attachment at a time (allocation, hosts file, ruleset).
+    bridge_lock: tokio::sync::Mutex<()>,
 }
 
 impl Net {
@@ -122,12 +130,15 @@ impl Net {
             online: watch::channel(Online::Pending).0,
             apply_lock: tokio::sync::Mutex::new(()),
             lease_epoch: watch::channel(0).0,
+            bridge_lock: tokio::sync::Mutex::new(()),
         });
         let timeout = config
             .network
             .online_timeout
             .map(|s| s.0)
             .unwrap_or(ONLINE_TIMEOUT);
+        // Known at once (bridge services may attach before the first reconcile is done).
+        net.state.lock().unwrap_or_else(|p| p.into_inner()).config = config.clone();
         tokio::spawn(Arc::clone(&net).handle_reports(reports_rx));
         tokio::spawn(Arc::clone(&net).watch_links());
         {
@@ -764,6 +775,128 @@ impl Net {
             (true, false) => "no DNS server".into(),
             (false, false) => "no default route and no DNS server".into(),
         }
+    }
+
+    /// Gives a bridge service its place: the bridge (created on first use, with forwarding
+    /// on), its address (kept across restarts), the hosts file, and the nftables rules for
+    /// its published ports. The runtime helper plugs the container in with the result.
+    pub async fn attach(
+        &self,
+        service: &str,
+        ports: &[crate::spec::network::PortSpec],
+    ) -> Result<bridge::Endpoint, String> {
+        let _guard = self.bridge_lock.lock().await;
+        let subnet = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.config.network.bridge_subnet()
+        };
+        let gw = bridge::gateway(subnet);
+        let bridge_up = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bridge_up;
+        if !bridge_up {
+            self.ensure_bridge(subnet, gw).await?;
+        }
+        let ipam_path = bridge::ipam_path(&self.paths.state_dir);
+        let mut ipam = bridge::Ipam::load(&ipam_path, subnet);
+        let address = ipam.allocate(service, subnet)?;
+        ipam.store(&ipam_path)
+            .map_err(|e| format!("keeping {}: {e}", ipam_path.display()))?;
+        bridge::write_in_place(&self.hosts_file(), &bridge::render_hosts(&ipam))
+            .map_err(|e| format!("writing {}: {e}", self.hosts_file().display()))?;
+        let rules = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.ports
+                .insert(service.to_string(), (address, ports.to_vec()));
+            let all: Vec<(Ipv4Addr, crate::spec::network::PortSpec)> = st
+                .ports
+                .values()
+                .flat_map(|(ip, ps)| ps.iter().map(move |p| (*ip, *p)))
+                .collect();
+            bridge::render_ruleset(subnet, &all)
+        };
+        let nft = self.paths.nft.clone();
+        tokio::task::spawn_blocking(move || bridge::nft_load(&nft, &rules))
+            .await
+            .map_err(|e| e.to_string())??;
+        (self.emit)(
+            "endpoint",
+            format!(
+                "{service}: {address}/{} on {} via {gw}{}",
+                subnet.prefix,
+                bridge::BRIDGE,
+                if ports.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", publishing {}",
+                        ports
+                            .iter()
+                            .map(|p| format!("{}->{}/{}", p.host, p.container, p.proto))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    )
+                }
+            ),
+        );
+        Ok(bridge::Endpoint {
+            service: service.to_string(),
+            address,
+            prefix: subnet.prefix,
+            gateway: gw,
+            bridge: bridge::BRIDGE.to_string(),
+            host_if: bridge::host_if_name(service),
+        })
+    }
+
+    /// The hosts file bridge containers get as /etc/hosts.
+    pub fn hosts_file(&self) -> PathBuf {
+        self.paths.resolv_conf.with_file_name("hosts")
+    }
+
+    async fn ensure_bridge(&self, subnet: Cidr, gw: Ipv4Addr) -> Result<(), String> {
+        let links = self.nl.links().await.map_err(|e| e.to_string())?;
+        let index = match links.iter().find(|l| l.name == bridge::BRIDGE) {
+            Some(l) => l.index,
+            None => {
+                self.nl
+                    .add_bridge(bridge::BRIDGE)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.nl
+                    .links()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .find(|l| l.name == bridge::BRIDGE)
+                    .map(|l| l.index)
+                    .ok_or("the bridge vanished after its creation")?
+            }
+        };
+        self.nl
+            .replace_address(
+                index,
+                Cidr {
+                    addr: IpAddr::V4(gw),
+                    prefix: subnet.prefix,
+                },
+                None,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.nl
+            .set_up(index, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| format!("enabling IPv4 forwarding: {e}"))?;
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bridge_up = true;
+        Ok(())
     }
 
     /// `GET /v1/network`.

@@ -184,7 +184,16 @@ fn create(args: &Args) -> Result<i32> {
         .ok_or_else(|| anyhow!("container {id} has no init pid after create"))?
         .as_raw();
 
-    let started = loopback_up(pid)
+    // A bridge service: plugged into the bridge before its process starts (this also
+    // brings lo up and leaves us in its namespace, so loopback_up finds nothing to do).
+    let plugged = match bridge_endpoint(bundle) {
+        Ok(Some(ep)) => super::netplug::plug(pid, &ep)
+            .with_context(|| format!("plugging container {id} into bridge {}", ep.bridge)),
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    let started = plugged
+        .and_then(|()| loopback_up(pid))
         .context("bringing up lo in the container's network namespace")
         .and_then(|()| {
             container
@@ -200,6 +209,23 @@ fn create(args: &Args) -> Result<i32> {
         return Err(err);
     }
     Ok(pid)
+}
+
+/// The bridge endpoint sysd recorded in the bundle's annotations, if any.
+fn bridge_endpoint(bundle: &Path) -> Result<Option<super::netplug::Endpoint>> {
+    let path = bundle.join("config.json");
+    let spec = oci_spec::runtime::Spec::load(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let Some(text) = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(super::netplug::ANNOTATION))
+    else {
+        return Ok(None);
+    };
+    serde_json::from_str(text)
+        .map(Some)
+        .with_context(|| format!("annotation {}", super::netplug::ANNOTATION))
 }
 
 /// Sets `lo` up in the network namespace of `pid` when it is not ours (runc leaves it down;

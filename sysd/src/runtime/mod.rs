@@ -26,6 +26,7 @@ pub(crate) mod bundle;
 mod cgroup;
 pub mod helper;
 pub mod init;
+pub mod netplug;
 pub(crate) mod seccomp;
 
 pub use cgroup::Stats;

@@ -71,6 +71,10 @@ pub enum Network {
     Host,
     /// A private network namespace with only loopback.
     None,
+    /// A private network namespace on Keelson's bridge (`keel0`): an address from
+    /// `[network.bridge]`, kept across restarts; outbound traffic masqueraded; `ports`
+    /// published; the other bridge services by name in /etc/hosts (`docs/network.md`).
+    Bridge,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -259,6 +263,9 @@ pub struct ServiceSpec {
     pub mounts: Vec<MountSpec>,
     #[serde(default)]
     pub network: Network,
+    /// Published ports, `HOST:CONTAINER[/tcp|/udp]` (bridge network only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
     #[serde(default)]
     pub pid: PidMode,
     /// Run the command under a minimal init that forwards signals and reaps zombies
@@ -598,6 +605,14 @@ fn check_service(name: &str, s: &ServiceSpec) -> Result<(), String> {
             return Err("depends on itself (in `after` or `requires`)".into());
         }
     }
+    for (i, p) in s.ports.iter().enumerate() {
+        network::PortSpec::parse(p).map_err(|e| format!("ports[{i}]: {e}"))?;
+        if s.network != Network::Bridge {
+            return Err(format!(
+                "ports[{i}]: publishing ports needs network = \"bridge\" (with the host network the service's own ports are already the host's)"
+            ));
+        }
+    }
     if s.privileged && s.user_namespace {
         return Err("privileged and user_namespace cannot be combined".into());
     }
@@ -632,6 +647,23 @@ impl Config {
                         return Err(ConfigError(format!(
                             "{}: service `{}`: {field}: no service named `{dep}`",
                             svc.origin, svc.name
+                        )));
+                    }
+                }
+            }
+        }
+        // Published ports: one service per host port and protocol.
+        let mut published: BTreeMap<(u16, &str), &Service> = BTreeMap::new();
+        for svc in map.values() {
+            for p in &svc.spec.ports {
+                let Ok(port) = network::PortSpec::parse(p) else {
+                    continue;
+                };
+                if let Some(other) = published.insert((port.host, port.proto), svc) {
+                    if other.name != svc.name {
+                        return Err(ConfigError(format!(
+                            "{}: service `{}`: ports: host port {}/{} is already published by service `{}` ({})",
+                            svc.origin, svc.name, port.host, port.proto, other.name, other.origin
                         )));
                     }
                 }

@@ -32,6 +32,63 @@ pub struct NetworkSpec {
     pub search: Vec<String>,
     /// How long `network-online` waits before letting its dependents start anyway (default 30s).
     pub online_timeout: Option<Span>,
+    /// The container bridge (`network = "bridge"` services).
+    pub bridge: Option<BridgeSpec>,
+}
+
+/// `[network.bridge]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeSpec {
+    /// IPv4 subnet of the bridge (default 10.88.0.0/16); its first address is the bridge's.
+    pub subnet: Option<String>,
+}
+
+impl NetworkSpec {
+    /// The bridge subnet (default 10.88.0.0/16, podman's), validated by `check`.
+    pub fn bridge_subnet(&self) -> Cidr {
+        self.bridge
+            .as_ref()
+            .and_then(|b| b.subnet.as_deref())
+            .and_then(|s| Cidr::parse(s).ok())
+            .unwrap_or(Cidr {
+                addr: IpAddr::V4(Ipv4Addr::new(10, 88, 0, 0)),
+                prefix: 16,
+            })
+    }
+}
+
+/// A published port, `HOST:CONTAINER[/tcp|/udp]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortSpec {
+    pub host: u16,
+    pub container: u16,
+    pub proto: &'static str,
+}
+
+impl PortSpec {
+    pub fn parse(s: &str) -> Result<PortSpec, String> {
+        let (ports, proto) = match s.split_once('/') {
+            Some((p, "tcp")) => (p, "tcp"),
+            Some((p, "udp")) => (p, "udp"),
+            Some((_, other)) => return Err(format!("{s:?}: protocol {other:?} is not tcp or udp")),
+            None => (s, "tcp"),
+        };
+        let (h, c) = ports.split_once(':').ok_or_else(|| {
+            format!("{s:?} is not HOST:CONTAINER[/tcp|/udp] (like \"8080:80/tcp\")")
+        })?;
+        let port = |x: &str| {
+            x.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{s:?}: {x:?} is not a port (1-65535)"))
+        };
+        Ok(PortSpec {
+            host: port(h)?,
+            container: port(c)?,
+            proto,
+        })
+    }
 }
 
 /// Which link an interface entry configures: every given key must match.
@@ -183,6 +240,16 @@ pub fn check(network: &NetworkSpec, host: &HostSpec) -> Result<(), String> {
     }
     if network.online_timeout.is_some_and(|t| t.0.is_zero()) {
         return Err("network.online_timeout: must be above 0".into());
+    }
+    if let Some(b) = &network.bridge {
+        if let Some(subnet) = &b.subnet {
+            let c = Cidr::parse(subnet).map_err(|e| format!("network.bridge.subnet: {e}"))?;
+            if !c.addr.is_ipv4() || !(8..=28).contains(&c.prefix) {
+                return Err(format!(
+                    "network.bridge.subnet: {subnet:?} must be an IPv4 subnet with a prefix of 8 to 28"
+                ));
+            }
+        }
     }
     let mut any_address = network.interfaces.is_empty();
     for (label, ifc) in &network.interfaces {

@@ -687,7 +687,34 @@ impl ServiceTask {
         let (reference, layout) = (self.svc.spec.image.clone(), self.sup.paths.layout.clone());
         let image =
             tokio::task::spawn_blocking(move || resolve::image(&reference, &layout)).await??;
-        let cfg = resolve::container(&self.svc, &image, &self.sup.paths.layout)?;
+        let mut cfg = resolve::container(&self.svc, &image, &self.sup.paths.layout)?;
+        if self.svc.spec.network == crate::spec::Network::Bridge {
+            let net = self.sup.network().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "network = \"bridge\" needs sysd's host networking (--host-network)"
+                )
+            })?;
+            let ports: Vec<_> = self
+                .svc
+                .spec
+                .ports
+                .iter()
+                .filter_map(|p| crate::spec::network::PortSpec::parse(p).ok())
+                .collect();
+            let ep = net
+                .attach(self.name(), &ports)
+                .await
+                .map_err(|e| anyhow::anyhow!("bridge network: {e}"))?;
+            cfg.annotations.insert(
+                crate::network::bridge::ANNOTATION.into(),
+                serde_json::to_string(&ep)?,
+            );
+            cfg.mounts.push(crate::runtime::Mount::Bind {
+                source: net.hosts_file(),
+                target: "/etc/hosts".into(),
+                readonly: true,
+            });
+        }
         let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         self.sup.logs.capture(self.name(), Stream::Stdout, out_r);
@@ -713,7 +740,7 @@ impl ServiceTask {
         let exit = crate::runtime::wait_exit(&inst.pidfd);
         tokio::pin!(exit);
         let mut epoch = self.sup.epoch.subscribe();
-        let netns_pid = (spec.network == crate::spec::Network::None).then_some(inst.pid);
+        let netns_pid = (spec.network != crate::spec::Network::Host).then_some(inst.pid);
 
         let mut ready = spec.ready.is_none();
         if ready {

@@ -192,7 +192,8 @@ pub fn container(svc: &Service, image: &Image, layout: &Layout) -> Result<Contai
         mounts,
         network: match spec.network {
             Network::Host => NetworkMode::Host,
-            Network::None => NetworkMode::None,
+            // Its own namespace; the helper plugs it into the bridge before the start.
+            Network::None | Network::Bridge => NetworkMode::None,
         },
         cap_add: spec.cap_add.iter().map(|c| c.0.clone()).collect(),
         cap_drop: spec.cap_drop.iter().map(|c| c.0.clone()).collect(),
