@@ -56,7 +56,11 @@ fn sh(g: &Guest, script: &str) -> String {
 
 /// An HTTP server on 127.0.0.1 of the guest's namespace (10.0.2.2 from inside the guest).
 fn outside_server(g: &Guest) -> u16 {
-    let listener = g.run_in_netns(|| TcpListener::bind(("127.0.0.1", 0)).unwrap());
+    outside_server_on(g, 0)
+}
+
+fn outside_server_on(g: &Guest, port: u16) -> u16 {
+    let listener = g.run_in_netns(|| TcpListener::bind(("127.0.0.1", port)).unwrap());
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for mut conn in listener.incoming().flatten() {
@@ -189,4 +193,69 @@ fn default_dhcp_static_apply_rollback_and_lease_after_reboot() {
     let port = outside_server(&g);
     let got = sh(&g, &format!("wget -q -O - http://10.0.2.2:{port}/"));
     assert!(got.contains("hello from the test namespace"), "{got}");
+}
+
+/// Two bridge services of the test image: bweb's published port answers through a QEMU port
+/// forward (host → guest 8081 → DNAT → bweb:80), bclient reaches bweb by name and the
+/// outside (the test's namespace) through masquerade.
+#[test]
+fn bridge_services_publish_ports_and_resolve_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.qcow2");
+    create_overlay(&test_image().join("disk.raw"), &disk, Some(2 << 30)).unwrap();
+    let g = GuestBuilder::from_image_dir(&test_image())
+        .unwrap()
+        .disk_no_copy(&disk, DiskFormat::Qcow2)
+        .memory_mib(1024)
+        .forward(SHELL_PORT, 7000)
+        .forward(18081, 8081)
+        .spawn()
+        .unwrap();
+    outside_server_on(&g, 18099);
+    wait(&g, "sysd: endpoint: bweb: 10.88.0.", BOOT);
+    wait(&g, "sysd: bweb: ready", BOOT);
+    wait(&g, "sysd: bclient: started", BOOT);
+    let console = g.serial_log();
+    assert!(
+        console.contains("publishing 8081->80/tcp"),
+        "{}",
+        g.serial_tail(80)
+    );
+
+    // The published port from the host side of QEMU's forward.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let got = g.run_in_netns(|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", 18081))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(s, "GET / HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        match got {
+            Ok(b) if b.contains("hello from bweb") => break b,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
+            other => panic!("published port: {other:?}\n{}", g.serial_tail(80)),
+        }
+    };
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+
+    // bclient: bweb by name, and the outside through masquerade.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let logs = sh(&g, "keelctl logs bclient");
+        if logs.contains("hello from bweb") && logs.contains("hello from the test namespace") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bclient: {logs}\n{}",
+            g.serial_tail(60)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let net = sh(&g, "keelctl net");
+    assert!(net.contains("keel0"), "{net}");
+    assert!(net.contains("10.88.0.1/16"), "{net}");
 }
