@@ -541,14 +541,14 @@ impl Client {
             self.nl
                 .set_up(self.index, Some(u32::from(mtu)))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| super::chain(&e))?;
         }
         let remaining = u32::try_from(lease.remaining_secs()).unwrap_or(u32::MAX);
         let lifetime = (lease.lease_secs != u32::MAX).then_some(remaining.max(1));
         self.nl
             .replace_address(self.index, lease.cidr(), lifetime)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| super::chain(&e))?;
         for (dst, gw) in lease.routes() {
             let gw = (!gw.is_unspecified()).then_some(IpAddr::V4(gw));
             self.nl
@@ -561,7 +561,7 @@ impl Client {
                     DHCP_METRIC,
                 )
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| super::chain(&e))?;
         }
         Ok(())
     }

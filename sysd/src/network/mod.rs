@@ -200,7 +200,7 @@ impl Net {
             self.state.lock().unwrap_or_else(|p| p.into_inner()).config = new;
             return Ok("network unchanged".into());
         }
-        let links = self.nl.links().await.map_err(|e| e.to_string())?;
+        let links = self.nl.links().await.map_err(|e| chain(&e))?;
         // Unknown interfaces are refused before anything changes.
         plan(&new.network, &links)?;
         if let Err(e) = self.reconcile(new.clone()).await {
@@ -283,7 +283,7 @@ impl Net {
 
     /// Makes the kernel match `cfg`; idempotent.
     async fn reconcile(&self, cfg: NetConfig) -> Result<(), String> {
-        let links = self.nl.links().await.map_err(|e| e.to_string())?;
+        let links = self.nl.links().await.map_err(|e| chain(&e))?;
         let planned = if cfg.network.interfaces.is_empty() {
             self.default_rule(&links).await
         } else {
@@ -383,7 +383,7 @@ impl Net {
         self.nl
             .set_up(link.index, spec.mtu)
             .await
-            .map_err(|e| format!("{}: {e}", link.name))?;
+            .map_err(|e| format!("{}: {}", link.name, chain(&e)))?;
         let addresses: Vec<Cidr> = spec
             .addresses
             .iter()
@@ -447,13 +447,13 @@ impl Net {
             self.nl
                 .replace_address(link.index, *a, None)
                 .await
-                .map_err(|e| format!("{}: {e}", link.name))?;
+                .map_err(|e| format!("{}: {}", link.name, chain(&e)))?;
         }
         for (dst, via) in &routes {
             self.nl
                 .replace_route(*dst, *via, link.index, None, RouteProtocol::Static, 0)
                 .await
-                .map_err(|e| format!("{}: {e}", link.name))?;
+                .map_err(|e| format!("{}: {}", link.name, chain(&e)))?;
         }
         let dhcp_on = spec.dhcp;
         {
@@ -797,7 +797,20 @@ impl Net {
             .unwrap_or_else(|p| p.into_inner())
             .bridge_up;
         if !bridge_up {
-            self.ensure_bridge(subnet, gw).await?;
+            // Early in boot the bridge module may still be loading (init loads the root's
+            // modules in the background): a few tries.
+            let mut tries = 0;
+            loop {
+                match self.ensure_bridge(subnet, gw).await {
+                    Ok(()) => break,
+                    Err(e) if tries < 10 => {
+                        tries += 1;
+                        tracing::debug!("bridge not ready yet: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         let ipam_path = bridge::ipam_path(&self.paths.state_dir);
         let mut ipam = bridge::Ipam::load(&ipam_path, subnet);
@@ -820,7 +833,7 @@ impl Net {
         let nft = self.paths.nft.clone();
         tokio::task::spawn_blocking(move || bridge::nft_load(&nft, &rules))
             .await
-            .map_err(|e| e.to_string())??;
+            .map_err(|e| chain(&e))??;
         (self.emit)(
             "endpoint",
             format!(
@@ -857,18 +870,18 @@ impl Net {
     }
 
     async fn ensure_bridge(&self, subnet: Cidr, gw: Ipv4Addr) -> Result<(), String> {
-        let links = self.nl.links().await.map_err(|e| e.to_string())?;
+        let links = self.nl.links().await.map_err(|e| chain(&e))?;
         let index = match links.iter().find(|l| l.name == bridge::BRIDGE) {
             Some(l) => l.index,
             None => {
                 self.nl
                     .add_bridge(bridge::BRIDGE)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| chain(&e))?;
                 self.nl
                     .links()
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| chain(&e))?
                     .iter()
                     .find(|l| l.name == bridge::BRIDGE)
                     .map(|l| l.index)
@@ -885,11 +898,8 @@ impl Net {
                 None,
             )
             .await
-            .map_err(|e| e.to_string())?;
-        self.nl
-            .set_up(index, None)
-            .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| chain(&e))?;
+        self.nl.set_up(index, None).await.map_err(|e| chain(&e))?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| format!("enabling IPv4 forwarding: {e}"))?;
         self.state
@@ -1045,6 +1055,18 @@ fn matches(label: &str, spec: &InterfaceSpec, link: &Link) -> bool {
         }
     }
     true
+}
+
+/// An error with its causes, for messages a person reads (`netlink: listing links: ...`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
