@@ -7,6 +7,7 @@
 //! time.
 
 mod http;
+mod images;
 mod render;
 
 use std::io::{self, Read, Write};
@@ -87,6 +88,13 @@ enum Command {
         /// Start after this sequence number (older events that sysd still keeps come first).
         #[arg(long, value_name = "SEQ")]
         since: Option<u64>,
+    },
+    /// Pull an image from its registry into the store on /var, showing progress.
+    Pull { image: String },
+    /// List the images in the store; `rm` and `prune` remove them.
+    Images {
+        #[command(subcommand)]
+        command: Option<images::ImagesCommand>,
     },
     /// Show keelctl's and sysd's versions.
     Version,
@@ -180,6 +188,8 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<()> {
             };
             stream::<Event>(&client, &path, json, out, render::event)?;
         }
+        Command::Pull { image } => images::pull(&client, image, json, out)?,
+        Command::Images { command } => images::images(&client, command, json, out)?,
         Command::Version => {
             let body = client.get(&api("/version"))?;
             if json {

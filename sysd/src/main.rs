@@ -10,6 +10,7 @@
 //! stops services, dependents first, and exits 0.
 
 mod api;
+mod images;
 mod net;
 mod notify;
 mod runtime;

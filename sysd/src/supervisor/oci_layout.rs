@@ -44,7 +44,7 @@ use sha2::{Digest as _, Sha256};
 use super::resolve::{Image, ImageDefaults};
 
 /// The annotation naming a manifest in `index.json` (its tag).
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
+pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// The tag used when the layout lists several manifests and the reference names none.
 const DEFAULT_TAG: &str = "latest";
 /// Manifests, indexes and configs are small; refuse anything absurd before reading it.
@@ -79,6 +79,13 @@ fn unpack_inner(layout: &Path, tag: Option<&str>, store: &Path) -> Result<Image>
     }
     let index = ImageIndex::from_file(layout.join("index.json")).context("reading index.json")?;
     let selected = select(&index, tag)?;
+    unpack_descriptor(layout, selected, store)
+}
+
+/// The image named by `selected` (a manifest, or an index resolved to this platform) of the
+/// layout at `layout`, unpacked (once) into `store/<manifest digest hex>/rootfs`. The image
+/// store calls this with its own layout, where `layout` and `store` are the same directory.
+pub fn unpack_descriptor(layout: &Path, selected: &Descriptor, store: &Path) -> Result<Image> {
     let (manifest_desc, manifest) = resolve_manifest(layout, selected)?;
 
     let config_desc = manifest.config();
@@ -194,7 +201,10 @@ fn select<'a>(index: &'a ImageIndex, tag: Option<&str>) -> Result<&'a Descriptor
 }
 
 /// Follows (nested) image indexes down to an image manifest for this platform.
-fn resolve_manifest(layout: &Path, desc: &Descriptor) -> Result<(Descriptor, ImageManifest)> {
+pub(crate) fn resolve_manifest(
+    layout: &Path,
+    desc: &Descriptor,
+) -> Result<(Descriptor, ImageManifest)> {
     let mut desc = desc.clone();
     for _ in 0..4 {
         let bytes = read_json_blob(layout, &desc)?;
@@ -214,7 +224,7 @@ fn resolve_manifest(layout: &Path, desc: &Descriptor) -> Result<(Descriptor, Ima
     bail!("image indexes nested too deeply at {}", desc.digest())
 }
 
-fn is_index(desc: &Descriptor, bytes: &[u8]) -> bool {
+pub(crate) fn is_index(desc: &Descriptor, bytes: &[u8]) -> bool {
     match desc.media_type() {
         MediaType::ImageIndex => true,
         MediaType::ImageManifest => false,
@@ -226,7 +236,7 @@ fn is_index(desc: &Descriptor, bytes: &[u8]) -> bool {
 }
 
 /// The linux manifest for this machine's architecture (linux/amd64 on Keelson).
-fn pick_platform<'a, I>(manifests: I) -> Result<&'a Descriptor>
+pub(crate) fn pick_platform<'a, I>(manifests: I) -> Result<&'a Descriptor>
 where
     I: IntoIterator<Item = &'a Descriptor>,
     I::IntoIter: Clone,
@@ -270,7 +280,7 @@ fn defaults(config: &ImageConfiguration) -> ImageDefaults {
 
 /// The hex part of a sha256 descriptor digest (validated as 64 lowercase hex digits by
 /// oci-spec, so safe as a file name).
-fn sha256_hex(desc: &Descriptor) -> Result<&str> {
+pub(crate) fn sha256_hex(desc: &Descriptor) -> Result<&str> {
     let digest = desc.digest();
     if *digest.algorithm() != DigestAlgorithm::Sha256 {
         bail!(
@@ -292,7 +302,7 @@ fn open_blob(layout: &Path, desc: &Descriptor) -> Result<Verified<File>> {
     Ok(Verified::new(file, desc))
 }
 
-fn read_json_blob(layout: &Path, desc: &Descriptor) -> Result<Vec<u8>> {
+pub(crate) fn read_json_blob(layout: &Path, desc: &Descriptor) -> Result<Vec<u8>> {
     if desc.size() > MAX_JSON_BLOB {
         bail!(
             "blob {}: {} bytes is too large for a manifest or config",
@@ -642,7 +652,7 @@ fn contained(path: &Path) -> Result<PathBuf> {
 }
 
 /// Removes a file, symlink (not its target) or directory tree; absent is fine.
-fn remove_any(path: &Path) -> Result<()> {
+pub(crate) fn remove_any(path: &Path) -> Result<()> {
     let result = match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
