@@ -287,9 +287,16 @@ fn transient(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::RequestError(_) => {
             let text = format!("{:#}", explain_ref(e)).to_ascii_lowercase();
-            !["certificate", "tls", "handshake", "redirect", "builder"]
-                .iter()
-                .any(|w| text.contains(w))
+            ![
+                "certificate",
+                "tls",
+                "handshake",
+                "redirect",
+                "builder",
+                "corrupt message",
+            ]
+            .iter()
+            .any(|w| text.contains(w))
         }
         OciDistributionError::IoError(_) => true,
         OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
