@@ -128,6 +128,10 @@ fn check(files: &[PathBuf], all_system: bool) -> ExitCode {
 }
 
 fn daemon(args: DaemonArgs) -> ExitCode {
+    // While sysd has one thread: registry TLS roots (see images::trust).
+    if let Err(err) = images::trust::install(&args.run_dir) {
+        tracing::warn!("sysd: registry pulls over HTTPS will fail: {err:#}");
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

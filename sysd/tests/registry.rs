@@ -65,6 +65,9 @@ impl Sysd {
             .unwrap();
         let child = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            // As on a node: no CA bundle on the system (sysd carries its own roots).
+            .env("SSL_CERT_FILE", "/nonexistent/ca.pem")
+            .env("SSL_CERT_DIR", "/nonexistent")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -140,7 +143,11 @@ impl Sysd {
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert!(!items.is_empty(), "pull {image}: empty stream");
+        assert!(
+            !items.is_empty(),
+            "pull {image}: empty stream\n{}",
+            self.log()
+        );
         items
     }
 

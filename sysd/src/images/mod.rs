@@ -14,3 +14,4 @@ pub mod manager;
 pub mod pull;
 pub mod reference;
 pub mod store;
+pub mod trust;

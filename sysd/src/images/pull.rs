@@ -224,19 +224,32 @@ fn endpoint(host: &str, reference: Reference, settings: Registry) -> Result<Endp
         read_timeout: Some(Duration::from_secs(60)),
         ..ClientConfig::default()
     };
+    // The trust anchors are Mozilla's (webpki-root-certs, compiled in: the node has no CA
+    // bundle of its own) plus the registry's `ca_file`; nothing is read from the host's
+    // certificate store, so a node and a test host verify alike.
+    config.tls_certs_only = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        .iter()
+        .map(|c| Certificate {
+            encoding: CertificateEncoding::Der,
+            data: c.as_ref().to_vec(),
+        })
+        .collect();
     if let Some(ca) = &settings.ca_file {
         let pem = std::fs::read(ca)
             .with_context(|| format!("registry {host}: ca_file {}", ca.display()))?;
-        config.extra_root_certificates.push(Certificate {
+        config.tls_certs_only.push(Certificate {
             encoding: CertificateEncoding::Pem,
             data: pem,
         });
     }
     let auth = auth(host, &settings)?;
+    // Client::new would fall back to a default client that panics when the TLS setup fails.
+    let client = Client::try_from(config)
+        .map_err(|e| explain(e).context(format!("registry {host}: setting up the HTTP client")))?;
     Ok(Endpoint {
         host: host.to_string(),
         reference,
-        client: Client::new(config),
+        client,
         auth,
         settings,
     })
