@@ -1,8 +1,9 @@
 //! The image store scenario: a service whose image comes from a registry. The reference
 //! registry (Debian's `docker-registry`) runs on the loopback of the guest's network namespace,
-//! which QEMU's user networking shows the guest as 10.0.2.2; the test pushes an image there
-//! with skopeo, applies a config naming it with keelctl, and reaches the service through a
-//! forwarded port. After a power-off and a boot in a new namespace (no registry at all) the
+//! which QEMU's user networking shows the guest as 10.0.2.2; the test pushes the pipeline's own
+//! OCI layout of the `base` image there with skopeo (digests preserved), applies a config naming
+//! it with keelctl, checks the pulled manifest is the one in image-build's `manifest.json`, and
+//! reaches the service through a forwarded port. After a power-off and a boot in a new namespace (no registry at all) the
 //! service starts again from the image kept on /var.
 
 use std::io::{Read, Write};
@@ -12,9 +13,6 @@ use std::time::{Duration, Instant};
 
 use qemu_tests::{create_overlay, image, DiskFormat, Guest, GuestBuilder};
 
-#[allow(dead_code)]
-#[path = "../../sysd/src/testing.rs"]
-mod testing;
 #[allow(dead_code)]
 #[path = "../../sysd/src/testing_registry.rs"]
 mod testing_registry;
@@ -88,34 +86,36 @@ fn service_from_a_registry_image_survives_a_reboot_without_the_registry() {
     create_overlay(&img.join("disk.raw"), &disk, Some(2 << 30)).unwrap();
 
     let g = boot(&disk);
-    // The registry and the push happen inside the guest's namespace.
+    // The registry and the push happen inside the guest's namespace. The image is the
+    // pipeline's own OCI layout of the `base` service image (busybox, toybox), pushed with its
+    // digests preserved: what runs is what image-build made.
     let work = dir.path().to_path_buf();
+    let layout_dir = img.join("oci/base");
     let registry = g.run_in_netns(move || {
         let reg = testing_registry::Registry::start(
             &work.join("reg"),
             5000,
             testing_registry::RegistryOptions::default(),
         );
-        let rootfs = work.join("rootfs");
-        testing::busybox_rootfs(&rootfs).unwrap();
-        let base = testing_registry::gzip(&testing_registry::tar_dir(&rootfs));
-        let site = testing_registry::tar(&[
-            testing_registry::E::Dir("www/"),
-            testing_registry::E::File("www/index.html", b"served from a pulled image\n", 0o644),
-        ]);
-        let mut layout = testing_registry::Layout::new(&work.join("layout"));
-        let m = layout.image(
-            "amd64",
-            &[
-                (testing_registry::TGZ, base),
-                (testing_registry::TGZ, testing_registry::gzip(&site)),
-            ],
-            &["httpd", "-f", "-v", "-p", "8081", "-h", "/www"],
+        testing_registry::Layout::new(&layout_dir).push(
+            "base",
+            &format!("{}/keelson/base:v1", reg.addr),
+            None,
         );
-        layout.tag(&m, "v1");
-        layout.push("v1", &format!("{}/site:v1", reg.addr), None);
         reg
     });
+    let sbom: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(img.join("manifest.json")).unwrap())
+            .unwrap();
+    let digest = sbom["oci_images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "base")
+        .expect("oci_images.base in manifest.json")["manifest"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     wait(&g, "sysd: testshell: ready", BOOT);
     let out = sh(
@@ -126,7 +126,8 @@ version = 1
 insecure = true
 
 [services.site]
-image = "10.0.2.2:5000/site:v1"
+image = "10.0.2.2:5000/keelson/base:v1"
+command = ["sh", "-c", "mkdir -p /tmp/www && echo served from a pulled image > /tmp/www/index.html && exec httpd -f -v -p 8081 -h /tmp/www"]
 ready = { http = "http://127.0.0.1:8081/", interval = "1s" }
 stop_timeout = "2s"
 EOF
@@ -136,10 +137,12 @@ keelctl apply /tmp/user.toml"#,
     wait(&g, "sysd: site: image-pulled", BOOT);
     wait(&g, "sysd: site: ready", BOOT);
     assert!(get(&g).contains("served from a pulled image"));
-    let listed = sh(&g, "keelctl images");
+    let listed = sh(&g, "keelctl -o json images");
     assert!(
-        listed.contains("10.0.2.2:5000/site:v1") && listed.contains("site"),
-        "{listed}"
+        listed.contains("10.0.2.2:5000/keelson/base:v1")
+            && listed.contains(&digest)
+            && listed.contains("\"site\""),
+        "the pulled manifest is image-build's ({digest}): {listed}"
     );
 
     // Power off, drop the registry (and its namespace), boot again: no registry anywhere.
