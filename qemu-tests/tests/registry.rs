@@ -105,8 +105,7 @@ fn service_from_a_registry_image_survives_a_reboot_without_the_registry() {
         reg
     });
     let sbom: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(img.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(img.join("manifest.json")).unwrap()).unwrap();
     let digest = sbom["oci_images"]
         .as_array()
         .unwrap()
