@@ -55,6 +55,8 @@ pub struct RegistryOptions<'a> {
     pub basic: Option<(&'a str, &'a str)>,
     /// `(cert.pem, key.pem)`: serve HTTPS.
     pub tls: Option<(&'a Path, &'a Path)>,
+    /// Bearer tokens from a token server (see [`TokenServer`]).
+    pub token: Option<&'a TokenServer>,
 }
 
 impl Registry {
@@ -88,6 +90,15 @@ impl Registry {
             config.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: keelson-test\n    path: {}\n",
                 file.display()
+            ));
+        }
+        if let Some(t) = opts.token {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                t.realm,
+                TOKEN_SERVICE,
+                TOKEN_ISSUER,
+                t.cert.display()
             ));
         }
         let config_file = dir.join("config.yml");
@@ -467,4 +478,144 @@ pub fn redirect_loop(port: u16) -> String {
         }
     });
     addr
+}
+
+const TOKEN_SERVICE: &str = "keelson-test-registry";
+const TOKEN_ISSUER: &str = "keelson-test-issuer";
+
+/// A bearer token server (the distribution token protocol): `GET /token?scope=…&service=…`
+/// with the right basic credentials gets a JWT (RS256, signed with openssl, the signing
+/// certificate in `x5c`) granting pull and push on `repository`; anything else gets 401.
+pub struct TokenServer {
+    pub realm: String,
+    pub cert: PathBuf,
+    /// Token requests answered with a token.
+    pub issued: Arc<AtomicU64>,
+}
+
+fn b64url(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn b64(data: &[u8]) -> String {
+    let url = b64url(data).replace('-', "+").replace('_', "/");
+    let pad = (4 - url.len() % 4) % 4;
+    url + &"=".repeat(pad)
+}
+
+impl TokenServer {
+    pub fn start(
+        dir: &Path,
+        port: u16,
+        user: &str,
+        password: &str,
+        repository: &str,
+    ) -> TokenServer {
+        std::fs::create_dir_all(dir).unwrap();
+        let (key, cert) = (dir.join("token.key"), dir.join("token.pem"));
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=keelson token issuer",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "openssl req");
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&cert)
+            .output()
+            .unwrap()
+            .stdout;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let header = serde_json::json!({ "alg": "RS256", "typ": "JWT", "x5c": [b64(&der)] });
+        let claims = serde_json::json!({
+            "iss": TOKEN_ISSUER, "sub": user, "aud": TOKEN_SERVICE,
+            "exp": now + 3600, "nbf": now - 60, "iat": now - 60, "jti": "keelson-test",
+            "access": [{ "type": "repository", "name": repository, "actions": ["pull", "push"] }],
+        });
+        let signing_input = format!(
+            "{}.{}",
+            b64url(header.to_string().as_bytes()),
+            b64url(claims.to_string().as_bytes())
+        );
+        let input_file = dir.join("jwt.input");
+        std::fs::write(&input_file, &signing_input).unwrap();
+        let sig = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&key)
+            .arg(&input_file)
+            .output()
+            .unwrap();
+        assert!(sig.status.success(), "openssl dgst");
+        let jwt = format!("{signing_input}.{}", b64url(&sig.stdout));
+        let expected = format!("Basic {}", b64(format!("{user}:{password}").as_bytes()));
+        let addr = format!("127.0.0.1:{port}");
+        let listener = TcpListener::bind(&addr).unwrap();
+        let issued = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&issued);
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let mut buf = [0u8; 8192];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let authorized = req.lines().any(|l| {
+                    l.to_ascii_lowercase().starts_with("authorization:")
+                        && l[14..].trim() == expected
+                });
+                let (status, body) = if authorized {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    (
+                        "200 OK",
+                        serde_json::json!({ "token": jwt, "expires_in": 3600 }).to_string(),
+                    )
+                } else {
+                    (
+                        "401 Unauthorized",
+                        r#"{"details":"bad credentials"}"#.to_string(),
+                    )
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        TokenServer {
+            realm: format!("http://{addr}/token"),
+            cert,
+            issued,
+        }
+    }
 }

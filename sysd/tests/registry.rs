@@ -771,3 +771,55 @@ fn mirror_serves_the_pull() {
         "upstream.invalid:5000/team/app:v1"
     );
 }
+
+#[test]
+fn bearer_token_auth() {
+    let t = setup();
+    let tokens = testing_registry::TokenServer::start(
+        &t.path().join("token"),
+        5001,
+        "bob",
+        "t0ken-pass",
+        "private/app",
+    );
+    let reg = Registry::start(
+        &t.path().join("reg"),
+        5000,
+        RegistryOptions {
+            token: Some(&tokens),
+            ..RegistryOptions::default()
+        },
+    );
+    let mut layout = Layout::new(&t.path().join("layout"));
+    let m = layout.image(
+        "amd64",
+        &[(TAR, testing_registry::tar(&[E::File("f", b"x", 0o644)]))],
+        &["true"],
+    );
+    layout.tag(&m, "v1");
+    layout.push(
+        "v1",
+        &format!("{}/private/app:v1", reg.addr),
+        Some(("bob", "t0ken-pass")),
+    );
+
+    let sysd = Sysd::start(&t.path().join("sysd"));
+    sysd.apply(&insecure(&reg.addr));
+    let err = sysd.pull_err(&format!("{}/private/app:v1", reg.addr));
+    assert!(
+        err.to_lowercase().contains("authoriz") || err.contains("401"),
+        "{err}"
+    );
+    let before = tokens.issued.load(std::sync::atomic::Ordering::SeqCst);
+    sysd.apply(&format!(
+        "{}username = \"bob\"\npassword = \"t0ken-pass\"\n",
+        insecure(&reg.addr)
+    ));
+    let items = sysd.pull_ok(&format!("{}/private/app:v1", reg.addr));
+    assert_eq!(items.last().unwrap()["manifest"], m["digest"]);
+    assert!(
+        tokens.issued.load(std::sync::atomic::Ordering::SeqCst) > before,
+        "the credentials were exchanged for a bearer token"
+    );
+    assert!(!sysd.log().contains("t0ken-pass"));
+}
