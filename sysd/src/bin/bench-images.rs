@@ -360,5 +360,15 @@ fn run() -> Result<()> {
         mib(10 * du(&rootfs)),
         mib(10 * single)
     );
+    // The alternative design, for the decision in ARCHITECTURE.md: each distinct layer
+    // unpacked once (the base, and ten one-file layers of a 4 KiB block each).
+    let per_layer = blobs + du(&rootfs) + 10 * 4096;
+    println!(
+        "| per-layer unpack + overlayfs (computed, not implemented) | {} | {} | {} | {:.2}x |",
+        mib(blobs),
+        mib(per_layer - blobs),
+        mib(per_layer),
+        per_layer as f64 / (10 * single) as f64
+    );
     Ok(())
 }
