@@ -653,7 +653,18 @@ fn bad_blobs_and_bad_registries_are_refused_and_nothing_runs() {
         &["true"],
     );
     layout.tag(&through, "symlink");
-    for tag in ["corrupt", "dotdot", "hardlink", "symlink"] {
+    // A manifest of 40 layers: over a 1K manifest limit.
+    let many: Vec<(&str, Vec<u8>)> = (0..40)
+        .map(|i| {
+            (
+                TAR,
+                testing_registry::tar(&[E::File(&format!("f{i}"), b"x", 0o644)]),
+            )
+        })
+        .collect();
+    let big = layout.image("amd64", &many, &["true"]);
+    layout.tag(&big, "many");
+    for tag in ["corrupt", "dotdot", "hardlink", "symlink", "many"] {
         layout.push(tag, &format!("{}/bad:{tag}", reg.addr), None);
     }
     // Corrupt the stored layer in place (same size, other bytes).
@@ -689,6 +700,16 @@ fn bad_blobs_and_bad_registries_are_refused_and_nothing_runs() {
     let err = sysd.pull_err(&format!("{}/bad:corrupt", reg.addr));
     assert!(
         err.contains("over the limit") && err.contains("max_blob_size"),
+        "{err}"
+    );
+
+    sysd.apply(&format!(
+        "{}max_manifest_size = \"1K\"\n",
+        insecure(&reg.addr)
+    ));
+    let err = sysd.pull_err(&format!("{}/bad:many", reg.addr));
+    assert!(
+        err.contains("over the limit") && err.contains("max_manifest_size"),
         "{err}"
     );
 
