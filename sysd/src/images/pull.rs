@@ -516,7 +516,13 @@ async fn transfer(
         let _ = tokio::fs::remove_file(partial).await;
         offset = 0;
     }
-    if offset == size && size > 0 {
+    if offset == size {
+        if size == 0 {
+            // Nothing to fetch (a range request for it would be unsatisfiable).
+            tokio::fs::File::create(partial)
+                .await
+                .map_err(|e| Transfer::Fatal(anyhow!("creating {}: {e}", partial.display())))?;
+        }
         return Ok(());
     }
     let response = ep
