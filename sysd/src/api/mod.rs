@@ -107,13 +107,16 @@ pub trait Backend: Send + Sync + 'static {
         Err(not_supported("pull"))
     }
     /// Removes one reference (409 while a configured service uses it) and collects garbage.
-    fn remove_image(&self, reference: &str) -> Result<ImagesRemoved, Failure> {
+    fn remove_image(
+        &self,
+        reference: &str,
+    ) -> impl Future<Output = Result<ImagesRemoved, Failure>> + Send {
         let _ = reference;
-        Err(not_supported("images rm"))
+        async { Err(not_supported("images rm")) }
     }
     /// Removes every image no configured service uses, then collects garbage.
-    fn prune_images(&self) -> Result<ImagesRemoved, Failure> {
-        Err(not_supported("images prune"))
+    fn prune_images(&self) -> impl Future<Output = Result<ImagesRemoved, Failure>> + Send {
+        async { Err(not_supported("images prune")) }
     }
 }
 

@@ -359,11 +359,11 @@ async fn dispatch<B: Backend>(
         Endpoint::ImagesRemove => {
             query.allow(&["reference"])?;
             let reference = required(&query, "reference")?;
-            Ok(json(&backend.remove_image(reference)?))
+            Ok(json(&backend.remove_image(reference).await?))
         }
         Endpoint::ImagesPrune => {
             query.allow(&[])?;
-            Ok(json(&backend.prune_images()?))
+            Ok(json(&backend.prune_images().await?))
         }
     }
 }

@@ -139,6 +139,13 @@ impl Supervisor {
         }
     }
 
+    /// Itself, owned, for work that outlives a `&self` API call.
+    fn strong(&self) -> Result<Arc<Supervisor>, Failure> {
+        self.me
+            .upgrade()
+            .ok_or_else(|| Failure::internal("sysd is shutting down"))
+    }
+
     /// Service names by the normalized reference of their registry `image`.
     fn image_users(&self) -> crate::images::manager::Users {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
@@ -988,10 +995,7 @@ impl Backend for Supervisor {
     ) -> Result<mpsc::UnboundedReceiver<api::images::PullProgress>, Failure> {
         crate::images::reference::parse(reference)
             .map_err(|e| Failure::bad_request(format!("image {reference:?}: {e}")))?;
-        let me = self
-            .me
-            .upgrade()
-            .ok_or_else(|| Failure::internal("sysd is shutting down"))?;
+        let me = self.strong()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let reference = reference.to_string();
         tokio::spawn(async move {
@@ -1009,8 +1013,12 @@ impl Backend for Supervisor {
         Ok(rx)
     }
 
-    fn remove_image(&self, reference: &str) -> Result<api::images::ImagesRemoved, Failure> {
-        let report = self.images.remove(reference, &self.image_users())?;
+    async fn remove_image(&self, reference: &str) -> Result<api::images::ImagesRemoved, Failure> {
+        // Deleting unpacked trees can take a while: off the runtime's thread.
+        let (me, users, reference) = (self.strong()?, self.image_users(), reference.to_string());
+        let report = tokio::task::spawn_blocking(move || me.images.remove(&reference, &users))
+            .await
+            .map_err(|e| Failure::internal(format!("removing the image: {e}")))??;
         self.events.emit(
             None,
             "image-removed",
@@ -1024,8 +1032,11 @@ impl Backend for Supervisor {
         Ok(report)
     }
 
-    fn prune_images(&self) -> Result<api::images::ImagesRemoved, Failure> {
-        let report = self.images.prune(&self.image_users())?;
+    async fn prune_images(&self) -> Result<api::images::ImagesRemoved, Failure> {
+        let (me, users) = (self.strong()?, self.image_users());
+        let report = tokio::task::spawn_blocking(move || me.images.prune(&users))
+            .await
+            .map_err(|e| Failure::internal(format!("pruning images: {e}")))??;
         self.events.emit(
             None,
             "images-pruned",
