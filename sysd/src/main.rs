@@ -114,6 +114,12 @@ fn check(files: &[PathBuf], all_system: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+        if source == spec::Source::User {
+            if let Err(e) = spec::parse_registries(path, &text) {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     match spec::Config::from_services(services) {
         Ok(cfg) => {
