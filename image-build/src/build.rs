@@ -46,6 +46,8 @@ struct Manifest {
     outputs: Vec<Output>,
     partitions: Vec<PartitionInfo>,
     images: Vec<ImageManifest>,
+    /// The service images as OCI image layouts (`oci/<name>/`).
+    oci_images: Vec<crate::oci::Layout>,
     services: Vec<ServiceManifest>,
     kernel_modules: Vec<String>,
     rootfs: Vec<FileEntry>,
@@ -284,6 +286,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         ],
     )?;
     let mut image_info = Vec::new();
+    let mut oci_layouts = Vec::new();
     for (name, spec) in &cfg.images {
         let dir = stage.join(IMAGES_DIR).join(name);
         let mut img = images::Stage::new(&dir)?;
@@ -304,6 +307,11 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         let applet_links = img.finish(&spec.users)?;
         let mount_points = services::prepare_image(&service_files, name, &dir, &stage)?;
         let files = rootfs::list(&dir)?;
+        let rel = format!("oci/{name}");
+        oci_layouts.push(
+            crate::oci::write(&dir, name, epoch, &out.join(&rel), &rel)
+                .with_context(|| format!("OCI layout of image {name}"))?,
+        );
         image_info.push(ImageManifest {
             name: name.clone(),
             description: spec.description.clone(),
@@ -506,6 +514,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         outputs,
         partitions: partition_info(&gpt),
         images: image_info,
+        oci_images: oci_layouts,
         services: service_info,
         kernel_modules: closure
             .deps

@@ -7,6 +7,7 @@
 //! time.
 
 mod http;
+mod images;
 mod net;
 mod render;
 
@@ -91,6 +92,13 @@ enum Command {
     },
     /// Show the host network: links, addresses, routes, DNS, DHCP leases, network-online.
     Net,
+    /// Pull an image from its registry into the store on /var, showing progress.
+    Pull { image: String },
+    /// List the images in the store; `rm` and `prune` remove them.
+    Images {
+        #[command(subcommand)]
+        command: Option<images::ImagesCommand>,
+    },
     /// Show keelctl's and sysd's versions.
     Version,
     /// Print a shell completion script (e.g. `keelctl completions bash > /etc/bash_completion.d/keelctl`).
@@ -184,6 +192,8 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<()> {
             stream::<Event>(&client, &path, json, out, render::event)?;
         }
         Command::Net => net::run(&client, json, out)?,
+        Command::Pull { image } => images::pull(&client, image, json, out)?,
+        Command::Images { command } => images::images(&client, command, json, out)?,
         Command::Version => {
             let body = client.get(&api("/version"))?;
             if json {

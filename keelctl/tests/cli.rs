@@ -263,3 +263,93 @@ fn usage_errors_exit_2_and_completions_need_no_server() {
     assert!(bash.status.success());
     assert!(stdout(&bash).contains("keelctl"));
 }
+
+#[test]
+fn pull_shows_progress_and_fails_with_the_pull() {
+    let ok = chunked(&[
+        r#"{"type":"resolved","reference":"r:5000/app:v1","manifest":"sha256:aaaaaaaaaaaaaaaa","layers":2,"total_bytes":2097152}"#,
+        r#"{"type":"exists","digest":"sha256:bbbbbbbbbbbbbbbb","size":1024}"#,
+        r#"{"type":"downloading","digest":"sha256:cccccccccccccccc","done":1048576,"size":2097152,"resumed_at":524288}"#,
+        r#"{"type":"retrying","digest":"sha256:cccccccccccccccc","attempt":1,"reason":"connection reset"}"#,
+        r#"{"type":"verified","digest":"sha256:cccccccccccccccc","size":2097152}"#,
+        r#"{"type":"done","reference":"r:5000/app:v1","manifest":"sha256:aaaaaaaaaaaaaaaa","downloaded_bytes":1572864,"elapsed_ms":1500}"#,
+    ]);
+    let failed = chunked(&[
+        r#"{"type":"error","message":"pulling r:5000/app:v2: blob sha256:dd: content does not match its digest"}"#,
+    ]);
+    let server = Canned::new(vec![ok, failed]);
+    let out = server.run(&["pull", "r:5000/app:v1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("r:5000/app:v1: manifest aaaaaaaaaaaa, 2 layers"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cccccccccccc: 1M / 2M (50%, resumed at 512K)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("attempt 1 failed: connection reset; retrying"),
+        "{text}"
+    );
+    assert!(
+        text.contains("r:5000/app:v1: pulled sha256:aaaaaaaaaaaaaaaa"),
+        "{text}"
+    );
+    let out = server.run(&["pull", "r:5000/app:v2"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("content does not match its digest"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        server.requests(),
+        [
+            "POST /v1/images/pull?reference=r%3A5000%2Fapp%3Av1",
+            "POST /v1/images/pull?reference=r%3A5000%2Fapp%3Av2"
+        ]
+    );
+}
+
+#[test]
+fn images_list_remove_and_prune() {
+    let list = r#"[{"reference":"r:5000/app:v1","digest":"sha256:aaaaaaaaaaaaaaaaaaaa","manifest":"sha256:aaaaaaaaaaaaaaaaaaaa","size":2097152,"unique_size":1048576,"layers":2,"unpacked":true,"used_by":["web"],"pulled_ms":0}]"#;
+    let removed = r#"{"removed":["r:5000/old:v1"],"blobs":3,"rootfs":1,"freed_bytes":3145728}"#;
+    let in_use =
+        r#"{"error":"image r:5000/app:v1 is used by web: change or remove that service first"}"#;
+    let server = Canned::new(vec![
+        json(200, list),
+        json(200, removed),
+        json(409, in_use),
+        json(200, removed),
+    ]);
+    let out = server.run(&["images"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("REFERENCE"), "{text}");
+    assert!(
+        text.contains("r:5000/app:v1") && text.contains("web"),
+        "{text}"
+    );
+    let out = server.run(&["images", "rm", "r:5000/old:v1"]);
+    assert_eq!(
+        stdout(&out),
+        "removed r:5000/old:v1\n3 blobs and 1 unpacked images deleted, 3M freed\n"
+    );
+    let out = server.run(&["images", "rm", "r:5000/app:v1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("used by web"), "{}", stderr(&out));
+    let out = server.run(&["images", "prune"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        server.requests(),
+        [
+            "GET /v1/images",
+            "POST /v1/images/remove?reference=r%3A5000%2Fold%3Av1",
+            "POST /v1/images/remove?reference=r%3A5000%2Fapp%3Av1",
+            "POST /v1/images/prune"
+        ]
+    );
+}

@@ -10,6 +10,7 @@
 //! stops services, dependents first, and exits 0.
 
 mod api;
+mod images;
 mod net;
 mod network;
 mod notify;
@@ -133,6 +134,12 @@ fn check(files: &[PathBuf], all_system: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+        if source == spec::Source::User {
+            if let Err(e) = spec::parse_registries(path, &text) {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     match spec::Config::from_services(services) {
         Ok(cfg) => {
@@ -147,6 +154,10 @@ fn check(files: &[PathBuf], all_system: bool) -> ExitCode {
 }
 
 fn daemon(args: DaemonArgs) -> ExitCode {
+    // While sysd has one thread: registry TLS roots (see images::trust).
+    if let Err(err) = images::trust::install(&args.run_dir) {
+        tracing::warn!("sysd: registry pulls over HTTPS will fail: {err:#}");
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -5,6 +5,8 @@
 //! Streams (`logs?follow=1`, `events`) are newline-delimited JSON (one object per line) in a
 //! chunked HTTP response, readable with nothing more than a line reader.
 
+pub mod images;
+
 use serde::{Deserialize, Serialize};
 
 pub mod network;

@@ -5,9 +5,10 @@
 
 use std::future::Future;
 
+use keelson_common::api::images::{ImageInfo, ImagesRemoved, PullProgress};
 use keelson_common::api::network::NetworkStatus;
 use keelson_common::api::{ApplyPlan, Event, LogLine, ServiceStatus, Stats, Version};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 pub mod server;
 
@@ -100,5 +101,38 @@ pub trait Backend: Send + Sync + 'static {
                 message: "this sysd does not manage the host network".into(),
             })
         }
+    }
+
+    /// The image store's images (`keelctl images`).
+    fn images(&self) -> Result<Vec<ImageInfo>, Failure> {
+        Err(not_supported("images"))
+    }
+    /// Starts pulling `reference`; its progress, ending with `done` or `error`. A bad
+    /// reference is a 400 before anything starts. The pull goes on if the reader leaves.
+    fn pull_image(
+        &self,
+        reference: &str,
+    ) -> Result<mpsc::UnboundedReceiver<PullProgress>, Failure> {
+        let _ = reference;
+        Err(not_supported("pull"))
+    }
+    /// Removes one reference (409 while a configured service uses it) and collects garbage.
+    fn remove_image(
+        &self,
+        reference: &str,
+    ) -> impl Future<Output = Result<ImagesRemoved, Failure>> + Send {
+        let _ = reference;
+        async { Err(not_supported("images rm")) }
+    }
+    /// Removes every image no configured service uses, then collects garbage.
+    fn prune_images(&self) -> impl Future<Output = Result<ImagesRemoved, Failure>> + Send {
+        async { Err(not_supported("images prune")) }
+    }
+}
+
+fn not_supported(what: &str) -> Failure {
+    Failure {
+        status: 501,
+        message: format!("{what} is not supported"),
     }
 }

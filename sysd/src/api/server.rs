@@ -203,6 +203,10 @@ enum Endpoint {
     Stats,
     Apply,
     Network,
+    Images,
+    ImagesPull,
+    ImagesRemove,
+    ImagesPrune,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +247,10 @@ impl Endpoint {
             ["stats"] => (Endpoint::Stats, get),
             ["apply"] => (Endpoint::Apply, post),
             ["network"] => (Endpoint::Network, get),
+            ["images"] => (Endpoint::Images, get),
+            ["images", "pull"] => (Endpoint::ImagesPull, post),
+            ["images", "remove"] => (Endpoint::ImagesRemove, post),
+            ["images", "prune"] => (Endpoint::ImagesPrune, post),
             _ => return None,
         })
     }
@@ -344,7 +352,50 @@ async fn dispatch<B: Backend>(
             query.allow(&[])?;
             Ok(json(&backend.network().await?))
         }
+        Endpoint::Images => {
+            query.allow(&[])?;
+            Ok(json(&backend.images()?))
+        }
+        Endpoint::ImagesPull => {
+            query.allow(&["reference"])?;
+            let reference = required(&query, "reference")?;
+            let progress = backend.pull_image(reference)?;
+            Ok(progress_stream(progress))
+        }
+        Endpoint::ImagesRemove => {
+            query.allow(&["reference"])?;
+            let reference = required(&query, "reference")?;
+            Ok(json(&backend.remove_image(reference).await?))
+        }
+        Endpoint::ImagesPrune => {
+            query.allow(&[])?;
+            Ok(json(&backend.prune_images().await?))
+        }
     }
+}
+
+fn required<'q>(query: &'q Query, key: &str) -> Result<&'q str, Failure> {
+    query
+        .get(key)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| Failure::bad_request(format!("missing query parameter `{key}`")))
+}
+
+/// A pull's progress as NDJSON, one line per item, until the pull ends.
+fn progress_stream(
+    mut progress: mpsc::UnboundedReceiver<keelson_common::api::images::PullProgress>,
+) -> Response<Body> {
+    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+    tokio::spawn(async move {
+        while let Some(item) = progress.recv().await {
+            let mut line = Vec::new();
+            push_line(&mut line, &item);
+            if tx.send(line.into()).await.is_err() {
+                return;
+            }
+        }
+    });
+    response(StatusCode::OK, "application/x-ndjson", Body::Stream(rx))
 }
 
 /// `9`, `KILL`, `SIGKILL` or `sigkill` as a signal number.

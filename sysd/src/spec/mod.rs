@@ -10,6 +10,7 @@
 //! validation is never partially applied.
 
 pub mod network;
+pub mod registries;
 pub mod units;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,6 +34,8 @@ struct File {
     services: BTreeMap<String, toml::Spanned<ServiceSpec>>,
     network: Option<network::NetworkSpec>,
     host: Option<network::HostSpec>,
+    #[serde(default)]
+    registries: BTreeMap<String, toml::Spanned<registries::Registry>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -243,7 +246,9 @@ fn split_host_port(s: &str) -> Result<(String, u16), String> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
-    /// A root file system directory or an OCI image layout directory (absolute path).
+    /// A root file system directory or an OCI image layout directory (absolute path), or a
+    /// registry reference (`busybox:1.36`, `host:5000/app@sha256:…`) pulled into the image
+    /// store on demand.
     pub image: String,
     #[serde(default)]
     pub kind: Kind,
@@ -369,6 +374,8 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
     /// `[network]` and `[host]` (the user's file wins over the image's, table by table).
     pub net: network::NetConfig,
+    /// `[registries."HOST"]` of the user's config (see [`registries`]).
+    pub registries: registries::Registries,
 }
 
 /// A config problem, already phrased for a person: where, what, and what is expected.
@@ -450,6 +457,11 @@ fn parse_document(
     } else {
         None
     };
+    if source == Source::System && !file.registries.is_empty() {
+        return Err(ConfigError(format!(
+            "{shown}: [registries] belongs in the user's config ({USER_FILE}), not in system service files"
+        )));
+    }
     let mut out = Vec::new();
     for (name, spanned) in file.services {
         let (line, col) = line_col(text, spanned.span().start);
@@ -465,6 +477,13 @@ fn parse_document(
         });
     }
     Ok((out, net))
+}
+
+/// The checked `[registries]` tables of one (user) config file.
+pub fn parse_registries(path: &Path, text: &str) -> Result<registries::Registries, ConfigError> {
+    let file: File = toml::from_str(text)
+        .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.message())))?;
+    registries::check_all(path, text, file.registries)
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -493,9 +512,16 @@ fn check_service(name: &str, s: &ServiceSpec) -> Result<(), String> {
     if !valid_name(name) {
         return Err("invalid name: use 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit".into());
     }
-    if !clean_absolute(&s.image) {
+    if s.image.starts_with('/') {
+        if !clean_absolute(&s.image) {
+            return Err(format!(
+                "image: {:?} must be a clean absolute path (no `..`)",
+                s.image
+            ));
+        }
+    } else if let Err(e) = crate::images::reference::parse(&s.image) {
         return Err(format!(
-            "image: {:?} must be an absolute path to a root file system or OCI image layout directory (registry images come with the image store)",
+            "image: {:?} is neither an absolute path (a root file system or OCI image layout directory) nor a registry reference: {e}",
             s.image
         ));
     }
@@ -672,6 +698,7 @@ impl Config {
         let config = Config {
             services: map,
             net: network::NetConfig::default(),
+            registries: registries::Registries::new(),
         };
         if let Some(cycle) = config.find_cycle() {
             let first = &config.services[&cycle[0]];
@@ -791,6 +818,9 @@ impl Sources {
             Some(n) => n,
             None => self.read_system_net()?.unwrap_or_default(),
         };
+        if let Some(text) = user_text {
+            config.registries = parse_registries(&self.user_file, text)?;
+        }
         Ok(config)
     }
 
@@ -924,7 +954,7 @@ stop_timeout = "5s"
             e,
             "svc.toml:2:1: service `web`: resources.cpu_weight: must be between 1 and 10000"
         );
-        let e = err("version = 1\n[services.web]\nimage = \"x\"\n");
+        let e = err("version = 1\n[services.web]\nimage = \"not a/ref\"\n");
         assert!(e.contains("service `web`: image:"), "{e}");
         let e = err("version = 1\n[services.Web]\nimage = \"/x\"\n");
         assert!(e.contains("service `Web`: invalid name"), "{e}");

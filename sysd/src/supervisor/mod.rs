@@ -78,6 +78,8 @@ pub struct Supervisor {
     started: Instant,
     /// The host network manager, when sysd manages the host network (`--host-network`).
     net: NetworkSlot,
+    /// The image store on /var and registry pulls.
+    images: crate::images::manager::Images,
 }
 
 /// Set once at boot: whether the host network is managed and, once started, its manager.
@@ -96,6 +98,7 @@ impl Supervisor {
                 logs::Rotation::default(),
             )),
             runtime,
+            images: crate::images::manager::Images::new(paths.layout.images.clone()),
             paths,
             events: EventBus::new(),
             handles: Mutex::new(BTreeMap::new()),
@@ -193,9 +196,32 @@ impl Supervisor {
                 sources.combine(system, None).unwrap_or_default()
             }
         };
+        self.images.set_registries(config.registries.clone());
         for svc in config.services.into_values() {
             self.spawn(Arc::new(svc));
         }
+    }
+
+    /// Itself, owned, for work that outlives a `&self` API call.
+    fn strong(&self) -> Result<Arc<Supervisor>, Failure> {
+        self.me
+            .upgrade()
+            .ok_or_else(|| Failure::internal("sysd is shutting down"))
+    }
+
+    /// Service names by the normalized reference of their registry `image`.
+    fn image_users(&self) -> crate::images::manager::Users {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let mut users = crate::images::manager::Users::new();
+        for (name, h) in handles.iter() {
+            if let Ok(r) = crate::images::reference::parse(&h.service.spec.image) {
+                users
+                    .entry(crate::images::reference::canonical(&r))
+                    .or_default()
+                    .push(name.clone());
+            }
+        }
+        users
     }
 
     fn spawn(self: &Arc<Self>, svc: Arc<Service>) {
@@ -685,8 +711,17 @@ impl ServiceTask {
     async fn start_container(&mut self) -> anyhow::Result<Instance> {
         // Off the (single-threaded) runtime: the first start of an OCI layout unpacks it.
         let (reference, layout) = (self.svc.spec.image.clone(), self.sup.paths.layout.clone());
-        let image =
-            tokio::task::spawn_blocking(move || resolve::image(&reference, &layout)).await??;
+        let image = if crate::images::reference::is_registry(&reference) {
+            // Pulled on demand (once: later starts, and boots, use the store).
+            let (sup, name) = (Arc::clone(&self.sup), self.svc.name.clone());
+            let progress = crate::images::manager::with_events(
+                move |kind, message| sup.events.emit(Some(&name), kind, message),
+                None,
+            );
+            self.sup.images.ensure(&reference, &progress).await?
+        } else {
+            tokio::task::spawn_blocking(move || resolve::image(&reference, &layout)).await??
+        };
         let mut cfg = resolve::container(&self.svc, &image, &self.sup.paths.layout)?;
         if self.svc.spec.network == crate::spec::Network::Bridge {
             let net = self.sup.network().ok_or_else(|| {
@@ -1064,6 +1099,71 @@ impl Backend for Supervisor {
         }
     }
 
+    fn images(&self) -> Result<Vec<api::images::ImageInfo>, Failure> {
+        self.images.list(&self.image_users())
+    }
+
+    fn pull_image(
+        &self,
+        reference: &str,
+    ) -> Result<mpsc::UnboundedReceiver<api::images::PullProgress>, Failure> {
+        crate::images::reference::parse(reference)
+            .map_err(|e| Failure::bad_request(format!("image {reference:?}: {e}")))?;
+        let me = self.strong()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reference = reference.to_string();
+        tokio::spawn(async move {
+            let sup = Arc::clone(&me);
+            let progress = crate::images::manager::with_events(
+                move |kind, message| sup.events.emit(None, kind, message),
+                Some(tx.clone()),
+            );
+            if let Err(e) = me.images.pull(&reference, &progress).await {
+                progress(api::images::PullProgress::Error {
+                    message: format!("{e:#}"),
+                });
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<api::images::ImagesRemoved, Failure> {
+        // Deleting unpacked trees can take a while: off the runtime's thread.
+        let (me, users, reference) = (self.strong()?, self.image_users(), reference.to_string());
+        let report = tokio::task::spawn_blocking(move || me.images.remove(&reference, &users))
+            .await
+            .map_err(|e| Failure::internal(format!("removing the image: {e}")))??;
+        self.events.emit(
+            None,
+            "image-removed",
+            format!(
+                "{}: {} blobs, {} bytes freed",
+                report.removed.join(", "),
+                report.blobs,
+                report.freed_bytes
+            ),
+        );
+        Ok(report)
+    }
+
+    async fn prune_images(&self) -> Result<api::images::ImagesRemoved, Failure> {
+        let (me, users) = (self.strong()?, self.image_users());
+        let report = tokio::task::spawn_blocking(move || me.images.prune(&users))
+            .await
+            .map_err(|e| Failure::internal(format!("pruning images: {e}")))??;
+        self.events.emit(
+            None,
+            "images-pruned",
+            format!(
+                "{} images, {} blobs, {} bytes freed",
+                report.removed.len(),
+                report.blobs,
+                report.freed_bytes
+            ),
+        );
+        Ok(report)
+    }
+
     async fn apply(&self, config: String, dry_run: bool) -> Result<ApplyPlan, Failure> {
         let _guard = self.apply_lock.lock().await;
         let system = self
@@ -1109,6 +1209,7 @@ impl Backend for Supervisor {
                 Failure::bad_request(format!("config rejected, nothing changed: {e}"))
             })?;
         }
+        self.images.set_registries(new.registries.clone());
         self.paths.sources.store_user_text(&config).map_err(|e| {
             Failure::internal(format!(
                 "storing {}: {e}; nothing changed",

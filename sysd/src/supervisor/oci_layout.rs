@@ -44,7 +44,7 @@ use sha2::{Digest as _, Sha256};
 use super::resolve::{Image, ImageDefaults};
 
 /// The annotation naming a manifest in `index.json` (its tag).
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
+pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// The tag used when the layout lists several manifests and the reference names none.
 const DEFAULT_TAG: &str = "latest";
 /// Manifests, indexes and configs are small; refuse anything absurd before reading it.
@@ -79,6 +79,13 @@ fn unpack_inner(layout: &Path, tag: Option<&str>, store: &Path) -> Result<Image>
     }
     let index = ImageIndex::from_file(layout.join("index.json")).context("reading index.json")?;
     let selected = select(&index, tag)?;
+    unpack_descriptor(layout, selected, store)
+}
+
+/// The image named by `selected` (a manifest, or an index resolved to this platform) of the
+/// layout at `layout`, unpacked (once) into `store/<manifest digest hex>/rootfs`. The image
+/// store calls this with its own layout, where `layout` and `store` are the same directory.
+pub fn unpack_descriptor(layout: &Path, selected: &Descriptor, store: &Path) -> Result<Image> {
     let (manifest_desc, manifest) = resolve_manifest(layout, selected)?;
 
     let config_desc = manifest.config();
@@ -194,7 +201,10 @@ fn select<'a>(index: &'a ImageIndex, tag: Option<&str>) -> Result<&'a Descriptor
 }
 
 /// Follows (nested) image indexes down to an image manifest for this platform.
-fn resolve_manifest(layout: &Path, desc: &Descriptor) -> Result<(Descriptor, ImageManifest)> {
+pub(crate) fn resolve_manifest(
+    layout: &Path,
+    desc: &Descriptor,
+) -> Result<(Descriptor, ImageManifest)> {
     let mut desc = desc.clone();
     for _ in 0..4 {
         let bytes = read_json_blob(layout, &desc)?;
@@ -214,7 +224,7 @@ fn resolve_manifest(layout: &Path, desc: &Descriptor) -> Result<(Descriptor, Ima
     bail!("image indexes nested too deeply at {}", desc.digest())
 }
 
-fn is_index(desc: &Descriptor, bytes: &[u8]) -> bool {
+pub(crate) fn is_index(desc: &Descriptor, bytes: &[u8]) -> bool {
     match desc.media_type() {
         MediaType::ImageIndex => true,
         MediaType::ImageManifest => false,
@@ -226,7 +236,7 @@ fn is_index(desc: &Descriptor, bytes: &[u8]) -> bool {
 }
 
 /// The linux manifest for this machine's architecture (linux/amd64 on Keelson).
-fn pick_platform<'a, I>(manifests: I) -> Result<&'a Descriptor>
+pub(crate) fn pick_platform<'a, I>(manifests: I) -> Result<&'a Descriptor>
 where
     I: IntoIterator<Item = &'a Descriptor>,
     I::IntoIter: Clone,
@@ -270,7 +280,7 @@ fn defaults(config: &ImageConfiguration) -> ImageDefaults {
 
 /// The hex part of a sha256 descriptor digest (validated as 64 lowercase hex digits by
 /// oci-spec, so safe as a file name).
-fn sha256_hex(desc: &Descriptor) -> Result<&str> {
+pub(crate) fn sha256_hex(desc: &Descriptor) -> Result<&str> {
     let digest = desc.digest();
     if *digest.algorithm() != DigestAlgorithm::Sha256 {
         bail!(
@@ -292,7 +302,7 @@ fn open_blob(layout: &Path, desc: &Descriptor) -> Result<Verified<File>> {
     Ok(Verified::new(file, desc))
 }
 
-fn read_json_blob(layout: &Path, desc: &Descriptor) -> Result<Vec<u8>> {
+pub(crate) fn read_json_blob(layout: &Path, desc: &Descriptor) -> Result<Vec<u8>> {
     if desc.size() > MAX_JSON_BLOB {
         bail!(
             "blob {}: {} bytes is too large for a manifest or config",
@@ -372,15 +382,58 @@ impl<R: Read> Read for Verified<R> {
 enum Compression {
     None,
     Gzip,
+    Zstd,
+}
+
+/// A zstd stream of one or more frames (the image spec allows concatenated frames).
+struct ZstdFrames<R: Read> {
+    decoder: Option<
+        ruzstd::decoding::StreamingDecoder<io::BufReader<R>, ruzstd::decoding::FrameDecoder>,
+    >,
+}
+
+impl<R: Read> ZstdFrames<R> {
+    fn new(inner: R) -> io::Result<Self> {
+        let decoder = ruzstd::decoding::StreamingDecoder::new(io::BufReader::new(inner))
+            .map_err(|e| io::Error::other(format!("zstd: {e}")))?;
+        Ok(ZstdFrames {
+            decoder: Some(decoder),
+        })
+    }
+}
+
+impl<R: Read> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::io::BufRead;
+        loop {
+            let Some(decoder) = self.decoder.as_mut() else {
+                return Ok(0);
+            };
+            let n = decoder.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            // This frame is done: another one follows, or the stream ends.
+            let Some(decoder) = self.decoder.take() else {
+                return Ok(0);
+            };
+            let mut inner = decoder.into_inner();
+            if inner.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            self.decoder = Some(
+                ruzstd::decoding::StreamingDecoder::new(inner)
+                    .map_err(|e| io::Error::other(format!("zstd: {e}")))?,
+            );
+        }
+    }
 }
 
 fn compression(media_type: &MediaType) -> Result<Compression> {
     Ok(match media_type {
         MediaType::ImageLayer | MediaType::ImageLayerNonDistributable => Compression::None,
         MediaType::ImageLayerGzip | MediaType::ImageLayerNonDistributableGzip => Compression::Gzip,
-        MediaType::ImageLayerZstd | MediaType::ImageLayerNonDistributableZstd => {
-            bail!("zstd-compressed layers ({media_type}) are not supported yet; re-export the image with gzip layers")
-        }
+        MediaType::ImageLayerZstd | MediaType::ImageLayerNonDistributableZstd => Compression::Zstd,
         MediaType::Other(t) if DOCKER_LAYER_GZIP.contains(&t.as_str()) => Compression::Gzip,
         MediaType::Other(t) if t == DOCKER_LAYER_TAR => Compression::None,
         other => bail!("unsupported layer media type {other}"),
@@ -395,6 +448,7 @@ fn apply_layer(layout: &Path, desc: &Descriptor, root: &Path) -> Result<()> {
         let reader: Box<dyn Read + '_> = match compression {
             Compression::None => Box::new(&mut blob),
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut blob)),
+            Compression::Zstd => Box::new(ZstdFrames::new(&mut blob).context("reading the layer")?),
         };
         let mut archive = tar::Archive::new(reader);
         let mut layer = Layer {
@@ -497,8 +551,9 @@ impl Layer<'_> {
                 .open(&target)
                 .context("creating file")?;
             io::copy(entry, &mut file).context("writing file")?;
-            // chown first: it clears setuid/setgid bits.
+            // chown first: it clears setuid/setgid bits (and file capabilities).
             self.own(&target, uid, gid)?;
+            xattrs(entry, &target)?;
             file.set_permissions(fs::Permissions::from_mode(mode))
                 .context("chmod")?;
             file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime))
@@ -627,6 +682,47 @@ impl Layer<'_> {
     }
 }
 
+/// Extended attributes recorded in the entry's PAX headers (`SCHILY.xattr.NAME`), where
+/// allowed: `user.*` and `security.capability` (file capabilities, e.g. ping's). Others
+/// (`trusted.*`, SELinux labels) are not the image's to set on the host; a file system without
+/// xattr support skips them.
+fn xattrs<R: Read>(entry: &mut tar::Entry<'_, R>, target: &Path) -> Result<()> {
+    let Some(pax) = entry.pax_extensions().context("reading PAX headers")? else {
+        return Ok(());
+    };
+    for ext in pax {
+        let ext = ext.context("reading PAX headers")?;
+        let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
+            continue;
+        };
+        if !(name.starts_with(b"user.") || name == b"security.capability") {
+            continue;
+        }
+        let cname = std::ffi::CString::new(name).context("xattr name with a NUL byte")?;
+        let cpath = std::ffi::CString::new(target.as_os_str().as_bytes())
+            .context("path with a NUL byte")?;
+        let value = ext.value_bytes();
+        // SAFETY: valid C strings and a buffer of the given length.
+        let rc = unsafe {
+            libc::lsetxattr(
+                cpath.as_ptr(),
+                cname.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(e)
+                    .with_context(|| format!("setting xattr {}", String::from_utf8_lossy(name)));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// An entry's path relative to the root: a leading `/` or `./` is dropped, `..` refused.
 fn contained(path: &Path) -> Result<PathBuf> {
     let mut rel = PathBuf::new();
@@ -642,7 +738,7 @@ fn contained(path: &Path) -> Result<PathBuf> {
 }
 
 /// Removes a file, symlink (not its target) or directory tree; absent is fine.
-fn remove_any(path: &Path) -> Result<()> {
+pub(crate) fn remove_any(path: &Path) -> Result<()> {
     let result = match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
@@ -1162,15 +1258,55 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn zstd_not_supported() {
+    fn zstd_layers_of_several_frames_and_user_xattrs() {
         let t = tempfile::tempdir().unwrap();
         let (layout, store) = (t.path().join("layout"), t.path().join("store"));
+        let level = ruzstd::encoding::CompressionLevel::Fastest;
+        // One tar split across two zstd frames.
+        let data = tar(&[E::Dir("etc/"), E::File("etc/zstd", "from zstd", 0o644)]);
+        let (a, b) = data.split_at(700);
+        let mut zst = ruzstd::encoding::compress_to_vec(a, level);
+        zst.extend(ruzstd::encoding::compress_to_vec(b, level));
+        // A PAX xattr record: user.* is applied (where the file system allows it).
+        let mut builder = tar::Builder::new(Vec::new());
+        builder
+            .append_pax_extensions([("SCHILY.xattr.user.keelson", b"yes".as_slice())])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(1);
+        h.set_uid(0);
+        h.set_gid(0);
+        builder.append_data(&mut h, "xattr", &b"x"[..]).unwrap();
+        let with_xattr = builder.into_inner().unwrap();
         let m = image(
             &layout,
-            &[("application/vnd.oci.image.layer.v1.tar+zstd", vec![1, 2, 3])],
+            &[
+                ("application/vnd.oci.image.layer.v1.tar+zstd", zst),
+                (TAR, with_xattr),
+            ],
             serde_json::json!({}),
         );
         write_index(&layout, vec![m]);
-        assert!(err(&layout, None, &store).contains("zstd-compressed layers"));
+        let img = unpack(&layout, None, &store).unwrap();
+        assert_eq!(
+            fs::read_to_string(img.rootfs.join("etc/zstd")).unwrap(),
+            "from zstd"
+        );
+        let path = std::ffi::CString::new(img.rootfs.join("xattr").as_os_str().as_bytes()).unwrap();
+        let mut buf = [0u8; 16];
+        // SAFETY: valid C strings and buffer.
+        let n = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                c"user.keelson".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n >= 0 {
+            assert_eq!(&buf[..n as usize], b"yes");
+        }
     }
 }

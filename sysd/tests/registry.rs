@@ -1,0 +1,846 @@
+//! Host integration tests of the image store: a real sysd (the built binary) pulling from the
+//! reference registry (Debian's `docker-registry`) on the loopback of a network namespace each
+//! test creates, with images built here and pushed with `skopeo`. They need root,
+//! busybox-static, docker-registry, skopeo, apache2-utils and openssl (`./dev deps`) and fail
+//! without them.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[allow(dead_code)]
+#[path = "../src/testing.rs"]
+mod testing;
+#[allow(dead_code)]
+#[path = "../src/testing_registry.rs"]
+mod testing_registry;
+
+use testing_registry::{Layout, Proxy, Registry, RegistryOptions, E, TAR, TGZ};
+
+const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
+
+struct Sysd {
+    dir: PathBuf,
+    child: Option<Child>,
+    cgroup_parent: String,
+}
+
+impl Sysd {
+    /// A sysd with no system services, its state under `dir`, in this thread's network
+    /// namespace.
+    fn start(dir: &Path) -> Sysd {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "these tests need root");
+        std::fs::create_dir_all(dir.join("system")).unwrap();
+        let mut sysd = Sysd {
+            dir: dir.to_path_buf(),
+            child: None,
+            cgroup_parent: format!(
+                "/keelson-reg-{}-{}",
+                std::process::id(),
+                dir.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .trim_start_matches('.')
+            ),
+        };
+        sysd.spawn();
+        sysd
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.display();
+        let script = format!(
+            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {SYSD} --system-dir {d}/system --user-config {d}/var/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent {}",
+            self.cgroup_parent
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("sysd.log"))
+            .unwrap();
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            // As on a node: no CA bundle on the system (sysd carries its own roots).
+            .env("SSL_CERT_FILE", "/nonexistent/ca.pem")
+            .env("SSL_CERT_DIR", "/nonexistent")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning sysd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(self.dir.join("run/sysd.sock")).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sysd did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.join("var/images")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sysd.log")).unwrap_or_default()
+    }
+
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = UnixStream::connect(self.dir.join("run/sysd.sock")).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Type: application/toml\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("response");
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        (status, body)
+    }
+
+    fn apply(&self, config: &str) {
+        let (status, body) = self.request("POST", "/v1/apply", config);
+        assert_eq!(status, 200, "apply: {body}");
+    }
+
+    /// Pulls through the API; returns the progress items (the last is done or error).
+    fn pull(&self, image: &str) -> Vec<Value> {
+        let (status, body) = self.request(
+            "POST",
+            &format!("/v1/images/pull?reference={}", encode(image)),
+            "",
+        );
+        assert_eq!(status, 200, "pull {image}: {body}");
+        let items: Vec<Value> = body
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(
+            !items.is_empty(),
+            "pull {image}: empty stream\n{}",
+            self.log()
+        );
+        items
+    }
+
+    fn pull_ok(&self, image: &str) -> Vec<Value> {
+        let items = self.pull(image);
+        let last = items.last().unwrap();
+        assert_eq!(
+            last["type"],
+            "done",
+            "pull {image}: {items:#?}\n{}",
+            self.log()
+        );
+        items
+    }
+
+    fn pull_err(&self, image: &str) -> String {
+        let items = self.pull(image);
+        let last = items.last().unwrap();
+        assert_eq!(
+            last["type"], "error",
+            "pull {image} should fail: {items:#?}"
+        );
+        last["message"].as_str().unwrap().to_string()
+    }
+
+    fn images(&self) -> Vec<Value> {
+        let (status, body) = self.request("GET", "/v1/images", "");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn state(&self, name: &str) -> String {
+        let (_, body) = self.request("GET", &format!("/v1/services/{name}"), "");
+        serde_json::from_str::<Value>(&body).map_or(String::new(), |v| {
+            v["state"].as_str().unwrap_or("").to_string()
+        })
+    }
+
+    fn wait_state(&self, name: &str, state: &str) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while self.state(name) != state {
+            assert!(
+                Instant::now() < deadline,
+                "{name} never became {state} (is {})\n{}",
+                self.state(name),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs(&self, name: &str) -> String {
+        self.request("GET", &format!("/v1/services/{name}/logs"), "")
+            .1
+    }
+
+    fn events(&self) -> Vec<Value> {
+        let mut s = UnixStream::connect(self.dir.join("run/sysd.sock")).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        write!(s, "GET /v1/events?since=0 HTTP/1.1\r\nHost: k\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<Value>(line.trim()) {
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    /// Files (not directories) under the store, relative.
+    fn store_files(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        fn walk(root: &Path, p: &Path, out: &mut Vec<String>) {
+            if let Ok(rd) = std::fs::read_dir(p) {
+                for e in rd.flatten() {
+                    let path = e.path();
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        walk(root, &path, out);
+                    } else {
+                        out.push(path.strip_prefix(root).unwrap().display().to_string());
+                    }
+                }
+            }
+        }
+        walk(&self.store(), &self.store(), &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Sysd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let parent =
+            Path::new("/sys/fs/cgroup/unified").join(self.cgroup_parent.trim_start_matches('/'));
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                for _ in 0..50 {
+                    if std::fs::remove_dir(e.path()).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn setup() -> tempfile::TempDir {
+    testing_registry::private_netns().expect("network namespace (run as root)");
+    tempfile::tempdir().unwrap()
+}
+
+fn insecure(addr: &str) -> String {
+    format!("version = 1\n[registries.\"{addr}\"]\ninsecure = true\n")
+}
+
+/// The busybox root file system as a gzip layer.
+fn busybox_layer(dir: &Path) -> Vec<u8> {
+    let rootfs = dir.join("bb-rootfs");
+    testing::busybox_rootfs(&rootfs).expect("busybox rootfs");
+    testing_registry::gzip(&testing_registry::tar_dir(&rootfs))
+}
+
+#[test]
+fn pull_by_tag_digest_and_index_then_run_on_demand_and_gc() {
+    let t = setup();
+    let reg = Registry::start(&t.path().join("reg"), 5000, RegistryOptions::default());
+    let mut layout = Layout::new(&t.path().join("layout"));
+    let base = busybox_layer(t.path());
+    // The upper layer: a whiteout, an opaque directory, a hard link, a new file.
+    let lower = testing_registry::tar(&[
+        E::Dir("srv/"),
+        E::File("srv/gone", b"gone", 0o644),
+        E::Dir("srv/opaque/"),
+        E::File("srv/opaque/old", b"old", 0o644),
+    ]);
+    let upper = testing_registry::tar(&[
+        E::File("srv/.wh.gone", b"", 0o644),
+        E::File("srv/opaque/.wh..wh..opq", b"", 0o644),
+        E::File("srv/opaque/new", b"new", 0o644),
+        E::File("srv/index.html", b"hello from the registry", 0o644),
+        E::Hardlink("srv/link.html", "srv/index.html"),
+    ]);
+    let cmd = [
+        "sh",
+        "-c",
+        "cat /srv/index.html; echo; ls /srv/opaque; exec sleep 1000",
+    ];
+    let amd64 = layout.image(
+        "amd64",
+        &[
+            (TGZ, base.clone()),
+            (TAR, lower),
+            (TGZ, testing_registry::gzip(&upper)),
+        ],
+        &cmd,
+    );
+    layout.tag(&amd64, "v1");
+    let arm64 = layout.image(
+        "arm64",
+        &[(
+            TAR,
+            testing_registry::tar(&[E::File("arch", b"arm64", 0o644)]),
+        )],
+        &["true"],
+    );
+    let index = layout.index(&[(arm64, "arm64"), (amd64.clone(), "amd64")]);
+    layout.tag(&index, "multi");
+    let v2 = layout.image(
+        "amd64",
+        &[
+            (TGZ, base),
+            (
+                TAR,
+                testing_registry::tar(&[E::File("srv/index.html", b"v2 here", 0o644)]),
+            ),
+        ],
+        &["sh", "-c", "cat /srv/index.html; echo; exec sleep 1000"],
+    );
+    layout.tag(&v2, "v2");
+    for tag in ["v1", "multi", "v2"] {
+        layout.push(tag, &format!("{}/app:{tag}", reg.addr), None);
+    }
+
+    let mut sysd = Sysd::start(&t.path().join("sysd"));
+    // Without settings the registry is HTTPS: a plain-HTTP registry fails clearly.
+    let err = sysd.pull_err(&format!("{}/app:v1", reg.addr));
+    assert!(err.contains("127.0.0.1:5000"), "{err}");
+    sysd.apply(&insecure(&reg.addr));
+
+    // By tag: layers applied in order, with whiteouts, opaque dirs and hard links.
+    let items = sysd.pull_ok(&format!("{}/app:v1", reg.addr));
+    assert!(
+        items
+            .iter()
+            .any(|i| i["type"] == "resolved" && i["layers"] == 3),
+        "{items:#?}"
+    );
+    let manifest = amd64["digest"].as_str().unwrap();
+    let hex = manifest.strip_prefix("sha256:").unwrap();
+    let root = sysd.store().join(hex).join("rootfs");
+    assert_eq!(
+        std::fs::read_to_string(root.join("srv/index.html")).unwrap(),
+        "hello from the registry"
+    );
+    assert!(!root.join("srv/gone").exists());
+    assert!(!root.join("srv/opaque/old").exists() && root.join("srv/opaque/new").exists());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(root.join("srv/link.html")).unwrap().ino(),
+        std::fs::metadata(root.join("srv/index.html"))
+            .unwrap()
+            .ino()
+    );
+
+    // By digest: the same manifest, nothing downloaded again.
+    let pinned = format!("{}/app@{manifest}", reg.addr);
+    let items = sysd.pull_ok(&pinned);
+    assert_eq!(items.last().unwrap()["downloaded_bytes"], 0, "{items:#?}");
+    // A pin the registry cannot satisfy is refused.
+    let wrong = format!("{}/app@sha256:{}", reg.addr, "0".repeat(64));
+    let err = sysd.pull_err(&wrong);
+    assert!(
+        err.contains("MANIFEST_UNKNOWN") || err.contains("unknown") || err.contains("404"),
+        "{err}"
+    );
+
+    // A multi-arch index resolves to linux/amd64: the same manifest as v1.
+    let items = sysd.pull_ok(&format!("{}/app:multi", reg.addr));
+    assert_eq!(items.last().unwrap()["manifest"], manifest, "{items:#?}");
+    assert!(!root.join("arch").exists());
+
+    let images = sysd.images();
+    assert_eq!(images.len(), 3, "{images:#?}");
+    assert!(images
+        .iter()
+        .all(|i| i["unpacked"] == true && i["manifest"] == manifest));
+
+    // A service whose image was never pulled: pulled on demand, then it runs.
+    sysd.apply(&format!(
+        "{}\n[services.web]\nimage = \"{}/app:v2\"\n",
+        insecure(&reg.addr),
+        reg.addr
+    ));
+    sysd.wait_state("web", "running");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sysd.logs("web").contains("v2 here") {
+        assert!(Instant::now() < deadline, "logs: {}", sysd.logs("web"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let events = sysd.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["service"] == "web" && e["kind"] == "image-pulled"),
+        "{events:#?}"
+    );
+
+    // In use: refused. Unused: removed; shared blobs stay while another image needs them.
+    let (status, body) = sysd.request(
+        "POST",
+        &format!(
+            "/v1/images/remove?reference={}",
+            encode(&format!("{}/app:v2", reg.addr))
+        ),
+        "",
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("web"), "{body}");
+    let (status, body) = sysd.request(
+        "POST",
+        &format!(
+            "/v1/images/remove?reference={}",
+            encode(&format!("{}/app:v1", reg.addr))
+        ),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let removed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        removed["blobs"], 0,
+        "v1's manifest is still reached by the pin and the index: {body}"
+    );
+    let (status, body) = sysd.request("POST", "/v1/images/prune", "");
+    assert_eq!(status, 200, "{body}");
+    let pruned: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(pruned["removed"].as_array().unwrap().len(), 2, "{body}");
+    assert!(pruned["rootfs"].as_u64().unwrap() >= 1, "{body}");
+    assert!(!root.exists(), "v1's unpacked root is collected");
+    let images = sysd.images();
+    assert_eq!(images.len(), 1, "{images:#?}");
+    assert_eq!(images[0]["used_by"][0], "web");
+    // v2's busybox layer survived (shared with v1, still used by v2).
+    let blobs = sysd.store_files();
+    assert!(
+        blobs.iter().all(|b| !b.starts_with(".downloads/")),
+        "{blobs:#?}"
+    );
+
+    // After a restart, with the registry gone, the service starts from the store.
+    drop(reg);
+    sysd.stop();
+    let before = sysd.log().len();
+    sysd.spawn();
+    sysd.wait_state("web", "running");
+    let after = &sysd.log()[before..];
+    assert!(!after.contains("image-pull"), "{after}");
+}
+
+#[test]
+fn basic_auth_credentials_from_config_never_logged() {
+    let t = setup();
+    let reg = Registry::start(
+        &t.path().join("reg"),
+        5000,
+        RegistryOptions {
+            basic: Some(("alice", "s3cret-pass")),
+            ..RegistryOptions::default()
+        },
+    );
+    let mut layout = Layout::new(&t.path().join("layout"));
+    let m = layout.image(
+        "amd64",
+        &[(TAR, testing_registry::tar(&[E::File("f", b"x", 0o644)]))],
+        &["true"],
+    );
+    layout.tag(&m, "v1");
+    layout.push(
+        "v1",
+        &format!("{}/private:v1", reg.addr),
+        Some(("alice", "s3cret-pass")),
+    );
+
+    let sysd = Sysd::start(&t.path().join("sysd"));
+    sysd.apply(&insecure(&reg.addr));
+    let err = sysd.pull_err(&format!("{}/private:v1", reg.addr));
+    assert!(
+        err.to_lowercase().contains("authoriz") || err.contains("401"),
+        "{err}"
+    );
+
+    sysd.apply(&format!(
+        "{}username = \"alice\"\npassword = \"wrong\"\n",
+        insecure(&reg.addr)
+    ));
+    let err = sysd.pull_err(&format!("{}/private:v1", reg.addr));
+    assert!(
+        err.to_lowercase().contains("authoriz") || err.contains("401"),
+        "{err}"
+    );
+
+    // From an auth file (Docker's format).
+    let auth = t.path().join("auth.json");
+    std::fs::write(
+        &auth,
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
+            reg.addr,
+            "YWxpY2U6czNjcmV0LXBhc3M=" // alice:s3cret-pass
+        ),
+    )
+    .unwrap();
+    sysd.apply(&format!(
+        "{}auth_file = \"{}\"\n",
+        insecure(&reg.addr),
+        auth.display()
+    ));
+    sysd.pull_ok(&format!("{}/private:v1", reg.addr));
+    sysd.apply(&format!(
+        "{}username = \"alice\"\npassword = \"s3cret-pass\"\n",
+        insecure(&reg.addr)
+    ));
+    sysd.pull_ok(&format!("{}/private:v1", reg.addr));
+    assert!(!sysd.log().contains("s3cret-pass"), "{}", sysd.log());
+    let events = serde_json::to_string(&sysd.events()).unwrap();
+    assert!(!events.contains("s3cret-pass"));
+}
+
+#[test]
+fn registry_going_away_mid_pull_is_resumed() {
+    let t = setup();
+    let reg = Registry::start(&t.path().join("reg"), 5000, RegistryOptions::default());
+    let mut layout = Layout::new(&t.path().join("layout"));
+    let big = testing_registry::noise(6 << 20, 1);
+    let m = layout.image(
+        "amd64",
+        &[(TAR, testing_registry::tar(&[E::File("big", &big, 0o644)]))],
+        &["true"],
+    );
+    layout.tag(&m, "v1");
+    layout.push("v1", &format!("{}/big:v1", reg.addr), None);
+    // Clients see the registry through a proxy that dies after 3 MiB, for 1.5 s.
+    let proxy = Proxy::start(5001, &reg.addr, 3 << 20, Duration::from_millis(1500));
+
+    let sysd = Sysd::start(&t.path().join("sysd"));
+    sysd.apply(&insecure(&proxy.addr));
+    let items = sysd.pull_ok(&format!("{}/big:v1", proxy.addr));
+    assert_eq!(proxy.cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(items.iter().any(|i| i["type"] == "retrying"), "{items:#?}");
+    let resumed = items
+        .iter()
+        .filter(|i| i["type"] == "downloading")
+        .filter_map(|i| i["resumed_at"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        resumed > 1 << 20,
+        "the retry resumed where it stopped: {items:#?}"
+    );
+    let done = items.last().unwrap()["downloaded_bytes"].as_u64().unwrap();
+    assert!(
+        done < big.len() as u64 + (1 << 20),
+        "not downloaded twice: {done}"
+    );
+    assert_eq!(
+        items.last().unwrap()["manifest"],
+        m["digest"],
+        "skopeo pushed the manifest unchanged"
+    );
+    let hex = m["digest"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("sha256:")
+        .unwrap();
+    assert_eq!(
+        std::fs::read(sysd.store().join(hex).join("rootfs/big")).unwrap(),
+        big
+    );
+}
+
+#[test]
+fn bad_blobs_and_bad_registries_are_refused_and_nothing_runs() {
+    let t = setup();
+    let reg = Registry::start(&t.path().join("reg"), 5000, RegistryOptions::default());
+    let mut layout = Layout::new(&t.path().join("layout"));
+    // A blob whose content does not match its digest.
+    let layer =
+        testing_registry::tar(&[E::File("data", &testing_registry::noise(100_000, 2), 0o644)]);
+    let m = layout.image("amd64", &[(TAR, layer.clone())], &["true"]);
+    layout.tag(&m, "corrupt");
+    // Layers that try to escape the root.
+    let dotdot = layout.image(
+        "amd64",
+        &[(
+            TAR,
+            testing_registry::tar(&[E::File("../../escaped", b"x", 0o644)]),
+        )],
+        &["true"],
+    );
+    layout.tag(&dotdot, "dotdot");
+    let hardlink = layout.image(
+        "amd64",
+        &[(
+            TAR,
+            testing_registry::tar(&[E::Hardlink("passwd", "../../../../etc/passwd")]),
+        )],
+        &["true"],
+    );
+    layout.tag(&hardlink, "hardlink");
+    let through = layout.image(
+        "amd64",
+        &[(
+            TAR,
+            testing_registry::tar(&[
+                E::Symlink("etc", "/tmp"),
+                E::File("etc/escaped-through-symlink", b"x", 0o644),
+            ]),
+        )],
+        &["true"],
+    );
+    layout.tag(&through, "symlink");
+    // A manifest of 40 layers: over a 1K manifest limit.
+    let many: Vec<(&str, Vec<u8>)> = (0..40)
+        .map(|i| {
+            (
+                TAR,
+                testing_registry::tar(&[E::File(&format!("f{i}"), b"x", 0o644)]),
+            )
+        })
+        .collect();
+    let big = layout.image("amd64", &many, &["true"]);
+    layout.tag(&big, "many");
+    for tag in ["corrupt", "dotdot", "hardlink", "symlink", "many"] {
+        layout.push(tag, &format!("{}/bad:{tag}", reg.addr), None);
+    }
+    // Corrupt the stored layer in place (same size, other bytes).
+    let layer_digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&layer))
+    );
+    let file = reg.blob_file(&layer_digest);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() - 2000;
+    bytes[at] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+
+    let sysd = Sysd::start(&t.path().join("sysd"));
+    sysd.apply(&insecure(&reg.addr));
+    let err = sysd.pull_err(&format!("{}/bad:corrupt", reg.addr));
+    assert!(
+        err.contains("does not match") && err.contains(&layer_digest),
+        "{err}"
+    );
+
+    let err = sysd.pull_err(&format!("{}/bad:dotdot", reg.addr));
+    assert!(err.contains("`..`"), "{err}");
+    assert!(!t.path().join("escaped").exists() && !sysd.store().join("escaped").exists());
+    let err = sysd.pull_err(&format!("{}/bad:hardlink", reg.addr));
+    assert!(err.contains("hard link target"), "{err}");
+    let err = sysd.pull_err(&format!("{}/bad:symlink", reg.addr));
+    assert!(err.contains("symlink"), "{err}");
+    assert!(!Path::new("/tmp/escaped-through-symlink").exists());
+
+    // Limits: a blob over max_blob_size is refused before it is fetched.
+    sysd.apply(&format!("{}max_blob_size = \"4K\"\n", insecure(&reg.addr)));
+    let err = sysd.pull_err(&format!("{}/bad:corrupt", reg.addr));
+    assert!(
+        err.contains("over the limit") && err.contains("max_blob_size"),
+        "{err}"
+    );
+
+    sysd.apply(&format!(
+        "{}max_manifest_size = \"1K\"\n",
+        insecure(&reg.addr)
+    ));
+    let err = sysd.pull_err(&format!("{}/bad:many", reg.addr));
+    assert!(
+        err.contains("over the limit") && err.contains("max_manifest_size"),
+        "{err}"
+    );
+
+    // Nothing of any of them is listed or runnable; no unpacked root was left.
+    assert!(sysd.images().is_empty());
+    let files = sysd.store_files();
+    assert!(
+        files.iter().all(|f| f.starts_with("blobs/")
+            || f.starts_with(".downloads/")
+            || *f == "index.json"
+            || *f == "oci-layout"),
+        "{files:#?}"
+    );
+    sysd.apply(&format!(
+        "{}[services.bad]\nimage = \"{}/bad:dotdot\"\n",
+        insecure(&reg.addr),
+        reg.addr
+    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sysd
+        .events()
+        .iter()
+        .any(|e| e["service"] == "bad" && e["kind"] == "start-failed")
+    {
+        assert!(Instant::now() < deadline, "{}", sysd.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_ne!(sysd.state("bad"), "running");
+
+    // A redirect loop and a TLS error are refused with their reason.
+    let looping = testing_registry::redirect_loop(5002);
+    sysd.apply(&insecure(&looping));
+    let err = sysd.pull_err(&format!("{looping}/x:v1"));
+    assert!(err.to_lowercase().contains("redirect"), "{err}");
+    let (ca, cert, key) = testing_registry::private_ca(t.path());
+    let tls = Registry::start(
+        &t.path().join("tls"),
+        5443,
+        RegistryOptions {
+            tls: Some((&cert, &key)),
+            ..RegistryOptions::default()
+        },
+    );
+    let err = sysd.pull_err(&format!("{}/x:v1", tls.addr));
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // Trusting its CA makes it work (the image does not exist: a 404, past TLS).
+    sysd.apply(&format!(
+        "version = 1\n[registries.\"{}\"]\nca_file = \"{}\"\n",
+        tls.addr,
+        ca.display()
+    ));
+    let err = sysd.pull_err(&format!("{}/x:v1", tls.addr));
+    assert!(!err.to_lowercase().contains("certificate"), "{err}");
+}
+
+#[test]
+fn mirror_serves_the_pull() {
+    let t = setup();
+    let mirror = Registry::start(&t.path().join("mirror"), 5000, RegistryOptions::default());
+    let mut layout = Layout::new(&t.path().join("layout"));
+    let m = layout.image(
+        "amd64",
+        &[(
+            TAR,
+            testing_registry::tar(&[E::File("m", b"from the mirror", 0o644)]),
+        )],
+        &["true"],
+    );
+    layout.tag(&m, "v1");
+    // The mirror stores it under the same repository name; the upstream does not exist.
+    layout.push("v1", &format!("{}/team/app:v1", mirror.addr), None);
+    let sysd = Sysd::start(&t.path().join("sysd"));
+    sysd.apply(&format!(
+        "version = 1\n[registries.\"upstream.invalid:5000\"]\nmirrors = [\"{0}\"]\n[registries.\"{0}\"]\ninsecure = true\n",
+        mirror.addr
+    ));
+    let items = sysd.pull_ok("upstream.invalid:5000/team/app:v1");
+    assert_eq!(
+        items.last().unwrap()["reference"],
+        "upstream.invalid:5000/team/app:v1"
+    );
+}
+
+#[test]
+fn bearer_token_auth() {
+    let t = setup();
+    let tokens = testing_registry::TokenServer::start(
+        &t.path().join("token"),
+        5001,
+        "bob",
+        "t0ken-pass",
+        "private/app",
+    );
+    let reg = Registry::start(
+        &t.path().join("reg"),
+        5000,
+        RegistryOptions {
+            token: Some(&tokens),
+            ..RegistryOptions::default()
+        },
+    );
+    let mut layout = Layout::new(&t.path().join("layout"));
+    let m = layout.image(
+        "amd64",
+        &[(TAR, testing_registry::tar(&[E::File("f", b"x", 0o644)]))],
+        &["true"],
+    );
+    layout.tag(&m, "v1");
+    layout.push(
+        "v1",
+        &format!("{}/private/app:v1", reg.addr),
+        Some(("bob", "t0ken-pass")),
+    );
+
+    let sysd = Sysd::start(&t.path().join("sysd"));
+    sysd.apply(&insecure(&reg.addr));
+    let err = sysd.pull_err(&format!("{}/private/app:v1", reg.addr));
+    assert!(
+        err.to_lowercase().contains("authoriz") || err.contains("401"),
+        "{err}"
+    );
+    let before = tokens.issued.load(std::sync::atomic::Ordering::SeqCst);
+    sysd.apply(&format!(
+        "{}username = \"bob\"\npassword = \"t0ken-pass\"\n",
+        insecure(&reg.addr)
+    ));
+    let items = sysd.pull_ok(&format!("{}/private/app:v1", reg.addr));
+    assert_eq!(items.last().unwrap()["manifest"], m["digest"]);
+    assert!(
+        tokens.issued.load(std::sync::atomic::Ordering::SeqCst) > before,
+        "the credentials were exchanged for a bearer token"
+    );
+    assert!(!sysd.log().contains("t0ken-pass"));
+}
