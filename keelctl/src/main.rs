@@ -8,6 +8,7 @@
 
 mod http;
 mod render;
+mod update;
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -88,6 +89,9 @@ enum Command {
         #[arg(long, value_name = "SEQ")]
         since: Option<u64>,
     },
+    /// Over-the-air updates: check, apply, status, rollback, cancel.
+    #[command(subcommand)]
+    Update(update::UpdateCommand),
     /// Show keelctl's and sysd's versions.
     Version,
     /// Print a shell completion script (e.g. `keelctl completions bash > /etc/bash_completion.d/keelctl`).
@@ -194,6 +198,7 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<()> {
                 render::duration(version.uptime_s)
             )?;
         }
+        Command::Update(cmd) => update::run(&client, cmd, json, out)?,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "keelctl", out);
         }

@@ -202,6 +202,16 @@ enum Endpoint {
     Events,
     Stats,
     Apply,
+    Update(UpdateAction),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpdateAction {
+    Status,
+    Check,
+    Apply,
+    Cancel,
+    Rollback,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +251,17 @@ impl Endpoint {
             ["events"] => (Endpoint::Events, get),
             ["stats"] => (Endpoint::Stats, get),
             ["apply"] => (Endpoint::Apply, post),
+            ["update", "status"] => (Endpoint::Update(UpdateAction::Status), get),
+            ["update", action] => {
+                let action = match *action {
+                    "check" => UpdateAction::Check,
+                    "apply" => UpdateAction::Apply,
+                    "cancel" => UpdateAction::Cancel,
+                    "rollback" => UpdateAction::Rollback,
+                    _ => return None,
+                };
+                (Endpoint::Update(action), post)
+            }
             _ => return None,
         })
     }
@@ -338,6 +359,33 @@ async fn dispatch<B: Backend>(
             let config = read_config(req).await?;
             Ok(json(&backend.apply(config, dry_run).await?))
         }
+        Endpoint::Update(action) => match action {
+            UpdateAction::Status => {
+                query.allow(&[])?;
+                Ok(json(&backend.update_status()?))
+            }
+            UpdateAction::Check => {
+                query.allow(&[])?;
+                Ok(json(&backend.update_check().await?))
+            }
+            UpdateAction::Apply => {
+                query.allow(&["version", "force", "reboot"])?;
+                let req = keelson_common::api::update::ApplyRequest {
+                    version: query.get("version").map(str::to_string),
+                    force: query.flag("force")?,
+                    reboot: query.flag("reboot")?,
+                };
+                Ok(json(&backend.update_apply(req).await?))
+            }
+            UpdateAction::Cancel => {
+                query.allow(&[])?;
+                Ok(json(&backend.update_cancel().await?))
+            }
+            UpdateAction::Rollback => {
+                query.allow(&["reboot"])?;
+                Ok(json(&backend.update_rollback(query.flag("reboot")?).await?))
+            }
+        },
     }
 }
 

@@ -10,6 +10,7 @@
 //! validation is never partially applied.
 
 pub mod units;
+pub mod update;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -30,6 +31,8 @@ struct File {
     version: u32,
     #[serde(default)]
     services: BTreeMap<String, toml::Spanned<ServiceSpec>>,
+    /// The update agent's policy (`spec::update`).
+    update: Option<update::UpdateSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -405,6 +408,10 @@ pub fn parse_file(path: &Path, text: &str, source: Source) -> Result<Vec<Service
             "{shown}: version = {} is not supported (this sysd reads version = {SCHEMA_VERSION})",
             file.version
         )));
+    }
+    if let Some(u) = &file.update {
+        u.check()
+            .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
     }
     let mut out = Vec::new();
     for (name, spanned) in file.services {

@@ -76,6 +76,8 @@ pub struct Supervisor {
     epoch: watch::Sender<u64>,
     apply_lock: tokio::sync::Mutex<()>,
     started: Instant,
+    /// The update agent, behind the API's `/v1/update/*` (set once at start).
+    update: std::sync::OnceLock<Arc<crate::update::Agent>>,
 }
 
 impl Supervisor {
@@ -94,6 +96,7 @@ impl Supervisor {
             epoch: watch::channel(0).0,
             apply_lock: tokio::sync::Mutex::new(()),
             started: Instant::now(),
+            update: std::sync::OnceLock::new(),
         })
     }
 
@@ -860,6 +863,30 @@ fn describe_exit(exit: Option<&ExitInfo>) -> String {
     }
 }
 
+impl Supervisor {
+    /// Connects the update agent to the API.
+    pub fn set_update_agent(&self, agent: Arc<crate::update::Agent>) {
+        let _ = self.update.set(agent);
+    }
+
+    /// Where the config comes from (the update agent reads its `[update]` table there).
+    pub fn sources(&self) -> &Sources {
+        &self.paths.sources
+    }
+
+    /// An event not about one service (the update agent's).
+    pub fn emit_event(&self, kind: &str, message: String) {
+        self.events.emit(None, kind, message);
+    }
+
+    fn update_agent(&self) -> Result<Arc<crate::update::Agent>, crate::api::Failure> {
+        self.update.get().cloned().ok_or(crate::api::Failure {
+            status: 501,
+            message: "the update agent is not running".into(),
+        })
+    }
+}
+
 impl Backend for Supervisor {
     fn version(&self) -> api::Version {
         api::Version {
@@ -1035,5 +1062,37 @@ impl Backend for Supervisor {
             ),
         );
         Ok(plan)
+    }
+
+    fn update_status(
+        &self,
+    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+        Ok(self.update_agent()?.status())
+    }
+
+    async fn update_check(
+        &self,
+    ) -> Result<keelson_common::api::update::UpdateCheck, crate::api::Failure> {
+        self.update_agent()?.check().await
+    }
+
+    async fn update_apply(
+        &self,
+        req: keelson_common::api::update::ApplyRequest,
+    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+        self.update_agent()?.apply(req).await
+    }
+
+    async fn update_cancel(
+        &self,
+    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+        self.update_agent()?.cancel().await
+    }
+
+    async fn update_rollback(
+        &self,
+        reboot: bool,
+    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+        self.update_agent()?.rollback(reboot).await
     }
 }
