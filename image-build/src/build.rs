@@ -41,6 +41,8 @@ pub struct Options {
     pub version: Option<String>,
     /// Overrides the config's `[update] trusted_root`.
     pub trusted_root: Option<PathBuf>,
+    /// System service files added after the config's own (variants of one config).
+    pub extra_services: Vec<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -170,6 +172,9 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     let mut cfg = ImageConfig::load(&opts.config)?;
     if let Some(v) = &opts.version {
         cfg.set_version(v)?;
+    }
+    for f in &opts.extra_services {
+        cfg.services.push(std::path::absolute(f)?);
     }
     let trusted_root = match &opts.trusted_root {
         Some(p) => Some(p.clone()),

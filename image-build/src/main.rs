@@ -58,6 +58,9 @@ enum Cmd {
         /// `[update] trusted_root`).
         #[arg(long)]
         trusted_root: Option<PathBuf>,
+        /// An extra system service file, installed after the config's own (repeatable).
+        #[arg(long = "extra-services")]
+        extra_services: Vec<PathBuf>,
     },
     /// Update repositories: signing keys, trusted root metadata, adding versions.
     #[command(subcommand)]
@@ -203,6 +206,7 @@ fn run(cli: Cli) -> Result<()> {
             bins,
             version,
             trusted_root,
+            extra_services,
         } => {
             let ws = workspace();
             build::build(&build::Options {
@@ -214,6 +218,7 @@ fn run(cli: Cli) -> Result<()> {
                 quiet: cli.quiet,
                 version,
                 trusted_root,
+                extra_services,
             })?;
         }
         Cmd::Update(cmd) => run_update(cmd, cli.quiet)?,

@@ -592,7 +592,21 @@ impl Agent {
         let Ok((running, hash)) = self.discovery.running() else {
             return;
         };
-        let Some(esp) = self.discovery.esp() else {
+        // The ESP's file system module is loaded by init in the background: give it time.
+        let mut esp = None;
+        for _ in 0..30 {
+            if !matches!(&self.discovery, Discovery::Files { .. })
+                && !std::path::Path::new("/sys/firmware/efi").exists()
+            {
+                break;
+            }
+            esp = self.discovery.esp();
+            if esp.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let Some(esp) = esp else {
             self.live().assessment = "unknown".into();
             return;
         };

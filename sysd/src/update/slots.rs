@@ -111,6 +111,10 @@ impl Discovery {
         match self {
             Discovery::Files { esp, .. } => Some(esp.clone()),
             Discovery::Node { esp_mount } => {
+                // Booted without UEFI (direct kernel boot): no boot entries to assess.
+                if !Path::new("/sys/firmware/efi").exists() {
+                    return None;
+                }
                 let (running, _) = self.running().ok()?;
                 let disk = boot_disk(running).ok()?;
                 let gpt = Gpt::read(&mut File::open(&disk.dev).ok()?).ok()?;
@@ -119,7 +123,7 @@ impl Discovery {
                 match mount_esp(&dev, esp_mount) {
                     Ok(()) => Some(esp_mount.clone()),
                     Err(err) => {
-                        tracing::warn!("update: cannot mount the ESP: {err:#}");
+                        tracing::debug!("update: cannot mount the ESP (yet): {err:#}");
                         None
                     }
                 }
