@@ -607,6 +607,12 @@ impl Agent {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         let Some(esp) = esp else {
+            if std::path::Path::new("/sys/firmware/efi").exists() {
+                self.emit(
+                    "update-no-esp",
+                    "the ESP could not be mounted: this boot cannot be assessed".into(),
+                );
+            }
             self.live().assessment = "unknown".into();
             return;
         };

@@ -123,7 +123,14 @@ impl Discovery {
                 match mount_esp(&dev, esp_mount) {
                     Ok(()) => Some(esp_mount.clone()),
                     Err(err) => {
-                        tracing::debug!("update: cannot mount the ESP (yet): {err:#}");
+                        // ENODEV: vfat is not loaded yet (init loads it in the background).
+                        if err.downcast_ref::<nix::errno::Errno>()
+                            == Some(&nix::errno::Errno::ENODEV)
+                        {
+                            tracing::debug!("update: cannot mount the ESP yet: {err:#}");
+                        } else {
+                            tracing::warn!("update: cannot mount the ESP: {err:#}");
+                        }
                         None
                     }
                 }
@@ -195,7 +202,9 @@ fn mount_esp(dev: &Path, at: &Path) -> Result<()> {
         nix::mount::MsFlags::MS_NOSUID
             | nix::mount::MsFlags::MS_NODEV
             | nix::mount::MsFlags::MS_NOEXEC,
-        Some("umask=0077,shortname=mixed"),
+        // The kernel's default iocharset (ascii) is a module the image does not carry;
+        // cp437 and iso8859-1 are in the root's modules for exactly this.
+        Some("umask=0077,shortname=mixed,codepage=437,iocharset=iso8859-1"),
     )
     .with_context(|| format!("mounting the ESP {} on {}", dev.display(), at.display()))?;
     Ok(())
