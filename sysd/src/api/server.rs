@@ -1179,6 +1179,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn update_routes_exist_with_their_methods_and_queries() {
+        let h = start().await;
+        // The fake backend has no update agent: the default answers 501.
+        expect_error(get(&h, "/v1/update/status").await, 501, "not supported").await;
+        let (response, _conn) = send(&h, "POST", "/v1/update/check", None, b"").await;
+        expect_error(response, 501, "not supported").await;
+        let (response, _conn) = send(
+            &h,
+            "POST",
+            "/v1/update/apply?version=1.2&force=1&reboot=1",
+            None,
+            b"",
+        )
+        .await;
+        expect_error(response, 501, "not supported").await;
+        let (response, _conn) = send(&h, "POST", "/v1/update/apply?versoin=1", None, b"").await;
+        expect_error(response, 400, "versoin").await;
+        expect_error(get(&h, "/v1/update/apply").await, 405, "use POST").await;
+        let (response, _conn) = send(&h, "POST", "/v1/update/explode", None, b"").await;
+        expect_error(response, 404, "no such endpoint").await;
+    }
+
+    #[tokio::test]
     async fn percent_encoded_names_are_decoded() {
         let h = start().await;
         let web: ServiceStatus = body_json(get(&h, "/v1/services/%77eb").await).await;
