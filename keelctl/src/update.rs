@@ -224,7 +224,7 @@ fn other(slot: &str) -> &'static str {
 
 fn show(s: &UpdateStatus) -> String {
     let mut t = String::new();
-    let mut line = |k: &str, v: String| t.push_str(&format!("{k:<17}{v}\n"));
+    let mut line = |k: &str, v: String| t.push_str(&format!("{k:<18}{v}\n"));
     line("version:", s.version.clone());
     line("slot:", s.slot.clone());
     line(
