@@ -519,8 +519,8 @@ pub async fn install(
         f.sync_all().context("syncing the UKI")?;
         check_uki(&part, p, letter)?;
         let entry = format!("keelson_{}+{tries}.efi", p.version);
-        std::fs::rename(&part, dir.join(&entry))?;
-        slots::sync_dir(&dir)?;
+        let part_name = part_name(&p.version);
+        slots::rename(&layout.esp, &part_name, &entry)?;
         Ok::<_, anyhow::Error>(entry)
     }
     .await;

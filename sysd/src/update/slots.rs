@@ -337,10 +337,17 @@ pub fn pe_section(path: &Path, name: &str) -> Result<Option<Vec<u8>>> {
 }
 
 /// Renames an entry on the ESP and makes the rename durable.
+///
+/// On vfat the new directory entry gets the file's size and first cluster only when the
+/// *file's* inode is written back: fsyncing the directory alone persists an empty entry (a
+/// power cut then leaves a 0-byte UKI). So the file is fsynced, then the whole file system.
 pub fn rename(esp: &Path, from: &str, to: &str) -> Result<()> {
     let dir = uki_dir(esp);
     std::fs::rename(dir.join(from), dir.join(to))
         .with_context(|| format!("renaming {from} to {to} on the ESP"))?;
+    File::open(dir.join(to))
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {to} on the ESP"))?;
     sync_dir(&dir)
 }
 
@@ -355,10 +362,19 @@ pub fn remove(esp: &Path, file: &str) -> Result<()> {
     sync_dir(&dir)
 }
 
+/// fsyncs a directory, then the whole file system it is on (on vfat the FAT and the entries
+/// of other directories are separate buffers).
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
+    use std::os::fd::AsRawFd;
+    let d = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    d.sync_all()
+        .with_context(|| format!("syncing {}", dir.display()))?;
+    // SAFETY: syncfs on a descriptor we own; no memory is passed.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("syncing the file system of {}", dir.display()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
