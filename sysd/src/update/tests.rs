@@ -88,6 +88,12 @@ struct FakeImage {
 }
 
 fn fake_image(parent: &Path, version: &str, blocks: usize) -> FakeImage {
+    fake_image_claiming(parent, version, version, blocks)
+}
+
+/// An image whose UKIs say `real` while the build manifest (and so the repository) says
+/// `version`: an older version dressed up as a newer one.
+fn fake_image_claiming(parent: &Path, version: &str, real: &str, blocks: usize) -> FakeImage {
     let dir = parent.join(format!("img-{version}"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut root = Vec::with_capacity(blocks * 4096);
@@ -105,7 +111,7 @@ fn fake_image(parent: &Path, version: &str, blocks: usize) -> FakeImage {
     let roothash = verity::to_hex(&tree.root_hash);
     std::fs::write(dir.join("root.erofs"), &root).unwrap();
     std::fs::write(dir.join("root.verity"), &tree.hash_device).unwrap();
-    let osrel = format!("ID=keelson\nIMAGE_ID=keelson\nIMAGE_VERSION={version}\nVARIANT_ID=test\n");
+    let osrel = format!("ID=keelson\nIMAGE_ID=keelson\nIMAGE_VERSION={real}\nVARIANT_ID=test\n");
     let uki = format!("keelson_{version}+3.efi");
     for (file, slot) in [(uki.as_str(), "a"), ("uki-slot-b.efi", "b")] {
         let cmd = format!("console=ttyS0 keelson.slot={slot} roothash={roothash}");
@@ -617,6 +623,23 @@ fn downgrades_waves_pins_full_disk_and_concurrent_applies() {
         "{}",
         n.events()
     );
+}
+
+#[test]
+fn an_older_version_offered_as_newer_is_refused_before_it_gets_an_entry() {
+    let t = tempfile::tempdir().unwrap();
+    let v1 = fake_image(t.path(), "0.1.0", 16);
+    let fake = fake_image_claiming(t.path(), "0.5.0", "0.0.9", 16);
+    let n = node(&v1, "0.1.0", "a");
+    let rt = rt();
+    n.add(&fake, &[]);
+    let err = n.apply(&rt, ApplyRequest::default()).unwrap_err();
+    assert!(
+        err.contains("the UKI is version \"0.0.9\" but is offered as 0.5.0"),
+        "{err}"
+    );
+    assert_eq!(n.esp_files(), ["keelson_0.1.0.efi"]);
+    assert!(n.agent.status().staged.is_none());
 }
 
 #[test]
