@@ -43,6 +43,8 @@ pub struct Options {
     pub trusted_root: Option<PathBuf>,
     /// System service files added after the config's own (variants of one config).
     pub extra_services: Vec<PathBuf>,
+    /// Kernel command line arguments added after the config's own.
+    pub kernel_args: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -173,6 +175,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     if let Some(v) = &opts.version {
         cfg.set_version(v)?;
     }
+    cfg.kernel.cmdline.extend(opts.kernel_args.iter().cloned());
     for f in &opts.extra_services {
         cfg.services.push(std::path::absolute(f)?);
     }

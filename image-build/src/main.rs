@@ -61,6 +61,10 @@ enum Cmd {
         /// An extra system service file, installed after the config's own (repeatable).
         #[arg(long = "extra-services")]
         extra_services: Vec<PathBuf>,
+        /// A kernel command line argument added to the config's (repeatable), e.g.
+        /// `keelson.fatal=reboot` so a failing boot counts against its tries.
+        #[arg(long = "kernel-arg")]
+        kernel_args: Vec<String>,
     },
     /// Update repositories: signing keys, trusted root metadata, adding versions.
     #[command(subcommand)]
@@ -207,6 +211,7 @@ fn run(cli: Cli) -> Result<()> {
             version,
             trusted_root,
             extra_services,
+            kernel_args,
         } => {
             let ws = workspace();
             build::build(&build::Options {
@@ -219,6 +224,7 @@ fn run(cli: Cli) -> Result<()> {
                 version,
                 trusted_root,
                 extra_services,
+                kernel_args,
             })?;
         }
         Cmd::Update(cmd) => run_update(cmd, cli.quiet)?,

@@ -27,6 +27,8 @@ struct Fixture {
     repo_good: PathBuf,
     /// Also offers the broken 0.3.0.
     repo_all: PathBuf,
+    /// Offers 0.1.0 and 0.4.0, built with `keelson.fatal=reboot` (init failures reboot).
+    repo_fatal: PathBuf,
     n: PathBuf,
 }
 
@@ -100,6 +102,17 @@ stop_timeout = "2s"
         let n = build("0.1.0", None);
         let n1 = build("0.2.0", None);
         let n2 = build("0.3.0", Some(&broken));
+        let n4 = {
+            let out = dir.join("0.4.0");
+            run(Command::new(&ib)
+                .current_dir(&ws)
+                .args(["-q", "build", "configs/test.toml", "--version", "0.4.0"])
+                .args(["--kernel-arg", "keelson.fatal=reboot", "--trusted-root"])
+                .arg(&root)
+                .arg("--out")
+                .arg(&out));
+            out
+        };
         let add = |repo: &Path, img: &Path| {
             run(Command::new(&ib)
                 .args(["-q", "update", "add", "--repo"])
@@ -117,10 +130,14 @@ stop_timeout = "2s"
             add(&repo_all, img);
         }
         add(&repo_all, &n2);
+        let repo_fatal = dir.join("repo-fatal");
+        add(&repo_fatal, &n);
+        add(&repo_fatal, &n4);
         Fixture {
             dir,
             repo_good,
             repo_all,
+            repo_fatal,
             n,
         }
     })
@@ -303,5 +320,50 @@ fn power_loss_during_write_before_reboot_and_during_boot_leaves_a_good_slot() {
     assert_eq!(s["version"], "0.2.0", "{s}");
     assert_eq!(s["slot"], "b", "{s}");
     assert_eq!(s["assessment"], "good", "{s}");
+    assert_eq!(sh(&g, "cat /flush/marker").trim(), "kept");
+}
+
+#[test]
+fn a_new_slot_whose_init_fails_rolls_back_within_its_tries() {
+    let f = fixture();
+    let disk = fresh_disk(f, "fatal");
+    let g = boot(&disk);
+    let httpd = serve(&g, &f.repo_fatal);
+    wait(&g, "update-blessed: 0.1.0", BOOT);
+    configure(&g);
+    sh(&g, "echo kept > /flush/marker");
+    let out = sh(&g, "keelctl update apply");
+    assert!(out.contains("staged 0.4.0"), "{out}");
+    g.kill().unwrap();
+    drop(httpd);
+    drop(g);
+
+    // Behind the node's back, slot B's verity superblock goes bad: stage 1 of 0.4.0 fails
+    // (FATAL), and its `keelson.fatal=reboot` makes each failure cost one try.
+    let gpt =
+        keelson_common::gpt::Gpt::read(&mut std::fs::File::open(f.n.join("disk.raw")).unwrap())
+            .unwrap();
+    let (_, part) = gpt
+        .find(
+            keelson_common::partitions::ROOT_X86_64_VERITY_TYPE,
+            "root-b-verity",
+        )
+        .unwrap();
+    let offset = part.first_lba * 512;
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &format!("write -P 0 {offset} 4096")])
+        .arg(&disk));
+
+    let g = boot(&disk);
+    for _ in 0..2 {
+        let line = wait(&g, "FATAL:", BOOT);
+        assert!(line.contains("verity"), "{line}");
+    }
+    wait(&g, "rolled back from 0.4.0", BOOT);
+    let s = status(&g);
+    assert_eq!(s["version"], "0.1.0", "{s}");
+    assert_eq!(s["slot"], "a", "{s}");
+    assert_eq!(s["assessment"], "good", "{s}");
+    assert_eq!(s["rolled_back_from"], "0.4.0", "{s}");
     assert_eq!(sh(&g, "cat /flush/marker").trim(), "kept");
 }
