@@ -15,4 +15,6 @@ pub mod cmdline;
 pub mod cpio;
 pub mod gpt;
 pub mod partitions;
+#[cfg(feature = "update")]
+pub mod update;
 pub mod verity;

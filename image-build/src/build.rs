@@ -36,6 +36,15 @@ pub struct Options {
     /// Use prebuilt image binaries from here instead of building them.
     pub bins: Option<PathBuf>,
     pub quiet: bool,
+    /// Overrides the config's `version` (release pipelines and the update tests build N and
+    /// N+1 from one config).
+    pub version: Option<String>,
+    /// Overrides the config's `[update] trusted_root`.
+    pub trusted_root: Option<PathBuf>,
+    /// System service files added after the config's own (variants of one config).
+    pub extra_services: Vec<PathBuf>,
+    /// Kernel command line arguments added after the config's own.
+    pub kernel_args: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -122,6 +131,11 @@ struct PartitionInfo {
     attributes: u64,
 }
 
+/// Where the trusted TUF root metadata is installed in the image's root.
+pub const TRUSTED_ROOT: &str = "usr/share/keelson/update/root.json";
+/// The slot-B UKI of a build (same kernel, initramfs and root hash; `keelson.slot=b`).
+pub const UKI_SLOT_B: &str = "uki-slot-b.efi";
+
 /// The os-release of an image; also the UKI's `.osrel`, which systemd-boot sorts entries by.
 pub fn os_release(cfg: &ImageConfig) -> String {
     format!(
@@ -159,7 +173,21 @@ fn tool_version(name: &'static str, arg: &str) -> ToolVersion {
 
 /// Runs the pipeline.
 pub fn build(opts: &Options) -> Result<PathBuf> {
-    let cfg = ImageConfig::load(&opts.config)?;
+    let mut cfg = ImageConfig::load(&opts.config)?;
+    if let Some(v) = &opts.version {
+        cfg.set_version(v)?;
+    }
+    cfg.kernel.cmdline.extend(opts.kernel_args.iter().cloned());
+    for f in &opts.extra_services {
+        cfg.services.push(std::path::absolute(f)?);
+    }
+    let trusted_root = match &opts.trusted_root {
+        Some(p) => Some(p.clone()),
+        None => cfg.trusted_root(),
+    };
+    if let Some(p) = &trusted_root {
+        crate::update::check_root(p)?;
+    }
     util::check_tools(util::TOOLS)?;
     let lock = Lock::load(&cfg)?;
     let service_files = services::load(&cfg)?;
@@ -285,6 +313,20 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
             ("usr/bin/keelctl".into(), keelctl_bin.clone(), 0o755),
         ],
     )?;
+    if let Some(root_json) = &trusted_root {
+        // The update agent's trust anchor: TUF root metadata, verified with the image.
+        let dst = stage.join(TRUSTED_ROOT);
+        std::fs::create_dir_all(dst.parent().context("trusted root path")?)?;
+        std::fs::copy(root_json, &dst)
+            .with_context(|| format!("installing {} as /{TRUSTED_ROOT}", root_json.display()))?;
+        rootfs::set_mode(&dst, 0o644)?;
+        inputs.push(Input {
+            kind: "update-root",
+            name: root_json.display().to_string(),
+            version: None,
+            sha256: sha256_file(root_json)?,
+        });
+    }
     let mut image_info = Vec::new();
     let mut oci_layouts = Vec::new();
     for (name, spec) in &cfg.images {
@@ -422,8 +464,24 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         &uki_path,
         epoch,
     )?;
+    // The same kernel, initramfs and root for slot B: an update payload carries one UKI per
+    // slot because the command line (which names the slot) is part of the signed UKI.
+    let mut args_b: Vec<String> = cfg.kernel.cmdline.clone();
+    args_b.push(format!("{}={}", cmdline::SLOT, Slot::B));
+    args_b.push(format!("{}={roothash}", cmdline::ROOTHASH));
+    let cmdline_b = work.join("cmdline-b");
+    std::fs::write(&cmdline_b, args_b.join(" "))?;
+    uki::build(
+        &stub,
+        &osrel_path,
+        &cmdline_b,
+        &vmlinuz,
+        &initrd_path,
+        &out.join(UKI_SLOT_B),
+        epoch,
+    )?;
     p.done(&format!(
-        "{uki_file} {}",
+        "{uki_file} {} (and {UKI_SLOT_B})",
         mib(std::fs::metadata(&uki_path)?.len())
     ));
 
@@ -484,6 +542,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         "root.erofs",
         "root.verity",
         uki_file.as_str(),
+        UKI_SLOT_B,
     ] {
         let path = out.join(name);
         outputs.push(Output {

@@ -35,6 +35,9 @@ pub struct ImageConfig {
     /// `/usr/lib/keelson/images/<name>/`.
     #[serde(default)]
     pub images: BTreeMap<String, Image>,
+    /// Over-the-air updates: the repository's trusted root metadata baked into the image.
+    #[serde(default)]
+    pub update: Option<Update>,
     #[serde(skip)]
     pub name: String,
     #[serde(skip)]
@@ -108,6 +111,16 @@ pub fn valid_name(name: &str) -> bool {
         && (b[0].is_ascii_lowercase() || b[0] == b'_')
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_'))
+}
+
+/// `[update]`: what the image trusts for updates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    /// TUF `root.json` of the update repository (relative to the config), installed as
+    /// `/usr/share/keelson/update/root.json`. Release keys stay outside the repository
+    /// (`image-build update root` writes this file from them).
+    pub trusted_root: PathBuf,
 }
 
 /// systemd-boot.
@@ -199,6 +212,18 @@ impl ImageConfig {
         cfg.path = path.to_owned();
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Replaces the version (checked like the config's own).
+    pub fn set_version(&mut self, version: &str) -> Result<(), ConfigError> {
+        self.version = version.to_owned();
+        self.validate()
+    }
+
+    /// `[update] trusted_root`, resolved against the config's directory.
+    pub fn trusted_root(&self) -> Option<PathBuf> {
+        let dir = self.path.parent().unwrap_or(Path::new(""));
+        self.update.as_ref().map(|u| dir.join(&u.trusted_root))
     }
 
     /// The service files, resolved against the config's directory, in config order.

@@ -17,6 +17,7 @@ mod oci;
 mod rootfs;
 mod services;
 mod uki;
+mod update;
 mod util;
 
 use std::path::PathBuf;
@@ -51,7 +52,24 @@ enum Cmd {
         /// Take keelson-init, sysd and keelctl from this directory instead of building them.
         #[arg(long)]
         bins: Option<PathBuf>,
+        /// Build this version instead of the config's `version`.
+        #[arg(long)]
+        version: Option<String>,
+        /// Bake this TUF root.json in as the update agent's trust anchor (overrides
+        /// `[update] trusted_root`).
+        #[arg(long)]
+        trusted_root: Option<PathBuf>,
+        /// An extra system service file, installed after the config's own (repeatable).
+        #[arg(long = "extra-services")]
+        extra_services: Vec<PathBuf>,
+        /// A kernel command line argument added to the config's (repeatable), e.g.
+        /// `keelson.fatal=reboot` so a failing boot counts against its tries.
+        #[arg(long = "kernel-arg")]
+        kernel_args: Vec<String>,
     },
+    /// Update repositories: signing keys, trusted root metadata, adding versions.
+    #[command(subcommand)]
+    Update(UpdateCmd),
     /// Pin the config's packages (exact version and sha256) in configs/<name>.lock, with the
     /// dependency closure of every service image's packages.
     Lock {
@@ -60,6 +78,120 @@ enum Cmd {
         #[arg(long)]
         source_date_epoch: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum UpdateCmd {
+    /// Generate an Ed25519 signing key (PKCS#8 DER, mode 0600). Keep release keys offline.
+    Keygen {
+        /// The new key file (never overwritten).
+        out: PathBuf,
+    },
+    /// Write a version-1 TUF root.json trusting the given keys for every top-level role.
+    Root {
+        /// Signing keys (repeatable).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Output root.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime of the root metadata in days.
+        #[arg(long, default_value_t = 365)]
+        expires_days: u32,
+    },
+    /// Add a built image (out/<name>/) to an update repository as a new version and re-sign
+    /// the targets, snapshot and timestamp metadata.
+    Add {
+        /// Repository directory (metadata/ and targets/ are created in it).
+        #[arg(long)]
+        repo: PathBuf,
+        /// The repository's root.json (the one baked into images).
+        #[arg(long)]
+        root: PathBuf,
+        /// Signing keys (repeatable).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The built image directory.
+        image: PathBuf,
+        /// A rollout wave, HOURS:PERCENT after the release (repeatable, increasing).
+        #[arg(long = "wave")]
+        waves: Vec<String>,
+        /// Lifetime of the targets/snapshot/timestamp metadata (e.g. 7d, 12h, 30s).
+        #[arg(long, default_value = "7d")]
+        expires_in: String,
+    },
+}
+
+fn parse_wave(text: &str) -> Result<(u64, u8)> {
+    let (h, p) = text
+        .split_once(':')
+        .ok_or_else(|| anyhow::anyhow!("--wave {text:?}: expected HOURS:PERCENT, e.g. 24:50"))?;
+    let hours = h
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--wave {text:?}: {h:?} is not a number of hours"))?;
+    let percent = p
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--wave {text:?}: {p:?} is not a percentage"))?;
+    Ok((hours, percent))
+}
+
+fn parse_duration(text: &str) -> Result<jiff::SignedDuration> {
+    let bad = || anyhow::anyhow!("{text:?}: expected a duration like 7d, 12h, 30m or 45s");
+    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: i64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(bad()),
+    };
+    Ok(jiff::SignedDuration::from_secs(secs))
+}
+
+fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
+    match cmd {
+        UpdateCmd::Keygen { out } => update::keygen(&out)?,
+        UpdateCmd::Root {
+            keys,
+            out,
+            expires_days,
+        } => {
+            let expires = jiff::Timestamp::now().checked_add(jiff::SignedDuration::from_hours(
+                24 * i64::from(expires_days),
+            ))?;
+            update::root(&keys, &out, expires)?;
+        }
+        UpdateCmd::Add {
+            repo,
+            root,
+            keys,
+            image,
+            waves,
+            expires_in,
+        } => {
+            let payload = update::add(&update::AddOptions {
+                repo: repo.clone(),
+                root,
+                keys,
+                image,
+                waves: waves.iter().map(|w| parse_wave(w)).collect::<Result<_>>()?,
+                release: jiff::Timestamp::now(),
+                expires_in: parse_duration(&expires_in)?,
+            })?;
+            if !quiet {
+                eprintln!(
+                    "added {} {} to {} (root {} bytes, {} waves)",
+                    payload.variant,
+                    payload.version,
+                    repo.display(),
+                    payload.root_size,
+                    payload.waves.len()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn workspace() -> PathBuf {
@@ -77,6 +209,10 @@ fn run(cli: Cli) -> Result<()> {
             out,
             cache,
             bins,
+            version,
+            trusted_root,
+            extra_services,
+            kernel_args,
         } => {
             let ws = workspace();
             build::build(&build::Options {
@@ -86,8 +222,13 @@ fn run(cli: Cli) -> Result<()> {
                 workspace: ws,
                 bins,
                 quiet: cli.quiet,
+                version,
+                trusted_root,
+                extra_services,
+                kernel_args,
             })?;
         }
+        Cmd::Update(cmd) => run_update(cmd, cli.quiet)?,
         Cmd::Lock {
             config,
             source_date_epoch,

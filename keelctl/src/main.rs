@@ -10,6 +10,7 @@ mod http;
 mod images;
 mod net;
 mod render;
+mod update;
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -99,6 +100,9 @@ enum Command {
         #[command(subcommand)]
         command: Option<images::ImagesCommand>,
     },
+    /// Over-the-air updates: check, apply, status, rollback, cancel.
+    #[command(subcommand)]
+    Update(update::UpdateCommand),
     /// Show keelctl's and sysd's versions.
     Version,
     /// Print a shell completion script (e.g. `keelctl completions bash > /etc/bash_completion.d/keelctl`).
@@ -208,6 +212,7 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<()> {
                 render::duration(version.uptime_s)
             )?;
         }
+        Command::Update(cmd) => update::run(&client, cmd, json, out)?,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "keelctl", out);
         }

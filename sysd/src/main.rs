@@ -17,6 +17,7 @@ mod notify;
 mod runtime;
 mod spec;
 mod supervisor;
+mod update;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -153,6 +154,39 @@ fn check(files: &[PathBuf], all_system: bool) -> ExitCode {
     }
 }
 
+/// The update agent with its hooks into the supervisor; boot assessment starts now.
+fn start_update_agent(sup: &Arc<supervisor::Supervisor>) {
+    use api::Backend;
+    let sources = sup.sources().clone();
+    let (events, services) = (Arc::downgrade(sup), Arc::downgrade(sup));
+    let agent = update::Agent::new(
+        update::Paths::default(),
+        update::slots::Discovery::Node {
+            esp_mount: PathBuf::from("/run/keelson/esp"),
+        },
+        update::Hooks {
+            emit: Box::new(move |kind, message| {
+                if let Some(s) = events.upgrade() {
+                    s.emit_event(kind, message);
+                }
+            }),
+            services: Box::new(move || services.upgrade().map(|s| s.list()).unwrap_or_default()),
+            reboot: Box::new(|| {
+                // init reboots on SIGTERM (busybox init's convention, init/src/shutdown.rs).
+                if let Err(e) = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(1),
+                    nix::sys::signal::Signal::SIGTERM,
+                ) {
+                    tracing::error!("update: cannot ask init to reboot: {e}");
+                }
+            }),
+            spec: Box::new(move || spec::update::load(&sources).map_err(|e| e.0)),
+        },
+    );
+    sup.set_update_agent(Arc::clone(&agent));
+    agent.boot();
+}
+
 fn daemon(args: DaemonArgs) -> ExitCode {
     // While sysd has one thread: registry TLS roots (see images::trust).
     if let Err(err) = images::trust::install(&args.run_dir) {
@@ -237,6 +271,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
     }));
 
     sup.boot();
+    start_update_agent(&sup);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "sysd: ready");
     notify::ready().context("telling init that sysd is ready")?;
 

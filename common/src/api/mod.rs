@@ -10,6 +10,7 @@ pub mod images;
 use serde::{Deserialize, Serialize};
 
 pub mod network;
+pub mod update;
 
 /// Where sysd listens (mode 0600, owned by root).
 pub const SOCKET_PATH: &str = "/run/keelson/sysd.sock";

@@ -7,6 +7,7 @@ use std::future::Future;
 
 use keelson_common::api::images::{ImageInfo, ImagesRemoved, PullProgress};
 use keelson_common::api::network::NetworkStatus;
+use keelson_common::api::update::{ApplyRequest, UpdateCheck, UpdateStatus};
 use keelson_common::api::{ApplyPlan, Event, LogLine, ServiceStatus, Stats, Version};
 use tokio::sync::{broadcast, mpsc};
 
@@ -128,11 +129,47 @@ pub trait Backend: Send + Sync + 'static {
     fn prune_images(&self) -> impl Future<Output = Result<ImagesRemoved, Failure>> + Send {
         async { Err(not_supported("images prune")) }
     }
+
+    /// `GET /v1/update/status`.
+    fn update_status(&self) -> Result<UpdateStatus, Failure> {
+        Err(no_updates())
+    }
+    /// `POST /v1/update/check`: refresh the signed metadata, say what is offered.
+    fn update_check(&self) -> impl Future<Output = Result<UpdateCheck, Failure>> + Send {
+        async { Err(no_updates()) }
+    }
+    /// `POST /v1/update/apply`: returns once the version is chosen; the install continues.
+    fn update_apply(
+        &self,
+        req: ApplyRequest,
+    ) -> impl Future<Output = Result<UpdateStatus, Failure>> + Send {
+        let _ = req;
+        async { Err(no_updates()) }
+    }
+    /// `POST /v1/update/cancel`: stop an install, or discard a staged version.
+    fn update_cancel(&self) -> impl Future<Output = Result<UpdateStatus, Failure>> + Send {
+        async { Err(no_updates()) }
+    }
+    /// `POST /v1/update/rollback`: make the other slot boot.
+    fn update_rollback(
+        &self,
+        reboot: bool,
+    ) -> impl Future<Output = Result<UpdateStatus, Failure>> + Send {
+        let _ = reboot;
+        async { Err(no_updates()) }
+    }
 }
 
 fn not_supported(what: &str) -> Failure {
     Failure {
         status: 501,
         message: format!("{what} is not supported"),
+    }
+}
+
+fn no_updates() -> Failure {
+    Failure {
+        status: 501,
+        message: "updates are not supported here".into(),
     }
 }

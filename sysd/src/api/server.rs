@@ -207,6 +207,16 @@ enum Endpoint {
     ImagesPull,
     ImagesRemove,
     ImagesPrune,
+    Update(UpdateAction),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpdateAction {
+    Status,
+    Check,
+    Apply,
+    Cancel,
+    Rollback,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +261,17 @@ impl Endpoint {
             ["images", "pull"] => (Endpoint::ImagesPull, post),
             ["images", "remove"] => (Endpoint::ImagesRemove, post),
             ["images", "prune"] => (Endpoint::ImagesPrune, post),
+            ["update", "status"] => (Endpoint::Update(UpdateAction::Status), get),
+            ["update", action] => {
+                let action = match *action {
+                    "check" => UpdateAction::Check,
+                    "apply" => UpdateAction::Apply,
+                    "cancel" => UpdateAction::Cancel,
+                    "rollback" => UpdateAction::Rollback,
+                    _ => return None,
+                };
+                (Endpoint::Update(action), post)
+            }
             _ => return None,
         })
     }
@@ -371,6 +392,33 @@ async fn dispatch<B: Backend>(
             query.allow(&[])?;
             Ok(json(&backend.prune_images().await?))
         }
+        Endpoint::Update(action) => match action {
+            UpdateAction::Status => {
+                query.allow(&[])?;
+                Ok(json(&backend.update_status()?))
+            }
+            UpdateAction::Check => {
+                query.allow(&[])?;
+                Ok(json(&backend.update_check().await?))
+            }
+            UpdateAction::Apply => {
+                query.allow(&["version", "force", "reboot"])?;
+                let req = keelson_common::api::update::ApplyRequest {
+                    version: query.get("version").map(str::to_string),
+                    force: query.flag("force")?,
+                    reboot: query.flag("reboot")?,
+                };
+                Ok(json(&backend.update_apply(req).await?))
+            }
+            UpdateAction::Cancel => {
+                query.allow(&[])?;
+                Ok(json(&backend.update_cancel().await?))
+            }
+            UpdateAction::Rollback => {
+                query.allow(&["reboot"])?;
+                Ok(json(&backend.update_rollback(query.flag("reboot")?).await?))
+            }
+        },
     }
 }
 
@@ -1185,6 +1233,29 @@ mod tests {
         expect_error(get(&h, "/v1/services/web/logs?folow=1").await, 400, "folow").await;
         expect_error(get(&h, "/v1/events?since=-1").await, 400, "since").await;
         expect_error(get(&h, "/v1/version?x=1").await, 400, "takes none").await;
+    }
+
+    #[tokio::test]
+    async fn update_routes_exist_with_their_methods_and_queries() {
+        let h = start().await;
+        // The fake backend has no update agent: the default answers 501.
+        expect_error(get(&h, "/v1/update/status").await, 501, "not supported").await;
+        let (response, _conn) = send(&h, "POST", "/v1/update/check", None, b"").await;
+        expect_error(response, 501, "not supported").await;
+        let (response, _conn) = send(
+            &h,
+            "POST",
+            "/v1/update/apply?version=1.2&force=1&reboot=1",
+            None,
+            b"",
+        )
+        .await;
+        expect_error(response, 501, "not supported").await;
+        let (response, _conn) = send(&h, "POST", "/v1/update/apply?versoin=1", None, b"").await;
+        expect_error(response, 400, "versoin").await;
+        expect_error(get(&h, "/v1/update/apply").await, 405, "use POST").await;
+        let (response, _conn) = send(&h, "POST", "/v1/update/explode", None, b"").await;
+        expect_error(response, 404, "no such endpoint").await;
     }
 
     #[tokio::test]

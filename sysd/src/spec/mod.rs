@@ -12,6 +12,7 @@
 pub mod network;
 pub mod registries;
 pub mod units;
+pub mod update;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -36,6 +37,8 @@ struct File {
     host: Option<network::HostSpec>,
     #[serde(default)]
     registries: BTreeMap<String, toml::Spanned<registries::Registry>>,
+    /// The update agent's policy (`spec::update`).
+    update: Option<update::UpdateSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -461,6 +464,10 @@ fn parse_document(
         return Err(ConfigError(format!(
             "{shown}: [registries] belongs in the user's config ({USER_FILE}), not in system service files"
         )));
+    }
+    if let Some(u) = &file.update {
+        u.check()
+            .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
     }
     let mut out = Vec::new();
     for (name, spanned) in file.services {

@@ -80,6 +80,8 @@ pub struct Supervisor {
     net: NetworkSlot,
     /// The image store on /var and registry pulls.
     images: crate::images::manager::Images,
+    /// The update agent, behind the API's `/v1/update/*` (set once at start).
+    update: std::sync::OnceLock<Arc<crate::update::Agent>>,
 }
 
 /// Set once at boot: whether the host network is managed and, once started, its manager.
@@ -107,6 +109,7 @@ impl Supervisor {
             apply_lock: tokio::sync::Mutex::new(()),
             started: Instant::now(),
             net: NetworkSlot::default(),
+            update: std::sync::OnceLock::new(),
         })
     }
 
@@ -997,6 +1000,30 @@ fn describe_exit(exit: Option<&ExitInfo>) -> String {
     }
 }
 
+impl Supervisor {
+    /// Connects the update agent to the API.
+    pub fn set_update_agent(&self, agent: Arc<crate::update::Agent>) {
+        let _ = self.update.set(agent);
+    }
+
+    /// Where the config comes from (the update agent reads its `[update]` table there).
+    pub fn sources(&self) -> &Sources {
+        &self.paths.sources
+    }
+
+    /// An event not about one service (the update agent's).
+    pub fn emit_event(&self, kind: &str, message: String) {
+        self.events.emit(None, kind, message);
+    }
+
+    fn update_agent(&self) -> Result<Arc<crate::update::Agent>, crate::api::Failure> {
+        self.update.get().cloned().ok_or(crate::api::Failure {
+            status: 501,
+            message: "the update agent is not running".into(),
+        })
+    }
+}
+
 impl Backend for Supervisor {
     fn version(&self) -> api::Version {
         api::Version {
@@ -1257,5 +1284,37 @@ impl Backend for Supervisor {
             ),
         );
         Ok(plan)
+    }
+
+    fn update_status(
+        &self,
+    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+        Ok(self.update_agent()?.status())
+    }
+
+    async fn update_check(
+        &self,
+    ) -> Result<keelson_common::api::update::UpdateCheck, crate::api::Failure> {
+        self.update_agent()?.check().await
+    }
+
+    async fn update_apply(
+        &self,
+        req: keelson_common::api::update::ApplyRequest,
+    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+        self.update_agent()?.apply(req).await
+    }
+
+    async fn update_cancel(
+        &self,
+    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+        self.update_agent()?.cancel().await
+    }
+
+    async fn update_rollback(
+        &self,
+        reboot: bool,
+    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+        self.update_agent()?.rollback(reboot).await
     }
 }

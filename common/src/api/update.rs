@@ -1,0 +1,111 @@
+//! Wire types of the update agent (`/v1/update/...`, `keelctl update`): what the node runs,
+//! what the repository offers, and where an update in progress is.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/update/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateStatus {
+    /// The running version (os-release `IMAGE_VERSION`).
+    pub version: String,
+    /// The running slot (`a` or `b`).
+    pub slot: String,
+    /// The running boot entry on the ESP (`keelson_0.2.0+2-1.efi`), when known.
+    pub boot_entry: Option<String>,
+    /// `pending` while the running slot still has a boot counter (the health gate has not
+    /// blessed it yet), `good` once blessed, `unknown` without an ESP (direct kernel boot).
+    pub assessment: String,
+    /// What the agent is doing now.
+    pub phase: Phase,
+    /// Bytes written of the current payload, and its total (uncompressed root + verity + UKI).
+    pub progress: Option<Progress>,
+    /// The version installed in the other slot and waiting for a reboot, if any.
+    pub staged: Option<String>,
+    /// The last version known good on this node (recorded on /var by the health gate).
+    pub last_good: Option<String>,
+    /// Set after an automatic rollback: the version whose boot failed.
+    pub rolled_back_from: Option<String>,
+    /// The last failure of check/apply, with its reason.
+    pub last_error: Option<String>,
+    /// The configured policy (`manual` or `automatic`).
+    pub policy: String,
+    /// The repository URL, when configured.
+    pub repository: Option<String>,
+}
+
+/// The agent's state machine, as shown by `keelctl update status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Idle,
+    Checking,
+    Downloading,
+    Verifying,
+    Installing,
+    /// The other slot holds a verified update with a fresh boot counter; a reboot boots it.
+    Staged,
+    /// Waiting for every critical service to become healthy before blessing this boot.
+    Assessing,
+    Rebooting,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Checking => "checking",
+            Phase::Downloading => "downloading",
+            Phase::Verifying => "verifying",
+            Phase::Installing => "installing",
+            Phase::Staged => "staged",
+            Phase::Assessing => "assessing",
+            Phase::Rebooting => "rebooting",
+        }
+    }
+}
+
+/// Progress of an apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Bytes downloaded (compressed, as on the wire).
+    pub downloaded: u64,
+    /// Bytes of the payload to download.
+    pub download_total: u64,
+    /// Bytes written to the inactive slot.
+    pub written: u64,
+}
+
+/// `POST /v1/update/check`: what the repository offers this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateCheck {
+    pub current: String,
+    /// The version an apply would install (newest allowed by waves and `max_version`).
+    pub available: Option<String>,
+    /// Every version in the repository's manifest, newest first, with why it is or is not
+    /// eligible.
+    pub versions: Vec<OfferedVersion>,
+}
+
+/// One version of the manifest as seen by this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferedVersion {
+    pub version: String,
+    /// Compressed download size (root + verity + this slot's UKI).
+    pub download_size: u64,
+    /// `eligible`, or why not (`not newer`, `wave: from <time>`, `above max_version 0.3`).
+    pub verdict: String,
+}
+
+/// `POST /v1/update/apply` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    /// A specific version instead of the newest eligible one.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Allow a version older than the running one (and ignore waves).
+    #[serde(default)]
+    pub force: bool,
+    /// Reboot into the new slot once it is staged.
+    #[serde(default)]
+    pub reboot: bool,
+}

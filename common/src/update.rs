@@ -1,0 +1,153 @@
+//! The update repository's manifest (`manifest.json`, a TUF target): which versions exist, their
+//! payload targets and rollout waves. Written by `image-build update add`, read by sysd's update
+//! agent. Versioned wire data: lenient on unknown fields, validated explicitly by the reader.
+
+use std::cmp::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest's TUF target name.
+pub const MANIFEST_TARGET: &str = "manifest.json";
+
+/// `manifest.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Newest first.
+    #[serde(default)]
+    pub updates: Vec<Payload>,
+}
+
+impl Manifest {
+    /// Sorts the versions newest first.
+    pub fn sort(&mut self) {
+        self.updates
+            .sort_by(|a, b| compare_versions(&b.version, &a.version));
+    }
+}
+
+/// One version: the payload targets and where it may go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payload {
+    pub version: String,
+    /// The image config's name (`vm`, `metal`, `test`): a node installs only its own variant.
+    pub variant: String,
+    /// dm-verity root hash of the root image (also on both UKIs' command lines).
+    pub roothash: String,
+    /// Target: the EROFS root, gzip-compressed.
+    pub root: String,
+    /// Uncompressed size of the root image.
+    pub root_size: u64,
+    /// Target: the dm-verity hash device.
+    pub verity: String,
+    pub verity_size: u64,
+    /// Target: the UKI booting slot A (`keelson.slot=a`).
+    pub uki_a: String,
+    /// Target: the UKI booting slot B.
+    pub uki_b: String,
+    /// RFC 3339 release time.
+    pub released: String,
+    /// Rollout: from `start`, nodes whose seed is below `percent` may install. Empty: everyone.
+    #[serde(default)]
+    pub waves: Vec<Wave>,
+}
+
+impl Payload {
+    /// The UKI target for a slot letter (`a`/`b`).
+    pub fn uki_for(&self, slot: &str) -> &str {
+        if slot == "a" {
+            &self.uki_a
+        } else {
+            &self.uki_b
+        }
+    }
+}
+
+/// A rollout wave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    /// RFC 3339 time the wave opens.
+    pub start: String,
+    /// Share of the fleet (by per-node seed, 0..100) allowed once it opens.
+    pub percent: u8,
+}
+
+/// Compares versions the way systemd-boot orders `IMAGE_VERSION`s for dotted numbers: runs of
+/// digits numerically, other runs byte-wise, separators ignored.
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    fn parts(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let bytes = s.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let c = bytes[i];
+            if !c.is_ascii_alphanumeric() {
+                i += 1;
+                continue;
+            }
+            let digit = c.is_ascii_digit();
+            let start = i;
+            while i < bytes.len()
+                && bytes[i].is_ascii_alphanumeric()
+                && bytes[i].is_ascii_digit() == digit
+            {
+                i += 1;
+            }
+            out.push((digit, &s[start..i]));
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let ord = match (x.0, y.0) {
+            (true, true) => {
+                let (xs, ys) = (x.1.trim_start_matches('0'), y.1.trim_start_matches('0'));
+                xs.len().cmp(&ys.len()).then_with(|| xs.cmp(ys))
+            }
+            (true, false) => Ordering::Greater,
+            (false, true) => Ordering::Less,
+            (false, false) => x.1.cmp(y.1),
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert_eq!(compare_versions("0.10.0", "0.9.9"), Ordering::Greater);
+        assert_eq!(compare_versions("1.0", "1.0.0"), Ordering::Less);
+        assert_eq!(compare_versions("0.2.0", "0.2.0"), Ordering::Equal);
+        assert_eq!(compare_versions("0.1.0", "0.2.0"), Ordering::Less);
+    }
+
+    #[test]
+    fn manifest_sorts_newest_first_and_ignores_unknown_fields() {
+        let p = |v: &str| Payload {
+            version: v.into(),
+            variant: "t".into(),
+            roothash: String::new(),
+            root: String::new(),
+            root_size: 0,
+            verity: String::new(),
+            verity_size: 0,
+            uki_a: String::new(),
+            uki_b: String::new(),
+            released: String::new(),
+            waves: vec![],
+        };
+        let mut m = Manifest {
+            updates: vec![p("0.2.0"), p("0.10.0"), p("0.3.1")],
+        };
+        m.sort();
+        let v: Vec<_> = m.updates.iter().map(|u| u.version.as_str()).collect();
+        assert_eq!(v, ["0.10.0", "0.3.1", "0.2.0"]);
+        let json = r#"{"updates": [], "future": 1}"#;
+        assert!(serde_json::from_str::<Manifest>(json).is_ok());
+    }
+}

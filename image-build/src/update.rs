@@ -1,0 +1,362 @@
+//! `image-build update ...`: signing keys, the trusted root metadata, and the update repository
+//! (TUF metadata by `tough`, static files any HTTP server can serve).
+//!
+//! Repository layout (consistent snapshots, as `tuftool` writes them):
+//! `metadata/{N.root.json, N.targets.json, N.snapshot.json, timestamp.json}` and
+//! `targets/<sha256>.<name>`. Targets per version: `<variant>-<version>-root.erofs.gz` (the EROFS
+//! root, gzip), `<variant>-<version>-root.verity` (its dm-verity hash device),
+//! `<variant>-<version>-uki-a.efi` and `...-uki-b.efi` (one UKI per target slot: the slot is on
+//! the UKI's command line), and `manifest.json`, which lists the versions with their payloads
+//! and rollout waves. Release keys live outside the repository; tests generate their own.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use aws_lc_rs::rand::SystemRandom;
+use keelson_common::update::{Manifest, Payload, Wave, MANIFEST_TARGET};
+use serde::Deserialize;
+use tough::editor::signed::{PathExists, SignedRole};
+use tough::editor::RepositoryEditor;
+use tough::key_source::{KeySource, LocalKeySource};
+use tough::schema::{KeyHolder, RoleKeys, RoleType, Root, Signed};
+use tough::sign::Sign;
+use tough::{ExpirationEnforcement, IntoVec, RepositoryLoader, TargetName};
+
+use crate::build::UKI_SLOT_B;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting an async runtime for tough")
+}
+
+/// Writes a new Ed25519 signing key (PKCS#8 DER, the form `tough` reads Ed25519 keys in;
+/// mode 0600). Refuses to overwrite a key.
+pub fn keygen(out: &Path) -> Result<()> {
+    use aws_lc_rs::signature::Ed25519KeyPair;
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("generating an Ed25519 key failed"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode_0600()
+        .open(out)
+        .with_context(|| format!("creating key file {}", out.display()))?;
+    f.write_all(pkcs8.as_ref())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+fn key_sources(keys: &[PathBuf]) -> Result<Vec<Box<dyn KeySource>>> {
+    if keys.is_empty() {
+        bail!("no signing key given (--key KEY.pem)");
+    }
+    let mut out: Vec<Box<dyn KeySource>> = Vec::new();
+    for k in keys {
+        let pem = std::fs::read(k).with_context(|| format!("reading key {}", k.display()))?;
+        tough::sign::parse_keypair(&pem).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a usable signing key (PKCS#8 DER Ed25519 or ECDSA P-256, or PEM RSA): {e}",
+                k.display()
+            )
+        })?;
+        out.push(Box::new(LocalKeySource { path: k.clone() }));
+    }
+    Ok(out)
+}
+
+/// Writes a version-1 `root.json` trusting `keys` for all four top-level roles (threshold 1),
+/// signed by them.
+pub fn root(keys: &[PathBuf], out: &Path, expires: jiff::Timestamp) -> Result<()> {
+    let sources = key_sources(keys)?;
+    let mut tuf_keys = HashMap::new();
+    let mut ids = Vec::new();
+    for k in keys {
+        let pem = std::fs::read(k)?;
+        let pair = tough::sign::parse_keypair(&pem)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", k.display()))?;
+        let key = pair.tuf_key();
+        let id = key
+            .key_id()
+            .map_err(|e| anyhow::anyhow!("key id of {}: {e}", k.display()))?;
+        ids.push(id.clone());
+        tuf_keys.insert(id, key);
+    }
+    let one = NonZeroU64::new(1).context("nonzero")?;
+    let roles = [
+        RoleType::Root,
+        RoleType::Snapshot,
+        RoleType::Targets,
+        RoleType::Timestamp,
+    ]
+    .into_iter()
+    .map(|r| {
+        (
+            r,
+            RoleKeys {
+                keyids: ids.clone(),
+                threshold: one,
+                _extra: HashMap::new(),
+            },
+        )
+    })
+    .collect();
+    let root = Root {
+        spec_version: "1.0.0".into(),
+        consistent_snapshot: true,
+        version: one,
+        expires,
+        keys: tuf_keys,
+        roles,
+        _extra: HashMap::new(),
+    };
+    let signed = runtime()?.block_on(SignedRole::new(
+        root.clone(),
+        &KeyHolder::Root(root),
+        &sources,
+        &SystemRandom::new(),
+    ))?;
+    std::fs::write(out, signed.buffer()).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+/// Checks that `path` is TUF root metadata (before it is baked into an image).
+pub fn check_root(path: &Path) -> Result<()> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice::<Signed<Root>>(&text)
+        .with_context(|| format!("{}: not TUF root metadata", path.display()))?;
+    Ok(())
+}
+
+/// What `update add` needs from a build's `manifest.json`.
+#[derive(Deserialize)]
+struct BuildManifest {
+    image: BuildImage,
+}
+
+#[derive(Deserialize)]
+struct BuildImage {
+    name: String,
+    version: String,
+    roothash_a: String,
+    uki: String,
+}
+
+/// Options of `image-build update add`.
+pub struct AddOptions {
+    pub repo: PathBuf,
+    pub root: PathBuf,
+    pub keys: Vec<PathBuf>,
+    pub image: PathBuf,
+    /// `(hours after release, percent of the fleet)`, increasing.
+    pub waves: Vec<(u64, u8)>,
+    pub release: jiff::Timestamp,
+    /// Lifetime of the targets, snapshot and timestamp metadata.
+    pub expires_in: jiff::SignedDuration,
+}
+
+/// Adds the image in `opts.image` (an `out/<name>/` directory) to the repository as a new
+/// version, re-signing targets, snapshot and timestamp. Returns the manifest entry.
+pub fn add(opts: &AddOptions) -> Result<Payload> {
+    let bm: BuildManifest = serde_json::from_slice(
+        &std::fs::read(opts.image.join("manifest.json"))
+            .with_context(|| format!("reading {}/manifest.json", opts.image.display()))?,
+    )
+    .with_context(|| format!("{}/manifest.json", opts.image.display()))?;
+    let img = bm.image;
+    let mut last = 0;
+    for (i, (_, pct)) in opts.waves.iter().enumerate() {
+        if *pct == 0 || *pct > 100 || *pct <= last {
+            bail!(
+                "wave {}: percentages must increase, between 1 and 100",
+                i + 1
+            );
+        }
+        last = *pct;
+    }
+    let sources = key_sources(&opts.keys)?;
+    check_root(&opts.root)?;
+    let metadata = opts.repo.join("metadata");
+    let targets_dir = opts.repo.join("targets");
+    std::fs::create_dir_all(&metadata)?;
+    std::fs::create_dir_all(&targets_dir)?;
+    let rt = runtime()?;
+
+    // The current repository, if any (expired metadata may be re-signed, so not enforced).
+    let existing = if metadata.join("timestamp.json").exists() {
+        let root_bytes = std::fs::read(&opts.root)?;
+        let meta_url = dir_url(&metadata)?;
+        let targets_url = dir_url(&targets_dir)?;
+        let repo = rt
+            .block_on(
+                RepositoryLoader::new(&root_bytes, meta_url, targets_url)
+                    .expiration_enforcement(ExpirationEnforcement::Unsafe)
+                    .load(),
+            )
+            .with_context(|| format!("loading the repository in {}", opts.repo.display()))?;
+        Some(repo)
+    } else {
+        None
+    };
+    let mut manifest = match &existing {
+        Some(repo) => {
+            let name = TargetName::new(MANIFEST_TARGET)?;
+            let bytes = rt.block_on(async {
+                match repo.read_target(&name).await? {
+                    Some(stream) => stream.into_vec().await.map(Some),
+                    None => Ok(None),
+                }
+            });
+            match bytes {
+                Ok(Some(b)) => serde_json::from_slice::<Manifest>(&b)
+                    .context("the repository's manifest.json")?,
+                Ok(None) => Manifest::default(),
+                Err(e) => return Err(e).context("reading the repository's manifest.json"),
+            }
+        }
+        None => Manifest::default(),
+    };
+    if manifest.updates.iter().any(|u| u.version == img.version) {
+        bail!(
+            "version {} is already in the repository {} (versions are immutable: build a new one)",
+            img.version,
+            opts.repo.display()
+        );
+    }
+
+    let staging = tempfile::Builder::new()
+        .prefix(".staging")
+        .tempdir_in(&opts.repo)?;
+    let stem = format!("{}-{}", img.name, img.version);
+    let root_name = format!("{stem}-root.erofs.gz");
+    let verity_name = format!("{stem}-root.verity");
+    let uki_a = format!("{stem}-uki-a.efi");
+    let uki_b = format!("{stem}-uki-b.efi");
+    let root_src = opts.image.join("root.erofs");
+    let root_size = std::fs::metadata(&root_src)
+        .with_context(|| format!("{}", root_src.display()))?
+        .len();
+    {
+        let mut enc = flate2::write::GzEncoder::new(
+            std::fs::File::create(staging.path().join(&root_name))?,
+            flate2::Compression::best(),
+        );
+        std::io::copy(&mut std::fs::File::open(&root_src)?, &mut enc)?;
+        enc.finish()?.sync_all()?;
+    }
+    let verity_src = opts.image.join("root.verity");
+    let verity_size = std::fs::metadata(&verity_src)?.len();
+    std::fs::copy(&verity_src, staging.path().join(&verity_name))?;
+    std::fs::copy(opts.image.join(&img.uki), staging.path().join(&uki_a))
+        .with_context(|| format!("{}/{}", opts.image.display(), img.uki))?;
+    std::fs::copy(opts.image.join(UKI_SLOT_B), staging.path().join(&uki_b)).with_context(|| {
+        format!(
+            "{}/{UKI_SLOT_B} (rebuild the image with this image-build)",
+            opts.image.display()
+        )
+    })?;
+    let waves = opts
+        .waves
+        .iter()
+        .map(|(hours, percent)| {
+            let start = opts
+                .release
+                .checked_add(jiff::SignedDuration::from_hours(*hours as i64))
+                .map_err(|e| anyhow::anyhow!("wave start: {e}"))?;
+            Ok(Wave {
+                start: start.to_string(),
+                percent: *percent,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let payload = Payload {
+        version: img.version.clone(),
+        variant: img.name.clone(),
+        roothash: img.roothash_a.clone(),
+        root: root_name.clone(),
+        root_size,
+        verity: verity_name.clone(),
+        verity_size,
+        uki_a: uki_a.clone(),
+        uki_b: uki_b.clone(),
+        released: opts.release.to_string(),
+        waves,
+    };
+    manifest.updates.push(payload.clone());
+    manifest.sort();
+    std::fs::write(
+        staging.path().join(MANIFEST_TARGET),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
+
+    let expires = jiff::Timestamp::now()
+        .checked_add(opts.expires_in)
+        .map_err(|e| anyhow::anyhow!("expiry: {e}"))?;
+    rt.block_on(async {
+        let (mut editor, next) = match existing {
+            Some(repo) => {
+                let next = |v: NonZeroU64| v.checked_add(1).unwrap_or(v);
+                let t = next(repo.targets().signed.version);
+                let s = next(repo.snapshot().signed.version);
+                let ts = next(repo.timestamp().signed.version);
+                let mut e = RepositoryEditor::from_repo(&opts.root, repo).await?;
+                e.remove_target(&TargetName::new(MANIFEST_TARGET)?)?;
+                (e, (t, s, ts))
+            }
+            None => {
+                let one = NonZeroU64::MIN;
+                (RepositoryEditor::new(&opts.root).await?, (one, one, one))
+            }
+        };
+        for name in [
+            &root_name,
+            &verity_name,
+            &uki_a,
+            &uki_b,
+            &MANIFEST_TARGET.to_owned(),
+        ] {
+            let (tn, target) = RepositoryEditor::build_target(staging.path().join(name)).await?;
+            editor.add_target(tn, target)?;
+        }
+        editor
+            .targets_version(next.0)?
+            .targets_expires(expires)?
+            .snapshot_version(next.1)
+            .snapshot_expires(expires)
+            .timestamp_version(next.2)
+            .timestamp_expires(expires);
+        let signed = editor.sign(&sources).await?;
+        signed
+            .copy_targets(staging.path(), &targets_dir, PathExists::Skip)
+            .await?;
+        signed.write(&metadata).await?;
+        anyhow::Ok(())
+    })
+    .with_context(|| format!("signing the repository in {}", opts.repo.display()))?;
+    // Clients start from root.json next to the numbered copies (tuftool's layout).
+    if !metadata.join("1.root.json").exists() {
+        std::fs::copy(&opts.root, metadata.join("1.root.json"))?;
+    }
+    Ok(payload)
+}
+
+fn dir_url(dir: &Path) -> Result<url::Url> {
+    let abs = std::fs::canonicalize(dir)?;
+    url::Url::from_directory_path(&abs)
+        .map_err(|()| anyhow::anyhow!("{} is not an absolute directory", abs.display()))
+}

@@ -1,0 +1,212 @@
+//! `[update]`: the update agent's policy, in the same files as the services (a system file baked
+//! into the image, or the user's `services.toml`; the user's table, when present, wins whole).
+//! Documented in `docs/config.md`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::units::Span;
+use super::{ConfigError, Sources};
+
+/// When updates are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Only `keelctl update apply` installs (checks are still allowed).
+    #[default]
+    Manual,
+    /// The agent checks every `interval` and, inside `window`, installs and reboots.
+    Automatic,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Manual => "manual",
+            Policy::Automatic => "automatic",
+        }
+    }
+}
+
+/// The `[update]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSpec {
+    /// Base URL of the repository (`metadata/` and `targets/` below it), `http://` or `file://`.
+    pub repository: Option<String>,
+    #[serde(default)]
+    pub policy: Policy,
+    /// Maintenance window for automatic updates, UTC, `HH:MM-HH:MM` (may wrap midnight).
+    pub window: Option<String>,
+    /// How often the automatic policy checks.
+    #[serde(default = "default_interval")]
+    pub interval: Span,
+    /// How long a freshly booted version has for every critical service to become healthy
+    /// before the boot counts as failed.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout: Span,
+    /// Boot tries a new version gets (`keelson_<version>+<tries>.efi`) before systemd-boot
+    /// falls back to the previous one.
+    #[serde(default = "default_tries")]
+    pub boot_tries: u32,
+    /// Never install a version above this one (pinning).
+    pub max_version: Option<String>,
+}
+
+fn default_interval() -> Span {
+    Span(std::time::Duration::from_secs(3600))
+}
+
+fn default_health_timeout() -> Span {
+    Span(std::time::Duration::from_secs(300))
+}
+
+fn default_tries() -> u32 {
+    3
+}
+
+impl Default for UpdateSpec {
+    fn default() -> Self {
+        UpdateSpec {
+            repository: None,
+            policy: Policy::Manual,
+            window: None,
+            interval: default_interval(),
+            health_timeout: default_health_timeout(),
+            boot_tries: default_tries(),
+            max_version: None,
+        }
+    }
+}
+
+impl UpdateSpec {
+    /// Checks what the types cannot; the message names the field.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(url) = &self.repository {
+            if !(url.starts_with("http://") || url.starts_with("file:///")) {
+                return Err(format!(
+                    "update.repository: {url:?} must be an http:// or file:/// URL"
+                ));
+            }
+        }
+        if let Some(w) = &self.window {
+            parse_window(w).map_err(|e| format!("update.window: {e}"))?;
+        }
+        if !(1..=7).contains(&self.boot_tries) {
+            return Err("update.boot_tries: must be between 1 and 7".into());
+        }
+        if self.interval.0.as_secs() < 60 {
+            return Err("update.interval: must be at least 1m".into());
+        }
+        if self.health_timeout.0.is_zero() {
+            return Err("update.health_timeout: must be above 0".into());
+        }
+        if self.policy == Policy::Automatic && self.repository.is_none() {
+            return Err("update.policy: \"automatic\" needs update.repository".into());
+        }
+        Ok(())
+    }
+}
+
+/// `HH:MM-HH:MM` as minutes of the day (start, end).
+pub fn parse_window(text: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{text:?} is not a window like \"02:00-04:00\" (UTC)");
+    let (a, b) = text.split_once('-').ok_or_else(bad)?;
+    let minutes = |t: &str| -> Result<u32, String> {
+        let (h, m) = t.trim().split_once(':').ok_or_else(bad)?;
+        let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if h > 23 || m > 59 {
+            return Err(bad());
+        }
+        Ok(h * 60 + m)
+    };
+    let (s, e) = (minutes(a)?, minutes(b)?);
+    if s == e {
+        return Err(format!("{text:?} is empty (start equals end)"));
+    }
+    Ok((s, e))
+}
+
+/// Whether minute-of-day `now` is inside the window (which may wrap midnight).
+pub fn in_window(window: (u32, u32), now: u32) -> bool {
+    let (s, e) = window;
+    if s < e {
+        (s..e).contains(&now)
+    } else {
+        now >= s || now < e
+    }
+}
+
+/// Only the `[update]` table of a file (services are the main parser's business).
+#[derive(Deserialize)]
+struct UpdateOnly {
+    update: Option<UpdateSpec>,
+}
+
+fn parse(path: &Path, text: &str) -> Result<Option<UpdateSpec>, ConfigError> {
+    let doc: UpdateOnly = toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+            .unwrap_or(1);
+        ConfigError(format!("{}:{line}: {}", path.display(), e.message()))
+    })?;
+    if let Some(u) = &doc.update {
+        u.check()
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+    }
+    Ok(doc.update)
+}
+
+/// The effective `[update]`: the user's table if the user file has one, else the last system
+/// file's, else the defaults.
+pub fn load(sources: &Sources) -> Result<UpdateSpec, ConfigError> {
+    if let Some(text) = sources.read_user_text()? {
+        if let Some(u) = parse(&sources.user_file, &text)? {
+            return Ok(u);
+        }
+    }
+    let mut files: Vec<_> = match std::fs::read_dir(&sources.system_dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    files.sort();
+    let mut found = None;
+    for path in files {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        if let Some(u) = parse(&path, &text)? {
+            found = Some(u);
+        }
+    }
+    Ok(found.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse_and_wrap() {
+        let w = parse_window("22:00-02:00").unwrap();
+        assert!(in_window(w, 23 * 60));
+        assert!(in_window(w, 60));
+        assert!(!in_window(w, 12 * 60));
+        assert!(parse_window("25:00-01:00").is_err());
+        assert!(parse_window("0200").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let text = "version = 1\n[update]\nrepository = \"ftp://x\"\n";
+        let err = parse(Path::new("u.toml"), text).unwrap_err().0;
+        assert!(err.contains("update.repository"), "{err}");
+        let text = "version = 1\n[update]\nbogus = 1\n";
+        let err = parse(Path::new("u.toml"), text).unwrap_err().0;
+        assert!(err.contains("u.toml:3") && err.contains("bogus"), "{err}");
+    }
+}
