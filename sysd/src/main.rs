@@ -10,6 +10,8 @@
 //! stops services, dependents first, and exits 0.
 
 mod api;
+#[allow(dead_code)] // wired into the boot sequence with the datasources
+mod firstboot;
 mod net;
 mod notify;
 mod runtime;
