@@ -10,7 +10,6 @@
 //! stops services, dependents first, and exits 0.
 
 mod api;
-#[allow(dead_code)] // wired into the boot sequence with the datasources
 mod firstboot;
 mod net;
 mod notify;
@@ -18,7 +17,7 @@ mod runtime;
 mod spec;
 mod supervisor;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -53,6 +52,9 @@ struct DaemonArgs {
     /// System services baked into the image.
     #[arg(long, default_value = spec::SYSTEM_DIR)]
     system_dir: PathBuf,
+    /// The config layer written at first boot from user data.
+    #[arg(long, default_value = spec::USERDATA_FILE)]
+    userdata_config: PathBuf,
     /// The user's service config (replaced by `keelctl apply`).
     #[arg(long, default_value = spec::USER_FILE)]
     user_config: PathBuf,
@@ -68,6 +70,9 @@ struct DaemonArgs {
     /// Service log files.
     #[arg(long, default_value = "/var/log/keelson")]
     log_dir: PathBuf,
+    /// Skip first-boot user data (host tests and benchmarks: the host is not a Keelson node).
+    #[arg(long)]
+    no_firstboot: bool,
     /// cgroup (v2) under which every service gets its leaf.
     #[arg(long, default_value = "/keelson")]
     cgroup_parent: String,
@@ -148,6 +153,28 @@ fn daemon(args: DaemonArgs) -> ExitCode {
     }
 }
 
+/// Probes the datasources and applies new user data (see `firstboot`), validating it as the
+/// user-data layer over the image's system services.
+fn first_boot(sources: &spec::Sources) -> keelson_common::api::firstboot::FirstBoot {
+    let system = sources.read_system().unwrap_or_default();
+    let validate = |text: &str, origin: &str| -> Result<(), String> {
+        let doc = spec::parse_document(Path::new(origin), text, spec::Source::UserData)
+            .map_err(|e| e.0)?;
+        spec::Config::from_layers(system.clone(), vec![doc])
+            .map(drop)
+            .map_err(|e| e.0)
+    };
+    let status = firstboot::run(
+        &firstboot::datasource::Probe::system(),
+        &firstboot::Paths::system(),
+        &validate,
+    );
+    for line in &status.probe_log {
+        tracing::info!("sysd: firstboot: {line}");
+    }
+    status
+}
+
 async fn run(args: DaemonArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -160,11 +187,13 @@ async fn run(args: DaemonArgs) -> Result<()> {
 
     let rt =
         runtime::Runtime::new(args.run_dir.join("runtime")).with_cgroup_parent(&args.cgroup_parent);
+    let sources = spec::Sources {
+        system_dir: args.system_dir,
+        userdata_file: args.userdata_config,
+        user_file: args.user_config,
+    };
     let paths = supervisor::Paths {
-        sources: spec::Sources {
-            system_dir: args.system_dir,
-            user_file: args.user_config,
-        },
+        sources: sources.clone(),
         layout: supervisor::resolve::Layout {
             images: args.volumes.with_file_name("images"),
             volumes: args.volumes,
@@ -181,6 +210,9 @@ async fn run(args: DaemonArgs) -> Result<()> {
         let _ = api_stopped.await;
     }));
 
+    if !args.no_firstboot {
+        sup.set_firstboot(first_boot(&sources));
+    }
     sup.boot();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "sysd: ready");
     notify::ready().context("telling init that sysd is ready")?;

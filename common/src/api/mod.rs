@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod firstboot;
+
 /// Where sysd listens (mode 0600, owned by root).
 pub const SOCKET_PATH: &str = "/run/keelson/sysd.sock";
 /// Prefix of every endpoint.

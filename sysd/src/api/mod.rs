@@ -5,6 +5,7 @@
 
 use std::future::Future;
 
+use keelson_common::api::firstboot::FirstBoot;
 use keelson_common::api::{ApplyPlan, Event, LogLine, ServiceStatus, Stats, Version};
 use tokio::sync::broadcast;
 
@@ -91,4 +92,8 @@ pub trait Backend: Send + Sync + 'static {
         config: String,
         dry_run: bool,
     ) -> impl Future<Output = Result<ApplyPlan, Failure>> + Send;
+    /// What first boot found and did at this boot (`None` until it has run).
+    fn firstboot(&self) -> Option<FirstBoot> {
+        None
+    }
 }

@@ -202,6 +202,7 @@ enum Endpoint {
     Events,
     Stats,
     Apply,
+    FirstBoot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +242,7 @@ impl Endpoint {
             ["events"] => (Endpoint::Events, get),
             ["stats"] => (Endpoint::Stats, get),
             ["apply"] => (Endpoint::Apply, post),
+            ["firstboot"] => (Endpoint::FirstBoot, get),
             _ => return None,
         })
     }
@@ -283,6 +285,13 @@ async fn dispatch<B: Backend>(
         Endpoint::Version => {
             query.allow(&[])?;
             Ok(json(&backend.version()))
+        }
+        Endpoint::FirstBoot => {
+            query.allow(&[])?;
+            let status = backend
+                .firstboot()
+                .ok_or_else(|| Failure::not_found("first boot has not run in this sysd"))?;
+            Ok(json(&status))
         }
         Endpoint::Services => {
             query.allow(&[])?;

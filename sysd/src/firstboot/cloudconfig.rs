@@ -13,11 +13,14 @@
 //! document is an error rather than a gigabyte of memory.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, PathBuf};
 
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_yaml::Value;
+
+use crate::spec::admin::check_ssh_key;
+pub use crate::spec::units::check_hostname;
 
 /// A parsed, validated `#cloud-config` document.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,8 +38,6 @@ pub struct CloudConfig {
     pub timezone: Option<String>,
     /// Dotted paths of keys present but not supported, in document order.
     pub unsupported: Vec<String>,
-    /// write_files entries that target a path outside /var, with the reason.
-    pub refused_files: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,9 +59,6 @@ pub struct WriteFile {
 
 /// The user every top-level `ssh_authorized_keys` and the `default` user map to.
 pub const DEFAULT_USER: &str = "root";
-
-/// Paths write_files may write under.
-pub const WRITABLE_ROOT: &str = "/var";
 
 const KNOWN: &[&str] = &[
     "hostname",
@@ -275,16 +273,8 @@ fn build(raw: Raw, origin: &str, unsupported: Vec<String>) -> Result<CloudConfig
 
     for (i, f) in raw.write_files.into_iter().enumerate() {
         let at = format!("{origin}: write_files[{i}]");
-        let file = write_file(f).map_err(|e| format!("{at}: {e}"))?;
-        if file.path.starts_with(WRITABLE_ROOT) && file.path != Path::new(WRITABLE_ROOT) {
-            out.write_files.push(file);
-        } else {
-            out.refused_files.push(format!(
-                "{} (only paths under {WRITABLE_ROOT} are writable on Keelson; the rest of the \
-                 file system is the verified image or generated at boot)",
-                file.path.display()
-            ));
-        }
+        out.write_files
+            .push(write_file(f).map_err(|e| format!("{at}: {e}"))?);
     }
 
     if let Some(ntp) = raw.ntp {
@@ -447,24 +437,6 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
-pub fn check_hostname(name: &str) -> Result<(), String> {
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
-        return Err(format!(
-            "`{name}` is not a valid host name (letters, digits and `-`, dot-separated labels \
-             of at most 63 characters)"
-        ));
-    }
-    Ok(())
-}
-
 fn valid_user_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 32
@@ -472,61 +444,6 @@ fn valid_user_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-}
-
-const KEY_TYPES: &[&str] = &[
-    "ssh-ed25519",
-    "ssh-rsa",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com",
-    "ssh-dss",
-];
-
-/// An authorized_keys line: `[options] type base64 [comment]`, the blob's embedded type
-/// matching the named one.
-pub fn check_ssh_key(line: &str) -> Result<(), String> {
-    if line.contains('\n') {
-        return Err("an ssh key must be one line".into());
-    }
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let Some(i) = words.iter().position(|w| KEY_TYPES.contains(w)) else {
-        return Err(format!(
-            "`{}` is not an ssh public key (expected a type such as ssh-ed25519 followed by \
-             the base64 key)",
-            truncate(line)
-        ));
-    };
-    let blob = words
-        .get(i + 1)
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-        .ok_or_else(|| format!("the {} key's base64 data is missing or invalid", words[i]))?;
-    // The blob starts with the key type as an SSH string (u32 length, bytes).
-    let named = blob
-        .get(4..)
-        .zip(blob.get(..4))
-        .and_then(|(rest, len)| {
-            let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
-            rest.get(..len)
-        })
-        .and_then(|t| std::str::from_utf8(t).ok());
-    if named != Some(words[i]) {
-        return Err(format!(
-            "the key data does not hold a {} key (a truncated or mixed-up key?)",
-            words[i]
-        ));
-    }
-    Ok(())
-}
-
-fn truncate(s: &str) -> String {
-    let mut t: String = s.chars().take(40).collect();
-    if t.len() < s.len() {
-        t.push('…');
-    }
-    t
 }
 
 #[cfg(test)]
@@ -590,14 +507,12 @@ runcmd: [[echo, hi]]
                 },
             ]
         );
-        assert_eq!(cc.write_files.len(), 2);
+        assert_eq!(cc.write_files.len(), 3);
         let f = &cc.write_files[0];
-        assert_eq!(f.path, Path::new("/var/lib/app/config.ini"));
+        assert_eq!(f.path, std::path::Path::new("/var/lib/app/config.ini"));
         assert_eq!(f.content, b"[main]\ndebug = true\n");
         assert_eq!((f.mode, f.uid, f.gid), (0o600, 1000, 1000));
         assert_eq!(cc.write_files[1].content, b"hello");
-        assert_eq!(cc.refused_files.len(), 1);
-        assert!(cc.refused_files[0].starts_with("/etc/motd (only paths under /var"));
         assert_eq!(cc.ntp_servers, ["10.0.0.1", "pool.ntp.org"]);
         assert_eq!(cc.timezone.as_deref(), Some("Europe/Paris"));
         assert_eq!(

@@ -9,6 +9,7 @@
 //! (unknown dependency, dependency cycle) name the services involved. A config that fails
 //! validation is never partially applied.
 
+pub mod admin;
 pub mod units;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use admin::Admin;
 pub use units::{Capability, CpuQuota, SignalName, Size, Span};
 
 /// The schema version this sysd understands.
@@ -30,6 +32,7 @@ struct File {
     version: u32,
     #[serde(default)]
     services: BTreeMap<String, toml::Spanned<ServiceSpec>>,
+    admin: Option<toml::Spanned<Admin>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -330,7 +333,11 @@ impl ServiceSpec {
 /// Where a service's definition comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// Baked into the image.
     System,
+    /// From first-boot user data.
+    UserData,
+    /// From `keelctl apply` (the API).
     User,
 }
 
@@ -338,6 +345,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::System => "system",
+            Source::UserData => "user-data",
             Source::User => "user",
         }
     }
@@ -357,6 +365,17 @@ pub struct Service {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     pub services: BTreeMap<String, Service>,
+    /// The effective `[admin]` table and where it was written (`None`: nowhere).
+    pub admin: Admin,
+    pub admin_origin: Option<String>,
+}
+
+/// One parsed file: its services and its other tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Document {
+    pub services: Vec<Service>,
+    /// `[admin]`, with its `file:line:col`.
+    pub admin: Option<(Admin, String)>,
 }
 
 /// A config problem, already phrased for a person: where, what, and what is expected.
@@ -373,11 +392,18 @@ impl std::error::Error for ConfigError {}
 
 /// The system services directory in the image.
 pub const SYSTEM_DIR: &str = "/usr/lib/keelson/services.d";
+/// The layer first boot writes from user data (see `firstboot`).
+pub const USERDATA_FILE: &str = "/var/lib/keelson/user-data.toml";
 /// The user's config, replaced by `apply`.
 pub const USER_FILE: &str = "/var/lib/keelson/services.toml";
 
 /// Parses one file's text into services (no cross-file checks yet).
 pub fn parse_file(path: &Path, text: &str, source: Source) -> Result<Vec<Service>, ConfigError> {
+    parse_document(path, text, source).map(|d| d.services)
+}
+
+/// Parses one file's text into its services and tables (no cross-file checks yet).
+pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Document, ConfigError> {
     let shown = path.display();
     // serde_path_to_error names the key (`services.web.resources.memory_max`) that toml's own
     // error only points at.
@@ -420,7 +446,22 @@ pub fn parse_file(path: &Path, text: &str, source: Source) -> Result<Vec<Service
             origin,
         });
     }
-    Ok(out)
+    let admin = match file.admin {
+        Some(spanned) => {
+            let (line, col) = line_col(text, spanned.span().start);
+            let origin = format!("{shown}:{line}:{col}");
+            let admin = spanned.into_inner();
+            admin
+                .check()
+                .map_err(|e| ConfigError(format!("{origin}: admin.{e}")))?;
+            Some((admin, origin))
+        }
+        None => None,
+    };
+    Ok(Document {
+        services: out,
+        admin,
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -571,9 +612,26 @@ impl Config {
     /// Builds the effective config from parsed services, checking what spans services:
     /// unique names, dependencies that exist, no cycles.
     pub fn from_services(services: Vec<Service>) -> Result<Config, ConfigError> {
+        Self::from_layers(services, Vec::new())
+    }
+
+    /// The effective config from the system services and the layers above them, lowest first
+    /// (user data, then the API's file). A layer may replace a service of a lower layer, never
+    /// a system service; its `[admin]` table replaces a lower one whole.
+    pub fn from_layers(system: Vec<Service>, layers: Vec<Document>) -> Result<Config, ConfigError> {
         let mut map: BTreeMap<String, Service> = BTreeMap::new();
-        for svc in services {
-            if let Some(prev) = map.get(&svc.name) {
+        let mut admin = None;
+        let layered = layers.into_iter().flat_map(|doc| {
+            if doc.admin.is_some() {
+                admin = doc.admin;
+            }
+            doc.services
+        });
+        for svc in system.into_iter().chain(layered) {
+            if let Some(prev) = map.get(&svc.name).filter(|prev| {
+                // User data's services are the API's to replace.
+                !(prev.source == Source::UserData && svc.source == Source::User)
+            }) {
                 return Err(ConfigError(format!(
                     "{}: service `{}` is already defined at {}{}",
                     svc.origin,
@@ -588,6 +646,22 @@ impl Config {
             }
             map.insert(svc.name.clone(), svc);
         }
+        let (admin, admin_origin) = match admin {
+            Some((a, origin)) => (a, Some(origin)),
+            None => (Admin::default(), None),
+        };
+        if let Some(origin) = &admin_origin {
+            match map.get_mut(admin::ADMIN_SERVICE) {
+                Some(svc) => svc.spec.enabled = admin.wants_service(),
+                None if admin.wants_service() => {
+                    return Err(ConfigError(format!(
+                        "{origin}: admin: this image has no `{}` service to run",
+                        admin::ADMIN_SERVICE
+                    )))
+                }
+                None => {}
+            }
+        }
         for svc in map.values() {
             for (field, deps) in [("after", &svc.spec.after), ("requires", &svc.spec.requires)] {
                 for dep in deps {
@@ -600,7 +674,11 @@ impl Config {
                 }
             }
         }
-        let config = Config { services: map };
+        let config = Config {
+            services: map,
+            admin,
+            admin_origin,
+        };
         if let Some(cycle) = config.find_cycle() {
             let first = &config.services[&cycle[0]];
             return Err(ConfigError(format!(
@@ -663,6 +741,8 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct Sources {
     pub system_dir: PathBuf,
+    /// The layer written from first-boot user data (absent: none).
+    pub userdata_file: PathBuf,
     pub user_file: PathBuf,
 }
 
@@ -698,31 +778,55 @@ impl Sources {
         }
     }
 
-    /// The effective config from system services and the given user text.
+    /// The user-data layer's text, if first boot wrote one.
+    pub fn read_userdata_text(&self) -> Result<Option<String>, ConfigError> {
+        match std::fs::read_to_string(&self.userdata_file) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ConfigError(format!(
+                "{}: {e}",
+                self.userdata_file.display()
+            ))),
+        }
+    }
+
+    /// The effective config from system services, the user-data layer and the given user
+    /// text.
     pub fn combine(
         &self,
         system: Vec<Service>,
+        userdata_text: Option<&str>,
         user_text: Option<&str>,
     ) -> Result<Config, ConfigError> {
-        let mut all = system;
-        if let Some(text) = user_text {
-            all.extend(parse_file(&self.user_file, text, Source::User)?);
+        let mut layers = Vec::new();
+        if let Some(text) = userdata_text {
+            layers.push(parse_document(&self.userdata_file, text, Source::UserData)?);
         }
-        Config::from_services(all)
+        if let Some(text) = user_text {
+            layers.push(parse_document(&self.user_file, text, Source::User)?);
+        }
+        Config::from_layers(system, layers)
     }
 
     /// Replaces the user's config file atomically (write, fsync, rename, fsync dir).
     pub fn store_user_text(&self, text: &str) -> std::io::Result<()> {
-        use std::io::Write;
-        let dir = self.user_file.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(dir)?;
-        let tmp = self.user_file.with_extension("toml.new");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.user_file)?;
-        std::fs::File::open(dir)?.sync_all()
+        store_atomically(&self.user_file, text.as_bytes())
     }
+}
+
+/// Replaces `path` atomically: write a sibling, fsync, rename over, fsync the directory.
+pub fn store_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! services whose spec hash changed restart, removed ones stop, new ones start, others are not
 //! touched.
 
+mod admin;
 mod checks;
 pub mod events;
 pub mod logs;
@@ -75,6 +76,8 @@ pub struct Supervisor {
     /// Bumped on every status change: dependency waits and stop ordering watch it.
     epoch: watch::Sender<u64>,
     apply_lock: tokio::sync::Mutex<()>,
+    /// This boot's first-boot report (`GET /v1/firstboot`).
+    firstboot: Mutex<Option<api::firstboot::FirstBoot>>,
     started: Instant,
 }
 
@@ -93,6 +96,7 @@ impl Supervisor {
             system: Mutex::new(Vec::new()),
             epoch: watch::channel(0).0,
             apply_lock: tokio::sync::Mutex::new(()),
+            firstboot: Mutex::new(None),
             started: Instant::now(),
         })
     }
@@ -111,6 +115,14 @@ impl Supervisor {
             Vec::new()
         });
         *self.system.lock().unwrap_or_else(|p| p.into_inner()) = system.clone();
+        let userdata = sources.read_userdata_text().unwrap_or_else(|e| {
+            self.events.emit(
+                None,
+                "config-error",
+                format!("user-data config not loaded: {e}"),
+            );
+            None
+        });
         let user = sources.read_user_text().unwrap_or_else(|e| {
             self.events.emit(
                 None,
@@ -119,7 +131,8 @@ impl Supervisor {
             );
             None
         });
-        let config = match sources.combine(system.clone(), user.as_deref()) {
+        // The last good of: everything; without the API's file; the image alone.
+        let config = match sources.combine(system.clone(), userdata.as_deref(), user.as_deref()) {
             Ok(c) => c,
             Err(e) => {
                 self.events.emit(
@@ -127,11 +140,38 @@ impl Supervisor {
                     "config-error",
                     format!("user services not loaded: {e}"),
                 );
-                sources.combine(system, None).unwrap_or_default()
+                sources
+                    .combine(system.clone(), userdata.as_deref(), None)
+                    .or_else(|e| {
+                        self.events.emit(
+                            None,
+                            "config-error",
+                            format!("user-data config not loaded: {e}"),
+                        );
+                        sources.combine(system, None, None)
+                    })
+                    .unwrap_or_default()
             }
         };
+        self.sync_admin_keys(&config);
         for svc in config.services.into_values() {
             self.spawn(Arc::new(svc));
+        }
+    }
+
+    /// Installs `[admin]` keys before the admin service (re)starts; a failure is an event, the
+    /// rest of the config still runs.
+    fn sync_admin_keys(&self, config: &Config) {
+        match admin::sync_keys(config, &self.paths.layout.volumes) {
+            Ok(Some(path)) => tracing::info!(
+                "sysd: admin: {} ssh key(s) installed in {}",
+                config.admin.ssh_authorized_keys.len(),
+                path.display()
+            ),
+            Ok(None) => {}
+            Err(e) => self
+                .events
+                .emit(Some("admin"), "config-error", format!("admin keys: {e:#}")),
         }
     }
 
@@ -860,7 +900,49 @@ fn describe_exit(exit: Option<&ExitInfo>) -> String {
     }
 }
 
+impl Supervisor {
+    /// Records first boot's report and says what happened, on the console and as an event.
+    pub fn set_firstboot(&self, status: api::firstboot::FirstBoot) {
+        use api::firstboot::Outcome;
+        let what = match status.outcome {
+            Outcome::NoUserData => "no user data".to_string(),
+            Outcome::Applied => format!(
+                "applied {} user data of instance {} from {}",
+                status.format.as_deref().unwrap_or("?"),
+                status.instance_id.as_deref().unwrap_or("?"),
+                status.source.as_deref().unwrap_or("?"),
+            ),
+            Outcome::AlreadyApplied => format!(
+                "instance {} already configured; using the persisted config",
+                status.instance_id.as_deref().unwrap_or("?")
+            ),
+            Outcome::Rejected => format!(
+                "user data rejected, nothing applied (the last good config runs): {}",
+                status.error.as_deref().unwrap_or("?")
+            ),
+        };
+        let kind = if status.outcome == Outcome::Rejected {
+            "firstboot-error"
+        } else {
+            "firstboot"
+        };
+        self.events
+            .emit(None, kind, format!("{what} ({} ms)", status.duration_ms));
+        for w in &status.warnings {
+            self.events.emit(None, "firstboot-warning", w.clone());
+        }
+        *self.firstboot.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+}
+
 impl Backend for Supervisor {
+    fn firstboot(&self) -> Option<api::firstboot::FirstBoot> {
+        self.firstboot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn version(&self) -> api::Version {
         api::Version {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -960,7 +1042,15 @@ impl Backend for Supervisor {
         let new: Config = self
             .paths
             .sources
-            .combine(system, Some(&config))
+            .combine(
+                system,
+                self.paths
+                    .sources
+                    .read_userdata_text()
+                    .map_err(|e| Failure::internal(e.to_string()))?
+                    .as_deref(),
+                Some(&config),
+            )
             .map_err(|e| Failure::bad_request(format!("config rejected, nothing changed: {e}")))?;
         let current: BTreeMap<String, Arc<Service>> = {
             let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
@@ -994,6 +1084,7 @@ impl Backend for Supervisor {
                 self.paths.sources.user_file.display()
             ))
         })?;
+        self.sync_admin_keys(&new);
         for name in &plan.stop {
             let (tx, rx) = oneshot::channel();
             if self.send(name, Cmd::Stop(tx)).is_ok() {
