@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod config;
 pub mod firstboot;
 
 /// Where sysd listens (mode 0600, owned by root).

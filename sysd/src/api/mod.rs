@@ -5,6 +5,7 @@
 
 use std::future::Future;
 
+use keelson_common::api::config::ConfigView;
 use keelson_common::api::firstboot::FirstBoot;
 use keelson_common::api::{ApplyPlan, Event, LogLine, ServiceStatus, Stats, Version};
 use tokio::sync::broadcast;
@@ -94,6 +95,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ApplyPlan, Failure>> + Send;
     /// What first boot found and did at this boot (`None` until it has run).
     fn firstboot(&self) -> Option<FirstBoot> {
+        None
+    }
+    /// The effective config and its layers (`None`: not loaded yet).
+    fn config(&self) -> Option<ConfigView> {
         None
     }
 }

@@ -203,6 +203,7 @@ enum Endpoint {
     Stats,
     Apply,
     FirstBoot,
+    Config,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +244,7 @@ impl Endpoint {
             ["stats"] => (Endpoint::Stats, get),
             ["apply"] => (Endpoint::Apply, post),
             ["firstboot"] => (Endpoint::FirstBoot, get),
+            ["config"] => (Endpoint::Config, get),
             _ => return None,
         })
     }
@@ -292,6 +294,13 @@ async fn dispatch<B: Backend>(
                 .firstboot()
                 .ok_or_else(|| Failure::not_found("first boot has not run in this sysd"))?;
             Ok(json(&status))
+        }
+        Endpoint::Config => {
+            query.allow(&[])?;
+            let view = backend
+                .config()
+                .ok_or_else(|| Failure::not_found("the config is not loaded yet"))?;
+            Ok(json(&view))
         }
         Endpoint::Services => {
             query.allow(&[])?;

@@ -690,6 +690,38 @@ impl Config {
         Ok(config)
     }
 
+    /// The merged config as TOML that reads back as the same config, each table preceded by a
+    /// comment saying which layer and `file:line:col` it came from (`keelctl config show`).
+    pub fn render(&self) -> String {
+        #[derive(Serialize)]
+        struct One<'a, T: Serialize> {
+            #[serde(rename = "services")]
+            table: BTreeMap<&'a str, &'a T>,
+        }
+        let mut out = format!("version = {SCHEMA_VERSION}\n");
+        if let Some(origin) = &self.admin_origin {
+            #[derive(Serialize)]
+            struct AdminOnly<'a> {
+                admin: &'a Admin,
+            }
+            let text = toml::to_string(&AdminOnly { admin: &self.admin }).unwrap_or_default();
+            out.push_str(&format!("\n# from {origin}\n{text}"));
+        }
+        for svc in self.services.values() {
+            let one = One {
+                table: BTreeMap::from([(svc.name.as_str(), &svc.spec)]),
+            };
+            let text =
+                toml::to_string(&one).unwrap_or_else(|e| format!("# (cannot render: {e})\n"));
+            out.push_str(&format!(
+                "\n# {} service, from {}\n{text}",
+                svc.source.as_str(),
+                svc.origin
+            ));
+        }
+        out
+    }
+
     /// A dependency cycle as a path `a -> b -> a`, if there is one.
     fn find_cycle(&self) -> Option<Vec<String>> {
         #[derive(Clone, Copy, PartialEq)]
@@ -864,6 +896,74 @@ health = { http = "http://127.0.0.1:8080/healthz", retries = 2 }
 stop_signal = "SIGQUIT"
 stop_timeout = "5s"
 "#;
+
+    #[test]
+    fn layers_override_and_render_back() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILLQlN97l7/l7fgXF9PlMnkcATyASDAzrU0bNgZfDbPW k";
+        let system = parse_file(
+            Path::new("sys.toml"),
+            "version = 1\n[services.admin]\nimage = \"/a\"\nenabled = false\n",
+            Source::System,
+        )
+        .unwrap();
+        let userdata = parse_document(
+            Path::new("ud.toml"),
+            &format!("version = 1\n[admin]\nssh_authorized_keys = [\"{key}\"]\n[services.web]\nimage = \"/w\"\n"),
+            Source::UserData,
+        )
+        .unwrap();
+        let api = parse_document(
+            Path::new("api.toml"),
+            "version = 1\n[services.web]\nimage = \"/w2\"\nrestart = \"never\"\n",
+            Source::User,
+        )
+        .unwrap();
+        let cfg = Config::from_layers(system.clone(), vec![userdata.clone(), api]).unwrap();
+        assert_eq!(
+            cfg.services["web"].spec.image, "/w2",
+            "the API replaces user data's service"
+        );
+        assert_eq!(cfg.services["web"].source, Source::User);
+        assert!(
+            cfg.services["admin"].spec.enabled,
+            "keys turn the admin service on"
+        );
+        assert_eq!(cfg.admin_origin.as_deref(), Some("ud.toml:2:1"));
+
+        let text = cfg.render();
+        assert!(text.contains("# from ud.toml:2:1\n[admin]"), "{text}");
+        assert!(
+            text.contains("# user service, from api.toml:2:1\n[services.web]"),
+            "{text}"
+        );
+        let back = parse_document(Path::new("r.toml"), &text, Source::User).unwrap();
+        assert_eq!(back.admin.unwrap().0, cfg.admin);
+        for svc in back.services {
+            assert_eq!(svc.spec, cfg.services[&svc.name].spec, "{}", svc.name);
+        }
+
+        // A layer cannot replace a system service; without it the admin table fails to find
+        // a service to run.
+        let bad = parse_document(
+            Path::new("x.toml"),
+            "version = 1\n[services.admin]\nimage = \"/b\"\n",
+            Source::UserData,
+        )
+        .unwrap();
+        let e = Config::from_layers(system, vec![bad]).unwrap_err().0;
+        assert!(
+            e.contains("is already defined at sys.toml:2:1 (a system service"),
+            "{e}"
+        );
+        let e = Config::from_layers(Vec::new(), vec![userdata])
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            e,
+            "ud.toml:2:1: admin: this image has no `admin` service to run"
+        );
+    }
 
     #[test]
     fn good_config_parses() {

@@ -76,6 +76,8 @@ pub struct Supervisor {
     /// Bumped on every status change: dependency waits and stop ordering watch it.
     epoch: watch::Sender<u64>,
     apply_lock: tokio::sync::Mutex<()>,
+    /// The effective config, as last loaded or applied (`GET /v1/config`).
+    effective: Mutex<Option<Config>>,
     /// This boot's first-boot report (`GET /v1/firstboot`).
     firstboot: Mutex<Option<api::firstboot::FirstBoot>>,
     started: Instant,
@@ -97,6 +99,7 @@ impl Supervisor {
             epoch: watch::channel(0).0,
             apply_lock: tokio::sync::Mutex::new(()),
             firstboot: Mutex::new(None),
+            effective: Mutex::new(None),
             started: Instant::now(),
         })
     }
@@ -154,6 +157,7 @@ impl Supervisor {
             }
         };
         self.sync_admin_keys(&config);
+        *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(config.clone());
         for svc in config.services.into_values() {
             self.spawn(Arc::new(svc));
         }
@@ -936,6 +940,28 @@ impl Supervisor {
 }
 
 impl Backend for Supervisor {
+    fn config(&self) -> Option<api::config::ConfigView> {
+        let config = self
+            .effective
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let s = &self.paths.sources;
+        let layer = |name: &str, path: &std::path::Path| api::config::Layer {
+            name: name.into(),
+            path: path.display().to_string(),
+            present: path.exists(),
+        };
+        Some(api::config::ConfigView {
+            layers: vec![
+                layer("image", &s.system_dir),
+                layer("user-data", &s.userdata_file),
+                layer("api", &s.user_file),
+            ],
+            toml: config.render(),
+        })
+    }
+
     fn firstboot(&self) -> Option<api::firstboot::FirstBoot> {
         self.firstboot
             .lock()
@@ -1085,6 +1111,7 @@ impl Backend for Supervisor {
             ))
         })?;
         self.sync_admin_keys(&new);
+        *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());
         for name in &plan.stop {
             let (tx, rx) = oneshot::channel();
             if self.send(name, Cmd::Stop(tx)).is_ok() {
