@@ -170,7 +170,7 @@ fn first_boot(sources: &spec::Sources) -> keelson_common::api::firstboot::FirstB
         &validate,
     );
     for line in &status.probe_log {
-        tracing::info!("sysd: firstboot: {line}");
+        tracing::info!("sysd: datasource: {line}");
     }
     status
 }
