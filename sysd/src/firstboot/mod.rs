@@ -17,6 +17,8 @@
 
 pub mod cloudconfig;
 pub mod datasource;
+#[allow(dead_code)] // applied once `[network]` is in the schema (networking issue)
+pub mod netconfig;
 pub mod seedfs;
 pub mod userdata;
 
