@@ -6,6 +6,7 @@
 //! (see [`http`]) — because it runs on the host and in the admin container, one request at a
 //! time.
 
+mod config;
 mod http;
 mod images;
 mod net;
@@ -103,10 +104,24 @@ enum Command {
     /// Over-the-air updates: check, apply, status, rollback, cancel.
     #[command(subcommand)]
     Update(update::UpdateCommand),
+    /// The node's config: `show` prints the effective config and where each part came from.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// What first boot found in the datasources and did with it at this boot.
+    Firstboot,
     /// Show keelctl's and sysd's versions.
     Version,
     /// Print a shell completion script (e.g. `keelctl completions bash > /etc/bash_completion.d/keelctl`).
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// The merged config (image < user data < API) as TOML, each table annotated with its
+    /// layer and file position.
+    Show,
 }
 
 fn main() -> ExitCode {
@@ -198,6 +213,22 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<()> {
         Command::Net => net::run(&client, json, out)?,
         Command::Pull { image } => images::pull(&client, image, json, out)?,
         Command::Images { command } => images::images(&client, command, json, out)?,
+        Command::Config {
+            command: ConfigCommand::Show,
+        } => {
+            let body = client.get(&api("/config"))?;
+            if json {
+                return print_raw(out, &body);
+            }
+            write!(out, "{}", config::show(&parse(&body)?))?;
+        }
+        Command::Firstboot => {
+            let body = client.get(&api("/firstboot"))?;
+            if json {
+                return print_raw(out, &body);
+            }
+            write!(out, "{}", config::firstboot(&parse(&body)?))?;
+        }
         Command::Version => {
             let body = client.get(&api("/version"))?;
             if json {

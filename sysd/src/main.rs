@@ -10,6 +10,7 @@
 //! stops services, dependents first, and exits 0.
 
 mod api;
+mod firstboot;
 mod images;
 mod net;
 mod network;
@@ -19,7 +20,7 @@ mod spec;
 mod supervisor;
 mod update;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -54,6 +55,9 @@ struct DaemonArgs {
     /// System services baked into the image.
     #[arg(long, default_value = spec::SYSTEM_DIR)]
     system_dir: PathBuf,
+    /// The config layer written at first boot from user data.
+    #[arg(long, default_value = spec::USERDATA_FILE)]
+    userdata_config: PathBuf,
     /// The user's service config (replaced by `keelctl apply`).
     #[arg(long, default_value = spec::USER_FILE)]
     user_config: PathBuf,
@@ -69,6 +73,9 @@ struct DaemonArgs {
     /// Service log files.
     #[arg(long, default_value = "/var/log/keelson")]
     log_dir: PathBuf,
+    /// Skip first-boot user data (host tests and benchmarks: the host is not a Keelson node).
+    #[arg(long)]
+    no_firstboot: bool,
     /// cgroup (v2) under which every service gets its leaf.
     #[arg(long, default_value = "/keelson")]
     cgroup_parent: String,
@@ -211,6 +218,28 @@ fn daemon(args: DaemonArgs) -> ExitCode {
     }
 }
 
+/// Probes the datasources and applies new user data (see `firstboot`), validating it as the
+/// user-data layer over the image's system services.
+fn first_boot(sources: &spec::Sources) -> keelson_common::api::firstboot::FirstBoot {
+    let system = sources.read_system().unwrap_or_default();
+    let validate = |text: &str, origin: &str| -> Result<(), String> {
+        let doc = spec::parse_document(Path::new(origin), text, spec::Source::UserData)
+            .map_err(|e| e.0)?;
+        spec::Config::from_layers(system.clone(), vec![doc])
+            .map(drop)
+            .map_err(|e| e.0)
+    };
+    let status = firstboot::run(
+        &firstboot::datasource::Probe::system(),
+        &firstboot::Paths::system(),
+        &validate,
+    );
+    for line in &status.probe_log {
+        tracing::info!("sysd: datasource: {line}");
+    }
+    status
+}
+
 async fn run(args: DaemonArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -223,11 +252,13 @@ async fn run(args: DaemonArgs) -> Result<()> {
 
     let rt =
         runtime::Runtime::new(args.run_dir.join("runtime")).with_cgroup_parent(&args.cgroup_parent);
+    let sources = spec::Sources {
+        system_dir: args.system_dir,
+        userdata_file: args.userdata_config,
+        user_file: args.user_config,
+    };
     let paths = supervisor::Paths {
-        sources: spec::Sources {
-            system_dir: args.system_dir,
-            user_file: args.user_config,
-        },
+        sources: sources.clone(),
         layout: supervisor::resolve::Layout {
             images: args.volumes.with_file_name("images"),
             volumes: args.volumes,
@@ -237,6 +268,10 @@ async fn run(args: DaemonArgs) -> Result<()> {
     };
     let sup = supervisor::Supervisor::new(rt, paths);
     sup.clean_leftovers().await;
+    // User data first: its `[network]` and `[host]` shape the network brought up next.
+    if !args.no_firstboot {
+        sup.set_firstboot(first_boot(&sources));
+    }
     if args.host_network {
         sup.manage_network();
         let net_paths = network::Paths {

@@ -88,7 +88,7 @@ impl Sysd {
     fn spawn(&mut self) {
         let d = self.dir.path().display();
         let script = format!(
-            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {SYSD} --system-dir {d}/system --user-config {d}/var/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent {}",
+            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {SYSD} --system-dir {d}/system --userdata-config {d}/var/user-data.toml --user-config {d}/var/services.toml --no-firstboot --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent {}",
             self.cgroup_parent
         );
         let log = std::fs::OpenOptions::new()

@@ -9,6 +9,8 @@ pub mod images;
 
 use serde::{Deserialize, Serialize};
 
+pub mod config;
+pub mod firstboot;
 pub mod network;
 pub mod update;
 

@@ -5,6 +5,8 @@
 
 use std::future::Future;
 
+use keelson_common::api::config::ConfigView;
+use keelson_common::api::firstboot::FirstBoot;
 use keelson_common::api::images::{ImageInfo, ImagesRemoved, PullProgress};
 use keelson_common::api::network::NetworkStatus;
 use keelson_common::api::update::{ApplyRequest, UpdateCheck, UpdateStatus};
@@ -157,6 +159,14 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<UpdateStatus, Failure>> + Send {
         let _ = reboot;
         async { Err(no_updates()) }
+    }
+    /// What first boot found and did at this boot (`None` until it has run).
+    fn firstboot(&self) -> Option<FirstBoot> {
+        None
+    }
+    /// The effective config and its layers (`None`: not loaded yet).
+    fn config(&self) -> Option<ConfigView> {
+        None
     }
 }
 

@@ -208,6 +208,8 @@ enum Endpoint {
     ImagesRemove,
     ImagesPrune,
     Update(UpdateAction),
+    FirstBoot,
+    Config,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +274,8 @@ impl Endpoint {
                 };
                 (Endpoint::Update(action), post)
             }
+            ["firstboot"] => (Endpoint::FirstBoot, get),
+            ["config"] => (Endpoint::Config, get),
             _ => return None,
         })
     }
@@ -314,6 +318,20 @@ async fn dispatch<B: Backend>(
         Endpoint::Version => {
             query.allow(&[])?;
             Ok(json(&backend.version()))
+        }
+        Endpoint::FirstBoot => {
+            query.allow(&[])?;
+            let status = backend
+                .firstboot()
+                .ok_or_else(|| Failure::not_found("first boot has not run in this sysd"))?;
+            Ok(json(&status))
+        }
+        Endpoint::Config => {
+            query.allow(&[])?;
+            let view = backend
+                .config()
+                .ok_or_else(|| Failure::not_found("the config is not loaded yet"))?;
+            Ok(json(&view))
         }
         Endpoint::Services => {
             query.allow(&[])?;

@@ -240,7 +240,7 @@ fn measure(sysd: &Path, n: usize) -> Result<Row> {
     let d = dir.display();
     let cgroup = format!("/keelson-bench-{}-{n}", std::process::id());
     let script = format!(
-        "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {} --system-dir {d}/system --user-config {d}/var/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent {cgroup}",
+        "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {} --system-dir {d}/system --userdata-config {d}/var/user-data.toml --user-config {d}/var/services.toml --no-firstboot --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent {cgroup}",
         sysd.display()
     );
     let t0 = Instant::now();

@@ -9,6 +9,7 @@
 //! (unknown dependency, dependency cycle) name the services involved. A config that fails
 //! validation is never partially applied.
 
+pub mod admin;
 pub mod network;
 pub mod registries;
 pub mod units;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use admin::Admin;
 pub use units::{Capability, CpuQuota, SignalName, Size, Span};
 
 /// The schema version this sysd understands.
@@ -39,6 +41,7 @@ struct File {
     registries: BTreeMap<String, toml::Spanned<registries::Registry>>,
     /// The update agent's policy (`spec::update`).
     update: Option<update::UpdateSpec>,
+    admin: Option<toml::Spanned<Admin>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -348,7 +351,11 @@ impl ServiceSpec {
 /// Where a service's definition comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// Baked into the image.
     System,
+    /// From first-boot user data.
+    UserData,
+    /// From `keelctl apply` (the API).
     User,
 }
 
@@ -356,6 +363,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::System => "system",
+            Source::UserData => "user-data",
             Source::User => "user",
         }
     }
@@ -379,6 +387,19 @@ pub struct Config {
     pub net: network::NetConfig,
     /// `[registries."HOST"]` of the user's config (see [`registries`]).
     pub registries: registries::Registries,
+    /// The effective `[admin]` table and where it was written (`None`: nowhere).
+    pub admin: Admin,
+    pub admin_origin: Option<String>,
+}
+
+/// One parsed file: its services and its other tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Document {
+    pub services: Vec<Service>,
+    /// `[admin]`, with its `file:line:col`.
+    pub admin: Option<(Admin, String)>,
+    /// `[network]`/`[host]`, if the file has either.
+    pub net: Option<network::NetConfig>,
 }
 
 /// A config problem, already phrased for a person: where, what, and what is expected.
@@ -395,24 +416,23 @@ impl std::error::Error for ConfigError {}
 
 /// The system services directory in the image.
 pub const SYSTEM_DIR: &str = "/usr/lib/keelson/services.d";
+/// The layer first boot writes from user data (see `firstboot`).
+pub const USERDATA_FILE: &str = "/var/lib/keelson/user-data.toml";
 /// The user's config, replaced by `apply`.
 pub const USER_FILE: &str = "/var/lib/keelson/services.toml";
 
 /// Parses one file's text into services (no cross-file checks yet).
 pub fn parse_file(path: &Path, text: &str, source: Source) -> Result<Vec<Service>, ConfigError> {
-    parse_document(path, text, source).map(|(services, _)| services)
+    parse_document(path, text, source).map(|d| d.services)
 }
 
 /// The `[network]` and `[host]` tables of one file, checked, if it has either.
 pub fn parse_net(path: &Path, text: &str) -> Result<Option<network::NetConfig>, ConfigError> {
-    parse_document(path, text, Source::User).map(|(_, net)| net)
+    parse_document(path, text, Source::User).map(|d| d.net)
 }
 
-fn parse_document(
-    path: &Path,
-    text: &str,
-    source: Source,
-) -> Result<(Vec<Service>, Option<network::NetConfig>), ConfigError> {
+/// Parses one file's text into its services and tables (no cross-file checks yet).
+pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Document, ConfigError> {
     let shown = path.display();
     // serde_path_to_error names the key (`services.web.resources.memory_max`) that toml's own
     // error only points at.
@@ -483,7 +503,23 @@ fn parse_document(
             origin,
         });
     }
-    Ok((out, net))
+    let admin = match file.admin {
+        Some(spanned) => {
+            let (line, col) = line_col(text, spanned.span().start);
+            let origin = format!("{shown}:{line}:{col}");
+            let admin = spanned.into_inner();
+            admin
+                .check()
+                .map_err(|e| ConfigError(format!("{origin}: admin.{e}")))?;
+            Some((admin, origin))
+        }
+        None => None,
+    };
+    Ok(Document {
+        services: out,
+        admin,
+        net,
+    })
 }
 
 /// The checked `[registries]` tables of one (user) config file.
@@ -656,9 +692,30 @@ impl Config {
     /// Builds the effective config from parsed services, checking what spans services:
     /// unique names, dependencies that exist, no cycles.
     pub fn from_services(services: Vec<Service>) -> Result<Config, ConfigError> {
+        Self::from_layers(services, Vec::new())
+    }
+
+    /// The effective config from the system services and the layers above them, lowest first
+    /// (user data, then the API's file). A layer may replace a service of a lower layer, never
+    /// a system service; its `[admin]` table replaces a lower one whole.
+    pub fn from_layers(system: Vec<Service>, layers: Vec<Document>) -> Result<Config, ConfigError> {
         let mut map: BTreeMap<String, Service> = BTreeMap::new();
-        for svc in services {
-            if let Some(prev) = map.get(&svc.name) {
+        let mut admin = None;
+        let mut net = None;
+        let layered = layers.into_iter().flat_map(|doc| {
+            if doc.admin.is_some() {
+                admin = doc.admin;
+            }
+            if doc.net.is_some() {
+                net = doc.net;
+            }
+            doc.services
+        });
+        for svc in system.into_iter().chain(layered) {
+            if let Some(prev) = map.get(&svc.name).filter(|prev| {
+                // User data's services are the API's to replace.
+                !(prev.source == Source::UserData && svc.source == Source::User)
+            }) {
                 return Err(ConfigError(format!(
                     "{}: service `{}` is already defined at {}{}",
                     svc.origin,
@@ -672,6 +729,22 @@ impl Config {
                 )));
             }
             map.insert(svc.name.clone(), svc);
+        }
+        let (admin, admin_origin) = match admin {
+            Some((a, origin)) => (a, Some(origin)),
+            None => (Admin::default(), None),
+        };
+        if let Some(origin) = &admin_origin {
+            match map.get_mut(admin::ADMIN_SERVICE) {
+                Some(svc) => svc.spec.enabled = admin.wants_service(),
+                None if admin.wants_service() => {
+                    return Err(ConfigError(format!(
+                        "{origin}: admin: this image has no `{}` service to run",
+                        admin::ADMIN_SERVICE
+                    )))
+                }
+                None => {}
+            }
         }
         for svc in map.values() {
             for (field, deps) in [("after", &svc.spec.after), ("requires", &svc.spec.requires)] {
@@ -704,8 +777,10 @@ impl Config {
         }
         let config = Config {
             services: map,
-            net: network::NetConfig::default(),
+            net: net.unwrap_or_default(),
             registries: registries::Registries::new(),
+            admin,
+            admin_origin,
         };
         if let Some(cycle) = config.find_cycle() {
             let first = &config.services[&cycle[0]];
@@ -716,6 +791,38 @@ impl Config {
             )));
         }
         Ok(config)
+    }
+
+    /// The merged config as TOML that reads back as the same config, each table preceded by a
+    /// comment saying which layer and `file:line:col` it came from (`keelctl config show`).
+    pub fn render(&self) -> String {
+        #[derive(Serialize)]
+        struct One<'a, T: Serialize> {
+            #[serde(rename = "services")]
+            table: BTreeMap<&'a str, &'a T>,
+        }
+        let mut out = format!("version = {SCHEMA_VERSION}\n");
+        if let Some(origin) = &self.admin_origin {
+            #[derive(Serialize)]
+            struct AdminOnly<'a> {
+                admin: &'a Admin,
+            }
+            let text = toml::to_string(&AdminOnly { admin: &self.admin }).unwrap_or_default();
+            out.push_str(&format!("\n# from {origin}\n{text}"));
+        }
+        for svc in self.services.values() {
+            let one = One {
+                table: BTreeMap::from([(svc.name.as_str(), &svc.spec)]),
+            };
+            let text =
+                toml::to_string(&one).unwrap_or_else(|e| format!("# (cannot render: {e})\n"));
+            out.push_str(&format!(
+                "\n# {} service, from {}\n{text}",
+                svc.source.as_str(),
+                svc.origin
+            ));
+        }
+        out
     }
 
     /// A dependency cycle as a path `a -> b -> a`, if there is one.
@@ -772,6 +879,8 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct Sources {
     pub system_dir: PathBuf,
+    /// The layer written from first-boot user data (absent: none).
+    pub userdata_file: PathBuf,
     pub user_file: PathBuf,
 }
 
@@ -807,26 +916,45 @@ impl Sources {
         }
     }
 
-    /// The effective config from system services and the given user text.
+    /// The user-data layer's text, if first boot wrote one.
+    pub fn read_userdata_text(&self) -> Result<Option<String>, ConfigError> {
+        match std::fs::read_to_string(&self.userdata_file) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ConfigError(format!(
+                "{}: {e}",
+                self.userdata_file.display()
+            ))),
+        }
+    }
+
+    /// The effective config from system services, the user-data layer and the given user
+    /// text.
     pub fn combine(
         &self,
         system: Vec<Service>,
+        userdata_text: Option<&str>,
         user_text: Option<&str>,
     ) -> Result<Config, ConfigError> {
-        let mut all = system;
-        let mut net = None;
-        if let Some(text) = user_text {
-            let (services, user_net) = parse_document(&self.user_file, text, Source::User)?;
-            all.extend(services);
-            net = user_net;
+        let mut layers = Vec::new();
+        if let Some(text) = userdata_text {
+            layers.push(parse_document(&self.userdata_file, text, Source::UserData)?);
         }
-        let mut config = Config::from_services(all)?;
-        config.net = match net {
-            Some(n) => n,
-            None => self.read_system_net()?.unwrap_or_default(),
-        };
         if let Some(text) = user_text {
-            config.registries = parse_registries(&self.user_file, text)?;
+            layers.push(parse_document(&self.user_file, text, Source::User)?);
+        }
+        let mut config = Config::from_layers(system, layers)?;
+        if config.net.origin.is_none() {
+            config.net = self.read_system_net()?.unwrap_or_default();
+        }
+        // Registry settings: user data's, then the user's file's, host by host.
+        for (path, text) in [
+            (&self.userdata_file, userdata_text),
+            (&self.user_file, user_text),
+        ] {
+            if let Some(text) = text {
+                config.registries.extend(parse_registries(path, text)?);
+            }
         }
         Ok(config)
     }
@@ -854,16 +982,23 @@ impl Sources {
 
     /// Replaces the user's config file atomically (write, fsync, rename, fsync dir).
     pub fn store_user_text(&self, text: &str) -> std::io::Result<()> {
-        use std::io::Write;
-        let dir = self.user_file.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(dir)?;
-        let tmp = self.user_file.with_extension("toml.new");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.user_file)?;
-        std::fs::File::open(dir)?.sync_all()
+        store_atomically(&self.user_file, text.as_bytes())
     }
+}
+
+/// Replaces `path` atomically: write a sibling, fsync, rename over, fsync the directory.
+pub fn store_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -901,6 +1036,74 @@ health = { http = "http://127.0.0.1:8080/healthz", retries = 2 }
 stop_signal = "SIGQUIT"
 stop_timeout = "5s"
 "#;
+
+    #[test]
+    fn layers_override_and_render_back() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILLQlN97l7/l7fgXF9PlMnkcATyASDAzrU0bNgZfDbPW k";
+        let system = parse_file(
+            Path::new("sys.toml"),
+            "version = 1\n[services.admin]\nimage = \"/a\"\nenabled = false\n",
+            Source::System,
+        )
+        .unwrap();
+        let userdata = parse_document(
+            Path::new("ud.toml"),
+            &format!("version = 1\n[admin]\nssh_authorized_keys = [\"{key}\"]\n[services.web]\nimage = \"/w\"\n"),
+            Source::UserData,
+        )
+        .unwrap();
+        let api = parse_document(
+            Path::new("api.toml"),
+            "version = 1\n[services.web]\nimage = \"/w2\"\nrestart = \"never\"\n",
+            Source::User,
+        )
+        .unwrap();
+        let cfg = Config::from_layers(system.clone(), vec![userdata.clone(), api]).unwrap();
+        assert_eq!(
+            cfg.services["web"].spec.image, "/w2",
+            "the API replaces user data's service"
+        );
+        assert_eq!(cfg.services["web"].source, Source::User);
+        assert!(
+            cfg.services["admin"].spec.enabled,
+            "keys turn the admin service on"
+        );
+        assert_eq!(cfg.admin_origin.as_deref(), Some("ud.toml:2:1"));
+
+        let text = cfg.render();
+        assert!(text.contains("# from ud.toml:2:1\n[admin]"), "{text}");
+        assert!(
+            text.contains("# user service, from api.toml:2:1\n[services.web]"),
+            "{text}"
+        );
+        let back = parse_document(Path::new("r.toml"), &text, Source::User).unwrap();
+        assert_eq!(back.admin.unwrap().0, cfg.admin);
+        for svc in back.services {
+            assert_eq!(svc.spec, cfg.services[&svc.name].spec, "{}", svc.name);
+        }
+
+        // A layer cannot replace a system service; without it the admin table fails to find
+        // a service to run.
+        let bad = parse_document(
+            Path::new("x.toml"),
+            "version = 1\n[services.admin]\nimage = \"/b\"\n",
+            Source::UserData,
+        )
+        .unwrap();
+        let e = Config::from_layers(system, vec![bad]).unwrap_err().0;
+        assert!(
+            e.contains("is already defined at sys.toml:2:1 (a system service"),
+            "{e}"
+        );
+        let e = Config::from_layers(Vec::new(), vec![userdata])
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            e,
+            "ud.toml:2:1: admin: this image has no `admin` service to run"
+        );
+    }
 
     #[test]
     fn good_config_parses() {

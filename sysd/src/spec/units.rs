@@ -225,6 +225,24 @@ impl fmt::Display for CpuQuota {
 }
 string_serde!(CpuQuota, "a cpu quota");
 
+/// RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 64 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "`{name}` is not a valid host name (letters, digits and `-`, dot-separated labels, \
+             at most 64 characters in all: the kernel's limit)"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

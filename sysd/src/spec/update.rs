@@ -159,11 +159,16 @@ fn parse(path: &Path, text: &str) -> Result<Option<UpdateSpec>, ConfigError> {
     Ok(doc.update)
 }
 
-/// The effective `[update]`: the user's table if the user file has one, else the last system
-/// file's, else the defaults.
+/// The effective `[update]`: the user's table if the user file has one, else user data's, else
+/// the last system file's, else the defaults.
 pub fn load(sources: &Sources) -> Result<UpdateSpec, ConfigError> {
     if let Some(text) = sources.read_user_text()? {
         if let Some(u) = parse(&sources.user_file, &text)? {
+            return Ok(u);
+        }
+    }
+    if let Some(text) = sources.read_userdata_text()? {
+        if let Some(u) = parse(&sources.userdata_file, &text)? {
             return Ok(u);
         }
     }

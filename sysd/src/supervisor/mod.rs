@@ -8,6 +8,7 @@
 //! services whose spec hash changed restart, removed ones stop, new ones start, others are not
 //! touched.
 
+mod admin;
 mod checks;
 pub mod events;
 pub mod logs;
@@ -75,6 +76,10 @@ pub struct Supervisor {
     /// Bumped on every status change: dependency waits and stop ordering watch it.
     epoch: watch::Sender<u64>,
     apply_lock: tokio::sync::Mutex<()>,
+    /// The effective config, as last loaded or applied (`GET /v1/config`).
+    effective: Mutex<Option<Config>>,
+    /// This boot's first-boot report (`GET /v1/firstboot`).
+    firstboot: Mutex<Option<api::firstboot::FirstBoot>>,
     started: Instant,
     /// The host network manager, when sysd manages the host network (`--host-network`).
     net: NetworkSlot,
@@ -107,6 +112,8 @@ impl Supervisor {
             system: Mutex::new(Vec::new()),
             epoch: watch::channel(0).0,
             apply_lock: tokio::sync::Mutex::new(()),
+            firstboot: Mutex::new(None),
+            effective: Mutex::new(None),
             started: Instant::now(),
             net: NetworkSlot::default(),
             update: std::sync::OnceLock::new(),
@@ -161,10 +168,13 @@ impl Supervisor {
     pub fn boot_network_config(&self) -> crate::spec::network::NetConfig {
         let sources = &self.paths.sources;
         let system = sources.read_system().unwrap_or_default();
+        let userdata = sources.read_userdata_text().ok().flatten();
         let user = sources.read_user_text().ok().flatten();
+        // The same fallbacks as `boot`: everything, without the API's file, the image alone.
         sources
-            .combine(system.clone(), user.as_deref())
-            .or_else(|_| sources.combine(system, None))
+            .combine(system.clone(), userdata.as_deref(), user.as_deref())
+            .or_else(|_| sources.combine(system.clone(), userdata.as_deref(), None))
+            .or_else(|_| sources.combine(system, None, None))
             .map(|c| c.net)
             .unwrap_or_default()
     }
@@ -180,6 +190,14 @@ impl Supervisor {
             Vec::new()
         });
         *self.system.lock().unwrap_or_else(|p| p.into_inner()) = system.clone();
+        let userdata = sources.read_userdata_text().unwrap_or_else(|e| {
+            self.events.emit(
+                None,
+                "config-error",
+                format!("user-data config not loaded: {e}"),
+            );
+            None
+        });
         let user = sources.read_user_text().unwrap_or_else(|e| {
             self.events.emit(
                 None,
@@ -188,7 +206,8 @@ impl Supervisor {
             );
             None
         });
-        let config = match sources.combine(system.clone(), user.as_deref()) {
+        // The last good of: everything; without the API's file; the image alone.
+        let config = match sources.combine(system.clone(), userdata.as_deref(), user.as_deref()) {
             Ok(c) => c,
             Err(e) => {
                 self.events.emit(
@@ -196,10 +215,22 @@ impl Supervisor {
                     "config-error",
                     format!("user services not loaded: {e}"),
                 );
-                sources.combine(system, None).unwrap_or_default()
+                sources
+                    .combine(system.clone(), userdata.as_deref(), None)
+                    .or_else(|e| {
+                        self.events.emit(
+                            None,
+                            "config-error",
+                            format!("user-data config not loaded: {e}"),
+                        );
+                        sources.combine(system, None, None)
+                    })
+                    .unwrap_or_default()
             }
         };
         self.images.set_registries(config.registries.clone());
+        self.sync_admin_keys(&config);
+        *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(config.clone());
         for svc in config.services.into_values() {
             self.spawn(Arc::new(svc));
         }
@@ -225,6 +256,22 @@ impl Supervisor {
             }
         }
         users
+    }
+
+    /// Installs `[admin]` keys before the admin service (re)starts; a failure is an event, the
+    /// rest of the config still runs.
+    fn sync_admin_keys(&self, config: &Config) {
+        match admin::sync_keys(config, &self.paths.layout.volumes) {
+            Ok(Some(path)) => tracing::info!(
+                "sysd: admin: {} ssh key(s) installed in {}",
+                config.admin.ssh_authorized_keys.len(),
+                path.display()
+            ),
+            Ok(None) => {}
+            Err(e) => self
+                .events
+                .emit(Some("admin"), "config-error", format!("admin keys: {e:#}")),
+        }
     }
 
     fn spawn(self: &Arc<Self>, svc: Arc<Service>) {
@@ -1022,9 +1069,71 @@ impl Supervisor {
             message: "the update agent is not running".into(),
         })
     }
+
+    /// Records first boot's report and says what happened, on the console and as an event.
+    pub fn set_firstboot(&self, status: api::firstboot::FirstBoot) {
+        use api::firstboot::Outcome;
+        let what = match status.outcome {
+            Outcome::NoUserData => "no user data".to_string(),
+            Outcome::Applied => format!(
+                "applied {} user data of instance {} from {}",
+                status.format.as_deref().unwrap_or("?"),
+                status.instance_id.as_deref().unwrap_or("?"),
+                status.source.as_deref().unwrap_or("?"),
+            ),
+            Outcome::AlreadyApplied => format!(
+                "instance {} already configured; using the persisted config",
+                status.instance_id.as_deref().unwrap_or("?")
+            ),
+            Outcome::Rejected => format!(
+                "user data rejected, nothing applied (the last good config runs): {}",
+                status.error.as_deref().unwrap_or("?")
+            ),
+        };
+        let kind = if status.outcome == Outcome::Rejected {
+            "firstboot-error"
+        } else {
+            "firstboot"
+        };
+        self.events
+            .emit(None, kind, format!("{what} ({} ms)", status.duration_ms));
+        for w in &status.warnings {
+            self.events.emit(None, "firstboot-warning", w.clone());
+        }
+        *self.firstboot.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
 }
 
 impl Backend for Supervisor {
+    fn config(&self) -> Option<api::config::ConfigView> {
+        let config = self
+            .effective
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let s = &self.paths.sources;
+        let layer = |name: &str, path: &std::path::Path| api::config::Layer {
+            name: name.into(),
+            path: path.display().to_string(),
+            present: path.exists(),
+        };
+        Some(api::config::ConfigView {
+            layers: vec![
+                layer("image", &s.system_dir),
+                layer("user-data", &s.userdata_file),
+                layer("api", &s.user_file),
+            ],
+            toml: config.render(),
+        })
+    }
+
+    fn firstboot(&self) -> Option<api::firstboot::FirstBoot> {
+        self.firstboot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn version(&self) -> api::Version {
         api::Version {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -1201,7 +1310,15 @@ impl Backend for Supervisor {
         let new: Config = self
             .paths
             .sources
-            .combine(system, Some(&config))
+            .combine(
+                system,
+                self.paths
+                    .sources
+                    .read_userdata_text()
+                    .map_err(|e| Failure::internal(e.to_string()))?
+                    .as_deref(),
+                Some(&config),
+            )
             .map_err(|e| Failure::bad_request(format!("config rejected, nothing changed: {e}")))?;
         let current: BTreeMap<String, Arc<Service>> = {
             let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
@@ -1243,6 +1360,8 @@ impl Backend for Supervisor {
                 self.paths.sources.user_file.display()
             ))
         })?;
+        self.sync_admin_keys(&new);
+        *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());
         for name in &plan.stop {
             let (tx, rx) = oneshot::channel();
             if self.send(name, Cmd::Stop(tx)).is_ok() {

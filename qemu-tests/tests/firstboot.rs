@@ -1,0 +1,287 @@
+//! First-boot scenarios (cloud-init style user data) on the test image: a NoCloud seed made by
+//! `cloud-localds` with `#cloud-config`, and QEMU fw_cfg with Keelson TOML. Each node is booted
+//! several times on the same disk to check "once per instance": the same instance id is not
+//! re-applied, a new one is, and invalid user data leaves the last good config running and the
+//! node reachable.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use qemu_tests::{create_overlay, image, DiskFormat, Guest, GuestBuilder};
+use serde_json::Value;
+
+const BOOT: Duration = Duration::from_secs(240);
+const SHELL_PORT: u16 = 17000;
+const SSH_PORT: u16 = 10022;
+
+fn test_image() -> PathBuf {
+    image("test").expect("the test image (./dev image configs/test.toml)")
+}
+
+fn fresh_disk(dir: &Path) -> PathBuf {
+    let disk = dir.join("disk.qcow2");
+    create_overlay(&test_image().join("disk.raw"), &disk, Some(2 << 30)).unwrap();
+    disk
+}
+
+fn builder(disk: &Path) -> GuestBuilder {
+    GuestBuilder::from_image_dir(&test_image())
+        .unwrap()
+        .disk_no_copy(disk, DiskFormat::Qcow2)
+        .memory_mib(1024)
+        .forward(SHELL_PORT, 7000)
+        .forward(SSH_PORT, 22)
+}
+
+fn wait(g: &Guest, pattern: &str, timeout: Duration) -> String {
+    g.wait_for(pattern, timeout)
+        .unwrap_or_else(|e| panic!("{e}\n--- console ---\n{}", g.serial_tail(150)))
+}
+
+/// Runs `script` in the guest's test shell (port 7000), returns its output.
+fn sh(g: &Guest, script: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let attempt = g.run_in_netns(|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", SHELL_PORT))?;
+            s.set_read_timeout(Some(Duration::from_secs(120)))?;
+            write!(s, "{{ {script}\n}} 2>&1; echo __END__\nexit\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        match attempt {
+            Ok(out) if out.contains("__END__") => return out.replace("__END__\n", ""),
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
+            other => panic!("test shell unreachable: {other:?}\n{}", g.serial_tail(60)),
+        }
+    }
+}
+
+fn json(g: &Guest, cmd: &str) -> Value {
+    let out = sh(g, cmd);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{cmd}: {e}: {out}"))
+}
+
+/// The node's host name, read from PID 1's root (containers have their own UTS namespace).
+fn hostname(g: &Guest) -> String {
+    sh(g, "cat /proc/1/root/etc/hostname").trim().to_string()
+}
+
+fn service_state(g: &Guest, name: &str) -> Value {
+    let list = json(g, "keelctl -o json ps");
+    list.as_array()
+        .and_then(|l| l.iter().find(|s| s["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn wait_running(g: &Guest, name: &str) -> Value {
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let s = service_state(g, name);
+        if s["state"] == "running" {
+            return s;
+        }
+        if Instant::now() > deadline {
+            panic!("{name} not running: {s:#}\n{}", g.serial_tail(80));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn power_off(g: Guest) {
+    g.powerdown().unwrap();
+    g.wait_exit(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.serial_tail(60)));
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A NoCloud seed as users make it: `cloud-localds seed.iso user-data meta-data`.
+fn seed(dir: &Path, user_data: &str, meta_data: &str) -> PathBuf {
+    std::fs::write(dir.join("user-data"), user_data).unwrap();
+    std::fs::write(dir.join("meta-data"), meta_data).unwrap();
+    let iso = dir.join("seed.iso");
+    let _ = std::fs::remove_file(&iso);
+    run(Command::new("cloud-localds")
+        .arg(&iso)
+        .arg(dir.join("user-data"))
+        .arg(dir.join("meta-data")));
+    iso
+}
+
+#[test]
+fn nocloud_cloud_config_sets_hostname_and_admin_keys_once_per_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id_ed25519");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "keelson-test", "-f"])
+        .arg(&key));
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let user_data = |host: &str| {
+        format!(
+            "#cloud-config\nhostname: {host}\nssh_authorized_keys:\n  - {}\nwrite_files:\n  - path: /var/lib/keelson/volumes/www/note.txt\n    content: written by cloud-config\npackages: [nginx]\n",
+            public.trim()
+        )
+    };
+    let disk = fresh_disk(dir.path());
+
+    // First boot of instance iid-1: applied.
+    let iso = seed(dir.path(), &user_data("seeded"), "instance-id: iid-1\n");
+    let g = builder(&disk)
+        .extra_drive(&iso, DiskFormat::Raw)
+        .spawn()
+        .unwrap();
+    wait(
+        &g,
+        "sysd: firstboot: applied cloud-config user data of instance iid-1 from nocloud:/dev/vdb",
+        BOOT,
+    );
+    wait(&g, "sysd: testshell: ready", BOOT);
+    assert_eq!(hostname(&g), "seeded");
+    let fb = json(&g, "keelctl -o json firstboot");
+    assert_eq!(fb["outcome"], "applied", "{fb:#}");
+    let warnings = fb["warnings"].to_string();
+    assert!(
+        warnings.contains("not supported, ignored: packages"),
+        "{fb:#}"
+    );
+    assert_eq!(
+        sh(&g, "cat /proc/1/root/var/lib/keelson/volumes/www/note.txt"),
+        "written by cloud-config"
+    );
+    // The key turned the admin container on, and it accepts that key.
+    wait_running(&g, "admin");
+    let out = g.run_in_netns(|| {
+        Command::new("ssh")
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-i"])
+            .arg(&key)
+            .args(["-p", &SSH_PORT.to_string(), "root@127.0.0.1"])
+            .arg("keelctl -o json firstboot")
+            .output()
+            .unwrap()
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("\"instance_id\":\"iid-1\""),
+        "ssh: {stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        g.serial_tail(40)
+    );
+    let config = sh(&g, "keelctl config show");
+    assert!(
+        config.contains("# from /var/lib/keelson/user-data.toml"),
+        "{config}"
+    );
+    power_off(g);
+
+    // Same instance, changed seed: not re-applied.
+    let iso = seed(dir.path(), &user_data("changed"), "instance-id: iid-1\n");
+    let g = builder(&disk)
+        .extra_drive(&iso, DiskFormat::Raw)
+        .spawn()
+        .unwrap();
+    wait(
+        &g,
+        "sysd: firstboot: instance iid-1 already configured; using the persisted config",
+        BOOT,
+    );
+    wait(&g, "sysd: testshell: ready", BOOT);
+    assert_eq!(hostname(&g), "seeded");
+    power_off(g);
+
+    // A new instance id: applied again.
+    let iso = seed(dir.path(), &user_data("second"), "instance-id: iid-2\n");
+    let g = builder(&disk)
+        .extra_drive(&iso, DiskFormat::Raw)
+        .spawn()
+        .unwrap();
+    wait(&g, "applied cloud-config user data of instance iid-2", BOOT);
+    wait(&g, "sysd: testshell: ready", BOOT);
+    assert_eq!(hostname(&g), "second");
+    power_off(g);
+}
+
+#[test]
+fn fw_cfg_toml_then_invalid_user_data_keeps_the_last_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = fresh_disk(dir.path());
+    let ud = dir.path().join("user-data.toml");
+    let md = dir.path().join("meta-data");
+    std::fs::write(
+        &ud,
+        r#"version = 1
+
+[services.hello]
+image = "/usr/lib/keelson/images/base"
+command = ["sh", "-c", "mkdir -p /tmp/www && echo hello from user data > /tmp/www/index.html && exec httpd -f -p 8081 -h /tmp/www"]
+network = "host"
+ready = { tcp = "127.0.0.1:8081", interval = "1s" }
+"#,
+    )
+    .unwrap();
+    std::fs::write(&md, "instance-id: fw-1\nlocal-hostname: fw-node\n").unwrap();
+    let g = builder(&disk)
+        .fw_cfg("opt/keelson/user-data", &ud)
+        .fw_cfg("opt/keelson/meta-data", &md)
+        .spawn()
+        .unwrap();
+    wait(
+        &g,
+        "sysd: firstboot: applied toml user data of instance fw-1 from fw_cfg",
+        BOOT,
+    );
+    wait(&g, "sysd: testshell: ready", BOOT);
+    let hello = wait_running(&g, "hello");
+    assert_eq!(hello["source"], "user-data", "{hello:#}");
+    assert_eq!(
+        sh(&g, "wget -qO- http://127.0.0.1:8081/").trim(),
+        "hello from user data"
+    );
+    assert_eq!(hostname(&g), "fw-node");
+    power_off(g);
+
+    // Invalid user data of a new instance: reported with its line, nothing applied, the node
+    // runs its last good config and is reachable.
+    std::fs::write(
+        &ud,
+        "version = 1\n\n[services.broken]\nimage = \"/usr/lib/keelson/images/base\"\nmemory = \"64M\"\n",
+    )
+    .unwrap();
+    std::fs::write(&md, "instance-id: fw-2\nlocal-hostname: other\n").unwrap();
+    let g = builder(&disk)
+        .fw_cfg("opt/keelson/user-data", &ud)
+        .fw_cfg("opt/keelson/meta-data", &md)
+        .spawn()
+        .unwrap();
+    let line = wait(&g, "sysd: firstboot-error: user data rejected", BOOT);
+    assert!(
+        line.contains("fw_cfg: user-data:5:1: services.broken.memory: unknown field `memory`"),
+        "{line}"
+    );
+    wait(&g, "sysd: testshell: ready", BOOT);
+    let fb = json(&g, "keelctl -o json firstboot");
+    assert_eq!(fb["outcome"], "rejected", "{fb:#}");
+    assert_eq!(fb["instance_id"], "fw-2");
+    wait_running(&g, "hello");
+    assert_eq!(hostname(&g), "fw-node");
+    let text = sh(&g, "keelctl firstboot");
+    assert!(text.contains("user data REJECTED"), "{text}");
+    power_off(g);
+}

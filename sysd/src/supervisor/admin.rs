@@ -1,0 +1,45 @@
+//! `[admin]` keys into the admin container: `authorized_keys` in the volume mounted at the
+//! admin service's `/root`, written whenever the config lists keys (the config is then the
+//! source of truth; with no keys configured, a file edited from inside the container is left
+//! alone).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::spec::admin::ADMIN_SERVICE;
+use crate::spec::{Config, MountSpec};
+
+/// The home directory whose volume receives the keys.
+const HOME: &str = "/root";
+
+/// Where the admin service's `authorized_keys` lives on the host, if it has a volume at /root.
+pub fn keys_path(config: &Config, volumes: &Path) -> Option<PathBuf> {
+    let svc = config.services.get(ADMIN_SERVICE)?;
+    svc.spec.mounts.iter().find_map(|m| match m {
+        MountSpec::Volume { source, target, .. } if target.trim_end_matches('/') == HOME => {
+            Some(volumes.join(source).join(".ssh/authorized_keys"))
+        }
+        _ => None,
+    })
+}
+
+/// Writes the configured keys (mode 0600 in a 0700 `.ssh`, as sshd and dropbear require).
+pub fn sync_keys(config: &Config, volumes: &Path) -> Result<Option<PathBuf>> {
+    if config.admin.ssh_authorized_keys.is_empty() {
+        return Ok(None);
+    }
+    let path = keys_path(config, volumes).with_context(|| {
+        format!("the `{ADMIN_SERVICE}` service has no volume mounted at {HOME} to hold its keys")
+    })?;
+    let ssh = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(ssh).with_context(|| format!("creating {}", ssh.display()))?;
+    std::fs::set_permissions(ssh, std::fs::Permissions::from_mode(0o700))?;
+    let mut text = config.admin.ssh_authorized_keys.join("\n");
+    text.push('\n');
+    crate::spec::store_atomically(&path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Some(path))
+}
