@@ -285,3 +285,50 @@ ready = { tcp = "127.0.0.1:8081", interval = "1s" }
     assert!(text.contains("user data REJECTED"), "{text}");
     power_off(g);
 }
+
+#[test]
+fn nocloud_network_config_v2_gives_a_static_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = fresh_disk(dir.path());
+    // QEMU's user network, configured statically: the harness's forwards reach 10.0.2.15.
+    std::fs::write(
+        dir.path().join("network-config"),
+        "version: 2\nethernets:\n  lan:\n    match: {driver: virtio_net}\n    addresses: [10.0.2.15/24]\n    gateway4: 10.0.2.2\n    nameservers: {addresses: [10.0.2.3], search: [seeded.test]}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("user-data"),
+        "#cloud-config\nhostname: static-node\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("meta-data"), "instance-id: net-1\n").unwrap();
+    let iso = dir.path().join("seed.iso");
+    run(Command::new("cloud-localds")
+        .arg("-N")
+        .arg(dir.path().join("network-config"))
+        .arg(&iso)
+        .arg(dir.path().join("user-data"))
+        .arg(dir.path().join("meta-data")));
+    let g = builder(&disk)
+        .extra_drive(&iso, DiskFormat::Raw)
+        .spawn()
+        .unwrap();
+    wait(&g, "applied cloud-config user data of instance net-1", BOOT);
+    wait(&g, "sysd: testshell: ready", BOOT);
+    let net = json(&g, "keelctl -o json net");
+    let links = net["links"].as_array().cloned().unwrap_or_default();
+    let lan = links
+        .iter()
+        .find(|l| l["managed"] == "static")
+        .unwrap_or_else(|| panic!("no statically managed link: {net:#}"));
+    assert!(
+        lan["addresses"].to_string().contains("10.0.2.15/24"),
+        "{net:#}"
+    );
+    assert_eq!(net["leases"].as_array().map(Vec::len), Some(0), "{net:#}");
+    assert!(net["search"].to_string().contains("seeded.test"), "{net:#}");
+    assert_eq!(hostname(&g), "static-node");
+    let config = sh(&g, "keelctl config show");
+    assert!(config.contains("[network.interfaces.lan"), "{config}");
+    power_off(g);
+}

@@ -810,6 +810,20 @@ impl Config {
             let text = toml::to_string(&AdminOnly { admin: &self.admin }).unwrap_or_default();
             out.push_str(&format!("\n# from {origin}\n{text}"));
         }
+        if let Some(origin) = &self.net.origin {
+            #[derive(Serialize)]
+            struct NetOnly<'a> {
+                host: &'a network::HostSpec,
+                network: &'a network::NetworkSpec,
+            }
+            let text = toml::to_string(&NetOnly {
+                host: &self.net.host,
+                network: &self.net.network,
+            })
+            .unwrap_or_else(|e| format!("# (cannot render: {e})\n"));
+            out.push_str(&format!("\n# [host] and [network] from {origin}\n{text}"));
+        }
+        // `[registries]` is not shown: it can hold credentials.
         for svc in self.services.values() {
             let one = One {
                 table: BTreeMap::from([(svc.name.as_str(), &svc.spec)]),
