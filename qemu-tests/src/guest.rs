@@ -133,6 +133,8 @@ pub struct GuestBuilder {
     controller: DiskController,
     nic: NicModel,
     forwards: Vec<(u16, u16)>,
+    /// QEMU user networking's `net=` and `host=` (default 10.0.2.0/24 and 10.0.2.2).
+    user_net: Option<(String, String)>,
     memory_mib: u32,
     cpus: u32,
     no_reboot: bool,
@@ -150,6 +152,7 @@ impl GuestBuilder {
             controller: DiskController::default(),
             nic: NicModel::default(),
             forwards: Vec::new(),
+            user_net: None,
             memory_mib: 512,
             cpus: 1,
             no_reboot: false,
@@ -287,6 +290,14 @@ impl GuestBuilder {
     /// The network card model.
     pub fn nic(mut self, nic: NicModel) -> Self {
         self.nic = nic;
+        self
+    }
+
+    /// The user network's subnet and the address at which the guest reaches the host (the
+    /// test's namespace): `user_net("169.254.0.0/16", "169.254.169.254")` puts a server on the
+    /// namespace's loopback at the EC2 metadata address.
+    pub fn user_net(mut self, net: &str, host: &str) -> Self {
+        self.user_net = Some((net.to_string(), host.to_string()));
         self
     }
 
@@ -549,6 +560,9 @@ impl GuestBuilder {
 
         if self.nic != NicModel::None {
             let mut netdev = "user,id=n0".to_string();
+            if let Some((net, host)) = &self.user_net {
+                write!(netdev, ",net={net},host={host}")?;
+            }
             for (host, guest) in &self.forwards {
                 write!(netdev, ",hostfwd=tcp:127.0.0.1:{host}-:{guest}")?;
             }

@@ -332,3 +332,89 @@ fn nocloud_network_config_v2_gives_a_static_address() {
     assert!(config.contains("[network.interfaces.lan"), "{config}");
     power_off(g);
 }
+
+/// An EC2-style metadata service (IMDSv2: a session token is required) on the test namespace's
+/// loopback port 80, which the guest reaches as 169.254.169.254 (QEMU's user network with that
+/// address as its host). Returns the request lines it saw.
+fn imds_server(
+    g: &Guest,
+    user_data: &'static str,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let listener = g.run_in_netns(|| std::net::TcpListener::bind("127.0.0.1:80").unwrap());
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let line = req.lines().next().unwrap_or("").to_string();
+            log.lock().unwrap().push(line.clone());
+            let token = req.contains("X-aws-ec2-metadata-token: imds-token-1");
+            let (status, body) = if line.starts_with("PUT /latest/api/token ") {
+                if req.contains("X-aws-ec2-metadata-token-ttl-seconds:") {
+                    (200, "imds-token-1")
+                } else {
+                    (400, "")
+                }
+            } else if !token {
+                (401, "")
+            } else if line.starts_with("GET /latest/meta-data/instance-id ") {
+                (200, "i-0keelson000001")
+            } else if line.starts_with("GET /latest/meta-data/local-hostname ") {
+                (200, "ip-169-254-0-15.ec2.internal")
+            } else if line.starts_with("GET /latest/user-data ") {
+                (200, user_data)
+            } else {
+                (404, "")
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    seen
+}
+
+#[test]
+fn ec2_style_metadata_service_with_a_session_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = fresh_disk(dir.path());
+    let g = builder(&disk)
+        .user_net("169.254.0.0/16", "169.254.169.254")
+        // What EC2's firmware says, so the image looks for the metadata service.
+        .args(["-smbios", "type=1,manufacturer=Amazon EC2"])
+        .spawn()
+        .unwrap();
+    let seen = imds_server(
+        &g,
+        "version = 1\n\n[host]\nhostname = \"imds-node\"\n\n[services.fromimds]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sleep\", \"1000000\"]\n",
+    );
+    wait(
+        &g,
+        "sysd: datasource: imds: asked once the network is up",
+        BOOT,
+    );
+    wait(
+        &g,
+        "sysd: firstboot: applied toml user data of instance i-0keelson000001 from imds:http://169.254.169.254:80",
+        BOOT,
+    );
+    wait(&g, "sysd: testshell: ready", BOOT);
+    let svc = wait_running(&g, "fromimds");
+    assert_eq!(svc["source"], "user-data", "{svc:#}");
+    assert_eq!(hostname(&g), "imds-node");
+    let lines = seen.lock().unwrap().clone();
+    assert!(lines[0].starts_with("PUT /latest/api/token"), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("GET /latest/user-data")),
+        "{lines:?}"
+    );
+    let fb = json(&g, "keelctl -o json firstboot");
+    assert_eq!(fb["source"], "imds:http://169.254.169.254:80", "{fb:#}");
+    power_off(g);
+}

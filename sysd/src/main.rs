@@ -219,8 +219,14 @@ fn daemon(args: DaemonArgs) -> ExitCode {
 }
 
 /// Probes the datasources and applies new user data (see `firstboot`), validating it as the
-/// user-data layer over the image's system services.
-fn first_boot(sources: &spec::Sources) -> keelson_common::api::firstboot::FirstBoot {
+/// Applies what a datasource found (see `firstboot`), validating it as the user-data layer
+/// over the image's system services.
+fn first_boot_process(
+    sources: &spec::Sources,
+    found: Result<Option<firstboot::datasource::Found>, String>,
+    log: Vec<String>,
+    start: std::time::Instant,
+) -> keelson_common::api::firstboot::FirstBoot {
     let system = sources.read_system().unwrap_or_default();
     let validate = |text: &str, origin: &str| -> Result<(), String> {
         let doc = spec::parse_document(Path::new(origin), text, spec::Source::UserData)
@@ -229,15 +235,64 @@ fn first_boot(sources: &spec::Sources) -> keelson_common::api::firstboot::FirstB
             .map(drop)
             .map_err(|e| e.0)
     };
-    let status = firstboot::run(
-        &firstboot::datasource::Probe::system(),
-        &firstboot::Paths::system(),
-        &validate,
-    );
+    let status = firstboot::process(found, log, &firstboot::Paths::system(), &validate, start);
     for line in &status.probe_log {
         tracing::info!("sysd: datasource: {line}");
     }
     status
+}
+
+/// The local datasources, before the network starts. `None`: nothing local, and this platform
+/// has a metadata service to ask once the network is up (the log so far comes with it).
+fn first_boot_local(
+    sources: &spec::Sources,
+) -> Result<keelson_common::api::firstboot::FirstBoot, Vec<String>> {
+    let start = std::time::Instant::now();
+    let probe = firstboot::datasource::Probe::system();
+    let mut log = Vec::new();
+    let found = probe.find(&mut log);
+    if matches!(found, Ok(None)) && firstboot::imds::enabled(&probe.sys, &probe.cmdline) {
+        for line in &log {
+            tracing::info!("sysd: datasource: {line}");
+        }
+        tracing::info!("sysd: datasource: imds: asked once the network is up");
+        return Err(log);
+    }
+    Ok(first_boot_process(sources, found, log, start))
+}
+
+/// The metadata service, in the background once the network is starting: its user data is
+/// applied like a local datasource's, then the running config is reconciled with it.
+fn first_boot_imds(
+    sup: &Arc<supervisor::Supervisor>,
+    sources: spec::Sources,
+    mut log: Vec<String>,
+) {
+    let sup = Arc::clone(sup);
+    tokio::spawn(async move {
+        let start = std::time::Instant::now();
+        let from = log.len();
+        let found = firstboot::imds::fetch(
+            firstboot::imds::ADDRESS,
+            firstboot::imds::DEADLINE,
+            &mut log,
+        )
+        .await;
+        for line in &log[from..] {
+            tracing::info!("sysd: datasource: {line}");
+        }
+        let status = first_boot_process(&sources, found, log, start);
+        let applied = status.outcome == keelson_common::api::firstboot::Outcome::Applied;
+        sup.set_firstboot(status);
+        if applied {
+            if let Err(e) = sup.reload().await {
+                sup.emit_event(
+                    "firstboot-error",
+                    format!("user data from the metadata service: {}", e.message),
+                );
+            }
+        }
+    });
 }
 
 async fn run(args: DaemonArgs) -> Result<()> {
@@ -269,8 +324,12 @@ async fn run(args: DaemonArgs) -> Result<()> {
     let sup = supervisor::Supervisor::new(rt, paths);
     sup.clean_leftovers().await;
     // User data first: its `[network]` and `[host]` shape the network brought up next.
+    let mut imds_log = None;
     if !args.no_firstboot {
-        sup.set_firstboot(first_boot(&sources));
+        match first_boot_local(&sources) {
+            Ok(status) => sup.set_firstboot(status),
+            Err(log) => imds_log = Some(log),
+        }
     }
     if args.host_network {
         sup.manage_network();
@@ -306,6 +365,9 @@ async fn run(args: DaemonArgs) -> Result<()> {
     }));
 
     sup.boot();
+    if let Some(log) = imds_log {
+        first_boot_imds(&sup, sources.clone(), log);
+    }
     start_update_agent(&sup);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "sysd: ready");
     notify::ready().context("telling init that sysd is ready")?;

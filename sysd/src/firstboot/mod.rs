@@ -2,6 +2,7 @@
 //! config, apply it once per instance.
 //!
 //! - [`datasource`]: the kernel command line, QEMU fw_cfg and NoCloud seeds, in that order.
+//! - [`imds`]: the EC2-style metadata service, after the network is up, when the platform has one.
 //! - [`seedfs`]: NoCloud seed volumes (ISO 9660, FAT) read in process, without mounting.
 //! - [`userdata`]: bytes → format (limits, gzip, encodings, `#cloud-config` / TOML / refused).
 //! - [`cloudconfig`]: the `#cloud-config` subset, strictly typed, unsupported keys listed.
@@ -19,6 +20,7 @@
 
 pub mod cloudconfig;
 pub mod datasource;
+pub mod imds;
 pub mod netconfig;
 pub mod seedfs;
 pub mod userdata;
@@ -33,7 +35,9 @@ use keelson_common::api::now_ms;
 
 use crate::spec::store_atomically;
 use cloudconfig::{CloudConfig, WriteFile, DEFAULT_USER};
-use datasource::{Found, Probe};
+use datasource::Found;
+#[cfg(test)]
+use datasource::Probe;
 use userdata::UserData;
 
 /// Paths under which first boot reads and writes (all on /var but the host name's runtime
@@ -90,9 +94,25 @@ struct Parts {
 /// image's system services); errors name `origin`, line and key.
 pub type Validate<'a> = dyn Fn(&str, &str) -> Result<(), String> + 'a;
 
-/// Runs first boot: probe, then apply if this instance is new.
+/// Runs first boot: probe, then apply if this instance is new. (sysd itself splits this
+/// around the network start: `first_boot_local` in main.rs.)
+#[cfg(test)]
 pub fn run(probe: &Probe, paths: &Paths, validate: &Validate) -> FirstBoot {
     let start = Instant::now();
+    let mut log = Vec::new();
+    let found = probe.find(&mut log);
+    process(found, log, paths, validate, start)
+}
+
+/// Applies what a datasource found (the local ones through [`run`], the metadata service
+/// through [`imds::fetch`] once the network is up), once per instance.
+pub fn process(
+    found: Result<Option<Found>, String>,
+    probe_log: Vec<String>,
+    paths: &Paths,
+    validate: &Validate,
+    start: Instant,
+) -> FirstBoot {
     let mut status = FirstBoot {
         outcome: Outcome::NoUserData,
         source: None,
@@ -100,11 +120,11 @@ pub fn run(probe: &Probe, paths: &Paths, validate: &Validate) -> FirstBoot {
         format: None,
         error: None,
         warnings: Vec::new(),
-        probe_log: Vec::new(),
+        probe_log,
         duration_ms: 0,
         applied_at_ms: None,
     };
-    match probe.find(&mut status.probe_log) {
+    match found {
         Err(e) => {
             status.outcome = Outcome::Rejected;
             status.error = Some(e);

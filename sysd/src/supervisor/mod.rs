@@ -1070,6 +1070,130 @@ impl Supervisor {
         })
     }
 
+    /// Reconciles the running node with the config made of the system services, the user-data
+    /// layer on disk and `user` (the API's file: stored when given). `apply` with a new user
+    /// file, and first boot after user data arrived late (from a metadata service), use it.
+    pub async fn reconcile(
+        &self,
+        user: Option<String>,
+        dry_run: bool,
+    ) -> Result<ApplyPlan, Failure> {
+        let _guard = self.apply_lock.lock().await;
+        let system = self
+            .system
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let new: Config = self
+            .paths
+            .sources
+            .combine(
+                system,
+                self.paths
+                    .sources
+                    .read_userdata_text()
+                    .map_err(|e| Failure::internal(e.to_string()))?
+                    .as_deref(),
+                user.as_deref(),
+            )
+            .map_err(|e| Failure::bad_request(format!("config rejected, nothing changed: {e}")))?;
+        let current: BTreeMap<String, Arc<Service>> = {
+            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            handles
+                .iter()
+                .map(|(n, h)| (n.clone(), Arc::clone(&h.service)))
+                .collect()
+        };
+        let mut plan = ApplyPlan {
+            dry_run,
+            ..ApplyPlan::default()
+        };
+        for (name, svc) in &new.services {
+            match current.get(name) {
+                None => plan.start.push(name.clone()),
+                Some(old) if old.spec != svc.spec => plan.restart.push(name.clone()),
+                Some(_) => plan.unchanged.push(name.clone()),
+            }
+        }
+        plan.stop = current
+            .keys()
+            .filter(|n| !new.services.contains_key(*n))
+            .cloned()
+            .collect();
+        if dry_run {
+            return Ok(plan);
+        }
+        // The network first, as a try: a config whose network fails its check is refused
+        // whole (services included) and the previous network is back in place.
+        if let Some(net) = self.network() {
+            net.apply(new.net.clone()).await.map_err(|e| {
+                Failure::bad_request(format!("config rejected, nothing changed: {e}"))
+            })?;
+        }
+        self.images.set_registries(new.registries.clone());
+        if let Some(config) = &user {
+            self.paths.sources.store_user_text(config).map_err(|e| {
+                Failure::internal(format!(
+                    "storing {}: {e}; nothing changed",
+                    self.paths.sources.user_file.display()
+                ))
+            })?;
+        }
+        self.sync_admin_keys(&new);
+        *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());
+        for name in &plan.stop {
+            let (tx, rx) = oneshot::channel();
+            if self.send(name, Cmd::Stop(tx)).is_ok() {
+                let _ = rx.await;
+            }
+            let (tx, rx) = oneshot::channel();
+            if self.send(name, Cmd::Remove(tx)).is_ok() {
+                let _ = rx.await;
+            }
+            self.handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            self.logs.forget(name);
+            self.bump();
+        }
+        if let Some(me) = self.me.upgrade() {
+            for name in &plan.start {
+                me.spawn(Arc::new(new.services[name].clone()));
+            }
+        }
+        for name in &plan.restart {
+            let svc = Arc::new(new.services[name].clone());
+            let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(h) = handles.get_mut(name) {
+                h.service = Arc::clone(&svc);
+                let _ = h.cmds.send(Cmd::Replace(svc));
+            }
+        }
+        self.events.emit(
+            None,
+            "applied",
+            format!(
+                "{} started, {} restarted, {} stopped, {} unchanged",
+                plan.start.len(),
+                plan.restart.len(),
+                plan.stop.len(),
+                plan.unchanged.len()
+            ),
+        );
+        Ok(plan)
+    }
+
+    /// Re-reads the config layers (the user's file as it is) and reconciles.
+    pub async fn reload(&self) -> Result<ApplyPlan, Failure> {
+        let user = self
+            .paths
+            .sources
+            .read_user_text()
+            .map_err(|e| Failure::internal(e.to_string()))?;
+        self.reconcile(user, false).await
+    }
+
     /// Records first boot's report and says what happened, on the console and as an event.
     pub fn set_firstboot(&self, status: api::firstboot::FirstBoot) {
         use api::firstboot::Outcome;
@@ -1301,108 +1425,7 @@ impl Backend for Supervisor {
     }
 
     async fn apply(&self, config: String, dry_run: bool) -> Result<ApplyPlan, Failure> {
-        let _guard = self.apply_lock.lock().await;
-        let system = self
-            .system
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let new: Config = self
-            .paths
-            .sources
-            .combine(
-                system,
-                self.paths
-                    .sources
-                    .read_userdata_text()
-                    .map_err(|e| Failure::internal(e.to_string()))?
-                    .as_deref(),
-                Some(&config),
-            )
-            .map_err(|e| Failure::bad_request(format!("config rejected, nothing changed: {e}")))?;
-        let current: BTreeMap<String, Arc<Service>> = {
-            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-            handles
-                .iter()
-                .map(|(n, h)| (n.clone(), Arc::clone(&h.service)))
-                .collect()
-        };
-        let mut plan = ApplyPlan {
-            dry_run,
-            ..ApplyPlan::default()
-        };
-        for (name, svc) in &new.services {
-            match current.get(name) {
-                None => plan.start.push(name.clone()),
-                Some(old) if old.spec != svc.spec => plan.restart.push(name.clone()),
-                Some(_) => plan.unchanged.push(name.clone()),
-            }
-        }
-        plan.stop = current
-            .keys()
-            .filter(|n| !new.services.contains_key(*n))
-            .cloned()
-            .collect();
-        if dry_run {
-            return Ok(plan);
-        }
-        // The network first, as a try: a config whose network fails its check is refused
-        // whole (services included) and the previous network is back in place.
-        if let Some(net) = self.network() {
-            net.apply(new.net.clone()).await.map_err(|e| {
-                Failure::bad_request(format!("config rejected, nothing changed: {e}"))
-            })?;
-        }
-        self.images.set_registries(new.registries.clone());
-        self.paths.sources.store_user_text(&config).map_err(|e| {
-            Failure::internal(format!(
-                "storing {}: {e}; nothing changed",
-                self.paths.sources.user_file.display()
-            ))
-        })?;
-        self.sync_admin_keys(&new);
-        *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());
-        for name in &plan.stop {
-            let (tx, rx) = oneshot::channel();
-            if self.send(name, Cmd::Stop(tx)).is_ok() {
-                let _ = rx.await;
-            }
-            let (tx, rx) = oneshot::channel();
-            if self.send(name, Cmd::Remove(tx)).is_ok() {
-                let _ = rx.await;
-            }
-            self.handles
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(name);
-            self.logs.forget(name);
-            self.bump();
-        }
-        if let Some(me) = self.me.upgrade() {
-            for name in &plan.start {
-                me.spawn(Arc::new(new.services[name].clone()));
-            }
-        }
-        for name in &plan.restart {
-            let svc = Arc::new(new.services[name].clone());
-            let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(h) = handles.get_mut(name) {
-                h.service = Arc::clone(&svc);
-                let _ = h.cmds.send(Cmd::Replace(svc));
-            }
-        }
-        self.events.emit(
-            None,
-            "applied",
-            format!(
-                "{} started, {} restarted, {} stopped, {} unchanged",
-                plan.start.len(),
-                plan.restart.len(),
-                plan.stop.len(),
-                plan.unchanged.len()
-            ),
-        );
-        Ok(plan)
+        self.reconcile(Some(config), dry_run).await
     }
 
     fn update_status(
