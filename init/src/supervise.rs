@@ -531,6 +531,12 @@ mod tests {
             .envp
             .iter()
             .any(|v| v.as_bytes() == b"KEELSON_NOTIFY_FD=3"));
-        assert_eq!(e.argv, [CString::new(SYSD).unwrap()]);
+        assert_eq!(
+            e.argv,
+            [
+                CString::new(SYSD).unwrap(),
+                CString::new("--host-network").unwrap()
+            ]
+        );
     }
 }

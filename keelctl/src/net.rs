@@ -120,6 +120,22 @@ pub fn render(s: &NetworkStatus) -> String {
             &leases,
         ));
     }
+    if !s.endpoints.is_empty() {
+        out.push('\n');
+        let eps: Vec<Vec<String>> = s
+            .endpoints
+            .iter()
+            .map(|e| {
+                vec![
+                    e.service.clone(),
+                    e.address.clone(),
+                    e.bridge.clone(),
+                    dash(&e.ports),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["ENDPOINT", "ADDRESS", "BRIDGE", "PORTS"], &eps));
+    }
     out
 }
 
@@ -163,6 +179,12 @@ mod tests {
                 t2_secs: 75600,
                 ..LeaseStatus::default()
             }],
+            endpoints: vec![keelson_common::api::network::EndpointStatus {
+                service: "web".into(),
+                address: "10.88.0.2/16".into(),
+                bridge: "keel0".into(),
+                ports: vec!["8080:80/tcp".into()],
+            }],
             ..NetworkStatus::default()
         };
         let text = render(&s);
@@ -171,5 +193,7 @@ mod tests {
         assert!(text.contains("10.0.2.15/24"), "{text}");
         assert!(text.contains("default"), "{text}");
         assert!(text.contains("43200s/75600s/86400s"), "{text}");
+        assert!(text.contains("10.88.0.2/16"), "{text}");
+        assert!(text.contains("8080:80/tcp"), "{text}");
     }
 }

@@ -258,4 +258,10 @@ fn bridge_services_publish_ports_and_resolve_each_other() {
     let net = sh(&g, "keelctl net");
     assert!(net.contains("keel0"), "{net}");
     assert!(net.contains("10.88.0.1/16"), "{net}");
+    // The endpoints: bweb with its published port.
+    let line = net
+        .lines()
+        .find(|l| l.starts_with("bweb "))
+        .unwrap_or_else(|| panic!("no bweb endpoint: {net}"));
+    assert!(line.contains("8081:80/tcp"), "{net}");
 }

@@ -319,8 +319,9 @@ fn dhcp_lease_renew_and_server_outage() {
 }
 
 /// Option 121 routes win over the router option; a remembered lease the server does not
-/// know is NAKed (authoritative server) and replaced; after a restart (a reboot for the
-/// client) the lease kept on /var is requested again and confirmed.
+/// know is NAKed (authoritative server) and replaced; carrier loss and return are events and
+/// the lease is confirmed again; after a restart (a reboot for the client) the lease kept on
+/// /var is requested again and confirmed.
 #[test]
 fn dhcp_option_121_nak_and_lease_kept_across_restart() {
     let mut lab = Lab::new();
@@ -353,12 +354,21 @@ fn dhcp_option_121_nak_and_lease_kept_across_restart() {
         "{routes}"
     );
 
+    // Carrier lost (the server's end goes down) and back: events, and the lease confirmed.
+    run(&["ip", "-n", &lab.server, "link", "set", "vs", "down"]);
+    lab.wait_log("sysd: link: ve0: carrier down", 1);
+    run(&["ip", "-n", &lab.server, "link", "set", "vs", "up"]);
+    lab.wait_log("sysd: link: ve0: carrier up", 1);
+    lab.wait_log("dhcp-reboot: ve0: requesting the previous lease", 2);
+    lab.wait_log("dhcp-lease: ve0: confirmed", 1);
+    assert_eq!(lab.leased_address(), addr);
+
     // A restart: the lease is released on the way down, kept on /var, and requested again.
     lab.stop_sysd();
     assert!(lab.log().contains("released"), "{}", lab.log());
     assert!(!lab.ip(&["-4", "addr", "show", "ve0"]).contains(&addr));
     lab.spawn_sysd();
-    lab.wait_log("dhcp-lease: ve0: confirmed", 1);
+    lab.wait_log("dhcp-lease: ve0: confirmed", 2);
     let bare = addr.split('/').next().unwrap();
     assert!(
         lab.log()

@@ -20,6 +20,20 @@ pub struct NetworkStatus {
     /// The config in force: `default` (DHCP on the first link with carrier) or the file it
     /// came from.
     pub config_origin: String,
+    /// Bridge services attached since sysd started.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// A service on the container bridge.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub service: String,
+    /// `ADDR/PREFIX` on the bridge.
+    pub address: String,
+    pub bridge: String,
+    /// Published ports, `HOST:CONTAINER/PROTO`.
+    pub ports: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,8 +1,10 @@
 //! Host networking: time from a DHCP client's start until the link has its lease installed
 //! (address, default route, DNS known), for sysd (`--host-network`, from process start to its
 //! `network-online` event) side by side with `busybox udhcpc` and ISC `dhclient` against the
-//! same dnsmasq in the same run; and the resident memory networking adds to sysd (sysd with
-//! and without `--host-network`, no services).
+//! same dnsmasq in the same run; the resident memory networking adds to sysd (sysd with
+//! and without `--host-network`, no services); and the time from `apply` of a config with a
+//! new HTTP service until it answers from outside the node, on the bridge with a published
+//! port side by side with the same service on the host network.
 //!
 //! Everything runs in two network namespaces this benchmark creates (client and server joined
 //! by a veth pair); dnsmasq runs with `--no-ping` so its address probe does not dominate.
@@ -15,7 +17,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
 use anyhow::{bail, Context, Result};
+
+// The busybox root file system for the apply benchmark's service.
+#[allow(dead_code)]
+#[path = "../testing.rs"]
+mod testing;
 
 const RUNS: usize = 5;
 const SERVER: &str = "kbench-srv";
@@ -281,6 +291,134 @@ fn dhclient_once(lab: &Lab) -> Result<Duration> {
     Ok(took)
 }
 
+/// A sysd with a static address in the client namespace, its API, and cgroup2 for services.
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn daemon(lab: &Lab, sysd: &Path, run: usize) -> Result<Daemon> {
+    let dir = lab.dir.path().join(format!("apply-{run}"));
+    std::fs::create_dir_all(dir.join("system"))?;
+    std::fs::write(
+        dir.join("system/net.toml"),
+        "version = 1\n[network]\ndns = [\"10.66.0.1\"]\n[network.bridge]\nsubnet = \"10.67.0.0/24\"\n[network.interfaces.ve0]\naddresses = [\"10.66.0.2/24\"]\ngateway = \"10.66.0.1\"\n",
+    )?;
+    let d = dir.display();
+    let script = format!(
+        "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {} --host-network --system-dir {d}/system --user-config {d}/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/volumes --log-dir {d}/log --cgroup-parent /keelson-bench-apply-{run} --network-state {d}/network --resolv-conf {d}/run/resolv.conf --hostname-file {d}/hostname --machine-id {}/machine-id --nft {}",
+        sysd.display(),
+        lab.dir.path().display(),
+        nft_path().display()
+    );
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            CLIENT,
+            "unshare",
+            "-m",
+            "-u",
+            "--propagation",
+            "private",
+        ])
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let d = Daemon { child, dir };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(d.dir.join("run/sysd.sock")).is_err() {
+        if Instant::now() > deadline {
+            bail!("sysd did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(d)
+}
+
+fn nft_path() -> PathBuf {
+    std::env::var_os("KEELSON_NFT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/nft"))
+}
+
+fn post_apply(d: &Daemon, body: &str) -> Result<()> {
+    let mut s = UnixStream::connect(d.dir.join("run/sysd.sock"))?;
+    write!(s, "POST /v1/apply HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Type: application/toml\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    if !out.starts_with("HTTP/1.1 200") {
+        bail!("apply: {out}");
+    }
+    Ok(())
+}
+
+/// From the server namespace (outside the node): until `addr` answers an HTTP GET.
+fn until_answers(addr: &str, deadline: Instant) -> Result<()> {
+    let addr = addr.to_string();
+    let ok = std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<()> {
+                let ns = std::fs::File::open(format!("/var/run/netns/{SERVER}"))?;
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                loop {
+                    // A short connect timeout: a SYN sent before the container is plugged
+                    // in would otherwise wait for TCP's 1 s retransmission.
+                    let sa: std::net::SocketAddr = addr.parse()?;
+                    if let Ok(mut c) =
+                        std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(50))
+                    {
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                        let _ = write!(c, "GET / HTTP/1.0\r\n\r\n");
+                        let mut out = String::new();
+                        let _ = c.read_to_string(&mut out);
+                        if out.contains("bench ok") {
+                            return Ok(());
+                        }
+                    }
+                    if Instant::now() > deadline {
+                        bail!("{addr} never answered");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+            .join()
+    });
+    ok.map_err(|_| anyhow::anyhow!("probe thread panicked"))?
+}
+
+/// apply → the service answers from outside: on the bridge through a published port, or on
+/// the host network directly.
+fn apply_once(lab: &Lab, sysd: &Path, rootfs: &Path, bridge: bool, run: usize) -> Result<Duration> {
+    let d = daemon(lab, sysd, run)?;
+    let (network, addr) = if bridge {
+        (
+            "network = \"bridge\"\nports = [\"18080:80/tcp\"]\n",
+            "10.66.0.2:18080",
+        )
+    } else {
+        ("network = \"host\"\n", "10.66.0.2:80")
+    };
+    let config = format!(
+        "version = 1\n[services.web]\nimage = \"{}\"\ncommand = [\"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]\n{network}",
+        rootfs.display()
+    );
+    let start = Instant::now();
+    post_apply(&d, &config)?;
+    until_answers(addr, start + Duration::from_secs(30))?;
+    Ok(start.elapsed())
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -343,6 +481,30 @@ fn run() -> Result<()> {
     } else {
         println!("{:<34} {:>10}", "dhclient -1", "not installed");
     }
+
+    // apply → reachable.
+    let rootfs = lab.dir.path().join("rootfs");
+    testing::busybox_rootfs(&rootfs)?;
+    std::fs::create_dir_all(rootfs.join("www"))?;
+    std::fs::write(rootfs.join("www/index.html"), "bench ok\n")?;
+    reset()?;
+    let (mut t_bridge, mut t_host) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        t_bridge.push(apply_once(&lab, &sysd, &rootfs, true, run * 2)?);
+        t_host.push(apply_once(&lab, &sysd, &rootfs, false, run * 2 + 1)?);
+    }
+    let host_ms = median(t_host.clone()).as_secs_f64() * 1000.0;
+    let bridge_ms = median(t_bridge.clone()).as_secs_f64() * 1000.0;
+    println!();
+    println!("apply → a new HTTP service answers from outside the node (median of {RUNS} runs)");
+    println!("{:<34} {:>10} {:>12}", "service network", "ms", "vs host");
+    println!("{:<34} {host_ms:>10.1} {:>11.2}x", "host", 1.0);
+    println!(
+        "{:<34} {bridge_ms:>10.1} {:>11.2}x",
+        "bridge + published port",
+        bridge_ms / host_ms
+    );
+
     let mid = |v: &mut Vec<u64>| {
         v.sort();
         v[v.len() / 2]

@@ -133,6 +133,8 @@ pub struct Client {
     pub reports: mpsc::UnboundedSender<Report>,
     /// How the lease about to be reported was obtained (`offered`, `renewed`...).
     pub how: &'static str,
+    /// An ACK not yet reported.
+    pub fresh: bool,
 }
 
 enum State {
@@ -194,11 +196,17 @@ impl Client {
                 State::Init { hint } => self.init(s, hint).await,
                 State::InitReboot(l) => self.init_reboot(s, l).await,
                 State::Bound(l) => {
-                    if applied.as_ref() != Some(&l) {
+                    // (Re)installed on every ACK too: replaces are idempotent, and routes may
+                    // have gone with the carrier.
+                    if applied.as_ref() != Some(&l) || self.fresh {
                         if let Err(e) = self.install(&l, applied.as_ref()).await {
                             self.note("dhcp-error", format!("installing {}: {e}", l.address));
                         }
                         applied = Some(l.clone());
+                    }
+                    // Every ACK is reported (a confirmation within the second of the lease
+                    // it confirms changes nothing to install but is still news).
+                    if std::mem::take(&mut self.fresh) {
                         let _ = self.reports.send(Report::Bound {
                             link: self.name.clone(),
                             lease: l.clone(),
@@ -339,6 +347,8 @@ impl Client {
             .await
         {
             Some(s) => s,
+            // Carrier lost again (or stopping): keep the lease and try again later.
+            None if !*self.carrier.borrow() || *self.stop.borrow() => State::InitReboot(lease),
             None => State::Init {
                 hint: Some(lease.address),
             },
@@ -408,6 +418,7 @@ impl Client {
                 }
                 // Reported once the address and routes are in place (see `run`).
                 self.how = how;
+                self.fresh = true;
                 State::Bound(lease)
             }
             None => State::Init { hint: None },
@@ -427,6 +438,9 @@ impl Client {
                 "carrier",
                 "carrier lost; keeping the lease until it returns".into(),
             );
+            // However short the loss, the lease is confirmed once the carrier is back (the
+            // link may now be on another network).
+            return State::InitReboot(lease);
         }
         State::Bound(lease)
     }
@@ -493,7 +507,8 @@ impl Client {
                 Wait::Reply(m) => {
                     return self.answer(m, if rebinding { "rebound" } else { "renewed" })
                 }
-                Wait::Interrupted => return State::Bound(lease),
+                Wait::Interrupted if *self.stop.borrow() => return State::Bound(lease),
+                Wait::Interrupted => return State::InitReboot(lease),
                 Wait::Timeout => {}
             }
         }

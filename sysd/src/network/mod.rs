@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use keelson_common::api::network::{LeaseStatus, LinkStatus, NetworkStatus, RouteStatus};
+use keelson_common::api::network::{
+    EndpointStatus, LeaseStatus, LinkStatus, NetworkStatus, RouteStatus,
+};
 use rtnetlink::packet_route::route::RouteProtocol;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use tokio::sync::{mpsc, watch};
@@ -507,6 +509,7 @@ impl Net {
             stop: stop_rx,
             reports: self.reports.clone(),
             how: "offered",
+            fresh: false,
         };
         let task = tokio::spawn(client.run());
         (self.emit)(
@@ -982,6 +985,19 @@ impl Net {
                     remaining_secs: l.remaining_secs(),
                     t1_secs: l.t1_secs,
                     t2_secs: l.t2_secs,
+                })
+                .collect(),
+            endpoints: st
+                .ports
+                .iter()
+                .map(|(service, (ip, ports))| EndpointStatus {
+                    service: service.clone(),
+                    address: format!("{ip}/{}", st.config.network.bridge_subnet().prefix),
+                    bridge: bridge::BRIDGE.into(),
+                    ports: ports
+                        .iter()
+                        .map(|p| format!("{}:{}/{}", p.host, p.container, p.proto))
+                        .collect(),
                 })
                 .collect(),
             config_origin: if st.config.network.interfaces.is_empty() {

@@ -152,5 +152,12 @@ async fn plug_async(pid: i32, ep: &Endpoint) -> anyhow::Result<()> {
         .await
         .context("default route")?;
     task.abort();
+    // Announce ourselves: a datagram to the gateway makes the container ARP for it, and the
+    // host learns the container's MAC from that request. Without it, traffic that reached the
+    // host for this address before the container existed (a published port being polled)
+    // waits for the host's next ARP retry, up to a second later.
+    if let Ok(sock) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+        let _ = sock.send_to(&[0], (ep.gateway, 9));
+    }
     Ok(())
 }
