@@ -956,6 +956,38 @@ impl Guest {
         &self.netns
     }
 
+    /// [`Guest::wait_for`], failing the test with the console's tail when the line never comes.
+    pub fn expect(&self, pattern: &str, timeout: Duration) -> String {
+        self.wait_for(pattern, timeout)
+            .unwrap_or_else(|e| panic!("{e}\n--- console ---\n{}", self.serial_tail(150)))
+    }
+
+    /// Runs `script` in the test image's remote shell (the `testshell` service, a root shell on
+    /// the guest port forwarded to `port`); returns its combined output. Connections are retried
+    /// for two minutes while the shell comes up; then the test fails with the console's tail.
+    pub fn shell(&self, port: u16, script: &str) -> String {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let attempt = self.run_in_netns(|| -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                s.set_read_timeout(Some(Duration::from_secs(600)))?;
+                write!(s, "{{ {script}\n}} 2>&1; echo __END__\nexit\n")?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            });
+            match attempt {
+                Ok(out) if out.contains("__END__") => return out.replace("__END__\n", ""),
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
+                other => panic!(
+                    "test shell unreachable: {other:?}\n{}",
+                    self.serial_tail(80)
+                ),
+            }
+        }
+    }
+
     /// Runs `f` on a thread inside the guest's namespace (to reach forwarded ports on 127.0.0.1).
     pub fn run_in_netns<F, T>(&self, f: F) -> T
     where

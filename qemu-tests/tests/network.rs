@@ -31,27 +31,12 @@ fn boot(disk: &std::path::Path) -> Guest {
 }
 
 fn wait(g: &Guest, pattern: &str, timeout: Duration) -> String {
-    g.wait_for(pattern, timeout)
-        .unwrap_or_else(|e| panic!("{e}\n--- console ---\n{}", g.serial_tail(150)))
+    g.expect(pattern, timeout)
 }
 
+/// Runs `script` in the guest's test shell; returns its output.
 fn sh(g: &Guest, script: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let attempt = g.run_in_netns(|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect(("127.0.0.1", SHELL_PORT))?;
-            s.set_read_timeout(Some(Duration::from_secs(120)))?;
-            write!(s, "{{ {script}\n}} 2>&1; echo __END__\nexit\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        });
-        match attempt {
-            Ok(out) if out.contains("__END__") => return out.replace("__END__\n", ""),
-            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
-            other => panic!("test shell unreachable: {other:?}\n{}", g.serial_tail(60)),
-        }
-    }
+    g.shell(SHELL_PORT, script)
 }
 
 /// An HTTP server on 127.0.0.1 of the guest's namespace (10.0.2.2 from inside the guest).

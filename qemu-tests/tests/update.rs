@@ -6,8 +6,6 @@
 //! The node is driven with keelctl from the test image's remote shell; the agent's events are
 //! read on the console.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::OnceLock;
@@ -175,28 +173,12 @@ fn boot(disk: &Path) -> Guest {
 }
 
 fn wait(g: &Guest, pattern: &str, timeout: Duration) -> String {
-    g.wait_for(pattern, timeout)
-        .unwrap_or_else(|e| panic!("{e}\n--- console ---\n{}", g.serial_tail(200)))
+    g.expect(pattern, timeout)
 }
 
 /// Runs `script` in the guest's test shell; returns its output.
 fn sh(g: &Guest, script: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let attempt = g.run_in_netns(|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect(("127.0.0.1", SHELL_PORT))?;
-            s.set_read_timeout(Some(Duration::from_secs(600)))?;
-            write!(s, "{{ {script}\n}} 2>&1; echo __END__\nexit\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        });
-        match attempt {
-            Ok(out) if out.contains("__END__") => return out.replace("__END__\n", ""),
-            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
-            other => panic!("test shell unreachable: {other:?}\n{}", g.serial_tail(80)),
-        }
-    }
+    g.shell(SHELL_PORT, script)
 }
 
 fn status(g: &Guest) -> Value {
