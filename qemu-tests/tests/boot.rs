@@ -146,6 +146,8 @@ fn corrupted_root_superblock_stops_the_boot() {
     let g = GuestBuilder::from_image_dir(&vm())
         .unwrap()
         .disk_raw_no_copy(&disk)
+        // The image reboots on FATAL (for boot counting); halt here to read one clean stop.
+        .append_cmdline("keelson.fatal=halt")
         .nic(NicModel::None)
         .spawn()
         .unwrap();
@@ -244,7 +246,7 @@ fn disk_without_keelson_partitions_halts_with_what_it_saw() {
     let g = GuestBuilder::from_image_dir(&vm())
         .unwrap()
         .disk_raw_no_copy(&blank)
-        .append_cmdline("keelson.disk_timeout=3")
+        .append_cmdline("keelson.disk_timeout=3 keelson.fatal=halt")
         .nic(NicModel::None)
         .spawn()
         .unwrap();
