@@ -69,7 +69,27 @@ fn wait_running(g: &Guest, name: &str) -> Value {
             return s;
         }
         if Instant::now() > deadline {
-            panic!("{name} not running: {s:#}\n{}", g.serial_tail(80));
+            let log = g.serial_log();
+            let relevant: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [
+                        "firstboot",
+                        "datasource",
+                        "network",
+                        "applied",
+                        "dhcp",
+                        name,
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
+                .collect();
+            panic!(
+                "{name} not running: {s:#}\n--- first boot and network lines ---\n{}\n--- console ---\n{}",
+                relevant.join("\n"),
+                g.serial_tail(40)
+            );
         }
         std::thread::sleep(Duration::from_secs(2));
     }

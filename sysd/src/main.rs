@@ -220,12 +220,13 @@ fn daemon(args: DaemonArgs) -> ExitCode {
 
 /// Probes the datasources and applies new user data (see `firstboot`), validating it as the
 /// Applies what a datasource found (see `firstboot`), validating it as the user-data layer
-/// over the image's system services.
+/// over the image's system services; log lines from `printed` on go to the console.
 fn first_boot_process(
     sources: &spec::Sources,
     found: Result<Option<firstboot::datasource::Found>, String>,
     log: Vec<String>,
     start: std::time::Instant,
+    printed: usize,
 ) -> keelson_common::api::firstboot::FirstBoot {
     let system = sources.read_system().unwrap_or_default();
     let validate = |text: &str, origin: &str| -> Result<(), String> {
@@ -236,7 +237,7 @@ fn first_boot_process(
             .map_err(|e| e.0)
     };
     let status = firstboot::process(found, log, &firstboot::Paths::system(), &validate, start);
-    for line in &status.probe_log {
+    for line in status.probe_log.iter().skip(printed) {
         tracing::info!("sysd: datasource: {line}");
     }
     status
@@ -258,7 +259,7 @@ fn first_boot_local(
         tracing::info!("sysd: datasource: imds: asked once the network is up");
         return Err(log);
     }
-    Ok(first_boot_process(sources, found, log, start))
+    Ok(first_boot_process(sources, found, log, start, 0))
 }
 
 /// The metadata service, in the background once the network is starting: its user data is
@@ -278,10 +279,7 @@ fn first_boot_imds(
             &mut log,
         )
         .await;
-        for line in &log[from..] {
-            tracing::info!("sysd: datasource: {line}");
-        }
-        let status = first_boot_process(&sources, found, log, start);
+        let status = first_boot_process(&sources, found, log, start, from);
         let applied = status.outcome == keelson_common::api::firstboot::Outcome::Applied;
         sup.set_firstboot(status);
         if applied {

@@ -202,6 +202,12 @@ impl Net {
             self.state.lock().unwrap_or_else(|p| p.into_inner()).config = new;
             return Ok("network unchanged".into());
         }
+        if old.network == new.network {
+            // Only `[host]` changed: a new hostname needs no links touched and no try.
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).config = new;
+            self.refresh().await;
+            return Ok("hostname updated".into());
+        }
         let links = self.nl.links().await.map_err(|e| chain(&e))?;
         // Unknown interfaces are refused before anything changes.
         plan(&new.network, &links)?;
