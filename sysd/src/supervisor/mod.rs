@@ -307,6 +307,12 @@ impl Supervisor {
         handles.get(name).map(|h| h.status.borrow().state)
     }
 
+    /// The pid of a service's running container init, if it has one.
+    fn pid_of(&self, name: &str) -> Option<i32> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles.get(name).and_then(|h| h.status.borrow().pid)
+    }
+
     fn send(&self, name: &str, cmd: Cmd) -> Result<(), Failure> {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let handle = handles.get(name).ok_or_else(|| unknown(name, &handles))?;
@@ -698,7 +704,7 @@ impl ServiceTask {
                 return Some(reason);
             }
         }
-        for dep in &spec.requires {
+        for dep in spec.requirements() {
             if dep == crate::spec::network::NETWORK_ONLINE {
                 continue;
             }
@@ -773,6 +779,14 @@ impl ServiceTask {
             tokio::task::spawn_blocking(move || resolve::image(&reference, &layout)).await??
         };
         let mut cfg = resolve::container(&self.svc, &image, &self.sup.paths.layout)?;
+        if let Some(owner) = self.svc.spec.network.joined() {
+            // Checked again at the start: the owner may have gone since the dependency wait.
+            let pid = match (self.sup.state_of(owner), self.sup.pid_of(owner)) {
+                (Some(State::Running), Some(pid)) => pid,
+                _ => anyhow::bail!("network = \"service:{owner}\": `{owner}` is not running"),
+            };
+            cfg.network = crate::runtime::NetworkMode::Join(format!("/proc/{pid}/ns/net").into());
+        }
         if self.svc.spec.network == crate::spec::Network::Bridge {
             let net = self.sup.network().ok_or_else(|| {
                 anyhow::anyhow!(
@@ -924,8 +938,7 @@ impl ServiceTask {
     fn lost_requirement(&self) -> Option<String> {
         self.svc
             .spec
-            .requires
-            .iter()
+            .requirements()
             .filter(|dep| *dep != crate::spec::network::NETWORK_ONLINE)
             .find(|dep| {
                 matches!(
@@ -933,7 +946,7 @@ impl ServiceTask {
                     Some(State::Stopped | State::Failed) | None
                 )
             })
-            .cloned()
+            .map(str::to_string)
     }
 
     fn exit_info(&self, res: std::io::Result<crate::runtime::ExitInfo>) -> ExitInfo {
