@@ -827,6 +827,9 @@ impl Config {
                 Some(o) if o.spec.network == Network::Host => Some(format!(
                     "`{owner}` runs on the host network; use network = \"host\" instead"
                 )),
+                Some(o) if o.spec.kind == Kind::Oneshot => Some(format!(
+                    "`{owner}` is a oneshot task; its network namespace ends with it"
+                )),
                 Some(_) => None,
             };
             if let Some(why) = why {
@@ -1262,6 +1265,8 @@ stop_timeout = "5s"
         );
         let e = err("version = 1\n[services.a]\nimage = \"/x\"\n[services.b]\nimage = \"/x\"\nnetwork = \"service:a\"\n");
         assert!(e.contains("`a` runs on the host network"), "{e}");
+        let e = err("version = 1\n[services.a]\nimage = \"/x\"\nkind = \"oneshot\"\nnetwork = \"none\"\n[services.b]\nimage = \"/x\"\nnetwork = \"service:a\"\n");
+        assert!(e.contains("`a` is a oneshot task"), "{e}");
         let e = err("version = 1\n[services.a]\nimage = \"/x\"\nnetwork = \"service:a\"\n");
         assert!(e.contains("depends on itself"), "{e}");
         let e = err(

@@ -425,6 +425,8 @@ struct Instance {
     pid: i32,
     pidfd: OwnedFd,
     started: Instant,
+    /// `network = "service:NAME"`: the pid of NAME's container whose namespace it joined.
+    joined_pid: Option<i32>,
 }
 
 /// Why a run ended.
@@ -779,6 +781,7 @@ impl ServiceTask {
             tokio::task::spawn_blocking(move || resolve::image(&reference, &layout)).await??
         };
         let mut cfg = resolve::container(&self.svc, &image, &self.sup.paths.layout)?;
+        let mut joined_pid = None;
         if let Some(owner) = self.svc.spec.network.joined() {
             // Checked again at the start: the owner may have gone since the dependency wait.
             let pid = match (self.sup.state_of(owner), self.sup.pid_of(owner)) {
@@ -786,6 +789,7 @@ impl ServiceTask {
                 _ => anyhow::bail!("network = \"service:{owner}\": `{owner}` is not running"),
             };
             cfg.network = crate::runtime::NetworkMode::Join(format!("/proc/{pid}/ns/net").into());
+            joined_pid = Some(pid);
         }
         if self.svc.spec.network == crate::spec::Network::Bridge {
             let net = self.sup.network().ok_or_else(|| {
@@ -829,6 +833,7 @@ impl ServiceTask {
             pid,
             pidfd: started.pidfd,
             started: Instant::now(),
+            joined_pid,
         })
     }
 
@@ -883,6 +888,11 @@ impl ServiceTask {
                             self.stop_instance(inst, exit.as_mut(), &format!("required service {dep} stopped")).await;
                             return Ended::DependencyLost(format!("waiting for {dep} (required, stopped)"));
                         }
+                        if let Some(owner) = self.lost_netns_owner(inst) {
+                            // Its namespace went with its container: rejoin the new one.
+                            self.stop_instance(inst, exit.as_mut(), &format!("network namespace owner {owner} restarted")).await;
+                            return Ended::DependencyLost(format!("waiting for {owner} (network namespace owner restarted)"));
+                        }
                     }
                 }
                 Some(c) = tick => {
@@ -932,6 +942,14 @@ impl ServiceTask {
             s.reason = None;
             s.health = has_health.then_some(Health::Starting);
         });
+    }
+
+    /// `network = "service:NAME"` whose NAME no longer runs the container it joined.
+    fn lost_netns_owner(&self, inst: &Instance) -> Option<String> {
+        let owner = self.svc.spec.network.joined()?;
+        let same = self.sup.state_of(owner) == Some(State::Running)
+            && self.sup.pid_of(owner) == inst.joined_pid;
+        (!same).then(|| owner.to_string())
     }
 
     /// A required dependency that is stopped or failed for good.
