@@ -359,8 +359,8 @@ impl Net {
                     self.nl.add_vlan(name, index(parent)?, *id).await
                 }
             };
-            done.map_err(|e| format!("{step:?}: {}", chain(&e)))?;
-            (self.emit)("network-link", format!("{step:?}"));
+            done.map_err(|e| format!("{step}: {}", chain(&e)))?;
+            (self.emit)("network-link", step.to_string());
         }
         Ok(())
     }
@@ -1114,6 +1114,20 @@ enum VirtualStep {
         parent: String,
         id: u16,
     },
+}
+
+impl std::fmt::Display for VirtualStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VirtualStep::Delete { name, .. } => write!(f, "deleting link {name}"),
+            VirtualStep::Release { member, .. } => write!(f, "releasing {member} from its bond"),
+            VirtualStep::AddBond { name } => write!(f, "creating bond {name} (active-backup)"),
+            VirtualStep::Enslave { member, bond } => write!(f, "enslaving {member} to {bond}"),
+            VirtualStep::AddVlan { name, parent, id } => {
+                write!(f, "creating vlan {name} (id {id} on {parent})")
+            }
+        }
+    }
 }
 
 /// The steps that make the links match the VLAN and bond entries of `cfg`, given the entries
