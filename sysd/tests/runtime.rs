@@ -248,7 +248,7 @@ fn namespaces_are_private() {
         (NetworkMode::Host, "ns-host"),
     ] {
         let mut cfg = fx.config(name, &["sleep", "30"]);
-        cfg.network = network;
+        cfg.network = network.clone();
         let pid = fx.cli_create(&cfg).expect("create");
         for ns in ["pid", "mnt", "uts", "ipc", "net", "cgroup"] {
             let ours = fs::read_link(format!("/proc/self/ns/{ns}")).expect("own ns");

@@ -583,3 +583,83 @@ fn with_init_a_program_that_ignores_sigterm_as_pid_1_still_stops_on_sigterm() {
         "the stop timeout's SIGKILL was needed: {events:#?}"
     );
 }
+
+#[test]
+fn a_service_network_shares_the_other_services_namespace_and_follows_its_restarts() {
+    let p = port();
+    let Some(sysd) = Sysd::start(&format!(
+        r#"version = 1
+[services.a]
+image = "ROOTFS"
+command = ["nc", "-ll", "-p", "{p}", "-e", "echo", "hi"]
+network = "none"
+ready = {{ tcp = "127.0.0.1:{p}", interval = "200ms", retries = 50 }}
+stop_timeout = "1s"
+
+[services.b]
+image = "ROOTFS"
+command = ["sh", "-c", "echo got $(nc 127.0.0.1 {p} </dev/null); exec sleep 1000"]
+network = "service:a"
+stop_timeout = "1s"
+
+[services.c]
+image = "ROOTFS"
+command = ["sh", "-c", "echo alone $(nc 127.0.0.1 {p} </dev/null 2>&1); exec sleep 1000"]
+network = "none"
+stop_timeout = "1s"
+"#
+    )) else {
+        return;
+    };
+    let netns = |pid: i64| std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("ns link");
+    let a = sysd.wait_state("a", "running");
+    let b = sysd.wait_state("b", "running");
+    let c = sysd.wait_state("c", "running");
+    let (a_pid, b_pid) = (a["pid"].as_i64().unwrap(), b["pid"].as_i64().unwrap());
+    assert_eq!(netns(a_pid), netns(b_pid), "b is not in a's namespace");
+    assert_ne!(netns(a_pid), netns(c["pid"].as_i64().unwrap()));
+    assert_ne!(
+        netns(a_pid),
+        std::fs::read_link("/proc/self/ns/net").unwrap()
+    );
+    sysd.wait_until("b to reach a on 127.0.0.1", || {
+        sysd.request("GET", "/v1/services/b/logs", "")
+            .1
+            .contains("got hi")
+    });
+    // c, on a private network of its own, does not reach a's listener.
+    sysd.wait_until("c to try", || {
+        sysd.request("GET", "/v1/services/c/logs", "")
+            .1
+            .contains("alone")
+    });
+    assert!(!sysd
+        .request("GET", "/v1/services/c/logs", "")
+        .1
+        .contains("hi"));
+    let events = sysd.events();
+    assert!(
+        Sysd::event_index(&events, "a", "ready").unwrap()
+            < Sysd::event_index(&events, "b", "started").unwrap()
+    );
+
+    // a's container goes away: b follows it into its new namespace.
+    // SAFETY: killing a container init of this test's sysd.
+    unsafe { libc::kill(a_pid as i32, libc::SIGKILL) };
+    sysd.wait_until("a and b to run again, together", || {
+        let (a, b) = (sysd.service("a"), sysd.service("b"));
+        a["state"] == "running"
+            && b["state"] == "running"
+            && a["pid"].as_i64() != Some(a_pid)
+            && b["pid"].as_i64() != Some(b_pid)
+            && netns(a["pid"].as_i64().unwrap()) == netns(b["pid"].as_i64().unwrap())
+    });
+
+    // Stopping a stops b; starting a brings b back.
+    let (status, _) = sysd.request("POST", "/v1/services/a/stop", "");
+    assert_eq!(status, 200);
+    sysd.wait_state("b", "waiting");
+    let (status, _) = sysd.request("POST", "/v1/services/a/start", "");
+    assert_eq!(status, 200);
+    sysd.wait_state("b", "running");
+}

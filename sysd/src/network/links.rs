@@ -46,6 +46,8 @@ pub struct Link {
     /// `veth`, `bridge`, `vlan`... for virtual links; None for hardware (and loopback).
     pub kind: Option<String>,
     pub loopback: bool,
+    /// The index of the bond (or bridge) this link is enslaved to.
+    pub controller: Option<u32>,
 }
 
 impl Link {
@@ -59,6 +61,7 @@ impl Link {
             mtu: 0,
             kind: None,
             loopback: m.header.flags.contains(LinkFlags::Loopback),
+            controller: None,
         };
         for attr in &m.attributes {
             match attr {
@@ -72,6 +75,7 @@ impl Link {
                     )
                 }
                 LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+                LinkAttribute::Controller(c) => link.controller = Some(*c),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         if let LinkInfo::Kind(k) = i {
@@ -148,6 +152,70 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl(format!("creating bridge {name}")))
+    }
+
+    /// `ip link add NAME link PARENT type vlan id ID`.
+    pub async fn add_vlan(&self, name: &str, parent: u32, id: u16) -> Result<()> {
+        self.handle
+            .link()
+            .add(rtnetlink::LinkVlan::new(name, parent, id).build())
+            .execute()
+            .await
+            .map_err(nl(format!("creating vlan {name} (id {id})")))
+    }
+
+    /// `ip link add NAME type bond mode active-backup miimon 100`.
+    pub async fn add_bond(&self, name: &str) -> Result<()> {
+        use rtnetlink::packet_route::link::BondMode;
+        self.handle
+            .link()
+            .add(
+                rtnetlink::LinkBond::new(name)
+                    .mode(BondMode::ActiveBackup)
+                    .miimon(100)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("creating bond {name}")))
+    }
+
+    /// Enslaves a link to a bond: down, controller set, up (the kernel refuses an up link).
+    pub async fn enslave(&self, index: u32, controller: u32) -> Result<()> {
+        for msg in [
+            LinkUnspec::new_with_index(index).down().build(),
+            LinkUnspec::new_with_index(index)
+                .controller(controller)
+                .build(),
+            LinkUnspec::new_with_index(index).up().build(),
+        ] {
+            self.handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(nl(format!("enslaving link {index} to {controller}")))?;
+        }
+        Ok(())
+    }
+
+    /// Takes a link out of its bond.
+    pub async fn release(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).nocontroller().build())
+            .execute()
+            .await
+            .map_err(nl(format!("releasing link {index} from its bond")))
+    }
+
+    pub async fn delete_link(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(nl(format!("deleting link {index}")))
     }
 
     pub async fn set_up(&self, index: u32, mtu: Option<u32>) -> Result<()> {

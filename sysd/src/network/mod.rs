@@ -210,6 +210,7 @@ impl Net {
         }
         let links = self.nl.links().await.map_err(|e| chain(&e))?;
         // Unknown interfaces are refused before anything changes.
+        virtual_plan(&new.network, &old.network, &links)?;
         plan(&new.network, &links)?;
         if let Err(e) = self.reconcile(new.clone()).await {
             self.rollback(old).await;
@@ -291,6 +292,18 @@ impl Net {
 
     /// Makes the kernel match `cfg`; idempotent.
     async fn reconcile(&self, cfg: NetConfig) -> Result<(), String> {
+        let prev = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config
+            .network
+            .clone();
+        let links = self.nl.links().await.map_err(|e| chain(&e))?;
+        let steps = virtual_plan(&cfg.network, &prev, &links)?;
+        if !steps.is_empty() {
+            self.run_virtual(steps).await?;
+        }
         let links = self.nl.links().await.map_err(|e| chain(&e))?;
         let planned = if cfg.network.interfaces.is_empty() {
             self.default_rule(&links).await
@@ -327,6 +340,34 @@ impl Net {
             st.config = cfg;
         }
         self.refresh().await;
+        Ok(())
+    }
+
+    /// Runs `virtual_plan`'s steps, looking names up as the links appear.
+    async fn run_virtual(&self, steps: Vec<VirtualStep>) -> Result<(), String> {
+        for step in steps {
+            let links = self.nl.links().await.map_err(|e| chain(&e))?;
+            let index = |n: &str| {
+                links
+                    .iter()
+                    .find(|l| l.name == n)
+                    .map(|l| l.index)
+                    .ok_or_else(|| format!("no link {n}"))
+            };
+            let done = match &step {
+                VirtualStep::Delete { index, .. } => self.nl.delete_link(*index).await,
+                VirtualStep::Release { index, .. } => self.nl.release(*index).await,
+                VirtualStep::AddBond { name } => self.nl.add_bond(name).await,
+                VirtualStep::Enslave { member, bond } => {
+                    self.nl.enslave(index(member)?, index(bond)?).await
+                }
+                VirtualStep::AddVlan { name, parent, id } => {
+                    self.nl.add_vlan(name, index(parent)?, *id).await
+                }
+            };
+            done.map_err(|e| format!("{step}: {}", chain(&e)))?;
+            (self.emit)("network-link", step.to_string());
+        }
         Ok(())
     }
 
@@ -1022,6 +1063,9 @@ fn plan(cfg: &NetworkSpec, links: &[Link]) -> Result<Vec<(Link, InterfaceSpec)>,
     let mut taken = BTreeSet::new();
     for (label, spec) in &cfg.interfaces {
         let matched: Vec<&Link> = links.iter().filter(|l| matches(label, spec, l)).collect();
+        if matched.is_empty() && (spec.vlan.is_some() || spec.bond.is_some()) {
+            continue; // created by `virtual_plan`'s steps before it is configured
+        }
         if matched.is_empty() {
             let names: Vec<&str> = links
                 .iter()
@@ -1048,6 +1092,175 @@ fn plan(cfg: &NetworkSpec, links: &[Link]) -> Result<Vec<(Link, InterfaceSpec)>,
         }
     }
     Ok(out)
+}
+
+/// One step towards the config's VLAN and bond links.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum VirtualStep {
+    /// A VLAN or bond that left the config (or changed): deleted.
+    Delete {
+        name: String,
+        index: u32,
+    },
+    /// A member that left its bond: released.
+    Release {
+        member: String,
+        index: u32,
+    },
+    AddBond {
+        name: String,
+    },
+    /// Enslave `member` to bond `bond` (by name: the bond may be created by this plan).
+    Enslave {
+        member: String,
+        bond: String,
+    },
+    AddVlan {
+        name: String,
+        parent: String,
+        id: u16,
+    },
+}
+
+impl std::fmt::Display for VirtualStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VirtualStep::Delete { name, .. } => write!(f, "deleting link {name}"),
+            VirtualStep::Release { member, .. } => write!(f, "releasing {member} from its bond"),
+            VirtualStep::AddBond { name } => write!(f, "creating bond {name} (active-backup)"),
+            VirtualStep::Enslave { member, bond } => write!(f, "enslaving {member} to {bond}"),
+            VirtualStep::AddVlan { name, parent, id } => {
+                write!(f, "creating vlan {name} (id {id} on {parent})")
+            }
+        }
+    }
+}
+
+/// The steps that make the links match the VLAN and bond entries of `cfg`, given the entries
+/// of the config in force (`prev`); none when they already do. Refuses missing parents and
+/// members, a name taken by another kind of link, and a member another entry configures.
+fn virtual_plan(
+    cfg: &NetworkSpec,
+    prev: &NetworkSpec,
+    links: &[Link],
+) -> Result<Vec<VirtualStep>, String> {
+    let by_name = |n: &str| links.iter().find(|l| l.name == n);
+    let mut steps = Vec::new();
+    // Deletions first: vlans before the bonds they may ride on.
+    let mut gone: Vec<(&String, &InterfaceSpec)> = prev
+        .interfaces
+        .iter()
+        .filter(|(label, old)| {
+            (old.vlan.is_some() || old.bond.is_some())
+                && cfg.interfaces.get(*label).is_none_or(|new| {
+                    new.vlan != old.vlan || new.bond.is_some() != old.bond.is_some()
+                })
+        })
+        .collect();
+    gone.sort_by_key(|(_, old)| old.bond.is_some());
+    for (label, _) in gone {
+        if let Some(l) = by_name(label) {
+            if matches!(l.kind.as_deref(), Some("vlan" | "bond")) {
+                steps.push(VirtualStep::Delete {
+                    name: label.clone(),
+                    index: l.index,
+                });
+            }
+        }
+    }
+    let deleted: BTreeSet<String> = steps
+        .iter()
+        .filter_map(|s| match s {
+            VirtualStep::Delete { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    let exists = |name: &str, kind: &str| -> Result<bool, String> {
+        match by_name(name) {
+            Some(_) if deleted.contains(name) => Ok(false),
+            Some(l) if l.kind.as_deref() == Some(kind) => Ok(true),
+            Some(l) => Err(format!(
+                "network.interfaces.{name}: a link named {name} already exists and is not a {kind} ({})",
+                l.kind.as_deref().unwrap_or("hardware")
+            )),
+            None => Ok(false),
+        }
+    };
+    let mut members = BTreeSet::new();
+    for (label, ifc) in &cfg.interfaces {
+        let Some(bond) = &ifc.bond else { continue };
+        let existing = if exists(label, "bond")? {
+            by_name(label).map(|l| l.index)
+        } else {
+            steps.push(VirtualStep::AddBond {
+                name: label.clone(),
+            });
+            None
+        };
+        if let Some(old) = prev.interfaces.get(label).and_then(|o| o.bond.as_ref()) {
+            for m in old.members.iter().filter(|m| !bond.members.contains(m)) {
+                if let Some(l) =
+                    by_name(m).filter(|l| l.controller.is_some() && l.controller == existing)
+                {
+                    steps.push(VirtualStep::Release {
+                        member: m.clone(),
+                        index: l.index,
+                    });
+                }
+            }
+        }
+        for (j, m) in bond.members.iter().enumerate() {
+            members.insert(m.as_str());
+            let Some(l) = by_name(m) else {
+                return Err(format!(
+                    "network.interfaces.{label}.bond.members[{j}]: no link {m} on this node"
+                ));
+            };
+            if existing.is_none() || l.controller != existing {
+                steps.push(VirtualStep::Enslave {
+                    member: m.clone(),
+                    bond: label.clone(),
+                });
+            }
+        }
+    }
+    for (label, ifc) in &cfg.interfaces {
+        let Some(vlan) = &ifc.vlan else { continue };
+        let parent_known = by_name(&vlan.parent).is_some()
+            || cfg
+                .interfaces
+                .get(&vlan.parent)
+                .is_some_and(|p| p.bond.is_some());
+        if !parent_known {
+            return Err(format!(
+                "network.interfaces.{label}.vlan.parent: no link {} on this node",
+                vlan.parent
+            ));
+        }
+        if !exists(label, "vlan")? {
+            steps.push(VirtualStep::AddVlan {
+                name: label.clone(),
+                parent: vlan.parent.clone(),
+                id: vlan.id,
+            });
+        }
+    }
+    // A member is the bond's alone: no other entry may match it.
+    for (label, ifc) in &cfg.interfaces {
+        if ifc.vlan.is_some() || ifc.bond.is_some() {
+            continue;
+        }
+        if let Some(l) = links
+            .iter()
+            .find(|l| members.contains(l.name.as_str()) && matches(label, ifc, l))
+        {
+            return Err(format!(
+                "network.interfaces.{label}: link {} is a bond member; configure the bond instead",
+                l.name
+            ));
+        }
+    }
+    Ok(steps)
 }
 
 fn matches(label: &str, spec: &InterfaceSpec, link: &Link) -> bool {
@@ -1149,7 +1362,145 @@ mod tests {
             mtu: 1500,
             kind: None,
             loopback: false,
+            controller: None,
         }
+    }
+
+    fn net(text: &str) -> NetworkSpec {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            network: NetworkSpec,
+        }
+        toml::from_str::<Doc>(text).unwrap().network
+    }
+
+    const VIRTUAL: &str = r#"
+[network.interfaces.bond0]
+bond = { mode = "active-backup", members = ["eth1", "eth2"] }
+dhcp = true
+[network.interfaces.v10]
+vlan = { parent = "bond0", id = 10 }
+addresses = ["10.10.0.5/24"]
+"#;
+
+    #[test]
+    fn virtual_plan_creates_enslaves_and_is_idempotent() {
+        let cfg = net(VIRTUAL);
+        let mut links = vec![
+            link(2, "eth0", "52:54:00:00:00:01"),
+            link(3, "eth1", "52:54:00:00:00:02"),
+            link(4, "eth2", "52:54:00:00:00:03"),
+        ];
+        let steps = virtual_plan(&cfg, &NetworkSpec::default(), &links).unwrap();
+        let s = |m: &str, b: &str| VirtualStep::Enslave {
+            member: m.into(),
+            bond: b.into(),
+        };
+        assert_eq!(
+            steps,
+            [
+                VirtualStep::AddBond {
+                    name: "bond0".into()
+                },
+                s("eth1", "bond0"),
+                s("eth2", "bond0"),
+                VirtualStep::AddVlan {
+                    name: "v10".into(),
+                    parent: "bond0".into(),
+                    id: 10
+                },
+            ]
+        );
+        // Before they exist, plan() leaves the entries to these steps.
+        assert_eq!(plan(&cfg, &links).unwrap().len(), 0);
+        // Once done, nothing more to do; plan() configures the new links.
+        let mut bond = link(5, "bond0", "52:54:00:00:00:02");
+        bond.kind = Some("bond".into());
+        let mut vlan = link(6, "v10", "52:54:00:00:00:02");
+        vlan.kind = Some("vlan".into());
+        links[1].controller = Some(5);
+        links[2].controller = Some(5);
+        links.extend([bond, vlan]);
+        assert_eq!(virtual_plan(&cfg, &cfg, &links).unwrap(), []);
+        let names: Vec<String> = plan(&cfg, &links)
+            .unwrap()
+            .into_iter()
+            .map(|(l, _)| l.name)
+            .collect();
+        assert_eq!(names, ["bond0", "v10"]);
+
+        // A member leaves the bond: released. Both leave the config: deleted, vlan first.
+        let mut fewer = cfg.clone();
+        fewer
+            .interfaces
+            .get_mut("bond0")
+            .unwrap()
+            .bond
+            .as_mut()
+            .unwrap()
+            .members = vec!["eth1".into()];
+        assert_eq!(
+            virtual_plan(&fewer, &cfg, &links).unwrap(),
+            [VirtualStep::Release {
+                member: "eth2".into(),
+                index: 4
+            }]
+        );
+        let steps = virtual_plan(&NetworkSpec::default(), &cfg, &links).unwrap();
+        assert_eq!(
+            steps,
+            [
+                VirtualStep::Delete {
+                    name: "v10".into(),
+                    index: 6
+                },
+                VirtualStep::Delete {
+                    name: "bond0".into(),
+                    index: 5
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn virtual_plan_refuses_missing_links_and_taken_members() {
+        let links = vec![
+            link(2, "eth0", "52:54:00:00:00:01"),
+            link(3, "eth1", "52:54:00:00:00:02"),
+        ];
+        let none = NetworkSpec::default();
+        let e = virtual_plan(&net(VIRTUAL), &none, &links).unwrap_err();
+        assert_eq!(
+            e,
+            "network.interfaces.bond0.bond.members[1]: no link eth2 on this node"
+        );
+        let e = virtual_plan(
+            &net("[network.interfaces.v]\nvlan = { parent = \"eth9\", id = 3 }\ndhcp = true\n"),
+            &none,
+            &links,
+        )
+        .unwrap_err();
+        assert!(e.contains("vlan.parent: no link eth9"), "{e}");
+        let e = virtual_plan(
+            &net("[network.interfaces.eth0]\nvlan = { parent = \"eth1\", id = 3 }\ndhcp = true\n"),
+            &none,
+            &links,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("already exists and is not a vlan (hardware)"),
+            "{e}"
+        );
+        let e = virtual_plan(
+            &net("[network.interfaces.b]\nbond = { members = [\"eth1\"] }\ndhcp = true\n[network.interfaces.any]\nmatch = { name = \"eth*\" }\ndhcp = true\n"),
+            &none,
+            &links,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("network.interfaces.any: link eth1 is a bond member"),
+            "{e}"
+        );
     }
 
     #[test]

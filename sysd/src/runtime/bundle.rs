@@ -266,7 +266,7 @@ fn default_mounts(cfg: &ContainerConfig) -> Result<Vec<SpecMount>> {
             &["nosuid", "noexec", "nodev"],
         )?,
     ];
-    if cfg.user_namespace.is_some() && cfg.network == NetworkMode::Host {
+    if cfg.user_namespace.is_some() && cfg.network != NetworkMode::None {
         // sysfs can only be mounted by the owner of the network namespace; a user-namespaced
         // container on the host network gets the host's /sys bound read-only (as runc does).
         mounts.push(mount(
@@ -429,7 +429,14 @@ pub fn spec(cfg: &ContainerConfig) -> Result<Spec> {
     }
     let namespaces = namespaces
         .into_iter()
-        .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
+        .map(|typ| {
+            let mut ns = LinuxNamespaceBuilder::default().typ(typ);
+            if let (LinuxNamespaceType::Network, NetworkMode::Join(path)) = (typ, &cfg.network) {
+                // Another container's namespace (`network = "service:NAME"`).
+                ns = ns.path(path.clone());
+            }
+            ns.build()
+        })
         .collect::<Result<Vec<_>, _>>()
         .with_context(ctx)?;
 
@@ -925,6 +932,20 @@ pub(crate) mod tests {
         let ns = ns_types(&spec(&cfg).unwrap());
         assert!(!ns.contains(&LinuxNamespaceType::Network));
         assert_eq!(ns.len(), 5);
+        // `service:NAME`: the network namespace is the other container's, by path.
+        cfg.network = NetworkMode::Join("/proc/42/ns/net".into());
+        let spec = spec(&cfg).unwrap();
+        let net = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Network)
+            .unwrap();
+        assert_eq!(net.path().as_deref(), Some(Path::new("/proc/42/ns/net")));
     }
 
     #[test]

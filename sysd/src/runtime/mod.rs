@@ -137,12 +137,14 @@ pub enum Mount {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkMode {
     /// Share the host's network namespace.
     Host,
     /// A fresh network namespace with only loopback (brought up).
     None,
+    /// Join an existing network namespace (`/proc/PID/ns/net` of another container).
+    Join(std::path::PathBuf),
 }
 
 /// cgroup v2 limits; `None` leaves the kernel default.

@@ -72,8 +72,8 @@ impl RestartPolicy {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Network {
     /// The host's network namespace (the default until container networks exist).
     #[default]
@@ -84,6 +84,48 @@ pub enum Network {
     /// `[network.bridge]`, kept across restarts; outbound traffic masqueraded; `ports`
     /// published; the other bridge services by name in /etc/hosts (`docs/network.md`).
     Bridge,
+    /// `service:NAME`: the network namespace of service NAME's running container (a pod);
+    /// an implicit `requires` on NAME.
+    Service(String),
+}
+
+impl Network {
+    /// The service whose network namespace this one joins (`service:NAME`).
+    pub fn joined(&self) -> Option<&str> {
+        match self {
+            Network::Service(name) => Some(name),
+            _ => None,
+        }
+    }
+}
+
+impl TryFrom<String> for Network {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "host" => Ok(Network::Host),
+            "none" => Ok(Network::None),
+            "bridge" => Ok(Network::Bridge),
+            _ => match s.strip_prefix("service:") {
+                Some(name) if !name.is_empty() => Ok(Network::Service(name.to_string())),
+                _ => Err(format!(
+                    "unknown network {s:?}, expected \"host\", \"none\", \"bridge\" or \"service:NAME\""
+                )),
+            },
+        }
+    }
+}
+
+impl From<Network> for String {
+    fn from(n: Network) -> String {
+        match n {
+            Network::Host => "host".into(),
+            Network::None => "none".into(),
+            Network::Bridge => "bridge".into(),
+            Network::Service(name) => format!("service:{name}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -335,9 +377,18 @@ impl ServiceSpec {
     pub fn dependencies(&self) -> BTreeSet<&str> {
         self.after
             .iter()
-            .chain(&self.requires)
             .map(String::as_str)
+            .chain(self.requirements())
             .collect()
+    }
+
+    /// `requires`, plus the service whose network namespace this one joins (`service:NAME`).
+    pub fn requirements(&self) -> impl Iterator<Item = &str> {
+        let joined = self
+            .network
+            .joined()
+            .filter(|n| !self.requires.iter().any(|r| r == n));
+        self.requires.iter().map(String::as_str).chain(joined)
     }
 
     /// Short content hash: equal exactly when the service would run the same way.
@@ -676,6 +727,11 @@ fn check_service(name: &str, s: &ServiceSpec) -> Result<(), String> {
     }
     for (i, p) in s.ports.iter().enumerate() {
         network::PortSpec::parse(p).map_err(|e| format!("ports[{i}]: {e}"))?;
+        if let Some(owner) = s.network.joined() {
+            return Err(format!(
+                "ports[{i}]: this service shares the network namespace of `{owner}`; publish its ports on `{owner}`"
+            ));
+        }
         if s.network != Network::Bridge {
             return Err(format!(
                 "ports[{i}]: publishing ports needs network = \"bridge\" (with the host network the service's own ports are already the host's)"
@@ -756,6 +812,31 @@ impl Config {
                         )));
                     }
                 }
+            }
+        }
+        for svc in map.values() {
+            let Some(owner) = svc.spec.network.joined() else {
+                continue;
+            };
+            let why = match map.get(owner) {
+                None => Some(format!("no service named `{owner}`")),
+                Some(o) if o.spec.network.joined().is_some() => Some(format!(
+                    "`{owner}` itself joins another service's network (`{}`); join that service directly",
+                    String::from(o.spec.network.clone())
+                )),
+                Some(o) if o.spec.network == Network::Host => Some(format!(
+                    "`{owner}` runs on the host network; use network = \"host\" instead"
+                )),
+                Some(o) if o.spec.kind == Kind::Oneshot => Some(format!(
+                    "`{owner}` is a oneshot task; its network namespace ends with it"
+                )),
+                Some(_) => None,
+            };
+            if let Some(why) = why {
+                return Err(ConfigError(format!(
+                    "{}: service `{}`: network = \"service:{owner}\": {why}",
+                    svc.origin, svc.name
+                )));
             }
         }
         // Published ports: one service per host port and protocol.
@@ -1146,6 +1227,61 @@ stop_timeout = "5s"
 
     fn err(text: &str) -> String {
         parse(text).unwrap_err().0
+    }
+
+    #[test]
+    fn network_service_joins_an_existing_namespace() {
+        let cfg = parse(
+            "version = 1\n[services.a]\nimage = \"/x\"\nnetwork = \"bridge\"\n[services.b]\nimage = \"/x\"\nnetwork = \"service:a\"\n",
+        )
+        .unwrap();
+        let b = &cfg.services["b"].spec;
+        assert_eq!(b.network, Network::Service("a".into()));
+        assert_eq!(b.network.joined(), Some("a"));
+        // An implicit `requires`, once even when also written.
+        assert_eq!(b.requirements().collect::<Vec<_>>(), ["a"]);
+        assert!(b.dependencies().contains("a"));
+        let mut twice = b.clone();
+        twice.requires = vec!["a".into()];
+        assert_eq!(twice.requirements().collect::<Vec<_>>(), ["a"]);
+        // Renders back as written.
+        assert!(cfg.render().contains("network = \"service:a\""));
+        assert_eq!(parse(&cfg.render()).unwrap().services["b"].spec, *b);
+    }
+
+    #[test]
+    fn network_service_is_checked() {
+        let e = err("version = 1\n[services.b]\nimage = \"/x\"\nnetwork = \"service:nope\"\n");
+        assert!(
+            e.contains("service `b`: network = \"service:nope\": no service named `nope`"),
+            "{e}"
+        );
+        let e = err(
+            "version = 1\n[services.a]\nimage = \"/x\"\nnetwork = \"none\"\n[services.b]\nimage = \"/x\"\nnetwork = \"service:a\"\n[services.c]\nimage = \"/x\"\nnetwork = \"service:b\"\n",
+        );
+        assert!(
+            e.contains("service `c`: network = \"service:b\": `b` itself joins another service's network (`service:a`)"),
+            "{e}"
+        );
+        let e = err("version = 1\n[services.a]\nimage = \"/x\"\n[services.b]\nimage = \"/x\"\nnetwork = \"service:a\"\n");
+        assert!(e.contains("`a` runs on the host network"), "{e}");
+        let e = err("version = 1\n[services.a]\nimage = \"/x\"\nkind = \"oneshot\"\nnetwork = \"none\"\n[services.b]\nimage = \"/x\"\nnetwork = \"service:a\"\n");
+        assert!(e.contains("`a` is a oneshot task"), "{e}");
+        let e = err("version = 1\n[services.a]\nimage = \"/x\"\nnetwork = \"service:a\"\n");
+        assert!(e.contains("depends on itself"), "{e}");
+        let e = err(
+            "version = 1\n[services.a]\nimage = \"/x\"\nnetwork = \"bridge\"\n[services.b]\nimage = \"/x\"\nnetwork = \"service:a\"\nports = [\"8080:80\"]\n",
+        );
+        assert!(
+            e.contains("ports[0]: this service shares the network namespace of `a`; publish its ports on `a`"),
+            "{e}"
+        );
+        for bad in ["service:", "bogus"] {
+            let e = err(&format!(
+                "version = 1\n[services.a]\nimage = \"/x\"\nnetwork = \"{bad}\"\n"
+            ));
+            assert!(e.contains("unknown network"), "{e}");
+        }
     }
 
     #[test]

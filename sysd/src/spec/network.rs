@@ -122,6 +122,38 @@ pub struct InterfaceSpec {
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
     pub mtu: Option<u32>,
+    /// An 802.1Q VLAN link named by the label, created on `parent`.
+    pub vlan: Option<VlanSpec>,
+    /// A bond named by the label, with `members` enslaved.
+    pub bond: Option<BondSpec>,
+}
+
+/// `vlan = { parent = "eth0", id = 10 }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VlanSpec {
+    /// The link the VLAN rides on (a link name).
+    pub parent: String,
+    /// VLAN id, 1-4094.
+    pub id: u16,
+}
+
+/// `bond = { mode = "active-backup", members = ["eth1", "eth2"] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BondSpec {
+    #[serde(default)]
+    pub mode: BondMode,
+    /// Member links by name; each must exist when the config is applied.
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BondMode {
+    /// One member carries the traffic; another takes over when its carrier goes.
+    #[default]
+    ActiveBackup,
 }
 
 /// A static route.
@@ -251,6 +283,7 @@ pub fn check(network: &NetworkSpec, host: &HostSpec) -> Result<(), String> {
             }
         }
     }
+    check_virtual(network)?;
     let mut any_address = network.interfaces.is_empty();
     for (label, ifc) in &network.interfaces {
         let at = format!("network.interfaces.{label}");
@@ -336,6 +369,65 @@ pub fn check(network: &NetworkSpec, host: &HostSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// VLAN and bond entries: one kind per entry, named by their label, sane ids, and each bond
+/// member used once (not configured by another entry, not in another bond, not a VLAN parent).
+fn check_virtual(network: &NetworkSpec) -> Result<(), String> {
+    let mut members: BTreeMap<&str, &str> = BTreeMap::new();
+    for (label, ifc) in &network.interfaces {
+        let at = format!("network.interfaces.{label}");
+        if ifc.vlan.is_some() && ifc.bond.is_some() {
+            return Err(format!("{at}: give `vlan` or `bond`, not both"));
+        }
+        if (ifc.vlan.is_some() || ifc.bond.is_some()) && ifc.matches.is_some() {
+            return Err(format!(
+                "{at}.match: a vlan or bond link is created with the label as its name; remove `match`"
+            ));
+        }
+        if let Some(v) = &ifc.vlan {
+            if !(1..=4094).contains(&v.id) {
+                return Err(format!("{at}.vlan.id: {} must be between 1 and 4094", v.id));
+            }
+            if v.parent.is_empty() || v.parent == *label {
+                return Err(format!(
+                    "{at}.vlan.parent: {:?} is not another link",
+                    v.parent
+                ));
+            }
+        }
+        if let Some(b) = &ifc.bond {
+            if b.members.is_empty() {
+                return Err(format!("{at}.bond.members: give at least one member link"));
+            }
+            for (j, m) in b.members.iter().enumerate() {
+                if m == label || m.is_empty() {
+                    return Err(format!("{at}.bond.members[{j}]: {m:?} is not another link"));
+                }
+                if let Some(other) = members.insert(m, label) {
+                    return Err(format!(
+                        "{at}.bond.members[{j}]: {m} is already a member of bond {other}"
+                    ));
+                }
+            }
+        }
+    }
+    for (label, ifc) in &network.interfaces {
+        if let Some(bond) = members.get(label.as_str()) {
+            return Err(format!(
+                "network.interfaces.{label}: {label} is a member of bond {bond}; configure addresses on the bond"
+            ));
+        }
+        if let Some(v) = &ifc.vlan {
+            if let Some(bond) = members.get(v.parent.as_str()) {
+                return Err(format!(
+                    "network.interfaces.{label}.vlan.parent: {} is a member of bond {bond}; put the VLAN on {bond}",
+                    v.parent
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn list(items: &[String]) -> String {
     if items.is_empty() {
         "none".into()
@@ -409,6 +501,65 @@ dhcp = true
         let e =
             parse("[network.interfaces.x]\nmatch = { mac = \"zz\" }\ndhcp = true\n").unwrap_err();
         assert!(e.contains("match.mac"), "{e}");
+    }
+
+    #[test]
+    fn vlan_and_bond_entries() {
+        parse(
+            r#"
+[network.interfaces.v10]
+vlan = { parent = "bond0", id = 10 }
+addresses = ["10.10.0.5/24"]
+[network.interfaces.bond0]
+bond = { mode = "active-backup", members = ["eth1", "eth2"] }
+dhcp = true
+"#,
+        )
+        .unwrap();
+        let bad = |text: &str, want: &str| {
+            let e = parse(&format!("{text}\ndhcp = true\n")).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        };
+        bad(
+            "[network.interfaces.v0]\nvlan = { parent = \"eth0\", id = 0 }",
+            "network.interfaces.v0.vlan.id: 0 must be between 1 and 4094",
+        );
+        bad(
+            "[network.interfaces.v0]\nvlan = { parent = \"eth0\", id = 4095 }",
+            "must be between 1 and 4094",
+        );
+        bad(
+            "[network.interfaces.v0]\nvlan = { parent = \"v0\", id = 5 }",
+            "vlan.parent",
+        );
+        bad(
+            "[network.interfaces.b]\nbond = { members = [] }",
+            "network.interfaces.b.bond.members: give at least one",
+        );
+        bad(
+            "[network.interfaces.b]\nbond = { mode = \"802.3ad\", members = [\"eth1\"] }",
+            "unknown variant",
+        );
+        bad(
+            "[network.interfaces.b]\nbond = { members = [\"eth1\"] }\nvlan = { parent = \"eth0\", id = 5 }",
+            "not both",
+        );
+        bad(
+            "[network.interfaces.b]\nmatch = { name = \"x\" }\nbond = { members = [\"eth1\"] }",
+            "remove `match`",
+        );
+        bad(
+            "[network.interfaces.b]\nbond = { members = [\"eth1\"] }\n[network.interfaces.c]\nbond = { members = [\"eth1\"] }",
+            "network.interfaces.c.bond.members[0]: eth1 is already a member of bond b",
+        );
+        bad(
+            "[network.interfaces.b]\nbond = { members = [\"eth1\"] }\n[network.interfaces.eth1]",
+            "network.interfaces.eth1: eth1 is a member of bond b",
+        );
+        bad(
+            "[network.interfaces.b]\nbond = { members = [\"eth1\"] }\n[network.interfaces.v]\nvlan = { parent = \"eth1\", id = 3 }",
+            "put the VLAN on b",
+        );
     }
 
     #[test]

@@ -307,6 +307,12 @@ impl Supervisor {
         handles.get(name).map(|h| h.status.borrow().state)
     }
 
+    /// The pid of a service's running container init, if it has one.
+    fn pid_of(&self, name: &str) -> Option<i32> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles.get(name).and_then(|h| h.status.borrow().pid)
+    }
+
     fn send(&self, name: &str, cmd: Cmd) -> Result<(), Failure> {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let handle = handles.get(name).ok_or_else(|| unknown(name, &handles))?;
@@ -419,6 +425,8 @@ struct Instance {
     pid: i32,
     pidfd: OwnedFd,
     started: Instant,
+    /// `network = "service:NAME"`: the pid of NAME's container whose namespace it joined.
+    joined_pid: Option<i32>,
 }
 
 /// Why a run ended.
@@ -698,7 +706,7 @@ impl ServiceTask {
                 return Some(reason);
             }
         }
-        for dep in &spec.requires {
+        for dep in spec.requirements() {
             if dep == crate::spec::network::NETWORK_ONLINE {
                 continue;
             }
@@ -773,6 +781,16 @@ impl ServiceTask {
             tokio::task::spawn_blocking(move || resolve::image(&reference, &layout)).await??
         };
         let mut cfg = resolve::container(&self.svc, &image, &self.sup.paths.layout)?;
+        let mut joined_pid = None;
+        if let Some(owner) = self.svc.spec.network.joined() {
+            // Checked again at the start: the owner may have gone since the dependency wait.
+            let pid = match (self.sup.state_of(owner), self.sup.pid_of(owner)) {
+                (Some(State::Running), Some(pid)) => pid,
+                _ => anyhow::bail!("network = \"service:{owner}\": `{owner}` is not running"),
+            };
+            cfg.network = crate::runtime::NetworkMode::Join(format!("/proc/{pid}/ns/net").into());
+            joined_pid = Some(pid);
+        }
         if self.svc.spec.network == crate::spec::Network::Bridge {
             let net = self.sup.network().ok_or_else(|| {
                 anyhow::anyhow!(
@@ -815,6 +833,7 @@ impl ServiceTask {
             pid,
             pidfd: started.pidfd,
             started: Instant::now(),
+            joined_pid,
         })
     }
 
@@ -869,6 +888,11 @@ impl ServiceTask {
                             self.stop_instance(inst, exit.as_mut(), &format!("required service {dep} stopped")).await;
                             return Ended::DependencyLost(format!("waiting for {dep} (required, stopped)"));
                         }
+                        if let Some(owner) = self.lost_netns_owner(inst) {
+                            // Its namespace went with its container: rejoin the new one.
+                            self.stop_instance(inst, exit.as_mut(), &format!("network namespace owner {owner} restarted")).await;
+                            return Ended::DependencyLost(format!("waiting for {owner} (network namespace owner restarted)"));
+                        }
                     }
                 }
                 Some(c) = tick => {
@@ -920,12 +944,19 @@ impl ServiceTask {
         });
     }
 
+    /// `network = "service:NAME"` whose NAME no longer runs the container it joined.
+    fn lost_netns_owner(&self, inst: &Instance) -> Option<String> {
+        let owner = self.svc.spec.network.joined()?;
+        let same = self.sup.state_of(owner) == Some(State::Running)
+            && self.sup.pid_of(owner) == inst.joined_pid;
+        (!same).then(|| owner.to_string())
+    }
+
     /// A required dependency that is stopped or failed for good.
     fn lost_requirement(&self) -> Option<String> {
         self.svc
             .spec
-            .requires
-            .iter()
+            .requirements()
             .filter(|dep| *dep != crate::spec::network::NETWORK_ONLINE)
             .find(|dep| {
                 matches!(
@@ -933,7 +964,7 @@ impl ServiceTask {
                     Some(State::Stopped | State::Failed) | None
                 )
             })
-            .cloned()
+            .map(str::to_string)
     }
 
     fn exit_info(&self, res: std::io::Result<crate::runtime::ExitInfo>) -> ExitInfo {

@@ -190,10 +190,12 @@ pub fn container(svc: &Service, image: &Image, layout: &Layout) -> Result<Contai
         gid,
         additional_gids,
         mounts,
-        network: match spec.network {
+        network: match &spec.network {
             Network::Host => NetworkMode::Host,
             // Its own namespace; the helper plugs it into the bridge before the start.
             Network::None | Network::Bridge => NetworkMode::None,
+            // The owner's namespace path is only known at the start (its pid).
+            Network::Service(_) => NetworkMode::None,
         },
         cap_add: spec.cap_add.iter().map(|c| c.0.clone()).collect(),
         cap_drop: spec.cap_drop.iter().map(|c| c.0.clone()).collect(),
