@@ -233,9 +233,9 @@ fn fw_cfg_toml_then_invalid_user_data_keeps_the_last_good_config() {
 
 [services.hello]
 image = "/usr/lib/keelson/images/base"
-command = ["sh", "-c", "mkdir -p /tmp/www && echo hello from user data > /tmp/www/index.html && exec httpd -f -p 8081 -h /tmp/www"]
+command = ["sh", "-c", "mkdir -p /tmp/www && echo hello from user data > /tmp/www/index.html && exec httpd -f -p 8090 -h /tmp/www"]
 network = "host"
-ready = { tcp = "127.0.0.1:8081", interval = "1s" }
+ready = { tcp = "127.0.0.1:8090", interval = "1s" }
 "#,
     )
     .unwrap();
@@ -254,7 +254,7 @@ ready = { tcp = "127.0.0.1:8081", interval = "1s" }
     let hello = wait_running(&g, "hello");
     assert_eq!(hello["source"], "user-data", "{hello:#}");
     assert_eq!(
-        sh(&g, "wget -qO- http://127.0.0.1:8081/").trim(),
+        sh(&g, "wget -qO- http://127.0.0.1:8090/").trim(),
         "hello from user data"
     );
     assert_eq!(hostname(&g), "fw-node");

@@ -28,7 +28,7 @@ fn boot(disk: &std::path::Path) -> Guest {
         .disk_no_copy(disk, DiskFormat::Qcow2)
         .memory_mib(1024)
         .forward(SHELL_PORT, 7000)
-        .forward(APP_PORT, 8081)
+        .forward(APP_PORT, 8090)
         .spawn()
         .unwrap()
 }
@@ -110,8 +110,8 @@ insecure = true
 
 [services.site]
 image = "10.0.2.2:5000/keelson/base:v1"
-command = ["sh", "-c", "mkdir -p /tmp/www && echo served from a pulled image > /tmp/www/index.html && exec httpd -f -v -p 8081 -h /tmp/www"]
-ready = { http = "http://127.0.0.1:8081/", interval = "1s" }
+command = ["sh", "-c", "mkdir -p /tmp/www && echo served from a pulled image > /tmp/www/index.html && exec httpd -f -v -p 8090 -h /tmp/www"]
+ready = { http = "http://127.0.0.1:8090/", interval = "1s" }
 stop_timeout = "2s"
 EOF
 keelctl apply /tmp/user.toml"#,
