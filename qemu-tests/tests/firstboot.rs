@@ -176,11 +176,13 @@ fn nocloud_cloud_config_sets_hostname_and_admin_keys_once_per_instance() {
             .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-i"])
             .arg(&key)
             .args(["-p", &SSH_PORT.to_string(), "root@127.0.0.1"])
-            .arg("keelctl -o json firstboot")
+            .arg("hostname; keelctl -o json firstboot")
             .output()
             .unwrap()
     });
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // The admin container is on the host network: it has the node's host name.
+    assert_eq!(stdout.lines().next(), Some("seeded"), "ssh: {stdout}");
     assert!(
         out.status.success() && stdout.contains("\"instance_id\":\"iid-1\""),
         "ssh: {stdout}{}\n{}",

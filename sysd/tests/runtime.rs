@@ -253,7 +253,9 @@ fn namespaces_are_private() {
         for ns in ["pid", "mnt", "uts", "ipc", "net", "cgroup"] {
             let ours = fs::read_link(format!("/proc/self/ns/{ns}")).expect("own ns");
             let theirs = fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("container ns");
-            let shared = ns == "net" && network == NetworkMode::Host;
+            // A host-network container shares the node's network and, for its host name,
+            // the node's UTS namespace.
+            let shared = matches!(ns, "net" | "uts") && network == NetworkMode::Host;
             assert_eq!(
                 ours == theirs,
                 shared,
@@ -264,8 +266,14 @@ fn namespaces_are_private() {
             .args(["-t", &pid.to_string(), "-u", "hostname"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+        let ours = nix::unistd::gethostname().expect("gethostname");
+        let want = if network == NetworkMode::Host {
+            ours.to_string_lossy().into_owned()
+        } else {
+            name.to_string()
+        };
         if let Ok(h) = hostname {
-            assert_eq!(h, name);
+            assert_eq!(h, want);
         }
         fx.cli_delete(name);
         assert_eq!(waitpid(pid), 128 + libc::SIGKILL);

@@ -415,9 +415,16 @@ pub fn spec(cfg: &ContainerConfig) -> Result<Spec> {
     let mut namespaces = vec![
         LinuxNamespaceType::Mount,
         LinuxNamespaceType::Ipc,
-        LinuxNamespaceType::Uts,
         LinuxNamespaceType::Cgroup,
     ];
+    // A host-network service sees the node's host name, as a Docker `--network host`
+    // container does: it shares the node's UTS namespace, so the name stays in step when the
+    // node's host name changes (sethostname needs CAP_SYS_ADMIN, which only privileged
+    // services hold). Every other container gets its service name.
+    let own_uts = cfg.network != NetworkMode::Host;
+    if own_uts {
+        namespaces.push(LinuxNamespaceType::Uts);
+    }
     if !cfg.host_pid {
         namespaces.push(LinuxNamespaceType::Pid);
     }
@@ -488,15 +495,15 @@ pub fn spec(cfg: &ContainerConfig) -> Result<Spec> {
 
     let rootfs = std::path::absolute(&cfg.rootfs)
         .with_context(|| format!("service {}: rootfs {}", cfg.service, cfg.rootfs.display()))?;
-    SpecBuilder::default()
+    let mut spec = SpecBuilder::default()
         .version("1.0.2")
+        .hostname(cfg.service.clone())
         .root(
             RootBuilder::default()
                 .path(rootfs)
                 .readonly(!cfg.writable_root)
                 .build()?,
         )
-        .hostname(cfg.service.clone())
         .process(process)
         .mounts(mounts)
         .linux(linux)
@@ -507,7 +514,12 @@ pub fn spec(cfg: &ContainerConfig) -> Result<Spec> {
                 .collect::<HashMap<_, _>>(),
         )
         .build()
-        .with_context(ctx)
+        .with_context(ctx)?;
+    if !own_uts {
+        // No UTS namespace, no host name of its own (oci-spec's default would be "youki").
+        spec.set_hostname(None);
+    }
+    Ok(spec)
 }
 
 /// RLIMIT_NOFILE: soft 1024 keeps select()-based programs safe, hard 524288 lets the others
@@ -929,9 +941,13 @@ pub(crate) mod tests {
         }
         assert!(!ns.contains(&LinuxNamespaceType::User));
         cfg.network = NetworkMode::Host;
-        let ns = ns_types(&spec(&cfg).unwrap());
+        let host = spec(&cfg).unwrap();
+        let ns = ns_types(&host);
         assert!(!ns.contains(&LinuxNamespaceType::Network));
-        assert_eq!(ns.len(), 5);
+        // The node's UTS namespace, hence its host name, like Docker's `--network host`.
+        assert!(!ns.contains(&LinuxNamespaceType::Uts));
+        assert_eq!(host.hostname(), &None);
+        assert_eq!(ns.len(), 4);
         // `service:NAME`: the network namespace is the other container's, by path.
         cfg.network = NetworkMode::Join("/proc/42/ns/net".into());
         let spec = spec(&cfg).unwrap();

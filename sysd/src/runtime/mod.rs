@@ -211,7 +211,8 @@ pub struct ExecOutcome {
 /// container from an earlier sysd run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leftover {
-    /// Service name (the container's hostname in its bundle, else the id or cgroup leaf).
+    /// Service name (its `org.keelson.service` annotation in the bundle, else the id or cgroup
+    /// leaf).
     pub service: String,
     /// Container id, when its state dir or bundle is there.
     pub id: Option<String>,
@@ -540,7 +541,12 @@ impl Runtime {
                 let bundle = self.bundles_dir().join(&id).join("config.json");
                 if let Ok(config) = std::fs::read(&bundle) {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&config) {
-                        if let Some(h) = v["hostname"].as_str() {
+                        // The service's name: its annotation, else (bundles written before
+                        // the annotation was read here) the container's host name.
+                        if let Some(h) = v["annotations"]["org.keelson.service"]
+                            .as_str()
+                            .or(v["hostname"].as_str())
+                        {
                             l.service = h.to_owned();
                         }
                         if let Some(p) = v["linux"]["cgroupsPath"].as_str() {

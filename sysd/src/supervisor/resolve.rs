@@ -87,7 +87,11 @@ pub fn container(svc: &Service, image: &Image, layout: &Layout) -> Result<Contai
 
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("PATH".into(), DEFAULT_PATH.into());
-    env.insert("HOSTNAME".into(), svc.name.clone());
+    // A host-network container has the node's host name (and no fixed $HOSTNAME, which
+    // would go stale when the node's name changes); others have their service's name.
+    if !matches!(spec.network, Network::Host) {
+        env.insert("HOSTNAME".into(), svc.name.clone());
+    }
     for kv in &d.env {
         if let Some((k, v)) = kv.split_once('=') {
             env.insert(k.into(), v.into());
