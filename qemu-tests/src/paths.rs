@@ -104,25 +104,14 @@ fn firmware(var: &str, default: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// `qemu-system-x86_64` from `$PATH`.
+/// `qemu-system-x86_64` from `$PATH` (an error naming its package if it is missing).
 pub fn qemu_system() -> Result<PathBuf> {
-    find_in_path("qemu-system-x86_64", "qemu-system-x86")
+    Ok(keelson_testkit::tools::resolve("qemu-system-x86_64")?)
 }
 
 /// `qemu-img` from `$PATH`.
 pub fn qemu_img() -> Result<PathBuf> {
-    find_in_path("qemu-img", "qemu-utils")
-}
-
-fn find_in_path(program: &str, package: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join(program);
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    bail!("`{program}` not found in PATH: install the Debian package `{package}`")
+    Ok(keelson_testkit::tools::resolve("qemu-img")?)
 }
 
 #[cfg(test)]
@@ -138,12 +127,6 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("cargo run -p image-build -- build configs/no-such-image-\u{1}.toml"));
-    }
-
-    #[test]
-    fn missing_program_names_the_package() {
-        let err = find_in_path("no-such-program-keelson", "some-package").unwrap_err();
-        assert!(err.to_string().contains("`some-package`"));
     }
 
     #[test]

@@ -185,11 +185,14 @@ mod tests {
     /// `tools::command("x")` idioms of the tests.
     fn started_programs(text: &str) -> Vec<String> {
         let mut out = Vec::new();
-        for pat in ["Command::new(\"", "tools::command(\"", "tools::path(\""] {
-            for (i, _) in text.match_indices(pat) {
-                let rest = &text[i + pat.len()..];
-                if let Some(end) = rest.find('"') {
-                    out.push(rest[..end].to_string());
+        let code = text.lines().filter(|l| !l.trim_start().starts_with("//"));
+        for line in code {
+            for pat in ["Command::new(\"", "tools::command(\"", "tools::path(\""] {
+                for (i, _) in line.match_indices(pat) {
+                    let rest = &line[i + pat.len()..];
+                    if let Some(end) = rest.find('"') {
+                        out.push(rest[..end].to_string());
+                    }
                 }
             }
         }
