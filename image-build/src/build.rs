@@ -12,7 +12,6 @@ use keelson_common::cmdline;
 use keelson_common::gpt::Gpt;
 use keelson_common::partitions::Slot;
 use keelson_common::verity;
-use serde::Serialize;
 
 use crate::config::ImageConfig;
 use crate::disk;
@@ -22,7 +21,11 @@ use crate::images::{self, IMAGES_DIR};
 use crate::initramfs;
 use crate::kmod::ModuleTree;
 use crate::lock::{lock_path, Lock};
-use crate::rootfs::{self, FileEntry};
+use crate::manifest::{
+    ImageInfo, ImageManifest, Input, Manifest, Output, PartitionInfo, ServiceManifest, ToolVersion,
+    MANIFEST, TRUSTED_ROOT, UKI_SLOT_B,
+};
+use crate::rootfs;
 use crate::services;
 use crate::uki;
 use crate::util::{self, derive, derive_guid, mib, run, sha256_file, Progress};
@@ -46,95 +49,6 @@ pub struct Options {
     /// Kernel command line arguments added after the config's own.
     pub kernel_args: Vec<String>,
 }
-
-#[derive(Serialize)]
-struct Manifest {
-    image: ImageInfo,
-    inputs: Vec<Input>,
-    tools: Vec<ToolVersion>,
-    outputs: Vec<Output>,
-    partitions: Vec<PartitionInfo>,
-    images: Vec<ImageManifest>,
-    /// The service images as OCI image layouts (`oci/<name>/`).
-    oci_images: Vec<crate::oci::Layout>,
-    services: Vec<ServiceManifest>,
-    kernel_modules: Vec<String>,
-    rootfs: Vec<FileEntry>,
-    initramfs: Vec<FileEntry>,
-}
-
-#[derive(Serialize)]
-struct ImageInfo {
-    name: String,
-    version: String,
-    description: String,
-    config: String,
-    source_date_epoch: u64,
-    kernel_release: String,
-    roothash_a: String,
-    cmdline: String,
-    uki: String,
-}
-
-#[derive(Serialize)]
-struct Input {
-    kind: &'static str,
-    name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<String>,
-    sha256: String,
-}
-
-/// A service image in the root: what it is made of.
-#[derive(Serialize)]
-struct ImageManifest {
-    name: String,
-    description: String,
-    path: String,
-    packages: Vec<Input>,
-    applet_links: usize,
-    mount_points: Vec<String>,
-    files: usize,
-    size: u64,
-}
-
-/// A system service file in the root.
-#[derive(Serialize)]
-struct ServiceManifest {
-    path: String,
-    source: String,
-    sha256: String,
-    services: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct ToolVersion {
-    name: &'static str,
-    version: String,
-}
-
-#[derive(Serialize)]
-struct Output {
-    path: String,
-    size: u64,
-    sha256: String,
-}
-
-#[derive(Serialize)]
-struct PartitionInfo {
-    number: usize,
-    label: String,
-    type_guid: String,
-    uuid: String,
-    first_lba: u64,
-    last_lba: u64,
-    attributes: u64,
-}
-
-/// Where the trusted TUF root metadata is installed in the image's root.
-pub const TRUSTED_ROOT: &str = "usr/share/keelson/update/root.json";
-/// The slot-B UKI of a build (same kernel, initramfs and root hash; `keelson.slot=b`).
-pub const UKI_SLOT_B: &str = "uki-slot-b.efi";
 
 /// The os-release of an image; also the UKI's `.osrel`, which systemd-boot sorts entries by.
 pub fn os_release(cfg: &ImageConfig) -> String {
@@ -585,11 +499,11 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         initramfs: initrd_files,
     };
     std::fs::write(
-        out.join("manifest.json"),
+        out.join(MANIFEST),
         serde_json::to_string_pretty(&manifest)? + "\n",
     )?;
     std::fs::remove_dir_all(&work)?;
-    p.done("manifest.json");
+    p.done(MANIFEST);
     p.finish(&format!("{} -> {}", cfg.path.display(), out.display()));
     Ok(out)
 }

@@ -13,6 +13,7 @@ mod images;
 mod initramfs;
 mod kmod;
 mod lock;
+mod manifest;
 mod oci;
 mod rootfs;
 mod services;

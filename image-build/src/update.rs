@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use aws_lc_rs::rand::SystemRandom;
 use keelson_common::update::{Manifest, Payload, Wave, MANIFEST_TARGET};
-use serde::Deserialize;
 use tough::editor::signed::{PathExists, SignedRole};
 use tough::editor::RepositoryEditor;
 use tough::key_source::{KeySource, LocalKeySource};
@@ -25,7 +24,7 @@ use tough::schema::{KeyHolder, RoleKeys, RoleType, Root, Signed};
 use tough::sign::Sign;
 use tough::{ExpirationEnforcement, IntoVec, RepositoryLoader, TargetName};
 
-use crate::build::UKI_SLOT_B;
+use crate::manifest::{self, UKI_SLOT_B};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -143,20 +142,6 @@ pub fn check_root(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What `update add` needs from a build's `manifest.json`.
-#[derive(Deserialize)]
-struct BuildManifest {
-    image: BuildImage,
-}
-
-#[derive(Deserialize)]
-struct BuildImage {
-    name: String,
-    version: String,
-    roothash_a: String,
-    uki: String,
-}
-
 /// Options of `image-build update add`.
 pub struct AddOptions {
     pub repo: PathBuf,
@@ -173,12 +158,7 @@ pub struct AddOptions {
 /// Adds the image in `opts.image` (an `out/<name>/` directory) to the repository as a new
 /// version, re-signing targets, snapshot and timestamp. Returns the manifest entry.
 pub fn add(opts: &AddOptions) -> Result<Payload> {
-    let bm: BuildManifest = serde_json::from_slice(
-        &std::fs::read(opts.image.join("manifest.json"))
-            .with_context(|| format!("reading {}/manifest.json", opts.image.display()))?,
-    )
-    .with_context(|| format!("{}/manifest.json", opts.image.display()))?;
-    let img = bm.image;
+    let img = manifest::read_image_id(&opts.image)?;
     let mut last = 0;
     for (i, (_, pct)) in opts.waves.iter().enumerate() {
         if *pct == 0 || *pct > 100 || *pct <= last {

@@ -1,0 +1,125 @@
+//! What a build leaves in `out/<name>/`: the file names that later steps (`update add`, the
+//! tests) read, and the types of `manifest.json`, the image's SBOM. `build` writes them and
+//! `update` reads them; neither knows the other.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::rootfs::FileEntry;
+
+/// The SBOM of a build, in the image directory.
+pub const MANIFEST: &str = "manifest.json";
+/// Where the trusted TUF root metadata is installed in the image's root.
+pub const TRUSTED_ROOT: &str = "usr/share/keelson/update/root.json";
+/// The slot-B UKI of a build (same kernel, initramfs and root hash; `keelson.slot=b`).
+pub const UKI_SLOT_B: &str = "uki-slot-b.efi";
+
+/// The part of [`ImageInfo`] that `update add` publishes, read back from `manifest.json`.
+#[derive(Debug, Deserialize)]
+pub struct ImageId {
+    pub name: String,
+    pub version: String,
+    pub roothash_a: String,
+    pub uki: String,
+}
+
+/// Reads the `image` table of `dir/manifest.json`.
+pub fn read_image_id(dir: &Path) -> Result<ImageId> {
+    #[derive(Deserialize)]
+    struct Head {
+        image: ImageId,
+    }
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let head: Head =
+        serde_json::from_slice(&text).with_context(|| format!("{}", path.display()))?;
+    Ok(head.image)
+}
+
+/// `manifest.json`: every input, tool, output, partition and file of the build.
+#[derive(Serialize)]
+pub struct Manifest {
+    pub image: ImageInfo,
+    pub inputs: Vec<Input>,
+    pub tools: Vec<ToolVersion>,
+    pub outputs: Vec<Output>,
+    pub partitions: Vec<PartitionInfo>,
+    pub images: Vec<ImageManifest>,
+    /// The service images as OCI image layouts (`oci/<name>/`).
+    pub oci_images: Vec<crate::oci::Layout>,
+    pub services: Vec<ServiceManifest>,
+    pub kernel_modules: Vec<String>,
+    pub rootfs: Vec<FileEntry>,
+    pub initramfs: Vec<FileEntry>,
+}
+
+/// What the image is: its name and version, and what identifies slot A's boot.
+#[derive(Serialize)]
+pub struct ImageInfo {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub config: String,
+    pub source_date_epoch: u64,
+    pub kernel_release: String,
+    pub roothash_a: String,
+    pub cmdline: String,
+    pub uki: String,
+}
+
+#[derive(Serialize)]
+pub struct Input {
+    pub kind: &'static str,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub sha256: String,
+}
+
+/// A service image in the root: what it is made of.
+#[derive(Serialize)]
+pub struct ImageManifest {
+    pub name: String,
+    pub description: String,
+    pub path: String,
+    pub packages: Vec<Input>,
+    pub applet_links: usize,
+    pub mount_points: Vec<String>,
+    pub files: usize,
+    pub size: u64,
+}
+
+/// A system service file in the root.
+#[derive(Serialize)]
+pub struct ServiceManifest {
+    pub path: String,
+    pub source: String,
+    pub sha256: String,
+    pub services: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct ToolVersion {
+    pub name: &'static str,
+    pub version: String,
+}
+
+#[derive(Serialize)]
+pub struct Output {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Serialize)]
+pub struct PartitionInfo {
+    pub number: usize,
+    pub label: String,
+    pub type_guid: String,
+    pub uuid: String,
+    pub first_lba: u64,
+    pub last_lba: u64,
+    pub attributes: u64,
+}
