@@ -16,10 +16,10 @@ mod net;
 mod network;
 mod notify;
 mod runtime;
-mod spec;
 mod supervisor;
 mod update;
 
+use keelson_spec as spec;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;

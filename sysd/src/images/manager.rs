@@ -10,9 +10,9 @@ use anyhow::{Context, Result};
 use keelson_common::api::images::{ImageInfo, ImagesRemoved, PullProgress};
 
 use super::pull::{self, Progress};
-use super::reference;
 use super::store::{Entry, Store};
 use crate::api::Failure;
+use crate::spec::reference;
 use crate::spec::registries::Registries;
 use crate::supervisor::resolve::Image;
 

@@ -1,7 +1,5 @@
 //! The image store on /var and registry pulls.
 //!
-//! - [`reference`]: what a service's `image` names: a path (a root file system or OCI image
-//!   layout directory, e.g. the images baked into the verified root) or a registry reference.
 //! - [`store`]: `/var/lib/keelson/images`, itself an OCI image layout (content-addressed blobs
 //!   shared between images, `index.json` naming each pulled reference), with each image's root
 //!   file system unpacked once beside it (`<manifest hex>/rootfs`), reference counts, removal
@@ -12,6 +10,5 @@
 
 pub mod manager;
 pub mod pull;
-pub mod reference;
 pub mod store;
 pub mod trust;

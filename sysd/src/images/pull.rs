@@ -35,8 +35,8 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::reference;
 use super::store::{Entry, Store};
+use crate::spec::reference;
 use crate::spec::registries::{Registries, Registry};
 use crate::supervisor::oci_layout;
 

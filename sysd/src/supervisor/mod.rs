@@ -248,9 +248,9 @@ impl Supervisor {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let mut users = crate::images::manager::Users::new();
         for (name, h) in handles.iter() {
-            if let Ok(r) = crate::images::reference::parse(&h.service.spec.image) {
+            if let Ok(r) = crate::spec::reference::parse(&h.service.spec.image) {
                 users
-                    .entry(crate::images::reference::canonical(&r))
+                    .entry(crate::spec::reference::canonical(&r))
                     .or_default()
                     .push(name.clone());
             }
@@ -769,7 +769,7 @@ impl ServiceTask {
     async fn start_container(&mut self) -> anyhow::Result<Instance> {
         // Off the (single-threaded) runtime: the first start of an OCI layout unpacks it.
         let (reference, layout) = (self.svc.spec.image.clone(), self.sup.paths.layout.clone());
-        let image = if crate::images::reference::is_registry(&reference) {
+        let image = if crate::spec::reference::is_registry(&reference) {
             // Pulled on demand (once: later starts, and boots, use the store).
             let (sup, name) = (Arc::clone(&self.sup), self.svc.name.clone());
             let progress = crate::images::manager::with_events(
@@ -1398,7 +1398,7 @@ impl Backend for Supervisor {
         &self,
         reference: &str,
     ) -> Result<mpsc::UnboundedReceiver<api::images::PullProgress>, Failure> {
-        crate::images::reference::parse(reference)
+        crate::spec::reference::parse(reference)
             .map_err(|e| Failure::bad_request(format!("image {reference:?}: {e}")))?;
         let me = self.strong()?;
         let (tx, rx) = mpsc::unbounded_channel();

@@ -184,7 +184,7 @@ impl FromStr for Capability {
         } else {
             format!("CAP_{up}")
         };
-        if crate::runtime::bundle::ALL_CAPS.contains(&name.as_str()) {
+        if keelson_common::caps::ALL_CAPS.contains(&name.as_str()) {
             Ok(Capability(name))
         } else {
             Err(format!("unknown capability {s:?} (expected e.g. \"NET_ADMIN\" or \"CAP_NET_ADMIN\", or \"ALL\")"))

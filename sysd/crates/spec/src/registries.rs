@@ -191,19 +191,19 @@ mod tests {
         let path = Path::new("/var/lib/keelson/services.toml");
         let text =
             "version = 1\n\n[registries.\"r:5000\"]\ninsecure = true\nmirrors = [\"r:5000\"]\n";
-        let e = crate::spec::parse_registries(path, text).unwrap_err().0;
+        let e = crate::parse_registries(path, text).unwrap_err().0;
         assert_eq!(
             e,
             "/var/lib/keelson/services.toml:3:1: registries.\"r:5000\": mirrors: \"r:5000\" is the registry itself"
         );
         let ok = "version = 1\n[registries.\"r:5000\"]\ninsecure = true\nmax_blob_size = \"1G\"\n";
-        let r = crate::spec::parse_registries(path, ok).unwrap();
+        let r = crate::parse_registries(path, ok).unwrap();
         assert_eq!(r["r:5000"].max_blob(), 1 << 30);
         assert!(r["r:5000"].insecure);
-        let e = crate::spec::parse_file(
+        let e = crate::parse_file(
             Path::new("/usr/lib/keelson/services.d/10-x.toml"),
             ok,
-            crate::spec::Source::System,
+            crate::Source::System,
         )
         .unwrap_err()
         .0;

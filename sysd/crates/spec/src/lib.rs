@@ -8,9 +8,18 @@
 //! are reported by the parser with file:line:col and the key path; cross-service problems
 //! (unknown dependency, dependency cycle) name the services involved. A config that fails
 //! validation is never partially applied.
+//!
+//! Modules: [`units`] (durations, sizes, signals, capabilities, host names), [`network`] (the
+//! `[network]`/`[host]` tables), [`registries`] (`registries.toml`), [`update`] (the `[update]`
+//! table), [`admin`] (`[admin]` keys), [`reference`] (what a service's `image` names: a path to
+//! a root file system or OCI image layout, or a registry reference).
+//!
+//! This crate knows nothing of containers, images on disk, the network or the API: it turns
+//! text into checked values.
 
 pub mod admin;
 pub mod network;
+pub mod reference;
 pub mod registries;
 pub mod units;
 pub mod update;
@@ -613,7 +622,7 @@ fn check_service(name: &str, s: &ServiceSpec) -> Result<(), String> {
                 s.image
             ));
         }
-    } else if let Err(e) = crate::images::reference::parse(&s.image) {
+    } else if let Err(e) = crate::reference::parse(&s.image) {
         return Err(format!(
             "image: {:?} is neither an absolute path (a root file system or OCI image layout directory) nor a registry reference: {e}",
             s.image
