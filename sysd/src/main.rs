@@ -15,10 +15,10 @@ mod images;
 mod net;
 mod network;
 mod notify;
-mod runtime;
 mod supervisor;
 mod update;
 
+use keelson_runtime as runtime;
 use keelson_spec as spec;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -7,12 +7,9 @@
 //! processes it spawns inherit. The test process is a child subreaper, as sysd is, so the
 //! container inits become its children when the helper exits.
 //!
-//! The runtime module is compiled into this test through `#[path]` (sysd has no library
-//! target), so the tests drive exactly the daemon's code.
+//! They drive the `keelson-runtime` crate, the same code the daemon links, and the helper
+//! through the built `sysd` binary.
 
-#[allow(dead_code)]
-#[path = "../src/runtime/mod.rs"]
-mod runtime;
 #[path = "../src/testing.rs"]
 mod testing;
 
@@ -24,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use keelson_runtime as runtime;
 use runtime::{ContainerConfig, ExitInfo, Mount, NetworkMode, Runtime};
 
 const SYSD: &str = env!("CARGO_BIN_EXE_sysd");

@@ -13,9 +13,6 @@
 //! `/bin/busybox`. Usage: `bench-runtime [ITERATIONS]` (default 20); the helper is the `sysd`
 //! next to this binary unless `$KEELSON_RUNTIME_EXE` says otherwise. No assertions on time.
 
-#[allow(dead_code)]
-#[path = "../runtime/mod.rs"]
-mod runtime;
 #[path = "../testing.rs"]
 mod testing;
 
@@ -27,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use keelson_runtime as runtime;
 use runtime::{ContainerConfig, Runtime};
 
 const CGROUP_PARENT: &str = "/keelson-bench";

@@ -689,7 +689,7 @@ pub fn preflight(cfg: &ContainerConfig) -> Result<()> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::runtime::Resources;
+    use crate::Resources;
     use oci_spec::runtime::LinuxSeccompAction;
     use std::collections::BTreeMap;
 

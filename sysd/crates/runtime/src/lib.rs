@@ -22,12 +22,12 @@
 //! would keep that namespace's init from ever finishing its exit), which is why `exec` never
 //! kills its helper and relies on the helper's own timeout.
 
-pub(crate) mod bundle;
+pub mod bundle;
 mod cgroup;
 pub mod helper;
 pub mod init;
 pub mod netplug;
-pub(crate) mod seccomp;
+pub mod seccomp;
 
 pub use cgroup::Stats;
 
