@@ -10,9 +10,6 @@
 //! They drive the `keelson-runtime` crate, the same code the daemon links, and the helper
 //! through the built `sysd` binary.
 
-#[path = "../src/testing.rs"]
-mod testing;
-
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -73,7 +70,7 @@ fn fixture() -> Option<Fixture> {
     if !busybox.exists() {
         panic!("/bin/busybox missing: apt-get install busybox-static (./dev deps)");
     }
-    if let Err(e) = testing::private_cgroup2() {
+    if let Err(e) = keelson_testkit::cgroup::private_cgroup2() {
         panic!("cannot set up cgroup2 in a private mount namespace: {e}");
     }
     runtime::become_subreaper().expect("PR_SET_CHILD_SUBREAPER");
@@ -83,7 +80,7 @@ fn fixture() -> Option<Fixture> {
     // the rootfs.
     fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let rootfs = base.join("rootfs");
-    testing::busybox_rootfs(&rootfs).expect("busybox rootfs");
+    keelson_testkit::busybox::rootfs(&rootfs).expect("busybox rootfs");
     fs::create_dir_all(rootfs.join("scratch")).expect("mkdir");
     let n = SEQ.fetch_add(1, Ordering::SeqCst);
     Some(Fixture {

@@ -1,5 +1,5 @@
-//! Harness for the image store's host tests and the pull benchmark (included with `#[path]`;
-//! not part of the daemon): a private network namespace, the reference `distribution`
+//! Harness for the image store's host tests, the pull benchmark and the VM registry scenario:
+//! a private network namespace, the reference `distribution`
 //! registry (Debian's `docker-registry`) on its loopback, OCI image layouts built here and
 //! pushed with `skopeo`, and a TCP proxy that can make the registry go away mid-transfer.
 

@@ -1,36 +1,9 @@
-//! Harness shared by sysd's host integration tests and its benchmarks (included with
-//! `#[path]`; not part of the daemon): a busybox root file system to run containers from, and
-//! cgroup v2 at /sys/fs/cgroup on hosts whose own layout is the v1/v2 hybrid.
+//! cgroup v2 for host tests: a private cgroup2 mount on hosts whose own layout is the v1/v2
+//! hybrid, and the removal of what a test's sysd left under its cgroup parent.
 
 use std::io;
-use std::os::unix::fs::symlink;
 use std::path::Path;
-use std::process::Command;
-
-/// Makes `rootfs` a busybox root file system: /bin/busybox (Debian's busybox-static) with every
-/// applet linked, the usual empty top-level directories, and root/nobody in passwd and group.
-pub fn busybox_rootfs(rootfs: &Path) -> io::Result<()> {
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "srv"] {
-        std::fs::create_dir_all(rootfs.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("/bin/busybox: {e} (apt-get install busybox-static)"),
-        )
-    })?;
-    let list = Command::new("/bin/busybox").arg("--list").output()?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            symlink("busybox", rootfs.join("bin").join(applet))?;
-        }
-    }
-    std::fs::write(
-        rootfs.join("etc/passwd"),
-        "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
-    )?;
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")
-}
+use std::time::Duration;
 
 /// Moves the calling thread (and what it spawns) into a private mount namespace with cgroup2
 /// mounted at /sys/fs/cgroup, unless /sys/fs/cgroup already is cgroup2.
@@ -70,4 +43,33 @@ pub fn private_cgroup2() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Kills every process under `parent` (a cgroup path such as `/keelson-sv-1-x`, below the
+/// host's cgroup2 hierarchy at /sys/fs/cgroup/unified) and removes its leaves and itself.
+pub fn remove_tree(parent: &str) {
+    let parent = Path::new("/sys/fs/cgroup/unified").join(parent.trim_start_matches('/'));
+    if let Ok(entries) = std::fs::read_dir(&parent) {
+        for e in entries.flatten() {
+            let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+            for _ in 0..50 {
+                if std::fs::remove_dir(e.path()).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(parent);
+}
+
+/// How many processes run in `service`'s cgroup under `parent` (as [`remove_tree`] names it).
+pub fn procs(parent: &str, service: &str) -> usize {
+    let procs = Path::new("/sys/fs/cgroup/unified")
+        .join(parent.trim_start_matches('/'))
+        .join(service)
+        .join("cgroup.procs");
+    std::fs::read_to_string(procs)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
 }
