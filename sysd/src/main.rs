@@ -11,13 +11,13 @@
 
 mod api;
 mod firstboot;
-mod images;
 mod net;
 mod network;
 mod notify;
 mod supervisor;
 mod update;
 
+use keelson_images as images;
 use keelson_runtime as runtime;
 use keelson_spec as spec;
 use std::path::{Path, PathBuf};

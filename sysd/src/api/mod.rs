@@ -11,6 +11,7 @@ use keelson_common::api::images::{ImageInfo, ImagesRemoved, PullProgress};
 use keelson_common::api::network::NetworkStatus;
 use keelson_common::api::update::{ApplyRequest, UpdateCheck, UpdateStatus};
 use keelson_common::api::{ApplyPlan, Event, LogLine, ServiceStatus, Stats, Version};
+use keelson_common::error::{Classify, Kind};
 use tokio::sync::{broadcast, mpsc};
 
 pub mod server;
@@ -47,6 +48,27 @@ impl Failure {
             message: message.into(),
         }
     }
+
+    /// A failure of `kind`: the one place a domain error's kind becomes an HTTP status.
+    pub fn of(kind: Kind, message: impl Into<String>) -> Self {
+        let status = match kind {
+            Kind::Invalid => 400,
+            Kind::NotFound => 404,
+            Kind::Conflict => 409,
+            Kind::Unavailable => 503,
+            Kind::Upstream => 502,
+            Kind::Internal => 500,
+        };
+        Failure {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// A library's error as the API answers it: the status of its kind, its text.
+pub fn failure<E: Classify + std::fmt::Display>(e: E) -> Failure {
+    Failure::of(e.kind(), e.to_string())
 }
 
 /// Past lines plus, when following, the live ones.

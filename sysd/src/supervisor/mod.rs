@@ -12,7 +12,6 @@ mod admin;
 mod checks;
 pub mod events;
 pub mod logs;
-pub mod oci_layout;
 pub mod resolve;
 
 use std::collections::BTreeMap;
@@ -1391,7 +1390,9 @@ impl Backend for Supervisor {
     }
 
     fn images(&self) -> Result<Vec<api::images::ImageInfo>, Failure> {
-        self.images.list(&self.image_users())
+        self.images
+            .list(&self.image_users())
+            .map_err(crate::api::failure)
     }
 
     fn pull_image(
@@ -1423,7 +1424,8 @@ impl Backend for Supervisor {
         let (me, users, reference) = (self.strong()?, self.image_users(), reference.to_string());
         let report = tokio::task::spawn_blocking(move || me.images.remove(&reference, &users))
             .await
-            .map_err(|e| Failure::internal(format!("removing the image: {e}")))??;
+            .map_err(|e| Failure::internal(format!("removing the image: {e}")))?
+            .map_err(crate::api::failure)?;
         self.events.emit(
             None,
             "image-removed",
@@ -1441,7 +1443,8 @@ impl Backend for Supervisor {
         let (me, users) = (self.strong()?, self.image_users());
         let report = tokio::task::spawn_blocking(move || me.images.prune(&users))
             .await
-            .map_err(|e| Failure::internal(format!("pruning images: {e}")))??;
+            .map_err(|e| Failure::internal(format!("pruning images: {e}")))?
+            .map_err(crate::api::failure)?;
         self.events.emit(
             None,
             "images-pruned",

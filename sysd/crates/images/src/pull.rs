@@ -36,9 +36,9 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::store::{Entry, Store};
-use crate::spec::reference;
-use crate::spec::registries::{Registries, Registry};
-use crate::supervisor::oci_layout;
+use crate::oci_layout;
+use keelson_spec::reference;
+use keelson_spec::registries::{Registries, Registry};
 
 /// Media types asked for when fetching a manifest.
 const ACCEPT: &[&str] = &[

@@ -11,10 +11,36 @@ use keelson_common::api::images::{ImageInfo, ImagesRemoved, PullProgress};
 
 use super::pull::{self, Progress};
 use super::store::{Entry, Store};
-use crate::api::Failure;
-use crate::spec::reference;
-use crate::spec::registries::Registries;
-use crate::supervisor::resolve::Image;
+use crate::Image;
+use keelson_common::error::{Classify, Kind};
+use keelson_spec::reference;
+use keelson_spec::registries::Registries;
+
+/// Why a store operation of the API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("image {image:?}: {reason}")]
+    BadReference { image: String, reason: String },
+    #[error("image {name} is used by {}: change or remove {} first", .services.join(", "), if .services.len() == 1 { "that service" } else { "those services" })]
+    InUse { name: String, services: Vec<String> },
+    #[error("no image {0} in the store")]
+    NotFound(String),
+    /// The store could not be read or changed (the cause's chain in the text, as the API
+    /// has always shown it).
+    #[error("{0:#}")]
+    Store(anyhow::Error),
+}
+
+impl Classify for Error {
+    fn kind(&self) -> Kind {
+        match self {
+            Error::BadReference { .. } => Kind::Invalid,
+            Error::InUse { .. } => Kind::Conflict,
+            Error::NotFound(_) => Kind::NotFound,
+            Error::Store(_) => Kind::Internal,
+        }
+    }
+}
 
 pub struct Images {
     store: Store,
@@ -76,45 +102,33 @@ impl Images {
             .context("unpacking")?
     }
 
-    pub fn list(&self, users: &Users) -> Result<Vec<ImageInfo>, Failure> {
-        self.store
-            .list(users)
-            .map_err(|e| Failure::internal(format!("{e:#}")))
+    pub fn list(&self, users: &Users) -> Result<Vec<ImageInfo>, Error> {
+        self.store.list(users).map_err(Error::Store)
     }
 
-    pub fn remove(&self, image: &str, users: &Users) -> Result<ImagesRemoved, Failure> {
-        let name = reference::canonical(
-            &reference::parse(image)
-                .map_err(|e| Failure::bad_request(format!("image {image:?}: {e}")))?,
-        );
+    pub fn remove(&self, image: &str, users: &Users) -> Result<ImagesRemoved, Error> {
+        let name = reference::canonical(&reference::parse(image).map_err(|reason| {
+            Error::BadReference {
+                image: image.to_string(),
+                reason,
+            }
+        })?);
         if let Some(services) = users.get(&name).filter(|s| !s.is_empty()) {
-            return Err(Failure::conflict(format!(
-                "image {name} is used by {}: change or remove {} first",
-                services.join(", "),
-                if services.len() == 1 {
-                    "that service"
-                } else {
-                    "those services"
-                }
-            )));
+            return Err(Error::InUse {
+                name,
+                services: services.clone(),
+            });
         }
-        let removed = self
-            .store
-            .remove(&name)
-            .map_err(|e| Failure::internal(format!("{e:#}")))?;
-        if !removed {
-            return Err(Failure::not_found(format!("no image {name} in the store")));
+        if !self.store.remove(&name).map_err(Error::Store)? {
+            return Err(Error::NotFound(name));
         }
-        let mut report = self
-            .store
-            .gc()
-            .map_err(|e| Failure::internal(format!("{e:#}")))?;
+        let mut report = self.store.gc().map_err(Error::Store)?;
         report.removed.push(name);
         Ok(report)
     }
 
-    pub fn prune(&self, users: &Users) -> Result<ImagesRemoved, Failure> {
-        let internal = |e: anyhow::Error| Failure::internal(format!("{e:#}"));
+    pub fn prune(&self, users: &Users) -> Result<ImagesRemoved, Error> {
+        let internal = Error::Store;
         let mut removed = Vec::new();
         for e in self.store.entries().map_err(internal)? {
             if users.get(&e.reference).is_none_or(|s| s.is_empty()) {
@@ -176,4 +190,51 @@ pub fn with_events(
             let _ = tx.send(p);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API's texts for these failures are what `keelctl` prints: they stay as they were.
+    #[test]
+    fn remove_errors_keep_their_texts_and_say_their_kind() {
+        let t = tempfile::tempdir().unwrap();
+        let images = Images::new(t.path().join("images"));
+        let users = Users::from([(
+            "docker.io/library/busybox:latest".to_string(),
+            vec!["a".to_string(), "b".to_string()],
+        )]);
+        let e = images.remove("busybox", &users).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            (
+                Kind::Conflict,
+                "image docker.io/library/busybox:latest is used by a, b: change or remove those services first".to_string()
+            )
+        );
+        let one = Users::from([("docker.io/library/web:1".to_string(), vec!["w".to_string()])]);
+        let e = images.remove("web:1", &one).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("change or remove that service first"),
+            "{e}"
+        );
+        let e = images.remove("/abs/path", &users).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            (
+                Kind::Invalid,
+                "image \"/abs/path\": a path, not a registry reference".to_string()
+            )
+        );
+        let e = images.remove("nothing:here", &users).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            (
+                Kind::NotFound,
+                "no image docker.io/library/nothing:here in the store".to_string()
+            )
+        );
+    }
 }

@@ -41,7 +41,7 @@ use oci_spec::image::{
 };
 use sha2::{Digest as _, Sha256};
 
-use super::resolve::{Image, ImageDefaults};
+use crate::{Image, ImageDefaults};
 
 /// The annotation naming a manifest in `index.json` (its tag).
 pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";

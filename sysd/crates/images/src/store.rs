@@ -5,7 +5,7 @@
 //! images/oci-layout                  {"imageLayoutVersion":"1.0.0"}
 //! images/index.json                  one descriptor per pulled reference (annotations below)
 //! images/blobs/sha256/<hex>          manifests, indexes, configs, layers: each stored once
-//! images/<manifest hex>/rootfs       the image unpacked (see supervisor::oci_layout)
+//! images/<manifest hex>/rootfs       the image unpacked (see oci_layout)
 //! images/.downloads/<hex>            a blob being downloaded (kept across failures: resumed)
 //! ```
 //!
@@ -29,8 +29,8 @@ use anyhow::{Context, Result};
 use keelson_common::api::images::{ImageInfo, ImagesRemoved};
 use oci_spec::image::{Descriptor, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType};
 
-use crate::supervisor::oci_layout::{self, REF_NAME};
-use crate::supervisor::resolve::Image;
+use crate::oci_layout::{self, REF_NAME};
+use crate::Image;
 
 const MANIFEST_ANNOTATION: &str = "io.keelson.image.manifest";
 const PULLED_ANNOTATION: &str = "io.keelson.image.pulled";
