@@ -10,14 +10,14 @@
 //! stops services, dependents first, and exits 0.
 
 mod api;
-mod firstboot;
-mod net;
-mod network;
 mod notify;
 mod supervisor;
 mod update;
 
+use keelson_firstboot as firstboot;
 use keelson_images as images;
+use keelson_net as network;
+use keelson_net::loopback as net;
 use keelson_runtime as runtime;
 use keelson_spec as spec;
 use std::path::{Path, PathBuf};

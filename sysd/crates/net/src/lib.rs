@@ -8,9 +8,16 @@
 //! exists, static gateways answer a ping, DHCP links get a lease) and rolled back to the last
 //! good one when the check fails, so a bad apply never cuts the node off.
 
+//!
+//! Also [`loopback`]: `lo` up, for the host tests and nodes where sysd leaves the network
+//! alone. This crate knows the config types (`keelson-spec`) and the runtime's bridge plug
+//! (`keelson-runtime::netplug`), nothing of services or the API: it reports through the
+//! `Emit` callback and the `watch` of its status it publishes.
+
 pub mod bridge;
 pub mod dhcp;
 pub mod links;
+pub mod loopback;
 mod probe;
 mod resolv;
 
@@ -28,8 +35,8 @@ use rtnetlink::packet_route::route::RouteProtocol;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use tokio::sync::{mpsc, watch};
 
-use crate::spec::network::{Cidr, InterfaceSpec, NetConfig, NetworkSpec};
 use dhcp::{Lease, Report};
+use keelson_spec::network::{Cidr, InterfaceSpec, NetConfig, NetworkSpec};
 use links::{Link, Netlink};
 
 /// Default `online_timeout`.
@@ -91,7 +98,7 @@ struct State {
     search: Vec<String>,
     hostname: (String, &'static str),
     /// Published ports by service (bridge services that have started).
-    ports: BTreeMap<String, (Ipv4Addr, Vec<crate::spec::network::PortSpec>)>,
+    ports: BTreeMap<String, (Ipv4Addr, Vec<keelson_spec::network::PortSpec>)>,
     bridge_up: bool,
 }
 
@@ -744,7 +751,7 @@ impl Net {
                 .leases
                 .values()
                 .find_map(|l| l.hostname.clone())
-                .filter(|h| crate::spec::network::valid_hostname(h))
+                .filter(|h| keelson_spec::network::valid_hostname(h))
             {
                 (h, "dhcp")
             } else {
@@ -833,7 +840,7 @@ impl Net {
     pub async fn attach(
         &self,
         service: &str,
-        ports: &[crate::spec::network::PortSpec],
+        ports: &[keelson_spec::network::PortSpec],
     ) -> Result<bridge::Endpoint, String> {
         let _guard = self.bridge_lock.lock().await;
         let subnet = {
@@ -873,7 +880,7 @@ impl Net {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             st.ports
                 .insert(service.to_string(), (address, ports.to_vec()));
-            let all: Vec<(Ipv4Addr, crate::spec::network::PortSpec)> = st
+            let all: Vec<(Ipv4Addr, keelson_spec::network::PortSpec)> = st
                 .ports
                 .values()
                 .flat_map(|(ip, ps)| ps.iter().map(move |p| (*ip, *p)))
@@ -1350,7 +1357,7 @@ fn join<T: ToString>(v: &[T]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::network::LinkMatch;
+    use keelson_spec::network::LinkMatch;
 
     fn link(index: u32, name: &str, mac: &str) -> Link {
         Link {

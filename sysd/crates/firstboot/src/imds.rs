@@ -223,7 +223,7 @@ async fn fetch_once(addr: &str) -> Result<Option<Found>, Failure> {
         .then(|| String::from_utf8_lossy(&host.body).trim().to_string())
         // EC2 names (ip-10-0-0-1.ec2.internal) are FQDNs; the first label is the host name.
         .map(|h| h.split('.').next().unwrap_or_default().to_string())
-        .filter(|h| crate::spec::units::check_hostname(h).is_ok());
+        .filter(|h| keelson_spec::units::check_hostname(h).is_ok());
     let ud = get("/latest/user-data", MAX_RAW).await?;
     let user_data = match ud.status {
         200 => ud.body,

@@ -19,8 +19,8 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::runtime::netplug::{Endpoint, ANNOTATION};
-use crate::spec::network::{Cidr, PortSpec};
+pub use keelson_runtime::netplug::{Endpoint, ANNOTATION};
+use keelson_spec::network::{Cidr, PortSpec};
 
 /// The bridge's name.
 pub const BRIDGE: &str = "keel0";

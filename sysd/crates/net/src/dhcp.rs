@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::links::Netlink;
-use crate::spec::network::Cidr;
+use keelson_spec::network::Cidr;
 
 /// Metric of routes learnt from DHCP (below static routes' 0, as networkd's 1024).
 const DHCP_METRIC: u32 = 1024;

@@ -17,6 +17,9 @@
 //! and the instance id is recorded last, so a crash half-way re-applies at the next
 //! boot. User data that fails validation changes nothing: it is reported (console, event, `GET
 //! /v1/firstboot`) and the node boots with its last good config, reachable to be fixed.
+//!
+//! This crate knows the config schema (`keelson-spec`) and nothing of services, the network
+//! manager or the API: sysd runs it before anything starts and reads its [`Outcome`].
 
 pub mod cloudconfig;
 pub mod datasource;
@@ -33,11 +36,11 @@ use std::time::Instant;
 use keelson_common::api::firstboot::{FirstBoot, Outcome};
 use keelson_common::api::now_ms;
 
-use crate::spec::store_atomically;
 use cloudconfig::{CloudConfig, WriteFile, DEFAULT_USER};
 use datasource::Found;
 #[cfg(test)]
 use datasource::Probe;
+use keelson_spec::store_atomically;
 use userdata::UserData;
 
 /// Paths under which first boot reads and writes (all on /var but the host name's runtime
@@ -56,7 +59,7 @@ impl Paths {
     pub fn system() -> Paths {
         Paths {
             state_dir: PathBuf::from("/var/lib/keelson/firstboot"),
-            config_file: PathBuf::from(crate::spec::USERDATA_FILE),
+            config_file: PathBuf::from(keelson_spec::USERDATA_FILE),
             root: PathBuf::from("/"),
         }
     }
@@ -64,7 +67,7 @@ impl Paths {
 
 /// Config paths that a `#cloud-config` write_files entry may target to hand Keelson TOML to
 /// the user-data layer (validated like any config, merged with the keys the document gives).
-pub const CONFIG_PATHS: &[&str] = &["/etc/keelson/config.toml", crate::spec::USERDATA_FILE];
+pub const CONFIG_PATHS: &[&str] = &["/etc/keelson/config.toml", keelson_spec::USERDATA_FILE];
 
 /// What will be written, fully validated.
 #[derive(Debug, Default)]
@@ -436,7 +439,7 @@ fn write_file(f: &WriteFile, root: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{self, Source};
+    use keelson_spec::{self as spec, Source};
     use std::os::unix::fs::MetadataExt;
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILLQlN97l7/l7fgXF9PlMnkcATyASDAzrU0bNgZfDbPW test@keelson";

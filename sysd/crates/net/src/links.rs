@@ -13,7 +13,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
-use crate::spec::network::Cidr;
+use keelson_spec::network::Cidr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -19,8 +19,8 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::spec::admin::check_ssh_key;
-pub use crate::spec::units::check_hostname;
+use keelson_spec::admin::check_ssh_key;
+pub use keelson_spec::units::check_hostname;
 
 /// A parsed, validated `#cloud-config` document.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
