@@ -9,11 +9,11 @@
 //! READY=1 to init (services become ready on their own, in dependency order). On SIGTERM it
 //! stops services, dependents first, and exits 0.
 
-mod api;
 mod notify;
 mod supervisor;
 mod update;
 
+use keelson_api as api;
 use keelson_firstboot as firstboot;
 use keelson_images as images;
 use keelson_net as network;

@@ -827,8 +827,8 @@ mod tests {
     use tokio::sync::oneshot;
     use tokio::task::JoinHandle;
 
-    use super::super::{EventFeed, LogFeed};
     use super::*;
+    use crate::{EventFeed, LogFeed};
 
     const WAIT: Duration = Duration::from_secs(5);
 

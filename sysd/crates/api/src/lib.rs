@@ -2,6 +2,10 @@
 //! The wire types live in `keelson_common::api` (shared with keelctl); the endpoints are
 //! documented in `docs/api.md`. The server only translates HTTP to calls on a [`Backend`] (the
 //! supervisor implements it), which keeps routing testable without containers.
+//!
+//! This crate is the transport edge: it alone turns a failure's
+//! [`Kind`](keelson_common::error::Kind) into an HTTP status ([`Failure::of`], [`failure`]).
+//! It knows the wire types and nothing of the crates that implement the backend.
 
 use std::future::Future;
 
