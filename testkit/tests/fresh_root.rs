@@ -82,9 +82,9 @@ impl Drop for Root {
 #[test]
 fn dev_deps_on_a_fresh_debian_12_root_resolves_every_host_tool() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "the fresh-root test needs root (debootstrap, chroot): ./dev test runs as root"
     );
     let cache = out_dir().join("fresh-root");
