@@ -8,14 +8,16 @@
 //!   talked to over its socket ([`http`]), cleaned up on drop.
 //! - [`busybox`]: a busybox root file system for containers; [`cgroup`]: cgroup2 on hybrid
 //!   hosts and cleanup.
-//! - [`registry`]: a private network namespace, a `docker-registry`, OCI layouts and layers
-//!   built in memory, a failing proxy, a token server, a private CA.
+//! - [`oci`]: OCI layers built in memory (tar entries, directories, gzip).
+//! - [`registry`]: a private network namespace, a `docker-registry`, OCI layouts pushed to it,
+//!   a failing proxy, a token server, a private CA.
 //! - [`stats`]: medians and percentiles for the benchmarks.
 
 pub mod busybox;
 pub mod cgroup;
 pub mod daemon;
 pub mod http;
+pub mod oci;
 pub mod registry;
 pub mod stats;
 pub mod tools;

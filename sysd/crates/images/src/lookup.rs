@@ -71,12 +71,12 @@ mod tests {
         let oci = t.path().join("oci");
         let v1 = layout_image(
             &oci,
-            &[(TAR, tar(&[E::File("v", "1", 0o644)]))],
+            &[(TAR, tar(&[E::File("v", b"1", 0o644)]))],
             serde_json::json!({ "Cmd": ["/v1"] }),
         );
         let v2 = layout_image(
             &oci,
-            &[(TAR, tar(&[E::File("v", "2", 0o644)]))],
+            &[(TAR, tar(&[E::File("v", b"2", 0o644)]))],
             serde_json::json!({ "Cmd": ["/v2"] }),
         );
         write_index(&oci, vec![tagged(v1, "v1"), tagged(v2, "latest")]);

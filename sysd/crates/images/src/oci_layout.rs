@@ -804,72 +804,9 @@ fn remove_stale(store: &Path, hex: &str) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::io::Write;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
-    /// One tar entry of a test layer.
-    pub(crate) enum E<'a> {
-        Dir(&'a str),
-        File(&'a str, &'a str, u32),
-        Symlink(&'a str, &'a str),
-        Hardlink(&'a str, &'a str),
-        Fifo(&'a str),
-        Char(&'a str),
-    }
-
-    /// A tar archive; paths are written raw (so `../x` and `/x` reach the unpacker as is).
-    pub(crate) fn tar(entries: &[E]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for e in entries {
-            let mut h = tar::Header::new_gnu();
-            let (path, data): (&str, &[u8]) = match e {
-                E::Dir(p) => {
-                    h.set_entry_type(tar::EntryType::Directory);
-                    h.set_mode(0o755);
-                    (p, b"")
-                }
-                E::File(p, d, mode) => {
-                    h.set_entry_type(tar::EntryType::Regular);
-                    h.set_mode(*mode);
-                    (p, d.as_bytes())
-                }
-                E::Symlink(p, t) | E::Hardlink(p, t) => {
-                    h.set_entry_type(if matches!(e, E::Symlink(..)) {
-                        tar::EntryType::Symlink
-                    } else {
-                        tar::EntryType::Link
-                    });
-                    h.set_mode(0o777);
-                    h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
-                    (p, b"")
-                }
-                E::Fifo(p) => {
-                    h.set_entry_type(tar::EntryType::Fifo);
-                    h.set_mode(0o600);
-                    (p, b"")
-                }
-                E::Char(p) => {
-                    h.set_entry_type(tar::EntryType::Char);
-                    h.set_mode(0o666);
-                    (p, b"")
-                }
-            };
-            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
-            h.set_size(data.len() as u64);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(1_000_000);
-            h.set_cksum();
-            b.append(&h, data).unwrap();
-        }
-        b.into_inner().unwrap()
-    }
-
-    fn gzip(data: &[u8]) -> Vec<u8> {
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        e.write_all(data).unwrap();
-        e.finish().unwrap()
-    }
+    pub(crate) use keelson_testkit::oci::{gzip, tar, E, TAR, TGZ};
 
     fn blob(layout: &Path, data: &[u8]) -> (String, u64) {
         let hex = hex::encode(Sha256::digest(data));
@@ -925,9 +862,6 @@ pub(crate) mod tests {
         fs::write(layout.join("index.json"), index.to_string()).unwrap();
     }
 
-    pub(crate) const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-    const TGZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-
     /// A one-layer layout (plain tar) of `entries`.
     fn single(layout: &Path, entries: &[E]) {
         let m = image(layout, &[(TAR, tar(entries))], serde_json::json!({}));
@@ -944,28 +878,28 @@ pub(crate) mod tests {
         let (layout, store) = (t.path().join("layout"), t.path().join("store"));
         let lower = tar(&[
             E::Dir("etc/"),
-            E::File("etc/keep", "keep", 0o644),
-            E::File("etc/gone", "gone", 0o644),
+            E::File("etc/keep", b"keep", 0o644),
+            E::File("etc/gone", b"gone", 0o644),
             E::Dir("etc/gone-dir/"),
-            E::File("etc/gone-dir/x", "x", 0o644),
+            E::File("etc/gone-dir/x", b"x", 0o644),
             E::Dir("opaque/"),
-            E::File("opaque/old", "old", 0o644),
+            E::File("opaque/old", b"old", 0o644),
             E::Dir("opaque/sub/"),
-            E::File("opaque/sub/old", "old", 0o644),
-            E::File("bin/su", "su", 0o4755),
+            E::File("opaque/sub/old", b"old", 0o644),
+            E::File("bin/su", b"su", 0o4755),
             E::Hardlink("bin/su2", "bin/su"),
             E::Symlink("bin/sh", "/bin/busybox"),
             E::Fifo("run.fifo"),
             E::Char("dev/null"),
         ]);
         let upper = tar(&[
-            E::File("opaque/new", "new", 0o600),
-            E::File("./opaque/sub/new", "new", 0o644),
-            E::File("opaque/.wh..wh..opq", "", 0o644),
-            E::File("etc/.wh.gone", "", 0o644),
-            E::File("etc/.wh.gone-dir", "", 0o644),
-            E::File("etc/.wh.never-existed", "", 0o644),
-            E::File("/abs", "inside", 0o644),
+            E::File("opaque/new", b"new", 0o600),
+            E::File("./opaque/sub/new", b"new", 0o644),
+            E::File("opaque/.wh..wh..opq", b"", 0o644),
+            E::File("etc/.wh.gone", b"", 0o644),
+            E::File("etc/.wh.gone-dir", b"", 0o644),
+            E::File("etc/.wh.never-existed", b"", 0o644),
+            E::File("/abs", b"inside", 0o644),
         ]);
         let m = image(
             &layout,
@@ -993,7 +927,7 @@ pub(crate) mod tests {
         assert_eq!(fs::read_to_string(r.join("abs")).unwrap(), "inside");
         let su = fs::metadata(r.join("bin/su")).unwrap();
         assert_eq!(su.mode() & 0o7777, 0o4755);
-        assert_eq!(su.mtime(), 1_000_000);
+        assert_eq!(su.mtime(), keelson_testkit::oci::MTIME as i64);
         assert_eq!(su.ino(), fs::metadata(r.join("bin/su2")).unwrap().ino());
         assert_eq!(
             fs::metadata(r.join("opaque/new")).unwrap().mode() & 0o777,
@@ -1039,12 +973,12 @@ pub(crate) mod tests {
         let (layout, store) = (t.path().join("layout"), t.path().join("store"));
         let v1 = image(
             &layout,
-            &[(TAR, tar(&[E::File("v", "1", 0o644)]))],
+            &[(TAR, tar(&[E::File("v", b"1", 0o644)]))],
             serde_json::json!({}),
         );
         let v2 = image(
             &layout,
-            &[(TAR, tar(&[E::File("v", "2", 0o644)]))],
+            &[(TAR, tar(&[E::File("v", b"2", 0o644)]))],
             serde_json::json!({}),
         );
         write_index(
@@ -1079,12 +1013,12 @@ pub(crate) mod tests {
         let (layout, store) = (t.path().join("layout"), t.path().join("store"));
         let mut arm = image(
             &layout,
-            &[(TAR, tar(&[E::File("a", "arm", 0o644)]))],
+            &[(TAR, tar(&[E::File("a", b"arm", 0o644)]))],
             serde_json::json!({}),
         );
         let mut ours = image(
             &layout,
-            &[(TAR, tar(&[E::File("a", "ours", 0o644)]))],
+            &[(TAR, tar(&[E::File("a", b"ours", 0o644)]))],
             serde_json::json!({}),
         );
         arm["platform"] = serde_json::json!({ "os": "linux", "architecture": "arm64" });
@@ -1145,12 +1079,12 @@ pub(crate) mod tests {
     fn digest_mismatch_refused() {
         let t = tempfile::tempdir().unwrap();
         let (layout, store) = (t.path().join("layout"), t.path().join("store"));
-        let layer = tar(&[E::File("f", "good", 0o644)]);
+        let layer = tar(&[E::File("f", b"good", 0o644)]);
         let m = image(&layout, &[(TAR, layer.clone())], serde_json::json!({}));
         write_index(&layout, vec![m]);
         let hex = hex::encode(Sha256::digest(&layer));
         // Same size, other content: still a valid tar.
-        let bad = tar(&[E::File("f", "evil", 0o644)]);
+        let bad = tar(&[E::File("f", b"evil", 0o644)]);
         assert_eq!(bad.len(), layer.len());
         fs::write(layout.join("blobs/sha256").join(&hex), &bad).unwrap();
         let e = err(&layout, None, &store);
@@ -1176,7 +1110,7 @@ pub(crate) mod tests {
     fn parent_dir_entry_refused() {
         let t = tempfile::tempdir().unwrap();
         let (layout, store) = (t.path().join("layout"), t.path().join("store"));
-        single(&layout, &[E::File("a/../../escape", "x", 0o644)]);
+        single(&layout, &[E::File("a/../../escape", b"x", 0o644)]);
         let e = err(&layout, None, &store);
         assert!(
             e.contains("entry a/../../escape: path a/../../escape has a `..` component"),
@@ -1192,7 +1126,7 @@ pub(crate) mod tests {
         let outside = t.path().join("outside");
         fs::create_dir(&outside).unwrap();
         let l1 = tar(&[E::Symlink("etc", outside.to_str().unwrap())]);
-        let l2 = tar(&[E::File("etc/x", "pwned", 0o644)]);
+        let l2 = tar(&[E::File("etc/x", b"pwned", 0o644)]);
         let m = image(&layout, &[(TAR, l1), (TAR, l2)], serde_json::json!({}));
         write_index(&layout, vec![m]);
         let e = err(&layout, None, &store);
@@ -1206,7 +1140,7 @@ pub(crate) mod tests {
         // Whiteouts through a symlink are refused too (they would delete outside).
         fs::write(outside.join("victim"), "").unwrap();
         let l1 = tar(&[E::Symlink("etc", outside.to_str().unwrap())]);
-        let l2 = tar(&[E::File("etc/.wh.victim", "", 0o644)]);
+        let l2 = tar(&[E::File("etc/.wh.victim", b"", 0o644)]);
         let m = image(&layout, &[(TAR, l1), (TAR, l2)], serde_json::json!({}));
         write_index(&layout, vec![m]);
         assert!(err(&layout, None, &store).contains("is a symlink"));
@@ -1220,7 +1154,7 @@ pub(crate) mod tests {
         let outside = t.path().join("victim");
         fs::write(&outside, "host").unwrap();
         let l1 = tar(&[E::Symlink("passwd", outside.to_str().unwrap())]);
-        let l2 = tar(&[E::File("passwd", "image", 0o644)]);
+        let l2 = tar(&[E::File("passwd", b"image", 0o644)]);
         let m = image(&layout, &[(TAR, l1), (TAR, l2)], serde_json::json!({}));
         write_index(&layout, vec![m]);
         let img = unpack(&layout, None, &store).unwrap();
@@ -1263,7 +1197,7 @@ pub(crate) mod tests {
         let (layout, store) = (t.path().join("layout"), t.path().join("store"));
         let level = ruzstd::encoding::CompressionLevel::Fastest;
         // One tar split across two zstd frames.
-        let data = tar(&[E::Dir("etc/"), E::File("etc/zstd", "from zstd", 0o644)]);
+        let data = tar(&[E::Dir("etc/"), E::File("etc/zstd", b"from zstd", 0o644)]);
         let (a, b) = data.split_at(700);
         let mut zst = ruzstd::encoding::compress_to_vec(a, level);
         zst.extend(ruzstd::encoding::compress_to_vec(b, level));
