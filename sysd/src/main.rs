@@ -11,7 +11,6 @@
 
 mod notify;
 mod supervisor;
-mod update;
 
 use keelson_api as api;
 use keelson_firstboot as firstboot;
@@ -20,6 +19,7 @@ use keelson_net as network;
 use keelson_net::loopback as net;
 use keelson_runtime as runtime;
 use keelson_spec as spec;
+use keelson_update as update;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;

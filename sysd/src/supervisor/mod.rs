@@ -1471,26 +1471,38 @@ impl Backend for Supervisor {
     async fn update_check(
         &self,
     ) -> Result<keelson_common::api::update::UpdateCheck, crate::api::Failure> {
-        self.update_agent()?.check().await
+        self.update_agent()?
+            .check()
+            .await
+            .map_err(crate::api::failure)
     }
 
     async fn update_apply(
         &self,
         req: keelson_common::api::update::ApplyRequest,
     ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
-        self.update_agent()?.apply(req).await
+        self.update_agent()?
+            .apply(req)
+            .await
+            .map_err(crate::api::failure)
     }
 
     async fn update_cancel(
         &self,
     ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
-        self.update_agent()?.cancel().await
+        self.update_agent()?
+            .cancel()
+            .await
+            .map_err(crate::api::failure)
     }
 
     async fn update_rollback(
         &self,
         reboot: bool,
     ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
-        self.update_agent()?.rollback(reboot).await
+        self.update_agent()?
+            .rollback(reboot)
+            .await
+            .map_err(crate::api::failure)
     }
 }

@@ -31,7 +31,7 @@ use url::Url;
 use super::http;
 use super::slots::{self, Layout};
 use super::Agent;
-use crate::spec::update::UpdateSpec;
+use keelson_spec::update::UpdateSpec;
 
 /// The loaded, verified repository.
 pub struct Repo {

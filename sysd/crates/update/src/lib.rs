@@ -33,9 +33,47 @@ use keelson_common::api::{ServiceStatus, State};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::api::Failure;
-use crate::spec::update::{in_window, parse_window, Policy, UpdateSpec};
+use keelson_common::error::{Classify, Kind};
+use keelson_spec::update::{in_window, parse_window, Policy, UpdateSpec};
 use slots::Discovery;
+/// Why an agent call failed: its kind (the API maps it to a status) and the text a person
+/// reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub kind: Kind,
+    pub message: String,
+}
+
+impl Error {
+    fn new(kind: Kind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+        }
+    }
+    /// The `[update]` config is wrong.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(Kind::Invalid, message)
+    }
+    /// The request contradicts the agent's state (an apply running, nothing to roll back to).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(Kind::Conflict, message)
+    }
+    /// The update repository failed.
+    pub fn upstream(message: impl Into<String>) -> Self {
+        Self::new(Kind::Upstream, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(Kind::Internal, message)
+    }
+}
+
+impl Classify for Error {
+    fn kind(&self) -> Kind {
+        self.kind
+    }
+}
 
 /// Where the agent keeps and finds things.
 #[derive(Debug, Clone)]
@@ -189,8 +227,8 @@ impl Agent {
         }
     }
 
-    fn spec(&self) -> Result<UpdateSpec, Failure> {
-        (self.hooks.spec)().map_err(Failure::bad_request)
+    fn spec(&self) -> Result<UpdateSpec, Error> {
+        (self.hooks.spec)().map_err(Error::invalid)
     }
 
     fn os_release(&self) -> (String, String) {
@@ -253,7 +291,7 @@ impl Agent {
     async fn on_thread<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(Arc<Agent>, &tokio::runtime::Runtime) -> T + Send + 'static,
-    ) -> Result<T, Failure> {
+    ) -> Result<T, Error> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let me = Arc::clone(self);
         std::thread::Builder::new()
@@ -268,22 +306,19 @@ impl Agent {
                 };
                 let _ = tx.send(f(me, &rt));
             })
-            .map_err(|e| Failure::internal(format!("cannot start the update thread: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot start the update thread: {e}")))?;
         rx.await
-            .map_err(|_| Failure::internal("the update thread ended without an answer"))
+            .map_err(|_| Error::internal("the update thread ended without an answer"))
     }
 
-    pub async fn check(self: &Arc<Self>) -> Result<UpdateCheck, Failure> {
+    pub async fn check(self: &Arc<Self>) -> Result<UpdateCheck, Error> {
         let spec = self.spec()?;
         self.on_thread(move |agent, rt| rt.block_on(agent.check_inner(&spec)))
             .await?
             .map_err(|e| {
                 let msg = format!("{e:#}");
                 self.save(|s| s.last_error = Some(format!("check: {msg}")));
-                Failure {
-                    status: 502,
-                    message: msg,
-                }
+                Error::upstream(msg)
             })
     }
 
@@ -312,10 +347,10 @@ impl Agent {
 
     /// Starts an install; returns once the version is chosen (refusals come back as errors),
     /// the rest runs in the background (progress in `status`, events on the bus).
-    pub async fn apply(self: &Arc<Self>, req: ApplyRequest) -> Result<UpdateStatus, Failure> {
+    pub async fn apply(self: &Arc<Self>, req: ApplyRequest) -> Result<UpdateStatus, Error> {
         let spec = self.spec()?;
         if self.busy.swap(true, Ordering::SeqCst) {
-            return Err(Failure::conflict(format!(
+            return Err(Error::conflict(format!(
                 "an update is already in progress ({}); `keelctl update cancel` stops it",
                 self.live().phase.as_str()
             )));
@@ -324,7 +359,7 @@ impl Agent {
         if let Some(s) = &self.live().state.staged {
             if req.version.as_deref().is_none_or(|v| v == s.version) && !req.force {
                 self.busy.store(false, Ordering::SeqCst);
-                return Err(Failure::conflict(format!(
+                return Err(Error::conflict(format!(
                     "version {} is already staged in slot {}: reboot to boot it, or `keelctl update cancel`",
                     s.version, s.slot
                 )));
@@ -351,7 +386,7 @@ impl Agent {
             })
             .map_err(|e| {
                 self.busy.store(false, Ordering::SeqCst);
-                Failure::internal(format!("cannot start the update thread: {e}"))
+                Error::internal(format!("cannot start the update thread: {e}"))
             })?;
         match rx.await {
             Ok(Ok(_)) => Ok(self.status()),
@@ -364,11 +399,9 @@ impl Agent {
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err(Failure::conflict(msg))
+                Err(Error::conflict(msg))
             }
-            Err(_) => Err(Failure::internal(
-                "the update thread ended without an answer",
-            )),
+            Err(_) => Err(Error::internal("the update thread ended without an answer")),
         }
     }
 
@@ -477,7 +510,7 @@ impl Agent {
 
     /// Stops an install in progress, or discards a staged version (its entry is removed, so the
     /// running slot stays the one that boots).
-    pub async fn cancel(self: &Arc<Self>) -> Result<UpdateStatus, Failure> {
+    pub async fn cancel(self: &Arc<Self>) -> Result<UpdateStatus, Error> {
         if self.busy.load(Ordering::SeqCst) {
             self.cancel.store(true, Ordering::SeqCst);
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -492,14 +525,14 @@ impl Agent {
         }
         let staged = self.live().state.staged.clone();
         let Some(s) = staged else {
-            return Err(Failure::conflict(
+            return Err(Error::conflict(
                 "nothing to cancel: no update in progress or staged",
             ));
         };
         let esp = self
             .discovery
             .esp()
-            .ok_or_else(|| Failure::internal("no ESP found"))?;
+            .ok_or_else(|| Error::internal("no ESP found"))?;
         let restore = self.discovery.running().ok().map(|(_, h)| h);
         let result = (|| -> Result<()> {
             for e in slots::entries(&esp)? {
@@ -517,7 +550,7 @@ impl Agent {
             }
             Ok(())
         })();
-        result.map_err(|e| Failure::internal(format!("{e:#}")))?;
+        result.map_err(|e| Error::internal(format!("{e:#}")))?;
         self.save(|st| st.staged = None);
         self.set_phase(Phase::Idle);
         self.emit(
@@ -531,15 +564,13 @@ impl Agent {
     }
 
     /// Boots the other slot on purpose: its entry must exist (a previous, good version).
-    pub async fn rollback(self: &Arc<Self>, reboot: bool) -> Result<UpdateStatus, Failure> {
+    pub async fn rollback(self: &Arc<Self>, reboot: bool) -> Result<UpdateStatus, Error> {
         if self.busy.load(Ordering::SeqCst) {
-            return Err(Failure::conflict(
-                "an update is in progress; cancel it first",
-            ));
+            return Err(Error::conflict("an update is in progress; cancel it first"));
         }
-        let fail = |e: anyhow::Error| Failure::conflict(format!("{e:#}"));
+        let fail = |e: anyhow::Error| Error::conflict(format!("{e:#}"));
         let esp = self.discovery.esp().ok_or_else(|| {
-            Failure::conflict("no ESP (direct kernel boot): nothing to roll back to")
+            Error::conflict("no ESP (direct kernel boot): nothing to roll back to")
         })?;
         let (running, hash) = self.discovery.running().map_err(fail)?;
         let entries = slots::entries(&esp).map_err(fail)?;
@@ -547,7 +578,7 @@ impl Agent {
             .iter()
             .find(|e| e.slot == Some(running.other()))
             .ok_or_else(|| {
-                Failure::conflict(format!(
+                Error::conflict(format!(
                     "slot {} has no boot entry (never installed, or invalidated): nothing to roll back to",
                     running.other().letter()
                 ))

@@ -18,12 +18,14 @@ use keelson_common::verity;
 
 use super::slots::{self, Discovery, SlotDevices};
 use super::{Agent, Hooks, Paths};
-use crate::spec::update::UpdateSpec;
+use keelson_spec::update::UpdateSpec;
 
 fn image_build() -> PathBuf {
     static BUILD: Once = Once::new();
+    // sysd/crates/update → the workspace root.
     let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+        .ancestors()
+        .nth(3)
         .unwrap()
         .to_path_buf();
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -239,7 +241,7 @@ fn netns() {
         "unshare(CLONE_NEWNET) needs root: {}",
         std::io::Error::last_os_error()
     );
-    crate::net::loopback_up().unwrap();
+    keelson_net::loopback::loopback_up().unwrap();
 }
 
 fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
@@ -290,7 +292,7 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
     let server = serve(repo.clone());
     let spec = Arc::new(Mutex::new(UpdateSpec {
         repository: Some(format!("http://127.0.0.1:{}/", server.port)),
-        health_timeout: crate::spec::units::Span(Duration::from_secs(3)),
+        health_timeout: keelson_spec::units::Span(Duration::from_secs(3)),
         ..UpdateSpec::default()
     }));
     let events = Arc::new(Mutex::new(Vec::new()));
