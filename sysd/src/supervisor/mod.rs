@@ -1094,10 +1094,10 @@ impl Supervisor {
     }
 
     fn update_agent(&self) -> Result<Arc<crate::update::Agent>, crate::api::Failure> {
-        self.update.get().cloned().ok_or(crate::api::Failure {
-            status: 501,
-            message: "the update agent is not running".into(),
-        })
+        self.update
+            .get()
+            .cloned()
+            .ok_or_else(|| crate::api::Failure::absent("the update agent is not running"))
     }
 
     /// Reconciles the running node with the config made of the system services, the user-data
@@ -1380,12 +1380,9 @@ impl Backend for Supervisor {
     async fn network(&self) -> Result<keelson_common::api::network::NetworkStatus, Failure> {
         match self.network() {
             Some(net) => Ok(net.status().await),
-            None => Err(Failure {
-                status: 501,
-                message:
-                    "this sysd does not manage the host network (started without --host-network)"
-                        .into(),
-            }),
+            None => Err(Failure::absent(
+                "this sysd does not manage the host network (started without --host-network)",
+            )),
         }
     }
 

@@ -53,6 +53,14 @@ impl Failure {
         }
     }
 
+    /// The concern behind the call is absent from this sysd (the one place that answers 501).
+    pub fn absent(message: impl Into<String>) -> Self {
+        Failure {
+            status: 501,
+            message: message.into(),
+        }
+    }
+
     /// A failure of `kind`: the one place a domain error's kind becomes an HTTP status.
     pub fn of(kind: Kind, message: impl Into<String>) -> Self {
         let status = match kind {
@@ -103,12 +111,7 @@ pub trait Backend: Send + Sync + 'static {
         signal: i32,
     ) -> impl Future<Output = Result<ServiceStatus, Failure>> + Send {
         let _ = (name, signal);
-        async {
-            Err(Failure {
-                status: 501,
-                message: "kill is not supported".into(),
-            })
-        }
+        async { Err(Failure::absent("kill is not supported")) }
     }
     /// `tail`: how many past lines (None = all kept in memory); `follow`: also stream new ones.
     fn logs(&self, name: &str, tail: Option<usize>, follow: bool) -> Result<LogFeed, Failure>;
@@ -125,10 +128,9 @@ pub trait Backend: Send + Sync + 'static {
     /// The host network (`GET /v1/network`): links, addresses, routes, DNS, leases.
     fn network(&self) -> impl Future<Output = Result<NetworkStatus, Failure>> + Send {
         async {
-            Err(Failure {
-                status: 501,
-                message: "this sysd does not manage the host network".into(),
-            })
+            Err(Failure::absent(
+                "this sysd does not manage the host network",
+            ))
         }
     }
 
@@ -197,15 +199,9 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 fn not_supported(what: &str) -> Failure {
-    Failure {
-        status: 501,
-        message: format!("{what} is not supported"),
-    }
+    Failure::absent(format!("{what} is not supported"))
 }
 
 fn no_updates() -> Failure {
-    Failure {
-        status: 501,
-        message: "updates are not supported here".into(),
-    }
+    Failure::absent("updates are not supported here")
 }
