@@ -7,12 +7,16 @@
 //! - [`verity`]: the dm-verity superblock and (with the `verity-build` feature) the hash tree.
 //! - [`cmdline`]: the kernel command line keys Keelson uses.
 //! - [`cpio`]: a deterministic `newc` archive writer (initramfs).
+//! - [`caps`]: Linux capability names in bit order (service schema and runtime).
+//! - [`error`]: the transport-neutral kind of a failure (the API maps it to HTTP).
 //! - [`api`] (feature `api`): the wire types of sysd's HTTP API, shared with keelctl.
 
 #[cfg(feature = "api")]
 pub mod api;
+pub mod caps;
 pub mod cmdline;
 pub mod cpio;
+pub mod error;
 pub mod gpt;
 pub mod partitions;
 #[cfg(feature = "update")]

@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use qemu_tests::{create_overlay, image, DiskFormat, Guest, GuestBuilder};
 
-#[allow(dead_code)]
-#[path = "../../sysd/src/testing_registry.rs"]
-mod testing_registry;
+use keelson_testkit::registry::{Layout, Registry, RegistryOptions};
 
 const BOOT: Duration = Duration::from_secs(240);
 const SHELL_PORT: u16 = 17000;
@@ -76,16 +74,8 @@ fn service_from_a_registry_image_survives_a_reboot_without_the_registry() {
     let work = dir.path().to_path_buf();
     let layout_dir = img.join("oci/base");
     let registry = g.run_in_netns(move || {
-        let reg = testing_registry::Registry::start(
-            &work.join("reg"),
-            5000,
-            testing_registry::RegistryOptions::default(),
-        );
-        testing_registry::Layout::new(&layout_dir).push(
-            "base",
-            &format!("{}/keelson/base:v1", reg.addr),
-            None,
-        );
+        let reg = Registry::start(&work.join("reg"), 5000, RegistryOptions::default());
+        Layout::new(&layout_dir).push("base", &format!("{}/keelson/base:v1", reg.addr), None);
         reg
     });
     let sbom: serde_json::Value =

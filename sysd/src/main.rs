@@ -9,17 +9,17 @@
 //! READY=1 to init (services become ready on their own, in dependency order). On SIGTERM it
 //! stops services, dependents first, and exits 0.
 
-mod api;
-mod firstboot;
-mod images;
-mod net;
-mod network;
 mod notify;
-mod runtime;
-mod spec;
 mod supervisor;
-mod update;
 
+use keelson_api as api;
+use keelson_firstboot as firstboot;
+use keelson_images as images;
+use keelson_net as network;
+use keelson_net::loopback as net;
+use keelson_runtime as runtime;
+use keelson_spec as spec;
+use keelson_update as update;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;

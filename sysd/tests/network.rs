@@ -6,8 +6,6 @@
 //! sysd's event lines (mirrored on its stderr) are what the tests wait on; the kernel's view
 //! is read back with `ip`.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,10 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-// The busybox root file system for the bridge test's containers.
-#[allow(dead_code)]
-#[path = "../src/testing.rs"]
-mod testing;
+use keelson_testkit::busybox;
+use keelson_testkit::daemon::Daemon;
 
 const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -43,7 +39,7 @@ struct Lab {
     subnet: String,
     dir: tempfile::TempDir,
     dnsmasq: Option<Child>,
-    sysd: Option<Child>,
+    sysd: Daemon,
 }
 
 impl Lab {
@@ -52,13 +48,32 @@ impl Lab {
         assert_eq!(unsafe { libc::geteuid() }, 0, "these tests need root");
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}-{n}", std::process::id() % 100_000);
+        let client = format!("kn-c-{id}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().display().to_string();
+        let sysd = Daemon::new(SYSD, dir.path(), format!("/keelson-net-{client}"))
+            .prefix(["ip", "netns", "exec", &client])
+            .unshare(["-u"])
+            .args([
+                "--host-network".to_string(),
+                "--network-state".to_string(),
+                format!("{d}/var/network"),
+                "--resolv-conf".to_string(),
+                format!("{d}/run/resolv.conf"),
+                "--hostname-file".to_string(),
+                format!("{d}/hostname"),
+                "--machine-id".to_string(),
+                format!("{d}/machine-id"),
+                "--nft".to_string(),
+                "/usr/sbin/nft".to_string(),
+            ]);
         let lab = Lab {
             server: format!("kn-s-{id}"),
-            client: format!("kn-c-{id}"),
+            client,
             subnet: format!("10.77.{}", 10 + (std::process::id() % 200 + n) % 240),
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir,
             dnsmasq: None,
-            sysd: None,
+            sysd,
         };
         run(&["ip", "netns", "add", &lab.server]);
         run(&["ip", "netns", "add", &lab.client]);
@@ -163,39 +178,17 @@ impl Lab {
     }
 
     fn spawn_sysd(&mut self) {
-        let d = self.dir.path().display();
-        let script = format!(
-            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {SYSD} --host-network --system-dir {d}/system --user-config {d}/var/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent /keelson-net-{} --network-state {d}/var/network --resolv-conf {d}/run/resolv.conf --hostname-file {d}/hostname --machine-id {d}/machine-id --nft /usr/sbin/nft",
-            self.client
-        );
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path("sysd.log"))
-            .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.client, "unshare", "-m", "-u"])
-            .args(["--propagation", "private", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("sysd");
-        self.sysd = Some(child);
+        self.sysd.spawn().expect("sysd");
         self.wait_log("sysd: ready", 1);
     }
 
     /// SIGTERM and wait (sysd releases its leases on the way out).
     fn stop_sysd(&mut self) {
-        if let Some(mut c) = self.sysd.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
+        self.sysd.terminate();
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.path("sysd.log")).unwrap_or_default()
+        self.sysd.log()
     }
 
     /// Waits until `needle` appears `count` times in sysd's log.
@@ -222,19 +215,7 @@ impl Lab {
     }
 
     fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut s = UnixStream::connect(self.path("run/sysd.sock")).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).expect("response");
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (status, body.to_string())
+        self.sysd.request(method, path, body)
     }
 
     fn status(&self) -> Value {
@@ -505,7 +486,7 @@ fn bridge_services_talk_by_name_reach_out_and_publish_ports() {
     let mut lab = Lab::new();
     let s = lab.subnet.clone();
     let rootfs = lab.path("rootfs");
-    testing::busybox_rootfs(&rootfs).unwrap();
+    busybox::rootfs(&rootfs).unwrap();
     std::fs::create_dir_all(rootfs.join("www")).unwrap();
     std::fs::write(rootfs.join("www/index.html"), "hello from web\n").unwrap();
     std::fs::create_dir_all(lab.path("out")).unwrap();

@@ -4,29 +4,22 @@
 //! busybox-static, docker-registry, skopeo, apache2-utils and openssl (`./dev deps`) and fail
 //! without them.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keelson_testkit::busybox;
+use keelson_testkit::daemon::Daemon;
+use keelson_testkit::http::encode;
+use keelson_testkit::registry::{
+    self as registry, Layout, Proxy, Registry, RegistryOptions, E, TAR, TGZ,
+};
 use serde_json::Value;
-
-#[allow(dead_code)]
-#[path = "../src/testing.rs"]
-mod testing;
-#[allow(dead_code)]
-#[path = "../src/testing_registry.rs"]
-mod testing_registry;
-
-use testing_registry::{Layout, Proxy, Registry, RegistryOptions, E, TAR, TGZ};
 
 const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
 
 struct Sysd {
+    daemon: Daemon,
     dir: PathBuf,
-    child: Option<Child>,
-    cgroup_parent: String,
 }
 
 impl Sysd {
@@ -35,62 +28,23 @@ impl Sysd {
     fn start(dir: &Path) -> Sysd {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "these tests need root");
-        std::fs::create_dir_all(dir.join("system")).unwrap();
-        let mut sysd = Sysd {
+        let mut daemon = Daemon::new(SYSD, dir, Daemon::cgroup_parent_for("reg", dir))
+            // As on a node: no CA bundle on the system (sysd carries its own roots).
+            .env("SSL_CERT_FILE", "/nonexistent/ca.pem")
+            .env("SSL_CERT_DIR", "/nonexistent");
+        daemon.start(Duration::from_secs(30));
+        Sysd {
+            daemon,
             dir: dir.to_path_buf(),
-            child: None,
-            cgroup_parent: format!(
-                "/keelson-reg-{}-{}",
-                std::process::id(),
-                dir.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .trim_start_matches('.')
-            ),
-        };
-        sysd.spawn();
-        sysd
+        }
     }
 
     fn spawn(&mut self) {
-        let d = self.dir.display();
-        let script = format!(
-            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {SYSD} --system-dir {d}/system --user-config {d}/var/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent {}",
-            self.cgroup_parent
-        );
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("sysd.log"))
-            .unwrap();
-        let child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            // As on a node: no CA bundle on the system (sysd carries its own roots).
-            .env("SSL_CERT_FILE", "/nonexistent/ca.pem")
-            .env("SSL_CERT_DIR", "/nonexistent")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawning sysd");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(self.dir.join("run/sysd.sock")).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "sysd did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.daemon.start(Duration::from_secs(30));
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
+        self.daemon.terminate();
     }
 
     fn store(&self) -> PathBuf {
@@ -98,31 +52,11 @@ impl Sysd {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("sysd.log")).unwrap_or_default()
+        self.daemon.log()
     }
 
     fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut s = UnixStream::connect(self.dir.join("run/sysd.sock")).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Type: application/toml\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).expect("response");
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_string()
-        };
-        (status, body)
+        self.daemon.request(method, path, body)
     }
 
     fn apply(&self, config: &str) {
@@ -205,18 +139,7 @@ impl Sysd {
     }
 
     fn events(&self) -> Vec<Value> {
-        let mut s = UnixStream::connect(self.dir.join("run/sysd.sock")).expect("connect");
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        write!(s, "GET /v1/events?since=0 HTTP/1.1\r\nHost: k\r\n\r\n").unwrap();
-        let mut out = Vec::new();
-        for line in BufReader::new(s).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(line.trim()) {
-                out.push(v);
-            }
-        }
-        out
+        self.daemon.events()
     }
 
     /// Files (not directories) under the store, relative.
@@ -240,57 +163,8 @@ impl Sysd {
     }
 }
 
-impl Drop for Sysd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let parent =
-            Path::new("/sys/fs/cgroup/unified").join(self.cgroup_parent.trim_start_matches('/'));
-        if let Ok(entries) = std::fs::read_dir(&parent) {
-            for e in entries.flatten() {
-                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-                for _ in 0..50 {
-                    if std::fs::remove_dir(e.path()).is_ok() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(parent);
-    }
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn setup() -> tempfile::TempDir {
-    testing_registry::private_netns().expect("network namespace (run as root)");
+    registry::private_netns().expect("network namespace (run as root)");
     tempfile::tempdir().unwrap()
 }
 
@@ -301,8 +175,8 @@ fn insecure(addr: &str) -> String {
 /// The busybox root file system as a gzip layer.
 fn busybox_layer(dir: &Path) -> Vec<u8> {
     let rootfs = dir.join("bb-rootfs");
-    testing::busybox_rootfs(&rootfs).expect("busybox rootfs");
-    testing_registry::gzip(&testing_registry::tar_dir(&rootfs))
+    busybox::rootfs(&rootfs).expect("busybox rootfs");
+    registry::gzip(&registry::tar_dir(&rootfs))
 }
 
 #[test]
@@ -312,13 +186,13 @@ fn pull_by_tag_digest_and_index_then_run_on_demand_and_gc() {
     let mut layout = Layout::new(&t.path().join("layout"));
     let base = busybox_layer(t.path());
     // The upper layer: a whiteout, an opaque directory, a hard link, a new file.
-    let lower = testing_registry::tar(&[
+    let lower = registry::tar(&[
         E::Dir("srv/"),
         E::File("srv/gone", b"gone", 0o644),
         E::Dir("srv/opaque/"),
         E::File("srv/opaque/old", b"old", 0o644),
     ]);
-    let upper = testing_registry::tar(&[
+    let upper = registry::tar(&[
         E::File("srv/.wh.gone", b"", 0o644),
         E::File("srv/opaque/.wh..wh..opq", b"", 0o644),
         E::File("srv/opaque/new", b"new", 0o644),
@@ -335,17 +209,14 @@ fn pull_by_tag_digest_and_index_then_run_on_demand_and_gc() {
         &[
             (TGZ, base.clone()),
             (TAR, lower),
-            (TGZ, testing_registry::gzip(&upper)),
+            (TGZ, registry::gzip(&upper)),
         ],
         &cmd,
     );
     layout.tag(&amd64, "v1");
     let arm64 = layout.image(
         "arm64",
-        &[(
-            TAR,
-            testing_registry::tar(&[E::File("arch", b"arm64", 0o644)]),
-        )],
+        &[(TAR, registry::tar(&[E::File("arch", b"arm64", 0o644)]))],
         &["true"],
     );
     let index = layout.index(&[(arm64, "arm64"), (amd64.clone(), "amd64")]);
@@ -356,7 +227,7 @@ fn pull_by_tag_digest_and_index_then_run_on_demand_and_gc() {
             (TGZ, base),
             (
                 TAR,
-                testing_registry::tar(&[E::File("srv/index.html", b"v2 here", 0o644)]),
+                registry::tar(&[E::File("srv/index.html", b"v2 here", 0o644)]),
             ),
         ],
         &["sh", "-c", "cat /srv/index.html; echo; exec sleep 1000"],
@@ -505,7 +376,7 @@ fn basic_auth_credentials_from_config_never_logged() {
     let mut layout = Layout::new(&t.path().join("layout"));
     let m = layout.image(
         "amd64",
-        &[(TAR, testing_registry::tar(&[E::File("f", b"x", 0o644)]))],
+        &[(TAR, registry::tar(&[E::File("f", b"x", 0o644)]))],
         &["true"],
     );
     layout.tag(&m, "v1");
@@ -565,10 +436,10 @@ fn registry_going_away_mid_pull_is_resumed() {
     let t = setup();
     let reg = Registry::start(&t.path().join("reg"), 5000, RegistryOptions::default());
     let mut layout = Layout::new(&t.path().join("layout"));
-    let big = testing_registry::noise(6 << 20, 1);
+    let big = registry::noise(6 << 20, 1);
     let m = layout.image(
         "amd64",
-        &[(TAR, testing_registry::tar(&[E::File("big", &big, 0o644)]))],
+        &[(TAR, registry::tar(&[E::File("big", &big, 0o644)]))],
         &["true"],
     );
     layout.tag(&m, "v1");
@@ -618,17 +489,13 @@ fn bad_blobs_and_bad_registries_are_refused_and_nothing_runs() {
     let reg = Registry::start(&t.path().join("reg"), 5000, RegistryOptions::default());
     let mut layout = Layout::new(&t.path().join("layout"));
     // A blob whose content does not match its digest.
-    let layer =
-        testing_registry::tar(&[E::File("data", &testing_registry::noise(100_000, 2), 0o644)]);
+    let layer = registry::tar(&[E::File("data", &registry::noise(100_000, 2), 0o644)]);
     let m = layout.image("amd64", &[(TAR, layer.clone())], &["true"]);
     layout.tag(&m, "corrupt");
     // Layers that try to escape the root.
     let dotdot = layout.image(
         "amd64",
-        &[(
-            TAR,
-            testing_registry::tar(&[E::File("../../escaped", b"x", 0o644)]),
-        )],
+        &[(TAR, registry::tar(&[E::File("../../escaped", b"x", 0o644)]))],
         &["true"],
     );
     layout.tag(&dotdot, "dotdot");
@@ -636,7 +503,7 @@ fn bad_blobs_and_bad_registries_are_refused_and_nothing_runs() {
         "amd64",
         &[(
             TAR,
-            testing_registry::tar(&[E::Hardlink("passwd", "../../../../etc/passwd")]),
+            registry::tar(&[E::Hardlink("passwd", "../../../../etc/passwd")]),
         )],
         &["true"],
     );
@@ -645,7 +512,7 @@ fn bad_blobs_and_bad_registries_are_refused_and_nothing_runs() {
         "amd64",
         &[(
             TAR,
-            testing_registry::tar(&[
+            registry::tar(&[
                 E::Symlink("etc", "/tmp"),
                 E::File("etc/escaped-through-symlink", b"x", 0o644),
             ]),
@@ -658,7 +525,7 @@ fn bad_blobs_and_bad_registries_are_refused_and_nothing_runs() {
         .map(|i| {
             (
                 TAR,
-                testing_registry::tar(&[E::File(&format!("f{i}"), b"x", 0o644)]),
+                registry::tar(&[E::File(&format!("f{i}"), b"x", 0o644)]),
             )
         })
         .collect();
@@ -740,11 +607,11 @@ fn bad_blobs_and_bad_registries_are_refused_and_nothing_runs() {
     assert_ne!(sysd.state("bad"), "running");
 
     // A redirect loop and a TLS error are refused with their reason.
-    let looping = testing_registry::redirect_loop(5002);
+    let looping = registry::redirect_loop(5002);
     sysd.apply(&insecure(&looping));
     let err = sysd.pull_err(&format!("{looping}/x:v1"));
     assert!(err.to_lowercase().contains("redirect"), "{err}");
-    let (ca, cert, key) = testing_registry::private_ca(t.path());
+    let (ca, cert, key) = registry::private_ca(t.path());
     let tls = Registry::start(
         &t.path().join("tls"),
         5443,
@@ -774,7 +641,7 @@ fn mirror_serves_the_pull() {
         "amd64",
         &[(
             TAR,
-            testing_registry::tar(&[E::File("m", b"from the mirror", 0o644)]),
+            registry::tar(&[E::File("m", b"from the mirror", 0o644)]),
         )],
         &["true"],
     );
@@ -796,7 +663,7 @@ fn mirror_serves_the_pull() {
 #[test]
 fn bearer_token_auth() {
     let t = setup();
-    let tokens = testing_registry::TokenServer::start(
+    let tokens = registry::TokenServer::start(
         &t.path().join("token"),
         5001,
         "bob",
@@ -814,7 +681,7 @@ fn bearer_token_auth() {
     let mut layout = Layout::new(&t.path().join("layout"));
     let m = layout.image(
         "amd64",
-        &[(TAR, testing_registry::tar(&[E::File("f", b"x", 0o644)]))],
+        &[(TAR, registry::tar(&[E::File("f", b"x", 0o644)]))],
         &["true"],
     );
     layout.tag(&m, "v1");

@@ -7,14 +7,8 @@
 //! processes it spawns inherit. The test process is a child subreaper, as sysd is, so the
 //! container inits become its children when the helper exits.
 //!
-//! The runtime module is compiled into this test through `#[path]` (sysd has no library
-//! target), so the tests drive exactly the daemon's code.
-
-#[allow(dead_code)]
-#[path = "../src/runtime/mod.rs"]
-mod runtime;
-#[path = "../src/testing.rs"]
-mod testing;
+//! They drive the `keelson-runtime` crate, the same code the daemon links, and the helper
+//! through the built `sysd` binary.
 
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -24,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use keelson_runtime as runtime;
 use runtime::{ContainerConfig, ExitInfo, Mount, NetworkMode, Runtime};
 
 const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
@@ -75,7 +70,7 @@ fn fixture() -> Option<Fixture> {
     if !busybox.exists() {
         panic!("/bin/busybox missing: apt-get install busybox-static (./dev deps)");
     }
-    if let Err(e) = testing::private_cgroup2() {
+    if let Err(e) = keelson_testkit::cgroup::private_cgroup2() {
         panic!("cannot set up cgroup2 in a private mount namespace: {e}");
     }
     runtime::become_subreaper().expect("PR_SET_CHILD_SUBREAPER");
@@ -85,7 +80,7 @@ fn fixture() -> Option<Fixture> {
     // the rootfs.
     fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let rootfs = base.join("rootfs");
-    testing::busybox_rootfs(&rootfs).expect("busybox rootfs");
+    keelson_testkit::busybox::rootfs(&rootfs).expect("busybox rootfs");
     fs::create_dir_all(rootfs.join("scratch")).expect("mkdir");
     let n = SEQ.fetch_add(1, Ordering::SeqCst);
     Some(Fixture {

@@ -7,19 +7,13 @@
 //! state, log and volume directories, and TCP ports of its own on the host network. They need
 //! root and busybox-static (installed by `./dev deps`) and fail without them.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use keelson_testkit::daemon::Daemon;
+use keelson_testkit::{busybox, cgroup};
 use serde_json::Value;
-
-// Only the rootfs builder: sysd itself is started under `unshare -m` with cgroup2.
-#[allow(dead_code)]
-#[path = "../src/testing.rs"]
-mod testing;
 
 const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
 static PORTS: AtomicU16 = AtomicU16::new(0);
@@ -31,9 +25,8 @@ fn port() -> u16 {
 }
 
 struct Sysd {
+    daemon: Daemon,
     dir: tempfile::TempDir,
-    child: Option<Child>,
-    cgroup_parent: String,
 }
 
 impl Sysd {
@@ -53,28 +46,25 @@ impl Sysd {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let rootfs = dir.path().join("rootfs");
-        testing::busybox_rootfs(&rootfs).expect("busybox rootfs");
-        std::fs::create_dir_all(dir.path().join("system")).expect("mkdir");
+        busybox::rootfs(&rootfs).expect("busybox rootfs");
+        let d = dir.path().display().to_string();
+        let mut daemon = Daemon::new(
+            SYSD,
+            dir.path(),
+            Daemon::cgroup_parent_for("sv", dir.path()),
+        )
+        .args([
+            "--userdata-config".to_string(),
+            format!("{d}/var/user-data.toml"),
+            "--no-firstboot".to_string(),
+        ]);
         std::fs::write(
             dir.path().join("system/10-test.toml"),
             system.replace("ROOTFS", &rootfs.display().to_string()),
         )
         .expect("write system config");
-        let mut sysd = Sysd {
-            cgroup_parent: format!(
-                "/keelson-sv-{}-{}",
-                std::process::id(),
-                dir.path()
-                    .file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .trim_start_matches('.')
-            ),
-            dir,
-            child: None,
-        };
-        sysd.spawn();
-        Some(sysd)
+        daemon.start(Duration::from_secs(60));
+        Some(Sysd { daemon, dir })
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -85,57 +75,13 @@ impl Sysd {
         self.path("rootfs").display().to_string()
     }
 
-    fn spawn(&mut self) {
-        let d = self.dir.path().display();
-        let script = format!(
-            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {SYSD} --system-dir {d}/system --userdata-config {d}/var/user-data.toml --user-config {d}/var/services.toml --no-firstboot --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent {}",
-            self.cgroup_parent
-        );
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path("sysd.log"))
-            .expect("log");
-        let child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("spawning sysd");
-        self.child = Some(child);
-        self.wait_until("the API socket", || {
-            UnixStream::connect(self.path("run/sysd.sock")).is_ok()
-        });
-    }
-
     fn log(&self) -> String {
-        std::fs::read_to_string(self.path("sysd.log")).unwrap_or_default()
+        self.daemon.log()
     }
 
     /// One HTTP request; returns status and body.
     fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut s = UnixStream::connect(self.path("run/sysd.sock")).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Type: application/toml\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).expect("response");
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_string()
-        };
-        (status, body)
+        self.daemon.request(method, path, body)
     }
 
     fn json(&self, method: &str, path: &str) -> Value {
@@ -156,17 +102,8 @@ impl Sysd {
     }
 
     fn wait_until(&self, what: &str, mut ok: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "timed out waiting for {what}\n--- sysd log ---\n{}",
-            self.log()
-        );
+        self.daemon
+            .wait_until(what, Duration::from_secs(60), |_| ok());
     }
 
     fn wait_state(&self, name: &str, state: &str) -> Value {
@@ -178,18 +115,7 @@ impl Sysd {
 
     /// Events so far (the stream is read until it has been quiet for a moment).
     fn events(&self) -> Vec<Value> {
-        let mut s = UnixStream::connect(self.path("run/sysd.sock")).expect("connect");
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        write!(s, "GET /v1/events?since=0 HTTP/1.1\r\nHost: k\r\n\r\n").unwrap();
-        let mut out = Vec::new();
-        for line in BufReader::new(s).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(line.trim()) {
-                out.push(v);
-            }
-        }
-        out
+        self.daemon.events()
     }
 
     fn event_index(events: &[Value], service: &str, kind: &str) -> Option<usize> {
@@ -200,63 +126,12 @@ impl Sysd {
 
     /// Container inits running under this sysd's cgroup parent, per service.
     fn running_instances(&self, service: &str) -> usize {
-        let procs = Path::new("/sys/fs/cgroup/unified")
-            .join(self.cgroup_parent.trim_start_matches('/'))
-            .join(service)
-            .join("cgroup.procs");
-        std::fs::read_to_string(procs)
-            .map(|t| t.lines().count())
-            .unwrap_or(0)
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+        cgroup::procs(self.daemon.cgroup_parent(), service)
     }
 
     fn terminate(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
+        self.daemon.terminate();
     }
-}
-
-impl Drop for Sysd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let parent =
-            Path::new("/sys/fs/cgroup/unified").join(self.cgroup_parent.trim_start_matches('/'));
-        if let Ok(entries) = std::fs::read_dir(&parent) {
-            for e in entries.flatten() {
-                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-                for _ in 0..50 {
-                    if std::fs::remove_dir(e.path()).is_ok() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(parent);
-    }
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 #[test]
@@ -511,12 +386,9 @@ fn a_killed_sysd_comes_back_without_duplicates_and_stops_gracefully() {
     };
     let first = sysd.wait_state("one", "running");
     sysd.wait_state("flusher", "running");
-    // SAFETY: killing our own child (sysd) the way a crash would end it.
-    unsafe { libc::kill(sysd.pid(), libc::SIGKILL) };
-    if let Some(mut c) = sysd.child.take() {
-        let _ = c.wait();
-    }
-    sysd.spawn();
+    // Killed the way a crash would end it.
+    sysd.daemon.kill();
+    sysd.daemon.start(Duration::from_secs(60));
     sysd.wait_until("one to run again", || {
         sysd.state("one") == "running" && sysd.service("one")["pid"] != first["pid"]
     });

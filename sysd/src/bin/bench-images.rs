@@ -13,22 +13,17 @@
 //! Needs root, busybox-static, docker-registry and skopeo. Prints tables; asserts nothing
 //! about time.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-
-#[allow(dead_code)]
-#[path = "../testing.rs"]
-mod testing;
-#[allow(dead_code)]
-#[path = "../testing_registry.rs"]
-mod testing_registry;
-
-use testing_registry::{Layout, Registry, RegistryOptions, E, TAR, TGZ};
+use keelson_testkit::busybox;
+use keelson_testkit::daemon::Daemon;
+use keelson_testkit::http::encode;
+use keelson_testkit::registry::{self, Layout, Registry, RegistryOptions, E, TAR, TGZ};
+use keelson_testkit::stats::median;
 
 fn main() -> ExitCode {
     match run() {
@@ -40,34 +35,19 @@ fn main() -> ExitCode {
     }
 }
 
-struct Sysd {
-    dir: PathBuf,
-    child: Child,
-}
+struct Sysd(Daemon);
 
 impl Sysd {
     fn start(exe: &Path, dir: &Path) -> Result<Sysd> {
-        std::fs::create_dir_all(dir.join("system"))?;
-        let d = dir.display();
-        let script = format!(
-            "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec {} --system-dir {d}/system --user-config {d}/var/services.toml --run-dir {d}/run --socket {d}/run/sysd.sock --volumes {d}/var/volumes --log-dir {d}/var/log --cgroup-parent /keelson-bench-images-{}",
-            exe.display(),
-            std::process::id()
+        let mut daemon = Daemon::new(
+            exe,
+            dir,
+            format!("/keelson-bench-images-{}", std::process::id()),
         );
-        let log = std::fs::File::create(dir.join("sysd.log"))?;
-        let child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning sysd")?;
-        let s = Sysd {
-            dir: dir.to_path_buf(),
-            child,
-        };
+        daemon.spawn().context("spawning sysd")?;
+        let s = Sysd(daemon);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(dir.join("run/sysd.sock")).is_err() {
+        while UnixStream::connect(s.0.socket()).is_err() {
             if Instant::now() > deadline {
                 bail!("sysd did not start");
             }
@@ -77,17 +57,7 @@ impl Sysd {
     }
 
     fn request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
-        let mut s = UnixStream::connect(self.dir.join("run/sysd.sock"))?;
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Type: application/toml\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw)?;
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        Ok((status, body.to_string()))
+        Ok(self.0.try_request(method, path, body)?)
     }
 
     /// Pulls; returns (seconds, bytes downloaded).
@@ -95,10 +65,7 @@ impl Sysd {
         let start = Instant::now();
         let (status, body) = self.request(
             "POST",
-            &format!(
-                "/v1/images/pull?reference={}",
-                image.replace(':', "%3A").replace('/', "%2F")
-            ),
+            &format!("/v1/images/pull?reference={}", encode(image)),
             "",
         )?;
         let secs = start.elapsed().as_secs_f64();
@@ -143,9 +110,7 @@ impl Sysd {
 
 impl Drop for Sysd {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        self.0.terminate();
     }
 }
 
@@ -175,17 +140,12 @@ fn mib(b: u64) -> String {
     format!("{:.1}", b as f64 / (1 << 20) as f64)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn run() -> Result<()> {
     let exe = match std::env::var_os("KEELSON_SYSD") {
         Some(p) => PathBuf::from(p),
         None => std::env::current_exe()?.with_file_name("sysd"),
     };
-    testing_registry::private_netns().context("a private network namespace (run as root)")?;
+    registry::private_netns().context("a private network namespace (run as root)")?;
     let tmp =
         Scratch(std::env::temp_dir().join(format!("keelson-bench-images-{}", std::process::id())));
     std::fs::create_dir_all(&tmp.0)?;
@@ -194,14 +154,14 @@ fn run() -> Result<()> {
 
     // The images: base (busybox) + 3 x 8 MiB layers; ten more sharing the base.
     let rootfs = t.join("rootfs");
-    testing::busybox_rootfs(&rootfs)?;
-    let base = testing_registry::gzip(&testing_registry::tar_dir(&rootfs));
+    busybox::rootfs(&rootfs)?;
+    let base = registry::gzip(&registry::tar_dir(&rootfs));
     let mut layout = Layout::new(&t.join("layout"));
     let mut layers = vec![(TGZ, base.clone())];
     for i in 0..3u8 {
-        let data = testing_registry::noise(8 << 20, i);
+        let data = registry::noise(8 << 20, i);
         let name = format!("data{i}");
-        layers.push((TAR, testing_registry::tar(&[E::File(&name, &data, 0o644)])));
+        layers.push((TAR, registry::tar(&[E::File(&name, &data, 0o644)])));
     }
     let cmd = ["sleep", "100000"];
     let big = layout.image("amd64", &layers, &cmd);
@@ -215,7 +175,7 @@ fn run() -> Result<()> {
                 (TGZ, base.clone()),
                 (
                     TAR,
-                    testing_registry::tar(&[E::File("srv/id", body.as_bytes(), 0o644)]),
+                    registry::tar(&[E::File("srv/id", body.as_bytes(), 0o644)]),
                 ),
             ],
             &cmd,
@@ -261,7 +221,7 @@ fn run() -> Result<()> {
         theirs.push(start.elapsed().as_secs_f64());
         their_bytes = du(&dest);
     }
-    let (o, s) = (median(ours), median(theirs));
+    let (o, s) = (median(&ours).unwrap_or(0.0), median(&theirs).unwrap_or(0.0));
     println!(
         "Pull of a 4-layer image ({} MiB compressed), median of 3, same registry, same run",
         mib(our_bytes)
@@ -302,7 +262,7 @@ fn run() -> Result<()> {
             sysd.wait_running(std::slice::from_ref(&name))?;
             times.push(start.elapsed().as_secs_f64() * 1000.0);
         }
-        rows.push((label, median(times)));
+        rows.push((label, median(&times).unwrap_or(0.0)));
     }
     sysd.apply(&insecure)?;
     drop(sysd);

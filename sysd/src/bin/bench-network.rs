@@ -21,11 +21,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
 use anyhow::{bail, Context, Result};
+use keelson_testkit::stats;
 
 // The busybox root file system for the apply benchmark's service.
-#[allow(dead_code)]
-#[path = "../testing.rs"]
-mod testing;
 
 const RUNS: usize = 5;
 const SERVER: &str = "kbench-srv";
@@ -419,11 +417,6 @@ fn apply_once(lab: &Lab, sysd: &Path, rootfs: &Path, bridge: bool, run: usize) -
     Ok(start.elapsed())
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn run() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -465,13 +458,13 @@ fn run() -> Result<()> {
         let (_, rss) = sysd_once(&lab, &sysd, false)?;
         rss_plain.push(rss);
     }
-    let base = median(t_sysd.clone()).as_secs_f64() * 1000.0;
+    let base = stats::median(&t_sysd).unwrap_or_default().as_secs_f64() * 1000.0;
     println!(
         "DHCPv4 against dnsmasq in a namespace, start → lease installed (median of {RUNS} runs)"
     );
     println!("{:<34} {:>10} {:>12}", "client", "ms", "vs sysd");
     let row = |name: &str, v: &[Duration]| {
-        let ms = median(v.to_vec()).as_secs_f64() * 1000.0;
+        let ms = stats::median(v).unwrap_or_default().as_secs_f64() * 1000.0;
         println!("{name:<34} {ms:>10.1} {:>11.2}x", ms / base);
     };
     row("sysd --host-network (to online)", &t_sysd);
@@ -484,7 +477,7 @@ fn run() -> Result<()> {
 
     // apply → reachable.
     let rootfs = lab.dir.path().join("rootfs");
-    testing::busybox_rootfs(&rootfs)?;
+    keelson_testkit::busybox::rootfs(&rootfs)?;
     std::fs::create_dir_all(rootfs.join("www"))?;
     std::fs::write(rootfs.join("www/index.html"), "bench ok\n")?;
     reset()?;
@@ -493,8 +486,8 @@ fn run() -> Result<()> {
         t_bridge.push(apply_once(&lab, &sysd, &rootfs, true, run * 2)?);
         t_host.push(apply_once(&lab, &sysd, &rootfs, false, run * 2 + 1)?);
     }
-    let host_ms = median(t_host.clone()).as_secs_f64() * 1000.0;
-    let bridge_ms = median(t_bridge.clone()).as_secs_f64() * 1000.0;
+    let host_ms = stats::median(&t_host).unwrap_or_default().as_secs_f64() * 1000.0;
+    let bridge_ms = stats::median(&t_bridge).unwrap_or_default().as_secs_f64() * 1000.0;
     println!();
     println!("apply → a new HTTP service answers from outside the node (median of {RUNS} runs)");
     println!("{:<34} {:>10} {:>12}", "service network", "ms", "vs host");

@@ -13,12 +13,6 @@
 //! `/bin/busybox`. Usage: `bench-runtime [ITERATIONS]` (default 20); the helper is the `sysd`
 //! next to this binary unless `$KEELSON_RUNTIME_EXE` says otherwise. No assertions on time.
 
-#[allow(dead_code)]
-#[path = "../runtime/mod.rs"]
-mod runtime;
-#[path = "../testing.rs"]
-mod testing;
-
 use std::fs;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -26,7 +20,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use keelson_testkit::stats;
 
+use keelson_runtime as runtime;
 use runtime::{ContainerConfig, Runtime};
 
 const CGROUP_PARENT: &str = "/keelson-bench";
@@ -60,14 +56,14 @@ fn run() -> Result<()> {
             bail!("{tool} not found (apt-get install crun runc)");
         }
     }
-    testing::private_cgroup2()?;
+    keelson_testkit::cgroup::private_cgroup2()?;
     runtime::become_subreaper().context("PR_SET_CHILD_SUBREAPER")?;
 
     let base_dir = std::env::temp_dir().join(format!("keelson-bench-{}", std::process::id()));
     fs::create_dir_all(&base_dir)?;
     let base = base_dir.as_path();
     let rootfs = base.join("rootfs");
-    testing::busybox_rootfs(&rootfs)?;
+    keelson_testkit::busybox::rootfs(&rootfs)?;
     let cfg = config(&rootfs, "bench");
 
     // One bundle for crun and runc: the spec sysd generates, with the masked-equal seccomp
@@ -228,26 +224,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn sorted(v: &[f64]) -> Vec<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v
-}
-
 fn median(v: &[f64]) -> f64 {
-    let s = sorted(v);
-    if s.is_empty() {
-        return 0.0;
-    }
-    s[s.len() / 2]
+    stats::median(v).unwrap_or(0.0)
 }
 
 fn p90(v: &[f64]) -> f64 {
-    let s = sorted(v);
-    if s.is_empty() {
-        return 0.0;
-    }
-    s[((s.len() * 9).div_ceil(10)).saturating_sub(1)]
+    stats::percentile(v, 90).unwrap_or(0.0)
 }
 
 fn max_child_rss_kib() -> i64 {

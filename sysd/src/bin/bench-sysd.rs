@@ -28,9 +28,6 @@ fn main() -> ExitCode {
 }
 
 // Only the rootfs builder: sysd itself is started under `unshare -m` with cgroup2.
-#[allow(dead_code)]
-#[path = "../testing.rs"]
-mod testing;
 
 struct Row {
     services: usize,
@@ -128,7 +125,7 @@ fn containerd(n: usize) -> Result<Row> {
     let dir = std::env::temp_dir().join(format!("keelson-bench-ctd-{}-{n}", std::process::id()));
     let _cleanup = RemoveDir(dir.clone());
     let rootfs = dir.join("rootfs");
-    testing::busybox_rootfs(&rootfs)?;
+    keelson_testkit::busybox::rootfs(&rootfs)?;
     // The gRPC API only: the CRI plugin (Kubernetes) is not part of the comparison.
     std::fs::write(
         dir.join("config.toml"),
@@ -227,7 +224,7 @@ fn measure(sysd: &Path, n: usize) -> Result<Row> {
     let dir = std::env::temp_dir().join(format!("keelson-bench-sysd-{}-{n}", std::process::id()));
     let _cleanup = RemoveDir(dir.clone());
     let rootfs = dir.join("rootfs");
-    testing::busybox_rootfs(&rootfs)?;
+    keelson_testkit::busybox::rootfs(&rootfs)?;
     std::fs::create_dir_all(dir.join("system"))?;
     let mut config = String::from("version = 1\n");
     for i in 0..n {

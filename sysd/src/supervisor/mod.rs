@@ -12,7 +12,6 @@ mod admin;
 mod checks;
 pub mod events;
 pub mod logs;
-pub mod oci_layout;
 pub mod resolve;
 
 use std::collections::BTreeMap;
@@ -248,9 +247,9 @@ impl Supervisor {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let mut users = crate::images::manager::Users::new();
         for (name, h) in handles.iter() {
-            if let Ok(r) = crate::images::reference::parse(&h.service.spec.image) {
+            if let Ok(r) = crate::spec::reference::parse(&h.service.spec.image) {
                 users
-                    .entry(crate::images::reference::canonical(&r))
+                    .entry(crate::spec::reference::canonical(&r))
                     .or_default()
                     .push(name.clone());
             }
@@ -769,7 +768,7 @@ impl ServiceTask {
     async fn start_container(&mut self) -> anyhow::Result<Instance> {
         // Off the (single-threaded) runtime: the first start of an OCI layout unpacks it.
         let (reference, layout) = (self.svc.spec.image.clone(), self.sup.paths.layout.clone());
-        let image = if crate::images::reference::is_registry(&reference) {
+        let image = if crate::spec::reference::is_registry(&reference) {
             // Pulled on demand (once: later starts, and boots, use the store).
             let (sup, name) = (Arc::clone(&self.sup), self.svc.name.clone());
             let progress = crate::images::manager::with_events(
@@ -1095,10 +1094,10 @@ impl Supervisor {
     }
 
     fn update_agent(&self) -> Result<Arc<crate::update::Agent>, crate::api::Failure> {
-        self.update.get().cloned().ok_or(crate::api::Failure {
-            status: 501,
-            message: "the update agent is not running".into(),
-        })
+        self.update
+            .get()
+            .cloned()
+            .ok_or_else(|| crate::api::Failure::absent("the update agent is not running"))
     }
 
     /// Reconciles the running node with the config made of the system services, the user-data
@@ -1381,24 +1380,23 @@ impl Backend for Supervisor {
     async fn network(&self) -> Result<keelson_common::api::network::NetworkStatus, Failure> {
         match self.network() {
             Some(net) => Ok(net.status().await),
-            None => Err(Failure {
-                status: 501,
-                message:
-                    "this sysd does not manage the host network (started without --host-network)"
-                        .into(),
-            }),
+            None => Err(Failure::absent(
+                "this sysd does not manage the host network (started without --host-network)",
+            )),
         }
     }
 
     fn images(&self) -> Result<Vec<api::images::ImageInfo>, Failure> {
-        self.images.list(&self.image_users())
+        self.images
+            .list(&self.image_users())
+            .map_err(crate::api::failure)
     }
 
     fn pull_image(
         &self,
         reference: &str,
     ) -> Result<mpsc::UnboundedReceiver<api::images::PullProgress>, Failure> {
-        crate::images::reference::parse(reference)
+        crate::spec::reference::parse(reference)
             .map_err(|e| Failure::bad_request(format!("image {reference:?}: {e}")))?;
         let me = self.strong()?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -1423,7 +1421,8 @@ impl Backend for Supervisor {
         let (me, users, reference) = (self.strong()?, self.image_users(), reference.to_string());
         let report = tokio::task::spawn_blocking(move || me.images.remove(&reference, &users))
             .await
-            .map_err(|e| Failure::internal(format!("removing the image: {e}")))??;
+            .map_err(|e| Failure::internal(format!("removing the image: {e}")))?
+            .map_err(crate::api::failure)?;
         self.events.emit(
             None,
             "image-removed",
@@ -1441,7 +1440,8 @@ impl Backend for Supervisor {
         let (me, users) = (self.strong()?, self.image_users());
         let report = tokio::task::spawn_blocking(move || me.images.prune(&users))
             .await
-            .map_err(|e| Failure::internal(format!("pruning images: {e}")))??;
+            .map_err(|e| Failure::internal(format!("pruning images: {e}")))?
+            .map_err(crate::api::failure)?;
         self.events.emit(
             None,
             "images-pruned",
@@ -1468,26 +1468,38 @@ impl Backend for Supervisor {
     async fn update_check(
         &self,
     ) -> Result<keelson_common::api::update::UpdateCheck, crate::api::Failure> {
-        self.update_agent()?.check().await
+        self.update_agent()?
+            .check()
+            .await
+            .map_err(crate::api::failure)
     }
 
     async fn update_apply(
         &self,
         req: keelson_common::api::update::ApplyRequest,
     ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
-        self.update_agent()?.apply(req).await
+        self.update_agent()?
+            .apply(req)
+            .await
+            .map_err(crate::api::failure)
     }
 
     async fn update_cancel(
         &self,
     ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
-        self.update_agent()?.cancel().await
+        self.update_agent()?
+            .cancel()
+            .await
+            .map_err(crate::api::failure)
     }
 
     async fn update_rollback(
         &self,
         reboot: bool,
     ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
-        self.update_agent()?.rollback(reboot).await
+        self.update_agent()?
+            .rollback(reboot)
+            .await
+            .map_err(crate::api::failure)
     }
 }

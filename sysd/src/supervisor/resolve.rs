@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::oci_layout;
 use crate::runtime::{ContainerConfig, Mount, NetworkMode, Resources};
 use crate::spec::{MountSpec, Network, Service};
 
@@ -26,47 +25,12 @@ pub struct Layout {
     pub cgroup_parent: String,
 }
 
-/// What an image says about how to run it (from an OCI image config; empty for a plain root
-/// file system directory).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ImageDefaults {
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
-    pub env: Vec<String>,
-    pub workdir: Option<String>,
-    pub user: Option<String>,
-}
+pub use crate::images::Image;
 
-/// An image ready to run: its root directory and defaults.
-#[derive(Debug, Clone)]
-pub struct Image {
-    pub rootfs: PathBuf,
-    pub defaults: ImageDefaults,
-}
-
-/// Finds the image: a root file system directory, or an OCI image layout directory
-/// (`/path/layout`, or `/path/layout:TAG` to pick a tagged manifest) unpacked once into
-/// `layout.images` (see [`oci_layout`](super::oci_layout)).
+/// Finds the image of `reference` (see [`crate::images::lookup`]), unpacking OCI image layouts
+/// into `layout.images`.
 pub fn image(reference: &str, layout: &Layout) -> Result<Image> {
-    let path = Path::new(reference);
-    if !oci_layout::is_layout(path) {
-        if let Some((dir, tag)) = reference.rsplit_once(':') {
-            if !tag.is_empty() && !tag.contains('/') && oci_layout::is_layout(Path::new(dir)) {
-                return oci_layout::unpack(Path::new(dir), Some(tag), &layout.images);
-            }
-        }
-    }
-    let meta = std::fs::metadata(path).with_context(|| format!("image {reference}"))?;
-    if !meta.is_dir() {
-        bail!("image {reference}: not a directory");
-    }
-    if oci_layout::is_layout(path) {
-        return oci_layout::unpack(path, None, &layout.images);
-    }
-    Ok(Image {
-        rootfs: path.to_path_buf(),
-        defaults: ImageDefaults::default(),
-    })
+    crate::images::lookup(reference, &layout.images)
 }
 
 /// The container for one start of `svc`.
@@ -262,6 +226,7 @@ fn read_db(rootfs: &Path, rel: &str) -> Vec<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::images::ImageDefaults;
     use crate::spec::{parse_file, Source};
 
     fn service(body: &str) -> Service {
@@ -349,62 +314,5 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{e:#}").starts_with("no command"));
-    }
-
-    #[test]
-    fn image_directory_or_layout() {
-        use crate::supervisor::oci_layout::tests::{
-            image as layout_image, tagged, tar, write_index, E, TAR,
-        };
-        let t = tempfile::tempdir().unwrap();
-        let layout = Layout {
-            volumes: t.path().join("volumes"),
-            images: t.path().join("images"),
-            cgroup_parent: "/keelson".into(),
-        };
-        let plain = t.path().join("rootfs");
-        std::fs::create_dir(&plain).unwrap();
-        let img = image(plain.to_str().unwrap(), &layout).unwrap();
-        assert_eq!(
-            (img.rootfs, img.defaults),
-            (plain, ImageDefaults::default())
-        );
-
-        let oci = t.path().join("oci");
-        let v1 = layout_image(
-            &oci,
-            &[(TAR, tar(&[E::File("v", "1", 0o644)]))],
-            serde_json::json!({ "Cmd": ["/v1"] }),
-        );
-        let v2 = layout_image(
-            &oci,
-            &[(TAR, tar(&[E::File("v", "2", 0o644)]))],
-            serde_json::json!({ "Cmd": ["/v2"] }),
-        );
-        write_index(&oci, vec![tagged(v1, "v1"), tagged(v2, "latest")]);
-        let oci = oci.to_str().unwrap();
-        let img = image(oci, &layout).unwrap();
-        assert!(
-            img.rootfs.starts_with(&layout.images),
-            "{}",
-            img.rootfs.display()
-        );
-        assert_eq!(std::fs::read_to_string(img.rootfs.join("v")).unwrap(), "2");
-        assert_eq!(img.defaults.cmd, ["/v2"]);
-        let img = image(&format!("{oci}:v1"), &layout).unwrap();
-        assert_eq!(std::fs::read_to_string(img.rootfs.join("v")).unwrap(), "1");
-        assert_eq!(img.defaults.cmd, ["/v1"]);
-
-        let e = format!("{:#}", image(&format!("{oci}:v9"), &layout).unwrap_err());
-        assert!(e.contains("no manifest tagged \"v9\""), "{e}");
-        let missing = t.path().join("missing:v1");
-        let e = format!(
-            "{:#}",
-            image(missing.to_str().unwrap(), &layout).unwrap_err()
-        );
-        assert!(
-            e.starts_with(&format!("image {}:", missing.display())),
-            "{e}"
-        );
     }
 }

@@ -1,0 +1,29 @@
+//! Service images: finding them on disk, the image store on /var and registry pulls.
+//!
+//! - [`lookup`]: what a service's `image` path names, a root file system directory or an OCI
+//!   image layout, as an [`Image`] (its root and the config's defaults).
+//! - [`oci_layout`]: OCI image layouts unpacked once, digest-verified and contained, into
+//!   `STORE/<manifest digest hex>/rootfs`.
+//! - [`store`]: `/var/lib/keelson/images`, itself an OCI image layout (content-addressed blobs
+//!   shared between images, `index.json` naming each pulled reference), with each image's root
+//!   file system unpacked once beside it (`<manifest hex>/rootfs`), reference counts, removal
+//!   and garbage collection.
+//! - [`pull`]: the OCI distribution client (oci-client): tags, digests, multi-arch indexes,
+//!   basic and bearer auth, mirrors, limits, parallel resumable downloads with retries, every
+//!   blob verified; an image enters the index only once complete and unpacked.
+//! - [`manager`]: one pull per reference at a time, on-demand pulls for service starts, list,
+//!   remove and prune with their typed [`manager::Error`]s.
+//! - [`trust`]: Mozilla's roots, exported as `SSL_CERT_FILE` (the node has no CA bundle).
+//!
+//! This crate knows the service config's image references and registry settings
+//! (`keelson-spec`), and nothing of services, containers or the API: progress is reported
+//! through a callback the caller builds, errors say their [`Kind`](keelson_common::error::Kind).
+
+pub mod lookup;
+pub mod manager;
+pub mod oci_layout;
+pub mod pull;
+pub mod store;
+pub mod trust;
+
+pub use lookup::{lookup, Image, ImageDefaults};

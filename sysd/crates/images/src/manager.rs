@@ -1,0 +1,240 @@
+//! What the supervisor and the API use: the store, the registry settings of the current
+//! config, and one pull at a time per reference (a second caller waits and then finds the
+//! image present).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use keelson_common::api::images::{ImageInfo, ImagesRemoved, PullProgress};
+
+use super::pull::{self, Progress};
+use super::store::{Entry, Store};
+use crate::Image;
+use keelson_common::error::{Classify, Kind};
+use keelson_spec::reference;
+use keelson_spec::registries::Registries;
+
+/// Why a store operation of the API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("image {image:?}: {reason}")]
+    BadReference { image: String, reason: String },
+    #[error("image {name} is used by {}: change or remove {} first", .services.join(", "), if .services.len() == 1 { "that service" } else { "those services" })]
+    InUse { name: String, services: Vec<String> },
+    #[error("no image {0} in the store")]
+    NotFound(String),
+    /// The store could not be read or changed (the cause's chain in the text, as the API
+    /// has always shown it).
+    #[error("{0:#}")]
+    Store(anyhow::Error),
+}
+
+impl Classify for Error {
+    fn kind(&self) -> Kind {
+        match self {
+            Error::BadReference { .. } => Kind::Invalid,
+            Error::InUse { .. } => Kind::Conflict,
+            Error::NotFound(_) => Kind::NotFound,
+            Error::Store(_) => Kind::Internal,
+        }
+    }
+}
+
+pub struct Images {
+    store: Store,
+    registries: Mutex<Registries>,
+    pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Service names by the normalized reference of their `image`.
+pub type Users = BTreeMap<String, Vec<String>>;
+
+impl Images {
+    pub fn new(root: impl Into<PathBuf>) -> Images {
+        Images {
+            store: Store::new(root),
+            registries: Mutex::new(Registries::new()),
+            pulls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn set_registries(&self, registries: Registries) {
+        *self.registries.lock().unwrap_or_else(|p| p.into_inner()) = registries;
+    }
+
+    fn registries(&self) -> Registries {
+        self.registries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn pull_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(pulls.entry(name.to_string()).or_default())
+    }
+
+    /// Pulls `image` (again: a tag may have moved), one pull per reference at a time.
+    pub async fn pull(&self, image: &str, progress: &Progress) -> Result<Entry> {
+        let name = reference::canonical(&reference::parse(image).map_err(anyhow::Error::msg)?);
+        let lock = self.pull_lock(&name);
+        let _guard = lock.lock().await;
+        pull::pull(&self.store, &self.registries(), image, progress).await
+    }
+
+    /// The image of a service: from the store if it was pulled before (no registry needed,
+    /// so a node restarts its services offline), else pulled now.
+    pub async fn ensure(&self, image: &str, progress: &Progress) -> Result<Image> {
+        let name = reference::canonical(&reference::parse(image).map_err(anyhow::Error::msg)?);
+        let entry = {
+            let lock = self.pull_lock(&name);
+            let _guard = lock.lock().await;
+            match self.store.find(&name)? {
+                Some(e) => e,
+                None => pull::pull(&self.store, &self.registries(), image, progress).await?,
+            }
+        };
+        let root = self.store.root().to_path_buf();
+        tokio::task::spawn_blocking(move || Store::new(root).unpack(&entry))
+            .await
+            .context("unpacking")?
+    }
+
+    pub fn list(&self, users: &Users) -> Result<Vec<ImageInfo>, Error> {
+        self.store.list(users).map_err(Error::Store)
+    }
+
+    pub fn remove(&self, image: &str, users: &Users) -> Result<ImagesRemoved, Error> {
+        let name = reference::canonical(&reference::parse(image).map_err(|reason| {
+            Error::BadReference {
+                image: image.to_string(),
+                reason,
+            }
+        })?);
+        if let Some(services) = users.get(&name).filter(|s| !s.is_empty()) {
+            return Err(Error::InUse {
+                name,
+                services: services.clone(),
+            });
+        }
+        if !self.store.remove(&name).map_err(Error::Store)? {
+            return Err(Error::NotFound(name));
+        }
+        let mut report = self.store.gc().map_err(Error::Store)?;
+        report.removed.push(name);
+        Ok(report)
+    }
+
+    pub fn prune(&self, users: &Users) -> Result<ImagesRemoved, Error> {
+        let internal = Error::Store;
+        let mut removed = Vec::new();
+        for e in self.store.entries().map_err(internal)? {
+            if users.get(&e.reference).is_none_or(|s| s.is_empty()) {
+                self.store.remove(&e.reference).map_err(internal)?;
+                removed.push(e.reference);
+            }
+        }
+        let mut report = self.store.gc().map_err(internal)?;
+        report.removed = removed;
+        Ok(report)
+    }
+}
+
+/// A progress sink that also tells the event stream the milestones (not every byte).
+pub fn with_events(
+    events: impl Fn(&str, String) + Send + Sync + 'static,
+    also: Option<tokio::sync::mpsc::UnboundedSender<PullProgress>>,
+) -> Progress {
+    Arc::new(move |p: PullProgress| {
+        let milestone = match &p {
+            PullProgress::Resolved {
+                reference,
+                manifest,
+                layers,
+                total_bytes,
+            } => Some(format!(
+                "{reference}: manifest {manifest}, {layers} layers, {total_bytes} bytes"
+            )),
+            PullProgress::Retrying {
+                digest,
+                attempt,
+                reason,
+            } => Some(format!(
+                "blob {digest}: attempt {attempt} failed ({reason}); retrying"
+            )),
+            PullProgress::Verified { digest, size } => {
+                Some(format!("blob {digest}: {size} bytes verified"))
+            }
+            PullProgress::Done {
+                reference,
+                downloaded_bytes,
+                elapsed_ms,
+                ..
+            } => Some(format!(
+                "{reference}: pulled ({downloaded_bytes} bytes downloaded in {elapsed_ms} ms)"
+            )),
+            PullProgress::Error { message } => Some(message.clone()),
+            _ => None,
+        };
+        if let Some(m) = milestone {
+            let kind = match &p {
+                PullProgress::Done { .. } => "image-pulled",
+                PullProgress::Error { .. } => "image-pull-failed",
+                _ => "image-pull",
+            };
+            events(kind, m);
+        }
+        if let Some(tx) = &also {
+            let _ = tx.send(p);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API's texts for these failures are what `keelctl` prints: they stay as they were.
+    #[test]
+    fn remove_errors_keep_their_texts_and_say_their_kind() {
+        let t = tempfile::tempdir().unwrap();
+        let images = Images::new(t.path().join("images"));
+        let users = Users::from([(
+            "docker.io/library/busybox:latest".to_string(),
+            vec!["a".to_string(), "b".to_string()],
+        )]);
+        let e = images.remove("busybox", &users).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            (
+                Kind::Conflict,
+                "image docker.io/library/busybox:latest is used by a, b: change or remove those services first".to_string()
+            )
+        );
+        let one = Users::from([("docker.io/library/web:1".to_string(), vec!["w".to_string()])]);
+        let e = images.remove("web:1", &one).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("change or remove that service first"),
+            "{e}"
+        );
+        let e = images.remove("/abs/path", &users).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            (
+                Kind::Invalid,
+                "image \"/abs/path\": a path, not a registry reference".to_string()
+            )
+        );
+        let e = images.remove("nothing:here", &users).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            (
+                Kind::NotFound,
+                "no image docker.io/library/nothing:here in the store".to_string()
+            )
+        );
+    }
+}

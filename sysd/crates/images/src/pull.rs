@@ -1,0 +1,600 @@
+//! Pulling an image from an OCI registry into the [`Store`] (OCI distribution spec, through
+//! the `oci-client` crate on rustls).
+//!
+//! 1. The reference is normalized (`busybox` → `docker.io/library/busybox:latest`) and its
+//!    registry's `[registries."HOST"]` settings looked up. Mirrors are tried first, in order,
+//!    then the registry itself; the first that yields the manifest serves the whole pull.
+//! 2. The manifest is fetched (size limit, digest checked against a `@sha256:` pin); an index
+//!    is resolved to its linux/amd64 manifest, whose digest must match the index entry.
+//! 3. Config and layers not yet in the store are downloaded in parallel into
+//!    `.downloads/<hex>`, hashed as they arrive. A transfer error is retried with backoff
+//!    (0.5 s doubling, 6 attempts), resuming with an HTTP range request where it stopped; the
+//!    partial file also survives a failed pull (or a sysd restart) and the next pull resumes it.
+//!    A blob whose size or digest does not match its descriptor is deleted and the pull fails.
+//! 4. The image is unpacked (layers verified again and checked for escapes), then entered in
+//!    the store's index: only a complete image is ever listed or run.
+//!
+//! Credentials come from the config (or an auth file read at each pull) and are never logged:
+//! errors name the registry and the HTTP status, never the `Authorization` header.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine as _;
+use futures_util::StreamExt;
+use keelson_common::api::images::PullProgress;
+use keelson_common::api::now_ms;
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::store::{Entry, Store};
+use crate::oci_layout;
+use keelson_spec::reference;
+use keelson_spec::registries::{Registries, Registry};
+
+/// Media types asked for when fetching a manifest.
+const ACCEPT: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+const ATTEMPTS: u32 = 6;
+const BACKOFF_START: Duration = Duration::from_millis(500);
+/// Progress lines per blob: at most one per this many bytes (and always the last).
+const PROGRESS_STEP: u64 = 1 << 20;
+
+/// Where a pull's progress goes (the API stream, events).
+pub type Progress = Arc<dyn Fn(PullProgress) + Send + Sync>;
+
+/// One endpoint a pull can use: the registry itself or one of its mirrors.
+struct Endpoint {
+    host: String,
+    reference: Reference,
+    client: Client,
+    auth: RegistryAuth,
+    settings: Registry,
+}
+
+/// Pulls `image` (a reference as written) into `store`; returns its store entry.
+pub async fn pull(
+    store: &Store,
+    registries: &Registries,
+    image: &str,
+    progress: &Progress,
+) -> Result<Entry> {
+    let started = Instant::now();
+    let reference = reference::parse(image).map_err(|e| anyhow!("image {image:?}: {e}"))?;
+    let name = reference::canonical(&reference);
+    store.init()?;
+    let mut hold = store.hold();
+
+    let endpoints = endpoints(&reference, registries)?;
+    let mut failures = Vec::new();
+    let mut resolved = None;
+    for ep in endpoints {
+        match resolve(&ep, store, &mut hold).await {
+            Ok(r) => {
+                resolved = Some((ep, r));
+                break;
+            }
+            Err(e) => failures.push(format!("{}: {e:#}", ep.host)),
+        }
+    }
+    let Some((ep, (top, manifest_desc, manifest))) = resolved else {
+        bail!("pulling {name}: {}", failures.join("; "));
+    };
+    let blobs: Vec<Descriptor> = std::iter::once(manifest.config().clone())
+        .chain(manifest.layers().iter().cloned())
+        .collect();
+    for b in &blobs {
+        if b.size() > ep.settings.max_blob() {
+            bail!(
+                "pulling {name}: blob {} is {} bytes, over the limit of {} (max_blob_size of registry {})",
+                b.digest(),
+                b.size(),
+                ep.settings.max_blob(),
+                ep.host
+            );
+        }
+        oci_layout::sha256_hex(b).with_context(|| format!("pulling {name}"))?;
+    }
+    progress(PullProgress::Resolved {
+        reference: name.clone(),
+        manifest: manifest_desc.digest().to_string(),
+        layers: manifest.layers().len(),
+        total_bytes: blobs.iter().map(|b| b.size()).sum(),
+    });
+
+    // Parallel downloads, bounded.
+    let ep = Arc::new(ep);
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(ep.settings.parallel()));
+    let mut tasks = Vec::new();
+    for b in blobs {
+        let hex = b.digest().digest().to_string();
+        hold.add(&hex);
+        if store.has_blob(&hex, b.size()) {
+            progress(PullProgress::Exists {
+                digest: b.digest().to_string(),
+                size: b.size(),
+            });
+            continue;
+        }
+        let (ep, semaphore, progress) = (
+            Arc::clone(&ep),
+            Arc::clone(&semaphore),
+            Arc::clone(progress),
+        );
+        let partial = store.downloads().join(&hex);
+        let dest = store.blob_path(&hex);
+        let lock = store.blob_lock(&hex);
+        tasks.push(async move {
+            let _permit = semaphore.acquire().await;
+            let _lock = lock.lock().await;
+            // Another pull may have fetched it meanwhile.
+            if store.has_blob(&hex, b.size()) {
+                return Ok(0);
+            }
+            download(&ep, &b, &partial, &dest, &progress).await
+        });
+    }
+    let mut downloaded = 0;
+    let mut first_error = None;
+    for r in futures_util::future::join_all(tasks).await {
+        match r {
+            Ok(n) => downloaded += n,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e.context(format!("pulling {name} from {}", ep.host)));
+    }
+
+    let entry = Entry {
+        reference: name.clone(),
+        desc: top,
+        manifest: manifest_desc.digest().to_string(),
+        pulled_ms: now_ms(),
+    };
+    let unpacked = {
+        let (store_root, entry) = (store.root().to_path_buf(), entry.clone());
+        tokio::task::spawn_blocking(move || Store::new(store_root).unpack(&entry))
+            .await
+            .context("unpacking")?
+    };
+    unpacked.with_context(|| format!("pulling {name}: refusing the image"))?;
+    store.add(&name, &entry.desc, &entry.manifest, entry.pulled_ms)?;
+    drop(hold);
+    progress(PullProgress::Done {
+        reference: name,
+        manifest: entry.manifest.clone(),
+        downloaded_bytes: downloaded,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    });
+    Ok(entry)
+}
+
+/// The mirrors (in order), then the registry itself.
+fn endpoints(reference: &Reference, registries: &Registries) -> Result<Vec<Endpoint>> {
+    let host = reference.registry().to_string();
+    let settings = lookup(registries, &host);
+    let mut out = Vec::new();
+    for mirror in &settings.mirrors {
+        let mut r = reference.clone();
+        r.set_mirror_registry(mirror.clone());
+        out.push(endpoint(mirror, r, lookup(registries, mirror))?);
+    }
+    out.push(endpoint(&host, reference.clone(), settings)?);
+    Ok(out)
+}
+
+/// A registry's settings; Docker Hub answers to several names.
+fn lookup(registries: &Registries, host: &str) -> Registry {
+    let aliases: &[&str] = if host == "docker.io" {
+        &["docker.io", "index.docker.io", "registry-1.docker.io"]
+    } else {
+        &[]
+    };
+    registries
+        .get(host)
+        .or_else(|| aliases.iter().find_map(|a| registries.get(*a)))
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn endpoint(host: &str, reference: Reference, settings: Registry) -> Result<Endpoint> {
+    let mut config = ClientConfig {
+        protocol: if settings.insecure {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        platform_resolver: None,
+        connect_timeout: Some(Duration::from_secs(10)),
+        read_timeout: Some(Duration::from_secs(60)),
+        ..ClientConfig::default()
+    };
+    // The trust anchors are Mozilla's (webpki-root-certs, compiled in: the node has no CA
+    // bundle of its own) plus the registry's `ca_file`; nothing is read from the host's
+    // certificate store, so a node and a test host verify alike.
+    config.tls_certs_only = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        .iter()
+        .map(|c| Certificate {
+            encoding: CertificateEncoding::Der,
+            data: c.as_ref().to_vec(),
+        })
+        .collect();
+    if let Some(ca) = &settings.ca_file {
+        let pem = std::fs::read(ca)
+            .with_context(|| format!("registry {host}: ca_file {}", ca.display()))?;
+        config.tls_certs_only.push(Certificate {
+            encoding: CertificateEncoding::Pem,
+            data: pem,
+        });
+    }
+    let auth = auth(host, &settings)?;
+    // Client::new would fall back to a default client that panics when the TLS setup fails.
+    let client = Client::try_from(config)
+        .map_err(|e| explain(e).context(format!("registry {host}: setting up the HTTP client")))?;
+    Ok(Endpoint {
+        host: host.to_string(),
+        reference,
+        client,
+        auth,
+        settings,
+    })
+}
+
+/// Credentials for `host`: `username`/`password`, or its entry in `auth_file`.
+fn auth(host: &str, settings: &Registry) -> Result<RegistryAuth> {
+    if let (Some(u), Some(p)) = (&settings.username, &settings.password) {
+        return Ok(RegistryAuth::Basic(u.clone(), p.clone()));
+    }
+    let Some(file) = &settings.auth_file else {
+        return Ok(RegistryAuth::Anonymous);
+    };
+    let shown = file.display();
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("registry {host}: reading auth_file {shown}"))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("registry {host}: auth_file {shown} is not JSON"))?;
+    let Some(entry) = doc.get("auths").and_then(|a| a.get(host)) else {
+        bail!("registry {host}: auth_file {shown} has no \"auths\".{host:?} entry");
+    };
+    if let (Some(u), Some(p)) = (
+        entry.get("username").and_then(|v| v.as_str()),
+        entry.get("password").and_then(|v| v.as_str()),
+    ) {
+        return Ok(RegistryAuth::Basic(u.into(), p.into()));
+    }
+    let encoded = entry
+        .get("auth")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| anyhow!("registry {host}: auth_file {shown}: the entry has no \"auth\""))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            anyhow!("registry {host}: auth_file {shown}: \"auth\" is not base64 of USER:PASSWORD")
+        })?;
+    let (u, p) = decoded.split_once(':').ok_or_else(|| {
+        anyhow!("registry {host}: auth_file {shown}: \"auth\" is not base64 of USER:PASSWORD")
+    })?;
+    Ok(RegistryAuth::Basic(u.into(), p.into()))
+}
+
+/// Whether an error is worth retrying (the network, a 5xx, a rate limit), not a refusal
+/// (TLS, redirects, auth, 4xx).
+fn transient(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::RequestError(_) => {
+            let text = format!("{:#}", explain_ref(e)).to_ascii_lowercase();
+            ![
+                "certificate",
+                "tls",
+                "handshake",
+                "redirect",
+                "builder",
+                "corrupt message",
+            ]
+            .iter()
+            .any(|w| text.contains(w))
+        }
+        OciDistributionError::IoError(_) => true,
+        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
+        _ => false,
+    }
+}
+
+/// Fetches the manifest (resolving an index): (what the reference named, the platform
+/// manifest's descriptor, the manifest). Stores both documents.
+async fn resolve(
+    ep: &Endpoint,
+    store: &Store,
+    hold: &mut super::store::Hold<'_>,
+) -> Result<(Descriptor, Descriptor, ImageManifest)> {
+    let max = ep.settings.max_manifest();
+    let (bytes, media_type) = fetch_manifest(ep, &ep.reference, max).await?;
+    let top_hex = hex::encode(Sha256::digest(&bytes));
+    if let Some(pin) = ep.reference.digest() {
+        if pin != format!("sha256:{top_hex}") {
+            bail!("the registry's manifest hashes to sha256:{top_hex}, not the pinned {pin}; refusing it");
+        }
+    }
+    let top = descriptor(&media_type, &top_hex, bytes.len() as u64)?;
+    hold.add(&top_hex);
+    store.put_blob(&top_hex, &bytes)?;
+    if !oci_layout::is_index(&top, &bytes) {
+        let manifest = parse_manifest(&bytes)?;
+        return Ok((top.clone(), top, manifest));
+    }
+    let index = ImageIndex::from_reader(&bytes[..]).context("parsing the image index")?;
+    let entry = oci_layout::pick_platform(index.manifests())
+        .context("the image index")?
+        .clone();
+    if entry.size() > max {
+        bail!(
+            "manifest {} is {} bytes, over the limit of {max} (max_manifest_size)",
+            entry.digest(),
+            entry.size()
+        );
+    }
+    let m_hex = oci_layout::sha256_hex(&entry)?.to_string();
+    let by_digest = ep.reference.clone_with_digest(entry.digest().to_string());
+    let (m_bytes, _) = fetch_manifest(ep, &by_digest, max).await?;
+    let actual = hex::encode(Sha256::digest(&m_bytes));
+    if actual != m_hex || m_bytes.len() as u64 != entry.size() {
+        bail!(
+            "manifest {}: the registry sent {} bytes hashing to sha256:{actual}; refusing it",
+            entry.digest(),
+            m_bytes.len()
+        );
+    }
+    let manifest = parse_manifest(&m_bytes)?;
+    hold.add(&m_hex);
+    store.put_blob(&m_hex, &m_bytes)?;
+    Ok((top, entry, manifest))
+}
+
+fn parse_manifest(bytes: &[u8]) -> Result<ImageManifest> {
+    ImageManifest::from_reader(bytes).context("parsing the image manifest")
+}
+
+fn descriptor(media_type: &str, hex: &str, size: u64) -> Result<Descriptor> {
+    let digest: oci_spec::image::Digest = format!("sha256:{hex}").parse().context("digest")?;
+    Ok(Descriptor::new(MediaType::from(media_type), size, digest))
+}
+
+/// One manifest document, with retries for transient errors.
+async fn fetch_manifest(ep: &Endpoint, r: &Reference, max: u64) -> Result<(Vec<u8>, String)> {
+    let mut delay = BACKOFF_START;
+    let mut attempt = 1;
+    loop {
+        match ep.client.pull_manifest_raw(r, &ep.auth, ACCEPT).await {
+            Ok((bytes, _digest)) => {
+                if bytes.len() as u64 > max {
+                    bail!(
+                        "manifest of {} is {} bytes, over the limit of {max} (max_manifest_size of registry {})",
+                        r.whole(),
+                        bytes.len(),
+                        ep.host
+                    );
+                }
+                let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.get("mediaType")?.as_str().map(str::to_string))
+                    .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+                return Ok((bytes.to_vec(), media_type));
+            }
+            Err(e) if transient(&e) && attempt < ATTEMPTS => {
+                tracing::info!(host = %ep.host, attempt, "images: manifest fetch failed, retrying: {e}");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            Err(e) => return Err(explain(e)),
+        }
+    }
+}
+
+/// The error with its causes in the text (oci-client's own message hides them).
+fn explain(e: OciDistributionError) -> anyhow::Error {
+    explain_ref(&e)
+}
+
+fn explain_ref(e: &OciDistributionError) -> anyhow::Error {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        source = s.source();
+    }
+    anyhow!(text)
+}
+
+/// Downloads one blob into the store (resuming `partial`); returns the bytes transferred.
+async fn download(
+    ep: &Endpoint,
+    desc: &Descriptor,
+    partial: &std::path::Path,
+    dest: &std::path::Path,
+    progress: &Progress,
+) -> Result<u64> {
+    let digest = desc.digest().to_string();
+    let size = desc.size();
+    let mut transferred = 0;
+    let mut delay = BACKOFF_START;
+    let mut attempt = 1;
+    loop {
+        match transfer(ep, desc, partial, progress, &mut transferred).await {
+            Ok(()) => break,
+            Err(Transfer::Fatal(e)) => {
+                let _ = tokio::fs::remove_file(partial).await;
+                return Err(e.context(format!("blob {digest}")));
+            }
+            Err(Transfer::Retry(e)) if attempt < ATTEMPTS => {
+                progress(PullProgress::Retrying {
+                    digest: digest.clone(),
+                    attempt,
+                    reason: format!("{e:#}"),
+                });
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            Err(Transfer::Retry(e)) => {
+                return Err(e.context(format!("blob {digest}: gave up after {ATTEMPTS} attempts (the {} bytes so far are kept and resumed by the next pull)", file_len(partial).await)));
+            }
+        }
+    }
+    // Verify the whole file (it may have been resumed from an earlier pull).
+    let mut f = tokio::fs::File::open(partial).await?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n_total = 0u64;
+    loop {
+        use tokio::io::AsyncReadExt;
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        n_total += n as u64;
+        h.update(&buf[..n]);
+    }
+    let actual = hex::encode(h.finalize());
+    if n_total != size || actual != desc.digest().digest() {
+        let _ = tokio::fs::remove_file(partial).await;
+        bail!(
+            "blob {digest}: the registry sent {n_total} bytes hashing to sha256:{actual}, which does not match its descriptor ({size} bytes); refusing it"
+        );
+    }
+    f.sync_all().await.ok();
+    drop(f);
+    tokio::fs::rename(partial, dest)
+        .await
+        .with_context(|| format!("moving blob {digest} into the store"))?;
+    progress(PullProgress::Verified { digest, size });
+    Ok(transferred)
+}
+
+async fn file_len(p: &std::path::Path) -> u64 {
+    tokio::fs::metadata(p).await.map(|m| m.len()).unwrap_or(0)
+}
+
+enum Transfer {
+    Retry(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+/// One attempt: from the partial file's length to the end.
+async fn transfer(
+    ep: &Endpoint,
+    desc: &Descriptor,
+    partial: &std::path::Path,
+    progress: &Progress,
+    transferred: &mut u64,
+) -> Result<(), Transfer> {
+    let size = desc.size();
+    let digest = desc.digest().to_string();
+    let mut offset = file_len(partial).await;
+    if offset > size {
+        let _ = tokio::fs::remove_file(partial).await;
+        offset = 0;
+    }
+    if offset == size {
+        if size == 0 {
+            // Nothing to fetch (a range request for it would be unsatisfiable).
+            tokio::fs::File::create(partial)
+                .await
+                .map_err(|e| Transfer::Fatal(anyhow!("creating {}: {e}", partial.display())))?;
+        }
+        return Ok(());
+    }
+    let response = ep
+        .client
+        .pull_blob_stream_partial(&ep.reference, digest.as_str(), offset, None)
+        .await
+        .map_err(|e| {
+            if transient(&e) {
+                Transfer::Retry(explain(e))
+            } else {
+                Transfer::Fatal(explain(e))
+            }
+        })?;
+    let (stream, from) = match response {
+        BlobResponse::Partial(s) => (s, offset),
+        // The registry ignored the range: start over.
+        BlobResponse::Full(s) => (s, 0),
+    };
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(from == 0)
+        .append(from > 0)
+        .open(partial)
+        .await
+        .map_err(|e| Transfer::Fatal(anyhow!("opening {}: {e}", partial.display())))?;
+    let mut done = from;
+    let mut shown = done;
+    progress(PullProgress::Downloading {
+        digest: digest.clone(),
+        done,
+        size,
+        resumed_at: from,
+    });
+    let mut stream = stream.stream;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                file.flush().await.ok();
+                return Err(Transfer::Retry(anyhow!(
+                    "transfer interrupted at byte {done}: {e}"
+                )));
+            }
+        };
+        done += chunk.len() as u64;
+        if done > size {
+            return Err(Transfer::Fatal(anyhow!(
+                "the registry sent more than the descriptor's {size} bytes; refusing it"
+            )));
+        }
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| Transfer::Fatal(anyhow!("writing {}: {e}", partial.display())))?;
+        *transferred += chunk.len() as u64;
+        if done - shown >= PROGRESS_STEP || done == size {
+            shown = done;
+            progress(PullProgress::Downloading {
+                digest: digest.clone(),
+                done,
+                size,
+                resumed_at: from,
+            });
+        }
+    }
+    file.flush()
+        .await
+        .map_err(|e| Transfer::Fatal(anyhow!("writing {}: {e}", partial.display())))?;
+    if done < size {
+        return Err(Transfer::Retry(anyhow!(
+            "the connection closed after {done} of {size} bytes"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,1561 @@
+//! The host network, from the `[network]` and `[host]` tables, in-process over rtnetlink (no
+//! external daemon): links up with their MTU, static addresses and routes, a DHCPv4 client per
+//! DHCP link (`dhcp`), /etc/resolv.conf (`resolv`), the hostname, link events (carrier lost and
+//! regained), and the `network-online` state services can depend on.
+//!
+//! Without interfaces in the config the default rule applies: DHCP on the first hardware link
+//! with carrier. `apply` is a try: the new config is put in place, checked (every link it names
+//! exists, static gateways answer a ping, DHCP links get a lease) and rolled back to the last
+//! good one when the check fails, so a bad apply never cuts the node off.
+
+//!
+//! Also [`loopback`]: `lo` up, for the host tests and nodes where sysd leaves the network
+//! alone. This crate knows the config types (`keelson-spec`) and the runtime's bridge plug
+//! (`keelson-runtime::netplug`), nothing of services or the API: it reports through the
+//! `Emit` callback and the `watch` of its status it publishes.
+
+pub mod bridge;
+pub mod dhcp;
+pub mod links;
+pub mod loopback;
+mod probe;
+mod resolv;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use keelson_common::api::network::{
+    EndpointStatus, LeaseStatus, LinkStatus, NetworkStatus, RouteStatus,
+};
+use rtnetlink::packet_route::route::RouteProtocol;
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use tokio::sync::{mpsc, watch};
+
+use dhcp::{Lease, Report};
+use keelson_spec::network::{Cidr, InterfaceSpec, NetConfig, NetworkSpec};
+use links::{Link, Netlink};
+
+/// Default `online_timeout`.
+const ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the default rule waits for a link with carrier before taking the first link.
+const CARRIER_WAIT: Duration = Duration::from_secs(5);
+/// How long `apply` waits for the checks of a new config before rolling back.
+const TRY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where networking keeps and writes things (overridable for tests).
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// Leases (`lease-IFNAME.json`), kept across reboots.
+    pub state_dir: PathBuf,
+    /// The resolver file /etc/resolv.conf points to.
+    pub resolv_conf: PathBuf,
+    /// Written with the hostname in force (init renders the first one).
+    pub hostname_file: PathBuf,
+    /// The machine ID, for the default hostname.
+    pub machine_id: PathBuf,
+    /// `nft`: the binary, or the root of an image holding Debian's nftables.
+    pub nft: PathBuf,
+}
+
+/// Whether services waiting for `network-online` may start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Online {
+    Pending,
+    /// A default route and a DNS server are present.
+    Reached,
+    /// The timeout passed; dependents started anyway. The reason says what was missing.
+    TimedOut(String),
+}
+
+/// How events reach the supervisor's event stream: `(kind, message)`.
+pub type Emit = Arc<dyn Fn(&str, String) + Send + Sync>;
+
+/// One link sysd configures, and what it put there.
+#[derive(Debug, Default)]
+struct Managed {
+    spec: InterfaceSpec,
+    addresses: Vec<Cidr>,
+    routes: Vec<(Cidr, Option<IpAddr>)>,
+}
+
+struct ClientHandle {
+    stop: watch::Sender<bool>,
+    carrier: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct State {
+    config: NetConfig,
+    /// By link name.
+    managed: BTreeMap<String, Managed>,
+    leases: BTreeMap<String, Lease>,
+    dns: Vec<IpAddr>,
+    search: Vec<String>,
+    hostname: (String, &'static str),
+    /// Published ports by service (bridge services that have started).
+    ports: BTreeMap<String, (Ipv4Addr, Vec<keelson_spec::network::PortSpec>)>,
+    bridge_up: bool,
+}
+
+/// The network manager.
+pub struct Net {
+    nl: Netlink,
+    paths: Paths,
+    emit: Emit,
+    state: Mutex<State>,
+    clients: Mutex<BTreeMap<String, ClientHandle>>,
+    reports: mpsc::UnboundedSender<Report>,
+    online: watch::Sender<Online>,
+    apply_lock: tokio::sync::Mutex<()>,
+    /// Bumped on every lease change (apply's try waits on it).
+    lease_epoch: watch::Sender<u64>,
+    /// One bridge attachment at a time (allocation, hosts file, ruleset).
+    bridge_lock: tokio::sync::Mutex<()>,
+}
+
+impl Net {
+    /// Starts the manager with the boot config: links, addresses, routes, DHCP, link events.
+    /// `on_online` is called whenever the online state changes.
+    pub fn start(
+        paths: Paths,
+        config: NetConfig,
+        emit: Emit,
+        on_online: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<Arc<Net>, links::Error> {
+        let nl = Netlink::open()?;
+        let (reports, reports_rx) = mpsc::unbounded_channel();
+        let net = Arc::new(Net {
+            nl,
+            paths,
+            emit,
+            state: Mutex::new(State::default()),
+            clients: Mutex::new(BTreeMap::new()),
+            reports,
+            online: watch::channel(Online::Pending).0,
+            apply_lock: tokio::sync::Mutex::new(()),
+            lease_epoch: watch::channel(0).0,
+            bridge_lock: tokio::sync::Mutex::new(()),
+        });
+        let timeout = config
+            .network
+            .online_timeout
+            .map(|s| s.0)
+            .unwrap_or(ONLINE_TIMEOUT);
+        // Known at once (bridge services may attach before the first reconcile is done).
+        net.state.lock().unwrap_or_else(|p| p.into_inner()).config = config.clone();
+        tokio::spawn(Arc::clone(&net).handle_reports(reports_rx));
+        tokio::spawn(Arc::clone(&net).watch_links());
+        {
+            let net = Arc::clone(&net);
+            let mut rx = net.online.subscribe();
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    on_online();
+                }
+            });
+        }
+        {
+            let net = Arc::clone(&net);
+            tokio::spawn(async move {
+                let _guard = net.apply_lock.lock().await;
+                if let Err(e) = net.reconcile(config).await {
+                    (net.emit)("network-error", format!("boot network config: {e}"));
+                }
+            });
+        }
+        {
+            let net = Arc::clone(&net);
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                if *net.online.borrow() == Online::Pending {
+                    net.refresh().await;
+                }
+                if *net.online.borrow() == Online::Pending {
+                    let reason = net.missing().await;
+                    (net.emit)(
+                        "network-online-timeout",
+                        format!(
+                            "not online after {}s ({reason}); starting the services that wait for network-online anyway",
+                            timeout.as_secs()
+                        ),
+                    );
+                    net.online.send_replace(Online::TimedOut(reason));
+                }
+            });
+        }
+        Ok(net)
+    }
+
+    pub fn online(&self) -> Online {
+        self.online.borrow().clone()
+    }
+
+    /// Applies a new config as a try: on a failed check the previous one is restored and the
+    /// error says what failed and that it was rolled back.
+    pub async fn apply(&self, new: NetConfig) -> Result<String, String> {
+        let _guard = self.apply_lock.lock().await;
+        let old = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config
+            .clone();
+        if old.network == new.network && old.host == new.host {
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).config = new;
+            return Ok("network unchanged".into());
+        }
+        if old.network == new.network {
+            // Only `[host]` changed: a new hostname needs no links touched and no try.
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).config = new;
+            self.refresh().await;
+            return Ok("hostname updated".into());
+        }
+        let links = self.nl.links().await.map_err(|e| chain(&e))?;
+        // Unknown interfaces are refused before anything changes.
+        virtual_plan(&new.network, &old.network, &links)?;
+        plan(&new.network, &links)?;
+        if let Err(e) = self.reconcile(new.clone()).await {
+            self.rollback(old).await;
+            return Err(format!("{e}; rolled back to the previous network config"));
+        }
+        if let Err(e) = self.check(&new).await {
+            self.rollback(old).await;
+            (self.emit)(
+                "network-rollback",
+                format!("new network config failed its check ({e}); previous config restored"),
+            );
+            return Err(format!("{e}; rolled back to the previous network config"));
+        }
+        (self.emit)(
+            "network-applied",
+            "network config applied and checked".into(),
+        );
+        Ok("network config applied".into())
+    }
+
+    async fn rollback(&self, old: NetConfig) {
+        if let Err(e) = self.reconcile(old).await {
+            (self.emit)(
+                "network-error",
+                format!("restoring the previous config: {e}"),
+            );
+        }
+    }
+
+    /// The try's check: static gateways answer, DHCP links hold a lease.
+    async fn check(&self, cfg: &NetConfig) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + TRY_TIMEOUT;
+        for (label, ifc) in &cfg.network.interfaces {
+            let gateways = ifc
+                .gateway
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(ifc.routes.iter().map(|r| r.via))
+                .filter(IpAddr::is_ipv4);
+            for gw in gateways {
+                let IpAddr::V4(v4) = gw else { continue };
+                if !probe::ping(v4, Duration::from_secs(3)).await {
+                    return Err(format!(
+                        "network.interfaces.{label}: gateway {gw} does not answer"
+                    ));
+                }
+            }
+        }
+        let dhcp_links: Vec<String> = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.managed
+                .iter()
+                .filter(|(_, m)| m.spec.dhcp)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        let mut rx = self.lease_epoch.subscribe();
+        for link in dhcp_links {
+            loop {
+                let has = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .leases
+                    .contains_key(&link);
+                if has {
+                    break;
+                }
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { break },
+                    _ = tokio::time::sleep_until(deadline) => {
+                        return Err(format!("{link}: no DHCP lease within {}s", TRY_TIMEOUT.as_secs()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel match `cfg`; idempotent.
+    async fn reconcile(&self, cfg: NetConfig) -> Result<(), String> {
+        let prev = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config
+            .network
+            .clone();
+        let links = self.nl.links().await.map_err(|e| chain(&e))?;
+        let steps = virtual_plan(&cfg.network, &prev, &links)?;
+        if !steps.is_empty() {
+            self.run_virtual(steps).await?;
+        }
+        let links = self.nl.links().await.map_err(|e| chain(&e))?;
+        let planned = if cfg.network.interfaces.is_empty() {
+            self.default_rule(&links).await
+        } else {
+            plan(&cfg.network, &links)?
+        };
+        let planned_names: BTreeSet<String> = planned.iter().map(|(l, _)| l.name.clone()).collect();
+        // Links no longer configured: take back what was put there.
+        let gone: Vec<(String, Managed)> = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let names: Vec<String> = st
+                .managed
+                .keys()
+                .filter(|n| !planned_names.contains(*n))
+                .cloned()
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| st.managed.remove(&n).map(|m| (n, m)))
+                .collect()
+        };
+        for (name, m) in gone {
+            self.stop_client(&name).await;
+            if let Some(link) = links.iter().find(|l| l.name == name) {
+                self.remove_statics(link.index, &m.addresses, &m.routes)
+                    .await;
+            }
+        }
+        for (link, spec) in planned {
+            self.configure(&link, spec).await?;
+        }
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.config = cfg;
+        }
+        self.refresh().await;
+        Ok(())
+    }
+
+    /// Runs `virtual_plan`'s steps, looking names up as the links appear.
+    async fn run_virtual(&self, steps: Vec<VirtualStep>) -> Result<(), String> {
+        for step in steps {
+            let links = self.nl.links().await.map_err(|e| chain(&e))?;
+            let index = |n: &str| {
+                links
+                    .iter()
+                    .find(|l| l.name == n)
+                    .map(|l| l.index)
+                    .ok_or_else(|| format!("no link {n}"))
+            };
+            let done = match &step {
+                VirtualStep::Delete { index, .. } => self.nl.delete_link(*index).await,
+                VirtualStep::Release { index, .. } => self.nl.release(*index).await,
+                VirtualStep::AddBond { name } => self.nl.add_bond(name).await,
+                VirtualStep::Enslave { member, bond } => {
+                    self.nl.enslave(index(member)?, index(bond)?).await
+                }
+                VirtualStep::AddVlan { name, parent, id } => {
+                    self.nl.add_vlan(name, index(parent)?, *id).await
+                }
+            };
+            done.map_err(|e| format!("{step}: {}", chain(&e)))?;
+            (self.emit)("network-link", step.to_string());
+        }
+        Ok(())
+    }
+
+    /// The default rule: bring hardware links up, then DHCP on the first with carrier (or on
+    /// the first one when none has carrier yet: its client waits for it).
+    async fn default_rule(&self, links: &[Link]) -> Vec<(Link, InterfaceSpec)> {
+        let candidates: Vec<&Link> = links
+            .iter()
+            .filter(|l| !l.loopback && l.kind.is_none() && l.mac.is_some())
+            .collect();
+        for l in &candidates {
+            let _ = self.nl.set_up(l.index, None).await;
+        }
+        let deadline = tokio::time::Instant::now() + CARRIER_WAIT;
+        let chosen = loop {
+            let now = self.nl.links().await.unwrap_or_default();
+            let with_carrier = now
+                .iter()
+                .filter(|l| candidates.iter().any(|c| c.index == l.index) && l.carrier)
+                .min_by_key(|l| l.index)
+                .cloned();
+            if let Some(l) = with_carrier {
+                break Some(l);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break candidates.first().map(|l| (*l).clone());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        match chosen {
+            Some(l) => {
+                // The default rule keeps the link it chose while it still exists.
+                let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let keep = st
+                    .managed
+                    .keys()
+                    .find(|n| candidates.iter().any(|c| &c.name == *n))
+                    .and_then(|n| candidates.iter().find(|c| &c.name == n))
+                    .map(|c| (*c).clone());
+                let link = keep.unwrap_or(l);
+                vec![(
+                    link,
+                    InterfaceSpec {
+                        dhcp: true,
+                        ..InterfaceSpec::default()
+                    },
+                )]
+            }
+            None => {
+                (self.emit)(
+                    "network-error",
+                    "default rule: no network link found (only loopback)".into(),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Configures one link: up + MTU, static addresses and routes (removing the ones a
+    /// previous config put there), the DHCP client on or off.
+    async fn configure(&self, link: &Link, spec: InterfaceSpec) -> Result<(), String> {
+        self.nl
+            .set_up(link.index, spec.mtu)
+            .await
+            .map_err(|e| format!("{}: {}", link.name, chain(&e)))?;
+        let addresses: Vec<Cidr> = spec
+            .addresses
+            .iter()
+            .filter_map(|a| Cidr::parse(a).ok())
+            .collect();
+        let mut routes: Vec<(Cidr, Option<IpAddr>)> = Vec::new();
+        if let Some(gw) = spec.gateway {
+            routes.push((
+                Cidr {
+                    addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    prefix: 0,
+                },
+                Some(IpAddr::V4(gw)),
+            ));
+        }
+        if let Some(gw) = spec.gateway6 {
+            routes.push((
+                Cidr {
+                    addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                    prefix: 0,
+                },
+                Some(IpAddr::V6(gw)),
+            ));
+        }
+        for r in &spec.routes {
+            if let Ok(dst) = Cidr::parse(&r.to) {
+                routes.push((dst, Some(r.via)));
+            }
+        }
+        let (old_addrs, old_routes) = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.managed
+                .get(&link.name)
+                .map(|m| (m.addresses.clone(), m.routes.clone()))
+                .unwrap_or_default()
+        };
+        let stale_routes: Vec<_> = old_routes
+            .iter()
+            .filter(|r| !routes.contains(r))
+            .cloned()
+            .collect();
+        let stale_addrs: Vec<_> = old_addrs
+            .iter()
+            .filter(|a| !addresses.contains(a))
+            .cloned()
+            .collect();
+        self.remove_statics(link.index, &stale_addrs, &stale_routes)
+            .await;
+        // DHCP off: its client goes first (releasing its lease removes its address, which
+        // may be the very address the static config is about to put there).
+        let running = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&link.name);
+        if !spec.dhcp && running {
+            self.stop_client(&link.name).await;
+        }
+
+        for a in &addresses {
+            self.nl
+                .replace_address(link.index, *a, None)
+                .await
+                .map_err(|e| format!("{}: {}", link.name, chain(&e)))?;
+        }
+        for (dst, via) in &routes {
+            self.nl
+                .replace_route(*dst, *via, link.index, None, RouteProtocol::Static, 0)
+                .await
+                .map_err(|e| format!("{}: {}", link.name, chain(&e)))?;
+        }
+        let dhcp_on = spec.dhcp;
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.managed.insert(
+                link.name.clone(),
+                Managed {
+                    spec,
+                    addresses,
+                    routes,
+                },
+            );
+        }
+        if dhcp_on && !running {
+            self.start_client(link);
+        }
+        Ok(())
+    }
+
+    async fn remove_statics(&self, index: u32, addrs: &[Cidr], routes: &[(Cidr, Option<IpAddr>)]) {
+        for (dst, via) in routes {
+            let _ = self.nl.delete_route(*dst, *via, index, 0).await;
+        }
+        for a in addrs {
+            let _ = self.nl.delete_address(index, *a).await;
+        }
+    }
+
+    fn start_client(&self, link: &Link) {
+        let Some(mac) = link.mac.as_deref().and_then(parse_mac) else {
+            (self.emit)(
+                "network-error",
+                format!("{}: no MAC address, cannot run DHCP on it", link.name),
+            );
+            return;
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let (carrier, carrier_rx) = watch::channel(link.carrier);
+        let hostname = self.hostname_to_send();
+        let client = dhcp::Client {
+            nl: self.nl.clone(),
+            index: link.index,
+            name: link.name.clone(),
+            mac,
+            lease_file: self
+                .paths
+                .state_dir
+                .join(format!("lease-{}.json", link.name)),
+            hostname,
+            carrier: carrier_rx,
+            stop: stop_rx,
+            reports: self.reports.clone(),
+            how: "offered",
+            fresh: false,
+        };
+        let task = tokio::spawn(client.run());
+        (self.emit)(
+            "dhcp-start",
+            format!("{}: DHCPv4 client started", link.name),
+        );
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                link.name.clone(),
+                ClientHandle {
+                    stop,
+                    carrier,
+                    task,
+                },
+            );
+    }
+
+    async fn stop_client(&self, name: &str) {
+        let handle = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        if let Some(h) = handle {
+            h.stop.send_replace(true);
+            let _ = tokio::time::timeout(Duration::from_secs(3), h.task).await;
+        }
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .leases
+            .remove(name);
+    }
+
+    /// Stops every DHCP client (each releases its lease). For sysd's shutdown.
+    pub async fn shutdown(&self) {
+        let names: Vec<String> = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for n in names {
+            self.stop_client(&n).await;
+        }
+    }
+
+    fn hostname_to_send(&self) -> Option<String> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.config.host.hostname.clone()
+    }
+
+    async fn handle_reports(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Report>) {
+        while let Some(r) = rx.recv().await {
+            match r {
+                Report::Bound { link, lease, how } => {
+                    (self.emit)(
+                        "dhcp-lease",
+                        format!(
+                            "{link}: {} {}/{} from {} for {}s (routers {}, dns {})",
+                            how,
+                            lease.address,
+                            lease.prefix,
+                            lease.server,
+                            lease.lease_secs,
+                            join(&lease.routers),
+                            join(&lease.dns),
+                        ),
+                    );
+                    self.state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .leases
+                        .insert(link, lease);
+                }
+                Report::Unbound { link, why } => {
+                    (self.emit)("dhcp-unbound", format!("{link}: no lease ({why})"));
+                    self.state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .leases
+                        .remove(&link);
+                }
+                Report::Note {
+                    link,
+                    kind,
+                    message,
+                } => {
+                    (self.emit)(kind, format!("{link}: {message}"));
+                    continue;
+                }
+            }
+            self.lease_epoch.send_modify(|n| *n += 1);
+            self.refresh().await;
+        }
+    }
+
+    /// Link events: carrier changes go to the DHCP client of the link and become events;
+    /// route events re-evaluate network-online.
+    async fn watch_links(self: Arc<Self>) {
+        let Ok((conn, _handle, mut messages)) = rtnetlink::new_multicast_connection(&[
+            rtnetlink::MulticastGroup::Link,
+            rtnetlink::MulticastGroup::Ipv4Route,
+            rtnetlink::MulticastGroup::Ipv6Route,
+        ]) else {
+            (self.emit)("network-error", "cannot subscribe to link events".into());
+            return;
+        };
+        tokio::spawn(conn);
+        let mut carriers: BTreeMap<u32, bool> = BTreeMap::new();
+        while let Some((msg, _)) = messages.next().await {
+            let rtnetlink::packet_core::NetlinkPayload::InnerMessage(inner) = msg.payload else {
+                continue;
+            };
+            let m = match inner {
+                RouteNetlinkMessage::NewLink(m) => m,
+                // A default route came or went (ours or anyone's): online may have changed.
+                RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => {
+                    self.refresh().await;
+                    continue;
+                }
+                _ => continue,
+            };
+            let links = match self.nl.links().await {
+                Ok(l) => l,
+                Err(_) => continue,
+            };
+            let Some(link) = links.iter().find(|l| l.index == m.header.index) else {
+                continue;
+            };
+            let before = carriers.insert(link.index, link.carrier);
+            if before.is_some() && before != Some(link.carrier) || before.is_none() && !link.carrier
+            {
+                let managed = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .managed
+                    .contains_key(&link.name);
+                if managed && before.is_some() {
+                    (self.emit)(
+                        "link",
+                        format!(
+                            "{}: carrier {}",
+                            link.name,
+                            if link.carrier { "up" } else { "down" }
+                        ),
+                    );
+                }
+            }
+            if let Some(c) = self
+                .clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&link.name)
+            {
+                c.carrier.send_if_modified(|v| {
+                    let changed = *v != link.carrier;
+                    *v = link.carrier;
+                    changed
+                });
+            }
+            self.refresh().await;
+        }
+    }
+
+    /// Re-derives resolv.conf, the hostname and the online state.
+    async fn refresh(&self) {
+        let (dns, search, hostname) = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut dns: Vec<IpAddr> = st.config.network.dns.clone();
+            let mut search: Vec<String> = st.config.network.search.clone();
+            for l in st.leases.values() {
+                dns.extend(l.dns.iter().map(|d| IpAddr::V4(*d)));
+                search.extend(l.domain.iter().cloned());
+            }
+            dedup(&mut dns);
+            dedup(&mut search);
+            let hostname = if let Some(h) = &st.config.host.hostname {
+                (h.clone(), "config")
+            } else if let Some(h) = st
+                .leases
+                .values()
+                .find_map(|l| l.hostname.clone())
+                .filter(|h| keelson_spec::network::valid_hostname(h))
+            {
+                (h, "dhcp")
+            } else {
+                (default_hostname(&self.paths.machine_id), "machine-id")
+            };
+            let changed_dns = st.dns != dns || st.search != search;
+            st.dns = dns.clone();
+            st.search = search.clone();
+            let changed_host = st.hostname.0 != hostname.0;
+            st.hostname = hostname.clone();
+            (
+                changed_dns.then_some(dns),
+                search,
+                changed_host.then_some(hostname),
+            )
+        };
+        if let Some(dns) = dns {
+            match resolv::write(&self.paths.resolv_conf, &dns, &search) {
+                Ok(()) => (self.emit)(
+                    "dns",
+                    format!(
+                        "resolv.conf: nameservers {}; search {}",
+                        join(&dns),
+                        if search.is_empty() {
+                            "-".into()
+                        } else {
+                            search.join(" ")
+                        }
+                    ),
+                ),
+                Err(e) => (self.emit)(
+                    "network-error",
+                    format!("writing {}: {e}", self.paths.resolv_conf.display()),
+                ),
+            }
+        }
+        if let Some((name, source)) = hostname {
+            let current = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok());
+            if current.as_deref() != Some(&name) {
+                if let Err(e) = nix::unistd::sethostname(&name) {
+                    (self.emit)("network-error", format!("setting the hostname: {e}"));
+                }
+            }
+            let _ = std::fs::write(&self.paths.hostname_file, format!("{name}\n"));
+            (self.emit)("hostname", format!("{name} (from {source})"));
+        }
+        let missing = self.missing().await;
+        if missing.is_empty() {
+            if *self.online.borrow() != Online::Reached {
+                (self.emit)(
+                    "network-online",
+                    "default route and DNS server present".into(),
+                );
+                self.online.send_replace(Online::Reached);
+            }
+        } else if *self.online.borrow() == Online::Reached {
+            // Lost it (lease expired, link gone): dependents already started stay up.
+            (self.emit)("network-offline", missing.clone());
+            self.online.send_replace(Online::Pending);
+        }
+    }
+
+    /// What `network-online` still lacks ("" when nothing).
+    async fn missing(&self) -> String {
+        let routes = self.nl.routes().await.unwrap_or_default();
+        let has_default = routes.iter().any(|r| r.dst.prefix == 0);
+        let has_dns = !self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dns
+            .is_empty();
+        match (has_default, has_dns) {
+            (true, true) => String::new(),
+            (false, true) => "no default route".into(),
+            (true, false) => "no DNS server".into(),
+            (false, false) => "no default route and no DNS server".into(),
+        }
+    }
+
+    /// Gives a bridge service its place: the bridge (created on first use, with forwarding
+    /// on), its address (kept across restarts), the hosts file, and the nftables rules for
+    /// its published ports. The runtime helper plugs the container in with the result.
+    pub async fn attach(
+        &self,
+        service: &str,
+        ports: &[keelson_spec::network::PortSpec],
+    ) -> Result<bridge::Endpoint, String> {
+        let _guard = self.bridge_lock.lock().await;
+        let subnet = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.config.network.bridge_subnet()
+        };
+        let gw = bridge::gateway(subnet);
+        let bridge_up = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bridge_up;
+        if !bridge_up {
+            // Early in boot the bridge module may still be loading (init loads the root's
+            // modules in the background): a few tries.
+            let mut tries = 0;
+            loop {
+                match self.ensure_bridge(subnet, gw).await {
+                    Ok(()) => break,
+                    Err(e) if tries < 10 => {
+                        tries += 1;
+                        tracing::debug!("bridge not ready yet: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let ipam_path = bridge::ipam_path(&self.paths.state_dir);
+        let mut ipam = bridge::Ipam::load(&ipam_path, subnet);
+        let address = ipam.allocate(service, subnet)?;
+        ipam.store(&ipam_path)
+            .map_err(|e| format!("keeping {}: {e}", ipam_path.display()))?;
+        bridge::write_in_place(&self.hosts_file(), &bridge::render_hosts(&ipam))
+            .map_err(|e| format!("writing {}: {e}", self.hosts_file().display()))?;
+        let rules = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.ports
+                .insert(service.to_string(), (address, ports.to_vec()));
+            let all: Vec<(Ipv4Addr, keelson_spec::network::PortSpec)> = st
+                .ports
+                .values()
+                .flat_map(|(ip, ps)| ps.iter().map(move |p| (*ip, *p)))
+                .collect();
+            bridge::render_ruleset(subnet, &all)
+        };
+        let nft = self.paths.nft.clone();
+        tokio::task::spawn_blocking(move || bridge::nft_load(&nft, &rules))
+            .await
+            .map_err(|e| chain(&e))??;
+        (self.emit)(
+            "endpoint",
+            format!(
+                "{service}: {address}/{} on {} via {gw}{}",
+                subnet.prefix,
+                bridge::BRIDGE,
+                if ports.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", publishing {}",
+                        ports
+                            .iter()
+                            .map(|p| format!("{}->{}/{}", p.host, p.container, p.proto))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    )
+                }
+            ),
+        );
+        Ok(bridge::Endpoint {
+            service: service.to_string(),
+            address,
+            prefix: subnet.prefix,
+            gateway: gw,
+            bridge: bridge::BRIDGE.to_string(),
+            host_if: bridge::host_if_name(service),
+        })
+    }
+
+    /// The hosts file bridge containers get as /etc/hosts.
+    pub fn hosts_file(&self) -> PathBuf {
+        self.paths.resolv_conf.with_file_name("hosts")
+    }
+
+    async fn ensure_bridge(&self, subnet: Cidr, gw: Ipv4Addr) -> Result<(), String> {
+        let links = self.nl.links().await.map_err(|e| chain(&e))?;
+        let index = match links.iter().find(|l| l.name == bridge::BRIDGE) {
+            Some(l) => l.index,
+            None => {
+                self.nl
+                    .add_bridge(bridge::BRIDGE)
+                    .await
+                    .map_err(|e| chain(&e))?;
+                self.nl
+                    .links()
+                    .await
+                    .map_err(|e| chain(&e))?
+                    .iter()
+                    .find(|l| l.name == bridge::BRIDGE)
+                    .map(|l| l.index)
+                    .ok_or("the bridge vanished after its creation")?
+            }
+        };
+        self.nl
+            .replace_address(
+                index,
+                Cidr {
+                    addr: IpAddr::V4(gw),
+                    prefix: subnet.prefix,
+                },
+                None,
+            )
+            .await
+            .map_err(|e| chain(&e))?;
+        self.nl.set_up(index, None).await.map_err(|e| chain(&e))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| format!("enabling IPv4 forwarding: {e}"))?;
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bridge_up = true;
+        Ok(())
+    }
+
+    /// `GET /v1/network`.
+    pub async fn status(&self) -> NetworkStatus {
+        let links = self.nl.links().await.unwrap_or_default();
+        let addrs = self.nl.addresses().await.unwrap_or_default();
+        let routes = self.nl.routes().await.unwrap_or_default();
+        let name_of = |i: u32| links.iter().find(|l| l.index == i).map(|l| l.name.clone());
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (online, online_reason) = match &*self.online.borrow() {
+            Online::Pending => ("pending", None),
+            Online::Reached => ("online", None),
+            Online::TimedOut(r) => ("timed-out", Some(r.clone())),
+        };
+        NetworkStatus {
+            online: online.into(),
+            online_reason,
+            hostname: st.hostname.0.clone(),
+            hostname_source: st.hostname.1.into(),
+            links: links
+                .iter()
+                .map(|l| LinkStatus {
+                    index: l.index,
+                    name: l.name.clone(),
+                    mac: l.mac.clone(),
+                    up: l.up,
+                    carrier: l.carrier,
+                    mtu: l.mtu,
+                    kind: l.kind.clone(),
+                    addresses: addrs
+                        .iter()
+                        .filter(|a| a.index == l.index)
+                        .map(|a| a.cidr.to_string())
+                        .collect(),
+                    managed: st.managed.get(&l.name).map(|m| {
+                        match (m.spec.dhcp, !m.spec.addresses.is_empty()) {
+                            (true, true) => "dhcp+static",
+                            (true, false) => "dhcp",
+                            _ => "static",
+                        }
+                        .to_string()
+                    }),
+                })
+                .collect(),
+            routes: routes
+                .iter()
+                .filter(|r| !r.dst.addr.is_ipv6() || r.dst.prefix == 0 || r.gateway.is_some())
+                .map(|r| RouteStatus {
+                    destination: if r.dst.prefix == 0 {
+                        "default".into()
+                    } else {
+                        r.dst.to_string()
+                    },
+                    gateway: r.gateway.map(|g| g.to_string()),
+                    device: r.oif.and_then(name_of),
+                    protocol: r.protocol.clone(),
+                    metric: r.metric,
+                })
+                .collect(),
+            dns: st.dns.iter().map(ToString::to_string).collect(),
+            search: st.search.clone(),
+            leases: st
+                .leases
+                .iter()
+                .map(|(link, l)| LeaseStatus {
+                    link: link.clone(),
+                    address: format!("{}/{}", l.address, l.prefix),
+                    server: l.server.to_string(),
+                    routers: l.routers.iter().map(ToString::to_string).collect(),
+                    dns: l.dns.iter().map(ToString::to_string).collect(),
+                    domain: l.domain.clone(),
+                    lease_secs: l.lease_secs,
+                    remaining_secs: l.remaining_secs(),
+                    t1_secs: l.t1_secs,
+                    t2_secs: l.t2_secs,
+                })
+                .collect(),
+            endpoints: st
+                .ports
+                .iter()
+                .map(|(service, (ip, ports))| EndpointStatus {
+                    service: service.clone(),
+                    address: format!("{ip}/{}", st.config.network.bridge_subnet().prefix),
+                    bridge: bridge::BRIDGE.into(),
+                    ports: ports
+                        .iter()
+                        .map(|p| format!("{}:{}/{}", p.host, p.container, p.proto))
+                        .collect(),
+                })
+                .collect(),
+            config_origin: if st.config.network.interfaces.is_empty() {
+                "default (DHCP on the first link with carrier)".into()
+            } else {
+                st.config.origin.clone().unwrap_or_default()
+            },
+        }
+    }
+}
+
+/// Which link each configured interface is: every interface must match exactly one link
+/// (several for a `name` prefix), or the config is refused naming the links there are.
+fn plan(cfg: &NetworkSpec, links: &[Link]) -> Result<Vec<(Link, InterfaceSpec)>, String> {
+    let mut out = Vec::new();
+    let mut taken = BTreeSet::new();
+    for (label, spec) in &cfg.interfaces {
+        let matched: Vec<&Link> = links.iter().filter(|l| matches(label, spec, l)).collect();
+        if matched.is_empty() && (spec.vlan.is_some() || spec.bond.is_some()) {
+            continue; // created by `virtual_plan`'s steps before it is configured
+        }
+        if matched.is_empty() {
+            let names: Vec<&str> = links
+                .iter()
+                .filter(|l| !l.loopback)
+                .map(|l| l.name.as_str())
+                .collect();
+            return Err(format!(
+                "network.interfaces.{label}: no such link on this node (links: {})",
+                if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.join(", ")
+                }
+            ));
+        }
+        for l in matched {
+            if !taken.insert(l.index) {
+                return Err(format!(
+                    "network.interfaces.{label}: link {} is already configured by another entry",
+                    l.name
+                ));
+            }
+            out.push((l.clone(), spec.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// One step towards the config's VLAN and bond links.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum VirtualStep {
+    /// A VLAN or bond that left the config (or changed): deleted.
+    Delete {
+        name: String,
+        index: u32,
+    },
+    /// A member that left its bond: released.
+    Release {
+        member: String,
+        index: u32,
+    },
+    AddBond {
+        name: String,
+    },
+    /// Enslave `member` to bond `bond` (by name: the bond may be created by this plan).
+    Enslave {
+        member: String,
+        bond: String,
+    },
+    AddVlan {
+        name: String,
+        parent: String,
+        id: u16,
+    },
+}
+
+impl std::fmt::Display for VirtualStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VirtualStep::Delete { name, .. } => write!(f, "deleting link {name}"),
+            VirtualStep::Release { member, .. } => write!(f, "releasing {member} from its bond"),
+            VirtualStep::AddBond { name } => write!(f, "creating bond {name} (active-backup)"),
+            VirtualStep::Enslave { member, bond } => write!(f, "enslaving {member} to {bond}"),
+            VirtualStep::AddVlan { name, parent, id } => {
+                write!(f, "creating vlan {name} (id {id} on {parent})")
+            }
+        }
+    }
+}
+
+/// The steps that make the links match the VLAN and bond entries of `cfg`, given the entries
+/// of the config in force (`prev`); none when they already do. Refuses missing parents and
+/// members, a name taken by another kind of link, and a member another entry configures.
+fn virtual_plan(
+    cfg: &NetworkSpec,
+    prev: &NetworkSpec,
+    links: &[Link],
+) -> Result<Vec<VirtualStep>, String> {
+    let by_name = |n: &str| links.iter().find(|l| l.name == n);
+    let mut steps = Vec::new();
+    // Deletions first: vlans before the bonds they may ride on.
+    let mut gone: Vec<(&String, &InterfaceSpec)> = prev
+        .interfaces
+        .iter()
+        .filter(|(label, old)| {
+            (old.vlan.is_some() || old.bond.is_some())
+                && cfg.interfaces.get(*label).is_none_or(|new| {
+                    new.vlan != old.vlan || new.bond.is_some() != old.bond.is_some()
+                })
+        })
+        .collect();
+    gone.sort_by_key(|(_, old)| old.bond.is_some());
+    for (label, _) in gone {
+        if let Some(l) = by_name(label) {
+            if matches!(l.kind.as_deref(), Some("vlan" | "bond")) {
+                steps.push(VirtualStep::Delete {
+                    name: label.clone(),
+                    index: l.index,
+                });
+            }
+        }
+    }
+    let deleted: BTreeSet<String> = steps
+        .iter()
+        .filter_map(|s| match s {
+            VirtualStep::Delete { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    let exists = |name: &str, kind: &str| -> Result<bool, String> {
+        match by_name(name) {
+            Some(_) if deleted.contains(name) => Ok(false),
+            Some(l) if l.kind.as_deref() == Some(kind) => Ok(true),
+            Some(l) => Err(format!(
+                "network.interfaces.{name}: a link named {name} already exists and is not a {kind} ({})",
+                l.kind.as_deref().unwrap_or("hardware")
+            )),
+            None => Ok(false),
+        }
+    };
+    let mut members = BTreeSet::new();
+    for (label, ifc) in &cfg.interfaces {
+        let Some(bond) = &ifc.bond else { continue };
+        let existing = if exists(label, "bond")? {
+            by_name(label).map(|l| l.index)
+        } else {
+            steps.push(VirtualStep::AddBond {
+                name: label.clone(),
+            });
+            None
+        };
+        if let Some(old) = prev.interfaces.get(label).and_then(|o| o.bond.as_ref()) {
+            for m in old.members.iter().filter(|m| !bond.members.contains(m)) {
+                if let Some(l) =
+                    by_name(m).filter(|l| l.controller.is_some() && l.controller == existing)
+                {
+                    steps.push(VirtualStep::Release {
+                        member: m.clone(),
+                        index: l.index,
+                    });
+                }
+            }
+        }
+        for (j, m) in bond.members.iter().enumerate() {
+            members.insert(m.as_str());
+            let Some(l) = by_name(m) else {
+                return Err(format!(
+                    "network.interfaces.{label}.bond.members[{j}]: no link {m} on this node"
+                ));
+            };
+            if existing.is_none() || l.controller != existing {
+                steps.push(VirtualStep::Enslave {
+                    member: m.clone(),
+                    bond: label.clone(),
+                });
+            }
+        }
+    }
+    for (label, ifc) in &cfg.interfaces {
+        let Some(vlan) = &ifc.vlan else { continue };
+        let parent_known = by_name(&vlan.parent).is_some()
+            || cfg
+                .interfaces
+                .get(&vlan.parent)
+                .is_some_and(|p| p.bond.is_some());
+        if !parent_known {
+            return Err(format!(
+                "network.interfaces.{label}.vlan.parent: no link {} on this node",
+                vlan.parent
+            ));
+        }
+        if !exists(label, "vlan")? {
+            steps.push(VirtualStep::AddVlan {
+                name: label.clone(),
+                parent: vlan.parent.clone(),
+                id: vlan.id,
+            });
+        }
+    }
+    // A member is the bond's alone: no other entry may match it.
+    for (label, ifc) in &cfg.interfaces {
+        if ifc.vlan.is_some() || ifc.bond.is_some() {
+            continue;
+        }
+        if let Some(l) = links
+            .iter()
+            .find(|l| members.contains(l.name.as_str()) && matches(label, ifc, l))
+        {
+            return Err(format!(
+                "network.interfaces.{label}: link {} is a bond member; configure the bond instead",
+                l.name
+            ));
+        }
+    }
+    Ok(steps)
+}
+
+fn matches(label: &str, spec: &InterfaceSpec, link: &Link) -> bool {
+    if link.loopback {
+        return false;
+    }
+    let Some(m) = &spec.matches else {
+        return link.name == label;
+    };
+    if let Some(name) = &m.name {
+        let ok = match name.strip_suffix('*') {
+            Some(prefix) => link.name.starts_with(prefix),
+            None => &link.name == name,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    if let Some(mac) = &m.mac {
+        if link.mac.as_deref() != Some(mac.to_ascii_lowercase().as_str()) {
+            return false;
+        }
+    }
+    if let Some(driver) = &m.driver {
+        if link.driver().as_deref() != Some(driver.as_str()) {
+            return false;
+        }
+    }
+    true
+}
+
+/// An error with its causes, for messages a person reads (`netlink: listing links: ...`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// `keelson-<first 8 hex of the machine ID>`, as init names a fresh node.
+fn default_hostname(machine_id: &std::path::Path) -> String {
+    let id = std::fs::read_to_string(machine_id).unwrap_or_default();
+    let id = id.trim();
+    if id.len() >= 8 && id.bytes().all(|c| c.is_ascii_hexdigit()) {
+        format!("keelson-{}", &id[..8])
+    } else {
+        "keelson".into()
+    }
+}
+
+fn dedup<T: PartialEq + Clone>(v: &mut Vec<T>) {
+    let mut seen: Vec<T> = Vec::new();
+    v.retain(|x| {
+        if seen.contains(x) {
+            false
+        } else {
+            seen.push(x.clone());
+            true
+        }
+    });
+}
+
+fn join<T: ToString>(v: &[T]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keelson_spec::network::LinkMatch;
+
+    fn link(index: u32, name: &str, mac: &str) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            mac: Some(mac.into()),
+            up: true,
+            carrier: true,
+            mtu: 1500,
+            kind: None,
+            loopback: false,
+            controller: None,
+        }
+    }
+
+    fn net(text: &str) -> NetworkSpec {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            network: NetworkSpec,
+        }
+        toml::from_str::<Doc>(text).unwrap().network
+    }
+
+    const VIRTUAL: &str = r#"
+[network.interfaces.bond0]
+bond = { mode = "active-backup", members = ["eth1", "eth2"] }
+dhcp = true
+[network.interfaces.v10]
+vlan = { parent = "bond0", id = 10 }
+addresses = ["10.10.0.5/24"]
+"#;
+
+    #[test]
+    fn virtual_plan_creates_enslaves_and_is_idempotent() {
+        let cfg = net(VIRTUAL);
+        let mut links = vec![
+            link(2, "eth0", "52:54:00:00:00:01"),
+            link(3, "eth1", "52:54:00:00:00:02"),
+            link(4, "eth2", "52:54:00:00:00:03"),
+        ];
+        let steps = virtual_plan(&cfg, &NetworkSpec::default(), &links).unwrap();
+        let s = |m: &str, b: &str| VirtualStep::Enslave {
+            member: m.into(),
+            bond: b.into(),
+        };
+        assert_eq!(
+            steps,
+            [
+                VirtualStep::AddBond {
+                    name: "bond0".into()
+                },
+                s("eth1", "bond0"),
+                s("eth2", "bond0"),
+                VirtualStep::AddVlan {
+                    name: "v10".into(),
+                    parent: "bond0".into(),
+                    id: 10
+                },
+            ]
+        );
+        // Before they exist, plan() leaves the entries to these steps.
+        assert_eq!(plan(&cfg, &links).unwrap().len(), 0);
+        // Once done, nothing more to do; plan() configures the new links.
+        let mut bond = link(5, "bond0", "52:54:00:00:00:02");
+        bond.kind = Some("bond".into());
+        let mut vlan = link(6, "v10", "52:54:00:00:00:02");
+        vlan.kind = Some("vlan".into());
+        links[1].controller = Some(5);
+        links[2].controller = Some(5);
+        links.extend([bond, vlan]);
+        assert_eq!(virtual_plan(&cfg, &cfg, &links).unwrap(), []);
+        let names: Vec<String> = plan(&cfg, &links)
+            .unwrap()
+            .into_iter()
+            .map(|(l, _)| l.name)
+            .collect();
+        assert_eq!(names, ["bond0", "v10"]);
+
+        // A member leaves the bond: released. Both leave the config: deleted, vlan first.
+        let mut fewer = cfg.clone();
+        fewer
+            .interfaces
+            .get_mut("bond0")
+            .unwrap()
+            .bond
+            .as_mut()
+            .unwrap()
+            .members = vec!["eth1".into()];
+        assert_eq!(
+            virtual_plan(&fewer, &cfg, &links).unwrap(),
+            [VirtualStep::Release {
+                member: "eth2".into(),
+                index: 4
+            }]
+        );
+        let steps = virtual_plan(&NetworkSpec::default(), &cfg, &links).unwrap();
+        assert_eq!(
+            steps,
+            [
+                VirtualStep::Delete {
+                    name: "v10".into(),
+                    index: 6
+                },
+                VirtualStep::Delete {
+                    name: "bond0".into(),
+                    index: 5
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn virtual_plan_refuses_missing_links_and_taken_members() {
+        let links = vec![
+            link(2, "eth0", "52:54:00:00:00:01"),
+            link(3, "eth1", "52:54:00:00:00:02"),
+        ];
+        let none = NetworkSpec::default();
+        let e = virtual_plan(&net(VIRTUAL), &none, &links).unwrap_err();
+        assert_eq!(
+            e,
+            "network.interfaces.bond0.bond.members[1]: no link eth2 on this node"
+        );
+        let e = virtual_plan(
+            &net("[network.interfaces.v]\nvlan = { parent = \"eth9\", id = 3 }\ndhcp = true\n"),
+            &none,
+            &links,
+        )
+        .unwrap_err();
+        assert!(e.contains("vlan.parent: no link eth9"), "{e}");
+        let e = virtual_plan(
+            &net("[network.interfaces.eth0]\nvlan = { parent = \"eth1\", id = 3 }\ndhcp = true\n"),
+            &none,
+            &links,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("already exists and is not a vlan (hardware)"),
+            "{e}"
+        );
+        let e = virtual_plan(
+            &net("[network.interfaces.b]\nbond = { members = [\"eth1\"] }\ndhcp = true\n[network.interfaces.any]\nmatch = { name = \"eth*\" }\ndhcp = true\n"),
+            &none,
+            &links,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("network.interfaces.any: link eth1 is a bond member"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn plan_matches_by_name_prefix_and_mac_and_names_unknown_links() {
+        let links = vec![
+            link(2, "eth0", "52:54:00:00:00:01"),
+            link(3, "eth1", "52:54:00:00:00:02"),
+        ];
+        let mut cfg = NetworkSpec::default();
+        cfg.interfaces.insert(
+            "uplink".into(),
+            InterfaceSpec {
+                matches: Some(LinkMatch {
+                    mac: Some("52:54:00:00:00:02".into()),
+                    ..LinkMatch::default()
+                }),
+                dhcp: true,
+                ..InterfaceSpec::default()
+            },
+        );
+        cfg.interfaces.insert(
+            "eth0".into(),
+            InterfaceSpec {
+                dhcp: true,
+                ..InterfaceSpec::default()
+            },
+        );
+        let p = plan(&cfg, &links).unwrap();
+        let names: Vec<&str> = p.iter().map(|(l, _)| l.name.as_str()).collect();
+        assert_eq!(names, ["eth0", "eth1"]);
+
+        cfg.interfaces.insert(
+            "eth9".into(),
+            InterfaceSpec {
+                dhcp: true,
+                ..InterfaceSpec::default()
+            },
+        );
+        let e = plan(&cfg, &links).unwrap_err();
+        assert!(e.contains("network.interfaces.eth9: no such link"), "{e}");
+        assert!(e.contains("eth0, eth1"), "{e}");
+    }
+
+    #[test]
+    fn default_hostname_from_machine_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("machine-id");
+        std::fs::write(&p, "0123456789abcdef0123456789abcdef\n").unwrap();
+        assert_eq!(default_hostname(&p), "keelson-01234567");
+    }
+}

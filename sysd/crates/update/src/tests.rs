@@ -1,0 +1,749 @@
+//! Host tests of the update agent against real repositories: signed by the real
+//! `image-build update` (keys generated here), served over HTTP from inside a network namespace
+//! of the test's own, installed into plain files standing in for slot B's partitions and a
+//! directory standing in for the ESP. Needs root (for the namespace), like the other host tests.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use keelson_common::api::update::{ApplyRequest, Phase};
+use keelson_common::api::{Kind, ServiceStatus, State};
+use keelson_common::verity;
+
+use super::slots::{self, Discovery, SlotDevices};
+use super::{Agent, Hooks, Paths};
+use keelson_spec::update::UpdateSpec;
+
+fn image_build() -> PathBuf {
+    static BUILD: Once = Once::new();
+    // sysd/crates/update → the workspace root.
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(3)
+        .unwrap()
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ws.join("target"));
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-q", "-p", "image-build"])
+            .current_dir(&ws)
+            .status()
+            .expect("cargo build -p image-build");
+        assert!(st.success(), "building image-build failed");
+    });
+    target.join("debug/image-build")
+}
+
+fn ib(args: &[&str]) -> String {
+    let out = Command::new(image_build()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "image-build {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A minimal PE image with `.osrel` and `.cmdline` sections, as a UKI looks to the agent.
+fn fake_uki(osrel: &str, cmdline: &str) -> Vec<u8> {
+    let mut pe = vec![0u8; 0x200];
+    pe[0..2].copy_from_slice(b"MZ");
+    pe[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
+    pe[0x40..0x44].copy_from_slice(b"PE\0\0");
+    pe[0x46..0x48].copy_from_slice(&2u16.to_le_bytes()); // sections
+    pe[0x54..0x56].copy_from_slice(&0u16.to_le_bytes()); // no optional header
+    let table = 0x40 + 24;
+    let mut data_at = 0x200usize;
+    let mut body = Vec::new();
+    for (i, (name, content)) in [(".osrel", osrel), (".cmdline", cmdline)]
+        .iter()
+        .enumerate()
+    {
+        let s = table + i * 40;
+        pe[s..s + name.len()].copy_from_slice(name.as_bytes());
+        let len = content.len() as u32;
+        pe[s + 8..s + 12].copy_from_slice(&len.to_le_bytes());
+        pe[s + 16..s + 20].copy_from_slice(&len.to_le_bytes());
+        pe[s + 20..s + 24].copy_from_slice(&(data_at as u32).to_le_bytes());
+        body.extend_from_slice(content.as_bytes());
+        data_at += content.len();
+    }
+    pe.extend_from_slice(&body);
+    // Bulk, so the UKI is big enough for progress and ESP space checks to mean something.
+    pe.extend(std::iter::repeat_n(0xccu8, 64 << 10));
+    pe
+}
+
+/// A built image directory as `image-build build` leaves it (small, synthetic root).
+struct FakeImage {
+    dir: PathBuf,
+    roothash: String,
+}
+
+fn fake_image(parent: &Path, version: &str, blocks: usize) -> FakeImage {
+    fake_image_claiming(parent, version, version, blocks)
+}
+
+/// An image whose UKIs say `real` while the build manifest (and so the repository) says
+/// `version`: an older version dressed up as a newer one.
+fn fake_image_claiming(parent: &Path, version: &str, real: &str, blocks: usize) -> FakeImage {
+    let dir = parent.join(format!("img-{version}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut root = Vec::with_capacity(blocks * 4096);
+    let mut x: u32 = version
+        .bytes()
+        .fold(7, |a, b| a.wrapping_mul(31).wrapping_add(b as u32));
+    for _ in 0..blocks * 4096 / 4 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        // Compressible, like a file system: small values.
+        root.extend_from_slice(&(x % 16).to_le_bytes());
+    }
+    let tree = verity::build(&mut &root[..], root.len() as u64, &[9; 32], [3; 16]).unwrap();
+    let roothash = verity::to_hex(&tree.root_hash);
+    std::fs::write(dir.join("root.erofs"), &root).unwrap();
+    std::fs::write(dir.join("root.verity"), &tree.hash_device).unwrap();
+    let osrel = format!("ID=keelson\nIMAGE_ID=keelson\nIMAGE_VERSION={real}\nVARIANT_ID=test\n");
+    let uki = format!("keelson_{version}+3.efi");
+    for (file, slot) in [(uki.as_str(), "a"), ("uki-slot-b.efi", "b")] {
+        let cmd = format!("console=ttyS0 keelson.slot={slot} roothash={roothash}");
+        std::fs::write(dir.join(file), fake_uki(&osrel, &cmd)).unwrap();
+    }
+    let manifest = serde_json::json!({"image": {"name": "test", "version": version, "roothash_a": roothash, "uki": uki}});
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    FakeImage { dir, roothash }
+}
+
+/// A static file server with faults to inject.
+#[derive(Default)]
+struct Faults {
+    /// Close the connection after this many body bytes, once, for paths ending like this.
+    drop_once: Option<(String, usize)>,
+    /// Always stop after this many body bytes (announcing the full length).
+    truncate: Option<(String, usize)>,
+    /// Answer every request with this instead of the file.
+    garbage: bool,
+}
+
+struct Server {
+    port: u16,
+    faults: Arc<Mutex<Faults>>,
+}
+
+fn serve(root: PathBuf) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let faults = Arc::new(Mutex::new(Faults::default()));
+    let f2 = Arc::clone(&faults);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let root = root.clone();
+            let faults = Arc::clone(&f2);
+            std::thread::spawn(move || handle(conn, &root, &faults));
+        }
+    });
+    Server { port, faults }
+}
+
+fn handle(mut conn: TcpStream, root: &Path, faults: &Mutex<Faults>) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let path = line.split(' ').nth(1).unwrap_or("/").to_string();
+    let mut from = 0usize;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some(r) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+            from = r.trim().trim_end_matches('-').parse().unwrap_or(0);
+        }
+    }
+    let mut f = faults.lock().unwrap();
+    let data = if f.garbage {
+        b"<html>this is not what you asked for</html>".repeat(100)
+    } else {
+        match std::fs::read(root.join(path.trim_start_matches('/'))) {
+            Ok(d) => d,
+            Err(_) => {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                return;
+            }
+        }
+    };
+    let mut limit = data.len();
+    if let Some((suffix, n)) = f.drop_once.clone() {
+        if path.ends_with(&suffix) && from == 0 {
+            limit = n;
+            f.drop_once = None;
+        }
+    }
+    if let Some((suffix, n)) = &f.truncate {
+        if path.ends_with(suffix.as_str()) {
+            limit = limit.min(*n);
+        }
+    }
+    drop(f);
+    let from = from.min(data.len());
+    let head = if from > 0 {
+        format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n",
+            data.len() - from,
+            data.len() - 1,
+            data.len()
+        )
+    } else {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            data.len()
+        )
+    };
+    let _ = conn.write_all(head.as_bytes());
+    let _ = conn.write_all(&data[from..limit.max(from)]);
+    let _ = conn.flush();
+}
+
+/// A node on the host: running `running` from slot A; slot B is two files; the ESP a directory.
+struct Node {
+    dir: tempfile::TempDir,
+    events: Arc<Mutex<Vec<(String, String)>>>,
+    rebooted: Arc<AtomicBool>,
+    services: Arc<Mutex<Vec<ServiceStatus>>>,
+    spec: Arc<Mutex<UpdateSpec>>,
+    agent: Arc<Agent>,
+    key: PathBuf,
+    root_json: PathBuf,
+    repo: PathBuf,
+    server: Server,
+}
+
+fn netns() {
+    // SAFETY: unshare affects only this thread (and threads and children it creates later).
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET) needs root: {}",
+        std::io::Error::last_os_error()
+    );
+    keelson_net::loopback::loopback_up().unwrap();
+}
+
+fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
+    netns();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = d.join("key.pk8");
+    let root_json = d.join("root.json");
+    ib(&["update", "keygen", key.to_str().unwrap()]);
+    ib(&[
+        "update",
+        "root",
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        root_json.to_str().unwrap(),
+    ]);
+    let repo = d.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let esp = d.join("esp");
+    std::fs::create_dir_all(esp.join("EFI/Linux")).unwrap();
+    // The running entry, and a stale entry of the other slot (invalidated by an install).
+    let other = if slot == "a" { "b" } else { "a" };
+    std::fs::write(
+        esp.join(format!("EFI/Linux/keelson_{version}.efi")),
+        fake_uki(
+            &format!("IMAGE_VERSION={version}\n"),
+            &format!("keelson.slot={slot} roothash={}", running.roothash),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        esp.join("EFI/Linux/keelson_0.0.1.efi"),
+        fake_uki(
+            "IMAGE_VERSION=0.0.1\n",
+            &format!("keelson.slot={other} roothash=00"),
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("root-b"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(d.join("root-b-verity"), vec![0u8; 64 << 10]).unwrap();
+    std::fs::write(
+        d.join("os-release"),
+        format!("ID=keelson\nIMAGE_VERSION={version}\nVARIANT_ID=test\n"),
+    )
+    .unwrap();
+    std::fs::write(d.join("machine-id"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    let server = serve(repo.clone());
+    let spec = Arc::new(Mutex::new(UpdateSpec {
+        repository: Some(format!("http://127.0.0.1:{}/", server.port)),
+        health_timeout: keelson_spec::units::Span(Duration::from_secs(3)),
+        ..UpdateSpec::default()
+    }));
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let rebooted = Arc::new(AtomicBool::new(false));
+    let services = Arc::new(Mutex::new(Vec::new()));
+    let (e2, r2, s2, sp2) = (
+        Arc::clone(&events),
+        Arc::clone(&rebooted),
+        Arc::clone(&services),
+        Arc::clone(&spec),
+    );
+    let agent = Agent::new(
+        Paths {
+            state_dir: d.join("var/update"),
+            trusted_root: root_json.clone(),
+            os_release: d.join("os-release"),
+            machine_id: d.join("machine-id"),
+        },
+        Discovery::Files {
+            cmdline: format!("quiet keelson.slot={slot} roothash={}", running.roothash),
+            target: SlotDevices {
+                root: d.join("root-b"),
+                root_size: 1 << 20,
+                verity: d.join("root-b-verity"),
+                verity_size: 64 << 10,
+            },
+            esp,
+        },
+        Hooks {
+            emit: Box::new(move |k, m| e2.lock().unwrap().push((k.to_string(), m))),
+            services: Box::new(move || s2.lock().unwrap().clone()),
+            reboot: Box::new(move || r2.store(true, Ordering::SeqCst)),
+            spec: Box::new(move || Ok(sp2.lock().unwrap().clone())),
+        },
+    );
+    Node {
+        dir,
+        events,
+        rebooted,
+        services,
+        spec,
+        agent,
+        key,
+        root_json,
+        repo,
+        server,
+    }
+}
+
+impl Node {
+    fn add(&self, img: &FakeImage, extra: &[&str]) {
+        let mut args = vec![
+            "update",
+            "add",
+            "--repo",
+            self.repo.to_str().unwrap(),
+            "--root",
+            self.root_json.to_str().unwrap(),
+            "--key",
+            self.key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.push(img.dir.to_str().unwrap());
+        ib(&args);
+    }
+
+    fn esp_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.path().join("esp/EFI/Linux"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn events(&self) -> String {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, m)| format!("{k}: {m}\n"))
+            .collect()
+    }
+
+    /// Applies and waits for the background install to end; Err is the refusal or failure.
+    fn apply(&self, rt: &tokio::runtime::Runtime, req: ApplyRequest) -> Result<(), String> {
+        rt.block_on(async {
+            self.agent.apply(req).await.map_err(|f| f.message)?;
+            for _ in 0..600 {
+                let s = self.agent.status();
+                if s.phase == Phase::Staged {
+                    return Ok(());
+                }
+                if s.phase == Phase::Idle && !self.agent.busy.load(Ordering::SeqCst) {
+                    return Err(s.last_error.unwrap_or_default());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err("timed out".into())
+        })
+    }
+
+    fn slot_b_hash(&self, img: &FakeImage) -> String {
+        let root = std::fs::read(self.dir.path().join("root-b")).unwrap();
+        let len = std::fs::metadata(img.dir.join("root.erofs")).unwrap().len() as usize;
+        let tree = verity::build(&mut &root[..len], len as u64, &[9; 32], [3; 16]).unwrap();
+        verity::to_hex(&tree.root_hash)
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn critical(name: &str, state: State) -> ServiceStatus {
+    ServiceStatus {
+        name: name.into(),
+        kind: Kind::Service,
+        state,
+        health: None,
+        critical: true,
+        source: "system".into(),
+        image: "/".into(),
+        pid: None,
+        started_at_ms: None,
+        restarts: 0,
+        last_exit: None,
+        reason: None,
+        next_restart_ms: None,
+        spec_hash: String::new(),
+    }
+}
+
+#[test]
+fn apply_installs_verified_slot_with_try_counter_and_refuses_what_it_must() {
+    let t = tempfile::tempdir().unwrap();
+    let v1 = fake_image(t.path(), "0.1.0", 64);
+    let v2 = fake_image(t.path(), "0.2.0", 64);
+    let n = node(&v1, "0.1.0", "a");
+    let rt = rt();
+    n.add(&v1, &[]);
+    n.add(&v2, &["--wave", "0:100"]);
+
+    let check = rt.block_on(n.agent.check()).unwrap();
+    assert_eq!(check.available.as_deref(), Some("0.2.0"), "{check:?}");
+    let verdicts: BTreeMap<_, _> = check
+        .versions
+        .iter()
+        .map(|v| (v.version.clone(), v.verdict.clone()))
+        .collect();
+    assert_eq!(verdicts["0.1.0"], "running");
+
+    // A truncated payload: nothing marked bootable, the stale slot-B entry already gone.
+    n.server.faults.lock().unwrap().truncate = Some(("root.erofs.gz".into(), 1000));
+    let err = n.apply(&rt, ApplyRequest::default()).unwrap_err();
+    assert!(
+        err.contains("truncated") || err.contains("download failed"),
+        "{err}"
+    );
+    assert_eq!(n.esp_files(), ["keelson_0.1.0.efi"], "{}", n.events());
+    n.server.faults.lock().unwrap().truncate = None;
+
+    // A dropped connection mid-download resumes with a range request.
+    n.server.faults.lock().unwrap().drop_once = Some(("root.erofs.gz".into(), 3000));
+    n.apply(&rt, ApplyRequest::default())
+        .unwrap_or_else(|e| panic!("{e}\n{}", n.events()));
+    assert!(n.events().contains("update-retry"), "{}", n.events());
+    assert_eq!(n.esp_files(), ["keelson_0.1.0.efi", "keelson_0.2.0+3.efi"]);
+    assert_eq!(n.slot_b_hash(&v2), v2.roothash);
+    let s = n.agent.status();
+    assert_eq!(s.staged.as_deref(), Some("0.2.0"));
+    let uki = n.dir.path().join("esp/EFI/Linux/keelson_0.2.0+3.efi");
+    let cmd = slots::pe_section(&uki, ".cmdline").unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&cmd).contains("keelson.slot=b"));
+    // Staged already: a second apply says so.
+    let err = n.apply(&rt, ApplyRequest::default()).unwrap_err();
+    assert!(err.contains("already staged"), "{err}");
+    // cancel discards it: the running slot is the only entry again.
+    rt.block_on(n.agent.cancel()).unwrap();
+    assert_eq!(n.esp_files(), ["keelson_0.1.0.efi"]);
+    assert!(n.agent.status().staged.is_none());
+}
+
+#[test]
+fn tampered_payload_bad_signature_expiry_and_replayed_metadata_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let v1 = fake_image(t.path(), "0.1.0", 32);
+    let v2 = fake_image(t.path(), "0.2.0", 32);
+    let n = node(&v1, "0.1.0", "a");
+    let rt = rt();
+    n.add(&v1, &[]);
+    let old_metadata = t.path().join("old-metadata");
+    copy_dir(&n.repo.join("metadata"), &old_metadata);
+    n.add(&v2, &[]);
+
+    // Tampered payload: one flipped byte in the compressed root.
+    let target = std::fs::read_dir(n.repo.join("targets"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("test-0.2.0-root.erofs.gz"))
+        .unwrap();
+    let good = std::fs::read(&target).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&target, &bad).unwrap();
+    let err = n.apply(&rt, ApplyRequest::default()).unwrap_err();
+    assert!(
+        err.contains("sha256") || err.contains("gzip") || err.contains("corrupt"),
+        "{err}"
+    );
+    assert_eq!(
+        n.esp_files(),
+        ["keelson_0.1.0.efi"],
+        "no entry for a bad slot"
+    );
+    std::fs::write(&target, &good).unwrap();
+
+    // Bad signature: timestamp.json's signed part edited.
+    let ts = n.repo.join("metadata/timestamp.json");
+    let good_ts = std::fs::read_to_string(&ts).unwrap();
+    std::fs::write(&ts, good_ts.replacen("\"version\": 2", "\"version\": 3", 1)).unwrap();
+    let err = rt.block_on(n.agent.check()).unwrap_err().message;
+    assert!(err.contains("rejected"), "{err}");
+    std::fs::write(&ts, &good_ts).unwrap();
+
+    // Now the node trusts version 2 of the metadata: replaying version 1 is refused.
+    rt.block_on(n.agent.check()).unwrap();
+    copy_dir(&old_metadata, &n.repo.join("metadata"));
+    let err = rt.block_on(n.agent.check()).unwrap_err().message;
+    assert!(err.contains("rejected"), "{err}");
+
+    // Garbage from the server.
+    n.server.faults.lock().unwrap().garbage = true;
+    let err = rt.block_on(n.agent.check()).unwrap_err().message;
+    assert!(err.contains("rejected"), "{err}");
+    n.server.faults.lock().unwrap().garbage = false;
+
+    // Expired metadata.
+    let v3 = fake_image(t.path(), "0.3.0", 32);
+    std::fs::remove_dir_all(n.repo.join("metadata")).unwrap();
+    std::fs::remove_dir_all(n.dir.path().join("var/update/tuf")).unwrap();
+    n.add(&v3, &["--expires-in", "1s"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let err = rt.block_on(n.agent.check()).unwrap_err().message;
+    assert!(err.to_lowercase().contains("expired"), "{err}");
+    assert_eq!(n.esp_files(), ["keelson_0.1.0.efi"]);
+}
+
+#[test]
+fn downgrades_waves_pins_full_disk_and_concurrent_applies() {
+    let t = tempfile::tempdir().unwrap();
+    let v1 = fake_image(t.path(), "0.1.0", 32);
+    let v2 = fake_image(t.path(), "0.2.0", 32);
+    let v3 = fake_image(t.path(), "0.3.0", 32);
+    let big = fake_image(t.path(), "0.9.0", 300);
+    let n = node(&v2, "0.2.0", "a");
+    let rt = rt();
+    n.add(&v1, &[]);
+    n.add(&v3, &["--wave", "1000:100"]);
+    let check = rt.block_on(n.agent.check()).unwrap();
+    assert_eq!(check.available, None, "{check:?}");
+    let v: BTreeMap<_, _> = check
+        .versions
+        .iter()
+        .map(|v| (v.version.clone(), v.verdict.clone()))
+        .collect();
+    assert!(v["0.1.0"].contains("downgrade"), "{v:?}");
+    assert!(v["0.3.0"].contains("wave"), "{v:?}");
+    let err = n
+        .apply(
+            &rt,
+            ApplyRequest {
+                version: Some("0.1.0".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(err.contains("downgrade needs --force"), "{err}");
+    assert_eq!(n.esp_files(), ["keelson_0.0.1.efi", "keelson_0.2.0.efi"]);
+
+    // A pin below 0.9.0, then the pin lifted: the root does not fit slot B.
+    n.add(&big, &[]);
+    n.spec.lock().unwrap().max_version = Some("0.5".into());
+    let err = n
+        .apply(
+            &rt,
+            ApplyRequest {
+                version: Some("0.9.0".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(err.contains("max_version"), "{err}");
+    n.spec.lock().unwrap().max_version = None;
+    let err = n.apply(&rt, ApplyRequest::default()).unwrap_err();
+    assert!(err.contains("full disk"), "{err}");
+    assert_eq!(n.esp_files(), ["keelson_0.0.1.efi", "keelson_0.2.0.efi"]);
+
+    // Forced downgrade: installed, and the running entry demoted so the old one boots first.
+    // Two applies at once: the second is refused while the first runs.
+    let second = rt.block_on(async {
+        let first = n.agent.apply(ApplyRequest {
+            version: Some("0.1.0".into()),
+            force: true,
+            reboot: false,
+        });
+        let second = n.agent.apply(ApplyRequest {
+            version: Some("0.1.0".into()),
+            force: true,
+            reboot: false,
+        });
+        let (a, b) = tokio::join!(first, second);
+        a.unwrap();
+        b
+    });
+    assert!(second.unwrap_err().message.contains("already in progress"));
+    for _ in 0..200 {
+        if n.agent.status().phase == Phase::Staged {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        n.esp_files(),
+        ["keelson_0.1.0+3.efi", "keelson_0.2.0+0.efi"],
+        "{}",
+        n.events()
+    );
+}
+
+#[test]
+fn an_older_version_offered_as_newer_is_refused_before_it_gets_an_entry() {
+    let t = tempfile::tempdir().unwrap();
+    let v1 = fake_image(t.path(), "0.1.0", 16);
+    let fake = fake_image_claiming(t.path(), "0.5.0", "0.0.9", 16);
+    let n = node(&v1, "0.1.0", "a");
+    let rt = rt();
+    n.add(&fake, &[]);
+    let err = n.apply(&rt, ApplyRequest::default()).unwrap_err();
+    assert!(
+        err.contains("the UKI is version \"0.0.9\" but is offered as 0.5.0"),
+        "{err}"
+    );
+    assert_eq!(n.esp_files(), ["keelson_0.1.0.efi"]);
+    assert!(n.agent.status().staged.is_none());
+}
+
+#[test]
+fn health_gate_blesses_or_reboots_and_rollbacks_are_reported() {
+    let t = tempfile::tempdir().unwrap();
+    let v2 = fake_image(t.path(), "0.2.0", 16);
+    // Running 0.2.0 from slot B, freshly booted with a try counter.
+    let n = node(&v2, "0.2.0", "b");
+    let linux = n.dir.path().join("esp/EFI/Linux");
+    std::fs::rename(
+        linux.join("keelson_0.2.0.efi"),
+        linux.join("keelson_0.2.0+2-1.efi"),
+    )
+    .unwrap();
+    let rt = rt();
+    *n.services.lock().unwrap() = vec![critical("timesync", State::Starting)];
+    rt.block_on(async {
+        n.agent.boot();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(n.agent.status().assessment, "pending");
+        n.services.lock().unwrap()[0].state = State::Running;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    });
+    assert!(n.events().contains("update-blessed"), "{}", n.events());
+    assert!(
+        n.esp_files().contains(&"keelson_0.2.0.efi".to_string()),
+        "{:?}",
+        n.esp_files()
+    );
+    assert_eq!(n.agent.status().last_good.as_deref(), Some("0.2.0"));
+    assert!(!n.rebooted.load(Ordering::SeqCst));
+
+    // A gate that fails: reboot requested, entry keeps its counter.
+    let n = node(&v2, "0.2.0", "b");
+    let linux = n.dir.path().join("esp/EFI/Linux");
+    std::fs::rename(
+        linux.join("keelson_0.2.0.efi"),
+        linux.join("keelson_0.2.0+1-2.efi"),
+    )
+    .unwrap();
+    *n.services.lock().unwrap() = vec![critical("timesync", State::Backoff)];
+    rt.block_on(async {
+        n.agent.boot();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    assert!(n.rebooted.load(Ordering::SeqCst), "{}", n.events());
+    assert!(n.events().contains("timesync (backoff)"), "{}", n.events());
+    assert!(n.esp_files().contains(&"keelson_0.2.0+1-2.efi".to_string()));
+
+    // Back on slot A after the tries ran out: reported as a rollback, failed entry removed.
+    let v1 = fake_image(t.path(), "0.1.0", 16);
+    let n = node(&v1, "0.1.0", "a");
+    let linux = n.dir.path().join("esp/EFI/Linux");
+    std::fs::write(
+        linux.join("keelson_0.2.0+0-3.efi"),
+        fake_uki("IMAGE_VERSION=0.2.0\n", "keelson.slot=b roothash=ff"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(n.dir.path().join("var/update")).unwrap();
+    std::fs::write(
+        n.dir.path().join("var/update/state.json"),
+        r#"{"staged": {"version": "0.2.0", "slot": "b", "entry": "keelson_0.2.0+3.efi"}}"#,
+    )
+    .unwrap();
+    let agent = Agent::new(
+        n.agent.paths.clone(),
+        n.agent.discovery.clone(),
+        Hooks {
+            emit: {
+                let e = Arc::clone(&n.events);
+                Box::new(move |k, m| e.lock().unwrap().push((k.to_string(), m)))
+            },
+            services: Box::new(Vec::new),
+            reboot: Box::new(|| {}),
+            spec: Box::new(|| Ok(UpdateSpec::default())),
+        },
+    );
+    rt.block_on(async {
+        agent.boot();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    assert!(
+        n.events().contains("rolled back from 0.2.0"),
+        "{}",
+        n.events()
+    );
+    assert_eq!(agent.status().rolled_back_from.as_deref(), Some("0.2.0"));
+    assert!(!n.esp_files().iter().any(|f| f.starts_with("keelson_0.2.0")));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[allow(dead_code)]
+fn read_all(mut r: impl Read) -> Vec<u8> {
+    let mut v = Vec::new();
+    r.read_to_end(&mut v).unwrap();
+    v
+}
