@@ -42,6 +42,7 @@
 pub mod guest;
 pub mod netns;
 pub mod paths;
+pub mod scenario;
 pub mod serial;
 
 pub use guest::{

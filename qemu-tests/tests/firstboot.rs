@@ -9,22 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use qemu_tests::{create_overlay, image, DiskFormat, Guest, GuestBuilder};
+use qemu_tests::scenario::{fresh_disk, test_image};
+use qemu_tests::{DiskFormat, Guest, GuestBuilder};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(240);
 const SHELL_PORT: u16 = 17000;
 const SSH_PORT: u16 = 10022;
-
-fn test_image() -> PathBuf {
-    image("test").expect("the test image (./dev image configs/test.toml)")
-}
-
-fn fresh_disk(dir: &Path) -> PathBuf {
-    let disk = dir.join("disk.qcow2");
-    create_overlay(&test_image().join("disk.raw"), &disk, Some(2 << 30)).unwrap();
-    disk
-}
 
 fn builder(disk: &Path) -> GuestBuilder {
     GuestBuilder::from_image_dir(&test_image())

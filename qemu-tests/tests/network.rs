@@ -8,17 +8,13 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use qemu_tests::{create_overlay, image, DiskFormat, Guest, GuestBuilder};
+use qemu_tests::scenario::test_image;
+use qemu_tests::{create_overlay, DiskFormat, Guest, GuestBuilder};
 
 const BOOT: Duration = Duration::from_secs(240);
 const SHELL_PORT: u16 = 17000;
-
-fn test_image() -> PathBuf {
-    image("test").expect("the test image (./dev image configs/test.toml)")
-}
 
 fn boot(disk: &std::path::Path) -> Guest {
     GuestBuilder::from_image_dir(&test_image())

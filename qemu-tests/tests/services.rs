@@ -6,10 +6,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use qemu_tests::{create_overlay, image, DiskFormat, Guest, GuestBuilder};
+use qemu_tests::scenario::{fresh_disk, test_image};
+use qemu_tests::{DiskFormat, Guest, GuestBuilder};
 use serde_json::Value;
 
 /// Generous: TCG on a loaded 2-core machine.
@@ -32,10 +32,6 @@ const LONG_RUNNING: &[&str] = &[
     "isolated",
 ];
 
-fn test_image() -> PathBuf {
-    image("test").expect("the test image (./dev image configs/test.toml)")
-}
-
 fn boot(disk: &std::path::Path) -> Guest {
     GuestBuilder::from_image_dir(&test_image())
         .unwrap()
@@ -50,12 +46,6 @@ fn boot(disk: &std::path::Path) -> Guest {
 
 fn wait(g: &Guest, pattern: &str, timeout: Duration) -> String {
     g.expect(pattern, timeout)
-}
-
-fn fresh_disk(dir: &tempfile::TempDir) -> PathBuf {
-    let disk = dir.path().join("disk.qcow2");
-    create_overlay(&test_image().join("disk.raw"), &disk, Some(2 << 30)).unwrap();
-    disk
 }
 
 /// Runs `script` in the guest's test shell; returns its output.
@@ -118,7 +108,7 @@ fn index(events: &[Value], svc: &str, kind: &str) -> usize {
 #[test]
 fn default_services_reach_ready_and_are_supervised() {
     let dir = tempfile::tempdir().unwrap();
-    let g = boot(&fresh_disk(&dir));
+    let g = boot(&fresh_disk(dir.path()));
     wait(&g, "sysd: testshell: ready", BOOT);
 
     // Everything comes up; the one-shot completes; the crasher gives up with its reason.
@@ -274,7 +264,7 @@ fn default_services_reach_ready_and_are_supervised() {
 #[test]
 fn killed_sysd_is_restarted_and_power_off_stops_services_gracefully() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = fresh_disk(&dir);
+    let disk = fresh_disk(dir.path());
     let g = boot(&disk);
     wait(&g, "sysd: testshell: ready", BOOT);
     let before = wait_until(&g, "services", SETTLE, |l| {

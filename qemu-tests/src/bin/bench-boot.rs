@@ -131,9 +131,8 @@ fn busybox_floor(dir: &Path, work: &Path) -> Result<Timeline> {
 }
 
 fn median(runs: &[Timeline], f: impl Fn(&Timeline) -> f64) -> f64 {
-    let mut v: Vec<f64> = runs.iter().map(f).collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let v: Vec<f64> = runs.iter().map(f).collect();
+    keelson_testkit::stats::median(&v).unwrap_or(0.0)
 }
 
 fn size(dir: &Path, name: &str) -> Result<u64> {

@@ -92,9 +92,8 @@ fn boot(dir: &Path, work: &Path, source: Source) -> Result<(f64, f64)> {
     Ok((ms, secs))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+fn median(v: &[f64]) -> f64 {
+    keelson_testkit::stats::median(v).unwrap_or(0.0)
 }
 
 fn main() -> Result<()> {
@@ -120,7 +119,7 @@ fn main() -> Result<()> {
             ms.push(m);
             secs.push(s);
         }
-        rows.push((source, median(ms), median(secs)));
+        rows.push((source, median(&ms), median(&secs)));
     }
     let base = rows[0].2;
     println!(

@@ -20,7 +20,10 @@ use keelson_spec::registries::Registries;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("image {image:?}: {reason}")]
-    BadReference { image: String, reason: String },
+    BadReference {
+        image: String,
+        reason: keelson_spec::Invalid,
+    },
     #[error("image {name} is used by {}: change or remove {} first", .services.join(", "), if .services.len() == 1 { "that service" } else { "those services" })]
     InUse { name: String, services: Vec<String> },
     #[error("no image {0} in the store")]

@@ -8,6 +8,7 @@
 //! # enabled = false   # keep the keys, but do not run the SSH server
 //! ```
 
+use crate::Invalid;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
@@ -30,7 +31,7 @@ impl Admin {
         self.enabled.unwrap_or(!self.ssh_authorized_keys.is_empty())
     }
 
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Invalid> {
         for (i, key) in self.ssh_authorized_keys.iter().enumerate() {
             check_ssh_key(key).map_err(|e| format!("ssh_authorized_keys[{i}]: {e}"))?;
         }
@@ -51,17 +52,17 @@ const KEY_TYPES: &[&str] = &[
 
 /// An authorized_keys line: `[options] type base64 [comment]`, the blob's embedded type
 /// matching the named one.
-pub fn check_ssh_key(line: &str) -> Result<(), String> {
+pub fn check_ssh_key(line: &str) -> Result<(), Invalid> {
     if line.contains('\n') {
-        return Err("an ssh key must be one line".into());
+        return Err(Invalid::from("an ssh key must be one line"));
     }
     let words: Vec<&str> = line.split_whitespace().collect();
     let Some(i) = words.iter().position(|w| KEY_TYPES.contains(w)) else {
-        return Err(format!(
+        return Err(Invalid::from(format!(
             "`{}` is not an ssh public key (expected a type such as ssh-ed25519 followed by \
              the base64 key)",
             truncate(line)
-        ));
+        )));
     };
     let blob = words
         .get(i + 1)
@@ -77,10 +78,10 @@ pub fn check_ssh_key(line: &str) -> Result<(), String> {
         })
         .and_then(|t| std::str::from_utf8(t).ok());
     if named != Some(words[i]) {
-        return Err(format!(
+        return Err(Invalid::from(format!(
             "the key data does not hold a {} key (a truncated or mixed-up key?)",
             words[i]
-        ));
+        )));
     }
     Ok(())
 }

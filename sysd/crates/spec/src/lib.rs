@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use keelson_common::error::{self, Classify};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -109,18 +110,18 @@ impl Network {
 }
 
 impl TryFrom<String> for Network {
-    type Error = String;
+    type Error = Invalid;
 
-    fn try_from(s: String) -> Result<Self, String> {
+    fn try_from(s: String) -> Result<Self, Invalid> {
         match s.as_str() {
             "host" => Ok(Network::Host),
             "none" => Ok(Network::None),
             "bridge" => Ok(Network::Bridge),
             _ => match s.strip_prefix("service:") {
                 Some(name) if !name.is_empty() => Ok(Network::Service(name.to_string())),
-                _ => Err(format!(
+                _ => Err(Invalid::from(format!(
                     "unknown network {s:?}, expected \"host\", \"none\", \"bridge\" or \"service:NAME\""
-                )),
+                ))),
             },
         }
     }
@@ -251,11 +252,11 @@ pub enum Probe {
 }
 
 impl Check {
-    pub fn probe(&self) -> Result<Probe, String> {
+    pub fn probe(&self) -> Result<Probe, Invalid> {
         match (&self.exec, &self.tcp, &self.http) {
             (Some(argv), None, None) => {
                 if argv.is_empty() || argv[0].is_empty() {
-                    return Err("exec: the command is empty".into());
+                    return Err(Invalid::from("exec: the command is empty"));
                 }
                 Ok(Probe::Exec(argv.clone()))
             }
@@ -278,12 +279,12 @@ impl Check {
                 };
                 Ok(Probe::Http { host, port, path })
             }
-            _ => Err("set exactly one of `exec`, `tcp`, `http`".into()),
+            _ => Err(Invalid::from("set exactly one of `exec`, `tcp`, `http`")),
         }
     }
 }
 
-fn split_host_port(s: &str) -> Result<(String, u16), String> {
+fn split_host_port(s: &str) -> Result<(String, u16), Invalid> {
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
@@ -294,7 +295,7 @@ fn split_host_port(s: &str) -> Result<(String, u16), String> {
         .ok_or_else(|| format!("{s:?}: invalid port"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
-        return Err(format!("{s:?}: empty host"));
+        return Err(Invalid::from(format!("{s:?}: empty host")));
     }
     Ok((host.to_string(), port))
 }
@@ -462,6 +463,43 @@ pub struct Document {
     pub net: Option<network::NetConfig>,
 }
 
+/// A value that fails its check, phrased for a person: what is wrong and what is expected
+/// (the callers add where).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl From<String> for Invalid {
+    fn from(message: String) -> Self {
+        Invalid(message)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(message: &str) -> Self {
+        Invalid(message.to_string())
+    }
+}
+
+/// For the callers that fold the text into a message of their own.
+impl From<Invalid> for String {
+    fn from(e: Invalid) -> Self {
+        e.0
+    }
+}
+
+impl Classify for Invalid {
+    fn kind(&self) -> error::Kind {
+        error::Kind::Invalid
+    }
+}
+
+impl Classify for ConfigError {
+    fn kind(&self) -> error::Kind {
+        error::Kind::Invalid
+    }
+}
+
 /// A config problem, already phrased for a person: where, what, and what is expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
@@ -611,54 +649,56 @@ fn clean_absolute(path: &str) -> bool {
 }
 
 /// Per-service checks that the types alone cannot express. The error names the field.
-fn check_service(name: &str, s: &ServiceSpec) -> Result<(), String> {
+fn check_service(name: &str, s: &ServiceSpec) -> Result<(), Invalid> {
     if !valid_name(name) {
-        return Err("invalid name: use 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit".into());
+        return Err(Invalid::from("invalid name: use 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"));
     }
     if s.image.starts_with('/') {
         if !clean_absolute(&s.image) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "image: {:?} must be a clean absolute path (no `..`)",
                 s.image
-            ));
+            )));
         }
     } else if let Err(e) = crate::reference::parse(&s.image) {
-        return Err(format!(
+        return Err(Invalid::from(format!(
             "image: {:?} is neither an absolute path (a root file system or OCI image layout directory) nor a registry reference: {e}",
             s.image
-        ));
+        )));
     }
     for (field, argv) in [("entrypoint", &s.entrypoint), ("command", &s.command)] {
         if argv
             .as_ref()
             .is_some_and(|a| a.iter().any(|x| x.contains('\0')))
         {
-            return Err(format!("{field}: arguments cannot contain NUL"));
+            return Err(Invalid::from(format!(
+                "{field}: arguments cannot contain NUL"
+            )));
         }
     }
     if s.entrypoint
         .as_ref()
         .is_some_and(|a| a.first().is_some_and(String::is_empty))
     {
-        return Err("entrypoint: the program name is empty".into());
+        return Err(Invalid::from("entrypoint: the program name is empty"));
     }
     for key in s.env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
-            return Err(format!("env: invalid variable name {key:?}"));
+            return Err(Invalid::from(format!("env: invalid variable name {key:?}")));
         }
     }
     if let Some(dir) = &s.workdir {
         if !clean_absolute(dir) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "workdir: {dir:?} must be an absolute path without '..'"
-            ));
+            )));
         }
     }
     if let Some(user) = &s.user {
         if user.is_empty() || user.split(':').count() > 2 || user.split(':').any(str::is_empty) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "user: {user:?} must be NAME, UID, NAME:GROUP or UID:GID"
-            ));
+            )));
         }
     }
     let mut targets = BTreeSet::new();
@@ -666,28 +706,30 @@ fn check_service(name: &str, s: &ServiceSpec) -> Result<(), String> {
         let at = format!("mounts[{i}]");
         let target = m.target();
         if !clean_absolute(target) || target == "/" {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "{at}.target: {target:?} must be an absolute path without '..' (and not /)"
-            ));
+            )));
         }
         if !targets.insert(target.trim_end_matches('/')) {
-            return Err(format!("{at}.target: {target:?} is mounted twice"));
+            return Err(Invalid::from(format!(
+                "{at}.target: {target:?} is mounted twice"
+            )));
         }
         match m {
             MountSpec::Volume { source, .. } if !valid_name(source) => {
-                return Err(format!("{at}.source: volume name {source:?} must be 1-63 characters of a-z, 0-9, '-' and '_'"));
+                return Err(Invalid::from(format!("{at}.source: volume name {source:?} must be 1-63 characters of a-z, 0-9, '-' and '_'")));
             }
             MountSpec::Bind { source, .. } if !clean_absolute(source) => {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "{at}.source: {source:?} must be an absolute host path without '..'"
-                ));
+                )));
             }
             MountSpec::Tmpfs {
                 mode: Some(mode), ..
             } if u32::from_str_radix(mode, 8).map_or(true, |m| m > 0o7777) => {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "{at}.mode: {mode:?} is not an octal mode like \"1777\""
-                ));
+                )));
             }
             _ => {}
         }
@@ -695,60 +737,73 @@ fn check_service(name: &str, s: &ServiceSpec) -> Result<(), String> {
     let r = &s.resources;
     for (field, v) in [("cpu_weight", r.cpu_weight), ("io_weight", r.io_weight)] {
         if v.is_some_and(|w| !(1..=10_000).contains(&w)) {
-            return Err(format!("resources.{field}: must be between 1 and 10000"));
+            return Err(Invalid::from(format!(
+                "resources.{field}: must be between 1 and 10000"
+            )));
         }
     }
     if r.pids_max == Some(0) {
-        return Err("resources.pids_max: must be at least 1".into());
+        return Err(Invalid::from("resources.pids_max: must be at least 1"));
     }
     if r.memory_max.is_some_and(|m| m.0 < (1 << 20)) {
-        return Err(
-            "resources.memory_max: must be at least 1M (a smaller limit cannot start a process)"
-                .into(),
-        );
+        return Err(Invalid::from(
+            "resources.memory_max: must be at least 1M (a smaller limit cannot start a process)",
+        ));
     }
     if s.max_retries.is_some() && s.restart_policy() != RestartPolicy::OnFailure {
-        return Err("max_retries: only meaningful with restart = \"on-failure\"".into());
+        return Err(Invalid::from(
+            "max_retries: only meaningful with restart = \"on-failure\"",
+        ));
     }
     if s.kind == Kind::Oneshot {
         if s.restart_policy() == RestartPolicy::Always {
-            return Err("restart: a oneshot task cannot restart \"always\" (use \"on-failure\" or \"never\")".into());
+            return Err(Invalid::from("restart: a oneshot task cannot restart \"always\" (use \"on-failure\" or \"never\")"));
         }
         if s.health.is_some() || s.ready.is_some() {
-            return Err("a oneshot task is ready when it exits 0; remove `ready`/`health`".into());
+            return Err(Invalid::from(
+                "a oneshot task is ready when it exits 0; remove `ready`/`health`",
+            ));
         }
     }
     for (field, check) in [("ready", &s.ready), ("health", &s.health)] {
         if let Some(c) = check {
             c.probe().map_err(|e| format!("{field}.{e}"))?;
             if c.interval.0.is_zero() || c.timeout.0.is_zero() {
-                return Err(format!("{field}: interval and timeout must be above 0"));
+                return Err(Invalid::from(format!(
+                    "{field}: interval and timeout must be above 0"
+                )));
             }
             if c.retries == 0 {
-                return Err(format!("{field}.retries: must be at least 1"));
+                return Err(Invalid::from(format!(
+                    "{field}.retries: must be at least 1"
+                )));
             }
         }
     }
     for dep in s.dependencies() {
         if dep == name {
-            return Err("depends on itself (in `after` or `requires`)".into());
+            return Err(Invalid::from(
+                "depends on itself (in `after` or `requires`)",
+            ));
         }
     }
     for (i, p) in s.ports.iter().enumerate() {
         network::PortSpec::parse(p).map_err(|e| format!("ports[{i}]: {e}"))?;
         if let Some(owner) = s.network.joined() {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "ports[{i}]: this service shares the network namespace of `{owner}`; publish its ports on `{owner}`"
-            ));
+            )));
         }
         if s.network != Network::Bridge {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "ports[{i}]: publishing ports needs network = \"bridge\" (with the host network the service's own ports are already the host's)"
-            ));
+            )));
         }
     }
     if s.privileged && s.user_namespace {
-        return Err("privileged and user_namespace cannot be combined".into());
+        return Err(Invalid::from(
+            "privileged and user_namespace cannot be combined",
+        ));
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use serde::{Deserialize, Serialize};
 
 use super::units::Span;
+use crate::Invalid;
 
 /// The pseudo-service services can depend on (`after`/`requires`): a default route and a DNS
 /// server are present, or the online timeout has passed.
@@ -67,11 +68,15 @@ pub struct PortSpec {
 }
 
 impl PortSpec {
-    pub fn parse(s: &str) -> Result<PortSpec, String> {
+    pub fn parse(s: &str) -> Result<PortSpec, Invalid> {
         let (ports, proto) = match s.split_once('/') {
             Some((p, "tcp")) => (p, "tcp"),
             Some((p, "udp")) => (p, "udp"),
-            Some((_, other)) => return Err(format!("{s:?}: protocol {other:?} is not tcp or udp")),
+            Some((_, other)) => {
+                return Err(Invalid::from(format!(
+                    "{s:?}: protocol {other:?} is not tcp or udp"
+                )))
+            }
             None => (s, "tcp"),
         };
         let (h, c) = ports.split_once(':').ok_or_else(|| {
@@ -191,7 +196,7 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, String> {
+    pub fn parse(s: &str) -> Result<Cidr, Invalid> {
         let (a, p) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?} needs a prefix length (like 10.0.0.5/24)"))?;
@@ -255,31 +260,31 @@ fn valid_mac(s: &str) -> bool {
 }
 
 /// Checks what the types cannot: returns the message, starting with the key path.
-pub fn check(network: &NetworkSpec, host: &HostSpec) -> Result<(), String> {
+pub fn check(network: &NetworkSpec, host: &HostSpec) -> Result<(), Invalid> {
     if let Some(name) = &host.hostname {
         if !valid_hostname(name) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "host.hostname: {name:?} is not a valid hostname (letters, digits and '-', labels of at most 63 joined by '.')"
-            ));
+            )));
         }
     }
     for (i, d) in network.search.iter().enumerate() {
         if !valid_hostname(d) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "network.search[{i}]: {d:?} is not a valid domain name"
-            ));
+            )));
         }
     }
     if network.online_timeout.is_some_and(|t| t.0.is_zero()) {
-        return Err("network.online_timeout: must be above 0".into());
+        return Err(Invalid::from("network.online_timeout: must be above 0"));
     }
     if let Some(b) = &network.bridge {
         if let Some(subnet) = &b.subnet {
             let c = Cidr::parse(subnet).map_err(|e| format!("network.bridge.subnet: {e}"))?;
             if !c.addr.is_ipv4() || !(8..=28).contains(&c.prefix) {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "network.bridge.subnet: {subnet:?} must be an IPv4 subnet with a prefix of 8 to 28"
-                ));
+                )));
             }
         }
     }
@@ -289,21 +294,21 @@ pub fn check(network: &NetworkSpec, host: &HostSpec) -> Result<(), String> {
         let at = format!("network.interfaces.{label}");
         if let Some(m) = &ifc.matches {
             if m.name.is_none() && m.mac.is_none() && m.driver.is_none() {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "{at}.match: give at least one of `name`, `mac`, `driver`"
-                ));
+                )));
             }
             if let Some(mac) = &m.mac {
                 if !valid_mac(mac) {
-                    return Err(format!(
+                    return Err(Invalid::from(format!(
                         "{at}.match.mac: {mac:?} is not a MAC address like 52:54:00:12:34:56"
-                    ));
+                    )));
                 }
             }
         } else if label.len() > 15 || label.contains(['/', ' ', ':']) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "{at}: {label:?} is not a link name (at most 15 characters); add `match` to select the link another way"
-            ));
+            )));
         }
         let mut nets = Vec::new();
         for (j, a) in ifc.addresses.iter().enumerate() {
@@ -318,9 +323,9 @@ pub fn check(network: &NetworkSpec, host: &HostSpec) -> Result<(), String> {
                 IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast() || v6.is_loopback(),
             };
             if bad || cidr.prefix == 0 {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "{at}.addresses[{j}]: {a:?} cannot be a host address"
-                ));
+                )));
             }
             nets.push(cidr);
         }
@@ -328,100 +333,108 @@ pub fn check(network: &NetworkSpec, host: &HostSpec) -> Result<(), String> {
         let reachable = |ip: IpAddr| ifc.dhcp || nets.iter().any(|n| n.contains(ip));
         if let Some(gw) = ifc.gateway {
             if !reachable(IpAddr::V4(gw)) {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "{at}.gateway: {gw} is not inside any of this interface's addresses ({}), so it cannot be reached",
                     list(&ifc.addresses)
-                ));
+                )));
             }
         }
         if let Some(gw) = ifc.gateway6 {
             // Link-local routers (fe80::/10) are always on-link.
             let ll = gw.segments()[0] & 0xffc0 == 0xfe80;
             if !ll && !nets.iter().any(|n| n.contains(IpAddr::V6(gw))) {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "{at}.gateway6: {gw} is not inside any of this interface's addresses ({}) nor link-local",
                     list(&ifc.addresses)
-                ));
+                )));
             }
         }
         for (j, r) in ifc.routes.iter().enumerate() {
             Cidr::parse(&r.to).map_err(|e| format!("{at}.routes[{j}].to: {e}"))?;
             if !reachable(r.via) {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "{at}.routes[{j}].via: {} is not inside any of this interface's addresses ({}), so it cannot be reached",
                     r.via,
                     list(&ifc.addresses)
-                ));
+                )));
             }
         }
         if let Some(mtu) = ifc.mtu {
             if !(576..=65535).contains(&mtu) {
-                return Err(format!("{at}.mtu: {mtu} must be between 576 and 65535"));
+                return Err(Invalid::from(format!(
+                    "{at}.mtu: {mtu} must be between 576 and 65535"
+                )));
             }
         }
     }
     if !any_address {
-        return Err(
-            "network: no interface has `dhcp = true` or an address; this config would leave the node without an address"
-                .into(),
-        );
+        return Err(Invalid::from("network: no interface has `dhcp = true` or an address; this config would leave the node without an address"));
     }
     Ok(())
 }
 
 /// VLAN and bond entries: one kind per entry, named by their label, sane ids, and each bond
 /// member used once (not configured by another entry, not in another bond, not a VLAN parent).
-fn check_virtual(network: &NetworkSpec) -> Result<(), String> {
+fn check_virtual(network: &NetworkSpec) -> Result<(), Invalid> {
     let mut members: BTreeMap<&str, &str> = BTreeMap::new();
     for (label, ifc) in &network.interfaces {
         let at = format!("network.interfaces.{label}");
         if ifc.vlan.is_some() && ifc.bond.is_some() {
-            return Err(format!("{at}: give `vlan` or `bond`, not both"));
+            return Err(Invalid::from(format!(
+                "{at}: give `vlan` or `bond`, not both"
+            )));
         }
         if (ifc.vlan.is_some() || ifc.bond.is_some()) && ifc.matches.is_some() {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "{at}.match: a vlan or bond link is created with the label as its name; remove `match`"
-            ));
+            )));
         }
         if let Some(v) = &ifc.vlan {
             if !(1..=4094).contains(&v.id) {
-                return Err(format!("{at}.vlan.id: {} must be between 1 and 4094", v.id));
+                return Err(Invalid::from(format!(
+                    "{at}.vlan.id: {} must be between 1 and 4094",
+                    v.id
+                )));
             }
             if v.parent.is_empty() || v.parent == *label {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "{at}.vlan.parent: {:?} is not another link",
                     v.parent
-                ));
+                )));
             }
         }
         if let Some(b) = &ifc.bond {
             if b.members.is_empty() {
-                return Err(format!("{at}.bond.members: give at least one member link"));
+                return Err(Invalid::from(format!(
+                    "{at}.bond.members: give at least one member link"
+                )));
             }
             for (j, m) in b.members.iter().enumerate() {
                 if m == label || m.is_empty() {
-                    return Err(format!("{at}.bond.members[{j}]: {m:?} is not another link"));
+                    return Err(Invalid::from(format!(
+                        "{at}.bond.members[{j}]: {m:?} is not another link"
+                    )));
                 }
                 if let Some(other) = members.insert(m, label) {
-                    return Err(format!(
+                    return Err(Invalid::from(format!(
                         "{at}.bond.members[{j}]: {m} is already a member of bond {other}"
-                    ));
+                    )));
                 }
             }
         }
     }
     for (label, ifc) in &network.interfaces {
         if let Some(bond) = members.get(label.as_str()) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "network.interfaces.{label}: {label} is a member of bond {bond}; configure addresses on the bond"
-            ));
+            )));
         }
         if let Some(v) = &ifc.vlan {
             if let Some(bond) = members.get(v.parent.as_str()) {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "network.interfaces.{label}.vlan.parent: {} is a member of bond {bond}; put the VLAN on {bond}",
                     v.parent
-                ));
+                )));
             }
         }
     }
@@ -449,7 +462,7 @@ mod tests {
             host: HostSpec,
         }
         let doc: Doc = toml::from_str(text).map_err(|e| e.to_string())?;
-        check(&doc.network, &doc.host)
+        check(&doc.network, &doc.host).map_err(String::from)
     }
 
     #[test]

@@ -2,14 +2,16 @@
 //! normalized as Docker does), `host:5000/team/app:v2`, `app@sha256:…` (a pin: exactly that
 //! manifest or index, never what a tag points to now).
 
+use crate::Invalid;
 use oci_spec::distribution::Reference;
 
 /// Parses a registry reference; the error says what is wrong with it.
-pub fn parse(text: &str) -> Result<Reference, String> {
+pub fn parse(text: &str) -> Result<Reference, Invalid> {
     if text.starts_with('/') {
-        return Err("a path, not a registry reference".into());
+        return Err(Invalid::from("a path, not a registry reference"));
     }
-    text.parse::<Reference>().map_err(|e| e.to_string())
+    text.parse::<Reference>()
+        .map_err(|e| Invalid(e.to_string()))
 }
 
 /// The normalized text of a reference, as stored in the image store's index

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::units::Size;
 use super::ConfigError;
+use crate::Invalid;
 
 /// Manifests and indexes are small JSON documents (Docker Hub caps them at 4 MiB).
 pub const DEFAULT_MAX_MANIFEST: u64 = 4 << 20;
@@ -102,45 +103,52 @@ pub fn valid_host(host: &str) -> bool {
 }
 
 /// Checks one table; the error names the field.
-pub fn check(host: &str, r: &Registry) -> Result<(), String> {
+pub fn check(host: &str, r: &Registry) -> Result<(), Invalid> {
     if !valid_host(host) {
-        return Err(format!(
+        return Err(Invalid::from(format!(
             "{host:?} is not a registry host: write HOST or HOST:PORT as in image references (no scheme, no path)"
-        ));
+        )));
     }
     for m in &r.mirrors {
         if !valid_host(m) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "mirrors: {m:?} is not a registry host: write HOST or HOST:PORT"
-            ));
+            )));
         }
         if m == host {
-            return Err(format!("mirrors: {m:?} is the registry itself"));
+            return Err(Invalid::from(format!(
+                "mirrors: {m:?} is the registry itself"
+            )));
         }
     }
     match (&r.username, &r.password, &r.auth_file) {
-        (Some(_), None, _) => return Err("username without password".into()),
-        (None, Some(_), _) => return Err("password without username".into()),
+        (Some(_), None, _) => return Err(Invalid::from("username without password")),
+        (None, Some(_), _) => return Err(Invalid::from("password without username")),
         (Some(_), Some(_), Some(_)) => {
-            return Err("set either username/password or auth_file, not both".into())
+            return Err(Invalid::from(
+                "set either username/password or auth_file, not both",
+            ))
         }
         _ => {}
     }
     for (field, path) in [("auth_file", &r.auth_file), ("ca_file", &r.ca_file)] {
         if let Some(p) = path {
             if !p.is_absolute() {
-                return Err(format!("{field}: {} must be an absolute path", p.display()));
+                return Err(Invalid::from(format!(
+                    "{field}: {} must be an absolute path",
+                    p.display()
+                )));
             }
         }
     }
     if r.max_manifest_size.is_some_and(|s| s.0 < 1024) {
-        return Err("max_manifest_size: at least 1K".into());
+        return Err(Invalid::from("max_manifest_size: at least 1K"));
     }
     if r.max_blob_size.is_some_and(|s| s.0 < 1024) {
-        return Err("max_blob_size: at least 1K".into());
+        return Err(Invalid::from("max_blob_size: at least 1K"));
     }
     if r.parallel_downloads.is_some_and(|n| n == 0 || n > 16) {
-        return Err("parallel_downloads: 1 to 16".into());
+        return Err(Invalid::from("parallel_downloads: 1 to 16"));
     }
     Ok(())
 }
@@ -223,6 +231,6 @@ mod tests {
             password: Some("p".into()),
             ..Registry::default()
         };
-        assert_eq!(check("r", &r).unwrap_err(), "password without username");
+        assert_eq!(check("r", &r).unwrap_err().0, "password without username");
     }
 }

@@ -6,6 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::Invalid;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 macro_rules! string_serde {
@@ -33,20 +34,20 @@ macro_rules! string_serde {
 pub struct Span(pub Duration);
 
 impl FromStr for Span {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
         let bad = || format!("invalid duration {s:?} (expected e.g. \"500ms\", \"2s\", \"1m30s\")");
         let mut total = Duration::ZERO;
         let mut rest = s.trim();
         if rest.is_empty() {
-            return Err(bad());
+            return Err(Invalid::from(bad()));
         }
         while !rest.is_empty() {
             let digits = rest
                 .find(|c: char| !c.is_ascii_digit())
                 .unwrap_or(rest.len());
             if digits == 0 {
-                return Err(bad());
+                return Err(Invalid::from(bad()));
             }
             let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
             rest = &rest[digits..];
@@ -58,7 +59,7 @@ impl FromStr for Span {
                 "s" => Duration::from_secs(n),
                 "m" => Duration::from_secs(n.saturating_mul(60)),
                 "h" => Duration::from_secs(n.saturating_mul(3600)),
-                _ => return Err(bad()),
+                _ => return Err(Invalid::from(bad())),
             };
             total = total.saturating_add(part);
             rest = &rest[unit_len..];
@@ -84,14 +85,14 @@ string_serde!(Span, "a duration");
 pub struct Size(pub u64);
 
 impl FromStr for Size {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
         let bad =
             || format!("invalid size {s:?} (expected bytes or e.g. \"512K\", \"64M\", \"2G\")");
         let t = s.trim();
         let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         if digits == 0 {
-            return Err(bad());
+            return Err(Invalid::from(bad()));
         }
         let n: u64 = t[..digits].parse().map_err(|_| bad())?;
         let shift = match t[digits..].trim() {
@@ -100,9 +101,11 @@ impl FromStr for Size {
             "M" | "MiB" | "MB" => 20,
             "G" | "GiB" | "GB" => 30,
             "T" | "TiB" | "TB" => 40,
-            _ => return Err(bad()),
+            _ => return Err(Invalid::from(bad())),
         };
-        n.checked_mul(1u64 << shift).map(Size).ok_or_else(bad)
+        n.checked_mul(1u64 << shift)
+            .map(Size)
+            .ok_or_else(|| Invalid(bad()))
     }
 }
 
@@ -141,14 +144,14 @@ impl Serialize for Size {
 pub struct SignalName(pub nix::sys::signal::Signal);
 
 impl FromStr for SignalName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
         use nix::sys::signal::Signal;
         let t = s.trim().to_ascii_uppercase();
         if let Ok(n) = t.parse::<i32>() {
             return Signal::try_from(n)
                 .map(SignalName)
-                .map_err(|_| format!("invalid signal number {n}"));
+                .map_err(|_| Invalid(format!("invalid signal number {n}")));
         }
         let name = if t.starts_with("SIG") {
             t
@@ -156,7 +159,9 @@ impl FromStr for SignalName {
             format!("SIG{t}")
         };
         Signal::from_str(&name).map(SignalName).map_err(|_| {
-            format!("unknown signal {s:?} (expected e.g. \"SIGTERM\", \"SIGINT\", \"SIGQUIT\")")
+            Invalid::from(format!(
+                "unknown signal {s:?} (expected e.g. \"SIGTERM\", \"SIGINT\", \"SIGQUIT\")"
+            ))
         })
     }
 }
@@ -173,8 +178,8 @@ string_serde!(SignalName, "a signal");
 pub struct Capability(pub String);
 
 impl FromStr for Capability {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
         let up = s.trim().to_ascii_uppercase();
         if up == "ALL" {
             return Ok(Capability(up));
@@ -187,7 +192,7 @@ impl FromStr for Capability {
         if keelson_common::caps::ALL_CAPS.contains(&name.as_str()) {
             Ok(Capability(name))
         } else {
-            Err(format!("unknown capability {s:?} (expected e.g. \"NET_ADMIN\" or \"CAP_NET_ADMIN\", or \"ALL\")"))
+            Err(Invalid::from(format!("unknown capability {s:?} (expected e.g. \"NET_ADMIN\" or \"CAP_NET_ADMIN\", or \"ALL\")")))
         }
     }
 }
@@ -204,15 +209,15 @@ string_serde!(Capability, "a capability");
 pub struct CpuQuota(pub u32);
 
 impl FromStr for CpuQuota {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
         let bad = || {
             format!("invalid cpu quota {s:?} (expected a percentage of one CPU, e.g. \"50%\" or \"200%\")")
         };
         let pct = s.trim().strip_suffix('%').ok_or_else(bad)?;
         let n: u32 = pct.trim().parse().map_err(|_| bad())?;
         if n == 0 || n > 100_000 {
-            return Err(bad());
+            return Err(Invalid::from(bad()));
         }
         Ok(CpuQuota(n))
     }
@@ -226,7 +231,7 @@ impl fmt::Display for CpuQuota {
 string_serde!(CpuQuota, "a cpu quota");
 
 /// RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
-pub fn check_hostname(name: &str) -> Result<(), String> {
+pub fn check_hostname(name: &str) -> Result<(), Invalid> {
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
@@ -235,10 +240,10 @@ pub fn check_hostname(name: &str) -> Result<(), String> {
             && !l.ends_with('-')
     };
     if name.is_empty() || name.len() > 64 || !name.split('.').all(label_ok) {
-        return Err(format!(
+        return Err(Invalid::from(format!(
             "`{name}` is not a valid host name (letters, digits and `-`, dot-separated labels, \
              at most 64 characters in all: the kernel's limit)"
-        ));
+        )));
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::units::Span;
 use super::{ConfigError, Sources};
+use crate::Invalid;
 
 /// When updates are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -82,35 +83,37 @@ impl Default for UpdateSpec {
 
 impl UpdateSpec {
     /// Checks what the types cannot; the message names the field.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Invalid> {
         if let Some(url) = &self.repository {
             if !(url.starts_with("http://") || url.starts_with("file:///")) {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "update.repository: {url:?} must be an http:// or file:/// URL"
-                ));
+                )));
             }
         }
         if let Some(w) = &self.window {
             parse_window(w).map_err(|e| format!("update.window: {e}"))?;
         }
         if !(1..=7).contains(&self.boot_tries) {
-            return Err("update.boot_tries: must be between 1 and 7".into());
+            return Err(Invalid::from("update.boot_tries: must be between 1 and 7"));
         }
         if self.interval.0.as_secs() < 60 {
-            return Err("update.interval: must be at least 1m".into());
+            return Err(Invalid::from("update.interval: must be at least 1m"));
         }
         if self.health_timeout.0.is_zero() {
-            return Err("update.health_timeout: must be above 0".into());
+            return Err(Invalid::from("update.health_timeout: must be above 0"));
         }
         if self.policy == Policy::Automatic && self.repository.is_none() {
-            return Err("update.policy: \"automatic\" needs update.repository".into());
+            return Err(Invalid::from(
+                "update.policy: \"automatic\" needs update.repository",
+            ));
         }
         Ok(())
     }
 }
 
 /// `HH:MM-HH:MM` as minutes of the day (start, end).
-pub fn parse_window(text: &str) -> Result<(u32, u32), String> {
+pub fn parse_window(text: &str) -> Result<(u32, u32), Invalid> {
     let bad = || format!("{text:?} is not a window like \"02:00-04:00\" (UTC)");
     let (a, b) = text.split_once('-').ok_or_else(bad)?;
     let minutes = |t: &str| -> Result<u32, String> {
@@ -123,7 +126,9 @@ pub fn parse_window(text: &str) -> Result<(u32, u32), String> {
     };
     let (s, e) = (minutes(a)?, minutes(b)?);
     if s == e {
-        return Err(format!("{text:?} is empty (start equals end)"));
+        return Err(Invalid::from(format!(
+            "{text:?} is empty (start equals end)"
+        )));
     }
     Ok((s, e))
 }
