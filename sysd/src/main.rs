@@ -10,7 +10,6 @@
 //! stops services, dependents first, and exits 0.
 
 mod notify;
-mod supervisor;
 
 use keelson_api as api;
 use keelson_firstboot as firstboot;
@@ -19,6 +18,7 @@ use keelson_net as network;
 use keelson_net::loopback as net;
 use keelson_runtime as runtime;
 use keelson_spec as spec;
+use keelson_supervisor as supervisor;
 use keelson_update as update;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

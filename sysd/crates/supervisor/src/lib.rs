@@ -28,9 +28,9 @@ use keelson_common::api::{
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::api::{Backend, EventFeed, Failure, LogFeed};
-use crate::runtime::Runtime;
-use crate::spec::{Config, Kind, RestartPolicy, Service, Sources};
+use keelson_api::{Backend, EventFeed, Failure, LogFeed};
+use keelson_runtime::Runtime;
+use keelson_spec::{Config, Kind, RestartPolicy, Service, Sources};
 use events::EventBus;
 use logs::LogHub;
 
@@ -83,16 +83,16 @@ pub struct Supervisor {
     /// The host network manager, when sysd manages the host network (`--host-network`).
     net: NetworkSlot,
     /// The image store on /var and registry pulls.
-    images: crate::images::manager::Images,
+    images: keelson_images::manager::Images,
     /// The update agent, behind the API's `/v1/update/*` (set once at start).
-    update: std::sync::OnceLock<Arc<crate::update::Agent>>,
+    update: std::sync::OnceLock<Arc<keelson_update::Agent>>,
 }
 
 /// Set once at boot: whether the host network is managed and, once started, its manager.
 #[derive(Default)]
 struct NetworkSlot {
     managed: std::sync::atomic::AtomicBool,
-    net: std::sync::OnceLock<Arc<crate::network::Net>>,
+    net: std::sync::OnceLock<Arc<keelson_net::Net>>,
 }
 
 impl Supervisor {
@@ -104,7 +104,7 @@ impl Supervisor {
                 logs::Rotation::default(),
             )),
             runtime,
-            images: crate::images::manager::Images::new(paths.layout.images.clone()),
+            images: keelson_images::manager::Images::new(paths.layout.images.clone()),
             paths,
             events: EventBus::new(),
             handles: Mutex::new(BTreeMap::new()),
@@ -129,12 +129,12 @@ impl Supervisor {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    pub fn set_network(&self, net: Arc<crate::network::Net>) {
+    pub fn set_network(&self, net: Arc<keelson_net::Net>) {
         let _ = self.net.net.set(net);
         self.bump();
     }
 
-    pub fn network(&self) -> Option<&Arc<crate::network::Net>> {
+    pub fn network(&self) -> Option<&Arc<keelson_net::Net>> {
         self.net.net.get()
     }
 
@@ -154,9 +154,9 @@ impl Supervisor {
             return None;
         }
         match self.net.net.get().map(|n| n.online()) {
-            None | Some(crate::network::Online::Pending) => Some(format!(
+            None | Some(keelson_net::Online::Pending) => Some(format!(
                 "waiting for {}",
-                crate::spec::network::NETWORK_ONLINE
+                keelson_spec::network::NETWORK_ONLINE
             )),
             Some(_) => None,
         }
@@ -164,7 +164,7 @@ impl Supervisor {
 
     /// The effective `[network]`/`[host]` config as boot loads it (a bad user file falls back
     /// to the image's, like the services).
-    pub fn boot_network_config(&self) -> crate::spec::network::NetConfig {
+    pub fn boot_network_config(&self) -> keelson_spec::network::NetConfig {
         let sources = &self.paths.sources;
         let system = sources.read_system().unwrap_or_default();
         let userdata = sources.read_userdata_text().ok().flatten();
@@ -243,13 +243,13 @@ impl Supervisor {
     }
 
     /// Service names by the normalized reference of their registry `image`.
-    fn image_users(&self) -> crate::images::manager::Users {
+    fn image_users(&self) -> keelson_images::manager::Users {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        let mut users = crate::images::manager::Users::new();
+        let mut users = keelson_images::manager::Users::new();
         for (name, h) in handles.iter() {
-            if let Ok(r) = crate::spec::reference::parse(&h.service.spec.image) {
+            if let Ok(r) = keelson_spec::reference::parse(&h.service.spec.image) {
                 users
-                    .entry(crate::spec::reference::canonical(&r))
+                    .entry(keelson_spec::reference::canonical(&r))
                     .or_default()
                     .push(name.clone());
             }
@@ -699,14 +699,14 @@ impl ServiceTask {
         let spec = &self.svc.spec;
         if spec
             .dependencies()
-            .contains(crate::spec::network::NETWORK_ONLINE)
+            .contains(keelson_spec::network::NETWORK_ONLINE)
         {
             if let Some(reason) = self.sup.network_blocks() {
                 return Some(reason);
             }
         }
         for dep in spec.requirements() {
-            if dep == crate::spec::network::NETWORK_ONLINE {
+            if dep == keelson_spec::network::NETWORK_ONLINE {
                 continue;
             }
             match self.sup.state_of(dep) {
@@ -753,7 +753,7 @@ impl ServiceTask {
         // remove the container.
         let ended = match ended {
             Ended::Command(cmd) => {
-                let exit = crate::runtime::wait_exit(&instance.pidfd);
+                let exit = keelson_runtime::wait_exit(&instance.pidfd);
                 tokio::pin!(exit);
                 self.stop_instance(&instance, exit, "stopping on request")
                     .await;
@@ -768,10 +768,10 @@ impl ServiceTask {
     async fn start_container(&mut self) -> anyhow::Result<Instance> {
         // Off the (single-threaded) runtime: the first start of an OCI layout unpacks it.
         let (reference, layout) = (self.svc.spec.image.clone(), self.sup.paths.layout.clone());
-        let image = if crate::spec::reference::is_registry(&reference) {
+        let image = if keelson_spec::reference::is_registry(&reference) {
             // Pulled on demand (once: later starts, and boots, use the store).
             let (sup, name) = (Arc::clone(&self.sup), self.svc.name.clone());
-            let progress = crate::images::manager::with_events(
+            let progress = keelson_images::manager::with_events(
                 move |kind, message| sup.events.emit(Some(&name), kind, message),
                 None,
             );
@@ -787,10 +787,10 @@ impl ServiceTask {
                 (Some(State::Running), Some(pid)) => pid,
                 _ => anyhow::bail!("network = \"service:{owner}\": `{owner}` is not running"),
             };
-            cfg.network = crate::runtime::NetworkMode::Join(format!("/proc/{pid}/ns/net").into());
+            cfg.network = keelson_runtime::NetworkMode::Join(format!("/proc/{pid}/ns/net").into());
             joined_pid = Some(pid);
         }
-        if self.svc.spec.network == crate::spec::Network::Bridge {
+        if self.svc.spec.network == keelson_spec::Network::Bridge {
             let net = self.sup.network().ok_or_else(|| {
                 anyhow::anyhow!(
                     "network = \"bridge\" needs sysd's host networking (--host-network)"
@@ -801,17 +801,17 @@ impl ServiceTask {
                 .spec
                 .ports
                 .iter()
-                .filter_map(|p| crate::spec::network::PortSpec::parse(p).ok())
+                .filter_map(|p| keelson_spec::network::PortSpec::parse(p).ok())
                 .collect();
             let ep = net
                 .attach(self.name(), &ports)
                 .await
                 .map_err(|e| anyhow::anyhow!("bridge network: {e}"))?;
             cfg.annotations.insert(
-                crate::network::bridge::ANNOTATION.into(),
+                keelson_net::bridge::ANNOTATION.into(),
                 serde_json::to_string(&ep)?,
             );
-            cfg.mounts.push(crate::runtime::Mount::Bind {
+            cfg.mounts.push(keelson_runtime::Mount::Bind {
                 source: net.hosts_file(),
                 target: "/etc/hosts".into(),
                 readonly: true,
@@ -840,10 +840,10 @@ impl ServiceTask {
     async fn watch(&mut self, inst: &Instance) -> Ended {
         let spec = Arc::clone(&self.svc);
         let spec = &spec.spec;
-        let exit = crate::runtime::wait_exit(&inst.pidfd);
+        let exit = keelson_runtime::wait_exit(&inst.pidfd);
         tokio::pin!(exit);
         let mut epoch = self.sup.epoch.subscribe();
-        let netns_pid = (spec.network != crate::spec::Network::Host).then_some(inst.pid);
+        let netns_pid = (spec.network != keelson_spec::Network::Host).then_some(inst.pid);
 
         let mut ready = spec.ready.is_none();
         if ready {
@@ -875,7 +875,7 @@ impl ServiceTask {
                         Some(Cmd::Start) => {}
                         Some(Cmd::Kill(sig)) => {
                             self.event("signal", format!("sending {sig} to pid {}", inst.pid));
-                            let _ = crate::runtime::signal_pidfd(&inst.pidfd, sig as i32);
+                            let _ = keelson_runtime::signal_pidfd(&inst.pidfd, sig as i32);
                         }
                         Some(cmd) => return Ended::Command(cmd),
                         None => return Ended::Command(Cmd::Remove(oneshot::channel().0)),
@@ -956,7 +956,7 @@ impl ServiceTask {
         self.svc
             .spec
             .requirements()
-            .filter(|dep| *dep != crate::spec::network::NETWORK_ONLINE)
+            .filter(|dep| *dep != keelson_spec::network::NETWORK_ONLINE)
             .find(|dep| {
                 matches!(
                     self.sup.state_of(dep),
@@ -966,8 +966,8 @@ impl ServiceTask {
             .map(str::to_string)
     }
 
-    fn exit_info(&self, res: std::io::Result<crate::runtime::ExitInfo>) -> ExitInfo {
-        use crate::runtime::ExitInfo as Raw;
+    fn exit_info(&self, res: std::io::Result<keelson_runtime::ExitInfo>) -> ExitInfo {
+        use keelson_runtime::ExitInfo as Raw;
         let oom_killed = self.oom_kills() > 0;
         let (code, signal) = match res {
             Ok(Raw::Exited(c)) => (Some(c), None),
@@ -995,7 +995,7 @@ impl ServiceTask {
     /// Stop signal, stop timeout, then SIGKILL of the whole cgroup; returns how it ended.
     async fn stop_instance<F>(&self, inst: &Instance, mut exit: Pin<&mut F>, why: &str) -> ExitInfo
     where
-        F: Future<Output = std::io::Result<crate::runtime::ExitInfo>>,
+        F: Future<Output = std::io::Result<keelson_runtime::ExitInfo>>,
     {
         let spec = &self.svc.spec;
         self.event(
@@ -1006,7 +1006,7 @@ impl ServiceTask {
             ),
         );
         self.set(|s| s.state = State::Stopping);
-        let _ = crate::runtime::signal_pidfd(&inst.pidfd, spec.stop_signal.0 as i32);
+        let _ = keelson_runtime::signal_pidfd(&inst.pidfd, spec.stop_signal.0 as i32);
         let res = match tokio::time::timeout(spec.stop_timeout.0, exit.as_mut()).await {
             Ok(res) => res,
             Err(_) => {
@@ -1079,7 +1079,7 @@ fn describe_exit(exit: Option<&ExitInfo>) -> String {
 
 impl Supervisor {
     /// Connects the update agent to the API.
-    pub fn set_update_agent(&self, agent: Arc<crate::update::Agent>) {
+    pub fn set_update_agent(&self, agent: Arc<keelson_update::Agent>) {
         let _ = self.update.set(agent);
     }
 
@@ -1093,11 +1093,11 @@ impl Supervisor {
         self.events.emit(None, kind, message);
     }
 
-    fn update_agent(&self) -> Result<Arc<crate::update::Agent>, crate::api::Failure> {
+    fn update_agent(&self) -> Result<Arc<keelson_update::Agent>, keelson_api::Failure> {
         self.update
             .get()
             .cloned()
-            .ok_or_else(|| crate::api::Failure::absent("the update agent is not running"))
+            .ok_or_else(|| keelson_api::Failure::absent("the update agent is not running"))
     }
 
     /// Reconciles the running node with the config made of the system services, the user-data
@@ -1389,21 +1389,21 @@ impl Backend for Supervisor {
     fn images(&self) -> Result<Vec<api::images::ImageInfo>, Failure> {
         self.images
             .list(&self.image_users())
-            .map_err(crate::api::failure)
+            .map_err(keelson_api::failure)
     }
 
     fn pull_image(
         &self,
         reference: &str,
     ) -> Result<mpsc::UnboundedReceiver<api::images::PullProgress>, Failure> {
-        crate::spec::reference::parse(reference)
+        keelson_spec::reference::parse(reference)
             .map_err(|e| Failure::bad_request(format!("image {reference:?}: {e}")))?;
         let me = self.strong()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let reference = reference.to_string();
         tokio::spawn(async move {
             let sup = Arc::clone(&me);
-            let progress = crate::images::manager::with_events(
+            let progress = keelson_images::manager::with_events(
                 move |kind, message| sup.events.emit(None, kind, message),
                 Some(tx.clone()),
             );
@@ -1422,7 +1422,7 @@ impl Backend for Supervisor {
         let report = tokio::task::spawn_blocking(move || me.images.remove(&reference, &users))
             .await
             .map_err(|e| Failure::internal(format!("removing the image: {e}")))?
-            .map_err(crate::api::failure)?;
+            .map_err(keelson_api::failure)?;
         self.events.emit(
             None,
             "image-removed",
@@ -1441,7 +1441,7 @@ impl Backend for Supervisor {
         let report = tokio::task::spawn_blocking(move || me.images.prune(&users))
             .await
             .map_err(|e| Failure::internal(format!("pruning images: {e}")))?
-            .map_err(crate::api::failure)?;
+            .map_err(keelson_api::failure)?;
         self.events.emit(
             None,
             "images-pruned",
@@ -1461,45 +1461,45 @@ impl Backend for Supervisor {
 
     fn update_status(
         &self,
-    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+    ) -> Result<keelson_common::api::update::UpdateStatus, keelson_api::Failure> {
         Ok(self.update_agent()?.status())
     }
 
     async fn update_check(
         &self,
-    ) -> Result<keelson_common::api::update::UpdateCheck, crate::api::Failure> {
+    ) -> Result<keelson_common::api::update::UpdateCheck, keelson_api::Failure> {
         self.update_agent()?
             .check()
             .await
-            .map_err(crate::api::failure)
+            .map_err(keelson_api::failure)
     }
 
     async fn update_apply(
         &self,
         req: keelson_common::api::update::ApplyRequest,
-    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+    ) -> Result<keelson_common::api::update::UpdateStatus, keelson_api::Failure> {
         self.update_agent()?
             .apply(req)
             .await
-            .map_err(crate::api::failure)
+            .map_err(keelson_api::failure)
     }
 
     async fn update_cancel(
         &self,
-    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+    ) -> Result<keelson_common::api::update::UpdateStatus, keelson_api::Failure> {
         self.update_agent()?
             .cancel()
             .await
-            .map_err(crate::api::failure)
+            .map_err(keelson_api::failure)
     }
 
     async fn update_rollback(
         &self,
         reboot: bool,
-    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
+    ) -> Result<keelson_common::api::update::UpdateStatus, keelson_api::Failure> {
         self.update_agent()?
             .rollback(reboot)
             .await
-            .map_err(crate::api::failure)
+            .map_err(keelson_api::failure)
     }
 }
