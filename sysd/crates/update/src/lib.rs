@@ -453,7 +453,7 @@ impl Agent {
                 req.force,
                 jiff::Timestamp::now(),
             );
-            let p = pick.map_err(anyhow::Error::msg)?;
+            let p = pick?;
             let layout = self.discovery.layout()?;
             if let Some(tx) = chosen.take() {
                 let _ = tx.send(Ok(p.version.clone()));
