@@ -8,6 +8,12 @@
 //! Boot handshake: once the API socket is up and every service task is launched, sysd writes
 //! READY=1 to init (services become ready on their own, in dependency order). On SIGTERM it
 //! stops services, dependents first, and exits 0.
+//!
+//! This binary only wires the `keelson-*` crates together ([`run`]): it makes the event bus,
+//! runs first boot ([`firstboot`]), starts the host network, hands both to the supervisor,
+//! connects the update agent to what the supervisor publishes, forwards what the components
+//! report into the event stream, and serves the API's concerns ([`adapters`] for those the
+//! supervisor does not implement).
 
 mod adapters;
 mod firstboot;
