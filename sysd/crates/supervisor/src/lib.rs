@@ -1151,32 +1151,21 @@ impl Supervisor {
         dry_run: bool,
     ) -> Result<ApplyPlan, Failure> {
         let _guard = self.apply_lock.lock().await;
+        let shared = &self.shared;
+        let sources = &shared.paths.sources;
         let system = self
             .system
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let new: Config = self
-            .shared
-            .paths
-            .sources
-            .combine(
-                system,
-                self.shared
-                    .paths
-                    .sources
-                    .read_userdata_text()
-                    .map_err(|e| Failure::internal(e.to_string()))?
-                    .as_deref(),
-                user.as_deref(),
-            )
+        let userdata = sources
+            .read_userdata_text()
+            .map_err(|e| Failure::internal(e.to_string()))?;
+        let new: Config = sources
+            .combine(system, userdata.as_deref(), user.as_deref())
             .map_err(|e| Failure::bad_request(format!("config rejected, nothing changed: {e}")))?;
         let current: BTreeMap<String, Arc<Service>> = {
-            let handles = self
-                .shared
-                .handles
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let handles = shared.handles.lock().unwrap_or_else(|p| p.into_inner());
             handles
                 .iter()
                 .map(|(n, h)| (n.clone(), Arc::clone(&h.service)))
@@ -1203,60 +1192,52 @@ impl Supervisor {
         }
         // The network first, as a try: a config whose network fails its check is refused
         // whole (services included) and the previous network is back in place.
-        if let Some(net) = self.shared.network() {
+        if let Some(net) = shared.network() {
             net.apply(new.net.clone()).await.map_err(|e| {
                 Failure::bad_request(format!("config rejected, nothing changed: {e}"))
             })?;
         }
-        self.shared.images.set_registries(new.registries.clone());
+        shared.images.set_registries(new.registries.clone());
         if let Some(config) = &user {
-            self.shared
-                .paths
-                .sources
-                .store_user_text(config)
-                .map_err(|e| {
-                    Failure::internal(format!(
-                        "storing {}: {e}; nothing changed",
-                        self.shared.paths.sources.user_file.display()
-                    ))
-                })?;
+            sources.store_user_text(config).map_err(|e| {
+                Failure::internal(format!(
+                    "storing {}: {e}; nothing changed",
+                    sources.user_file.display()
+                ))
+            })?;
         }
         self.sync_admin_keys(&new);
         self.publish_update_spec();
         *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());
         for name in &plan.stop {
             let (tx, rx) = oneshot::channel();
-            if self.shared.send(name, Cmd::Stop(tx)).is_ok() {
+            if shared.send(name, Cmd::Stop(tx)).is_ok() {
                 let _ = rx.await;
             }
             let (tx, rx) = oneshot::channel();
-            if self.shared.send(name, Cmd::Remove(tx)).is_ok() {
+            if shared.send(name, Cmd::Remove(tx)).is_ok() {
                 let _ = rx.await;
             }
-            self.shared
+            shared
                 .handles
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(name);
-            self.shared.logs.forget(name);
-            self.shared.bump();
+            shared.logs.forget(name);
+            shared.bump();
         }
         for name in &plan.start {
-            self.shared.spawn(Arc::new(new.services[name].clone()));
+            shared.spawn(Arc::new(new.services[name].clone()));
         }
         for name in &plan.restart {
             let svc = Arc::new(new.services[name].clone());
-            let mut handles = self
-                .shared
-                .handles
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut handles = shared.handles.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(h) = handles.get_mut(name) {
                 h.service = Arc::clone(&svc);
                 let _ = h.cmds.send(Cmd::Replace(svc));
             }
         }
-        self.shared.events.emit(
+        shared.events.emit(
             None,
             "applied",
             format!(
