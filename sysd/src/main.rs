@@ -202,7 +202,11 @@ fn notices_to(events: &Arc<EventBus>) -> mpsc::UnboundedSender<Notice> {
 }
 
 /// The host network manager, started with the boot config (`--host-network`).
-fn start_network(args: &DaemonArgs, sources: &Sources, events: &Arc<EventBus>) -> HostNet {
+fn start_network(
+    args: &DaemonArgs,
+    sources: &Sources,
+    events: &Arc<EventBus>,
+) -> Option<Arc<adapters::HostNetwork>> {
     let paths = keelson_net::Paths {
         state_dir: args.network_state.clone(),
         resolv_conf: args.resolv_conf.clone(),
@@ -212,10 +216,10 @@ fn start_network(args: &DaemonArgs, sources: &Sources, events: &Arc<EventBus>) -
     };
     let config = keelson_supervisor::boot_network_config(sources);
     match keelson_net::Net::start(paths, config, notices_to(events)) {
-        Ok(net) => HostNet::Managed(net),
+        Ok(net) => Some(Arc::new(adapters::HostNetwork::new(net))),
         Err(err) => {
             tracing::error!("sysd: host networking not started: {err}");
-            HostNet::Failed
+            None
         }
     }
 }
@@ -283,14 +287,14 @@ async fn run(args: DaemonArgs) -> Result<()> {
             Err(log) => imds_log = Some(log),
         }
     }
-    let network = if args.host_network {
-        start_network(&args, &sources, &events)
-    } else {
-        HostNet::Unmanaged
-    };
-    let net = match &network {
-        HostNet::Managed(net) => Some(Arc::clone(net)),
-        HostNet::Unmanaged | HostNet::Failed => None,
+    let net = args
+        .host_network
+        .then(|| start_network(&args, &sources, &events))
+        .flatten();
+    let network = match (&net, args.host_network) {
+        (Some(net), _) => HostNet::Managed(net.clone()),
+        (None, true) => HostNet::Failed,
+        (None, false) => HostNet::Unmanaged,
     };
     let images = Arc::new(keelson_images::manager::Images::new(
         args.volumes.with_file_name("images"),
@@ -324,7 +328,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
         updates: Some(Arc::new(adapters::Updates(Arc::clone(&agent)))),
         network: net
             .clone()
-            .map(|net| Arc::new(adapters::HostNetwork(net)) as Arc<dyn keelson_api::HostNetwork>),
+            .map(|net| net as Arc<dyn keelson_api::HostNetwork>),
         firstboot: Some(firstboot.clone()),
     };
     let listener = keelson_api::server::bind(&args.socket)?;
