@@ -276,6 +276,7 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
         uki_b: uki_b.clone(),
         released: opts.release.to_string(),
         waves,
+        extensions: Vec::new(),
     };
     manifest.updates.push(payload.clone());
     manifest.sort();

@@ -23,6 +23,8 @@ pub mod reference;
 pub mod registries;
 pub mod units;
 pub mod update;
+pub mod extensions;
+mod table;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -51,6 +53,8 @@ struct File {
     registries: BTreeMap<String, toml::Spanned<registries::Registry>>,
     /// The update agent's policy (`spec::update`).
     update: Option<update::UpdateSpec>,
+    /// The engine extensions the node runs (`spec::extensions`).
+    extensions: Option<extensions::ExtensionsSpec>,
     admin: Option<toml::Spanned<Admin>>,
 }
 
@@ -585,6 +589,10 @@ pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Documen
     }
     if let Some(u) = &file.update {
         u.check()
+            .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
+    }
+    if let Some(x) = &file.extensions {
+        x.check()
             .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
     }
     let mut out = Vec::new();

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::units::Span;
-use super::{ConfigError, Sources};
+use super::{table, ConfigError, Sources};
 use crate::Invalid;
 
 /// When updates are applied.
@@ -150,13 +150,7 @@ struct UpdateOnly {
 }
 
 fn parse(path: &Path, text: &str) -> Result<Option<UpdateSpec>, ConfigError> {
-    let doc: UpdateOnly = toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-            .unwrap_or(1);
-        ConfigError(format!("{}:{line}: {}", path.display(), e.message()))
-    })?;
+    let doc: UpdateOnly = toml::from_str(text).map_err(|e| table::located(path, text, &e))?;
     if let Some(u) = &doc.update {
         u.check()
             .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
@@ -167,33 +161,7 @@ fn parse(path: &Path, text: &str) -> Result<Option<UpdateSpec>, ConfigError> {
 /// The effective `[update]`: the user's table if the user file has one, else user data's, else
 /// the last system file's, else the defaults.
 pub fn load(sources: &Sources) -> Result<UpdateSpec, ConfigError> {
-    if let Some(text) = sources.read_user_text()? {
-        if let Some(u) = parse(&sources.user_file, &text)? {
-            return Ok(u);
-        }
-    }
-    if let Some(text) = sources.read_userdata_text()? {
-        if let Some(u) = parse(&sources.userdata_file, &text)? {
-            return Ok(u);
-        }
-    }
-    let mut files: Vec<_> = match std::fs::read_dir(&sources.system_dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    files.sort();
-    let mut found = None;
-    for path in files {
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-        if let Some(u) = parse(&path, &text)? {
-            found = Some(u);
-        }
-    }
-    Ok(found.unwrap_or_default())
+    Ok(table::load(sources, parse)?.unwrap_or_default())
 }
 
 #[cfg(test)]
