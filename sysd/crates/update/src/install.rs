@@ -215,7 +215,7 @@ pub fn download_size(repo: &Repo, p: &Payload, slot: &str) -> u64 {
 
 /// Streams a target into `sink`, checking length and sha256 against the signed metadata, and
 /// resuming with range requests after a dropped connection.
-async fn stream_target(
+pub(crate) async fn stream_target(
     agent: &Agent,
     repo: &Repo,
     name: &str,

@@ -16,6 +16,7 @@
 //! `tuf/` (tough's datastore: the newest trusted metadata, so rollback protection survives
 //! reboots).
 
+pub mod extensions;
 pub mod http;
 pub mod install;
 pub mod slots;
