@@ -38,7 +38,14 @@ fn render_view(v: &ExtensionsView) -> String {
             })
             .collect();
         s.push_str(&render::table(
-            &["NAME", "VERSION", "STATE", "BUILT FOR", "ROOT HASH", "SOURCE"],
+            &[
+                "NAME",
+                "VERSION",
+                "STATE",
+                "BUILT FOR",
+                "ROOT HASH",
+                "SOURCE",
+            ],
             &rows,
         ));
         for x in &v.extensions {
@@ -88,8 +95,14 @@ mod tests {
         let text = render_view(&v);
         assert!(text.starts_with("NAME"), "{text}");
         assert!(text.contains("etcd    3.4.23-1  active   0.2.0"), "{text}");
-        assert!(text.contains("docker: the update repository lists no extension"), "{text}");
-        let empty = ExtensionsView { extensions: vec![], ..v };
+        assert!(
+            text.contains("docker: the update repository lists no extension"),
+            "{text}"
+        );
+        let empty = ExtensionsView {
+            extensions: vec![],
+            ..v
+        };
         assert_eq!(render_view(&empty), "no extensions for version 0.2.0\n");
     }
 }

@@ -24,9 +24,9 @@ impl ExtensionsSpec {
             let ok = !name.is_empty()
                 && name.len() <= 64
                 && !name.starts_with(['-', '_'])
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
             if !ok {
                 return Err(Invalid::from(format!(
                     "extensions.enabled[{i}]: {name:?} is not an extension name (lowercase letters, digits, '-' and '_', at most 64)"
@@ -74,7 +74,10 @@ mod tests {
         let e = parse(Path::new("u.toml"), bad).unwrap_err().0;
         assert_eq!(e, "u.toml: extensions.enabled[0]: \"../etc\" is not an extension name (lowercase letters, digits, '-' and '_', at most 64)");
         let twice = "version = 1\n[extensions]\nenabled = [\"etcd\", \"etcd\"]\n";
-        assert!(parse(Path::new("u.toml"), twice).unwrap_err().0.contains("listed twice"));
+        assert!(parse(Path::new("u.toml"), twice)
+            .unwrap_err()
+            .0
+            .contains("listed twice"));
         let unknown = "version = 1\n[extensions]\nenable = [\"etcd\"]\n";
         let e = parse(Path::new("u.toml"), unknown).unwrap_err().0;
         assert!(e.starts_with("u.toml:3:") && e.contains("enable"), "{e}");
@@ -89,9 +92,17 @@ mod tests {
             user_file: dir.path().join("services.toml"),
         };
         assert!(load(&sources).unwrap().enabled.is_empty());
-        std::fs::write(&sources.userdata_file, "version = 1\n[extensions]\nenabled = [\"etcd\"]\n").unwrap();
+        std::fs::write(
+            &sources.userdata_file,
+            "version = 1\n[extensions]\nenabled = [\"etcd\"]\n",
+        )
+        .unwrap();
         assert_eq!(load(&sources).unwrap().enabled, ["etcd"]);
-        std::fs::write(&sources.user_file, "version = 1\n[extensions]\nenabled = []\n").unwrap();
+        std::fs::write(
+            &sources.user_file,
+            "version = 1\n[extensions]\nenabled = []\n",
+        )
+        .unwrap();
         assert!(load(&sources).unwrap().enabled.is_empty());
     }
 }

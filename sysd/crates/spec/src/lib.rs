@@ -18,13 +18,13 @@
 //! text into checked values.
 
 pub mod admin;
+pub mod extensions;
 pub mod network;
 pub mod reference;
 pub mod registries;
+mod table;
 pub mod units;
 pub mod update;
-pub mod extensions;
-mod table;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -106,7 +106,10 @@ impl Agent {
             if !store.has(&e) {
                 self.emit(
                     "extension-downloading",
-                    format!("{} {} ({} bytes) for version {os_version}", x.name, x.version, x.size),
+                    format!(
+                        "{} {} ({} bytes) for version {os_version}",
+                        x.name, x.version, x.size
+                    ),
                 );
                 if let Err(err) = self.download_extension(repo, store, x, &e).await {
                     if let Ok(part) = store.staging(&e) {
@@ -222,10 +225,18 @@ mod tests {
         assert_eq!(x[0].built_for, "0.1.0");
         let e = entry(&x[0], "0.2.0", "http://repo/");
         assert_eq!(e.listed_for, ["0.2.0"]);
-        assert_eq!(e.source, "http://repo/targets/ext-etcd-3.4.23-1-for-0.1.0.raw.gz");
+        assert_eq!(
+            e.source,
+            "http://repo/targets/ext-etcd-3.4.23-1-for-0.1.0.raw.gz"
+        );
         assert!(entry(&x[0], "0.1.0", "http://repo").listed_for.is_empty());
-        let err = select(&m, "0.3.0", &["etcd".into()]).unwrap_err().to_string();
-        assert_eq!(err, "the update repository lists no extension `etcd` for version 0.3.0 (it lists: none)");
+        let err = select(&m, "0.3.0", &["etcd".into()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "the update repository lists no extension `etcd` for version 0.3.0 (it lists: none)"
+        );
         assert!(select(&m, "9.9.9", &[]).unwrap().is_empty());
         assert!(select(&m, "9.9.9", &["etcd".into()]).is_err());
     }
