@@ -9,6 +9,7 @@
 //! - [`cpio`]: a deterministic `newc` archive writer (initramfs).
 //! - [`caps`]: Linux capability names in bit order (service schema and runtime).
 //! - [`error`]: the transport-neutral kind of a failure (the API maps it to HTTP).
+//! - [`notice`]: what a sysd component reports for the event log.
 //! - [`api`] (feature `api`): the wire types of sysd's HTTP API, shared with keelctl.
 
 #[cfg(feature = "api")]
@@ -20,6 +21,7 @@ pub mod cpio;
 pub mod dm;
 pub mod error;
 pub mod gpt;
+pub mod notice;
 pub mod partitions;
 #[cfg(feature = "update")]
 pub mod update;

@@ -1,14 +1,18 @@
 //! sysd's local API: HTTP/1.1 + JSON on a root-only unix socket (`/run/keelson/sysd.sock`).
 //! The wire types live in `keelson_common::api` (shared with keelctl); the endpoints are
-//! documented in `docs/api.md`. The server only translates HTTP to calls on a [`Backend`] (the
-//! supervisor implements it), which keeps routing testable without containers.
+//! documented in `docs/api.md`. The server only translates HTTP to calls on one trait per
+//! concern ([`Services`], [`Config`], [`Images`], [`Updates`], [`HostNetwork`],
+//! [`FirstBootReport`]), gathered in [`Concerns`]: the supervisor implements services and
+//! config, the `sysd` binary adapts the other crates, and routing stays testable without
+//! containers. A concern this sysd does not have answers 501.
 //!
 //! This crate is the transport edge: it alone turns a failure's
 //! [`Kind`](keelson_common::error::Kind) into an HTTP status ([`Failure::of`], [`failure`]).
-//! It knows the wire types and nothing of the crates that implement the backend.
+//! It knows the wire types and nothing of the crates that implement the concerns.
 
-use std::future::Future;
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use keelson_common::api::config::ConfigView;
 use keelson_common::api::firstboot::FirstBoot;
 use keelson_common::api::images::{ImageInfo, ImagesRemoved, PullProgress};
@@ -53,14 +57,6 @@ impl Failure {
         }
     }
 
-    /// The concern behind the call is absent from this sysd (the one place that answers 501).
-    pub fn absent(message: impl Into<String>) -> Self {
-        Failure {
-            status: 501,
-            message: message.into(),
-        }
-    }
-
     /// A failure of `kind`: the one place a domain error's kind becomes an HTTP status.
     pub fn of(kind: Kind, message: impl Into<String>) -> Self {
         let status = match kind {
@@ -95,113 +91,117 @@ pub struct EventFeed {
     pub live: broadcast::Receiver<Event>,
 }
 
-/// What the API needs from the supervisor. Actions return once the supervisor has taken the
-/// request (not when the service is ready); the returned status reflects that moment.
-pub trait Backend: Send + Sync + 'static {
+/// The services and the daemon itself (the supervisor). Actions return once the supervisor
+/// has taken the request (not when the service is ready); the returned status reflects that
+/// moment.
+#[async_trait]
+pub trait Services: Send + Sync {
     fn version(&self) -> Version;
     fn list(&self) -> Vec<ServiceStatus>;
     fn status(&self, name: &str) -> Result<ServiceStatus, Failure>;
-    fn start(&self, name: &str) -> impl Future<Output = Result<ServiceStatus, Failure>> + Send;
-    fn stop(&self, name: &str) -> impl Future<Output = Result<ServiceStatus, Failure>> + Send;
-    fn restart(&self, name: &str) -> impl Future<Output = Result<ServiceStatus, Failure>> + Send;
+    async fn start(&self, name: &str) -> Result<ServiceStatus, Failure>;
+    async fn stop(&self, name: &str) -> Result<ServiceStatus, Failure>;
+    async fn restart(&self, name: &str) -> Result<ServiceStatus, Failure>;
     /// Sends a signal to the service's main process (`keelctl kill`).
-    fn kill(
-        &self,
-        name: &str,
-        signal: i32,
-    ) -> impl Future<Output = Result<ServiceStatus, Failure>> + Send {
-        let _ = (name, signal);
-        async { Err(Failure::absent("kill is not supported")) }
-    }
+    async fn kill(&self, name: &str, signal: i32) -> Result<ServiceStatus, Failure>;
     /// `tail`: how many past lines (None = all kept in memory); `follow`: also stream new ones.
     fn logs(&self, name: &str, tail: Option<usize>, follow: bool) -> Result<LogFeed, Failure>;
     /// Events with `seq > since` still in memory, then live ones.
     fn events(&self, since: Option<u64>) -> EventFeed;
     fn stats(&self) -> Vec<Stats>;
+}
+
+/// The service config: its layers and `apply`.
+#[async_trait]
+pub trait Config: Send + Sync {
     /// `config` is the TOML text of the user's service config (the whole of it). Invalid
     /// config: a 400 whose message names the file position, service and field; nothing changes.
-    fn apply(
-        &self,
-        config: String,
-        dry_run: bool,
-    ) -> impl Future<Output = Result<ApplyPlan, Failure>> + Send;
-    /// The host network (`GET /v1/network`): links, addresses, routes, DNS, leases.
-    fn network(&self) -> impl Future<Output = Result<NetworkStatus, Failure>> + Send {
-        async {
-            Err(Failure::absent(
-                "this sysd does not manage the host network",
-            ))
-        }
-    }
+    async fn apply(&self, config: String, dry_run: bool) -> Result<ApplyPlan, Failure>;
+    /// The effective config and its layers (`None`: not loaded yet).
+    fn view(&self) -> Option<ConfigView>;
+}
 
-    /// The image store's images (`keelctl images`).
-    fn images(&self) -> Result<Vec<ImageInfo>, Failure> {
-        Err(not_supported("images"))
-    }
+/// The image store and registry pulls.
+#[async_trait]
+pub trait Images: Send + Sync {
+    /// The store's images (`keelctl images`).
+    fn list(&self) -> Result<Vec<ImageInfo>, Failure>;
     /// Starts pulling `reference`; its progress, ending with `done` or `error`. A bad
     /// reference is a 400 before anything starts. The pull goes on if the reader leaves.
-    fn pull_image(
-        &self,
-        reference: &str,
-    ) -> Result<mpsc::UnboundedReceiver<PullProgress>, Failure> {
-        let _ = reference;
-        Err(not_supported("pull"))
-    }
+    fn pull(&self, reference: &str) -> Result<mpsc::UnboundedReceiver<PullProgress>, Failure>;
     /// Removes one reference (409 while a configured service uses it) and collects garbage.
-    fn remove_image(
-        &self,
-        reference: &str,
-    ) -> impl Future<Output = Result<ImagesRemoved, Failure>> + Send {
-        let _ = reference;
-        async { Err(not_supported("images rm")) }
-    }
+    async fn remove(&self, reference: &str) -> Result<ImagesRemoved, Failure>;
     /// Removes every image no configured service uses, then collects garbage.
-    fn prune_images(&self) -> impl Future<Output = Result<ImagesRemoved, Failure>> + Send {
-        async { Err(not_supported("images prune")) }
-    }
+    async fn prune(&self) -> Result<ImagesRemoved, Failure>;
+}
 
-    /// `GET /v1/update/status`.
-    fn update_status(&self) -> Result<UpdateStatus, Failure> {
-        Err(no_updates())
+/// The update agent (`/v1/update/*`).
+#[async_trait]
+pub trait Updates: Send + Sync {
+    fn status(&self) -> UpdateStatus;
+    /// Refresh the signed metadata, say what is offered.
+    async fn check(&self) -> Result<UpdateCheck, Failure>;
+    /// Returns once the version is chosen; the install continues.
+    async fn apply(&self, req: ApplyRequest) -> Result<UpdateStatus, Failure>;
+    /// Stop an install, or discard a staged version.
+    async fn cancel(&self) -> Result<UpdateStatus, Failure>;
+    /// Make the other slot boot.
+    async fn rollback(&self, reboot: bool) -> Result<UpdateStatus, Failure>;
+}
+
+/// The host network (`GET /v1/network`).
+#[async_trait]
+pub trait HostNetwork: Send + Sync {
+    /// Links, addresses, routes, DNS, leases.
+    async fn status(&self) -> NetworkStatus;
+}
+
+/// What first boot found and did at this boot.
+pub trait FirstBootReport: Send + Sync {
+    /// `None` until first boot has run.
+    fn report(&self) -> Option<FirstBoot>;
+}
+
+/// What this sysd serves, concern by concern. An absent concern (`None`) answers 501, in one
+/// place ([`Concerns`]' accessors); a test or a smaller daemon serves only what it has.
+#[derive(Clone, Default)]
+pub struct Concerns {
+    pub services: Option<Arc<dyn Services>>,
+    pub config: Option<Arc<dyn Config>>,
+    pub images: Option<Arc<dyn Images>>,
+    pub updates: Option<Arc<dyn Updates>>,
+    pub network: Option<Arc<dyn HostNetwork>>,
+    pub firstboot: Option<Arc<dyn FirstBootReport>>,
+}
+
+impl Concerns {
+    pub(crate) fn services(&self) -> Result<&dyn Services, Failure> {
+        present(&self.services, "this sysd runs no services")
     }
-    /// `POST /v1/update/check`: refresh the signed metadata, say what is offered.
-    fn update_check(&self) -> impl Future<Output = Result<UpdateCheck, Failure>> + Send {
-        async { Err(no_updates()) }
+    pub(crate) fn config(&self) -> Result<&dyn Config, Failure> {
+        present(&self.config, "this sysd has no service config")
     }
-    /// `POST /v1/update/apply`: returns once the version is chosen; the install continues.
-    fn update_apply(
-        &self,
-        req: ApplyRequest,
-    ) -> impl Future<Output = Result<UpdateStatus, Failure>> + Send {
-        let _ = req;
-        async { Err(no_updates()) }
+    pub(crate) fn images(&self) -> Result<&dyn Images, Failure> {
+        present(&self.images, "images are not supported here")
     }
-    /// `POST /v1/update/cancel`: stop an install, or discard a staged version.
-    fn update_cancel(&self) -> impl Future<Output = Result<UpdateStatus, Failure>> + Send {
-        async { Err(no_updates()) }
+    pub(crate) fn updates(&self) -> Result<&dyn Updates, Failure> {
+        present(&self.updates, "updates are not supported here")
     }
-    /// `POST /v1/update/rollback`: make the other slot boot.
-    fn update_rollback(
-        &self,
-        reboot: bool,
-    ) -> impl Future<Output = Result<UpdateStatus, Failure>> + Send {
-        let _ = reboot;
-        async { Err(no_updates()) }
+    pub(crate) fn network(&self) -> Result<&dyn HostNetwork, Failure> {
+        present(
+            &self.network,
+            "this sysd does not manage the host network (started without --host-network)",
+        )
     }
-    /// What first boot found and did at this boot (`None` until it has run).
-    fn firstboot(&self) -> Option<FirstBoot> {
-        None
-    }
-    /// The effective config and its layers (`None`: not loaded yet).
-    fn config(&self) -> Option<ConfigView> {
-        None
+    pub(crate) fn firstboot(&self) -> Result<&dyn FirstBootReport, Failure> {
+        present(&self.firstboot, "first boot is not supported here")
     }
 }
 
-fn not_supported(what: &str) -> Failure {
-    Failure::absent(format!("{what} is not supported"))
-}
-
-fn no_updates() -> Failure {
-    Failure::absent("updates are not supported here")
+/// The one place an absent concern becomes an answer: 501 Not Implemented.
+fn present<'c, T: ?Sized>(concern: &'c Option<Arc<T>>, absent: &str) -> Result<&'c T, Failure> {
+    concern.as_deref().ok_or_else(|| Failure {
+        status: 501,
+        message: absent.to_string(),
+    })
 }

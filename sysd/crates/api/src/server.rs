@@ -1,11 +1,12 @@
 //! The HTTP/1.1 side of sysd's API: accepts connections on the root-only unix socket, routes
-//! `/v1/...` requests to a [`Backend`] and writes JSON (or NDJSON streams) back.
+//! `/v1/...` requests to the [`Concerns`] that answer them and writes JSON (or NDJSON streams)
+//! back.
 //!
 //! Why hand-rolled routing on hyper rather than a web framework: there are nine endpoints, the
 //! daemon ships as a static binary in a small image, and a `match` on method and path segments
 //! reads in one screen. Streams (`logs?follow=1`, `events`) are fed by a small task per request
 //! that turns a broadcast receiver into chunks of newline-delimited JSON; it ends when the
-//! client goes away (the response body, and with it the channel, is dropped), when the backend
+//! client goes away (the response body, and with it the channel, is dropped), when the source
 //! closes the broadcast, or when the server shuts down.
 //!
 //! Access control is the socket itself (mode 0600, owned by root, see [`bind`]) plus a peer
@@ -36,7 +37,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::{Backend, Failure};
+use super::{Concerns, Failure, Services};
 
 /// Largest accepted `POST /v1/apply` body.
 pub const MAX_APPLY_BODY: usize = 1024 * 1024;
@@ -114,11 +115,8 @@ fn bind_private(temp: &Path, path: &Path) -> Result<std::os::unix::net::UnixList
 
 /// Serves the API on `listener` until `shutdown` completes. Then it stops accepting, ends open
 /// streams, gives connections [`SHUTDOWN_GRACE`] to finish and drops the rest.
-pub async fn serve<B: Backend>(
-    listener: UnixListener,
-    backend: Arc<B>,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn serve(listener: UnixListener, concerns: Concerns, shutdown: impl Future<Output = ()>) {
+    let concerns = Arc::new(concerns);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let own_uid = nix::unistd::Uid::effective().as_raw();
@@ -131,7 +129,7 @@ pub async fn serve<B: Backend>(
                 match accepted {
                     Ok((stream, _)) => match stream.peer_cred() {
                         Ok(cred) if cred.uid() == own_uid => {
-                            connections.spawn(connection(stream, backend.clone(), stop_rx.clone()));
+                            connections.spawn(connection(stream, Arc::clone(&concerns), stop_rx.clone()));
                         }
                         Ok(cred) => tracing::warn!(uid = cred.uid(), "api: refused a connection from another user"),
                         Err(err) => tracing::warn!(%err, "api: cannot read the peer's credentials"),
@@ -159,16 +157,12 @@ pub async fn serve<B: Backend>(
     }
 }
 
-async fn connection<B: Backend>(
-    stream: UnixStream,
-    backend: Arc<B>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn connection(stream: UnixStream, concerns: Arc<Concerns>, mut stop: watch::Receiver<bool>) {
     let stop_for_requests = stop.clone();
     let service = service_fn(move |req| {
-        let backend = backend.clone();
+        let concerns = Arc::clone(&concerns);
         let stop = stop_for_requests.clone();
-        async move { Ok::<_, Infallible>(handle(req, &*backend, stop).await) }
+        async move { Ok::<_, Infallible>(handle(req, &concerns, stop).await) }
     });
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -281,9 +275,9 @@ impl Endpoint {
     }
 }
 
-async fn handle<B: Backend>(
+async fn handle(
     req: Request<Incoming>,
-    backend: &B,
+    concerns: &Concerns,
     stop: watch::Receiver<bool>,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
@@ -301,123 +295,131 @@ async fn handle<B: Backend>(
         }
         return response;
     }
-    match dispatch(endpoint, req, backend, stop).await {
+    match dispatch(endpoint, req, concerns, stop).await {
         Ok(response) => response,
         Err(failure) => error_response(&failure),
     }
 }
 
-async fn dispatch<B: Backend>(
+async fn dispatch(
     endpoint: Endpoint,
     req: Request<Incoming>,
-    backend: &B,
+    concerns: &Concerns,
     stop: watch::Receiver<bool>,
 ) -> Result<Response<Body>, Failure> {
     let query = Query::parse(req.uri().query())?;
     match endpoint {
         Endpoint::Version => {
             query.allow(&[])?;
-            Ok(json(&backend.version()))
+            Ok(json(&concerns.services()?.version()))
         }
         Endpoint::FirstBoot => {
             query.allow(&[])?;
-            let status = backend
-                .firstboot()
+            let status = concerns
+                .firstboot()?
+                .report()
                 .ok_or_else(|| Failure::not_found("first boot has not run in this sysd"))?;
             Ok(json(&status))
         }
         Endpoint::Config => {
             query.allow(&[])?;
-            let view = backend
-                .config()
+            let view = concerns
+                .config()?
+                .view()
                 .ok_or_else(|| Failure::not_found("the config is not loaded yet"))?;
             Ok(json(&view))
         }
         Endpoint::Services => {
             query.allow(&[])?;
-            Ok(json(&backend.list()))
+            Ok(json(&concerns.services()?.list()))
         }
         Endpoint::Service(name) => {
             query.allow(&[])?;
-            let status = backend.status(&name);
+            let services = concerns.services()?;
+            let status = services.status(&name);
             Ok(json(
-                &status.map_err(|f| explain_unknown(backend, &name, f))?,
+                &status.map_err(|f| explain_unknown(services, &name, f))?,
             ))
         }
         Endpoint::Kill(name) => {
             query.allow(&["signal"])?;
             let signal = parse_signal(query.get("signal").unwrap_or("SIGKILL"))?;
-            let status = backend.kill(&name, signal).await;
+            let services = concerns.services()?;
+            let status = services.kill(&name, signal).await;
             Ok(json(
-                &status.map_err(|f| explain_unknown(backend, &name, f))?,
+                &status.map_err(|f| explain_unknown(services, &name, f))?,
             ))
         }
         Endpoint::Action(name, action) => {
             query.allow(&[])?;
+            let services = concerns.services()?;
             let status = match action {
-                Action::Start => backend.start(&name).await,
-                Action::Stop => backend.stop(&name).await,
-                Action::Restart => backend.restart(&name).await,
+                Action::Start => services.start(&name).await,
+                Action::Stop => services.stop(&name).await,
+                Action::Restart => services.restart(&name).await,
             };
             Ok(json(
-                &status.map_err(|f| explain_unknown(backend, &name, f))?,
+                &status.map_err(|f| explain_unknown(services, &name, f))?,
             ))
         }
         Endpoint::Logs(name) => {
             query.allow(&["tail", "follow"])?;
             let tail = query.number::<usize>("tail")?;
             let follow = query.flag("follow")?;
-            let feed = backend
+            let services = concerns.services()?;
+            let feed = services
                 .logs(&name, tail, follow)
-                .map_err(|f| explain_unknown(backend, &name, f))?;
+                .map_err(|f| explain_unknown(services, &name, f))?;
             Ok(ndjson_stream(feed.backlog, feed.live, stop))
         }
         Endpoint::Events => {
             query.allow(&["since"])?;
-            let feed = backend.events(query.number::<u64>("since")?);
+            let since = query.number::<u64>("since")?;
+            let feed = concerns.services()?.events(since);
             Ok(ndjson_stream(feed.backlog, Some(feed.live), stop))
         }
         Endpoint::Stats => {
             query.allow(&[])?;
-            Ok(json(&backend.stats()))
+            Ok(json(&concerns.services()?.stats()))
         }
         Endpoint::Apply => {
             query.allow(&["dry_run"])?;
             let dry_run = query.flag("dry_run")?;
-            let config = read_config(req).await?;
-            Ok(json(&backend.apply(config, dry_run).await?))
+            let config = concerns.config()?;
+            let text = read_config(req).await?;
+            Ok(json(&config.apply(text, dry_run).await?))
         }
         Endpoint::Network => {
             query.allow(&[])?;
-            Ok(json(&backend.network().await?))
+            Ok(json(&concerns.network()?.status().await))
         }
         Endpoint::Images => {
             query.allow(&[])?;
-            Ok(json(&backend.images()?))
+            Ok(json(&concerns.images()?.list()?))
         }
         Endpoint::ImagesPull => {
             query.allow(&["reference"])?;
             let reference = required(&query, "reference")?;
-            let progress = backend.pull_image(reference)?;
+            let progress = concerns.images()?.pull(reference)?;
             Ok(progress_stream(progress))
         }
         Endpoint::ImagesRemove => {
             query.allow(&["reference"])?;
             let reference = required(&query, "reference")?;
-            Ok(json(&backend.remove_image(reference).await?))
+            Ok(json(&concerns.images()?.remove(reference).await?))
         }
         Endpoint::ImagesPrune => {
             query.allow(&[])?;
-            Ok(json(&backend.prune_images().await?))
+            Ok(json(&concerns.images()?.prune().await?))
         }
         Endpoint::Update(action) => match action {
             UpdateAction::Status => {
                 query.allow(&[])?;
-                Ok(json(&backend.update_status()?))
+                Ok(json(&concerns.updates()?.status()))
             }
             UpdateAction::Check => {
                 query.allow(&[])?;
-                Ok(json(&backend.update_check().await?))
+                Ok(json(&concerns.updates()?.check().await?))
             }
             UpdateAction::Apply => {
                 query.allow(&["version", "force", "reboot"])?;
@@ -426,15 +428,16 @@ async fn dispatch<B: Backend>(
                     force: query.flag("force")?,
                     reboot: query.flag("reboot")?,
                 };
-                Ok(json(&backend.update_apply(req).await?))
+                Ok(json(&concerns.updates()?.apply(req).await?))
             }
             UpdateAction::Cancel => {
                 query.allow(&[])?;
-                Ok(json(&backend.update_cancel().await?))
+                Ok(json(&concerns.updates()?.cancel().await?))
             }
             UpdateAction::Rollback => {
                 query.allow(&["reboot"])?;
-                Ok(json(&backend.update_rollback(query.flag("reboot")?).await?))
+                let reboot = query.flag("reboot")?;
+                Ok(json(&concerns.updates()?.rollback(reboot).await?))
             }
         },
     }
@@ -485,13 +488,13 @@ fn parse_signal(text: &str) -> Result<i32, Failure> {
     })
 }
 
-/// A backend's 404 for a named service becomes one message naming it and, when there are few,
+/// A 404 for a named service becomes one message naming it and, when there are few,
 /// the services that do exist.
-fn explain_unknown<B: Backend>(backend: &B, name: &str, failure: Failure) -> Failure {
+fn explain_unknown(services: &dyn Services, name: &str, failure: Failure) -> Failure {
     if failure.status != 404 {
         return failure;
     }
-    let mut known: Vec<String> = backend.list().into_iter().map(|s| s.name).collect();
+    let mut known: Vec<String> = services.list().into_iter().map(|s| s.name).collect();
     known.sort();
     let mut message = format!("no service named {name:?}");
     match known.len() {
@@ -828,7 +831,8 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
-    use crate::{EventFeed, LogFeed};
+    use crate::{Config, EventFeed, LogFeed};
+    use keelson_common::api::config::ConfigView;
 
     const WAIT: Duration = Duration::from_secs(5);
 
@@ -908,7 +912,8 @@ mod tests {
         }
     }
 
-    impl Backend for Fake {
+    #[async_trait::async_trait]
+    impl Services for Fake {
         fn version(&self) -> Version {
             Version {
                 version: "9.9.9".into(),
@@ -973,6 +978,10 @@ mod tests {
                 ..Stats::default()
             }]
         }
+    }
+
+    #[async_trait::async_trait]
+    impl Config for Fake {
         async fn apply(&self, config: String, dry_run: bool) -> Result<ApplyPlan, Failure> {
             if config.contains("imagee") {
                 return Err(Failure::bad_request(
@@ -987,6 +996,9 @@ mod tests {
                 dry_run,
                 ..ApplyPlan::default()
             })
+        }
+        fn view(&self) -> Option<ConfigView> {
+            None
         }
     }
 
@@ -1004,7 +1016,12 @@ mod tests {
         let listener = bind(&socket).expect("bind");
         let backend = Arc::new(Fake::new());
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, backend.clone(), async {
+        let concerns = Concerns {
+            services: Some(backend.clone()),
+            config: Some(backend.clone()),
+            ..Concerns::default()
+        };
+        let server = tokio::spawn(serve(listener, concerns, async {
             let _ = stopped.await;
         }));
         Harness {
@@ -1256,7 +1273,7 @@ mod tests {
     #[tokio::test]
     async fn update_routes_exist_with_their_methods_and_queries() {
         let h = start().await;
-        // The fake backend has no update agent: the default answers 501.
+        // No update agent among the fake's concerns: 501.
         expect_error(get(&h, "/v1/update/status").await, 501, "not supported").await;
         let (response, _conn) = send(&h, "POST", "/v1/update/check", None, b"").await;
         expect_error(response, 501, "not supported").await;
@@ -1274,6 +1291,17 @@ mod tests {
         expect_error(get(&h, "/v1/update/apply").await, 405, "use POST").await;
         let (response, _conn) = send(&h, "POST", "/v1/update/explode", None, b"").await;
         expect_error(response, 404, "no such endpoint").await;
+    }
+
+    #[tokio::test]
+    async fn absent_concerns_answer_501_after_the_query_is_checked() {
+        let h = start().await;
+        expect_error(get(&h, "/v1/network").await, 501, "--host-network").await;
+        expect_error(get(&h, "/v1/images").await, 501, "images").await;
+        let (response, _conn) = send(&h, "POST", "/v1/images/pull?reference=x", None, b"").await;
+        expect_error(response, 501, "images").await;
+        expect_error(get(&h, "/v1/firstboot").await, 501, "first boot").await;
+        expect_error(get(&h, "/v1/network?x=1").await, 400, "takes none").await;
     }
 
     #[tokio::test]

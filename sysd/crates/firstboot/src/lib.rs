@@ -19,7 +19,8 @@
 //! /v1/firstboot`) and the node boots with its last good config, reachable to be fixed.
 //!
 //! This crate knows the config schema (`keelson-spec`) and nothing of services, the network
-//! manager or the API: sysd runs it before anything starts and reads its [`Outcome`].
+//! manager or the API: sysd runs it before anything starts, reads its [`Outcome`] and enters
+//! its [`notices`] in the event stream.
 
 pub mod cloudconfig;
 pub mod datasource;
@@ -35,6 +36,7 @@ use std::time::Instant;
 
 use keelson_common::api::firstboot::{FirstBoot, Outcome};
 use keelson_common::api::now_ms;
+use keelson_common::notice::Notice;
 
 use cloudconfig::{CloudConfig, WriteFile, DEFAULT_USER};
 use datasource::Found;
@@ -91,6 +93,44 @@ struct Parts {
     network: Option<toml::Table>,
     /// `[admin] ssh_authorized_keys` to add.
     keys: Vec<String>,
+}
+
+/// How a first boot's report reads in the event stream: one line for what happened (kind
+/// `firstboot`, or `firstboot-error` when the user data was rejected), then one per warning.
+pub fn notices(status: &FirstBoot) -> Vec<Notice> {
+    let what = match status.outcome {
+        Outcome::NoUserData => "no user data".to_string(),
+        Outcome::Applied => format!(
+            "applied {} user data of instance {} from {}",
+            status.format.as_deref().unwrap_or("?"),
+            status.instance_id.as_deref().unwrap_or("?"),
+            status.source.as_deref().unwrap_or("?"),
+        ),
+        Outcome::AlreadyApplied => format!(
+            "instance {} already configured; using the persisted config",
+            status.instance_id.as_deref().unwrap_or("?")
+        ),
+        Outcome::Rejected => format!(
+            "user data rejected, nothing applied (the last good config runs): {}",
+            status.error.as_deref().unwrap_or("?")
+        ),
+    };
+    let kind = if status.outcome == Outcome::Rejected {
+        "firstboot-error"
+    } else {
+        "firstboot"
+    };
+    std::iter::once(Notice::new(
+        kind,
+        format!("{what} ({} ms)", status.duration_ms),
+    ))
+    .chain(
+        status
+            .warnings
+            .iter()
+            .map(|w| Notice::new("firstboot-warning", w.clone())),
+    )
+    .collect()
 }
 
 /// Checks a config layer's TOML (`text`, from `origin`) against the rest of the config (the

@@ -16,8 +16,9 @@
 //! - [`trust`]: Mozilla's roots, exported as `SSL_CERT_FILE` (the node has no CA bundle).
 //!
 //! This crate knows the service config's image references and registry settings
-//! (`keelson-spec`), and nothing of services, containers or the API: progress is reported
-//! through a callback the caller builds, errors say their [`Kind`](keelson_common::error::Kind).
+//! (`keelson-spec`), and nothing of services, containers or the API: a pull's progress goes
+//! out on a channel the caller gives ([`pull::Progress`]), with [`manager::milestone`] saying
+//! which items are worth an event; errors say their [`Kind`](keelson_common::error::Kind).
 
 pub mod lookup;
 pub mod manager;

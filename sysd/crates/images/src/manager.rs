@@ -1,6 +1,7 @@
 //! What the supervisor and the API use: the store, the registry settings of the current
 //! config, and one pull at a time per reference (a second caller waits and then finds the
-//! image present).
+//! image present); which services use which image ([`users`]) and which pull progress is
+//! worth an event ([`milestone`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use super::pull::{self, Progress};
 use super::store::{Entry, Store};
 use crate::Image;
 use keelson_common::error::{Classify, Kind};
+use keelson_common::notice::Notice;
 use keelson_spec::reference;
 use keelson_spec::registries::Registries;
 
@@ -145,54 +147,58 @@ impl Images {
     }
 }
 
-/// A progress sink that also tells the event stream the milestones (not every byte).
-pub fn with_events(
-    events: impl Fn(&str, String) + Send + Sync + 'static,
-    also: Option<tokio::sync::mpsc::UnboundedSender<PullProgress>>,
-) -> Progress {
-    Arc::new(move |p: PullProgress| {
-        let milestone = match &p {
-            PullProgress::Resolved {
-                reference,
-                manifest,
-                layers,
-                total_bytes,
-            } => Some(format!(
-                "{reference}: manifest {manifest}, {layers} layers, {total_bytes} bytes"
-            )),
-            PullProgress::Retrying {
-                digest,
-                attempt,
-                reason,
-            } => Some(format!(
-                "blob {digest}: attempt {attempt} failed ({reason}); retrying"
-            )),
-            PullProgress::Verified { digest, size } => {
-                Some(format!("blob {digest}: {size} bytes verified"))
-            }
-            PullProgress::Done {
-                reference,
-                downloaded_bytes,
-                elapsed_ms,
-                ..
-            } => Some(format!(
-                "{reference}: pulled ({downloaded_bytes} bytes downloaded in {elapsed_ms} ms)"
-            )),
-            PullProgress::Error { message } => Some(message.clone()),
-            _ => None,
-        };
-        if let Some(m) = milestone {
-            let kind = match &p {
-                PullProgress::Done { .. } => "image-pulled",
-                PullProgress::Error { .. } => "image-pull-failed",
-                _ => "image-pull",
-            };
-            events(kind, m);
+/// Which services use which images: each service's `image` (as written) by service name;
+/// paths are not references and use nothing in the store.
+pub fn users<'a>(images: impl IntoIterator<Item = (&'a str, &'a str)>) -> Users {
+    let mut users = Users::new();
+    for (service, image) in images {
+        if let Ok(r) = reference::parse(image) {
+            users
+                .entry(reference::canonical(&r))
+                .or_default()
+                .push(service.to_string());
         }
-        if let Some(tx) = &also {
-            let _ = tx.send(p);
-        }
-    })
+    }
+    users
+}
+
+/// The milestones of a pull worth an event (not every byte), as the event stream shows them.
+pub fn milestone(p: &PullProgress) -> Option<Notice> {
+    let (kind, message) = match p {
+        PullProgress::Resolved {
+            reference,
+            manifest,
+            layers,
+            total_bytes,
+        } => (
+            "image-pull",
+            format!("{reference}: manifest {manifest}, {layers} layers, {total_bytes} bytes"),
+        ),
+        PullProgress::Retrying {
+            digest,
+            attempt,
+            reason,
+        } => (
+            "image-pull",
+            format!("blob {digest}: attempt {attempt} failed ({reason}); retrying"),
+        ),
+        PullProgress::Verified { digest, size } => (
+            "image-pull",
+            format!("blob {digest}: {size} bytes verified"),
+        ),
+        PullProgress::Done {
+            reference,
+            downloaded_bytes,
+            elapsed_ms,
+            ..
+        } => (
+            "image-pulled",
+            format!("{reference}: pulled ({downloaded_bytes} bytes downloaded in {elapsed_ms} ms)"),
+        ),
+        PullProgress::Error { message } => ("image-pull-failed", message.clone()),
+        _ => return None,
+    };
+    Some(Notice::new(kind, message))
 }
 
 #[cfg(test)]

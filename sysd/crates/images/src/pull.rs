@@ -52,8 +52,9 @@ const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Progress lines per blob: at most one per this many bytes (and always the last).
 const PROGRESS_STEP: u64 = 1 << 20;
 
-/// Where a pull's progress goes (the API stream, events).
-pub type Progress = Arc<dyn Fn(PullProgress) + Send + Sync>;
+/// Where a pull's progress goes (the caller turns it into the API stream and events). A
+/// receiver that went away (a client that left) does not stop the pull.
+pub type Progress = tokio::sync::mpsc::UnboundedSender<PullProgress>;
 
 /// One endpoint a pull can use: the registry itself or one of its mirrors.
 struct Endpoint {
@@ -107,7 +108,7 @@ pub async fn pull(
         }
         oci_layout::sha256_hex(b).with_context(|| format!("pulling {name}"))?;
     }
-    progress(PullProgress::Resolved {
+    let _ = progress.send(PullProgress::Resolved {
         reference: name.clone(),
         manifest: manifest_desc.digest().to_string(),
         layers: manifest.layers().len(),
@@ -122,17 +123,13 @@ pub async fn pull(
         let hex = b.digest().digest().to_string();
         hold.add(&hex);
         if store.has_blob(&hex, b.size()) {
-            progress(PullProgress::Exists {
+            let _ = progress.send(PullProgress::Exists {
                 digest: b.digest().to_string(),
                 size: b.size(),
             });
             continue;
         }
-        let (ep, semaphore, progress) = (
-            Arc::clone(&ep),
-            Arc::clone(&semaphore),
-            Arc::clone(progress),
-        );
+        let (ep, semaphore, progress) = (Arc::clone(&ep), Arc::clone(&semaphore), progress.clone());
         let partial = store.downloads().join(&hex);
         let dest = store.blob_path(&hex);
         let lock = store.blob_lock(&hex);
@@ -175,7 +172,7 @@ pub async fn pull(
     unpacked.with_context(|| format!("pulling {name}: refusing the image"))?;
     store.add(&name, &entry.desc, &entry.manifest, entry.pulled_ms)?;
     drop(hold);
-    progress(PullProgress::Done {
+    let _ = progress.send(PullProgress::Done {
         reference: name,
         manifest: entry.manifest.clone(),
         downloaded_bytes: downloaded,
@@ -448,7 +445,7 @@ async fn download(
                 return Err(e.context(format!("blob {digest}")));
             }
             Err(Transfer::Retry(e)) if attempt < ATTEMPTS => {
-                progress(PullProgress::Retrying {
+                let _ = progress.send(PullProgress::Retrying {
                     digest: digest.clone(),
                     attempt,
                     reason: format!("{e:#}"),
@@ -488,7 +485,7 @@ async fn download(
     tokio::fs::rename(partial, dest)
         .await
         .with_context(|| format!("moving blob {digest} into the store"))?;
-    progress(PullProgress::Verified { digest, size });
+    let _ = progress.send(PullProgress::Verified { digest, size });
     Ok(transferred)
 }
 
@@ -551,7 +548,7 @@ async fn transfer(
         .map_err(|e| Transfer::Fatal(anyhow!("opening {}: {e}", partial.display())))?;
     let mut done = from;
     let mut shown = done;
-    progress(PullProgress::Downloading {
+    let _ = progress.send(PullProgress::Downloading {
         digest: digest.clone(),
         done,
         size,
@@ -580,7 +577,7 @@ async fn transfer(
         *transferred += chunk.len() as u64;
         if done - shown >= PROGRESS_STEP || done == size {
             shown = done;
-            progress(PullProgress::Downloading {
+            let _ = progress.send(PullProgress::Downloading {
                 digest: digest.clone(),
                 done,
                 size,

@@ -12,7 +12,8 @@
 //! Also [`loopback`]: `lo` up, for the host tests and nodes where sysd leaves the network
 //! alone. This crate knows the config types (`keelson-spec`) and the runtime's bridge plug
 //! (`keelson-runtime::netplug`), nothing of services or the API: it reports through the
-//! `Emit` callback and the `watch` of its status it publishes.
+//! channel of [`Notice`]s it is given and the `watch` of its online state it publishes
+//! ([`Net::online_changes`]).
 
 pub mod bridge;
 pub mod dhcp;
@@ -31,6 +32,7 @@ use futures_util::StreamExt;
 use keelson_common::api::network::{
     EndpointStatus, LeaseStatus, LinkStatus, NetworkStatus, RouteStatus,
 };
+use keelson_common::notice::Notice;
 use rtnetlink::packet_route::route::RouteProtocol;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use tokio::sync::{mpsc, watch};
@@ -71,9 +73,6 @@ pub enum Online {
     TimedOut(String),
 }
 
-/// How events reach the supervisor's event stream: `(kind, message)`.
-pub type Emit = Arc<dyn Fn(&str, String) + Send + Sync>;
-
 /// One link sysd configures, and what it put there.
 #[derive(Debug, Default)]
 struct Managed {
@@ -106,7 +105,8 @@ struct State {
 pub struct Net {
     nl: Netlink,
     paths: Paths,
-    emit: Emit,
+    /// Events for sysd's event stream.
+    events: mpsc::UnboundedSender<Notice>,
     state: Mutex<State>,
     clients: Mutex<BTreeMap<String, ClientHandle>>,
     reports: mpsc::UnboundedSender<Report>,
@@ -120,19 +120,18 @@ pub struct Net {
 
 impl Net {
     /// Starts the manager with the boot config: links, addresses, routes, DHCP, link events.
-    /// `on_online` is called whenever the online state changes.
+    /// What happens is reported on `events`; the online state is [`Net::online_changes`].
     pub fn start(
         paths: Paths,
         config: NetConfig,
-        emit: Emit,
-        on_online: Arc<dyn Fn() + Send + Sync>,
+        events: mpsc::UnboundedSender<Notice>,
     ) -> Result<Arc<Net>, links::Error> {
         let nl = Netlink::open()?;
         let (reports, reports_rx) = mpsc::unbounded_channel();
         let net = Arc::new(Net {
             nl,
             paths,
-            emit,
+            events,
             state: Mutex::new(State::default()),
             clients: Mutex::new(BTreeMap::new()),
             reports,
@@ -152,19 +151,10 @@ impl Net {
         tokio::spawn(Arc::clone(&net).watch_links());
         {
             let net = Arc::clone(&net);
-            let mut rx = net.online.subscribe();
-            tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    on_online();
-                }
-            });
-        }
-        {
-            let net = Arc::clone(&net);
             tokio::spawn(async move {
                 let _guard = net.apply_lock.lock().await;
                 if let Err(e) = net.reconcile(config).await {
-                    (net.emit)("network-error", format!("boot network config: {e}"));
+                    net.emit("network-error", format!("boot network config: {e}"));
                 }
             });
         }
@@ -177,7 +167,7 @@ impl Net {
                 }
                 if *net.online.borrow() == Online::Pending {
                     let reason = net.missing().await;
-                    (net.emit)(
+                    net.emit(
                         "network-online-timeout",
                         format!(
                             "not online after {}s ({reason}); starting the services that wait for network-online anyway",
@@ -193,6 +183,16 @@ impl Net {
 
     pub fn online(&self) -> Online {
         self.online.borrow().clone()
+    }
+
+    /// The online state, to wait on its changes (services that depend on `network-online`).
+    pub fn online_changes(&self) -> watch::Receiver<Online> {
+        self.online.subscribe()
+    }
+
+    fn emit(&self, kind: &'static str, message: String) {
+        // The receiver goes only when sysd is ending: nothing left to tell.
+        let _ = self.events.send(Notice::new(kind, message));
     }
 
     /// Applies a new config as a try: on a failed check the previous one is restored and the
@@ -225,13 +225,13 @@ impl Net {
         }
         if let Err(e) = self.check(&new).await {
             self.rollback(old).await;
-            (self.emit)(
+            self.emit(
                 "network-rollback",
                 format!("new network config failed its check ({e}); previous config restored"),
             );
             return Err(format!("{e}; rolled back to the previous network config"));
         }
-        (self.emit)(
+        self.emit(
             "network-applied",
             "network config applied and checked".into(),
         );
@@ -240,7 +240,7 @@ impl Net {
 
     async fn rollback(&self, old: NetConfig) {
         if let Err(e) = self.reconcile(old).await {
-            (self.emit)(
+            self.emit(
                 "network-error",
                 format!("restoring the previous config: {e}"),
             );
@@ -373,7 +373,7 @@ impl Net {
                 }
             };
             done.map_err(|e| format!("{step}: {}", chain(&e)))?;
-            (self.emit)("network-link", step.to_string());
+            self.emit("network-link", step.to_string());
         }
         Ok(())
     }
@@ -424,7 +424,7 @@ impl Net {
                 )]
             }
             None => {
-                (self.emit)(
+                self.emit(
                     "network-error",
                     "default rule: no network link found (only loopback)".into(),
                 );
@@ -540,7 +540,7 @@ impl Net {
 
     fn start_client(&self, link: &Link) {
         let Some(mac) = link.mac.as_deref().and_then(parse_mac) else {
-            (self.emit)(
+            self.emit(
                 "network-error",
                 format!("{}: no MAC address, cannot run DHCP on it", link.name),
             );
@@ -566,7 +566,7 @@ impl Net {
             fresh: false,
         };
         let task = tokio::spawn(client.run());
-        (self.emit)(
+        self.emit(
             "dhcp-start",
             format!("{}: DHCPv4 client started", link.name),
         );
@@ -623,7 +623,7 @@ impl Net {
         while let Some(r) = rx.recv().await {
             match r {
                 Report::Bound { link, lease, how } => {
-                    (self.emit)(
+                    self.emit(
                         "dhcp-lease",
                         format!(
                             "{link}: {} {}/{} from {} for {}s (routers {}, dns {})",
@@ -643,7 +643,7 @@ impl Net {
                         .insert(link, lease);
                 }
                 Report::Unbound { link, why } => {
-                    (self.emit)("dhcp-unbound", format!("{link}: no lease ({why})"));
+                    self.emit("dhcp-unbound", format!("{link}: no lease ({why})"));
                     self.state
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -655,7 +655,7 @@ impl Net {
                     kind,
                     message,
                 } => {
-                    (self.emit)(kind, format!("{link}: {message}"));
+                    self.emit(kind, format!("{link}: {message}"));
                     continue;
                 }
             }
@@ -672,7 +672,7 @@ impl Net {
             rtnetlink::MulticastGroup::Ipv4Route,
             rtnetlink::MulticastGroup::Ipv6Route,
         ]) else {
-            (self.emit)("network-error", "cannot subscribe to link events".into());
+            self.emit("network-error", "cannot subscribe to link events".into());
             return;
         };
         tokio::spawn(conn);
@@ -707,7 +707,7 @@ impl Net {
                     .managed
                     .contains_key(&link.name);
                 if managed && before.is_some() {
-                    (self.emit)(
+                    self.emit(
                         "link",
                         format!(
                             "{}: carrier {}",
@@ -770,7 +770,7 @@ impl Net {
         };
         if let Some(dns) = dns {
             match resolv::write(&self.paths.resolv_conf, &dns, &search) {
-                Ok(()) => (self.emit)(
+                Ok(()) => self.emit(
                     "dns",
                     format!(
                         "resolv.conf: nameservers {}; search {}",
@@ -782,7 +782,7 @@ impl Net {
                         }
                     ),
                 ),
-                Err(e) => (self.emit)(
+                Err(e) => self.emit(
                     "network-error",
                     format!("writing {}: {e}", self.paths.resolv_conf.display()),
                 ),
@@ -794,16 +794,16 @@ impl Net {
                 .and_then(|h| h.into_string().ok());
             if current.as_deref() != Some(&name) {
                 if let Err(e) = nix::unistd::sethostname(&name) {
-                    (self.emit)("network-error", format!("setting the hostname: {e}"));
+                    self.emit("network-error", format!("setting the hostname: {e}"));
                 }
             }
             let _ = std::fs::write(&self.paths.hostname_file, format!("{name}\n"));
-            (self.emit)("hostname", format!("{name} (from {source})"));
+            self.emit("hostname", format!("{name} (from {source})"));
         }
         let missing = self.missing().await;
         if missing.is_empty() {
             if *self.online.borrow() != Online::Reached {
-                (self.emit)(
+                self.emit(
                     "network-online",
                     "default route and DNS server present".into(),
                 );
@@ -811,7 +811,7 @@ impl Net {
             }
         } else if *self.online.borrow() == Online::Reached {
             // Lost it (lease expired, link gone): dependents already started stay up.
-            (self.emit)("network-offline", missing.clone());
+            self.emit("network-offline", missing.clone());
             self.online.send_replace(Online::Pending);
         }
     }
@@ -891,7 +891,7 @@ impl Net {
         tokio::task::spawn_blocking(move || bridge::nft_load(&nft, &rules))
             .await
             .map_err(|e| chain(&e))??;
-        (self.emit)(
+        self.emit(
             "endpoint",
             format!(
                 "{service}: {address}/{} on {} via {gw}{}",

@@ -6,11 +6,14 @@
 //! - A freshly installed version boots with a try counter (`keelson_<v>+3.efi`); systemd-boot
 //!   counts the tries down. After such a boot, [`Agent::boot`] waits for every `critical`
 //!   service to be healthy within `[update] health_timeout`, then blesses the entry (renames it
-//!   without the counter) and records the version as good on /var; if the gate fails it asks init
-//!   to reboot. With no tries left systemd-boot boots the previous slot, which notices the
-//!   staged version it did not boot and reports "rolled back from X".
+//!   without the counter) and records the version as good on /var; if the gate fails it asks
+//!   for a reboot ([`Report::Reboot`], which the binary passes on to init). With no tries left
+//!   systemd-boot boots the previous slot, which notices the staged version it did not boot
+//!   and reports "rolled back from X".
 //! - Each install runs on its own thread with its own current-thread runtime, so the block I/O
 //!   and hashing never stall sysd's event loop.
+//! - It knows the rest of sysd only through [`Channels`]: the `[update]` table and the
+//!   services' statuses as `watch`es, events and reboot requests out as [`Report`]s.
 //!
 //! State on /var (`/var/lib/keelson/update/`): `state.json` (staged, last good, rollback),
 //! `tuf/` (tough's datastore: the newest trusted metadata, so rollback protection survives
@@ -35,8 +38,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use keelson_common::error::{Classify, Kind};
+use keelson_common::notice::Notice;
 use keelson_spec::update::{in_window, parse_window, Policy, UpdateSpec};
+use keelson_spec::ConfigError;
 use slots::Discovery;
+use tokio::sync::{mpsc, watch};
+
 /// Why an agent call failed: its kind (the API maps it to a status) and the text a person
 /// reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,17 +106,24 @@ impl Default for Paths {
     }
 }
 
-type EmitHook = Box<dyn Fn(&str, String) + Send + Sync>;
-type ServicesHook = Box<dyn Fn() -> Vec<ServiceStatus> + Send + Sync>;
-type SpecHook = Box<dyn Fn() -> Result<UpdateSpec, String> + Send + Sync>;
+/// How the agent and the rest of sysd talk: values come in through `watch`es, what the agent
+/// has to say goes out, in order, on `reports`.
+pub struct Channels {
+    /// The effective `[update]` table (or why it is invalid), republished on every config
+    /// change, so `keelctl apply` takes effect.
+    pub spec: watch::Receiver<Result<UpdateSpec, ConfigError>>,
+    /// Every service's status; the health gate reads the critical ones.
+    pub services: watch::Receiver<Vec<ServiceStatus>>,
+    pub reports: mpsc::UnboundedSender<Report>,
+}
 
-/// What the agent needs from the rest of sysd.
-pub struct Hooks {
-    pub emit: EmitHook,
-    pub services: ServicesHook,
-    pub reboot: Box<dyn Fn() + Send + Sync>,
-    /// The effective `[update]` table (re-read on every use, so `keelctl apply` takes effect).
-    pub spec: SpecHook,
+/// What the agent tells the rest of sysd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// An event for the event stream.
+    Event(Notice),
+    /// Reboot the node now (into a new slot, or away from a boot that failed its health gate).
+    Reboot,
 }
 
 /// Persisted on /var.
@@ -144,7 +158,7 @@ struct Live {
 pub struct Agent {
     paths: Paths,
     discovery: Discovery,
-    hooks: Hooks,
+    channels: Channels,
     live: Mutex<Live>,
     busy: AtomicBool,
     cancel: AtomicBool,
@@ -160,12 +174,12 @@ impl Drop for BusyGuard<'_> {
 }
 
 impl Agent {
-    pub fn new(paths: Paths, discovery: Discovery, hooks: Hooks) -> Arc<Agent> {
+    pub fn new(paths: Paths, discovery: Discovery, channels: Channels) -> Arc<Agent> {
         let state = load_state(&paths.state_dir.join("state.json"));
         Arc::new(Agent {
             paths,
             discovery,
-            hooks,
+            channels,
             live: Mutex::new(Live {
                 phase: Phase::Idle,
                 progress: None,
@@ -182,8 +196,18 @@ impl Agent {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn emit(&self, kind: &str, message: String) {
-        (self.hooks.emit)(kind, message);
+    pub(crate) fn emit(&self, kind: &'static str, message: String) {
+        self.report(Report::Event(Notice::new(kind, message)));
+    }
+
+    fn report(&self, report: Report) {
+        // The receiver goes only when sysd is ending: nothing left to tell.
+        let _ = self.channels.reports.send(report);
+    }
+
+    /// The effective `[update]` table, or why it is invalid.
+    fn current_spec(&self) -> Result<UpdateSpec, ConfigError> {
+        self.channels.spec.borrow().clone()
     }
 
     pub(crate) fn set_phase(&self, phase: Phase) {
@@ -229,7 +253,7 @@ impl Agent {
     }
 
     fn spec(&self) -> Result<UpdateSpec, Error> {
-        (self.hooks.spec)().map_err(Error::invalid)
+        self.current_spec().map_err(|e| Error::invalid(e.0))
     }
 
     fn os_release(&self) -> (String, String) {
@@ -269,7 +293,7 @@ impl Agent {
             .running()
             .map(|(s, _)| s.letter().to_string())
             .unwrap_or_else(|_| "?".into());
-        let spec = (self.hooks.spec)().unwrap_or_default();
+        let spec = self.current_spec().unwrap_or_default();
         let live = self.live();
         UpdateStatus {
             version,
@@ -475,7 +499,7 @@ impl Agent {
                 if req.reboot {
                     self.set_phase(Phase::Rebooting);
                     self.emit("update-rebooting", "rebooting into the new slot".into());
-                    (self.hooks.reboot)();
+                    self.report(Report::Reboot);
                 }
             }
             Err(e) => {
@@ -606,7 +630,7 @@ impl Agent {
         );
         if reboot {
             self.set_phase(Phase::Rebooting);
-            (self.hooks.reboot)();
+            self.report(Report::Reboot);
         }
         Ok(self.status())
     }
@@ -696,7 +720,7 @@ impl Agent {
         }
         self.live().assessment = "pending".into();
         self.set_phase(Phase::Assessing);
-        let timeout = (self.hooks.spec)().unwrap_or_default().health_timeout.0;
+        let timeout = self.current_spec().unwrap_or_default().health_timeout.0;
         self.emit(
             "update-assessing",
             format!(
@@ -709,7 +733,7 @@ impl Agent {
         // A moment for the supervisor to register the services.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let verdict = loop {
-            let services = (self.hooks.services)();
+            let services = self.channels.services.borrow().clone();
             let critical: Vec<&ServiceStatus> = services.iter().filter(|s| s.critical).collect();
             let unhealthy: Vec<String> = critical
                 .iter()
@@ -767,14 +791,14 @@ impl Agent {
                     ),
                 );
                 self.set_phase(Phase::Rebooting);
-                (self.hooks.reboot)();
+                self.report(Report::Reboot);
             }
         }
     }
 
     async fn automatic(self: Arc<Self>) {
         loop {
-            let spec = (self.hooks.spec)().unwrap_or_default();
+            let spec = self.current_spec().unwrap_or_default();
             let interval = spec.interval.0.max(Duration::from_secs(60));
             if spec.policy == Policy::Automatic {
                 let minute = {

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
@@ -17,8 +17,10 @@ use keelson_common::api::{Kind, ServiceStatus, State};
 use keelson_common::verity;
 
 use super::slots::{self, Discovery, SlotDevices};
-use super::{Agent, Hooks, Paths};
+use super::{Agent, Channels, Paths, Report};
 use keelson_spec::update::UpdateSpec;
+use keelson_spec::ConfigError;
+use tokio::sync::{mpsc, watch};
 
 fn image_build() -> PathBuf {
     static BUILD: Once = Once::new();
@@ -218,13 +220,53 @@ fn handle(mut conn: TcpStream, root: &Path, faults: &Mutex<Faults>) {
     let _ = conn.flush();
 }
 
+/// What an agent reported, collected as a test reads it.
+struct Reports {
+    rx: Mutex<mpsc::UnboundedReceiver<Report>>,
+    seen: Mutex<Vec<Report>>,
+}
+
+impl Reports {
+    fn channel() -> (mpsc::UnboundedSender<Report>, Reports) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reports = Reports {
+            rx: Mutex::new(rx),
+            seen: Mutex::new(Vec::new()),
+        };
+        (tx, reports)
+    }
+
+    /// Everything reported so far.
+    fn all(&self) -> Vec<Report> {
+        let mut seen = self.seen.lock().unwrap();
+        let mut rx = self.rx.lock().unwrap();
+        while let Ok(r) = rx.try_recv() {
+            seen.push(r);
+        }
+        seen.clone()
+    }
+
+    fn events(&self) -> String {
+        self.all()
+            .iter()
+            .filter_map(|r| match r {
+                Report::Event(n) => Some(format!("{}: {}\n", n.kind, n.message)),
+                Report::Reboot => None,
+            })
+            .collect()
+    }
+
+    fn rebooted(&self) -> bool {
+        self.all().contains(&Report::Reboot)
+    }
+}
+
 /// A node on the host: running `running` from slot A; slot B is two files; the ESP a directory.
 struct Node {
     dir: tempfile::TempDir,
-    events: Arc<Mutex<Vec<(String, String)>>>,
-    rebooted: Arc<AtomicBool>,
-    services: Arc<Mutex<Vec<ServiceStatus>>>,
-    spec: Arc<Mutex<UpdateSpec>>,
+    reports: Reports,
+    services: watch::Sender<Vec<ServiceStatus>>,
+    spec: watch::Sender<Result<UpdateSpec, ConfigError>>,
     agent: Arc<Agent>,
     key: PathBuf,
     root_json: PathBuf,
@@ -290,20 +332,13 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
     .unwrap();
     std::fs::write(d.join("machine-id"), "0123456789abcdef0123456789abcdef\n").unwrap();
     let server = serve(repo.clone());
-    let spec = Arc::new(Mutex::new(UpdateSpec {
+    let (spec, spec_rx) = watch::channel(Ok(UpdateSpec {
         repository: Some(format!("http://127.0.0.1:{}/", server.port)),
         health_timeout: keelson_spec::units::Span(Duration::from_secs(3)),
         ..UpdateSpec::default()
     }));
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let rebooted = Arc::new(AtomicBool::new(false));
-    let services = Arc::new(Mutex::new(Vec::new()));
-    let (e2, r2, s2, sp2) = (
-        Arc::clone(&events),
-        Arc::clone(&rebooted),
-        Arc::clone(&services),
-        Arc::clone(&spec),
-    );
+    let (services, services_rx) = watch::channel(Vec::new());
+    let (reports_tx, reports) = Reports::channel();
     let agent = Agent::new(
         Paths {
             state_dir: d.join("var/update"),
@@ -321,17 +356,15 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
             },
             esp,
         },
-        Hooks {
-            emit: Box::new(move |k, m| e2.lock().unwrap().push((k.to_string(), m))),
-            services: Box::new(move || s2.lock().unwrap().clone()),
-            reboot: Box::new(move || r2.store(true, Ordering::SeqCst)),
-            spec: Box::new(move || Ok(sp2.lock().unwrap().clone())),
+        Channels {
+            spec: spec_rx,
+            services: services_rx,
+            reports: reports_tx,
         },
     );
     Node {
         dir,
-        events,
-        rebooted,
+        reports,
         services,
         spec,
         agent,
@@ -369,12 +402,12 @@ impl Node {
     }
 
     fn events(&self) -> String {
-        self.events
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, m)| format!("{k}: {m}\n"))
-            .collect()
+        self.reports.events()
+    }
+
+    /// Changes the effective `[update]` table, as an apply would.
+    fn set_spec(&self, change: impl FnOnce(&mut UpdateSpec)) {
+        self.spec.send_modify(|s| change(s.as_mut().unwrap()));
     }
 
     /// Applies and waits for the background install to end; Err is the refusal or failure.
@@ -579,7 +612,7 @@ fn downgrades_waves_pins_full_disk_and_concurrent_applies() {
 
     // A pin below 0.9.0, then the pin lifted: the root does not fit slot B.
     n.add(&big, &[]);
-    n.spec.lock().unwrap().max_version = Some("0.5".into());
+    n.set_spec(|s| s.max_version = Some("0.5".into()));
     let err = n
         .apply(
             &rt,
@@ -590,7 +623,7 @@ fn downgrades_waves_pins_full_disk_and_concurrent_applies() {
         )
         .unwrap_err();
     assert!(err.contains("max_version"), "{err}");
-    n.spec.lock().unwrap().max_version = None;
+    n.set_spec(|s| s.max_version = None);
     let err = n.apply(&rt, ApplyRequest::default()).unwrap_err();
     assert!(err.contains("full disk"), "{err}");
     assert_eq!(n.esp_files(), ["keelson_0.0.1.efi", "keelson_0.2.0.efi"]);
@@ -657,12 +690,13 @@ fn health_gate_blesses_or_reboots_and_rollbacks_are_reported() {
     )
     .unwrap();
     let rt = rt();
-    *n.services.lock().unwrap() = vec![critical("timesync", State::Starting)];
+    n.services
+        .send_replace(vec![critical("timesync", State::Starting)]);
     rt.block_on(async {
         n.agent.boot();
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(n.agent.status().assessment, "pending");
-        n.services.lock().unwrap()[0].state = State::Running;
+        n.services.send_modify(|s| s[0].state = State::Running);
         tokio::time::sleep(Duration::from_millis(1500)).await;
     });
     assert!(n.events().contains("update-blessed"), "{}", n.events());
@@ -672,7 +706,7 @@ fn health_gate_blesses_or_reboots_and_rollbacks_are_reported() {
         n.esp_files()
     );
     assert_eq!(n.agent.status().last_good.as_deref(), Some("0.2.0"));
-    assert!(!n.rebooted.load(Ordering::SeqCst));
+    assert!(!n.reports.rebooted());
 
     // A gate that fails: reboot requested, entry keeps its counter.
     let n = node(&v2, "0.2.0", "b");
@@ -682,12 +716,13 @@ fn health_gate_blesses_or_reboots_and_rollbacks_are_reported() {
         linux.join("keelson_0.2.0+1-2.efi"),
     )
     .unwrap();
-    *n.services.lock().unwrap() = vec![critical("timesync", State::Backoff)];
+    n.services
+        .send_replace(vec![critical("timesync", State::Backoff)]);
     rt.block_on(async {
         n.agent.boot();
         tokio::time::sleep(Duration::from_secs(5)).await;
     });
-    assert!(n.rebooted.load(Ordering::SeqCst), "{}", n.events());
+    assert!(n.reports.rebooted(), "{}", n.events());
     assert!(n.events().contains("timesync (backoff)"), "{}", n.events());
     assert!(n.esp_files().contains(&"keelson_0.2.0+1-2.efi".to_string()));
 
@@ -706,17 +741,14 @@ fn health_gate_blesses_or_reboots_and_rollbacks_are_reported() {
         r#"{"staged": {"version": "0.2.0", "slot": "b", "entry": "keelson_0.2.0+3.efi"}}"#,
     )
     .unwrap();
+    let (reports_tx, reports) = Reports::channel();
     let agent = Agent::new(
         n.agent.paths.clone(),
         n.agent.discovery.clone(),
-        Hooks {
-            emit: {
-                let e = Arc::clone(&n.events);
-                Box::new(move |k, m| e.lock().unwrap().push((k.to_string(), m)))
-            },
-            services: Box::new(Vec::new),
-            reboot: Box::new(|| {}),
-            spec: Box::new(|| Ok(UpdateSpec::default())),
+        Channels {
+            spec: watch::channel(Ok(UpdateSpec::default())).1,
+            services: watch::channel(Vec::new()).1,
+            reports: reports_tx,
         },
     );
     rt.block_on(async {
@@ -724,9 +756,9 @@ fn health_gate_blesses_or_reboots_and_rollbacks_are_reported() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     });
     assert!(
-        n.events().contains("rolled back from 0.2.0"),
+        reports.events().contains("rolled back from 0.2.0"),
         "{}",
-        n.events()
+        reports.events()
     );
     assert_eq!(agent.status().rolled_back_from.as_deref(), Some("0.2.0"));
     assert!(!n.esp_files().iter().any(|f| f.starts_with("keelson_0.2.0")));

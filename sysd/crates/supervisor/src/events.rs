@@ -10,9 +10,17 @@ use tokio::sync::broadcast;
 
 const KEEP: usize = 2000;
 
+/// The event stream. The `sysd` binary makes one and shares it (`Arc`) with the supervisor
+/// and whatever else reports events.
 pub struct EventBus {
     ring: Mutex<(u64, VecDeque<Event>)>,
     tx: broadcast::Sender<Event>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl EventBus {

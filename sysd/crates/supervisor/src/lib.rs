@@ -7,6 +7,14 @@
 //! `apply` validates the whole new config first; only then is it stored and reconciled:
 //! services whose spec hash changed restart, removed ones stop, new ones start, others are not
 //! touched.
+//!
+//! What it is given, it owns or shares explicitly: the runtime, the event bus, the image
+//! manager and the host network manager ([`HostNet`]) come in through [`Supervisor::new`];
+//! each service task holds an `Arc` of the state tasks share ([`Shared`]), never a reference
+//! back to the [`Supervisor`]. What others need from it, it publishes: every service's status
+//! ([`Supervisor::statuses`]) and the effective `[update]` table ([`Supervisor::update_spec`])
+//! as `watch`es. It implements the API's [`keelson_api::Services`] and
+//! [`keelson_api::Config`]; it knows nothing of updates, first boot or the API's transport.
 
 mod admin;
 mod checks;
@@ -22,16 +30,20 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use keelson_common::api::{
     self, now_ms, ApplyPlan, ExitInfo, Health, ServiceStatus, State, Stream,
 };
+use keelson_images::manager::Images;
+use keelson_net::{Net, Online};
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::api::{Backend, EventFeed, Failure, LogFeed};
-use crate::runtime::Runtime;
-use crate::spec::{Config, Kind, RestartPolicy, Service, Sources};
-use events::EventBus;
+pub use events::EventBus;
+use keelson_api::{EventFeed, Failure, LogFeed};
+use keelson_runtime::Runtime;
+use keelson_spec::update::UpdateSpec;
+use keelson_spec::{Config, ConfigError, Kind, RestartPolicy, Service, Sources};
 use logs::LogHub;
 
 /// First restart delay; doubles per consecutive failure up to [`BACKOFF_MAX`].
@@ -46,6 +58,16 @@ pub struct Paths {
     pub sources: Sources,
     pub layout: resolve::Layout,
     pub log_dir: PathBuf,
+}
+
+/// The host network, as the binary hands it over.
+pub enum HostNet {
+    /// sysd leaves the host network alone (started without `--host-network`): `network-online`
+    /// never holds a service back, and bridge services cannot start.
+    Unmanaged,
+    /// Managed, but its manager failed to start: services waiting for `network-online` wait.
+    Failed,
+    Managed(Arc<Net>),
 }
 
 enum Cmd {
@@ -63,125 +85,135 @@ struct Handle {
     cmds: mpsc::UnboundedSender<Cmd>,
 }
 
-pub struct Supervisor {
-    /// Itself, for `apply` to spawn tasks from a `&self` API call.
-    me: std::sync::Weak<Supervisor>,
+/// What the service tasks share with the supervisor: the service table and the means to run
+/// a service. Each task holds an `Arc` of it.
+pub struct Shared {
     runtime: Runtime,
     paths: Paths,
-    events: EventBus,
+    events: Arc<EventBus>,
     logs: Arc<LogHub>,
     handles: Mutex<BTreeMap<String, Handle>>,
-    system: Mutex<Vec<Service>>,
     /// Bumped on every status change: dependency waits and stop ordering watch it.
     epoch: watch::Sender<u64>,
+    /// Every service's status, republished on every change (the update agent's health gate,
+    /// which images are in use).
+    statuses: watch::Sender<Vec<ServiceStatus>>,
+    /// The image store on /var and registry pulls.
+    images: Arc<Images>,
+    network: HostNet,
+}
+
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    system: Mutex<Vec<Service>>,
     apply_lock: tokio::sync::Mutex<()>,
     /// The effective config, as last loaded or applied (`GET /v1/config`).
     effective: Mutex<Option<Config>>,
-    /// This boot's first-boot report (`GET /v1/firstboot`).
-    firstboot: Mutex<Option<api::firstboot::FirstBoot>>,
+    /// The effective `[update]` table, as last loaded or applied.
+    update_spec: watch::Sender<Result<UpdateSpec, ConfigError>>,
     started: Instant,
-    /// The host network manager, when sysd manages the host network (`--host-network`).
-    net: NetworkSlot,
-    /// The image store on /var and registry pulls.
-    images: crate::images::manager::Images,
-    /// The update agent, behind the API's `/v1/update/*` (set once at start).
-    update: std::sync::OnceLock<Arc<crate::update::Agent>>,
 }
 
-/// Set once at boot: whether the host network is managed and, once started, its manager.
-#[derive(Default)]
-struct NetworkSlot {
-    managed: std::sync::atomic::AtomicBool,
-    net: std::sync::OnceLock<Arc<crate::network::Net>>,
+/// The effective `[network]`/`[host]` config as boot loads it (a bad user file falls back to
+/// the image's, like the services): what the host network manager starts with.
+pub fn boot_network_config(sources: &Sources) -> keelson_spec::network::NetConfig {
+    let system = sources.read_system().unwrap_or_default();
+    let userdata = sources.read_userdata_text().ok().flatten();
+    let user = sources.read_user_text().ok().flatten();
+    // The same fallbacks as `boot`: everything, without the API's file, the image alone.
+    sources
+        .combine(system.clone(), userdata.as_deref(), user.as_deref())
+        .or_else(|_| sources.combine(system.clone(), userdata.as_deref(), None))
+        .or_else(|_| sources.combine(system, None, None))
+        .map(|c| c.net)
+        .unwrap_or_default()
+}
+
+/// Kills containers left by a previous sysd (after a crash): nothing runs twice. Before
+/// anything else starts.
+pub async fn clean_leftovers(runtime: &Runtime, events: &EventBus) {
+    match runtime.cleanup_leftovers().await {
+        Ok(found) => {
+            for left in found {
+                events.emit(
+                    left.id.as_deref(),
+                    "cleanup",
+                    format!("removed what a previous sysd left: {}", left.describe()),
+                );
+            }
+        }
+        Err(e) => events.emit(None, "cleanup-failed", format!("{e:#}")),
+    }
 }
 
 impl Supervisor {
-    pub fn new(runtime: Runtime, paths: Paths) -> Arc<Self> {
-        Arc::new_cyclic(|me| Supervisor {
-            me: me.clone(),
-            logs: Arc::new(LogHub::new(
-                paths.log_dir.clone(),
-                logs::Rotation::default(),
-            )),
-            runtime,
-            images: crate::images::manager::Images::new(paths.layout.images.clone()),
-            paths,
-            events: EventBus::new(),
-            handles: Mutex::new(BTreeMap::new()),
+    /// A supervisor with no services yet ([`Supervisor::boot`] loads them). Inside the tokio
+    /// runtime: it starts following the host network's online state.
+    pub fn new(
+        runtime: Runtime,
+        paths: Paths,
+        events: Arc<EventBus>,
+        images: Arc<Images>,
+        network: HostNet,
+    ) -> Self {
+        let epoch = watch::channel(0).0;
+        if let HostNet::Managed(net) = &network {
+            // Dependency waits look again whenever network-online changes.
+            let (mut online, epoch) = (net.online_changes(), epoch.clone());
+            tokio::spawn(async move {
+                while online.changed().await.is_ok() {
+                    epoch.send_modify(|n| *n += 1);
+                }
+            });
+        }
+        let update_spec = watch::channel(keelson_spec::update::load(&paths.sources)).0;
+        Supervisor {
+            shared: Arc::new(Shared {
+                logs: Arc::new(LogHub::new(
+                    paths.log_dir.clone(),
+                    logs::Rotation::default(),
+                )),
+                runtime,
+                paths,
+                events,
+                handles: Mutex::new(BTreeMap::new()),
+                epoch,
+                statuses: watch::channel(Vec::new()).0,
+                images,
+                network,
+            }),
             system: Mutex::new(Vec::new()),
-            epoch: watch::channel(0).0,
             apply_lock: tokio::sync::Mutex::new(()),
-            firstboot: Mutex::new(None),
             effective: Mutex::new(None),
+            update_spec,
             started: Instant::now(),
-            net: NetworkSlot::default(),
-            update: std::sync::OnceLock::new(),
-        })
+        }
+    }
+
+    /// Every service's status, as it changes.
+    pub fn statuses(&self) -> watch::Receiver<Vec<ServiceStatus>> {
+        self.shared.statuses.subscribe()
+    }
+
+    /// The effective `[update]` table (or why it is invalid), as boot and every apply leave it.
+    pub fn update_spec(&self) -> watch::Receiver<Result<UpdateSpec, ConfigError>> {
+        self.update_spec.subscribe()
+    }
+
+    /// Re-reads the `[update]` table after the config files changed.
+    fn publish_update_spec(&self) {
+        let load = keelson_spec::update::load(&self.shared.paths.sources);
+        self.update_spec.send_modify(|spec| *spec = load);
     }
 
     /// Loads the config and starts everything. A bad user config is reported and skipped (the
     /// system services still run, so the node stays manageable); a bad system config is the
     /// image's fault and is reported the same way.
-    /// Services waiting for `network-online` wait for the manager given to `set_network`.
-    pub fn manage_network(&self) {
-        self.net
-            .managed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    pub fn set_network(&self, net: Arc<crate::network::Net>) {
-        let _ = self.net.net.set(net);
-        self.bump();
-    }
-
-    pub fn network(&self) -> Option<&Arc<crate::network::Net>> {
-        self.net.net.get()
-    }
-
-    /// For the network manager: an event, and a new look at dependencies on network-online.
-    pub fn network_event(&self, kind: &str, message: String) {
-        self.events.emit(None, kind, message);
-    }
-
-    /// Dependency waits look again (the network-online state changed).
-    pub fn network_changed(&self) {
-        self.bump();
-    }
-
-    /// Why `network-online` does not allow a start yet, if it does not.
-    fn network_blocks(&self) -> Option<String> {
-        if !self.net.managed.load(std::sync::atomic::Ordering::SeqCst) {
-            return None;
-        }
-        match self.net.net.get().map(|n| n.online()) {
-            None | Some(crate::network::Online::Pending) => Some(format!(
-                "waiting for {}",
-                crate::spec::network::NETWORK_ONLINE
-            )),
-            Some(_) => None,
-        }
-    }
-
-    /// The effective `[network]`/`[host]` config as boot loads it (a bad user file falls back
-    /// to the image's, like the services).
-    pub fn boot_network_config(&self) -> crate::spec::network::NetConfig {
-        let sources = &self.paths.sources;
-        let system = sources.read_system().unwrap_or_default();
-        let userdata = sources.read_userdata_text().ok().flatten();
-        let user = sources.read_user_text().ok().flatten();
-        // The same fallbacks as `boot`: everything, without the API's file, the image alone.
-        sources
-            .combine(system.clone(), userdata.as_deref(), user.as_deref())
-            .or_else(|_| sources.combine(system.clone(), userdata.as_deref(), None))
-            .or_else(|_| sources.combine(system, None, None))
-            .map(|c| c.net)
-            .unwrap_or_default()
-    }
-
-    pub fn boot(self: &Arc<Self>) {
-        let sources = &self.paths.sources;
+    pub fn boot(&self) {
+        let events = &self.shared.events;
+        let sources = &self.shared.paths.sources;
         let system = sources.read_system().unwrap_or_else(|e| {
-            self.events.emit(
+            events.emit(
                 None,
                 "config-error",
                 format!("system services not loaded: {e}"),
@@ -190,7 +222,7 @@ impl Supervisor {
         });
         *self.system.lock().unwrap_or_else(|p| p.into_inner()) = system.clone();
         let userdata = sources.read_userdata_text().unwrap_or_else(|e| {
-            self.events.emit(
+            events.emit(
                 None,
                 "config-error",
                 format!("user-data config not loaded: {e}"),
@@ -198,7 +230,7 @@ impl Supervisor {
             None
         });
         let user = sources.read_user_text().unwrap_or_else(|e| {
-            self.events.emit(
+            events.emit(
                 None,
                 "config-error",
                 format!("user services not loaded: {e}"),
@@ -209,7 +241,7 @@ impl Supervisor {
         let config = match sources.combine(system.clone(), userdata.as_deref(), user.as_deref()) {
             Ok(c) => c,
             Err(e) => {
-                self.events.emit(
+                events.emit(
                     None,
                     "config-error",
                     format!("user services not loaded: {e}"),
@@ -217,7 +249,7 @@ impl Supervisor {
                 sources
                     .combine(system.clone(), userdata.as_deref(), None)
                     .or_else(|e| {
-                        self.events.emit(
+                        events.emit(
                             None,
                             "config-error",
                             format!("user-data config not loaded: {e}"),
@@ -227,49 +259,101 @@ impl Supervisor {
                     .unwrap_or_default()
             }
         };
-        self.images.set_registries(config.registries.clone());
+        self.shared.images.set_registries(config.registries.clone());
         self.sync_admin_keys(&config);
+        self.publish_update_spec();
         *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(config.clone());
         for svc in config.services.into_values() {
-            self.spawn(Arc::new(svc));
+            self.shared.spawn(Arc::new(svc));
         }
-    }
-
-    /// Itself, owned, for work that outlives a `&self` API call.
-    fn strong(&self) -> Result<Arc<Supervisor>, Failure> {
-        self.me
-            .upgrade()
-            .ok_or_else(|| Failure::internal("sysd is shutting down"))
-    }
-
-    /// Service names by the normalized reference of their registry `image`.
-    fn image_users(&self) -> crate::images::manager::Users {
-        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        let mut users = crate::images::manager::Users::new();
-        for (name, h) in handles.iter() {
-            if let Ok(r) = crate::spec::reference::parse(&h.service.spec.image) {
-                users
-                    .entry(crate::spec::reference::canonical(&r))
-                    .or_default()
-                    .push(name.clone());
-            }
-        }
-        users
     }
 
     /// Installs `[admin]` keys before the admin service (re)starts; a failure is an event, the
     /// rest of the config still runs.
     fn sync_admin_keys(&self, config: &Config) {
-        match admin::sync_keys(config, &self.paths.layout.volumes) {
+        match admin::sync_keys(config, &self.shared.paths.layout.volumes) {
             Ok(Some(path)) => tracing::info!(
                 "sysd: admin: {} ssh key(s) installed in {}",
                 config.admin.ssh_authorized_keys.len(),
                 path.display()
             ),
             Ok(None) => {}
-            Err(e) => self
-                .events
-                .emit(Some("admin"), "config-error", format!("admin keys: {e:#}")),
+            Err(e) => {
+                self.shared
+                    .events
+                    .emit(Some("admin"), "config-error", format!("admin keys: {e:#}"))
+            }
+        }
+    }
+
+    /// Stops every service, dependents before what they depend on, in parallel otherwise.
+    pub async fn shutdown(&self) {
+        let events = &self.shared.events;
+        events.emit(None, "shutdown", "stopping all services");
+        let services: Vec<Arc<Service>> = {
+            let handles = self
+                .shared
+                .handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            handles.values().map(|h| Arc::clone(&h.service)).collect()
+        };
+        let mut waits = Vec::new();
+        for svc in &services {
+            let dependents: Vec<String> = services
+                .iter()
+                .filter(|o| o.spec.dependencies().contains(svc.name.as_str()))
+                .map(|o| o.name.clone())
+                .collect();
+            let shared = Arc::clone(&self.shared);
+            let name = svc.name.clone();
+            waits.push(tokio::spawn(async move {
+                let mut epoch = shared.epoch.subscribe();
+                while dependents
+                    .iter()
+                    .any(|d| shared.state_of(d).is_some_and(is_active))
+                {
+                    if epoch.changed().await.is_err() {
+                        break;
+                    }
+                }
+                let (tx, rx) = oneshot::channel();
+                if shared.send(&name, Cmd::Stop(tx)).is_ok() {
+                    let _ = rx.await;
+                }
+            }));
+        }
+        for w in waits {
+            let _ = w.await;
+        }
+        events.emit(None, "shutdown", "all services stopped");
+    }
+}
+
+impl Shared {
+    /// The host network manager, when sysd manages the host network and it started.
+    fn network(&self) -> Option<&Arc<Net>> {
+        match &self.network {
+            HostNet::Managed(net) => Some(net),
+            HostNet::Unmanaged | HostNet::Failed => None,
+        }
+    }
+
+    /// Why `network-online` does not allow a start yet, if it does not.
+    fn network_blocks(&self) -> Option<String> {
+        let waiting = || {
+            Some(format!(
+                "waiting for {}",
+                keelson_spec::network::NETWORK_ONLINE
+            ))
+        };
+        match &self.network {
+            HostNet::Unmanaged => None,
+            HostNet::Failed => waiting(),
+            HostNet::Managed(net) => match net.online() {
+                Online::Pending => waiting(),
+                Online::Reached | Online::TimedOut(_) => None,
+            },
         }
     }
 
@@ -297,8 +381,33 @@ impl Supervisor {
         self.bump();
     }
 
+    /// Something changed: the statuses are republished and every waiter looks again.
     fn bump(&self) {
+        let statuses = self.list();
+        self.statuses.send_if_modified(|published| {
+            let changed = *published != statuses;
+            if changed {
+                *published = statuses;
+            }
+            changed
+        });
         self.epoch.send_modify(|n| *n += 1);
+    }
+
+    fn list(&self) -> Vec<ServiceStatus> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles
+            .values()
+            .map(|h| h.status.borrow().clone())
+            .collect()
+    }
+
+    fn status(&self, name: &str) -> Result<ServiceStatus, Failure> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles
+            .get(name)
+            .map(|h| h.status.borrow().clone())
+            .ok_or_else(|| unknown(name, &handles))
     }
 
     fn state_of(&self, name: &str) -> Option<State> {
@@ -319,60 +428,6 @@ impl Supervisor {
             .cmds
             .send(cmd)
             .map_err(|_| Failure::internal(format!("service {name}: its task has ended")))
-    }
-
-    /// Stops every service, dependents before what they depend on, in parallel otherwise.
-    pub async fn shutdown(self: &Arc<Self>) {
-        self.events.emit(None, "shutdown", "stopping all services");
-        let services: Vec<Arc<Service>> = {
-            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-            handles.values().map(|h| Arc::clone(&h.service)).collect()
-        };
-        let mut waits = Vec::new();
-        for svc in &services {
-            let dependents: Vec<String> = services
-                .iter()
-                .filter(|o| o.spec.dependencies().contains(svc.name.as_str()))
-                .map(|o| o.name.clone())
-                .collect();
-            let sup = Arc::clone(self);
-            let name = svc.name.clone();
-            waits.push(tokio::spawn(async move {
-                let mut epoch = sup.epoch.subscribe();
-                while dependents
-                    .iter()
-                    .any(|d| sup.state_of(d).is_some_and(is_active))
-                {
-                    if epoch.changed().await.is_err() {
-                        break;
-                    }
-                }
-                let (tx, rx) = oneshot::channel();
-                if sup.send(&name, Cmd::Stop(tx)).is_ok() {
-                    let _ = rx.await;
-                }
-            }));
-        }
-        for w in waits {
-            let _ = w.await;
-        }
-        self.events.emit(None, "shutdown", "all services stopped");
-    }
-
-    /// Kills containers left by a previous sysd (after a crash): nothing runs twice.
-    pub async fn clean_leftovers(&self) {
-        match self.runtime.cleanup_leftovers().await {
-            Ok(found) => {
-                for left in found {
-                    self.events.emit(
-                        left.id.as_deref(),
-                        "cleanup",
-                        format!("removed what a previous sysd left: {}", left.describe()),
-                    );
-                }
-            }
-            Err(e) => self.events.emit(None, "cleanup-failed", format!("{e:#}")),
-        }
     }
 }
 
@@ -440,7 +495,7 @@ enum Ended {
 }
 
 struct ServiceTask {
-    sup: Arc<Supervisor>,
+    sup: Arc<Shared>,
     svc: Arc<Service>,
     status: watch::Sender<ServiceStatus>,
     cmds: mpsc::UnboundedReceiver<Cmd>,
@@ -699,14 +754,14 @@ impl ServiceTask {
         let spec = &self.svc.spec;
         if spec
             .dependencies()
-            .contains(crate::spec::network::NETWORK_ONLINE)
+            .contains(keelson_spec::network::NETWORK_ONLINE)
         {
             if let Some(reason) = self.sup.network_blocks() {
                 return Some(reason);
             }
         }
         for dep in spec.requirements() {
-            if dep == crate::spec::network::NETWORK_ONLINE {
+            if dep == keelson_spec::network::NETWORK_ONLINE {
                 continue;
             }
             match self.sup.state_of(dep) {
@@ -753,7 +808,7 @@ impl ServiceTask {
         // remove the container.
         let ended = match ended {
             Ended::Command(cmd) => {
-                let exit = crate::runtime::wait_exit(&instance.pidfd);
+                let exit = keelson_runtime::wait_exit(&instance.pidfd);
                 tokio::pin!(exit);
                 self.stop_instance(&instance, exit, "stopping on request")
                     .await;
@@ -768,14 +823,23 @@ impl ServiceTask {
     async fn start_container(&mut self) -> anyhow::Result<Instance> {
         // Off the (single-threaded) runtime: the first start of an OCI layout unpacks it.
         let (reference, layout) = (self.svc.spec.image.clone(), self.sup.paths.layout.clone());
-        let image = if crate::spec::reference::is_registry(&reference) {
-            // Pulled on demand (once: later starts, and boots, use the store).
-            let (sup, name) = (Arc::clone(&self.sup), self.svc.name.clone());
-            let progress = crate::images::manager::with_events(
-                move |kind, message| sup.events.emit(Some(&name), kind, message),
-                None,
-            );
-            self.sup.images.ensure(&reference, &progress).await?
+        let image = if keelson_spec::reference::is_registry(&reference) {
+            // Pulled on demand (once: later starts, and boots, use the store); the pull's
+            // milestones are this service's events, all told before it goes on.
+            let (progress, mut items) = mpsc::unbounded_channel();
+            let pull = async {
+                let image = self.sup.images.ensure(&reference, &progress).await;
+                drop(progress);
+                image
+            };
+            let tell = async {
+                while let Some(item) = items.recv().await {
+                    if let Some(n) = keelson_images::manager::milestone(&item) {
+                        self.sup.events.emit(Some(self.name()), n.kind, n.message);
+                    }
+                }
+            };
+            tokio::join!(pull, tell).0?
         } else {
             tokio::task::spawn_blocking(move || resolve::image(&reference, &layout)).await??
         };
@@ -787,10 +851,10 @@ impl ServiceTask {
                 (Some(State::Running), Some(pid)) => pid,
                 _ => anyhow::bail!("network = \"service:{owner}\": `{owner}` is not running"),
             };
-            cfg.network = crate::runtime::NetworkMode::Join(format!("/proc/{pid}/ns/net").into());
+            cfg.network = keelson_runtime::NetworkMode::Join(format!("/proc/{pid}/ns/net").into());
             joined_pid = Some(pid);
         }
-        if self.svc.spec.network == crate::spec::Network::Bridge {
+        if self.svc.spec.network == keelson_spec::Network::Bridge {
             let net = self.sup.network().ok_or_else(|| {
                 anyhow::anyhow!(
                     "network = \"bridge\" needs sysd's host networking (--host-network)"
@@ -801,17 +865,17 @@ impl ServiceTask {
                 .spec
                 .ports
                 .iter()
-                .filter_map(|p| crate::spec::network::PortSpec::parse(p).ok())
+                .filter_map(|p| keelson_spec::network::PortSpec::parse(p).ok())
                 .collect();
             let ep = net
                 .attach(self.name(), &ports)
                 .await
                 .map_err(|e| anyhow::anyhow!("bridge network: {e}"))?;
             cfg.annotations.insert(
-                crate::network::bridge::ANNOTATION.into(),
+                keelson_net::bridge::ANNOTATION.into(),
                 serde_json::to_string(&ep)?,
             );
-            cfg.mounts.push(crate::runtime::Mount::Bind {
+            cfg.mounts.push(keelson_runtime::Mount::Bind {
                 source: net.hosts_file(),
                 target: "/etc/hosts".into(),
                 readonly: true,
@@ -840,10 +904,10 @@ impl ServiceTask {
     async fn watch(&mut self, inst: &Instance) -> Ended {
         let spec = Arc::clone(&self.svc);
         let spec = &spec.spec;
-        let exit = crate::runtime::wait_exit(&inst.pidfd);
+        let exit = keelson_runtime::wait_exit(&inst.pidfd);
         tokio::pin!(exit);
         let mut epoch = self.sup.epoch.subscribe();
-        let netns_pid = (spec.network != crate::spec::Network::Host).then_some(inst.pid);
+        let netns_pid = (spec.network != keelson_spec::Network::Host).then_some(inst.pid);
 
         let mut ready = spec.ready.is_none();
         if ready {
@@ -875,7 +939,7 @@ impl ServiceTask {
                         Some(Cmd::Start) => {}
                         Some(Cmd::Kill(sig)) => {
                             self.event("signal", format!("sending {sig} to pid {}", inst.pid));
-                            let _ = crate::runtime::signal_pidfd(&inst.pidfd, sig as i32);
+                            let _ = keelson_runtime::signal_pidfd(&inst.pidfd, sig as i32);
                         }
                         Some(cmd) => return Ended::Command(cmd),
                         None => return Ended::Command(Cmd::Remove(oneshot::channel().0)),
@@ -956,7 +1020,7 @@ impl ServiceTask {
         self.svc
             .spec
             .requirements()
-            .filter(|dep| *dep != crate::spec::network::NETWORK_ONLINE)
+            .filter(|dep| *dep != keelson_spec::network::NETWORK_ONLINE)
             .find(|dep| {
                 matches!(
                     self.sup.state_of(dep),
@@ -966,8 +1030,8 @@ impl ServiceTask {
             .map(str::to_string)
     }
 
-    fn exit_info(&self, res: std::io::Result<crate::runtime::ExitInfo>) -> ExitInfo {
-        use crate::runtime::ExitInfo as Raw;
+    fn exit_info(&self, res: std::io::Result<keelson_runtime::ExitInfo>) -> ExitInfo {
+        use keelson_runtime::ExitInfo as Raw;
         let oom_killed = self.oom_kills() > 0;
         let (code, signal) = match res {
             Ok(Raw::Exited(c)) => (Some(c), None),
@@ -995,7 +1059,7 @@ impl ServiceTask {
     /// Stop signal, stop timeout, then SIGKILL of the whole cgroup; returns how it ended.
     async fn stop_instance<F>(&self, inst: &Instance, mut exit: Pin<&mut F>, why: &str) -> ExitInfo
     where
-        F: Future<Output = std::io::Result<crate::runtime::ExitInfo>>,
+        F: Future<Output = std::io::Result<keelson_runtime::ExitInfo>>,
     {
         let spec = &self.svc.spec;
         self.event(
@@ -1006,7 +1070,7 @@ impl ServiceTask {
             ),
         );
         self.set(|s| s.state = State::Stopping);
-        let _ = crate::runtime::signal_pidfd(&inst.pidfd, spec.stop_signal.0 as i32);
+        let _ = keelson_runtime::signal_pidfd(&inst.pidfd, spec.stop_signal.0 as i32);
         let res = match tokio::time::timeout(spec.stop_timeout.0, exit.as_mut()).await {
             Ok(res) => res,
             Err(_) => {
@@ -1078,28 +1142,6 @@ fn describe_exit(exit: Option<&ExitInfo>) -> String {
 }
 
 impl Supervisor {
-    /// Connects the update agent to the API.
-    pub fn set_update_agent(&self, agent: Arc<crate::update::Agent>) {
-        let _ = self.update.set(agent);
-    }
-
-    /// Where the config comes from (the update agent reads its `[update]` table there).
-    pub fn sources(&self) -> &Sources {
-        &self.paths.sources
-    }
-
-    /// An event not about one service (the update agent's).
-    pub fn emit_event(&self, kind: &str, message: String) {
-        self.events.emit(None, kind, message);
-    }
-
-    fn update_agent(&self) -> Result<Arc<crate::update::Agent>, crate::api::Failure> {
-        self.update
-            .get()
-            .cloned()
-            .ok_or_else(|| crate::api::Failure::absent("the update agent is not running"))
-    }
-
     /// Reconciles the running node with the config made of the system services, the user-data
     /// layer on disk and `user` (the API's file: stored when given). `apply` with a new user
     /// file, and first boot after user data arrived late (from a metadata service), use it.
@@ -1115,11 +1157,13 @@ impl Supervisor {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let new: Config = self
+            .shared
             .paths
             .sources
             .combine(
                 system,
-                self.paths
+                self.shared
+                    .paths
                     .sources
                     .read_userdata_text()
                     .map_err(|e| Failure::internal(e.to_string()))?
@@ -1128,7 +1172,11 @@ impl Supervisor {
             )
             .map_err(|e| Failure::bad_request(format!("config rejected, nothing changed: {e}")))?;
         let current: BTreeMap<String, Arc<Service>> = {
-            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            let handles = self
+                .shared
+                .handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             handles
                 .iter()
                 .map(|(n, h)| (n.clone(), Arc::clone(&h.service)))
@@ -1155,52 +1203,60 @@ impl Supervisor {
         }
         // The network first, as a try: a config whose network fails its check is refused
         // whole (services included) and the previous network is back in place.
-        if let Some(net) = self.network() {
+        if let Some(net) = self.shared.network() {
             net.apply(new.net.clone()).await.map_err(|e| {
                 Failure::bad_request(format!("config rejected, nothing changed: {e}"))
             })?;
         }
-        self.images.set_registries(new.registries.clone());
+        self.shared.images.set_registries(new.registries.clone());
         if let Some(config) = &user {
-            self.paths.sources.store_user_text(config).map_err(|e| {
-                Failure::internal(format!(
-                    "storing {}: {e}; nothing changed",
-                    self.paths.sources.user_file.display()
-                ))
-            })?;
+            self.shared
+                .paths
+                .sources
+                .store_user_text(config)
+                .map_err(|e| {
+                    Failure::internal(format!(
+                        "storing {}: {e}; nothing changed",
+                        self.shared.paths.sources.user_file.display()
+                    ))
+                })?;
         }
         self.sync_admin_keys(&new);
+        self.publish_update_spec();
         *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());
         for name in &plan.stop {
             let (tx, rx) = oneshot::channel();
-            if self.send(name, Cmd::Stop(tx)).is_ok() {
+            if self.shared.send(name, Cmd::Stop(tx)).is_ok() {
                 let _ = rx.await;
             }
             let (tx, rx) = oneshot::channel();
-            if self.send(name, Cmd::Remove(tx)).is_ok() {
+            if self.shared.send(name, Cmd::Remove(tx)).is_ok() {
                 let _ = rx.await;
             }
-            self.handles
+            self.shared
+                .handles
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(name);
-            self.logs.forget(name);
-            self.bump();
+            self.shared.logs.forget(name);
+            self.shared.bump();
         }
-        if let Some(me) = self.me.upgrade() {
-            for name in &plan.start {
-                me.spawn(Arc::new(new.services[name].clone()));
-            }
+        for name in &plan.start {
+            self.shared.spawn(Arc::new(new.services[name].clone()));
         }
         for name in &plan.restart {
             let svc = Arc::new(new.services[name].clone());
-            let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            let mut handles = self
+                .shared
+                .handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Some(h) = handles.get_mut(name) {
                 h.service = Arc::clone(&svc);
                 let _ = h.cmds.send(Cmd::Replace(svc));
             }
         }
-        self.events.emit(
+        self.shared.events.emit(
             None,
             "applied",
             format!(
@@ -1217,55 +1273,28 @@ impl Supervisor {
     /// Re-reads the config layers (the user's file as it is) and reconciles.
     pub async fn reload(&self) -> Result<ApplyPlan, Failure> {
         let user = self
+            .shared
             .paths
             .sources
             .read_user_text()
             .map_err(|e| Failure::internal(e.to_string()))?;
         self.reconcile(user, false).await
     }
-
-    /// Records first boot's report and says what happened, on the console and as an event.
-    pub fn set_firstboot(&self, status: api::firstboot::FirstBoot) {
-        use api::firstboot::Outcome;
-        let what = match status.outcome {
-            Outcome::NoUserData => "no user data".to_string(),
-            Outcome::Applied => format!(
-                "applied {} user data of instance {} from {}",
-                status.format.as_deref().unwrap_or("?"),
-                status.instance_id.as_deref().unwrap_or("?"),
-                status.source.as_deref().unwrap_or("?"),
-            ),
-            Outcome::AlreadyApplied => format!(
-                "instance {} already configured; using the persisted config",
-                status.instance_id.as_deref().unwrap_or("?")
-            ),
-            Outcome::Rejected => format!(
-                "user data rejected, nothing applied (the last good config runs): {}",
-                status.error.as_deref().unwrap_or("?")
-            ),
-        };
-        let kind = if status.outcome == Outcome::Rejected {
-            "firstboot-error"
-        } else {
-            "firstboot"
-        };
-        self.events
-            .emit(None, kind, format!("{what} ({} ms)", status.duration_ms));
-        for w in &status.warnings {
-            self.events.emit(None, "firstboot-warning", w.clone());
-        }
-        *self.firstboot.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
-    }
 }
 
-impl Backend for Supervisor {
-    fn config(&self) -> Option<api::config::ConfigView> {
+#[async_trait]
+impl keelson_api::Config for Supervisor {
+    async fn apply(&self, config: String, dry_run: bool) -> Result<ApplyPlan, Failure> {
+        self.reconcile(Some(config), dry_run).await
+    }
+
+    fn view(&self) -> Option<api::config::ConfigView> {
         let config = self
             .effective
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()?;
-        let s = &self.paths.sources;
+        let s = &self.shared.paths.sources;
         let layer = |name: &str, path: &std::path::Path| api::config::Layer {
             name: name.into(),
             path: path.display().to_string(),
@@ -1280,14 +1309,10 @@ impl Backend for Supervisor {
             toml: config.render(),
         })
     }
+}
 
-    fn firstboot(&self) -> Option<api::firstboot::FirstBoot> {
-        self.firstboot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
+#[async_trait]
+impl keelson_api::Services for Supervisor {
     fn version(&self) -> api::Version {
         api::Version {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -1296,72 +1321,65 @@ impl Backend for Supervisor {
     }
 
     fn list(&self) -> Vec<ServiceStatus> {
-        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        handles
-            .values()
-            .map(|h| h.status.borrow().clone())
-            .collect()
+        self.shared.list()
     }
 
     fn status(&self, name: &str) -> Result<ServiceStatus, Failure> {
-        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        handles
-            .get(name)
-            .map(|h| h.status.borrow().clone())
-            .ok_or_else(|| unknown(name, &handles))
+        self.shared.status(name)
     }
 
     async fn start(&self, name: &str) -> Result<ServiceStatus, Failure> {
-        self.send(name, Cmd::Start)?;
+        self.shared.send(name, Cmd::Start)?;
         tokio::task::yield_now().await;
-        self.status(name)
+        self.shared.status(name)
     }
 
     async fn stop(&self, name: &str) -> Result<ServiceStatus, Failure> {
         let (tx, rx) = oneshot::channel();
-        self.send(name, Cmd::Stop(tx))?;
+        self.shared.send(name, Cmd::Stop(tx))?;
         let _ = rx.await;
-        self.status(name)
+        self.shared.status(name)
     }
 
     async fn restart(&self, name: &str) -> Result<ServiceStatus, Failure> {
-        self.send(name, Cmd::Restart)?;
+        self.shared.send(name, Cmd::Restart)?;
         tokio::task::yield_now().await;
-        self.status(name)
+        self.shared.status(name)
     }
 
     async fn kill(&self, name: &str, signal: i32) -> Result<ServiceStatus, Failure> {
         let sig = Signal::try_from(signal)
             .map_err(|_| Failure::bad_request(format!("invalid signal {signal}")))?;
-        if self.status(name)?.pid.is_none() {
+        if self.shared.status(name)?.pid.is_none() {
             return Err(Failure::conflict(format!(
                 "{name} is not running: nothing to signal"
             )));
         }
-        self.send(name, Cmd::Kill(sig))?;
+        self.shared.send(name, Cmd::Kill(sig))?;
         tokio::task::yield_now().await;
-        self.status(name)
+        self.shared.status(name)
     }
 
     fn logs(&self, name: &str, tail: Option<usize>, follow: bool) -> Result<LogFeed, Failure> {
-        self.status(name)?;
-        let (backlog, live) = self.logs.read(name, tail, follow);
+        self.shared.status(name)?;
+        let (backlog, live) = self.shared.logs.read(name, tail, follow);
         Ok(LogFeed { backlog, live })
     }
 
     fn events(&self, since: Option<u64>) -> EventFeed {
-        let (backlog, live) = self.events.subscribe(since);
+        let (backlog, live) = self.shared.events.subscribe(since);
         EventFeed { backlog, live }
     }
 
     fn stats(&self) -> Vec<api::Stats> {
-        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = &self.shared;
+        let handles = shared.handles.lock().unwrap_or_else(|p| p.into_inner());
         handles
             .values()
             .filter(|h| h.status.borrow().pid.is_some())
             .map(|h| {
-                let cg = format!("{}/{}", self.paths.layout.cgroup_parent, h.service.name);
-                let raw = self.runtime.stats(&cg).unwrap_or_default();
+                let cg = format!("{}/{}", shared.paths.layout.cgroup_parent, h.service.name);
+                let raw = shared.runtime.stats(&cg).unwrap_or_default();
                 api::Stats {
                     service: h.service.name.clone(),
                     cpu_usage_usec: raw.cpu_usage_usec,
@@ -1375,131 +1393,5 @@ impl Backend for Supervisor {
                 }
             })
             .collect()
-    }
-
-    async fn network(&self) -> Result<keelson_common::api::network::NetworkStatus, Failure> {
-        match self.network() {
-            Some(net) => Ok(net.status().await),
-            None => Err(Failure::absent(
-                "this sysd does not manage the host network (started without --host-network)",
-            )),
-        }
-    }
-
-    fn images(&self) -> Result<Vec<api::images::ImageInfo>, Failure> {
-        self.images
-            .list(&self.image_users())
-            .map_err(crate::api::failure)
-    }
-
-    fn pull_image(
-        &self,
-        reference: &str,
-    ) -> Result<mpsc::UnboundedReceiver<api::images::PullProgress>, Failure> {
-        crate::spec::reference::parse(reference)
-            .map_err(|e| Failure::bad_request(format!("image {reference:?}: {e}")))?;
-        let me = self.strong()?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let reference = reference.to_string();
-        tokio::spawn(async move {
-            let sup = Arc::clone(&me);
-            let progress = crate::images::manager::with_events(
-                move |kind, message| sup.events.emit(None, kind, message),
-                Some(tx.clone()),
-            );
-            if let Err(e) = me.images.pull(&reference, &progress).await {
-                progress(api::images::PullProgress::Error {
-                    message: format!("{e:#}"),
-                });
-            }
-        });
-        Ok(rx)
-    }
-
-    async fn remove_image(&self, reference: &str) -> Result<api::images::ImagesRemoved, Failure> {
-        // Deleting unpacked trees can take a while: off the runtime's thread.
-        let (me, users, reference) = (self.strong()?, self.image_users(), reference.to_string());
-        let report = tokio::task::spawn_blocking(move || me.images.remove(&reference, &users))
-            .await
-            .map_err(|e| Failure::internal(format!("removing the image: {e}")))?
-            .map_err(crate::api::failure)?;
-        self.events.emit(
-            None,
-            "image-removed",
-            format!(
-                "{}: {} blobs, {} bytes freed",
-                report.removed.join(", "),
-                report.blobs,
-                report.freed_bytes
-            ),
-        );
-        Ok(report)
-    }
-
-    async fn prune_images(&self) -> Result<api::images::ImagesRemoved, Failure> {
-        let (me, users) = (self.strong()?, self.image_users());
-        let report = tokio::task::spawn_blocking(move || me.images.prune(&users))
-            .await
-            .map_err(|e| Failure::internal(format!("pruning images: {e}")))?
-            .map_err(crate::api::failure)?;
-        self.events.emit(
-            None,
-            "images-pruned",
-            format!(
-                "{} images, {} blobs, {} bytes freed",
-                report.removed.len(),
-                report.blobs,
-                report.freed_bytes
-            ),
-        );
-        Ok(report)
-    }
-
-    async fn apply(&self, config: String, dry_run: bool) -> Result<ApplyPlan, Failure> {
-        self.reconcile(Some(config), dry_run).await
-    }
-
-    fn update_status(
-        &self,
-    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
-        Ok(self.update_agent()?.status())
-    }
-
-    async fn update_check(
-        &self,
-    ) -> Result<keelson_common::api::update::UpdateCheck, crate::api::Failure> {
-        self.update_agent()?
-            .check()
-            .await
-            .map_err(crate::api::failure)
-    }
-
-    async fn update_apply(
-        &self,
-        req: keelson_common::api::update::ApplyRequest,
-    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
-        self.update_agent()?
-            .apply(req)
-            .await
-            .map_err(crate::api::failure)
-    }
-
-    async fn update_cancel(
-        &self,
-    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
-        self.update_agent()?
-            .cancel()
-            .await
-            .map_err(crate::api::failure)
-    }
-
-    async fn update_rollback(
-        &self,
-        reboot: bool,
-    ) -> Result<keelson_common::api::update::UpdateStatus, crate::api::Failure> {
-        self.update_agent()?
-            .rollback(reboot)
-            .await
-            .map_err(crate::api::failure)
     }
 }

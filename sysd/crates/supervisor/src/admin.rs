@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::spec::admin::ADMIN_SERVICE;
-use crate::spec::{Config, MountSpec};
+use keelson_spec::admin::ADMIN_SERVICE;
+use keelson_spec::{Config, MountSpec};
 
 /// The home directory whose volume receives the keys.
 const HOME: &str = "/root";
@@ -38,7 +38,7 @@ pub fn sync_keys(config: &Config, volumes: &Path) -> Result<Option<PathBuf>> {
     std::fs::set_permissions(ssh, std::fs::Permissions::from_mode(0o700))?;
     let mut text = config.admin.ssh_authorized_keys.join("\n");
     text.push('\n');
-    crate::spec::store_atomically(&path, text.as_bytes())
+    keelson_spec::store_atomically(&path, text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(Some(path))

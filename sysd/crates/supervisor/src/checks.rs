@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::runtime::Runtime;
-use crate::spec::Probe;
+use keelson_runtime::Runtime;
+use keelson_spec::Probe;
 
 /// Where the probe runs.
 pub struct Target<'a> {

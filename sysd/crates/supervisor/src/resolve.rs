@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::runtime::{ContainerConfig, Mount, NetworkMode, Resources};
-use crate::spec::{MountSpec, Network, Service};
+use keelson_runtime::{ContainerConfig, Mount, NetworkMode, Resources};
+use keelson_spec::{MountSpec, Network, Service};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -25,12 +25,12 @@ pub struct Layout {
     pub cgroup_parent: String,
 }
 
-pub use crate::images::Image;
+pub use keelson_images::Image;
 
-/// Finds the image of `reference` (see [`crate::images::lookup`]), unpacking OCI image layouts
+/// Finds the image of `reference` (see [`keelson_images::lookup`]), unpacking OCI image layouts
 /// into `layout.images`.
 pub fn image(reference: &str, layout: &Layout) -> Result<Image> {
-    crate::images::lookup(reference, &layout.images)
+    keelson_images::lookup(reference, &layout.images)
 }
 
 /// The container for one start of `svc`.
@@ -168,7 +168,7 @@ pub fn container(svc: &Service, image: &Image, layout: &Layout) -> Result<Contai
         cap_add: spec.cap_add.iter().map(|c| c.0.clone()).collect(),
         cap_drop: spec.cap_drop.iter().map(|c| c.0.clone()).collect(),
         privileged: spec.privileged,
-        host_pid: spec.pid == crate::spec::PidMode::Host,
+        host_pid: spec.pid == keelson_spec::PidMode::Host,
         init: spec.init,
         user_namespace: spec.user_namespace.then_some(100_000),
         resources,
@@ -226,8 +226,8 @@ fn read_db(rootfs: &Path, rel: &str) -> Vec<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::images::ImageDefaults;
-    use crate::spec::{parse_file, Source};
+    use keelson_images::ImageDefaults;
+    use keelson_spec::{parse_file, Source};
 
     fn service(body: &str) -> Service {
         let text = format!("version = 1\n[services.web]\n{body}");
