@@ -363,6 +363,7 @@ fn drop_cache(f: &File) {
 /// What an install produced.
 pub struct Installed {
     pub entry: String,
+    pub version: String,
 }
 
 /// Installs `p` into the other slot of `layout` (see the module docs for the order).
@@ -525,7 +526,10 @@ pub async fn install(
     }
     .await;
     match result {
-        Ok(entry) => Ok(Installed { entry }),
+        Ok(entry) => Ok(Installed {
+            entry,
+            version: p.version.clone(),
+        }),
         Err(e) => {
             let _ = std::fs::remove_file(&part);
             let _ = slots::sync_dir(&dir);
