@@ -78,8 +78,11 @@ impl Extensions {
                 v.statuses = statuses;
             }
             Err(e) => {
-                self.events
-                    .emit(None, "extension-refused", format!("extensions not activated: {e}"));
+                self.events.emit(
+                    None,
+                    "extension-refused",
+                    format!("extensions not activated: {e}"),
+                );
                 let mut v = self.view_mut();
                 v.os_version = os_version();
                 v.last_error = Some(e.to_string());

@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keelson_common::api::config::ConfigView;
+use keelson_common::api::extensions::ExtensionsView;
 use keelson_common::api::firstboot::FirstBoot;
 use keelson_common::api::images::{ImageInfo, ImagesRemoved, PullProgress};
 use keelson_common::api::network::NetworkStatus;
-use keelson_common::api::extensions::ExtensionsView;
 use keelson_common::api::update::{ApplyRequest, UpdateCheck, UpdateStatus};
 use keelson_common::api::{ApplyPlan, Event, LogLine, ServiceStatus, Stats, Version};
 use keelson_common::error::{Classify, Kind};

@@ -1357,8 +1357,14 @@ stop_timeout = "5s"
         let cfg = Config::from_layers(system.clone(), vec![userdata.clone(), api]).unwrap();
         let etcd = &cfg.services["etcd"].spec;
         assert!(etcd.enabled);
-        assert_eq!(etcd.env["ETCD_NAME"], "node1b", "the API's layer has the last word");
-        assert_eq!(etcd.env["ETCD_DATA_DIR"], "/var/lib/etcd/default", "merged, not replaced");
+        assert_eq!(
+            etcd.env["ETCD_NAME"], "node1b",
+            "the API's layer has the last word"
+        );
+        assert_eq!(
+            etcd.env["ETCD_DATA_DIR"], "/var/lib/etcd/default",
+            "merged, not replaced"
+        );
         // `docker` is not here (its extension is not active): nothing to change, no error.
         assert!(!cfg.services.contains_key("docker"));
 
@@ -1368,17 +1374,31 @@ stop_timeout = "5s"
             Source::User,
         )
         .unwrap();
-        let e = Config::from_layers(system.clone(), vec![user_svc]).unwrap_err().0;
+        let e = Config::from_layers(system.clone(), vec![user_svc])
+            .unwrap_err()
+            .0;
         assert_eq!(e, "u.toml:4:1: overrides.web: `web` is not a system service (it is defined at u.toml:2:1; change it there)");
 
-        let e = parse_document(Path::new("s.toml"), "version = 1\n[overrides.etcd]\nenabled = true\n", Source::System)
-            .unwrap_err()
-            .0;
+        let e = parse_document(
+            Path::new("s.toml"),
+            "version = 1\n[overrides.etcd]\nenabled = true\n",
+            Source::System,
+        )
+        .unwrap_err()
+        .0;
         assert!(e.contains("[overrides] belongs in user data"), "{e}");
-        let e = parse_document(Path::new("u.toml"), "version = 1\n[overrides.etcd]\nimage = \"/x\"\n", Source::User)
-            .unwrap_err()
-            .0;
-        assert!(e.starts_with("u.toml:3:1: overrides.etcd: unknown field `image`") || e.contains("image"), "{e}");
+        let e = parse_document(
+            Path::new("u.toml"),
+            "version = 1\n[overrides.etcd]\nimage = \"/x\"\n",
+            Source::User,
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.starts_with("u.toml:3:1: overrides.etcd: unknown field `image`")
+                || e.contains("image"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -135,7 +135,9 @@ impl Coordination {
             )));
         }
         if self.holders == 0 {
-            return Err(Invalid::from("update.coordination.holders: must be at least 1"));
+            return Err(Invalid::from(
+                "update.coordination.holders: must be at least 1",
+            ));
         }
         if self.lease.0 <= health_timeout.0 {
             return Err(Invalid::from(format!(
@@ -281,15 +283,26 @@ mod tests {
         let u = parse(Path::new("u.toml"), text).unwrap().unwrap();
         let c = u.coordination.unwrap();
         assert_eq!(c.endpoints, ["http://127.0.0.1:2379"]);
-        assert_eq!((c.group.as_str(), c.holders, c.lease.0.as_secs()), ("default", 1, 900));
+        assert_eq!(
+            (c.group.as_str(), c.holders, c.lease.0.as_secs()),
+            ("default", 1, 900)
+        );
         let short = format!("{text}lease = \"1m\"\n");
         let e = parse(Path::new("u.toml"), &short).unwrap_err().0;
-        assert!(e.contains("update.coordination.lease: 60s must be longer than update.health_timeout (300s)"), "{e}");
+        assert!(
+            e.contains(
+                "update.coordination.lease: 60s must be longer than update.health_timeout (300s)"
+            ),
+            "{e}"
+        );
         let bad = format!("{text}endpoints = [\"https://x:2379\"]\n");
         let e = parse(Path::new("u.toml"), &bad).unwrap_err().0;
         assert!(e.contains("update.coordination.endpoints[0]"), "{e}");
         let zero = format!("{text}holders = 0\n");
-        assert!(parse(Path::new("u.toml"), &zero).unwrap_err().0.contains("holders"));
+        assert!(parse(Path::new("u.toml"), &zero)
+            .unwrap_err()
+            .0
+            .contains("holders"));
         let typo = format!("{text}strategy2 = 1\n");
         assert!(parse(Path::new("u.toml"), &typo).is_err());
     }

@@ -103,7 +103,10 @@ impl Agent {
                 Ok(Acquire::Held { slot }) => {
                     self.emit(
                         "update-slot-taken",
-                        format!("took reboot slot {slot} of group {:?} for {version}", lock_group(spec)),
+                        format!(
+                            "took reboot slot {slot} of group {:?} for {version}",
+                            lock_group(spec)
+                        ),
                     );
                     return Gate::Go;
                 }
@@ -159,7 +162,10 @@ impl Agent {
                 Ok(n) => {
                     self.save(|s| s.lock_lease = None);
                     let what = match halt {
-                        Some((v, _)) => format!("halted the rollout of {v} for group {:?}; ", lock_group(spec)),
+                        Some((v, _)) => format!(
+                            "halted the rollout of {v} for group {:?}; ",
+                            lock_group(spec)
+                        ),
                         None => String::new(),
                     };
                     self.emit(

@@ -368,7 +368,9 @@ impl Agent {
         self: &Arc<Self>,
     ) -> Result<Vec<keelson_extensions::Entry>, Error> {
         let spec = self.spec()?;
-        let enabled = self.enabled_extensions().map_err(|e| Error::invalid(format!("{e:#}")))?;
+        let enabled = self
+            .enabled_extensions()
+            .map_err(|e| Error::invalid(format!("{e:#}")))?;
         self.on_thread(move |agent, rt| {
             rt.block_on(async {
                 let node = agent.node()?;
@@ -809,9 +811,7 @@ impl Agent {
                     st.staged = None;
                     st.rolled_back_from = Some(s.version.clone());
                 });
-                let reason = format!(
-                    "it did not come up healthy ({tries} boot tries used)"
-                );
+                let reason = format!("it did not come up healthy ({tries} boot tries used)");
                 self.emit(
                     "update-rolled-back",
                     format!(
@@ -822,7 +822,8 @@ impl Agent {
                     ),
                 );
                 let spec = self.current_spec().unwrap_or_default();
-                self.give_back_slot(&spec, Some((&s.version, &reason))).await;
+                self.give_back_slot(&spec, Some((&s.version, &reason)))
+                    .await;
             }
         }
         let mine = entries
