@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::{create_overlay, image, DiskFormat, Guest, GuestBuilder, NetNs};
+use crate::{create_overlay, image, workspace_root, DiskFormat, Guest, GuestBuilder, NetNs};
 
 /// The port in a test guest's namespace forwarded to its shell ([`crate::TEST_SHELL_PORT`]).
 pub const SHELL_PORT: u16 = 17000;
@@ -74,6 +74,28 @@ pub fn run(cmd: &mut Command) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Builds `image-build` (release, quietly) and returns the binary, in cargo's target directory
+/// (`$CARGO_TARGET_DIR`, else the workspace's `target/`): for scenarios and benchmarks that
+/// build images of their own.
+pub fn image_build() -> Result<PathBuf> {
+    let ws = workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "-q", "-p", "image-build"])
+        .current_dir(&ws)
+        .status()
+        .with_context(|| format!("running {}", Path::new(&cargo).display()))?;
+    if !status.success() {
+        anyhow::bail!("building image-build failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ws.join("target"));
+    // A relative target directory is relative to the workspace, where cargo ran.
+    Ok(ws.join(target).join("release/image-build"))
 }
 
 /// One `GET path` (HTTP/1.0) to `addr` from the calling thread's namespace; the whole response.

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use qemu_tests::scenario::{run, test_guest_uefi, Httpd};
+use qemu_tests::scenario::{image_build, run, test_guest_uefi, Httpd};
 use qemu_tests::{create_overlay, workspace_root, Guest};
 use serde_json::Value;
 
@@ -31,18 +31,6 @@ struct Fixture {
     n: PathBuf,
 }
 
-fn image_build() -> PathBuf {
-    let ws = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-q", "-p", "image-build"])
-        .current_dir(&ws)
-        .status()
-        .expect("cargo");
-    assert!(st.success(), "building image-build");
-    ws.join("target/release/image-build")
-}
-
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
@@ -50,7 +38,7 @@ fn fixture() -> &'static Fixture {
         let dir = ws.join("target/qemu-update");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let ib = image_build();
+        let ib = image_build().unwrap();
         let key = dir.join("test-key.pk8");
         let root = dir.join("root.json");
         run(Command::new(&ib).args(["update", "keygen"]).arg(&key));

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::scenario::{test_guest_uefi, Httpd};
+use qemu_tests::scenario::{image_build, test_guest_uefi, Httpd};
 use qemu_tests::{create_overlay, workspace_root};
 
 const BOOT: Duration = Duration::from_secs(400);
@@ -123,11 +123,7 @@ fn main() -> Result<()> {
     let dir = ws.join("target/bench-update");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let ib = ws.join("target/release/image-build");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo)
-        .args(["build", "--release", "-q", "-p", "image-build"])
-        .current_dir(&ws))?;
+    let ib = image_build()?;
     let key = dir.join("key.pk8");
     let root = dir.join("root.json");
     run(Command::new(&ib).args(["update", "keygen"]).arg(&key))?;
