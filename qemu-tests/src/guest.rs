@@ -1245,8 +1245,8 @@ impl Drop for Guest {
         let keep = std::env::var("KEELSON_KEEP").is_ok_and(|v| v == "1");
         if std::thread::panicking() {
             eprintln!(
-                "qemu-tests: test failed with {} running; its last {PANIC_TAIL_LINES} serial \
-                 lines:\n{}\n--- end of the serial of {} (guest dir {}{}) ---",
+                "qemu-tests: test failed; the last {PANIC_TAIL_LINES} serial lines of {}:\n{}\n\
+                 --- end of the serial of {} (guest dir {}{}) ---",
                 self.label(),
                 self.serial_tail(PANIC_TAIL_LINES),
                 self.label(),
