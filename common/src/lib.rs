@@ -17,6 +17,8 @@ pub mod api;
 pub mod caps;
 pub mod cmdline;
 pub mod cpio;
+#[cfg(feature = "dm")]
+pub mod dm;
 pub mod error;
 pub mod gpt;
 pub mod notice;

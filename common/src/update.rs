@@ -49,6 +49,36 @@ pub struct Payload {
     /// Rollout: from `start`, nodes whose seed is below `percent` may install. Empty: everyone.
     #[serde(default)]
     pub waves: Vec<Wave>,
+    /// The system extensions that fit this version (at most one version per name): built for
+    /// it, or listed under it by `image-build update extension` (the repository says it fits).
+    #[serde(default)]
+    pub extensions: Vec<ExtensionPayload>,
+}
+
+/// A system extension image listed under an OS version (docs/extensions.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtensionPayload {
+    /// `SYSEXT_ID`: the extension's name (`etcd`).
+    pub name: String,
+    /// `SYSEXT_VERSION_ID`: the extension's own version.
+    pub version: String,
+    /// dm-verity root hash of the extension's file system (hex); the image's partition UUIDs
+    /// are its first and last 128 bits.
+    pub roothash: String,
+    /// Target: the Discoverable Disk Image, gzip-compressed
+    /// (`ext-<name>-<version>-for-<os version>.raw.gz`).
+    pub target: String,
+    /// Size of the compressed target in bytes.
+    pub size: u64,
+    /// Hex sha256 of the compressed target (TUF checks it too; this names it in the manifest).
+    pub sha256: String,
+    /// The OS `VERSION_ID` in the extension's extension-release (the version it was built for).
+    pub built_for: String,
+}
+
+/// The TUF target name of an extension image built for `os_version`.
+pub fn extension_target(name: &str, version: &str, os_version: &str) -> String {
+    format!("ext-{name}-{version}-for-{os_version}.raw.gz")
 }
 
 impl Payload {
@@ -140,6 +170,7 @@ mod tests {
             uki_b: String::new(),
             released: String::new(),
             waves: vec![],
+            extensions: vec![],
         };
         let mut m = Manifest {
             updates: vec![p("0.2.0"), p("0.10.0"), p("0.3.1")],
@@ -149,5 +180,34 @@ mod tests {
         assert_eq!(v, ["0.10.0", "0.3.1", "0.2.0"]);
         let json = r#"{"updates": [], "future": 1}"#;
         assert!(serde_json::from_str::<Manifest>(json).is_ok());
+    }
+
+    /// A manifest written before extensions existed still parses (no extensions), and one
+    /// with extensions round-trips.
+    #[test]
+    fn extensions_are_optional_and_round_trip() {
+        let old = r#"{"updates": [{"version": "0.1.0", "variant": "test", "roothash": "ab",
+            "root": "test-0.1.0-root.erofs.gz", "root_size": 8192,
+            "verity": "test-0.1.0-root.verity", "verity_size": 4096,
+            "uki_a": "a.efi", "uki_b": "b.efi", "released": "2025-01-01T00:00:00Z"}]}"#;
+        let mut m: Manifest = serde_json::from_str(old).unwrap();
+        assert_eq!(m.updates[0].version, "0.1.0");
+        assert!(m.updates[0].extensions.is_empty());
+        assert!(m.updates[0].waves.is_empty());
+        let etcd = ExtensionPayload {
+            name: "etcd".into(),
+            version: "3.4.23-1".into(),
+            roothash: "cd".repeat(32),
+            target: extension_target("etcd", "3.4.23-1", "0.1.0"),
+            size: 1234,
+            sha256: "ef".repeat(32),
+            built_for: "0.1.0".into(),
+        };
+        assert_eq!(etcd.target, "ext-etcd-3.4.23-1-for-0.1.0.raw.gz");
+        m.updates[0].extensions.push(etcd.clone());
+        let json = serde_json::to_string(&m).unwrap();
+        let back: Manifest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.updates[0].extensions, [etcd]);
     }
 }

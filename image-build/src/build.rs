@@ -64,7 +64,7 @@ pub fn uki_name(version: &str, tries: u32) -> String {
     format!("keelson_{version}+{tries}.efi")
 }
 
-fn tool_version(name: &'static str, arg: &str) -> ToolVersion {
+pub fn tool_version(name: &'static str, arg: &str) -> ToolVersion {
     let version = Command::new(name)
         .arg(arg)
         .output()
@@ -431,7 +431,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     )?;
     let disk_raw = out.join("disk.raw");
     let parts = disk::layout(&cfg.disk, &esp_path, &root_img, &verity_img, &data_path);
-    let gpt = disk::assemble(&disk_raw, &cfg.seed, &parts)?;
+    let gpt = disk::assemble(&disk_raw, &cfg.seed, &parts, disk::OS_TAIL)?;
     let disk_qcow2 = out.join("disk.qcow2");
     let _ = std::fs::remove_file(&disk_qcow2);
     run(Command::new("qemu-img")
@@ -508,7 +508,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     Ok(out)
 }
 
-fn partition_info(gpt: &Gpt) -> Vec<PartitionInfo> {
+pub fn partition_info(gpt: &Gpt) -> Vec<PartitionInfo> {
     gpt.partitions()
         .map(|(number, p)| PartitionInfo {
             number,

@@ -76,6 +76,10 @@ pub struct Image {
     pub description: String,
     /// Debian packages; `lock` pins them with their Depends/Pre-Depends closure.
     pub packages: Vec<String>,
+    /// Dependencies left out of that closure, with what only they pull in: packages that only
+    /// maintainer scripts use (`adduser`, `init-system-helpers`), which image-build never runs.
+    #[serde(default)]
+    pub exclude: Vec<String>,
     /// Accounts besides root and nobody in the image's /etc/passwd and /etc/group.
     #[serde(default)]
     pub users: Vec<User>,
@@ -243,17 +247,7 @@ impl ImageConfig {
                 self.schema
             )));
         }
-        let version_ok = !self.version.is_empty()
-            && self
-                .version
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '~'));
-        if !version_ok {
-            return Err(invalid(format!(
-                "version = {:?}: use letters, digits, '.', '-' and '~' only (it becomes part of a file name)",
-                self.version
-            )));
-        }
+        validate_version("version", &self.version).map_err(invalid)?;
         if !(1..=9).contains(&self.bootloader.tries) {
             return Err(invalid(format!(
                 "bootloader.tries = {}: must be 1 to 9",
@@ -277,51 +271,225 @@ impl ImageConfig {
                     .into(),
             ));
         }
-        for (name, image) in &self.images {
-            if !valid_name(name) {
-                return Err(invalid(format!(
-                    "images.{name}: use 1-32 characters of a-z, 0-9, '-' and '_', starting with a letter (it becomes a directory name)"
-                )));
-            }
-            if image.packages.is_empty() {
-                return Err(invalid(format!("images.{name}.packages is empty")));
-            }
-            let mut seen = std::collections::BTreeSet::from([0, 65534]);
-            for u in &image.users {
-                if !valid_name(&u.name) || matches!(u.name.as_str(), "root" | "nobody" | "nogroup")
-                {
-                    return Err(invalid(format!(
-                        "images.{name}.users: {:?} is not a valid new account name (a-z, 0-9, '-', '_'; root and nobody exist already)",
-                        u.name
-                    )));
-                }
-                if !seen.insert(u.uid) {
-                    return Err(invalid(format!(
-                        "images.{name}.users: uid {} of {} is used twice (0 and 65534 are root and nobody)",
-                        u.uid, u.name
-                    )));
-                }
-                for (field, v) in [("home", &u.home), ("shell", &u.shell)] {
-                    if !v.starts_with('/') || v.contains(':') || v.contains('\n') {
-                        return Err(invalid(format!(
-                            "images.{name}.users: {field} {v:?} of {} must be an absolute path without ':'",
-                            u.name
-                        )));
-                    }
-                }
-            }
-        }
-        for (i, s) in self.services.iter().enumerate() {
-            let f = &self.service_files()[i];
-            if s.extension().and_then(|e| e.to_str()) != Some("toml") || !f.is_file() {
-                return Err(invalid(format!(
-                    "services[{i}]: {} is not a .toml file (paths are relative to the config's directory)",
-                    f.display()
-                )));
-            }
-        }
+        validate_images(&self.images).map_err(invalid)?;
+        validate_services(&self.services, &self.service_files()).map_err(invalid)?;
         Ok(())
     }
+}
+
+/// An extension definition (`configs/extensions/<name>.toml`): service images and the system
+/// services that run from them, built into a system extension image (docs/extensions.md) for
+/// one OS config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtensionConfig {
+    /// Schema version of this file.
+    pub schema: u32,
+    /// The extension's name (`SYSEXT_ID`, the image file `<name>.raw`); the file stem.
+    pub name: String,
+    /// The extension's own version (`SYSEXT_VERSION_ID`).
+    pub version: String,
+    /// Free text describing the extension.
+    #[serde(default)]
+    pub description: String,
+    /// Seed for the file system UUID and the dm-verity salt and UUID.
+    pub seed: String,
+    /// The OS config the extension is built for (relative to this file): its `version` goes
+    /// into extension-release, and its system services are checked with the extension's.
+    pub os: PathBuf,
+    /// Service files (relative to this file), installed under
+    /// `/usr/lib/keelson/services.d/` and checked by the OS's sysd with the OS's own.
+    #[serde(default)]
+    pub services: Vec<PathBuf>,
+    /// Service root file systems at `/usr/lib/keelson/images/<name>/`, as in an OS config.
+    #[serde(default)]
+    pub images: BTreeMap<String, Image>,
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// GPT partition labels hold 36 UTF-16 code units; `<name>_<version>_verity` must fit.
+const GPT_LABEL_MAX: usize = 36;
+
+impl ExtensionConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg: ExtensionConfig = parse_toml(path, &text)?;
+        cfg.path = path.to_owned();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Replaces the extension's version (checked like the file's own).
+    pub fn set_version(&mut self, version: &str) -> Result<(), ConfigError> {
+        self.version = version.to_owned();
+        self.validate()
+    }
+
+    /// The OS config, resolved against this file's directory.
+    pub fn os_config(&self) -> PathBuf {
+        self.path.parent().unwrap_or(Path::new("")).join(&self.os)
+    }
+
+    /// The service files, resolved against this file's directory, in order.
+    pub fn service_files(&self) -> Vec<PathBuf> {
+        let dir = self.path.parent().unwrap_or(Path::new(""));
+        self.services.iter().map(|s| dir.join(s)).collect()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: self.path.display().to_string(),
+            message,
+        };
+        if self.schema != SCHEMA {
+            return Err(invalid(format!(
+                "schema = {} is not supported by this image-build (it reads schema {SCHEMA})",
+                self.schema
+            )));
+        }
+        if !valid_name(&self.name) {
+            return Err(invalid(format!(
+                "name = {:?}: use 1-32 characters of a-z, 0-9, '-' and '_', starting with a letter",
+                self.name
+            )));
+        }
+        let stem = self.path.file_stem().and_then(|s| s.to_str());
+        if stem != Some(self.name.as_str()) {
+            return Err(invalid(format!(
+                "name = {:?} but the file is {}: name the file {}.toml (its lock file and the image file follow the name)",
+                self.name,
+                self.path.display(),
+                self.name
+            )));
+        }
+        validate_version("version", &self.version).map_err(invalid)?;
+        let label = format!("{}_{}_verity", self.name, self.version);
+        if label.len() > GPT_LABEL_MAX {
+            return Err(invalid(format!(
+                "name and version are too long together: the partition label {label:?} has {} characters, GPT allows {GPT_LABEL_MAX}",
+                label.len()
+            )));
+        }
+        if self.seed.is_empty() {
+            return Err(invalid("seed is empty".into()));
+        }
+        let os = self.os_config();
+        if !os.is_file() {
+            return Err(invalid(format!(
+                "os = {:?}: {} is not a file (the OS config this extension is built for, relative to this file)",
+                self.os.display(),
+                os.display()
+            )));
+        }
+        if self.images.is_empty() && self.services.is_empty() {
+            return Err(invalid(
+                "neither images nor services: an extension carries at least one".into(),
+            ));
+        }
+        validate_images(&self.images).map_err(invalid)?;
+        validate_services(&self.services, &self.service_files()).map_err(invalid)?;
+        Ok(())
+    }
+}
+
+/// What a definition file describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An OS image (`configs/vm.toml`).
+    Os,
+    /// A system extension (`configs/extensions/etcd.toml`): it names the OS it is built for.
+    Extension,
+}
+
+/// Tells an OS config from an extension definition: only an extension has `os`.
+pub fn kind_of(path: &Path) -> Result<Kind, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let table: toml::Table = parse_toml(path, &text)?;
+    Ok(if table.contains_key("os") {
+        Kind::Extension
+    } else {
+        Kind::Os
+    })
+}
+
+/// Checks version strings: they become parts of file names (UKIs, TUF targets, GPT labels).
+fn validate_version(key: &str, version: &str) -> Result<(), String> {
+    let ok = !version.is_empty()
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '~'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key} = {version:?}: use letters, digits, '.', '-' and '~' only (it becomes part of a file name)"
+        ))
+    }
+}
+
+/// Checks `[images.NAME]` tables (shared by OS configs and extension definitions).
+fn validate_images(images: &BTreeMap<String, Image>) -> Result<(), String> {
+    for (name, image) in images {
+        if !valid_name(name) {
+            return Err(format!(
+                "images.{name}: use 1-32 characters of a-z, 0-9, '-' and '_', starting with a letter (it becomes a directory name)"
+            ));
+        }
+        if image.packages.is_empty() {
+            return Err(format!("images.{name}.packages is empty"));
+        }
+        if let Some(p) = image.exclude.iter().find(|e| image.packages.contains(e)) {
+            return Err(format!(
+                "images.{name}: {p} is in both packages and exclude"
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::from([0, 65534]);
+        for u in &image.users {
+            if !valid_name(&u.name) || matches!(u.name.as_str(), "root" | "nobody" | "nogroup") {
+                return Err(format!(
+                    "images.{name}.users: {:?} is not a valid new account name (a-z, 0-9, '-', '_'; root and nobody exist already)",
+                    u.name
+                ));
+            }
+            if !seen.insert(u.uid) {
+                return Err(format!(
+                    "images.{name}.users: uid {} of {} is used twice (0 and 65534 are root and nobody)",
+                    u.uid, u.name
+                ));
+            }
+            for (field, v) in [("home", &u.home), ("shell", &u.shell)] {
+                if !v.starts_with('/') || v.contains(':') || v.contains('\n') {
+                    return Err(format!(
+                        "images.{name}.users: {field} {v:?} of {} must be an absolute path without ':'",
+                        u.name
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks `services = [...]`: each a .toml file (`resolved` are the paths against the config's
+/// directory).
+fn validate_services(services: &[PathBuf], resolved: &[PathBuf]) -> Result<(), String> {
+    for (i, (s, f)) in services.iter().zip(resolved).enumerate() {
+        if s.extension().and_then(|e| e.to_str()) != Some("toml") || !f.is_file() {
+            return Err(format!(
+                "services[{i}]: {} is not a .toml file (paths are relative to the config's directory)",
+                f.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -421,5 +589,88 @@ data_mib = 32
             err.contains("services[0]") && err.contains("missing.toml"),
             "{err}"
         );
+    }
+
+    /// An extension definition beside a minimal OS config, in `dir/extensions/<file>`.
+    fn load_ext(dir: &Path, file: &str, text: &str) -> Result<ExtensionConfig, ConfigError> {
+        std::fs::write(dir.join("os.toml"), GOOD).unwrap();
+        std::fs::create_dir_all(dir.join("extensions/services")).unwrap();
+        std::fs::write(dir.join("extensions/services/e.toml"), "version = 1\n").unwrap();
+        let p = dir.join("extensions").join(file);
+        std::fs::write(&p, text).unwrap();
+        ExtensionConfig::load(&p)
+    }
+
+    const EXT: &str = r#"
+schema = 1
+name = "e"
+version = "1.0"
+seed = "x"
+os = "../os.toml"
+services = ["services/e.toml"]
+[images.e]
+packages = ["etcd-server"]
+exclude = ["adduser"]
+"#;
+
+    #[test]
+    fn extension_definitions_load_and_are_told_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let e = load_ext(d.path(), "e.toml", EXT).unwrap();
+        assert_eq!(e.os_config(), d.path().join("extensions/../os.toml"));
+        assert_eq!(e.images["e"].exclude, ["adduser"]);
+        assert_eq!(
+            kind_of(&d.path().join("extensions/e.toml")).unwrap(),
+            Kind::Extension
+        );
+        assert_eq!(kind_of(&d.path().join("os.toml")).unwrap(), Kind::Os);
+    }
+
+    #[test]
+    fn bad_extension_definitions_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let err = |file: &str, text: &str| load_ext(d.path(), file, text).unwrap_err().to_string();
+        let e = err("other.toml", EXT);
+        assert!(
+            e.contains("name = \"e\" but the file is") && e.contains("e.toml"),
+            "{e}"
+        );
+        let e = err("e.toml", &EXT.replace("../os.toml", "../nope.toml"));
+        assert!(
+            e.contains("os = \"../nope.toml\"") && e.contains("not a file"),
+            "{e}"
+        );
+        let e = err(
+            "e.toml",
+            &EXT.replace("version = \"1.0\"", "version = \"1/0\""),
+        );
+        assert!(e.contains("version = \"1/0\""), "{e}");
+        let long = "1.0.0-with-a-very-long-suffix";
+        let e = err(
+            "e.toml",
+            &EXT.replace("version = \"1.0\"", &format!("version = \"{long}\"")),
+        );
+        assert!(
+            e.contains("partition label") && e.contains("GPT allows 36"),
+            "{e}"
+        );
+        let e = err(
+            "e.toml",
+            &EXT.replace("exclude = [\"adduser\"]", "exclude = [\"etcd-server\"]"),
+        );
+        assert!(
+            e.contains("etcd-server is in both packages and exclude"),
+            "{e}"
+        );
+        let e = err(
+            "e.toml",
+            &EXT.replace("seed = \"x\"", "seed = \"x\"\nkernel = 1"),
+        );
+        assert!(e.contains("e.toml:6:1: unknown field `kernel`"), "{e}");
+        let e = err(
+            "e.toml",
+            &EXT.replace("services/e.toml", "services/none.toml"),
+        );
+        assert!(e.contains("services[0]") && e.contains("none.toml"), "{e}");
     }
 }

@@ -6,7 +6,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use keelson_common::gpt::{Gpt, Guid, Partition, SECTOR};
+use keelson_common::gpt::{Gpt, Guid, Partition, ENTRY_SECTORS, SECTOR};
 use keelson_common::partitions::{
     Slot, DATA_LABEL, ESP_LABEL, ESP_TYPE, ROOT_X86_64_TYPE, ROOT_X86_64_VERITY_TYPE, VAR_TYPE,
 };
@@ -27,7 +27,16 @@ pub struct Part<'a> {
     pub size: u64,
     pub attributes: u64,
     pub content: Option<&'a Path>,
+    /// The partition's own GUID; `None` derives it from the seed and the label.
+    pub uuid: Option<Guid>,
 }
+
+/// Space after the last partition of an OS disk (init grows the data partition into the disk).
+pub const OS_TAIL: u64 = MIB;
+/// The least space after the last partition: the backup GPT (entries and header, 33 sectors),
+/// rounded up to 4 KiB.
+pub const MIN_TAIL: u64 =
+    (ENTRY_SECTORS + 1) * SECTOR + (4096 - (ENTRY_SECTORS + 1) * SECTOR % 4096) % 4096;
 
 /// The partitions of a Keelson disk, in table order.
 pub fn layout<'a>(
@@ -43,6 +52,7 @@ pub fn layout<'a>(
         size: d.esp_mib * MIB,
         attributes: 0,
         content: Some(esp),
+        uuid: None,
     }];
     for slot in Slot::ALL {
         let (root, verity, attributes) = match slot {
@@ -55,6 +65,7 @@ pub fn layout<'a>(
             size: d.root_mib * MIB,
             attributes,
             content: root,
+            uuid: None,
         });
         parts.push(Part {
             label: slot.verity_label(),
@@ -62,6 +73,7 @@ pub fn layout<'a>(
             size: d.verity_mib * MIB,
             attributes,
             content: verity,
+            uuid: None,
         });
     }
     parts.push(Part {
@@ -70,13 +82,25 @@ pub fn layout<'a>(
         size: d.data_mib * MIB,
         attributes: ATTR_GROWFS,
         content: Some(data),
+        uuid: None,
     });
     parts
 }
 
-/// Writes `out` as a sparse raw disk holding `parts`; returns the table written.
-pub fn assemble(out: &Path, seed: &str, parts: &[Part<'_>]) -> Result<Gpt> {
-    let total = MIB + parts.iter().map(|p| p.size).sum::<u64>() + MIB;
+/// Writes `out` as a sparse raw disk holding `parts` from 1 MiB on, with `tail` bytes after
+/// them (at least [`MIN_TAIL`]); returns the table written.
+pub fn assemble(out: &Path, seed: &str, parts: &[Part<'_>], tail: u64) -> Result<Gpt> {
+    if tail < MIN_TAIL || tail % SECTOR != 0 {
+        bail!("a disk needs at least {MIN_TAIL} bytes (whole sectors) after its last partition for the backup GPT, not {tail}");
+    }
+    if let Some(p) = parts.iter().find(|p| p.size == 0 || p.size % SECTOR != 0) {
+        bail!(
+            "partition {} has {} bytes, not a positive number of sectors",
+            p.label,
+            p.size
+        );
+    }
+    let total = MIB + parts.iter().map(|p| p.size).sum::<u64>() + tail;
     let _ = std::fs::remove_file(out);
     let mut f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     f.set_len(total)?;
@@ -100,7 +124,9 @@ pub fn assemble(out: &Path, seed: &str, parts: &[Part<'_>]) -> Result<Gpt> {
         }
         gpt.entries[i] = Some(Partition {
             type_guid: p.type_guid,
-            unique_guid: derive_guid(seed, &format!("partition {}", p.label)),
+            unique_guid: p
+                .uuid
+                .unwrap_or_else(|| derive_guid(seed, &format!("partition {}", p.label))),
             first_lba: offset / SECTOR,
             last_lba: (offset + p.size) / SECTOR - 1,
             attributes: p.attributes,

@@ -8,17 +8,30 @@ use anyhow::{bail, Context, Result};
 use crate::lock::{Lock, Pin};
 use crate::util::sha256_file;
 
+/// The architectures of the packages an image may hold: the machine's, and
+/// architecture-independent ones (scripts, data, certificates).
+const ARCHES: [&str; 2] = ["amd64", "all"];
+
+/// The file names `apt-get download` may give `pin`'s package, one per architecture (it escapes
+/// the epoch's ':' as %3a).
+fn deb_names(pin: &Pin) -> impl Iterator<Item = String> + '_ {
+    ARCHES.iter().map(move |arch| {
+        format!(
+            "{}_{}_{arch}.deb",
+            pin.name,
+            pin.version.replace(':', "%3a")
+        )
+    })
+}
+
 /// Returns the path of the verified `.deb` for `pin`, downloading it into `cache` if needed.
 pub fn fetch(pin: &Pin, cache: &Path, lock_file: &Path, config: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
-    // apt-get names files with the epoch's ':' escaped as %3a.
-    let file = cache.join(format!(
-        "{}_{}_amd64.deb",
-        pin.name,
-        pin.version.replace(':', "%3a")
-    ));
-    if file.exists() && sha256_file(&file)? == pin.sha256 {
-        return Ok(file);
+    for name in deb_names(pin) {
+        let file = cache.join(name);
+        if file.exists() && sha256_file(&file)? == pin.sha256 {
+            return Ok(file);
+        }
     }
     // Download into a directory of this process and move the verified file into place, so a
     // failed or concurrent fetch never removes or half-writes a file another build is using.
@@ -26,21 +39,17 @@ pub fn fetch(pin: &Pin, cache: &Path, lock_file: &Path, config: &Path) -> Result
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let result = download(pin, &tmp, lock_file, config).and_then(|downloaded| {
+        let file = cache.join(downloaded.file_name().context("downloaded file name")?);
         std::fs::rename(&downloaded, &file)
-            .with_context(|| format!("moving {} into the cache", downloaded.display()))
+            .with_context(|| format!("moving {} into the cache", downloaded.display()))?;
+        Ok(file)
     });
     let _ = std::fs::remove_dir_all(&tmp);
-    result?;
-    Ok(file)
+    result
 }
 
 /// `apt-get download` of `pin` into `dir`; returns the file once its sha256 matches the pin.
 fn download(pin: &Pin, dir: &Path, lock_file: &Path, config: &Path) -> Result<PathBuf> {
-    let file = dir.join(format!(
-        "{}_{}_amd64.deb",
-        pin.name,
-        pin.version.replace(':', "%3a")
-    ));
     let out = Command::new("apt-get")
         .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
         .arg(format!("{}={}", pin.name, pin.version))
@@ -65,8 +74,16 @@ fn download(pin: &Pin, dir: &Path, lock_file: &Path, config: &Path) -> Result<Pa
             err.trim()
         );
     }
-    let actual = sha256_file(&file)
-        .with_context(|| format!("apt-get did not produce {}", file.display()))?;
+    let Some(file) = deb_names(pin).map(|n| dir.join(n)).find(|f| f.is_file()) else {
+        bail!(
+            "apt-get download {}={} produced none of {} in {}",
+            pin.name,
+            pin.version,
+            deb_names(pin).collect::<Vec<_>>().join(", "),
+            dir.display()
+        );
+    };
+    let actual = sha256_file(&file)?;
     if actual != pin.sha256 {
         bail!(
             "{} {}: sha256 {actual} does not match the pin {} in {}; if the archive really changed, review it and run `image-build lock {}`",
@@ -91,4 +108,25 @@ pub fn fetch_all<'a>(
         .iter()
         .map(|p| Ok((p, fetch(p, cache, lock_file, config)?)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn architecture_independent_packages_are_found_too() {
+        let pin = Pin {
+            requested: "adduser".into(),
+            name: "adduser".into(),
+            version: "1:3.134".into(),
+            sha256: String::new(),
+            images: vec![],
+        };
+        let names: Vec<String> = deb_names(&pin).collect();
+        assert_eq!(
+            names,
+            ["adduser_1%3a3.134_amd64.deb", "adduser_1%3a3.134_all.deb"]
+        );
+    }
 }

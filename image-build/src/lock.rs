@@ -15,7 +15,7 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{parse_toml, ImageConfig};
+use crate::config::{parse_toml, ExtensionConfig, Image, ImageConfig};
 
 /// A lock file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,46 +45,87 @@ pub struct Pin {
     pub images: Vec<String>,
 }
 
-/// Where the lock file of a config lives: beside it, `vm.toml` → `vm.lock`.
-pub fn lock_path(cfg: &ImageConfig) -> PathBuf {
-    cfg.path.with_extension("lock")
+/// A definition whose packages a lock pins: an OS config (boot packages and service images) or
+/// an extension definition (service images only).
+pub trait Pinned {
+    /// The definition file.
+    fn path(&self) -> &Path;
+    /// The packages that are not part of a service image (kernel, bootloader), in a stable order.
+    fn boot_packages(&self) -> Vec<String>;
+    /// The service images, each resolved with its dependency closure.
+    fn images(&self) -> &BTreeMap<String, Image>;
+}
+
+impl Pinned for ImageConfig {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn boot_packages(&self) -> Vec<String> {
+        vec![self.kernel.package.clone(), self.bootloader.package.clone()]
+    }
+    fn images(&self) -> &BTreeMap<String, Image> {
+        &self.images
+    }
+}
+
+impl Pinned for ExtensionConfig {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn boot_packages(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn images(&self) -> &BTreeMap<String, Image> {
+        &self.images
+    }
+}
+
+/// Where the lock file of a definition lives: beside it, `vm.toml` → `vm.lock`.
+pub fn lock_path(cfg: &dyn Pinned) -> PathBuf {
+    cfg.path().with_extension("lock")
 }
 
 impl Lock {
     /// Reads the lock of `cfg`, with a clear error when it is missing or lacks a package the
     /// config asks for.
-    pub fn load(cfg: &ImageConfig) -> Result<Lock> {
+    pub fn load(cfg: &dyn Pinned) -> Result<Lock> {
         let path = lock_path(cfg);
+        let config = cfg.path().display();
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
-                "no lock file {}: run `image-build lock {}` to pin the packages",
+                "no lock file {}: run `image-build lock {config}` to pin the packages",
                 path.display(),
-                cfg.path.display()
             )
         })?;
         let lock: Lock = parse_toml(&path, &text)?;
         let missing = |what: &str, user: String| {
             anyhow!(
-                "{}: {what} is used by {user} but not pinned: run `image-build lock {}`",
+                "{}: {what} is used by {user} but not pinned: run `image-build lock {config}`",
                 path.display(),
-                cfg.path.display()
             )
         };
-        for req in requested_packages(cfg) {
+        for req in cfg.boot_packages() {
             if lock.pin(&req).is_err() {
-                return Err(missing(&req, cfg.path.display().to_string()));
+                return Err(missing(&req, config.to_string()));
             }
         }
-        for (image, spec) in &cfg.images {
+        for (image, spec) in cfg.images() {
+            if let Some(pin) = lock
+                .image_packages(image)
+                .find(|p| spec.exclude.contains(&p.name) || spec.exclude.contains(&p.requested))
+            {
+                bail!(
+                    "{}: {} is pinned for images.{image} but {config} excludes it: run `image-build lock {config}`",
+                    path.display(),
+                    pin.name
+                );
+            }
             for pkg in &spec.packages {
                 if !lock
                     .image_packages(image)
                     .any(|p| p.requested == *pkg || p.name == *pkg)
                 {
-                    return Err(missing(
-                        pkg,
-                        format!("images.{image} of {}", cfg.path.display()),
-                    ));
+                    return Err(missing(pkg, format!("images.{image} of {config}")));
                 }
             }
         }
@@ -116,11 +157,6 @@ impl Lock {
         );
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
     }
-}
-
-/// The boot packages a config asks for, in a stable order.
-pub fn requested_packages(cfg: &ImageConfig) -> Vec<String> {
-    vec![cfg.kernel.package.clone(), cfg.bootloader.package.clone()]
 }
 
 /// A version relation in a dependency: `(>= 2.34)`.
@@ -419,8 +455,16 @@ fn pin_of(requested: &str, stanza: Stanza, images: Vec<String>) -> Result<Pin> {
 /// The dependency closure (Pre-Depends and Depends) of `roots`: for each dependency the first
 /// alternative that is already chosen or that the index can satisfy (a real package whose
 /// candidate meets the version constraint, else the first provider of a virtual package by
-/// name). Returns `(requested as, stanza)` in discovery order: roots first, then breadth-first.
-pub fn closure(index: &mut dyn Index, roots: &[String]) -> Result<Vec<(String, Stanza)>> {
+/// name). A dependency with an alternative named in `exclude` counts as satisfied and is not
+/// followed (packages only maintainer scripts need, which image-build never runs); every name
+/// in `exclude` must be met this way. Returns `(requested as, stanza)` in discovery order:
+/// roots first, then breadth-first.
+pub fn closure(
+    index: &mut dyn Index,
+    roots: &[String],
+    exclude: &[String],
+) -> Result<Vec<(String, Stanza)>> {
+    let mut excluded_seen = std::collections::BTreeSet::new();
     let mut chosen: Vec<(String, Stanza)> = Vec::new();
     let mut queue = VecDeque::new();
     let find = |chosen: &[(String, Stanza)], name: &str| {
@@ -447,6 +491,10 @@ pub fn closure(index: &mut dyn Index, roots: &[String]) -> Result<Vec<(String, S
                 })
             });
             if satisfied {
+                continue;
+            }
+            if let Some(dep) = group.iter().find(|d| exclude.contains(&d.name)) {
+                excluded_seen.insert(dep.name.clone());
                 continue;
             }
             let mut picked = None;
@@ -486,15 +534,20 @@ pub fn closure(index: &mut dyn Index, roots: &[String]) -> Result<Vec<(String, S
             }
         }
     }
+    if let Some(unused) = exclude.iter().find(|e| !excluded_seen.contains(*e)) {
+        bail!(
+            "exclude: {unused} is not a dependency of the packages (or something else pulls it in as well): remove it from exclude"
+        );
+    }
     Ok(chosen)
 }
 
 /// Resolves every image's packages with their closure into pins, one per package (sorted by
 /// name), each listing the images it goes into.
-pub fn resolve_images(index: &mut dyn Index, cfg: &ImageConfig) -> Result<Vec<Pin>> {
+pub fn resolve_images(index: &mut dyn Index, cfg: &dyn Pinned) -> Result<Vec<Pin>> {
     let mut pins: BTreeMap<String, Pin> = BTreeMap::new();
-    for (image, spec) in &cfg.images {
-        let found = closure(index, &spec.packages)
+    for (image, spec) in cfg.images() {
+        let found = closure(index, &spec.packages, &spec.exclude)
             .with_context(|| format!("resolving the packages of images.{image}"))?;
         for (requested, stanza) in found {
             match pins.get_mut(&stanza.package) {
@@ -699,7 +752,12 @@ gawk 1:5.2.1-2 (= )
     #[test]
     fn closure_follows_depends_alternatives_and_virtual_packages() {
         let mut idx = Fixture::new();
-        let found = closure(&mut idx, &["busybox-static".into(), "dropbear-bin".into()]).unwrap();
+        let found = closure(
+            &mut idx,
+            &["busybox-static".into(), "dropbear-bin".into()],
+            &[],
+        )
+        .unwrap();
         let names: Vec<(&str, &str)> = found
             .iter()
             .map(|(r, s)| (r.as_str(), s.package.as_str()))
@@ -725,17 +783,46 @@ gawk 1:5.2.1-2 (= )
     }
 
     #[test]
+    fn excluded_dependencies_are_not_followed() {
+        let mut idx = Fixture::new();
+        let found = closure(&mut idx, &["dropbear-bin".into()], &["libtomcrypt1".into()]).unwrap();
+        let names: Vec<&str> = found.iter().map(|(_, s)| s.package.as_str()).collect();
+        // libtomcrypt1 and what only it pulls in (gmp, awk, libtommath1) are left out.
+        assert_eq!(
+            names,
+            [
+                "dropbear-bin",
+                "libc6",
+                "libcrypt1",
+                "zlib1g",
+                "libgcc-s1",
+                "gcc-12-base"
+            ]
+        );
+        // An exclusion the closure never meets is a mistake worth naming.
+        let err = closure(&mut idx, &["dropbear-bin".into()], &["perl-base".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("exclude: perl-base is not a dependency"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn closure_reports_what_cannot_be_satisfied() {
         let mut idx = Fixture::new();
         idx.stanzas.retain(|s| s.package != "libcrypt1");
-        let err = closure(&mut idx, &["dropbear-bin".into()])
+        let err = closure(&mut idx, &["dropbear-bin".into()], &[])
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("dropbear-bin 2022.83-1+deb12u3 depends on libcrypt1 (>= 1:4.1.0)"),
             "{err}"
         );
-        let err = closure(&mut idx, &["nope".into()]).unwrap_err().to_string();
+        let err = closure(&mut idx, &["nope".into()], &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no package nope"), "{err}");
         // A version constraint the candidate does not meet is not satisfied.
         let mut idx = Fixture::new();
@@ -744,7 +831,7 @@ gawk 1:5.2.1-2 (= )
                 s.version = "2.30-1".into();
             }
         }
-        assert!(closure(&mut idx, &["dropbear-bin".into()]).is_err());
+        assert!(closure(&mut idx, &["dropbear-bin".into()], &[]).is_err());
     }
 
     #[test]

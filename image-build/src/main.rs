@@ -1,13 +1,16 @@
 //! `image-build`: Keelson's reproducible image pipeline.
 //!
-//! `image-build build configs/vm.toml` writes `out/vm/`; `image-build lock configs/vm.toml`
-//! re-pins the config's Debian packages. See ARCHITECTURE.md for the pipeline's steps.
+//! `image-build build configs/vm.toml` writes `out/vm/`; `image-build extension
+//! configs/extensions/etcd.toml` writes the system extension `out/ext/etcd/`;
+//! `image-build lock CONFIG` re-pins a config's Debian packages. See ARCHITECTURE.md for the
+//! pipeline's steps and docs/extensions.md for extensions.
 
 mod binaries;
 mod build;
 mod config;
 mod disk;
 mod esp;
+mod extension;
 mod fetch;
 mod images;
 mod initramfs;
@@ -24,7 +27,7 @@ mod util;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
 /// Builds Keelson disk images from declarative configs.
@@ -40,7 +43,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build the image a config describes into out/<name>/.
+    /// Build the image a config describes into out/<name>/ (given an extension definition,
+    /// build the extension as `extension` does).
     Build {
         /// The image config, e.g. configs/vm.toml.
         config: PathBuf,
@@ -67,6 +71,28 @@ enum Cmd {
         /// `keelson.fatal=reboot` so a failing boot counts against its tries.
         #[arg(long = "kernel-arg")]
         kernel_args: Vec<String>,
+    },
+    /// Build a system extension (a Discoverable Disk Image with its service images and
+    /// services) into out/ext/<name>/.
+    Extension {
+        /// The extension definition, e.g. configs/extensions/etcd.toml.
+        config: PathBuf,
+        /// Output directory (default: out/ext/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Where downloaded packages are cached (default: <workspace>/cache/debs).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Take the OS's sysd (which checks the services) from this directory instead of
+        /// building it.
+        #[arg(long)]
+        bins: Option<PathBuf>,
+        /// Build this extension version instead of the definition's `version`.
+        #[arg(long)]
+        version: Option<String>,
+        /// Build for this OS version instead of the OS config's `version`.
+        #[arg(long)]
+        os_version: Option<String>,
     },
     /// Update repositories: signing keys, trusted root metadata, adding versions.
     #[command(subcommand)]
@@ -117,6 +143,32 @@ enum UpdateCmd {
         /// A rollout wave, HOURS:PERCENT after the release (repeatable, increasing).
         #[arg(long = "wave")]
         waves: Vec<String>,
+        /// An extension build (out/ext/<name>/) built for this version, signed as a target
+        /// and listed under it (repeatable).
+        #[arg(long = "extension")]
+        extensions: Vec<PathBuf>,
+        /// Lifetime of the targets/snapshot/timestamp metadata (e.g. 7d, 12h, 30s).
+        #[arg(long, default_value = "7d")]
+        expires_in: String,
+    },
+    /// List an extension build under an OS version already in the repository (the repository
+    /// says it fits that version, whatever it was built for), signing its image if new.
+    Extension {
+        /// Repository directory.
+        #[arg(long)]
+        repo: PathBuf,
+        /// The repository's root.json.
+        #[arg(long)]
+        root: PathBuf,
+        /// Signing keys (repeatable).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The OS version to list it under.
+        #[arg(long)]
+        os_version: String,
+        /// The extension build directory (out/ext/<name>/).
+        #[arg(long)]
+        extension: PathBuf,
         /// Lifetime of the targets/snapshot/timestamp metadata (e.g. 7d, 12h, 30s).
         #[arg(long, default_value = "7d")]
         expires_in: String,
@@ -169,16 +221,20 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
             keys,
             image,
             waves,
+            extensions,
             expires_in,
         } => {
             let payload = update::add(&update::AddOptions {
-                repo: repo.clone(),
-                root,
-                keys,
+                repo: update::RepoOptions {
+                    repo: repo.clone(),
+                    root,
+                    keys,
+                    expires_in: parse_duration(&expires_in)?,
+                },
                 image,
                 waves: waves.iter().map(|w| parse_wave(w)).collect::<Result<_>>()?,
                 release: jiff::Timestamp::now(),
-                expires_in: parse_duration(&expires_in)?,
+                extensions,
             })?;
             if !quiet {
                 eprintln!(
@@ -188,6 +244,45 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
                     repo.display(),
                     payload.root_size,
                     payload.waves.len()
+                );
+                for e in &payload.extensions {
+                    eprintln!(
+                        "  with extension {} {} ({}, {} bytes, root hash {})",
+                        e.name, e.version, e.target, e.size, e.roothash
+                    );
+                }
+            }
+        }
+        UpdateCmd::Extension {
+            repo,
+            root,
+            keys,
+            os_version,
+            extension,
+            expires_in,
+        } => {
+            let listed = update::list_extension(&update::ExtensionOptions {
+                repo: update::RepoOptions {
+                    repo: repo.clone(),
+                    root,
+                    keys,
+                    expires_in: parse_duration(&expires_in)?,
+                },
+                os_version: os_version.clone(),
+                extension,
+            })?;
+            if !quiet {
+                let e = &listed.extension;
+                eprintln!(
+                    "listed extension {} {} (built for {}) under {os_version} in {}{}",
+                    e.name,
+                    e.version,
+                    e.built_for,
+                    repo.display(),
+                    listed
+                        .replaced
+                        .map(|r| format!(", replacing {} {}", r.name, r.version))
+                        .unwrap_or_default()
                 );
             }
         }
@@ -216,6 +311,25 @@ fn run(cli: Cli) -> Result<()> {
             kernel_args,
         } => {
             let ws = workspace();
+            if config::kind_of(&config)? == config::Kind::Extension {
+                if trusted_root.is_some() || !extra_services.is_empty() || !kernel_args.is_empty() {
+                    bail!(
+                        "{} is an extension definition: --trusted-root, --extra-services and --kernel-arg are for OS images",
+                        config.display()
+                    );
+                }
+                extension::build(&extension::Options {
+                    config,
+                    out,
+                    cache: cache.unwrap_or_else(|| ws.join("cache/debs")),
+                    workspace: ws,
+                    bins,
+                    quiet: cli.quiet,
+                    version,
+                    os_version: None,
+                })?;
+                return Ok(());
+            }
             build::build(&build::Options {
                 config,
                 out,
@@ -229,13 +343,43 @@ fn run(cli: Cli) -> Result<()> {
                 kernel_args,
             })?;
         }
+        Cmd::Extension {
+            config,
+            out,
+            cache,
+            bins,
+            version,
+            os_version,
+        } => {
+            let ws = workspace();
+            if config::kind_of(&config)? != config::Kind::Extension {
+                bail!(
+                    "{} is an OS config, not an extension definition (it has no `os`): build it with `image-build build`",
+                    config.display()
+                );
+            }
+            extension::build(&extension::Options {
+                config,
+                out,
+                cache: cache.unwrap_or_else(|| ws.join("cache/debs")),
+                workspace: ws,
+                bins,
+                quiet: cli.quiet,
+                version,
+                os_version,
+            })?;
+        }
         Cmd::Update(cmd) => run_update(cmd, cli.quiet)?,
         Cmd::Lock {
             config,
             source_date_epoch,
         } => {
-            let cfg = config::ImageConfig::load(&config)?;
-            let path = lock::lock_path(&cfg);
+            let cfg: Box<dyn lock::Pinned> = match config::kind_of(&config)? {
+                config::Kind::Os => Box::new(config::ImageConfig::load(&config)?),
+                config::Kind::Extension => Box::new(config::ExtensionConfig::load(&config)?),
+            };
+            let cfg = cfg.as_ref();
+            let path = lock::lock_path(cfg);
             let old = std::fs::read_to_string(&path)
                 .ok()
                 .and_then(|t| toml::from_str::<lock::Lock>(&t).ok());
@@ -248,11 +392,12 @@ fn run(cli: Cli) -> Result<()> {
                         .unwrap_or(0)
                 });
             let mut index = lock::AptCache::default();
-            let mut packages = lock::requested_packages(&cfg)
+            let mut packages = cfg
+                .boot_packages()
                 .iter()
                 .map(|r| lock::resolve(&mut index, r))
                 .collect::<Result<Vec<_>>>()?;
-            packages.extend(lock::resolve_images(&mut index, &cfg)?);
+            packages.extend(lock::resolve_images(&mut index, cfg)?);
             let new = lock::Lock {
                 source_date_epoch: epoch,
                 packages,

@@ -123,3 +123,79 @@ pub struct PartitionInfo {
     pub last_lba: u64,
     pub attributes: u64,
 }
+
+/// The root hash of an extension build, hex on one line, beside its image.
+pub const ROOTHASH: &str = "roothash";
+
+/// An extension's `manifest.json` (in `out/ext/<name>/`): what it is, what it was built for,
+/// its sizes and every input, partition and file.
+#[derive(Serialize)]
+pub struct ExtensionManifest {
+    /// `SYSEXT_ID`.
+    pub name: String,
+    /// `SYSEXT_VERSION_ID`.
+    pub version: String,
+    pub description: String,
+    /// The OS `VERSION_ID` it is built for.
+    pub os_version: String,
+    /// dm-verity root hash of its file system (hex).
+    pub roothash: String,
+    /// The Discoverable Disk Image.
+    pub raw: Output,
+    pub sizes: ExtensionSizes,
+    pub config: String,
+    pub os_config: String,
+    pub source_date_epoch: u64,
+    /// `usr/lib/extension-release.d/extension-release.<name>`, as installed.
+    pub extension_release: String,
+    pub inputs: Vec<Input>,
+    pub tools: Vec<ToolVersion>,
+    pub partitions: Vec<PartitionInfo>,
+    pub images: Vec<ImageManifest>,
+    pub services: Vec<ServiceManifest>,
+    pub files: Vec<FileEntry>,
+}
+
+/// Sizes of an extension build, in bytes.
+#[derive(Serialize)]
+pub struct ExtensionSizes {
+    /// The whole image file.
+    pub raw: u64,
+    /// The EROFS file system (partition 1's content).
+    pub erofs: u64,
+    /// The dm-verity hash device (partition 2's content).
+    pub verity: u64,
+    /// The files of the tree before packing (images, services, extension-release).
+    pub tree: u64,
+}
+
+/// What `update add --extension` and `update extension` publish, read back from an
+/// extension's `manifest.json`.
+#[derive(Debug, Deserialize)]
+pub struct ExtensionId {
+    pub name: String,
+    pub version: String,
+    pub os_version: String,
+    pub roothash: String,
+    pub raw: OutputId,
+}
+
+/// An output as read back.
+#[derive(Debug, Deserialize)]
+pub struct OutputId {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Reads `dir/manifest.json` of an extension build.
+pub fn read_extension_id(dir: &Path) -> Result<ExtensionId> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "{}: not the manifest of an extension build (image-build extension writes it)",
+            path.display()
+        )
+    })
+}

@@ -73,28 +73,48 @@ pub struct ServiceFile {
 /// Reads the config's service files and checks what image-build can check on its own: every
 /// image under /usr/lib/keelson/images names an image of this config.
 pub fn load(cfg: &ImageConfig) -> Result<Vec<ServiceFile>> {
-    let mut out = Vec::new();
+    let mut files = Vec::new();
     for (i, path) in cfg.service_files().into_iter().enumerate() {
+        let dest = format!("{SERVICES_DIR}/{:02}-{}.toml", (i + 1) * 10, stem(&path)?);
+        files.push((path, dest));
+    }
+    let known: Vec<&str> = cfg.images.keys().map(String::as_str).collect();
+    load_files(files, &known, "this image", &cfg.path)
+}
+
+/// The file name of a service file without `.toml`.
+pub fn stem(path: &Path) -> Result<&str> {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("service file name {}", path.display()))
+}
+
+/// Reads service files `(source, path in the root)` and checks that every image under
+/// /usr/lib/keelson/images is one of `images` (the images built into `built_into`, whose
+/// definition is `config`).
+pub fn load_files(
+    files: Vec<(PathBuf, String)>,
+    images: &[&str],
+    built_into: &str,
+    config: &Path,
+) -> Result<Vec<ServiceFile>> {
+    let mut out = Vec::new();
+    for (path, dest) in files {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading service file {}", path.display()))?;
         let file: File = parse_toml(&path, &text)?;
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .context("service file name")?;
         let mut services = Vec::new();
         for (name, spanned) in file.services {
             let (line, col) = line_col(&text, spanned.span().start);
             let origin = format!("{}:{line}:{col}", path.display());
             let spec = spanned.into_inner();
             if let Some(image) = image_name(&spec.image) {
-                if !cfg.images.contains_key(image) {
-                    let known: Vec<&str> = cfg.images.keys().map(String::as_str).collect();
+                if !images.contains(&image) {
                     bail!(
-                        "{origin}: service `{name}`: image {} is not built into this image (add [images.{image}] to {}; it has: {})",
+                        "{origin}: service `{name}`: image {} is not built into {built_into} (add [images.{image}] to {}; it has: {})",
                         spec.image,
-                        cfg.path.display(),
-                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                        config.display(),
+                        if images.is_empty() { "none".to_owned() } else { images.join(", ") }
                     );
                 }
             }
@@ -111,7 +131,7 @@ pub fn load(cfg: &ImageConfig) -> Result<Vec<ServiceFile>> {
             });
         }
         out.push(ServiceFile {
-            dest: format!("{SERVICES_DIR}/{:02}-{stem}.toml", (i + 1) * 10),
+            dest,
             source: path,
             services,
         });
@@ -207,7 +227,8 @@ pub fn prepare_image(
 }
 
 /// Runs `sysd check --system` on the service files with the image's own sysd.
-pub fn check(sysd: &Path, files: &[ServiceFile]) -> Result<()> {
+pub fn check<'a>(sysd: &Path, files: impl IntoIterator<Item = &'a ServiceFile>) -> Result<()> {
+    let files: Vec<&ServiceFile> = files.into_iter().collect();
     if files.is_empty() {
         return Ok(());
     }

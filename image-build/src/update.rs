@@ -6,8 +6,10 @@
 //! `targets/<sha256>.<name>`. Targets per version: `<variant>-<version>-root.erofs.gz` (the EROFS
 //! root, gzip), `<variant>-<version>-root.verity` (its dm-verity hash device),
 //! `<variant>-<version>-uki-a.efi` and `...-uki-b.efi` (one UKI per target slot: the slot is on
-//! the UKI's command line), and `manifest.json`, which lists the versions with their payloads
-//! and rollout waves. Release keys live outside the repository; tests generate their own.
+//! the UKI's command line), `ext-<name>-<version>-for-<os version>.raw.gz` (a system extension
+//! image, gzip; docs/extensions.md), and `manifest.json`, which lists the versions with their
+//! payloads, rollout waves and the extensions that fit each. Release keys live outside the
+//! repository; tests generate their own.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -16,7 +18,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use aws_lc_rs::rand::SystemRandom;
-use keelson_common::update::{Manifest, Payload, Wave, MANIFEST_TARGET};
+use keelson_common::update::{
+    extension_target, ExtensionPayload, Manifest, Payload, Wave, MANIFEST_TARGET,
+};
 use tough::editor::signed::{PathExists, SignedRole};
 use tough::editor::RepositoryEditor;
 use tough::key_source::{KeySource, LocalKeySource};
@@ -25,6 +29,7 @@ use tough::sign::Sign;
 use tough::{ExpirationEnforcement, IntoVec, RepositoryLoader, TargetName};
 
 use crate::manifest::{self, UKI_SLOT_B};
+use crate::util::sha256_file;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -142,21 +147,238 @@ pub fn check_root(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Options of `image-build update add`.
-pub struct AddOptions {
+/// The repository a command signs into.
+pub struct RepoOptions {
+    /// Repository directory (`metadata/`, `targets/`).
     pub repo: PathBuf,
+    /// Its trusted `root.json`.
     pub root: PathBuf,
     pub keys: Vec<PathBuf>,
-    pub image: PathBuf,
-    /// `(hours after release, percent of the fleet)`, increasing.
-    pub waves: Vec<(u64, u8)>,
-    pub release: jiff::Timestamp,
     /// Lifetime of the targets, snapshot and timestamp metadata.
     pub expires_in: jiff::SignedDuration,
 }
 
+/// Options of `image-build update add`.
+pub struct AddOptions {
+    pub repo: RepoOptions,
+    pub image: PathBuf,
+    /// `(hours after release, percent of the fleet)`, increasing.
+    pub waves: Vec<(u64, u8)>,
+    pub release: jiff::Timestamp,
+    /// Extension builds (`out/ext/<name>/`) built for this version, listed under it.
+    pub extensions: Vec<PathBuf>,
+}
+
+/// Options of `image-build update extension`.
+pub struct ExtensionOptions {
+    pub repo: RepoOptions,
+    /// The OS version (already in the repository) to list the extension under.
+    pub os_version: String,
+    /// The extension build (`out/ext/<name>/`).
+    pub extension: PathBuf,
+}
+
+/// A repository opened for a change: its current metadata (if it has any) and manifest.
+struct Open {
+    rt: tokio::runtime::Runtime,
+    existing: Option<tough::Repository>,
+    manifest: Manifest,
+    sources: Vec<Box<dyn KeySource>>,
+}
+
+impl Open {
+    fn new(opts: &RepoOptions) -> Result<Open> {
+        let sources = key_sources(&opts.keys)?;
+        check_root(&opts.root)?;
+        let metadata = opts.repo.join("metadata");
+        let targets_dir = opts.repo.join("targets");
+        std::fs::create_dir_all(&metadata)?;
+        std::fs::create_dir_all(&targets_dir)?;
+        let rt = runtime()?;
+        // The current repository, if any (expired metadata may be re-signed, so not enforced).
+        let existing = if metadata.join("timestamp.json").exists() {
+            let root_bytes = std::fs::read(&opts.root)?;
+            let meta_url = dir_url(&metadata)?;
+            let targets_url = dir_url(&targets_dir)?;
+            let repo = rt
+                .block_on(
+                    RepositoryLoader::new(&root_bytes, meta_url, targets_url)
+                        .expiration_enforcement(ExpirationEnforcement::Unsafe)
+                        .load(),
+                )
+                .with_context(|| format!("loading the repository in {}", opts.repo.display()))?;
+            Some(repo)
+        } else {
+            None
+        };
+        let manifest = match &existing {
+            Some(repo) => {
+                let name = TargetName::new(MANIFEST_TARGET)?;
+                let bytes = rt.block_on(async {
+                    match repo.read_target(&name).await? {
+                        Some(stream) => stream.into_vec().await.map(Some),
+                        None => Ok(None),
+                    }
+                });
+                match bytes {
+                    Ok(Some(b)) => serde_json::from_slice::<Manifest>(&b)
+                        .context("the repository's manifest.json")?,
+                    Ok(None) => Manifest::default(),
+                    Err(e) => return Err(e).context("reading the repository's manifest.json"),
+                }
+            }
+            None => Manifest::default(),
+        };
+        Ok(Open {
+            rt,
+            existing,
+            manifest,
+            sources,
+        })
+    }
+
+    /// The hex sha256 of a target the repository already signs, if it has it.
+    fn target_sha256(&self, name: &str) -> Result<Option<String>> {
+        let Some(repo) = &self.existing else {
+            return Ok(None);
+        };
+        let tn = TargetName::new(name)?;
+        Ok(repo
+            .targets()
+            .signed
+            .targets
+            .get(&tn)
+            .map(|t| hex::encode(&t.hashes.sha256)))
+    }
+
+    /// Writes the manifest into `staging`, adds it and the files `new_targets` (in `staging`)
+    /// as targets, signs targets, snapshot and timestamp with versions one up, and copies the
+    /// new targets into the repository.
+    fn publish(self, opts: &RepoOptions, staging: &Path, new_targets: &[String]) -> Result<()> {
+        let Open {
+            rt,
+            existing,
+            mut manifest,
+            sources,
+        } = self;
+        manifest.sort();
+        std::fs::write(
+            staging.join(MANIFEST_TARGET),
+            serde_json::to_vec_pretty(&manifest)?,
+        )?;
+        let expires = jiff::Timestamp::now()
+            .checked_add(opts.expires_in)
+            .map_err(|e| anyhow::anyhow!("expiry: {e}"))?;
+        let metadata = opts.repo.join("metadata");
+        let targets_dir = opts.repo.join("targets");
+        rt.block_on(async {
+            let (mut editor, next) = match existing {
+                Some(repo) => {
+                    let next = |v: NonZeroU64| v.checked_add(1).unwrap_or(v);
+                    let t = next(repo.targets().signed.version);
+                    let s = next(repo.snapshot().signed.version);
+                    let ts = next(repo.timestamp().signed.version);
+                    let mut e = RepositoryEditor::from_repo(&opts.root, repo).await?;
+                    e.remove_target(&TargetName::new(MANIFEST_TARGET)?)?;
+                    (e, (t, s, ts))
+                }
+                None => {
+                    let one = NonZeroU64::MIN;
+                    (RepositoryEditor::new(&opts.root).await?, (one, one, one))
+                }
+            };
+            for name in new_targets
+                .iter()
+                .map(String::as_str)
+                .chain([MANIFEST_TARGET])
+            {
+                let (tn, target) = RepositoryEditor::build_target(staging.join(name)).await?;
+                editor.add_target(tn, target)?;
+            }
+            editor
+                .targets_version(next.0)?
+                .targets_expires(expires)?
+                .snapshot_version(next.1)
+                .snapshot_expires(expires)
+                .timestamp_version(next.2)
+                .timestamp_expires(expires);
+            let signed = editor.sign(&sources).await?;
+            signed
+                .copy_targets(staging, &targets_dir, PathExists::Skip)
+                .await?;
+            signed.write(&metadata).await?;
+            anyhow::Ok(())
+        })
+        .with_context(|| format!("signing the repository in {}", opts.repo.display()))?;
+        // Clients start from root.json next to the numbered copies (tuftool's layout).
+        if !metadata.join("1.root.json").exists() {
+            std::fs::copy(&opts.root, metadata.join("1.root.json"))?;
+        }
+        Ok(())
+    }
+
+    /// Stages the extension build in `dir` as a target (unless the repository has it already,
+    /// byte for byte) and returns its manifest entry; `new_targets` gets its name if staged.
+    fn stage_extension(
+        &self,
+        dir: &Path,
+        staging: &Path,
+        new_targets: &mut Vec<String>,
+    ) -> Result<ExtensionPayload> {
+        let ext = manifest::read_extension_id(dir)?;
+        let raw = dir.join(&ext.raw.path);
+        let len = std::fs::metadata(&raw)
+            .with_context(|| format!("the extension image {}", raw.display()))?
+            .len();
+        if len != ext.raw.size {
+            bail!(
+                "{}: {len} bytes, not the {} its manifest.json records (rebuild the extension)",
+                raw.display(),
+                ext.raw.size
+            );
+        }
+        let sha = sha256_file(&raw)?;
+        if sha != ext.raw.sha256 {
+            bail!(
+                "{}: its sha256 is {sha}, not the {} its manifest.json records (rebuild the extension)",
+                raw.display(),
+                ext.raw.sha256
+            );
+        }
+        let target = extension_target(&ext.name, &ext.version, &ext.os_version);
+        let staged = staging.join(&target);
+        {
+            let mut enc = flate2::write::GzEncoder::new(
+                std::fs::File::create(&staged)?,
+                flate2::Compression::best(),
+            );
+            std::io::copy(&mut std::fs::File::open(&raw)?, &mut enc)?;
+            enc.finish()?.sync_all()?;
+        }
+        let gz_sha = sha256_file(&staged)?;
+        match self.target_sha256(&target)? {
+            Some(have) if have == gz_sha => {}
+            Some(have) => bail!(
+                "target {target} is already in the repository with sha256 {have}, and {} compresses to {gz_sha}: extensions are immutable, build a new version",
+                raw.display()
+            ),
+            None => new_targets.push(target.clone()),
+        }
+        Ok(ExtensionPayload {
+            name: ext.name,
+            version: ext.version,
+            roothash: ext.roothash,
+            size: std::fs::metadata(&staged)?.len(),
+            sha256: gz_sha,
+            target,
+            built_for: ext.os_version,
+        })
+    }
+}
+
 /// Adds the image in `opts.image` (an `out/<name>/` directory) to the repository as a new
-/// version, re-signing targets, snapshot and timestamp. Returns the manifest entry.
+/// version, with the extensions built for it, re-signing targets, snapshot and timestamp.
+/// Returns the manifest entry.
 pub fn add(opts: &AddOptions) -> Result<Payload> {
     let img = manifest::read_image_id(&opts.image)?;
     let mut last = 0;
@@ -169,59 +391,24 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
         }
         last = *pct;
     }
-    let sources = key_sources(&opts.keys)?;
-    check_root(&opts.root)?;
-    let metadata = opts.repo.join("metadata");
-    let targets_dir = opts.repo.join("targets");
-    std::fs::create_dir_all(&metadata)?;
-    std::fs::create_dir_all(&targets_dir)?;
-    let rt = runtime()?;
-
-    // The current repository, if any (expired metadata may be re-signed, so not enforced).
-    let existing = if metadata.join("timestamp.json").exists() {
-        let root_bytes = std::fs::read(&opts.root)?;
-        let meta_url = dir_url(&metadata)?;
-        let targets_url = dir_url(&targets_dir)?;
-        let repo = rt
-            .block_on(
-                RepositoryLoader::new(&root_bytes, meta_url, targets_url)
-                    .expiration_enforcement(ExpirationEnforcement::Unsafe)
-                    .load(),
-            )
-            .with_context(|| format!("loading the repository in {}", opts.repo.display()))?;
-        Some(repo)
-    } else {
-        None
-    };
-    let mut manifest = match &existing {
-        Some(repo) => {
-            let name = TargetName::new(MANIFEST_TARGET)?;
-            let bytes = rt.block_on(async {
-                match repo.read_target(&name).await? {
-                    Some(stream) => stream.into_vec().await.map(Some),
-                    None => Ok(None),
-                }
-            });
-            match bytes {
-                Ok(Some(b)) => serde_json::from_slice::<Manifest>(&b)
-                    .context("the repository's manifest.json")?,
-                Ok(None) => Manifest::default(),
-                Err(e) => return Err(e).context("reading the repository's manifest.json"),
-            }
-        }
-        None => Manifest::default(),
-    };
-    if manifest.updates.iter().any(|u| u.version == img.version) {
+    let mut open = Open::new(&opts.repo)?;
+    let repo = &opts.repo.repo;
+    if open
+        .manifest
+        .updates
+        .iter()
+        .any(|u| u.version == img.version)
+    {
         bail!(
             "version {} is already in the repository {} (versions are immutable: build a new one)",
             img.version,
-            opts.repo.display()
+            repo.display()
         );
     }
 
     let staging = tempfile::Builder::new()
         .prefix(".staging")
-        .tempdir_in(&opts.repo)?;
+        .tempdir_in(repo)?;
     let stem = format!("{}-{}", img.name, img.version);
     let root_name = format!("{stem}-root.erofs.gz");
     let verity_name = format!("{stem}-root.verity");
@@ -250,6 +437,37 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
             opts.image.display()
         )
     })?;
+    let mut new_targets = vec![
+        root_name.clone(),
+        verity_name.clone(),
+        uki_a.clone(),
+        uki_b.clone(),
+    ];
+    let mut extensions: Vec<ExtensionPayload> = Vec::new();
+    for dir in &opts.extensions {
+        let id = manifest::read_extension_id(dir)?;
+        if id.os_version != img.version {
+            bail!(
+                "extension {} {} in {} was built for OS {}, not {}: build it for this version (`image-build extension --os-version {} …`), or list it under {} afterwards with `image-build update extension` if it fits",
+                id.name,
+                id.version,
+                dir.display(),
+                id.os_version,
+                img.version,
+                img.version,
+                img.version
+            );
+        }
+        let ext = open.stage_extension(dir, staging.path(), &mut new_targets)?;
+        if extensions.iter().any(|e| e.name == ext.name) {
+            bail!(
+                "two extensions named {} for version {}: give one --extension per name",
+                ext.name,
+                img.version
+            );
+        }
+        extensions.push(ext);
+    }
     let waves = opts
         .waves
         .iter()
@@ -268,71 +486,84 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
         version: img.version.clone(),
         variant: img.name.clone(),
         roothash: img.roothash_a.clone(),
-        root: root_name.clone(),
+        root: root_name,
         root_size,
-        verity: verity_name.clone(),
+        verity: verity_name,
         verity_size,
-        uki_a: uki_a.clone(),
-        uki_b: uki_b.clone(),
+        uki_a,
+        uki_b,
         released: opts.release.to_string(),
         waves,
+        extensions,
     };
-    manifest.updates.push(payload.clone());
-    manifest.sort();
-    std::fs::write(
-        staging.path().join(MANIFEST_TARGET),
-        serde_json::to_vec_pretty(&manifest)?,
-    )?;
-
-    let expires = jiff::Timestamp::now()
-        .checked_add(opts.expires_in)
-        .map_err(|e| anyhow::anyhow!("expiry: {e}"))?;
-    rt.block_on(async {
-        let (mut editor, next) = match existing {
-            Some(repo) => {
-                let next = |v: NonZeroU64| v.checked_add(1).unwrap_or(v);
-                let t = next(repo.targets().signed.version);
-                let s = next(repo.snapshot().signed.version);
-                let ts = next(repo.timestamp().signed.version);
-                let mut e = RepositoryEditor::from_repo(&opts.root, repo).await?;
-                e.remove_target(&TargetName::new(MANIFEST_TARGET)?)?;
-                (e, (t, s, ts))
-            }
-            None => {
-                let one = NonZeroU64::MIN;
-                (RepositoryEditor::new(&opts.root).await?, (one, one, one))
-            }
-        };
-        for name in [
-            &root_name,
-            &verity_name,
-            &uki_a,
-            &uki_b,
-            &MANIFEST_TARGET.to_owned(),
-        ] {
-            let (tn, target) = RepositoryEditor::build_target(staging.path().join(name)).await?;
-            editor.add_target(tn, target)?;
-        }
-        editor
-            .targets_version(next.0)?
-            .targets_expires(expires)?
-            .snapshot_version(next.1)
-            .snapshot_expires(expires)
-            .timestamp_version(next.2)
-            .timestamp_expires(expires);
-        let signed = editor.sign(&sources).await?;
-        signed
-            .copy_targets(staging.path(), &targets_dir, PathExists::Skip)
-            .await?;
-        signed.write(&metadata).await?;
-        anyhow::Ok(())
-    })
-    .with_context(|| format!("signing the repository in {}", opts.repo.display()))?;
-    // Clients start from root.json next to the numbered copies (tuftool's layout).
-    if !metadata.join("1.root.json").exists() {
-        std::fs::copy(&opts.root, metadata.join("1.root.json"))?;
-    }
+    open.manifest.updates.push(payload.clone());
+    open.publish(&opts.repo, staging.path(), &new_targets)?;
     Ok(payload)
+}
+
+/// What `update extension` did.
+#[derive(Debug)]
+pub struct Listed {
+    pub extension: ExtensionPayload,
+    /// The entry of the same name it replaced under that OS version.
+    pub replaced: Option<ExtensionPayload>,
+}
+
+/// Lists an extension build under an OS version already in the repository (signing its image
+/// as a target if the repository does not have it yet): the repository says it fits that
+/// version, whatever version it was built for.
+pub fn list_extension(opts: &ExtensionOptions) -> Result<Listed> {
+    let mut open = Open::new(&opts.repo)?;
+    let repo = &opts.repo.repo;
+    if !open
+        .manifest
+        .updates
+        .iter()
+        .any(|u| u.version == opts.os_version)
+    {
+        let have: Vec<&str> = open
+            .manifest
+            .updates
+            .iter()
+            .map(|u| u.version.as_str())
+            .collect();
+        bail!(
+            "OS version {} is not in the repository {} (it has: {}); add it first with `image-build update add`",
+            opts.os_version,
+            repo.display(),
+            if have.is_empty() { "none".to_owned() } else { have.join(", ") }
+        );
+    }
+    let staging = tempfile::Builder::new()
+        .prefix(".staging")
+        .tempdir_in(repo)?;
+    let mut new_targets = Vec::new();
+    let ext = open.stage_extension(&opts.extension, staging.path(), &mut new_targets)?;
+    let payload = open
+        .manifest
+        .updates
+        .iter_mut()
+        .find(|u| u.version == opts.os_version)
+        .context("the OS version vanished")?;
+    let replaced = match payload.extensions.iter().position(|e| e.name == ext.name) {
+        Some(i) if payload.extensions[i] == ext => bail!(
+            "extension {} {} is already listed under OS version {}",
+            ext.name,
+            ext.version,
+            opts.os_version
+        ),
+        Some(i) => Some(std::mem::replace(&mut payload.extensions[i], ext.clone())),
+        None => {
+            payload.extensions.push(ext.clone());
+            payload.extensions.sort_by(|a, b| a.name.cmp(&b.name));
+            None
+        }
+    };
+    open.publish(&opts.repo, staging.path(), &new_targets)?;
+    Ok(Listed {
+        extension: ext,
+        replaced,
+    })
 }
 
 fn dir_url(dir: &Path) -> Result<url::Url> {

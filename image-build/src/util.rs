@@ -86,6 +86,22 @@ pub const TOOLS: &[Tool] = &[
     },
 ];
 
+/// Every host tool `extension` needs.
+pub const EXTENSION_TOOLS: &[Tool] = &[
+    Tool {
+        name: "apt-get",
+        package: "apt",
+    },
+    Tool {
+        name: "dpkg-deb",
+        package: "dpkg",
+    },
+    Tool {
+        name: "mkfs.erofs",
+        package: "erofs-utils",
+    },
+];
+
 /// Fails with the apt package to install for the first missing tool.
 pub fn check_tools(tools: &[Tool]) -> Result<()> {
     let path = std::env::var_os("PATH").unwrap_or_default();

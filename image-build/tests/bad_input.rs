@@ -178,3 +178,116 @@ fn a_service_file_sysd_rejects_fails_the_build_with_its_location() {
     );
     assert!(err.contains("sysd check"), "{err}");
 }
+
+/// Copies configs/extensions/etcd.toml (with its lock and service file) and the OS config it
+/// names (configs/test.toml, its lock and services) into `dir`, keeping their relative layout,
+/// with `edit` applied to the extension's service file; returns the extension definition.
+fn extension_setup(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let ext = dir.join("extensions");
+    std::fs::create_dir_all(ext.join("services")).unwrap();
+    std::fs::create_dir_all(dir.join("services")).unwrap();
+    for f in ["test.toml", "test.lock"] {
+        std::fs::copy(ws().join("configs").join(f), dir.join(f)).unwrap();
+    }
+    for f in std::fs::read_dir(ws().join("configs/services")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join("services").join(f.file_name().unwrap())).unwrap();
+    }
+    for f in ["etcd.toml", "etcd.lock"] {
+        std::fs::copy(ws().join("configs/extensions").join(f), ext.join(f)).unwrap();
+    }
+    let svc = std::fs::read_to_string(ws().join("configs/extensions/services/etcd.toml")).unwrap();
+    std::fs::write(ext.join("services/etcd.toml"), edit(svc)).unwrap();
+    ext.join("etcd.toml")
+}
+
+fn extension_err(cfg: &Path, out: &Path) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_image-build"))
+        .args(["-q", "extension"])
+        .arg(cfg)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "extension build succeeded on bad input"
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn an_extension_service_is_checked_together_with_the_os_services() {
+    let d = tempfile::tempdir().unwrap();
+    // The OS already has a system service named timesync.
+    let cfg = extension_setup(d.path(), |s| {
+        s.replace("[services.etcd", "[services.timesync")
+    });
+    let err = extension_err(&cfg, &d.path().join("out"));
+    assert!(
+        err.contains("sysd check --system")
+            && err.contains("timesync")
+            && err.contains("already defined"),
+        "{err}"
+    );
+    assert!(!d.path().join("out/etcd.raw").exists());
+}
+
+#[test]
+fn an_extension_service_must_run_from_the_extension_s_images() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = extension_setup(d.path(), |s| {
+        s.replace(
+            "/usr/lib/keelson/images/etcd",
+            "/usr/lib/keelson/images/base",
+        )
+    });
+    let err = extension_err(&cfg, &d.path().join("out"));
+    assert!(
+        err.contains("services/etcd.toml:")
+            && err.contains("image /usr/lib/keelson/images/base is not built into this extension"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kinds_of_definitions_are_not_mixed_up() {
+    let d = tempfile::tempdir().unwrap();
+    let err = extension_err(&ws().join("configs/test.toml"), &d.path().join("out"));
+    assert!(
+        err.contains("is an OS config, not an extension definition"),
+        "{err}"
+    );
+    let cfg = extension_setup(d.path(), |s| s);
+    let o = Command::new(env!("CARGO_BIN_EXE_image-build"))
+        .args(["-q", "build", "--kernel-arg", "quiet"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is an extension definition: --trusted-root"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_excluded_package_still_in_the_lock_names_the_fix() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = extension_setup(d.path(), |s| s);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "exclude = [\"adduser\", \"init-system-helpers\"]",
+            "exclude = [\"adduser\", \"init-system-helpers\", \"libgcc-s1\"]",
+        ),
+    )
+    .unwrap();
+    let err = extension_err(&cfg, &d.path().join("out"));
+    assert!(
+        err.contains("libgcc-s1 is pinned for images.etcd")
+            && err.contains("excludes it: run `image-build lock"),
+        "{err}"
+    );
+}

@@ -125,3 +125,206 @@ fn repository_lifecycle_and_refusals() {
     assert_eq!(manifest["updates"][0]["waves"][1]["percent"], 100);
     assert_eq!(manifest["updates"][0]["uki_b"], "t-1.1-uki-b.efi");
 }
+
+/// An extension build as far as `update add --extension` and `update extension` read it.
+fn extension(dir: &Path, name: &str, version: &str, os_version: &str) -> String {
+    let d = dir.join(format!("ext-{name}-{version}-{os_version}"));
+    std::fs::create_dir_all(&d).unwrap();
+    let raw: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(d.join(format!("{name}.raw")), &raw).unwrap();
+    let sha = sha256(&raw);
+    let m = serde_json::json!({
+        "name": name, "version": version, "os_version": os_version,
+        "roothash": "cd".repeat(32),
+        "raw": {"path": format!("{name}.raw"), "size": raw.len(), "sha256": sha},
+    });
+    std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
+    d.to_str().unwrap().to_owned()
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// The newest signed manifest.json of a repository (from the timestamp down the chain, as a
+/// client would: snapshot names the targets version, targets names the manifest's hash).
+fn signed_manifest(repo: &Path) -> serde_json::Value {
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let meta = repo.join("metadata");
+    let ts = read(&meta.join("timestamp.json"));
+    let snap_v = &ts["signed"]["meta"]["snapshot.json"]["version"];
+    let snap = read(&meta.join(format!("{snap_v}.snapshot.json")));
+    let tgt_v = &snap["signed"]["meta"]["targets.json"]["version"];
+    let targets = read(&meta.join(format!("{tgt_v}.targets.json")));
+    let t = &targets["signed"]["targets"]["manifest.json"];
+    let sha = t["hashes"]["sha256"].as_str().unwrap();
+    read(&repo.join(format!("targets/{sha}.manifest.json")))
+}
+
+/// The file of a signed target, checked against its signed length and sha256.
+fn signed_target(repo: &Path, name: &str) -> Vec<u8> {
+    let meta = repo.join("metadata");
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let ts = read(&meta.join("timestamp.json"));
+    let snap_v = &ts["signed"]["meta"]["snapshot.json"]["version"];
+    let snap = read(&meta.join(format!("{snap_v}.snapshot.json")));
+    let tgt_v = &snap["signed"]["meta"]["targets.json"]["version"];
+    let targets = read(&meta.join(format!("{tgt_v}.targets.json")));
+    let t = &targets["signed"]["targets"][name];
+    let sha = t["hashes"]["sha256"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} is not a signed target"));
+    let data = std::fs::read(repo.join(format!("targets/{sha}.{name}"))).unwrap();
+    assert_eq!(t["length"], data.len());
+    assert_eq!(sha256(&data), sha);
+    data
+}
+
+#[test]
+fn extensions_are_signed_and_listed_per_os_version() {
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| t.path().join(n).to_str().unwrap().to_owned();
+    ok(&["update", "keygen", &p("k.pk8")]);
+    ok(&[
+        "update",
+        "root",
+        "--key",
+        &p("k.pk8"),
+        "--out",
+        &p("root.json"),
+    ]);
+    let repo = t.path().join("repo");
+    let common = |cmd: &str| -> Vec<String> {
+        [
+            "update",
+            cmd,
+            "--repo",
+            &p("repo"),
+            "--root",
+            &p("root.json"),
+        ]
+        .iter()
+        .chain(&["--key", &p("k.pk8")])
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |a: Vec<String>| ib(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let v1 = image(t.path(), "1.0");
+    let v2 = image(t.path(), "1.1");
+    let etcd_for_v1 = extension(t.path(), "etcd", "3.4.23-1", "1.0");
+
+    // Version 1.0 with the extension built for it: signed as a target, listed under 1.0.
+    let mut a = common("add");
+    a.extend(["--extension".into(), etcd_for_v1.clone(), v1]);
+    let o = run(a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = signed_manifest(&repo);
+    let e = &m["updates"][0]["extensions"][0];
+    assert_eq!(e["name"], "etcd");
+    assert_eq!(e["version"], "3.4.23-1");
+    assert_eq!(e["built_for"], "1.0");
+    assert_eq!(e["roothash"], "cd".repeat(32));
+    assert_eq!(e["target"], "ext-etcd-3.4.23-1-for-1.0.raw.gz");
+    let gz = signed_target(&repo, "ext-etcd-3.4.23-1-for-1.0.raw.gz");
+    assert_eq!(e["size"], gz.len());
+    assert_eq!(e["sha256"], sha256(&gz));
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw).unwrap();
+    assert_eq!(
+        raw,
+        std::fs::read(Path::new(&etcd_for_v1).join("etcd.raw")).unwrap()
+    );
+
+    // An extension built for another version is not listed under a new one by `add`.
+    let mut a = common("add");
+    a.extend(["--extension".into(), etcd_for_v1.clone(), v2.clone()]);
+    let o = run(a);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("was built for OS 1.0, not 1.1"),
+        "{e}"
+    );
+    let mut a = common("add");
+    a.push(v2);
+    let o = run(a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        signed_manifest(&repo)["updates"][0]["extensions"],
+        serde_json::json!([])
+    );
+
+    // `update extension`: the repository says the 1.0 build fits 1.1 too; same target.
+    let list = |os: &str, ext: &str| {
+        let mut a = common("extension");
+        a.extend([
+            "--os-version".into(),
+            os.into(),
+            "--extension".into(),
+            ext.into(),
+        ]);
+        run(a)
+    };
+    let targets_before = std::fs::read_dir(repo.join("targets")).unwrap().count();
+    let o = list("1.1", &etcd_for_v1);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = signed_manifest(&repo);
+    assert_eq!(m["updates"][0]["version"], "1.1");
+    assert_eq!(
+        m["updates"][0]["extensions"][0],
+        m["updates"][1]["extensions"][0]
+    );
+    // Only a new manifest.json was written: the image target was already there.
+    assert_eq!(
+        std::fs::read_dir(repo.join("targets")).unwrap().count(),
+        targets_before + 1
+    );
+    let e = String::from_utf8_lossy(&list("1.1", &etcd_for_v1).stderr).into_owned();
+    assert!(e.contains("already listed under OS version 1.1"), "{e}");
+    let e = String::from_utf8_lossy(&list("9.9", &etcd_for_v1).stderr).into_owned();
+    assert!(
+        e.contains("OS version 9.9 is not in the repository") && e.contains("1.1, 1.0"),
+        "{e}"
+    );
+
+    // A newer extension version replaces the old one under 1.1 only.
+    let etcd2 = extension(t.path(), "etcd", "3.4.23-2", "1.1");
+    let o = list("1.1", &etcd2);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("replacing etcd 3.4.23-1"));
+    let m = signed_manifest(&repo);
+    assert_eq!(m["updates"][0]["extensions"][0]["version"], "3.4.23-2");
+    assert_eq!(m["updates"][0]["extensions"].as_array().unwrap().len(), 1);
+    assert_eq!(m["updates"][1]["extensions"][0]["version"], "3.4.23-1");
+
+    // A build whose image no longer matches its manifest is refused, and so is a different
+    // image under a target name the repository already signs.
+    let bad = extension(t.path(), "bad", "1", "1.1");
+    std::fs::write(Path::new(&bad).join("bad.raw"), vec![0u8; 64 * 1024]).unwrap();
+    let e = String::from_utf8_lossy(&list("1.1", &bad).stderr).into_owned();
+    assert!(
+        e.contains("not the") && e.contains("its manifest.json records"),
+        "{e}"
+    );
+    let other = t.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let changed = vec![9u8; 4096];
+    std::fs::write(other.join("etcd.raw"), &changed).unwrap();
+    let m = serde_json::json!({
+        "name": "etcd", "version": "3.4.23-1", "os_version": "1.0", "roothash": "ef".repeat(32),
+        "raw": {"path": "etcd.raw", "size": changed.len(), "sha256": sha256(&changed)},
+    });
+    std::fs::write(other.join("manifest.json"), m.to_string()).unwrap();
+    let e = String::from_utf8_lossy(&list("1.0", other.to_str().unwrap()).stderr).into_owned();
+    assert!(
+        e.contains("already in the repository with sha256") && e.contains("immutable"),
+        "{e}"
+    );
+    // Not an extension build at all.
+    let e = String::from_utf8_lossy(&list("1.0", &p("img-1.0")).stderr).into_owned();
+    assert!(e.contains("not the manifest of an extension build"), "{e}");
+}

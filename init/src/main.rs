@@ -5,7 +5,6 @@
 
 mod bootargs;
 mod disk;
-mod dm;
 mod etc;
 mod ext4;
 mod fatal;

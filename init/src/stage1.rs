@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use keelson_common::cmdline::Cmdline;
+use keelson_common::dm;
 use keelson_common::partitions::{DATA_LABEL, ROOT_X86_64_TYPE, ROOT_X86_64_VERITY_TYPE, VAR_TYPE};
 use keelson_common::verity;
 use nix::errno::Errno;
@@ -17,7 +18,7 @@ use crate::disk::{self, BootDisk, PartDev};
 use crate::fatal::{self, fatal};
 use crate::mounts::{self, Kernel};
 use crate::switch_root::{self, NEW_ROOT};
-use crate::{bootargs, dm, ext4, say};
+use crate::{bootargs, ext4, say};
 
 /// Runs stage 1; ends in exec of the real init or in [`fatal`].
 pub fn run() -> ! {

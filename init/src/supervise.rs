@@ -113,8 +113,9 @@ struct Exec {
 
 impl Exec {
     fn sysd() -> Self {
-        // sysd owns the host network on a node (the flag keeps host tests off the host's links).
-        Self::new(SYSD, &[SYSD, "--host-network"])
+        // sysd owns the host network and the extensions on a node (the flags keep host tests
+        // off the host's links and /usr).
+        Self::new(SYSD, &[SYSD, "--host-network", "--extensions"])
     }
 
     fn new(path: &str, args: &[&str]) -> Self {

@@ -7,6 +7,7 @@
 //! time.
 
 mod config;
+mod extensions;
 mod http;
 mod images;
 mod net;
@@ -101,6 +102,8 @@ enum Command {
         #[command(subcommand)]
         command: Option<images::ImagesCommand>,
     },
+    /// Engine extensions of the running OS version: name, version, state, root hash, source.
+    Extensions,
     /// Over-the-air updates: check, apply, status, rollback, cancel.
     #[command(subcommand)]
     Update(update::UpdateCommand),
@@ -244,6 +247,7 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<()> {
             )?;
         }
         Command::Update(cmd) => update::run(&client, cmd, json, out)?,
+        Command::Extensions => extensions::run(&client, json, out)?,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "keelctl", out);
         }

@@ -272,5 +272,83 @@ fn show(s: &UpdateStatus) -> String {
                 .unwrap_or("no repository configured")
         ),
     );
+    if let Some(c) = &s.coordination {
+        line(
+            "reboot slots:",
+            format!(
+                "{} of group {:?}, {} at a time (this node: {})",
+                c.strategy, c.group, c.holders, c.node
+            ),
+        );
+        let none = || "nobody".to_string();
+        line(
+            "  held by:",
+            if c.held_by.is_empty() {
+                none()
+            } else {
+                c.held_by.join(", ")
+            },
+        );
+        line(
+            "  waiting:",
+            if c.waiting.is_empty() {
+                none()
+            } else {
+                c.waiting.join(", ")
+            },
+        );
+        if let Some(h) = &c.halted {
+            line("  halted:", format!("rollout of {h}"));
+        }
+        if let Some(e) = &c.error {
+            line("  etcd:", format!("{e} (as of {})", c.seen_at));
+        }
+    }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keelson_common::api::update::Coordination;
+
+    #[test]
+    fn status_shows_the_reboot_semaphore() {
+        let s = UpdateStatus {
+            version: "0.1.0".into(),
+            slot: "a".into(),
+            boot_entry: None,
+            assessment: "good".into(),
+            phase: Phase::WaitingForSlot,
+            progress: None,
+            staged: Some("0.2.0".into()),
+            last_good: None,
+            rolled_back_from: None,
+            last_error: None,
+            policy: "automatic".into(),
+            repository: Some("http://r/".into()),
+            coordination: Some(Coordination {
+                strategy: "etcd-lock".into(),
+                group: "default".into(),
+                holders: 1,
+                node: "node2".into(),
+                held_by: vec!["node1 (0.2.0, since 2026-12-06T04:00:00Z)".into()],
+                waiting: vec!["node2".into(), "node3".into()],
+                halted: Some("0.2.0 by node1: it did not come up healthy".into()),
+                error: None,
+                seen_at: "2026-12-06T04:01:00Z".into(),
+            }),
+        };
+        let t = show(&s);
+        assert!(t.contains("phase:            waiting-for-slot\n"), "{t}");
+        assert!(
+            t.contains("  held by:        node1 (0.2.0, since 2026-12-06T04:00:00Z)\n"),
+            "{t}"
+        );
+        assert!(t.contains("  waiting:        node2, node3\n"), "{t}");
+        assert!(
+            t.contains("  halted:         rollout of 0.2.0 by node1: it did not come up healthy\n"),
+            "{t}"
+        );
+    }
 }

@@ -6,7 +6,8 @@
 //!
 //! What a [`Guest`] guarantees:
 //!
-//! - **Isolation.** QEMU runs in a fresh [`NetNs`] (see that module for why), with its own
+//! - **Isolation.** QEMU runs in a fresh [`NetNs`] (see that module for why), or in one a
+//!   [`crate::cluster`] shares between its guests ([`GuestBuilder::netns`]), with its own
 //!   temporary directory holding everything it writes: the disk overlay, the private copy of the
 //!   UEFI variable store, the serial log, the monitor socket, QEMU's stdout/stderr.
 //! - **The built image is never modified.** The disk is attached through a qcow2 overlay backed by
@@ -16,8 +17,13 @@
 //!   firmware time from kernel time ([`Guest::lines_with_times`]).
 //! - **Failures explain themselves.** A timeout error carries the last 40 serial lines; QEMU dying
 //!   early is reported with its stderr; a test that panics gets the last 60 serial lines printed.
-//! - **Nothing outlives the test.** Drop SIGKILLs QEMU, reaps it, deletes the namespace and the
-//!   temporary directory (kept, and its path printed, when `KEELSON_KEEP=1`).
+//! - **Nothing outlives the test.** Drop SIGKILLs QEMU, reaps it, deletes the namespace (once
+//!   no other guest shares it) and the temporary directory (kept, and its path printed, when
+//!   `KEELSON_KEEP=1`).
+//! - **The test image's shell.** [`Guest::sh`] runs a script in the test image's root shell
+//!   (port [`TEST_SHELL_PORT`]) wherever the builder said it is: behind a port forward
+//!   ([`GuestBuilder::forward_test_shell`]) or at the guest's own address on a shared LAN
+//!   ([`GuestBuilder::test_shell_at`]).
 //!
 //! Acceleration is TCG unless `KEELSON_KVM=1`: the CI machines have no usable `/dev/kvm`, and a
 //! TCG boot of a small image takes seconds, not minutes.
@@ -26,6 +32,7 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -50,6 +57,17 @@ const PANIC_TAIL_LINES: usize = 60;
 const MONITOR_TIMEOUT: Duration = Duration::from_secs(10);
 /// The HMP prompt that ends every monitor response.
 const HMP_PROMPT: &[u8] = b"(qemu) ";
+/// The guest port of the test image's root shell (the `testshell` service of
+/// `configs/services/test.toml`).
+pub const TEST_SHELL_PORT: u16 = 7000;
+/// How long [`Guest::sh`] retries while the shell comes up.
+const SHELL_RETRY: Duration = Duration::from_secs(120);
+/// How long one shell connection may take to open (a cut-off guest never answers the SYN).
+const SHELL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a script may run in the shell.
+const SHELL_READ_TIMEOUT: Duration = Duration::from_secs(900);
+/// Printed by the shell after the script's output: its absence means the connection broke.
+const SHELL_END: &str = "__END__";
 
 /// The storage controller the main disk (and extra drives) hang off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,7 +81,8 @@ pub enum DiskController {
     Ahci,
 }
 
-/// The network card model. Either way the backend is QEMU user networking in the namespace.
+/// The network card model. The backend is QEMU user networking in the namespace, or a tap
+/// device there ([`GuestBuilder::tap`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NicModel {
     /// `virtio-net-pci`.
@@ -108,7 +127,7 @@ enum Boot {
 
 /// How the main disk is attached.
 #[derive(Debug, Clone, Copy)]
-enum DiskMode {
+pub(crate) enum DiskMode {
     /// A qcow2 overlay in the guest directory, backed by the (raw) image; optionally larger.
     Overlay { size: Option<u64> },
     /// A full raw copy in the guest directory.
@@ -124,14 +143,23 @@ enum FwCfgValue {
 }
 
 /// Builds and spawns a [`Guest`]. Defaults: q35, 1 vCPU, 512 MiB, virtio-blk, virtio-net with user
-/// networking, serial to a file, HMP monitor on a unix socket.
+/// networking, serial to a file, HMP monitor on a unix socket, a fresh network namespace.
 #[derive(Debug, Clone)]
 pub struct GuestBuilder {
     boot: Boot,
-    disk: Option<PathBuf>,
-    disk_mode: DiskMode,
+    pub(crate) disk: Option<PathBuf>,
+    pub(crate) disk_mode: DiskMode,
     controller: DiskController,
     nic: NicModel,
+    /// A tap device of the namespace as the NIC's backend instead of user networking.
+    tap: Option<String>,
+    mac: Option<String>,
+    /// The namespace to run in; `None`: a fresh one.
+    netns: Option<Arc<NetNs>>,
+    /// A label for messages (a cluster's node name).
+    name: Option<String>,
+    /// Where [`Guest::sh`] reaches the test image's shell from the namespace.
+    shell: Option<SocketAddr>,
     forwards: Vec<(u16, u16)>,
     /// QEMU user networking's `net=` and `host=` (default 10.0.2.0/24 and 10.0.2.2).
     user_net: Option<(String, String)>,
@@ -151,6 +179,11 @@ impl GuestBuilder {
             disk_mode: DiskMode::Overlay { size: None },
             controller: DiskController::default(),
             nic: NicModel::default(),
+            tap: None,
+            mac: None,
+            netns: None,
+            name: None,
+            shell: None,
             forwards: Vec::new(),
             user_net: None,
             memory_mib: 512,
@@ -309,6 +342,49 @@ impl GuestBuilder {
         self
     }
 
+    /// Forwards `host_port` to the test image's shell ([`TEST_SHELL_PORT`]) and makes
+    /// [`Guest::sh`] use it.
+    pub fn forward_test_shell(mut self, host_port: u16) -> Self {
+        self.shell = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, host_port)));
+        self.forward(host_port, TEST_SHELL_PORT)
+    }
+
+    /// Makes [`Guest::sh`] reach the test image's shell at `addr` from the namespace (a tap
+    /// guest's own address and [`TEST_SHELL_PORT`]).
+    pub fn test_shell_at(mut self, addr: SocketAddr) -> Self {
+        self.shell = Some(addr);
+        self
+    }
+
+    /// Runs QEMU in `netns` (shared with other guests, deleted when the last holder drops it)
+    /// instead of a fresh namespace of its own.
+    pub fn netns(mut self, netns: Arc<NetNs>) -> Self {
+        self.netns = Some(netns);
+        self
+    }
+
+    /// Backs the network card with the existing tap device `ifname` of the guest's namespace
+    /// (`-netdev tap,ifname=…,script=no,downscript=no`) instead of user networking: the guest is
+    /// on whatever L2 network the tap is part of (a bridge, see [`crate::cluster`]). No port
+    /// forwards then: the guest is reached at its own address.
+    pub fn tap(mut self, ifname: &str) -> Self {
+        self.tap = Some(ifname.to_string());
+        self
+    }
+
+    /// The network card's MAC address (`52:54:00:12:34:56`; QEMU's default otherwise, the same
+    /// for every guest).
+    pub fn mac(mut self, mac: &str) -> Self {
+        self.mac = Some(mac.to_string());
+        self
+    }
+
+    /// A label for the guest's messages (timeouts, the serial tail of a failed test).
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
     /// Guest memory in MiB (default 512).
     pub fn memory_mib(mut self, mib: u32) -> Self {
         self.memory_mib = mib;
@@ -357,7 +433,31 @@ impl GuestBuilder {
         self
     }
 
-    /// Prepares the guest directory and starts QEMU in a fresh network namespace.
+    /// A cluster's template may not set what the cluster sets per node (see [`crate::cluster`]).
+    pub(crate) fn check_cluster_template(&self) -> Result<()> {
+        if self.nic == NicModel::None {
+            bail!("the cluster's template has no network card (NicModel::None)");
+        }
+        if !self.forwards.is_empty() || self.user_net.is_some() || self.shell.is_some() {
+            bail!(
+                "the cluster's template has port forwards or user_net: cluster nodes are on \
+                 the LAN, reached at their own addresses"
+            );
+        }
+        if self.tap.is_some() || self.mac.is_some() || self.netns.is_some() {
+            bail!("the cluster's template sets a tap, MAC or namespace: each node gets its own");
+        }
+        if self.disk.is_some() && matches!(self.disk_mode, DiskMode::AsIs(_)) {
+            bail!(
+                "the cluster's template must name an image, not a disk used as is: each node \
+                 gets its own overlay or copy"
+            );
+        }
+        Ok(())
+    }
+
+    /// Prepares the guest directory and starts QEMU in its network namespace (a fresh one unless
+    /// [`netns`](Self::netns) gave one).
     pub fn spawn(self) -> Result<Guest> {
         let qemu = paths::qemu_system()?;
         let dir = tempfile::Builder::new()
@@ -402,7 +502,10 @@ impl GuestBuilder {
         }
         std::fs::write(dir_path.join("qemu.cmdline"), format!("{cmdline}\n"))?;
 
-        let netns = NetNs::new()?;
+        let netns = match &self.netns {
+            Some(shared) => Arc::clone(shared),
+            None => Arc::new(NetNs::new()?),
+        };
         let stdout = File::create(dir_path.join("qemu.stdout"))?;
         let stderr = File::create(dir_path.join("qemu.stderr"))?;
         let mut command = netns.command(&qemu);
@@ -448,6 +551,8 @@ impl GuestBuilder {
             disk: disk.map(|(path, _)| path),
             cmdline,
             spawned_at,
+            name: self.name,
+            shell: self.shell,
             netns,
             dir_path,
             dir: Some(dir),
@@ -559,26 +664,48 @@ impl GuestBuilder {
         }
 
         if self.nic != NicModel::None {
-            let mut netdev = "user,id=n0".to_string();
-            if let Some((net, host)) = &self.user_net {
-                write!(netdev, ",net={net},host={host}")?;
-            }
-            for (host, guest) in &self.forwards {
-                write!(netdev, ",hostfwd=tcp:127.0.0.1:{host}-:{guest}")?;
-            }
+            let netdev = match &self.tap {
+                Some(ifname) => {
+                    if !self.forwards.is_empty() || self.user_net.is_some() {
+                        bail!(
+                            "port forwards and user_net need user networking; a guest on tap \
+                             {ifname:?} is reached at its own address"
+                        );
+                    }
+                    check_ifname(ifname)?;
+                    format!("tap,id=n0,ifname={ifname},script=no,downscript=no")
+                }
+                None => {
+                    let mut netdev = "user,id=n0".to_string();
+                    if let Some((net, host)) = &self.user_net {
+                        write!(netdev, ",net={net},host={host}")?;
+                    }
+                    for (host, guest) in &self.forwards {
+                        write!(netdev, ",hostfwd=tcp:127.0.0.1:{host}-:{guest}")?;
+                    }
+                    netdev
+                }
+            };
             let model = match self.nic {
                 NicModel::VirtioNet => "virtio-net-pci",
                 NicModel::E1000e => "e1000e",
                 NicModel::None => unreachable!("checked above"),
             };
+            // `romfile=` drops the iPXE option ROM: OVMF has its own drivers, and loading and
+            // running the ROM under TCG costs firmware time for nothing.
+            let mut device = format!("{model},netdev=n0,romfile=");
+            if let Some(mac) = &self.mac {
+                check_mac(mac)?;
+                write!(device, ",mac={mac}")?;
+            }
             a.push("-netdev".into());
             a.push(netdev.into());
             a.push("-device".into());
-            // `romfile=` drops the iPXE option ROM: OVMF has its own drivers, and loading and
-            // running the ROM under TCG costs firmware time for nothing.
-            a.push(format!("{model},netdev=n0,romfile=").into());
+            a.push(device.into());
         } else if !self.forwards.is_empty() {
             bail!("port forwards need a network card (NicModel::None was chosen)");
+        } else if let Some(ifname) = &self.tap {
+            bail!("tap {ifname:?} needs a network card (NicModel::None was chosen)");
         }
 
         for (name, value) in &self.fw_cfg {
@@ -596,6 +723,33 @@ impl GuestBuilder {
         a.extend(self.extra_args.iter().cloned());
         Ok(a)
     }
+}
+
+/// A MAC address as QEMU takes it: six hex octets separated by `:`, unicast.
+fn check_mac(mac: &str) -> Result<()> {
+    let octets: Vec<&str> = mac.split(':').collect();
+    let hex = |o: &&str| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit());
+    if octets.len() != 6 || !octets.iter().all(hex) {
+        bail!("MAC address {mac:?} is not six hex octets separated by `:` (52:54:00:12:34:56)");
+    }
+    let first = u8::from_str_radix(octets[0], 16)?;
+    if first & 1 == 1 {
+        bail!("MAC address {mac:?} is a multicast address (the first octet must be even)");
+    }
+    Ok(())
+}
+
+/// A network interface name the kernel accepts and QEMU's option syntax keeps whole.
+fn check_ifname(ifname: &str) -> Result<()> {
+    if ifname.is_empty()
+        || ifname.len() > 15
+        || !ifname
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        bail!("tap name {ifname:?} must be 1-15 letters, digits, `-`, `_` or `.`");
+    }
+    Ok(())
 }
 
 /// Copies the main disk into the guest directory as the builder asked.
@@ -724,8 +878,11 @@ pub struct Guest {
     disk: Option<PathBuf>,
     cmdline: String,
     spawned_at: Instant,
-    // Dropped after `Drop::drop` has reaped QEMU: the namespace, then the directory.
-    netns: NetNs,
+    name: Option<String>,
+    shell: Option<SocketAddr>,
+    // Dropped after `Drop::drop` has reaped QEMU: the namespace (deleted with its last holder),
+    // then the directory.
+    netns: Arc<NetNs>,
     dir_path: PathBuf,
     dir: Option<tempfile::TempDir>,
 }
@@ -733,6 +890,7 @@ pub struct Guest {
 impl std::fmt::Debug for Guest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Guest")
+            .field("name", &self.label())
             .field("pid", &self.pid())
             .field("dir", &self.dir_path)
             .field("netns", &self.netns.name())
@@ -817,7 +975,9 @@ impl Guest {
                 if Instant::now() >= deadline {
                     bail!(
                         "timed out after {timeout:?} waiting for {patterns:?} on the serial \
-                         console (guest dir {})\n--- last {ERROR_TAIL_LINES} serial lines ---\n{}",
+                         console of {} (guest dir {})\n--- last {ERROR_TAIL_LINES} serial lines \
+                         ---\n{}",
+                        self.label(),
                         self.dir_path.display(),
                         serial.log.tail(ERROR_TAIL_LINES)
                     );
@@ -962,30 +1122,60 @@ impl Guest {
             .unwrap_or_else(|e| panic!("{e}\n--- console ---\n{}", self.serial_tail(150)))
     }
 
-    /// Runs `script` in the test image's remote shell (the `testshell` service, a root shell on
-    /// the guest port forwarded to `port`); returns its combined output. Connections are retried
-    /// for two minutes while the shell comes up; then the test fails with the console's tail.
+    /// Runs `script` in the test image's root shell (the `testshell` service) where the builder
+    /// said it is ([`GuestBuilder::forward_test_shell`], [`GuestBuilder::test_shell_at`]);
+    /// returns its combined output. Connections are retried for two minutes while the shell comes
+    /// up; then the test fails with the console's tail.
+    pub fn sh(&self, script: &str) -> String {
+        self.try_sh(script)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.serial_tail(80)))
+    }
+
+    /// [`sh`](Self::sh) returning an error instead of failing the test (for benchmarks).
+    pub fn try_sh(&self, script: &str) -> Result<String> {
+        let addr = self.shell.ok_or_else(|| {
+            anyhow!(
+                "{}: no test shell address (build the guest with forward_test_shell or \
+                 test_shell_at)",
+                self.label()
+            )
+        })?;
+        self.shell_at(addr, script)
+    }
+
+    /// Runs `script` in the test image's shell forwarded to `port` (see [`sh`](Self::sh)).
     pub fn shell(&self, port: u16, script: &str) -> String {
-        use std::io::{Read, Write};
-        let deadline = Instant::now() + Duration::from_secs(120);
+        self.shell_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), script)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.serial_tail(80)))
+    }
+
+    fn shell_at(&self, addr: SocketAddr, script: &str) -> Result<String> {
+        let deadline = Instant::now() + SHELL_RETRY;
         loop {
             let attempt = self.run_in_netns(|| -> std::io::Result<String> {
-                let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-                s.set_read_timeout(Some(Duration::from_secs(600)))?;
-                write!(s, "{{ {script}\n}} 2>&1; echo __END__\nexit\n")?;
+                let mut s = TcpStream::connect_timeout(&addr, SHELL_CONNECT_TIMEOUT)?;
+                s.set_read_timeout(Some(SHELL_READ_TIMEOUT))?;
+                write!(s, "{{ {script}\n}} 2>&1; echo {SHELL_END}\nexit\n")?;
                 let mut out = String::new();
                 s.read_to_string(&mut out)?;
                 Ok(out)
             });
             match attempt {
-                Ok(out) if out.contains("__END__") => return out.replace("__END__\n", ""),
+                Ok(out) if out.contains(SHELL_END) => {
+                    return Ok(out.replace(&format!("{SHELL_END}\n"), ""))
+                }
                 _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
-                other => panic!(
-                    "test shell unreachable: {other:?}\n{}",
-                    self.serial_tail(80)
+                other => bail!(
+                    "{}: test shell at {addr} unreachable for {SHELL_RETRY:?}: {other:?}",
+                    self.label()
                 ),
             }
         }
+    }
+
+    /// The label given by [`GuestBuilder::name`], else `guest`.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or("guest")
     }
 
     /// Runs `f` on a thread inside the guest's namespace (to reach forwarded ports on 127.0.0.1).
@@ -1055,9 +1245,11 @@ impl Drop for Guest {
         let keep = std::env::var("KEELSON_KEEP").is_ok_and(|v| v == "1");
         if std::thread::panicking() {
             eprintln!(
-                "qemu-tests: test failed with a guest running; last {PANIC_TAIL_LINES} serial \
-                 lines:\n{}\n--- end of serial (guest dir {}{}) ---",
+                "qemu-tests: test failed; the last {PANIC_TAIL_LINES} serial lines of {}:\n{}\n\
+                 --- end of the serial of {} (guest dir {}{}) ---",
+                self.label(),
                 self.serial_tail(PANIC_TAIL_LINES),
+                self.label(),
                 self.dir_path.display(),
                 if keep {
                     ""
@@ -1182,6 +1374,59 @@ mod tests {
         let virtio = args(GuestBuilder::uefi("/x.img").nic(NicModel::None));
         assert!(virtio.contains("virtio-blk-pci,drive=d0"));
         assert!(!virtio.contains("-netdev"));
+    }
+
+    #[test]
+    fn command_line_for_a_tap_guest() {
+        let args = |b: GuestBuilder| -> Result<String> {
+            Ok(
+                b.qemu_args(None, None, Path::new("/g/s"), Path::new("/g/m"))?
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
+        };
+        let tap = || GuestBuilder::direct("/k", "/i", "", None).tap("ktap0");
+        let joined = args(tap().mac("52:54:00:4b:00:0b")).unwrap();
+        assert!(
+            joined.contains("-netdev tap,id=n0,ifname=ktap0,script=no,downscript=no"),
+            "{joined}"
+        );
+        assert!(joined.contains("virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:4b:00:0b"));
+        assert!(!joined.contains("user,"));
+
+        let err = |b: GuestBuilder| args(b).unwrap_err().to_string();
+        assert!(err(tap().forward(1, 2)).contains("reached at its own address"));
+        assert!(err(tap().user_net("10.1.0.0/24", "10.1.0.2")).contains("user networking"));
+        assert!(err(tap().nic(NicModel::None)).contains("needs a network card"));
+        let bad = GuestBuilder::direct("/k", "/i", "", None).tap("a,b");
+        assert!(err(bad).contains("tap name \"a,b\""));
+        let long = GuestBuilder::direct("/k", "/i", "", None).tap("sixteen-chars-xx");
+        assert!(err(long).contains("1-15"));
+        assert!(err(tap().mac("52:54:00:4b:00")).contains("six hex octets"));
+        assert!(err(tap().mac("52:54:00:4b:00:zz")).contains("six hex octets"));
+        assert!(err(tap().mac("01:00:5e:00:00:01")).contains("multicast"));
+        // A MAC on a user-networking guest is fine too.
+        let user = GuestBuilder::direct("/k", "/i", "", None).mac("52:54:00:00:00:02");
+        assert!(args(user).unwrap().contains("user,id=n0"));
+    }
+
+    #[test]
+    fn test_shell_address_follows_the_builder() {
+        let b = GuestBuilder::direct("/k", "/i", "", None).forward_test_shell(17000);
+        assert_eq!(
+            b.shell,
+            Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 17000)))
+        );
+        assert_eq!(b.forwards, vec![(17000, TEST_SHELL_PORT)]);
+        let at = SocketAddr::from((Ipv4Addr::new(10, 77, 0, 11), TEST_SHELL_PORT));
+        assert_eq!(
+            GuestBuilder::direct("/k", "/i", "", None)
+                .test_shell_at(at)
+                .shell,
+            Some(at)
+        );
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! A throwaway network namespace per guest.
+//! A throwaway network namespace per guest (or per cluster of guests).
 //!
-//! Every QEMU guest of the test suite runs inside its own [`NetNs`]. The namespace holds nothing
-//! but a loopback interface, so QEMU's user-mode networking (slirp) has no route anywhere: a guest
-//! can never reach the internet, and its `hostfwd` ports live on the namespace's own `127.0.0.1`.
+//! Every QEMU guest of the test suite runs inside its own [`NetNs`], or in the one a
+//! [`crate::cluster`] shares between its guests (held in an `Arc`, deleted with its last
+//! holder). The namespace holds nothing but a loopback interface (and a cluster's bridge and
+//! taps), so QEMU's user-mode networking (slirp) has no route anywhere: a guest can never reach
+//! the internet, and its `hostfwd` ports live on the namespace's own `127.0.0.1`.
 //! Two side effects are deliberate:
 //!
-//! - tests may use fixed host ports for forwards, because no two guests share a namespace;
+//! - tests may use fixed host ports for forwards, because no two slirp guests share a namespace;
 //! - to talk to a forwarded port, a test must itself enter the namespace, which
 //!   [`NetNs::run_in`] does for one closure on a dedicated thread (`setns` only affects the calling
 //!   thread, so the test's own thread and the rest of the process stay where they were).
@@ -55,8 +57,16 @@ impl NetNs {
         // From here on Drop cleans up, even if bringing `lo` up fails.
         let ns = NetNs { name };
         // Without `lo` up, slirp's hostfwd listeners on 127.0.0.1 would be unreachable.
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Runs `ip -n NAME ARGS...` (links and addresses of the namespace, e.g. a cluster's bridge
+    /// and taps); an error carries ip's stderr.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
     }
 
     /// The namespace's name, as `ip netns list` shows it.

@@ -9,40 +9,26 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use qemu_tests::scenario::{fresh_disk, test_image};
+use qemu_tests::scenario::{fresh_disk, run, test_guest};
 use qemu_tests::{DiskFormat, Guest, GuestBuilder};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(240);
-const SHELL_PORT: u16 = 17000;
 const SSH_PORT: u16 = 10022;
 
+/// The test image with the admin container's SSH port forwarded too.
 fn builder(disk: &Path) -> GuestBuilder {
-    GuestBuilder::from_image_dir(&test_image())
-        .unwrap()
-        .disk_no_copy(disk, DiskFormat::Qcow2)
-        .memory_mib(1024)
-        .forward(SHELL_PORT, 7000)
-        .forward(SSH_PORT, 22)
-}
-
-fn wait(g: &Guest, pattern: &str, timeout: Duration) -> String {
-    g.expect(pattern, timeout)
-}
-
-/// Runs `script` in the guest's test shell; returns its output.
-fn sh(g: &Guest, script: &str) -> String {
-    g.shell(SHELL_PORT, script)
+    test_guest(disk).forward(SSH_PORT, 22)
 }
 
 fn json(g: &Guest, cmd: &str) -> Value {
-    let out = sh(g, cmd);
+    let out = g.sh(cmd);
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{cmd}: {e}: {out}"))
 }
 
 /// The node's host name, read from PID 1's root (containers have their own UTS namespace).
 fn hostname(g: &Guest) -> String {
-    sh(g, "cat /proc/1/root/etc/hostname").trim().to_string()
+    g.sh("cat /proc/1/root/etc/hostname").trim().to_string()
 }
 
 fn service_state(g: &Guest, name: &str) -> Value {
@@ -92,15 +78,6 @@ fn power_off(g: Guest) {
         .unwrap_or_else(|e| panic!("{e}\n{}", g.serial_tail(60)));
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A NoCloud seed as users make it: `cloud-localds seed.iso user-data meta-data`.
 fn seed(dir: &Path, user_data: &str, meta_data: &str) -> PathBuf {
     std::fs::write(dir.join("user-data"), user_data).unwrap();
@@ -136,12 +113,11 @@ fn nocloud_cloud_config_sets_hostname_and_admin_keys_once_per_instance() {
         .extra_drive(&iso, DiskFormat::Raw)
         .spawn()
         .unwrap();
-    wait(
-        &g,
+    g.expect(
         "sysd: firstboot: applied cloud-config user data of instance iid-1 from nocloud:/dev/vdb",
         BOOT,
     );
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
     assert_eq!(hostname(&g), "seeded");
     let fb = json(&g, "keelctl -o json firstboot");
     assert_eq!(fb["outcome"], "applied", "{fb:#}");
@@ -151,7 +127,7 @@ fn nocloud_cloud_config_sets_hostname_and_admin_keys_once_per_instance() {
         "{fb:#}"
     );
     assert_eq!(
-        sh(&g, "cat /proc/1/root/var/lib/keelson/volumes/www/note.txt"),
+        g.sh("cat /proc/1/root/var/lib/keelson/volumes/www/note.txt"),
         "written by cloud-config"
     );
     // The key turned the admin container on, and it accepts that key.
@@ -180,7 +156,7 @@ fn nocloud_cloud_config_sets_hostname_and_admin_keys_once_per_instance() {
         String::from_utf8_lossy(&out.stderr),
         g.serial_tail(40)
     );
-    let config = sh(&g, "keelctl config show");
+    let config = g.sh("keelctl config show");
     assert!(
         config.contains("# from /var/lib/keelson/user-data.toml"),
         "{config}"
@@ -193,12 +169,11 @@ fn nocloud_cloud_config_sets_hostname_and_admin_keys_once_per_instance() {
         .extra_drive(&iso, DiskFormat::Raw)
         .spawn()
         .unwrap();
-    wait(
-        &g,
+    g.expect(
         "sysd: firstboot: instance iid-1 already configured; using the persisted config",
         BOOT,
     );
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
     assert_eq!(hostname(&g), "seeded");
     power_off(g);
 
@@ -208,8 +183,8 @@ fn nocloud_cloud_config_sets_hostname_and_admin_keys_once_per_instance() {
         .extra_drive(&iso, DiskFormat::Raw)
         .spawn()
         .unwrap();
-    wait(&g, "applied cloud-config user data of instance iid-2", BOOT);
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("applied cloud-config user data of instance iid-2", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
     assert_eq!(hostname(&g), "second");
     power_off(g);
 }
@@ -238,16 +213,15 @@ ready = { tcp = "127.0.0.1:8090", interval = "1s" }
         .fw_cfg("opt/keelson/meta-data", &md)
         .spawn()
         .unwrap();
-    wait(
-        &g,
+    g.expect(
         "sysd: firstboot: applied toml user data of instance fw-1 from fw_cfg",
         BOOT,
     );
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
     let hello = wait_running(&g, "hello");
     assert_eq!(hello["source"], "user-data", "{hello:#}");
     assert_eq!(
-        sh(&g, "wget -qO- http://127.0.0.1:8090/").trim(),
+        g.sh("wget -qO- http://127.0.0.1:8090/").trim(),
         "hello from user data"
     );
     assert_eq!(hostname(&g), "fw-node");
@@ -266,18 +240,18 @@ ready = { tcp = "127.0.0.1:8090", interval = "1s" }
         .fw_cfg("opt/keelson/meta-data", &md)
         .spawn()
         .unwrap();
-    let line = wait(&g, "sysd: firstboot-error: user data rejected", BOOT);
+    let line = g.expect("sysd: firstboot-error: user data rejected", BOOT);
     assert!(
         line.contains("fw_cfg: user-data:5:1: services.broken.memory: unknown field `memory`"),
         "{line}"
     );
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
     let fb = json(&g, "keelctl -o json firstboot");
     assert_eq!(fb["outcome"], "rejected", "{fb:#}");
     assert_eq!(fb["instance_id"], "fw-2");
     wait_running(&g, "hello");
     assert_eq!(hostname(&g), "fw-node");
-    let text = sh(&g, "keelctl firstboot");
+    let text = g.sh("keelctl firstboot");
     assert!(text.contains("user data REJECTED"), "{text}");
     power_off(g);
 }
@@ -309,8 +283,8 @@ fn nocloud_network_config_v2_gives_a_static_address() {
         .extra_drive(&iso, DiskFormat::Raw)
         .spawn()
         .unwrap();
-    wait(&g, "applied cloud-config user data of instance net-1", BOOT);
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("applied cloud-config user data of instance net-1", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
     let net = json(&g, "keelctl -o json net");
     let links = net["links"].as_array().cloned().unwrap_or_default();
     let lan = links
@@ -324,7 +298,7 @@ fn nocloud_network_config_v2_gives_a_static_address() {
     assert_eq!(net["leases"].as_array().map(Vec::len), Some(0), "{net:#}");
     assert!(net["search"].to_string().contains("seeded.test"), "{net:#}");
     assert_eq!(hostname(&g), "static-node");
-    let config = sh(&g, "keelctl config show");
+    let config = g.sh("keelctl config show");
     assert!(config.contains("[network.interfaces.lan"), "{config}");
     power_off(g);
 }
@@ -390,17 +364,11 @@ fn ec2_style_metadata_service_with_a_session_token() {
         &g,
         "version = 1\n\n[host]\nhostname = \"imds-node\"\n\n[services.fromimds]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sleep\", \"1000000\"]\n",
     );
-    wait(
-        &g,
-        "sysd: datasource: imds: asked once the network is up",
+    g.expect("sysd: datasource: imds: asked once the network is up", BOOT);
+    g.expect("sysd: firstboot: applied toml user data of instance i-0keelson000001 from imds:http://169.254.169.254:80",
         BOOT,
     );
-    wait(
-        &g,
-        "sysd: firstboot: applied toml user data of instance i-0keelson000001 from imds:http://169.254.169.254:80",
-        BOOT,
-    );
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
     let svc = wait_running(&g, "fromimds");
     assert_eq!(svc["source"], "user-data", "{svc:#}");
     assert_eq!(hostname(&g), "imds-node");

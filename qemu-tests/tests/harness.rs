@@ -5,13 +5,13 @@
 //! (`KEELSON_TEST_KERNEL_ROOT` points at another unpacked `linux-image-*-cloud-amd64`). Needs
 //! root, QEMU and OVMF, all installed by `./dev test`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keelson_common::cpio::{Entry, Writer};
-use qemu_tests::{Guest, GuestBuilder, NetNs, NicModel};
+use qemu_tests::scenario::http_get_until;
+use qemu_tests::{Cluster, Guest, GuestBuilder, NetNs, NicModel, NodeConfig, TEST_SHELL_PORT};
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -165,36 +165,43 @@ fn busybox_guest_says_hello_and_powers_off() {
         .unwrap();
 }
 
+/// The kernel modules of a virtio-net card, in load order.
+const VIRTIO_NET: [&str; 8] = [
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
+];
+
+/// The start of an init script that loads [`VIRTIO_NET`] and brings `lo` and `eth0` up.
+fn virtio_net_script() -> String {
+    let mut script = String::from("#!/bin/busybox sh\nB=/bin/busybox\n");
+    for m in &VIRTIO_NET {
+        let name = Path::new(m).file_name().unwrap().to_string_lossy();
+        script.push_str(&format!("$B insmod /modules/{name}\n"));
+    }
+    script.push_str("$B ip link set lo up\n$B ip link set eth0 up\n");
+    script
+}
+
 /// Loads virtio-net, serves a file with busybox httpd, and reaches it through a port forward
 /// inside the guest's namespace; also drives the monitor and checks the error paths.
 #[test]
 fn busybox_guest_serves_http_through_forward_in_netns() {
-    let modules = [
-        "drivers/virtio/virtio_ring.ko",
-        "drivers/virtio/virtio.ko",
-        "drivers/virtio/virtio_pci_legacy_dev.ko",
-        "drivers/virtio/virtio_pci_modern_dev.ko",
-        "drivers/virtio/virtio_pci.ko",
-        "net/core/failover.ko",
-        "drivers/net/net_failover.ko",
-        "drivers/net/virtio_net.ko",
-    ];
-    let mut script = String::from("#!/bin/busybox sh\nB=/bin/busybox\n");
-    for m in &modules {
-        let name = Path::new(m).file_name().unwrap().to_string_lossy();
-        script.push_str(&format!("$B insmod /modules/{name}\n"));
-    }
+    let mut script = virtio_net_script();
     script.push_str(
-        "$B ip link set lo up\n\
-         $B ip link set eth0 up\n\
-         $B ip addr add 10.0.2.15/24 dev eth0\n\
+        "$B ip addr add 10.0.2.15/24 dev eth0\n\
          $B httpd -p 80 -h /www\n\
          echo READY one\n\
          echo READY two\n\
          while true; do $B sleep 1; done\n",
     );
     let dir = tempfile::tempdir().unwrap();
-    let initrd = initramfs(dir.path(), &script, &modules);
+    let initrd = initramfs(dir.path(), &script, &VIRTIO_NET);
     let guest = GuestBuilder::direct(kernel(), initrd, "console=ttyS0", None)
         .nic(NicModel::VirtioNet)
         .forward(18080, 80)
@@ -209,8 +216,9 @@ fn busybox_guest_serves_http_through_forward_in_netns() {
     let status = guest.monitor("info status").unwrap();
     assert!(status.contains("running"), "info status: {status:?}");
 
-    let body = guest.run_in_netns(|| http_get(18080, "/hello.txt"));
-    assert!(body.contains("PONG from the guest"), "response: {body:?}");
+    // slirp accepts the connection at once and may only then find the guest's server.
+    let forward = SocketAddr::from((Ipv4Addr::LOCALHOST, 18080));
+    http_get_until(&guest, forward, "/hello.txt", "PONG from the guest");
     // The forward exists only in the guest's namespace.
     assert!(
         TcpStream::connect_timeout(&"127.0.0.1:18080".parse().unwrap(), Duration::from_secs(1))
@@ -234,32 +242,6 @@ fn busybox_guest_serves_http_through_forward_in_netns() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("QEMU exited"), "{err}");
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    // slirp accepts the connection at once and may only then find the guest's server; retry
-    // briefly in case httpd is not listening yet.
-    for _ in 0..50 {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        if stream
-            .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-            .is_err()
-        {
-            continue;
-        }
-        let mut response = String::new();
-        if stream.read_to_string(&mut response).is_ok() && !response.is_empty() {
-            return response;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("no HTTP response on 127.0.0.1:{port}");
 }
 
 #[test]
@@ -380,4 +362,79 @@ fn overlay_grows_and_copy_stays_sparse() {
     assert_eq!(meta.len(), 8 << 20);
     use std::os::unix::fs::MetadataExt;
     assert!(meta.blocks() * 512 < 8 << 20, "copy is not sparse");
+}
+
+/// Two busybox guests on a cluster's LAN, without any Keelson image: dnsmasq's reservations
+/// (address and host name) reach busybox udhcpc, the namespace reaches each guest's shell
+/// (busybox `nc -e sh` on the test shell's port), the guests reach each other, a cut guest is
+/// unreachable until healed, and a killed guest restarted gets its address again.
+#[test]
+fn busybox_cluster_leases_cut_heal_and_restart() {
+    let mut script = virtio_net_script();
+    script.push_str(&format!(
+        "$B --install -s /bin\n\
+         mount -t devtmpfs dev /dev\n\
+         mount -t proc proc /proc\n\
+         cat > /lease.sh <<'EOF'\n\
+         #!/bin/sh\n\
+         [ \"$1\" = bound ] && ip addr add $ip/$mask dev $interface && echo \"LEASE $ip $hostname\"\n\
+         exit 0\n\
+         EOF\n\
+         chmod +x /lease.sh\n\
+         udhcpc -i eth0 -s /lease.sh -q -t 60 -T 1\n\
+         nc -ll -p {TEST_SHELL_PORT} -e /bin/sh &\n\
+         echo SHELL UP\n\
+         while true; do sleep 1; done\n"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = initramfs(dir.path(), &script, &VIRTIO_NET);
+    let template = GuestBuilder::direct(kernel(), initrd, "console=ttyS0", None).memory_mib(256);
+    let mut c = Cluster::builder(template)
+        .node(NodeConfig::new("alpha"))
+        .node(NodeConfig::new("beta"))
+        .spawn()
+        .unwrap();
+    let timeout = Duration::from_secs(120);
+    for i in 0..c.len() {
+        let lease = c.guest(i).expect("LEASE", timeout);
+        assert_eq!(lease, format!("LEASE {} {}", c.addr(i), c.name(i)));
+    }
+    c.expect_all("SHELL UP", timeout);
+    fn ping(c: &Cluster, from: usize, to: usize) -> bool {
+        c.guest(from)
+            .sh(&format!(
+                "ping -c 1 -W 2 {} >/dev/null && echo up",
+                c.addr(to)
+            ))
+            .contains("up")
+    }
+    fn reachable(c: &Cluster, i: usize) -> bool {
+        let addr = SocketAddr::from((c.addr(i), TEST_SHELL_PORT));
+        c.run_in(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
+    }
+    assert!(
+        ping(&c, 0, 1) && ping(&c, 1, 0),
+        "the guests do not reach each other"
+    );
+
+    c.cut(1).unwrap();
+    assert!(!ping(&c, 0, 1), "alpha reached beta while beta was cut off");
+    assert!(
+        !reachable(&c, 1),
+        "the namespace reached beta while it was cut off"
+    );
+    assert!(reachable(&c, 0));
+    c.heal(1).unwrap();
+    assert!(
+        (0..10).any(|_| ping(&c, 0, 1)),
+        "alpha does not reach beta after the heal"
+    );
+
+    c.kill(1).unwrap();
+    assert!(!reachable(&c, 1), "beta answered after its kill");
+    c.restart(1).unwrap();
+    let lease = c.guest(1).expect("LEASE", timeout);
+    assert_eq!(lease, format!("LEASE {} beta", c.addr(1)));
+    c.guest(1).expect("SHELL UP", timeout);
+    assert!(ping(&c, 0, 1), "alpha does not reach the restarted beta");
 }

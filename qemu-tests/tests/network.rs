@@ -7,33 +7,13 @@
 //! sysd's event lines on the console.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use qemu_tests::scenario::test_image;
-use qemu_tests::{create_overlay, DiskFormat, Guest, GuestBuilder};
+use qemu_tests::scenario::{fresh_disk, http_get_until, test_guest};
+use qemu_tests::Guest;
 
 const BOOT: Duration = Duration::from_secs(240);
-const SHELL_PORT: u16 = 17000;
-
-fn boot(disk: &std::path::Path) -> Guest {
-    GuestBuilder::from_image_dir(&test_image())
-        .unwrap()
-        .disk_no_copy(disk, DiskFormat::Qcow2)
-        .memory_mib(1024)
-        .forward(SHELL_PORT, 7000)
-        .spawn()
-        .unwrap()
-}
-
-fn wait(g: &Guest, pattern: &str, timeout: Duration) -> String {
-    g.expect(pattern, timeout)
-}
-
-/// Runs `script` in the guest's test shell; returns its output.
-fn sh(g: &Guest, script: &str) -> String {
-    g.shell(SHELL_PORT, script)
-}
 
 /// An HTTP server on 127.0.0.1 of the guest's namespace (10.0.2.2 from inside the guest).
 fn outside_server(g: &Guest) -> u16 {
@@ -60,7 +40,7 @@ fn outside_server_on(g: &Guest, port: u16) -> u16 {
 
 /// The default route line of `keelctl net`, blanks squeezed: `default 10.0.2.2 eth0 static 0`.
 fn default_route(g: &Guest) -> String {
-    let net = sh(g, "keelctl net");
+    let net = g.sh("keelctl net");
     net.lines()
         .find(|l| l.starts_with("default "))
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
@@ -68,10 +48,9 @@ fn default_route(g: &Guest) -> String {
 }
 
 fn apply(g: &Guest, toml: &str) -> String {
-    sh(
-        g,
-        &format!("cat > /tmp/net.toml <<'EOF'\n{toml}\nEOF\nkeelctl apply /tmp/net.toml; echo \"exit=$?\""),
-    )
+    g.sh(&format!(
+        "cat > /tmp/net.toml <<'EOF'\n{toml}\nEOF\nkeelctl apply /tmp/net.toml; echo \"exit=$?\""
+    ))
 }
 
 /// The default rule gets QEMU's DHCP lease and reaches the outside; a static config applied
@@ -80,50 +59,47 @@ fn apply(g: &Guest, toml: &str) -> String {
 #[test]
 fn default_dhcp_static_apply_rollback_and_lease_after_reboot() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.qcow2");
-    create_overlay(&test_image().join("disk.raw"), &disk, Some(2 << 30)).unwrap();
-    let g = boot(&disk);
-    wait(
-        &g,
+    let disk = fresh_disk(dir.path());
+    let g = test_guest(&disk).spawn().unwrap();
+    g.expect(
         "sysd: dhcp-lease: eth0: offered 10.0.2.15/24 from 10.0.2.2",
         BOOT,
     );
-    wait(
-        &g,
+    g.expect(
         "sysd: network-online: default route and DNS server present",
         BOOT,
     );
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
     let console = g.serial_log();
     // The test shell waits for network-online (after = ["network-online"]).
     let online = console.find("sysd: network-online").unwrap();
     let shell = console.find("sysd: testshell: started").unwrap();
     assert!(online < shell, "testshell started before network-online");
 
-    let net = sh(&g, "keelctl net");
+    let net = g.sh("keelctl net");
     assert!(net.contains("online:   online"), "{net}");
     assert!(net.contains("10.0.2.15/24"), "{net}");
     assert!(net.contains("dns:      10.0.2.3"), "{net}");
     assert!(net.contains("default"), "{net}");
     assert!(net.contains("dhcp"), "{net}");
-    let resolv = sh(&g, "cat /proc/1/root/run/keelson/resolv.conf");
+    let resolv = g.sh("cat /proc/1/root/run/keelson/resolv.conf");
     assert!(resolv.contains("nameserver 10.0.2.3"), "{resolv}");
-    let host = sh(&g, "cat /proc/1/root/etc/hostname");
+    let host = g.sh("cat /proc/1/root/etc/hostname");
     assert!(host.trim().starts_with("keelson-"), "{host}");
 
     let port = outside_server(&g);
-    let got = sh(&g, &format!("wget -q -O - http://10.0.2.2:{port}/"));
+    let got = g.sh(&format!("wget -q -O - http://10.0.2.2:{port}/"));
     assert!(got.contains("hello from the test namespace"), "{got}");
 
     // A static config through the API (what first-boot user data will also produce).
     let static_cfg = "version = 1\n[host]\nhostname = \"static-node\"\n[network]\ndns = [\"10.0.2.3\"]\n[network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n";
     let out = apply(&g, static_cfg);
     assert!(out.contains("exit=0"), "{out}");
-    let net = sh(&g, "keelctl net");
+    let net = g.sh("keelctl net");
     assert!(net.contains("static"), "{net}");
     assert!(net.contains("static-node"), "{net}");
     assert!(default_route(&g).contains("10.0.2.2 eth0 static"), "{net}");
-    let got = sh(&g, &format!("wget -q -O - http://10.0.2.2:{port}/"));
+    let got = g.sh(&format!("wget -q -O - http://10.0.2.2:{port}/"));
     assert!(got.contains("hello from the test namespace"), "{got}");
 
     // A gateway that does not answer: tried, rolled back, the node keeps its network.
@@ -133,7 +109,7 @@ fn default_dhcp_static_apply_rollback_and_lease_after_reboot() {
     assert!(out.contains("gateway 10.0.2.99 does not answer"), "{out}");
     assert!(out.contains("rolled back"), "{out}");
     assert!(default_route(&g).contains("10.0.2.2 eth0 static"));
-    let routes = sh(&g, "ip route");
+    let routes = g.sh("ip route");
     assert!(!routes.contains("10.0.2.99"), "{routes}");
     // An unknown interface: refused before anything changes.
     let out = apply(
@@ -148,31 +124,28 @@ fn default_dhcp_static_apply_rollback_and_lease_after_reboot() {
     // Back to the default rule (DHCP), then a reboot: the kept lease is requested again.
     let out = apply(&g, "version = 1\n");
     assert!(out.contains("exit=0"), "{out}");
-    wait(&g, "sysd: dhcp-lease: eth0: confirmed 10.0.2.15/24", BOOT);
+    g.expect("sysd: dhcp-lease: eth0: confirmed 10.0.2.15/24", BOOT);
     g.powerdown().unwrap();
-    wait(
-        &g,
+    g.expect(
         "sysd: dhcp-unbound: eth0: no lease (released 10.0.2.15 to 10.0.2.2)",
         BOOT,
     );
     g.wait_exit(BOOT).unwrap();
     drop(g);
 
-    let g = boot(&disk);
-    wait(
-        &g,
+    let g = test_guest(&disk).spawn().unwrap();
+    g.expect(
         "sysd: dhcp-reboot: eth0: requesting the previous lease 10.0.2.15",
         BOOT,
     );
-    wait(
-        &g,
+    g.expect(
         "sysd: dhcp-lease: eth0: confirmed 10.0.2.15/24 from 10.0.2.2",
         BOOT,
     );
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
     // A new guest, a new namespace: a new server in it.
     let port = outside_server(&g);
-    let got = sh(&g, &format!("wget -q -O - http://10.0.2.2:{port}/"));
+    let got = g.sh(&format!("wget -q -O - http://10.0.2.2:{port}/"));
     assert!(got.contains("hello from the test namespace"), "{got}");
 }
 
@@ -182,20 +155,14 @@ fn default_dhcp_static_apply_rollback_and_lease_after_reboot() {
 #[test]
 fn bridge_services_publish_ports_and_resolve_each_other() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.qcow2");
-    create_overlay(&test_image().join("disk.raw"), &disk, Some(2 << 30)).unwrap();
-    let g = GuestBuilder::from_image_dir(&test_image())
-        .unwrap()
-        .disk_no_copy(&disk, DiskFormat::Qcow2)
-        .memory_mib(1024)
-        .forward(SHELL_PORT, 7000)
+    let g = test_guest(&fresh_disk(dir.path()))
         .forward(18081, 8081)
         .spawn()
         .unwrap();
     outside_server_on(&g, 18099);
-    wait(&g, "sysd: endpoint: bweb: 10.88.0.", BOOT);
-    wait(&g, "sysd: bweb: ready", BOOT);
-    wait(&g, "sysd: bclient: started", BOOT);
+    g.expect("sysd: endpoint: bweb: 10.88.0.", BOOT);
+    g.expect("sysd: bweb: ready", BOOT);
+    g.expect("sysd: bclient: started", BOOT);
     let console = g.serial_log();
     assert!(
         console.contains("publishing 8081->80/tcp"),
@@ -204,28 +171,14 @@ fn bridge_services_publish_ports_and_resolve_each_other() {
     );
 
     // The published port from the host side of QEMU's forward.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let body = loop {
-        let got = g.run_in_netns(|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect(("127.0.0.1", 18081))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(s, "GET / HTTP/1.0\r\nHost: x\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        });
-        match got {
-            Ok(b) if b.contains("hello from bweb") => break b,
-            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
-            other => panic!("published port: {other:?}\n{}", g.serial_tail(80)),
-        }
-    };
+    let published = SocketAddr::from((Ipv4Addr::LOCALHOST, 18081));
+    let body = http_get_until(&g, published, "/", "hello from bweb");
     assert!(body.contains(" 200 OK"), "{body}");
 
     // bclient: bweb by name, and the outside through masquerade.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let logs = sh(&g, "keelctl logs bclient");
+        let logs = g.sh("keelctl logs bclient");
         if logs.contains("hello from bweb") && logs.contains("hello from the test namespace") {
             break;
         }
@@ -236,7 +189,7 @@ fn bridge_services_publish_ports_and_resolve_each_other() {
         );
         std::thread::sleep(Duration::from_secs(2));
     }
-    let net = sh(&g, "keelctl net");
+    let net = g.sh("keelctl net");
     assert!(net.contains("keel0"), "{net}");
     assert!(net.contains("10.88.0.1/16"), "{net}");
     // The endpoints: bweb with its published port.

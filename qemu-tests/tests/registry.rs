@@ -6,66 +6,38 @@
 //! reaches the service through a forwarded port. After a power-off and a boot in a new namespace (no registry at all) the
 //! service starts again from the image kept on /var.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
 
-use qemu_tests::{create_overlay, image, DiskFormat, Guest, GuestBuilder};
+use qemu_tests::scenario::{fresh_disk, http_get_until, test_guest, test_image};
+use qemu_tests::Guest;
 
 use keelson_testkit::registry::{Layout, Registry, RegistryOptions};
 
 const BOOT: Duration = Duration::from_secs(240);
-const SHELL_PORT: u16 = 17000;
 const APP_PORT: u16 = 18081;
 
-fn boot(disk: &std::path::Path) -> Guest {
-    let dir = image("test").expect("the test image (./dev image configs/test.toml)");
-    GuestBuilder::from_image_dir(&dir)
-        .unwrap()
-        .disk_no_copy(disk, DiskFormat::Qcow2)
-        .memory_mib(1024)
-        .forward(SHELL_PORT, 7000)
-        .forward(APP_PORT, 8090)
-        .spawn()
-        .unwrap()
-}
-
-fn wait(g: &Guest, pattern: &str, timeout: Duration) -> String {
-    g.expect(pattern, timeout)
-}
-
-/// Runs `script` in the guest's test shell; returns its output.
-fn sh(g: &Guest, script: &str) -> String {
-    g.shell(SHELL_PORT, script)
+/// The test image with the registry service's port forwarded too.
+fn boot(disk: &Path) -> Guest {
+    test_guest(disk).forward(APP_PORT, 8090).spawn().unwrap()
 }
 
 /// `GET /` through the forwarded port, retried while the service comes up.
 fn get(g: &Guest) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = g.run_in_netns(|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect(("127.0.0.1", APP_PORT))?;
-            s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            write!(s, "GET / HTTP/1.0\r\nHost: x\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        });
-        match r {
-            Ok(out) if out.contains("200 OK") => return out,
-            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
-            other => panic!("GET through the forward: {other:?}\n{}", g.serial_tail(60)),
-        }
-    }
+    http_get_until(
+        g,
+        SocketAddr::from((Ipv4Addr::LOCALHOST, APP_PORT)),
+        "/",
+        "200 OK",
+    )
 }
 
 #[test]
 fn service_from_a_registry_image_survives_a_reboot_without_the_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let disk: PathBuf = dir.path().join("disk.qcow2");
-    let img = image("test").expect("the test image");
-    create_overlay(&img.join("disk.raw"), &disk, Some(2 << 30)).unwrap();
+    let disk = fresh_disk(dir.path());
+    let img = test_image();
 
     let g = boot(&disk);
     // The registry and the push happen inside the guest's namespace. The image is the
@@ -90,10 +62,8 @@ fn service_from_a_registry_image_survives_a_reboot_without_the_registry() {
         .unwrap()
         .to_string();
 
-    wait(&g, "sysd: testshell: ready", BOOT);
-    let out = sh(
-        &g,
-        r#"cat > /tmp/user.toml <<'EOF'
+    g.expect("sysd: testshell: ready", BOOT);
+    let out = g.sh(r#"cat > /tmp/user.toml <<'EOF'
 version = 1
 [registries."10.0.2.2:5000"]
 insecure = true
@@ -107,10 +77,10 @@ EOF
 keelctl apply /tmp/user.toml"#,
     );
     assert!(out.contains("site"), "{out}");
-    wait(&g, "sysd: site: image-pulled", BOOT);
-    wait(&g, "sysd: site: ready", BOOT);
+    g.expect("sysd: site: image-pulled", BOOT);
+    g.expect("sysd: site: ready", BOOT);
     assert!(get(&g).contains("served from a pulled image"));
-    let listed = sh(&g, "keelctl -o json images");
+    let listed = g.sh("keelctl -o json images");
     assert!(
         listed.contains("10.0.2.2:5000/keelson/base:v1")
             && listed.contains(&digest)
@@ -121,12 +91,12 @@ keelctl apply /tmp/user.toml"#,
     // Power off, drop the registry (and its namespace), boot again: no registry anywhere.
     drop(registry);
     g.powerdown().unwrap();
-    wait(&g, "shutdown: /var unmounted cleanly", BOOT);
+    g.expect("shutdown: /var unmounted cleanly", BOOT);
     g.wait_exit(BOOT).unwrap();
     drop(g);
 
     let g = boot(&disk);
-    wait(&g, "sysd: site: ready", BOOT);
+    g.expect("sysd: site: ready", BOOT);
     assert!(get(&g).contains("served from a pulled image"));
     let console = g.serial_log();
     assert!(

@@ -4,18 +4,18 @@
 //! reached through a QEMU port forward inside the test's network namespace), and reads sysd's
 //! event lines on the console.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use qemu_tests::scenario::{fresh_disk, test_image};
-use qemu_tests::{DiskFormat, Guest, GuestBuilder};
+use qemu_tests::scenario::{fresh_disk, http_get, test_guest};
+use qemu_tests::Guest;
 use serde_json::Value;
 
 /// Generous: TCG on a loaded 2-core machine.
 const BOOT: Duration = Duration::from_secs(240);
 const SETTLE: Duration = Duration::from_secs(240);
-const SHELL_PORT: u16 = 17000;
 const WEB_PORT: u16 = 18080;
 const SSH_PORT: u16 = 10022;
 
@@ -32,29 +32,17 @@ const LONG_RUNNING: &[&str] = &[
     "isolated",
 ];
 
-fn boot(disk: &std::path::Path) -> Guest {
-    GuestBuilder::from_image_dir(&test_image())
-        .unwrap()
-        .disk_no_copy(disk, DiskFormat::Qcow2)
-        .memory_mib(1024)
-        .forward(SHELL_PORT, 7000)
+/// The test image with the web service's and the admin container's ports forwarded too.
+fn boot(disk: &Path) -> Guest {
+    test_guest(disk)
         .forward(WEB_PORT, 8080)
         .forward(SSH_PORT, 22)
         .spawn()
         .unwrap()
 }
 
-fn wait(g: &Guest, pattern: &str, timeout: Duration) -> String {
-    g.expect(pattern, timeout)
-}
-
-/// Runs `script` in the guest's test shell; returns its output.
-fn sh(g: &Guest, script: &str) -> String {
-    g.shell(SHELL_PORT, script)
-}
-
 fn ps(g: &Guest) -> Vec<Value> {
-    let out = sh(g, "keelctl -o json ps");
+    let out = g.sh("keelctl -o json ps");
     serde_json::from_str::<Value>(out.trim())
         .unwrap_or_else(|e| panic!("keelctl ps: {e}: {out}"))
         .as_array()
@@ -92,7 +80,7 @@ fn wait_until(
 }
 
 fn events(g: &Guest) -> Vec<Value> {
-    sh(g, "timeout 3 keelctl -o json events")
+    g.sh("timeout 3 keelctl -o json events")
         .lines()
         .filter_map(|l| serde_json::from_str(l.trim()).ok())
         .collect()
@@ -109,7 +97,7 @@ fn index(events: &[Value], svc: &str, kind: &str) -> usize {
 fn default_services_reach_ready_and_are_supervised() {
     let dir = tempfile::tempdir().unwrap();
     let g = boot(&fresh_disk(dir.path()));
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
 
     // Everything comes up; the one-shot completes; the crasher gives up with its reason.
     let list = wait_until(&g, "every service to be ready", SETTLE, |l| {
@@ -127,41 +115,32 @@ fn default_services_reach_ready_and_are_supervised() {
     assert!(index(&ev, "app", "ready") < index(&ev, "worker", "started"));
 
     // The web service answers through the port forward.
-    let body = g.run_in_netns(|| {
-        let mut s = TcpStream::connect(("127.0.0.1", WEB_PORT)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        write!(s, "GET / HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    });
+    let web = SocketAddr::from((Ipv4Addr::LOCALHOST, WEB_PORT));
+    let body = g.run_in_netns(|| http_get(web, "/")).unwrap();
     assert!(body.contains("hello from web"), "{body}");
 
     // kill -9 of a service's main process: restarted, with an event saying why.
     let counter = service(&list, "counter");
-    let out = sh(&g, "keelctl kill -s KILL counter");
+    let out = g.sh("keelctl kill -s KILL counter");
     assert!(!out.contains("error"), "{out}");
     wait_until(&g, "counter to be restarted", SETTLE, |l| {
         let c = service(l, "counter");
         c["state"] == "running" && c["pid"] != counter["pid"]
     });
-    wait(
-        &g,
+    g.expect(
         "sysd: counter: restarting: killed by signal 9 (SIGKILL)",
         SETTLE,
     );
 
     // Over its memory limit: OOM-killed by the kernel, reported, restarted. (Lines printed
     // together are matched by one wait: the console reader moves past what it has read.)
-    let oom = wait(
-        &g,
+    let oom = g.expect(
         "sysd: hog: restarting: OOM-killed at its memory limit",
         SETTLE,
     );
     assert!(oom.contains("restarting in"), "{oom}");
     // A failing health check restarts its service.
-    wait(
-        &g,
+    g.expect(
         "sysd: flaky: restarting: health check failed 3 times",
         SETTLE,
     );
@@ -178,7 +157,7 @@ fn default_services_reach_ready_and_are_supervised() {
     );
 
     // stats come from the services' cgroups (cgroup v2 controllers on the real kernel).
-    let stats: Value = serde_json::from_str(sh(&g, "keelctl -o json stats").trim()).unwrap();
+    let stats: Value = serde_json::from_str(g.sh("keelctl -o json stats").trim()).unwrap();
     let c = stats
         .as_array()
         .unwrap()
@@ -189,7 +168,7 @@ fn default_services_reach_ready_and_are_supervised() {
     assert!(c["memory_current"].as_u64().unwrap_or(0) > 0, "{stats:#}");
     assert_eq!(c["memory_max"], 8 << 20, "{stats:#}");
     assert!(c["pids_current"].as_u64().unwrap_or(0) >= 1, "{stats:#}");
-    let logs = sh(&g, "keelctl logs -n 3 counter");
+    let logs = g.sh("keelctl logs -n 3 counter");
     assert!(logs.contains("count "), "{logs}");
 
     // apply: user services start; a change restarts only that service; bad config is
@@ -199,24 +178,18 @@ fn default_services_reach_ready_and_are_supervised() {
             "version = 1\n[services.u1]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sleep\", \"100000\"]\n\n[services.u2]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sleep\", \"{arg}\"]\n"
         )
     };
-    let out = sh(
-        &g,
-        &format!(
-            "cat > /tmp/u.toml <<'EOF'\n{}EOF\nkeelctl apply /tmp/u.toml",
-            user("100000")
-        ),
-    );
+    let out = g.sh(&format!(
+        "cat > /tmp/u.toml <<'EOF'\n{}EOF\nkeelctl apply /tmp/u.toml",
+        user("100000")
+    ));
     assert!(out.contains("u1") && out.contains("u2"), "{out}");
     let before = wait_until(&g, "user services", SETTLE, |l| {
         service(l, "u1")["state"] == "running" && service(l, "u2")["state"] == "running"
     });
-    let out = sh(
-        &g,
-        &format!(
-            "cat > /tmp/u.toml <<'EOF'\n{}EOF\nkeelctl apply /tmp/u.toml",
-            user("200000")
-        ),
-    );
+    let out = g.sh(&format!(
+        "cat > /tmp/u.toml <<'EOF'\n{}EOF\nkeelctl apply /tmp/u.toml",
+        user("200000")
+    ));
     assert!(out.contains("u2"), "{out}");
     let after = wait_until(&g, "u2 to restart", SETTLE, |l| {
         let u2 = service(l, "u2");
@@ -229,7 +202,7 @@ fn default_services_reach_ready_and_are_supervised() {
             "{unchanged} restarted"
         );
     }
-    let out = sh(&g, "printf 'version = 1\\n[services.u1]\\nimage = \"/x\"\\nresources = { memory_max = \"lots\" }\\n' > /tmp/bad.toml; keelctl apply /tmp/bad.toml; echo rc=$?");
+    let out = g.sh("printf 'version = 1\\n[services.u1]\\nimage = \"/x\"\\nresources = { memory_max = \"lots\" }\\n' > /tmp/bad.toml; keelctl apply /tmp/bad.toml; echo rc=$?");
     assert!(
         out.contains("rc=1") && out.contains("memory_max") && out.contains("invalid size"),
         "{out}"
@@ -246,7 +219,7 @@ fn default_services_reach_ready_and_are_supervised() {
 
     // The admin container is opt-in: defined, stopped, and an SSH server once started.
     assert_eq!(service(&unchanged, "admin")["state"], "stopped");
-    let out = sh(&g, "keelctl start admin");
+    let out = g.sh("keelctl start admin");
     assert!(!out.contains("error"), "{out}");
     wait_until(&g, "the admin container", SETTLE, |l| {
         service(l, "admin")["state"] == "running"
@@ -266,7 +239,7 @@ fn killed_sysd_is_restarted_and_power_off_stops_services_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let disk = fresh_disk(dir.path());
     let g = boot(&disk);
-    wait(&g, "sysd: testshell: ready", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
     let before = wait_until(&g, "services", SETTLE, |l| {
         LONG_RUNNING
             .iter()
@@ -274,9 +247,9 @@ fn killed_sysd_is_restarted_and_power_off_stops_services_gracefully() {
     });
 
     // The test shell shares the host's pid namespace: kill sysd like a crash would.
-    sh(&g, "kill -9 $(pidof sysd)");
-    wait(&g, "sysd killed by signal SIGKILL", SETTLE);
-    wait(&g, "removed what a previous sysd left", SETTLE);
+    g.sh("kill -9 $(pidof sysd)");
+    g.expect("sysd killed by signal SIGKILL", SETTLE);
+    g.expect("removed what a previous sysd left", SETTLE);
     let after = wait_until(&g, "services after the sysd restart", SETTLE, |l| {
         LONG_RUNNING
             .iter()
@@ -290,9 +263,7 @@ fn killed_sysd_is_restarted_and_power_off_stops_services_gracefully() {
         );
     }
     // One instance per service: sysd's children (the container inits), by cgroup leaf.
-    let out = sh(
-        &g,
-        "S=$(pidof sysd); for p in /proc/[0-9]*; do [ \"$(cut -d' ' -f4 $p/stat 2>/dev/null)\" = \"$S\" ] && sed 's|.*/||' $p/cgroup; done | sort | uniq -c",
+    let out = g.sh("S=$(pidof sysd); for p in /proc/[0-9]*; do [ \"$(cut -d' ' -f4 $p/stat 2>/dev/null)\" = \"$S\" ] && sed 's|.*/||' $p/cgroup; done | sort | uniq -c",
     );
     // (The test shell itself sits at the root of its own cgroup namespace, so it is not named.)
     for name in ["web", "counter", "db", "app", "worker", "flusher"] {
@@ -303,13 +274,14 @@ fn killed_sysd_is_restarted_and_power_off_stops_services_gracefully() {
             .unwrap_or_else(|| panic!("no instance of {name}: {out}"));
         assert_eq!(count, "1", "{name} runs {count} times: {out}");
     }
-    let initial_stops = sh(&g, "cat /flush/stops 2>/dev/null | wc -l")
+    let initial_stops = g
+        .sh("cat /flush/stops 2>/dev/null | wc -l")
         .trim()
         .to_string();
 
     // Power-off: every service gets its stop signal; the flusher writes to /var.
     g.powerdown().unwrap();
-    wait(&g, "sysd: flusher: stopped: exited with status 0", SETTLE);
+    g.expect("sysd: flusher: stopped: exited with status 0", SETTLE);
     // `plain` (sleep, no SIGTERM handler) runs under sysd's init: TERM ends it, no SIGKILL.
     let console = g.serial_log();
     assert!(
@@ -317,7 +289,7 @@ fn killed_sysd_is_restarted_and_power_off_stops_services_gracefully() {
         "{console}"
     );
     assert!(!console.contains("sysd: plain: killing"), "{console}");
-    wait(&g, "shutdown: /var unmounted cleanly", SETTLE);
+    g.expect("shutdown: /var unmounted cleanly", SETTLE);
     let console = g.serial_log();
     assert!(
         console.contains("sysd: shutdown: all services stopped"),
@@ -327,8 +299,8 @@ fn killed_sysd_is_restarted_and_power_off_stops_services_gracefully() {
     drop(g);
 
     let g = boot(&disk);
-    wait(&g, "sysd: testshell: ready", BOOT);
-    let stops = sh(&g, "cat /flush/stops | wc -l");
+    g.expect("sysd: testshell: ready", BOOT);
+    let stops = g.sh("cat /flush/stops | wc -l");
     let n: usize = stops.trim().parse().unwrap_or(0);
     let before: usize = initial_stops.parse().unwrap_or(0);
     assert_eq!(

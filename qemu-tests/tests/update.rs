@@ -6,16 +6,17 @@
 //! The node is driven with keelctl from the test image's remote shell; the agent's events are
 //! read on the console.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use qemu_tests::{create_overlay, workspace_root, DiskFormat, Guest, GuestBuilder};
+use qemu_tests::scenario::{image_build, run, test_guest_uefi, Httpd};
+use qemu_tests::{create_overlay, workspace_root, Guest};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(300);
-const SHELL_PORT: u16 = 17100;
 const REPO_PORT: u16 = 8000;
 
 /// Images and repositories, built once per test process.
@@ -30,28 +31,6 @@ struct Fixture {
     n: PathBuf,
 }
 
-fn image_build() -> PathBuf {
-    let ws = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-q", "-p", "image-build"])
-        .current_dir(&ws)
-        .status()
-        .expect("cargo");
-    assert!(st.success(), "building image-build");
-    ws.join("target/release/image-build")
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
@@ -59,7 +38,7 @@ fn fixture() -> &'static Fixture {
         let dir = ws.join("target/qemu-update");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let ib = image_build();
+        let ib = image_build().unwrap();
         let key = dir.join("test-key.pk8");
         let root = dir.join("root.json");
         run(Command::new(&ib).args(["update", "keygen"]).arg(&key));
@@ -141,56 +120,20 @@ stop_timeout = "2s"
     })
 }
 
-/// busybox httpd serving a repository in the guest's namespace; killed on drop.
-struct Httpd(Child);
-
-impl Drop for Httpd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// busybox httpd serving a repository in the guest's namespace (10.0.2.2 for the guest).
 fn serve(g: &Guest, repo: &Path) -> Httpd {
-    let repo = repo.to_path_buf();
-    let child = g.run_in_netns(move || {
-        Command::new("busybox")
-            .args(["httpd", "-f", "-p", &format!("127.0.0.1:{REPO_PORT}"), "-h"])
-            .arg(&repo)
-            .spawn()
-            .expect("busybox httpd (package busybox-static)")
-    });
-    Httpd(child)
-}
-
-fn boot(disk: &Path) -> Guest {
-    GuestBuilder::uefi(disk)
-        .disk_no_copy(disk, DiskFormat::Qcow2)
-        .memory_mib(1024)
-        .forward(SHELL_PORT, 7000)
-        .spawn()
-        .unwrap()
-}
-
-fn wait(g: &Guest, pattern: &str, timeout: Duration) -> String {
-    g.expect(pattern, timeout)
-}
-
-/// Runs `script` in the guest's test shell; returns its output.
-fn sh(g: &Guest, script: &str) -> String {
-    g.shell(SHELL_PORT, script)
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, REPO_PORT));
+    Httpd::serve(g.netns(), addr, repo).unwrap()
 }
 
 fn status(g: &Guest) -> Value {
-    let out = sh(g, "keelctl -o json update status");
+    let out = g.sh("keelctl -o json update status");
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("update status: {e}: {out}"))
 }
 
 /// The node's update policy (the user's config on /var, which every version reads).
 fn configure(g: &Guest) {
-    let out = sh(
-        g,
-        &format!(
+    let out = g.sh(&format!(
             "cat > /tmp/update.toml <<'EOF'\nversion = 1\n[update]\nrepository = \"http://10.0.2.2:{REPO_PORT}/\"\nhealth_timeout = \"40s\"\nboot_tries = 2\nEOF\nkeelctl apply /tmp/update.toml"
         ),
     );
@@ -208,21 +151,21 @@ fn fresh_disk(f: &Fixture, name: &str) -> PathBuf {
 fn update_to_n_plus_1_is_blessed_and_a_broken_n_plus_2_rolls_back() {
     let f = fixture();
     let disk = fresh_disk(f, "update");
-    let g = boot(&disk);
+    let g = test_guest_uefi(&disk).spawn().unwrap();
     let mut httpd = serve(&g, &f.repo_good);
     // N's own first boot has a try counter too: the gate blesses it.
-    wait(&g, "update-blessed: 0.1.0", BOOT);
+    g.expect("update-blessed: 0.1.0", BOOT);
     configure(&g);
-    sh(&g, "echo kept > /flush/marker");
-    let out = sh(&g, "keelctl update check");
+    g.sh("echo kept > /flush/marker");
+    let out = g.sh("keelctl update check");
     assert!(out.contains("available: 0.2.0"), "{out}");
 
     let started = Instant::now();
     // --no-wait: the shell answers before the node goes down for the reboot.
-    let out = sh(&g, "keelctl update apply --reboot --no-wait");
+    let out = g.sh("keelctl update apply --reboot --no-wait");
     assert!(!out.contains("keelctl:"), "{out}");
-    wait(&g, "update-staged", BOOT);
-    wait(&g, "update-blessed: 0.2.0", BOOT);
+    g.expect("update-staged", BOOT);
+    g.expect("update-blessed: 0.2.0", BOOT);
     eprintln!(
         "apply -> blessed on N+1: {:.1} s",
         started.elapsed().as_secs_f64()
@@ -233,25 +176,25 @@ fn update_to_n_plus_1_is_blessed_and_a_broken_n_plus_2_rolls_back() {
     assert_eq!(s["assessment"], "good", "{s}");
     assert_eq!(s["boot_entry"], "keelson_0.2.0.efi", "{s}");
     assert_eq!(s["last_good"], "0.2.0", "{s}");
-    assert_eq!(sh(&g, "cat /flush/marker").trim(), "kept");
+    assert_eq!(g.sh("cat /flush/marker").trim(), "kept");
 
     // N+2 is broken: its critical `canary` never gets ready. Two tries, then systemd-boot
     // falls back to N+1 in slot B, which reports the rollback.
     drop(httpd);
     httpd = serve(&g, &f.repo_all);
     // --no-wait: the shell answers before the node goes down for the reboot.
-    let out = sh(&g, "keelctl update apply --reboot --no-wait");
+    let out = g.sh("keelctl update apply --reboot --no-wait");
     assert!(!out.contains("keelctl:"), "{out}");
     for _ in 0..2 {
-        wait(&g, "update-health-failed: 0.3.0", BOOT);
+        g.expect("update-health-failed: 0.3.0", BOOT);
     }
-    wait(&g, "rolled back from 0.3.0", BOOT);
+    g.expect("rolled back from 0.3.0", BOOT);
     let s = status(&g);
     assert_eq!(s["version"], "0.2.0", "{s}");
     assert_eq!(s["slot"], "b", "{s}");
     assert_eq!(s["rolled_back_from"], "0.3.0", "{s}");
-    assert_eq!(sh(&g, "cat /flush/marker").trim(), "kept");
-    let out = sh(&g, "keelctl update status");
+    assert_eq!(g.sh("cat /flush/marker").trim(), "kept");
+    let out = g.sh("keelctl update status");
     assert!(out.contains("rolled back from: 0.3.0"), "{out}");
     drop(httpd);
 }
@@ -262,59 +205,59 @@ fn power_loss_during_write_before_reboot_and_during_boot_leaves_a_good_slot() {
     let disk = fresh_disk(f, "power");
 
     // 1. Power cut while slot B is being written.
-    let g = boot(&disk);
+    let g = test_guest_uefi(&disk).spawn().unwrap();
     let httpd = serve(&g, &f.repo_good);
-    wait(&g, "update-blessed: 0.1.0", BOOT);
+    g.expect("update-blessed: 0.1.0", BOOT);
     configure(&g);
-    sh(&g, "echo kept > /flush/marker");
-    sh(&g, "keelctl update apply --no-wait");
-    wait(&g, "update-started", BOOT);
+    g.sh("echo kept > /flush/marker");
+    g.sh("keelctl update apply --no-wait");
+    g.expect("update-started", BOOT);
     std::thread::sleep(Duration::from_secs(2));
     g.kill().unwrap();
     drop(httpd);
     drop(g);
 
-    let g = boot(&disk);
+    let g = test_guest_uefi(&disk).spawn().unwrap();
     let httpd = serve(&g, &f.repo_good);
-    wait(&g, "boot complete", BOOT);
+    g.expect("boot complete", BOOT);
     let s = status(&g);
     assert_eq!(s["version"], "0.1.0", "{s}");
     assert_eq!(s["slot"], "a", "{s}");
     assert_eq!(s["assessment"], "good", "{s}");
-    assert_eq!(sh(&g, "cat /flush/marker").trim(), "kept");
+    assert_eq!(g.sh("cat /flush/marker").trim(), "kept");
 
     // 2. Power cut after the new slot is staged, before any reboot: it boots next.
-    let out = sh(&g, "keelctl update apply");
+    let out = g.sh("keelctl update apply");
     assert!(out.contains("staged 0.2.0"), "{out}");
     g.kill().unwrap();
     drop(httpd);
     drop(g);
 
     // 3. Power cut while the new slot boots (its first try is used up).
-    let g = boot(&disk);
-    wait(&g, "stage1: start", BOOT);
+    let g = test_guest_uefi(&disk).spawn().unwrap();
+    g.expect("stage1: start", BOOT);
     g.kill().unwrap();
     drop(g);
 
-    let g = boot(&disk);
-    wait(&g, "update-blessed: 0.2.0", BOOT);
+    let g = test_guest_uefi(&disk).spawn().unwrap();
+    g.expect("update-blessed: 0.2.0", BOOT);
     let s = status(&g);
     assert_eq!(s["version"], "0.2.0", "{s}");
     assert_eq!(s["slot"], "b", "{s}");
     assert_eq!(s["assessment"], "good", "{s}");
-    assert_eq!(sh(&g, "cat /flush/marker").trim(), "kept");
+    assert_eq!(g.sh("cat /flush/marker").trim(), "kept");
 }
 
 #[test]
 fn a_new_slot_whose_init_fails_rolls_back_within_its_tries() {
     let f = fixture();
     let disk = fresh_disk(f, "fatal");
-    let g = boot(&disk);
+    let g = test_guest_uefi(&disk).spawn().unwrap();
     let httpd = serve(&g, &f.repo_fatal);
-    wait(&g, "update-blessed: 0.1.0", BOOT);
+    g.expect("update-blessed: 0.1.0", BOOT);
     configure(&g);
-    sh(&g, "echo kept > /flush/marker");
-    let out = sh(&g, "keelctl update apply");
+    g.sh("echo kept > /flush/marker");
+    let out = g.sh("keelctl update apply");
     assert!(out.contains("staged 0.4.0"), "{out}");
     g.kill().unwrap();
     drop(httpd);
@@ -336,16 +279,16 @@ fn a_new_slot_whose_init_fails_rolls_back_within_its_tries() {
         .args(["-f", "qcow2", "-c", &format!("write -P 0 {offset} 4096")])
         .arg(&disk));
 
-    let g = boot(&disk);
+    let g = test_guest_uefi(&disk).spawn().unwrap();
     for _ in 0..2 {
-        let line = wait(&g, "FATAL:", BOOT);
+        let line = g.expect("FATAL:", BOOT);
         assert!(line.contains("verity"), "{line}");
     }
-    wait(&g, "rolled back from 0.4.0", BOOT);
+    g.expect("rolled back from 0.4.0", BOOT);
     let s = status(&g);
     assert_eq!(s["version"], "0.1.0", "{s}");
     assert_eq!(s["slot"], "a", "{s}");
     assert_eq!(s["assessment"], "good", "{s}");
     assert_eq!(s["rolled_back_from"], "0.4.0", "{s}");
-    assert_eq!(sh(&g, "cat /flush/marker").trim(), "kept");
+    assert_eq!(g.sh("cat /flush/marker").trim(), "kept");
 }

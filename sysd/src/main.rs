@@ -16,6 +16,7 @@
 //! supervisor does not implement).
 
 mod adapters;
+mod extensions;
 mod firstboot;
 mod notify;
 
@@ -99,6 +100,10 @@ struct DaemonArgs {
     /// The machine ID (the default hostname derives from it).
     #[arg(long, default_value = "/etc/machine-id")]
     machine_id: PathBuf,
+    /// Activate engine extensions (merged over /usr) and follow `[extensions]` (init passes
+    /// it on a node; host tests leave /usr alone).
+    #[arg(long)]
+    extensions: bool,
     /// `nft` for container networks: the binary, or an image root with Debian's nftables.
     #[arg(long, default_value = "/usr/lib/keelson/images/nft")]
     nft: PathBuf,
@@ -236,6 +241,7 @@ fn update_agent(sup: &Supervisor, events: &Arc<EventBus>) -> Arc<Agent> {
         Channels {
             spec: sup.update_spec(),
             services: sup.statuses(),
+            extensions: sup.extensions_spec(),
             reports,
         },
     );
@@ -316,6 +322,16 @@ async fn run(args: DaemonArgs) -> Result<()> {
         network,
     ));
     let agent = update_agent(&sup, &events);
+    // Extensions before the supervisor reads the system services (`sup.boot`): theirs are
+    // among them.
+    let extensions = args.extensions.then(|| {
+        let x = Arc::new(extensions::Extensions::new(
+            sup.extensions_spec(),
+            Arc::clone(&events),
+        ));
+        x.activate();
+        x
+    });
 
     let concerns = keelson_api::Concerns {
         services: Some(sup.clone()),
@@ -330,6 +346,9 @@ async fn run(args: DaemonArgs) -> Result<()> {
             .clone()
             .map(|net| net as Arc<dyn keelson_api::HostNetwork>),
         firstboot: Some(firstboot.clone()),
+        extensions: extensions
+            .clone()
+            .map(|x| x as Arc<dyn keelson_api::Extensions>),
     };
     let listener = keelson_api::server::bind(&args.socket)?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -349,6 +368,14 @@ async fn run(args: DaemonArgs) -> Result<()> {
     }
     // Boot assessment starts now.
     agent.boot();
+    if let Some(x) = extensions {
+        x.follow(
+            Arc::clone(&agent),
+            Arc::clone(&sup),
+            net.as_ref()
+                .map(|n| keelson_supervisor::Network::online(n.as_ref())),
+        );
+    }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "sysd: ready");
     notify::ready().context("telling init that sysd is ready")?;
 

@@ -11,11 +11,13 @@
 //! - [`oci`]: OCI layers built in memory (tar entries, directories, gzip).
 //! - [`registry`]: a private network namespace, a `docker-registry`, OCI layouts pushed to it,
 //!   a failing proxy, a token server, a private CA.
+//! - [`etcd`]: a real etcd member (Debian's `etcd-server`) on a private loopback.
 //! - [`stats`]: medians and percentiles for the benchmarks.
 
 pub mod busybox;
 pub mod cgroup;
 pub mod daemon;
+pub mod etcd;
 pub mod http;
 pub mod oci;
 pub mod registry;

@@ -10,6 +10,7 @@ pub mod images;
 use serde::{Deserialize, Serialize};
 
 pub mod config;
+pub mod extensions;
 pub mod firstboot;
 pub mod network;
 pub mod update;

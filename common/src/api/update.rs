@@ -31,6 +31,31 @@ pub struct UpdateStatus {
     pub policy: String,
     /// The repository URL, when configured.
     pub repository: Option<String>,
+    /// The fleet's reboot semaphore as this node last saw it (`[update.coordination]`).
+    #[serde(default)]
+    pub coordination: Option<Coordination>,
+}
+
+/// The reboot semaphore of a node's group (`keelctl update status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coordination {
+    /// `etcd-lock`.
+    pub strategy: String,
+    pub group: String,
+    /// How many may reboot at once.
+    pub holders: u32,
+    /// This node's name in the group.
+    pub node: String,
+    /// Who holds a slot, with the version it reboots into: `node2 (0.2.0, since ...)`.
+    pub held_by: Vec<String>,
+    /// Who waits for one.
+    pub waiting: Vec<String>,
+    /// Set when a node rolled back from a version: `0.2.0 by node1: <reason>`.
+    pub halted: Option<String>,
+    /// Why etcd could not be asked, the last time it was.
+    pub error: Option<String>,
+    /// When this view was taken (RFC 3339).
+    pub seen_at: String,
 }
 
 /// The agent's state machine, as shown by `keelctl update status`.
@@ -46,6 +71,8 @@ pub enum Phase {
     Staged,
     /// Waiting for every critical service to become healthy before blessing this boot.
     Assessing,
+    /// Staged, waiting for a slot of the fleet's reboot semaphore (`[update.coordination]`).
+    WaitingForSlot,
     Rebooting,
 }
 
@@ -59,6 +86,7 @@ impl Phase {
             Phase::Installing => "installing",
             Phase::Staged => "staged",
             Phase::Assessing => "assessing",
+            Phase::WaitingForSlot => "waiting-for-slot",
             Phase::Rebooting => "rebooting",
         }
     }

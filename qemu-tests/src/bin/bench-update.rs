@@ -14,16 +14,16 @@
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::{create_overlay, workspace_root, DiskFormat, Guest, GuestBuilder};
+use qemu_tests::scenario::{image_build, test_guest_uefi, Httpd};
+use qemu_tests::{create_overlay, workspace_root};
 
 const BOOT: Duration = Duration::from_secs(400);
-const SHELL_PORT: u16 = 17200;
 const REPO_PORT: u16 = 8000;
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -118,35 +118,12 @@ fn file_len(p: &Path) -> Result<u64> {
         .len())
 }
 
-fn sh(g: &Guest, script: &str) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let attempt = g.run_in_netns(|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect(("127.0.0.1", SHELL_PORT))?;
-            s.set_read_timeout(Some(Duration::from_secs(900)))?;
-            write!(s, "{{ {script}\n}} 2>&1; echo __END__\nexit\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        });
-        match attempt {
-            Ok(out) if out.contains("__END__") => return Ok(out.replace("__END__\n", "")),
-            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
-            other => bail!("test shell unreachable: {other:?}"),
-        }
-    }
-}
-
 fn main() -> Result<()> {
     let ws = workspace_root();
     let dir = ws.join("target/bench-update");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let ib = ws.join("target/release/image-build");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo)
-        .args(["build", "--release", "-q", "-p", "image-build"])
-        .current_dir(&ws))?;
+    let ib = image_build()?;
     let key = dir.join("key.pk8");
     let root = dir.join("root.json");
     run(Command::new(&ib).args(["update", "keygen"]).arg(&key))?;
@@ -274,26 +251,19 @@ fn main() -> Result<()> {
     // Time under QEMU.
     let disk = dir.join("node.qcow2");
     create_overlay(&n.join("disk.raw"), &disk, Some(2 << 30))?;
-    let g = GuestBuilder::uefi(&disk)
-        .disk_no_copy(&disk, DiskFormat::Qcow2)
-        .memory_mib(1024)
-        .forward(SHELL_PORT, 7000)
-        .spawn()?;
-    let repo2 = repo.clone();
-    let mut httpd = g.run_in_netns(move || {
-        Command::new("busybox")
-            .args(["httpd", "-f", "-p", &format!("127.0.0.1:{REPO_PORT}"), "-h"])
-            .arg(&repo2)
-            .spawn()
-    })?;
+    let g = test_guest_uefi(&disk).spawn()?;
+    let httpd = Httpd::serve(
+        g.netns(),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, REPO_PORT)),
+        &repo,
+    )?;
     let result = (|| -> Result<(f64, f64)> {
         g.wait_for("update-blessed: 0.1.0", BOOT)?;
-        sh(
-            &g,
+        g.try_sh(
             &format!("printf 'version = 1\\n[update]\\nrepository = \"http://10.0.2.2:{REPO_PORT}/\"\\n' > /tmp/u.toml && keelctl apply /tmp/u.toml"),
         )?;
         let t0 = g.spawned_at().elapsed();
-        let out = sh(&g, "keelctl update apply --reboot --no-wait")?;
+        let out = g.try_sh("keelctl update apply --reboot --no-wait")?;
         if out.contains("keelctl:") {
             bail!("apply: {out}");
         }
@@ -304,8 +274,7 @@ fn main() -> Result<()> {
             blessed.saturating_sub(t0).as_secs_f64(),
         ))
     })();
-    let _ = httpd.kill();
-    let _ = httpd.wait();
+    drop(httpd);
     let (staged, blessed) = result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", g.serial_tail(60)))?;
     println!("\n## Apply under QEMU (TCG, UEFI, 1 GiB, test image)\n");
     println!("| step | seconds |");

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keelson_common::api::config::ConfigView;
+use keelson_common::api::extensions::ExtensionsView;
 use keelson_common::api::firstboot::FirstBoot;
 use keelson_common::api::images::{ImageInfo, ImagesRemoved, PullProgress};
 use keelson_common::api::network::NetworkStatus;
@@ -156,6 +157,12 @@ pub trait HostNetwork: Send + Sync {
     async fn status(&self) -> NetworkStatus;
 }
 
+/// Engine extensions (`GET /v1/extensions`).
+pub trait Extensions: Send + Sync {
+    /// What the running version's set looks like and what config enables.
+    fn view(&self) -> ExtensionsView;
+}
+
 /// What first boot found and did at this boot.
 pub trait FirstBootReport: Send + Sync {
     /// `None` until first boot has run.
@@ -172,6 +179,7 @@ pub struct Concerns {
     pub updates: Option<Arc<dyn Updates>>,
     pub network: Option<Arc<dyn HostNetwork>>,
     pub firstboot: Option<Arc<dyn FirstBootReport>>,
+    pub extensions: Option<Arc<dyn Extensions>>,
 }
 
 impl Concerns {
@@ -195,6 +203,12 @@ impl Concerns {
     }
     pub(crate) fn firstboot(&self) -> Result<&dyn FirstBootReport, Failure> {
         present(&self.firstboot, "first boot is not supported here")
+    }
+    pub(crate) fn extensions(&self) -> Result<&dyn Extensions, Failure> {
+        present(
+            &self.extensions,
+            "extensions are not supported here (a node's sysd runs them)",
+        )
     }
 }
 

@@ -204,6 +204,7 @@ enum Endpoint {
     Update(UpdateAction),
     FirstBoot,
     Config,
+    Extensions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,6 +271,7 @@ impl Endpoint {
             }
             ["firstboot"] => (Endpoint::FirstBoot, get),
             ["config"] => (Endpoint::Config, get),
+            ["extensions"] => (Endpoint::Extensions, get),
             _ => return None,
         })
     }
@@ -320,6 +322,10 @@ async fn dispatch(
                 .report()
                 .ok_or_else(|| Failure::not_found("first boot has not run in this sysd"))?;
             Ok(json(&status))
+        }
+        Endpoint::Extensions => {
+            query.allow(&[])?;
+            Ok(json(&concerns.extensions()?.view()))
         }
         Endpoint::Config => {
             query.allow(&[])?;
@@ -1301,6 +1307,7 @@ mod tests {
         let (response, _conn) = send(&h, "POST", "/v1/images/pull?reference=x", None, b"").await;
         expect_error(response, 501, "images").await;
         expect_error(get(&h, "/v1/firstboot").await, 501, "first boot").await;
+        expect_error(get(&h, "/v1/extensions").await, 501, "extensions").await;
         expect_error(get(&h, "/v1/network?x=1").await, 400, "takes none").await;
     }
 

@@ -18,9 +18,11 @@
 //! text into checked values.
 
 pub mod admin;
+pub mod extensions;
 pub mod network;
 pub mod reference;
 pub mod registries;
+mod table;
 pub mod units;
 pub mod update;
 
@@ -51,6 +53,13 @@ struct File {
     registries: BTreeMap<String, toml::Spanned<registries::Registry>>,
     /// The update agent's policy (`spec::update`).
     update: Option<update::UpdateSpec>,
+    /// The engine extensions the node runs (`spec::extensions`).
+    extensions: Option<extensions::ExtensionsSpec>,
+    /// Changes to system services (`[overrides.NAME]`).
+    /// (Not `Spanned`: toml cannot span a table defined only through its sub-tables, as
+    /// `[overrides.etcd.env]` alone does; the position is found in the text instead.)
+    #[serde(default)]
+    overrides: BTreeMap<String, Override>,
     admin: Option<toml::Spanned<Admin>>,
 }
 
@@ -453,10 +462,23 @@ pub struct Config {
     pub admin_origin: Option<String>,
 }
 
+/// `[overrides.NAME]`: what a user layer may change of a system service (an extension's
+/// included), like a systemd drop-in: turn it on or off, and set environment variables (merged
+/// over the service's own, key by key). Everything else stays the image's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
 /// One parsed file: its services and its other tables.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Document {
     pub services: Vec<Service>,
+    /// `[overrides.NAME]`, each with its `file:line:col`.
+    pub overrides: Vec<(String, Override, String)>,
     /// `[admin]`, with its `file:line:col`.
     pub admin: Option<(Admin, String)>,
     /// `[network]`/`[host]`, if the file has either.
@@ -587,6 +609,10 @@ pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Documen
         u.check()
             .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
     }
+    if let Some(x) = &file.extensions {
+        x.check()
+            .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
+    }
     let mut out = Vec::new();
     for (name, spanned) in file.services {
         let (line, col) = line_col(text, spanned.span().start);
@@ -600,6 +626,28 @@ pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Documen
             source,
             origin,
         });
+    }
+    if source == Source::System && !file.overrides.is_empty() {
+        return Err(ConfigError(format!(
+            "{shown}: [overrides] belongs in user data or the user's config, not in system service files"
+        )));
+    }
+    let mut overrides = Vec::new();
+    for (name, o) in file.overrides {
+        let at = [format!("[overrides.{name}"), format!("overrides.{name}")]
+            .iter()
+            .find_map(|k| text.find(k.as_str()))
+            .unwrap_or(0);
+        let (line, col) = line_col(text, at);
+        let origin = format!("{shown}:{line}:{col}");
+        for key in o.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(ConfigError(format!(
+                    "{origin}: overrides.{name}.env: invalid variable name {key:?}"
+                )));
+            }
+        }
+        overrides.push((name, o, origin));
     }
     let admin = match file.admin {
         Some(spanned) => {
@@ -615,6 +663,7 @@ pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Documen
     };
     Ok(Document {
         services: out,
+        overrides,
         admin,
         net,
     })
@@ -822,7 +871,9 @@ impl Config {
         let mut map: BTreeMap<String, Service> = BTreeMap::new();
         let mut admin = None;
         let mut net = None;
+        let mut overrides = Vec::new();
         let layered = layers.into_iter().flat_map(|doc| {
+            overrides.extend(doc.overrides);
             if doc.admin.is_some() {
                 admin = doc.admin;
             }
@@ -849,6 +900,25 @@ impl Config {
                 )));
             }
             map.insert(svc.name.clone(), svc);
+        }
+        // Lowest layer first, so the API's file has the last word.
+        for (name, o, origin) in overrides {
+            match map.get_mut(&name) {
+                Some(svc) if svc.source == Source::System => {
+                    if let Some(on) = o.enabled {
+                        svc.spec.enabled = on;
+                    }
+                    svc.spec.env.extend(o.env);
+                }
+                Some(svc) => {
+                    return Err(ConfigError(format!(
+                        "{origin}: overrides.{name}: `{name}` is not a system service (it is defined at {}; change it there)",
+                        svc.origin
+                    )))
+                }
+                // Not (yet) here: an extension's service arrives when its extension does.
+                None => {}
+            }
         }
         let (admin, admin_origin) = match admin {
             Some((a, origin)) => (a, Some(origin)),
@@ -1261,6 +1331,73 @@ stop_timeout = "5s"
         assert_eq!(
             e,
             "ud.toml:2:1: admin: this image has no `admin` service to run"
+        );
+    }
+
+    #[test]
+    fn overrides_turn_system_services_on_and_set_their_env() {
+        let system = parse_file(
+            Path::new("etcd.toml"),
+            "version = 1\n[services.etcd]\nimage = \"/e\"\nenabled = false\n[services.etcd.env]\nETCD_NAME = \"default\"\nETCD_DATA_DIR = \"/var/lib/etcd/default\"\n",
+            Source::System,
+        )
+        .unwrap();
+        let userdata = parse_document(
+            Path::new("ud.toml"),
+            "version = 1\n[overrides.etcd]\nenabled = true\nenv = { ETCD_NAME = \"node1\" }\n[overrides.docker]\nenabled = true\n",
+            Source::UserData,
+        )
+        .unwrap();
+        let api = parse_document(
+            Path::new("api.toml"),
+            "version = 1\n[overrides.etcd.env]\nETCD_NAME = \"node1b\"\n",
+            Source::User,
+        )
+        .unwrap();
+        let cfg = Config::from_layers(system.clone(), vec![userdata.clone(), api]).unwrap();
+        let etcd = &cfg.services["etcd"].spec;
+        assert!(etcd.enabled);
+        assert_eq!(
+            etcd.env["ETCD_NAME"], "node1b",
+            "the API's layer has the last word"
+        );
+        assert_eq!(
+            etcd.env["ETCD_DATA_DIR"], "/var/lib/etcd/default",
+            "merged, not replaced"
+        );
+        // `docker` is not here (its extension is not active): nothing to change, no error.
+        assert!(!cfg.services.contains_key("docker"));
+
+        let user_svc = parse_document(
+            Path::new("u.toml"),
+            "version = 1\n[services.web]\nimage = \"/w\"\n[overrides.web]\nenabled = false\n",
+            Source::User,
+        )
+        .unwrap();
+        let e = Config::from_layers(system.clone(), vec![user_svc])
+            .unwrap_err()
+            .0;
+        assert_eq!(e, "u.toml:4:1: overrides.web: `web` is not a system service (it is defined at u.toml:2:1; change it there)");
+
+        let e = parse_document(
+            Path::new("s.toml"),
+            "version = 1\n[overrides.etcd]\nenabled = true\n",
+            Source::System,
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("[overrides] belongs in user data"), "{e}");
+        let e = parse_document(
+            Path::new("u.toml"),
+            "version = 1\n[overrides.etcd]\nimage = \"/x\"\n",
+            Source::User,
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.starts_with("u.toml:3:1: overrides.etcd: unknown field `image`")
+                || e.contains("image"),
+            "{e}"
         );
     }
 

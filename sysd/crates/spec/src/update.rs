@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::units::Span;
-use super::{ConfigError, Sources};
+use super::{table, ConfigError, Sources};
 use crate::Invalid;
 
 /// When updates are applied.
@@ -53,6 +53,101 @@ pub struct UpdateSpec {
     pub boot_tries: u32,
     /// Never install a version above this one (pinning).
     pub max_version: Option<String>,
+    /// How nodes of a fleet take turns rebooting (`[update.coordination]`; absent: none).
+    pub coordination: Option<Coordination>,
+}
+
+/// Reboot coordination strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Reboot when the policy says so, whatever other nodes do.
+    None,
+    /// Take a slot of the group's semaphore in etcd before rebooting; give it back once the
+    /// health gate blessed the new slot (or after a rollback). Flatcar locksmith's `etcd-lock`.
+    EtcdLock,
+}
+
+/// `[update.coordination]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Coordination {
+    pub strategy: Strategy,
+    /// etcd client URLs, tried in order (`http://10.0.0.11:2379`).
+    #[serde(default = "default_endpoints")]
+    pub endpoints: Vec<String>,
+    /// Nodes of one group share a semaphore.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// How many nodes of the group may reboot at once.
+    #[serde(default = "default_holders")]
+    pub holders: u32,
+    /// The lease a held slot hangs on: a node that dies holding the slot frees it after this
+    /// long. Longer than a reboot plus the health gate.
+    #[serde(default = "default_lease")]
+    pub lease: Span,
+}
+
+fn default_endpoints() -> Vec<String> {
+    vec!["http://127.0.0.1:2379".into()]
+}
+
+fn default_group() -> String {
+    "default".into()
+}
+
+fn default_holders() -> u32 {
+    1
+}
+
+fn default_lease() -> Span {
+    Span(std::time::Duration::from_secs(900))
+}
+
+impl Coordination {
+    fn check(&self, health_timeout: Span) -> Result<(), Invalid> {
+        if self.strategy == Strategy::None {
+            return Ok(());
+        }
+        if self.endpoints.is_empty() {
+            return Err(Invalid::from(
+                "update.coordination.endpoints: at least one etcd client URL",
+            ));
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let rest = e.strip_prefix("http://").unwrap_or("");
+            if rest.is_empty() || rest.contains(['/', ' ']) && !rest.ends_with('/') {
+                return Err(Invalid::from(format!(
+                    "update.coordination.endpoints[{i}]: {e:?} is not an http://HOST:PORT URL"
+                )));
+            }
+        }
+        let group_ok = !self.group.is_empty()
+            && self.group.len() <= 64
+            && self
+                .group
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !group_ok {
+            return Err(Invalid::from(format!(
+                "update.coordination.group: {:?} must be 1-64 letters, digits, '-' or '_'",
+                self.group
+            )));
+        }
+        if self.holders == 0 {
+            return Err(Invalid::from(
+                "update.coordination.holders: must be at least 1",
+            ));
+        }
+        if self.lease.0 <= health_timeout.0 {
+            return Err(Invalid::from(format!(
+                "update.coordination.lease: {}s must be longer than update.health_timeout ({}s): the slot must outlive the reboot and the health gate",
+                self.lease.0.as_secs(),
+                health_timeout.0.as_secs()
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn default_interval() -> Span {
@@ -77,6 +172,7 @@ impl Default for UpdateSpec {
             health_timeout: default_health_timeout(),
             boot_tries: default_tries(),
             max_version: None,
+            coordination: None,
         }
     }
 }
@@ -102,6 +198,9 @@ impl UpdateSpec {
         }
         if self.health_timeout.0.is_zero() {
             return Err(Invalid::from("update.health_timeout: must be above 0"));
+        }
+        if let Some(c) = &self.coordination {
+            c.check(self.health_timeout)?;
         }
         if self.policy == Policy::Automatic && self.repository.is_none() {
             return Err(Invalid::from(
@@ -150,13 +249,7 @@ struct UpdateOnly {
 }
 
 fn parse(path: &Path, text: &str) -> Result<Option<UpdateSpec>, ConfigError> {
-    let doc: UpdateOnly = toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-            .unwrap_or(1);
-        ConfigError(format!("{}:{line}: {}", path.display(), e.message()))
-    })?;
+    let doc: UpdateOnly = toml::from_str(text).map_err(|e| table::located(path, text, &e))?;
     if let Some(u) = &doc.update {
         u.check()
             .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
@@ -167,33 +260,7 @@ fn parse(path: &Path, text: &str) -> Result<Option<UpdateSpec>, ConfigError> {
 /// The effective `[update]`: the user's table if the user file has one, else user data's, else
 /// the last system file's, else the defaults.
 pub fn load(sources: &Sources) -> Result<UpdateSpec, ConfigError> {
-    if let Some(text) = sources.read_user_text()? {
-        if let Some(u) = parse(&sources.user_file, &text)? {
-            return Ok(u);
-        }
-    }
-    if let Some(text) = sources.read_userdata_text()? {
-        if let Some(u) = parse(&sources.userdata_file, &text)? {
-            return Ok(u);
-        }
-    }
-    let mut files: Vec<_> = match std::fs::read_dir(&sources.system_dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    files.sort();
-    let mut found = None;
-    for path in files {
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-        if let Some(u) = parse(&path, &text)? {
-            found = Some(u);
-        }
-    }
-    Ok(found.unwrap_or_default())
+    Ok(table::load(sources, parse)?.unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -208,6 +275,36 @@ mod tests {
         assert!(!in_window(w, 12 * 60));
         assert!(parse_window("25:00-01:00").is_err());
         assert!(parse_window("0200").is_err());
+    }
+
+    #[test]
+    fn coordination_defaults_and_checks() {
+        let text = "version = 1\n[update]\nrepository = \"http://r\"\n[update.coordination]\nstrategy = \"etcd-lock\"\n";
+        let u = parse(Path::new("u.toml"), text).unwrap().unwrap();
+        let c = u.coordination.unwrap();
+        assert_eq!(c.endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(
+            (c.group.as_str(), c.holders, c.lease.0.as_secs()),
+            ("default", 1, 900)
+        );
+        let short = format!("{text}lease = \"1m\"\n");
+        let e = parse(Path::new("u.toml"), &short).unwrap_err().0;
+        assert!(
+            e.contains(
+                "update.coordination.lease: 60s must be longer than update.health_timeout (300s)"
+            ),
+            "{e}"
+        );
+        let bad = format!("{text}endpoints = [\"https://x:2379\"]\n");
+        let e = parse(Path::new("u.toml"), &bad).unwrap_err().0;
+        assert!(e.contains("update.coordination.endpoints[0]"), "{e}");
+        let zero = format!("{text}holders = 0\n");
+        assert!(parse(Path::new("u.toml"), &zero)
+            .unwrap_err()
+            .0
+            .contains("holders"));
+        let typo = format!("{text}strategy2 = 1\n");
+        assert!(parse(Path::new("u.toml"), &typo).is_err());
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub use events::EventBus;
 use keelson_api::{EventFeed, Failure, LogFeed};
 use keelson_runtime::netplug::{Endpoint, ANNOTATION};
 use keelson_runtime::Runtime;
+use keelson_spec::extensions::ExtensionsSpec;
 use keelson_spec::network::{NetConfig, PortSpec};
 use keelson_spec::update::UpdateSpec;
 use keelson_spec::{Config, ConfigError, Kind, RestartPolicy, Service, Sources};
@@ -130,6 +131,8 @@ pub struct Supervisor {
     effective: Mutex<Option<Config>>,
     /// The effective `[update]` table, as last loaded or applied.
     update_spec: watch::Sender<Result<UpdateSpec, ConfigError>>,
+    /// The effective `[extensions]` table, as last loaded or applied.
+    extensions_spec: watch::Sender<Result<ExtensionsSpec, ConfigError>>,
     started: Instant,
 }
 
@@ -186,6 +189,7 @@ impl Supervisor {
             });
         }
         let update_spec = watch::channel(keelson_spec::update::load(&paths.sources)).0;
+        let extensions_spec = watch::channel(keelson_spec::extensions::load(&paths.sources)).0;
         Supervisor {
             shared: Arc::new(Shared {
                 logs: Arc::new(LogHub::new(
@@ -205,6 +209,7 @@ impl Supervisor {
             apply_lock: tokio::sync::Mutex::new(()),
             effective: Mutex::new(None),
             update_spec,
+            extensions_spec,
             started: Instant::now(),
         }
     }
@@ -219,10 +224,41 @@ impl Supervisor {
         self.update_spec.subscribe()
     }
 
-    /// Re-reads the `[update]` table after the config files changed.
+    /// The effective `[extensions]` table (or why it is invalid), as boot and every apply
+    /// leave it.
+    pub fn extensions_spec(&self) -> watch::Receiver<Result<ExtensionsSpec, ConfigError>> {
+        self.extensions_spec.subscribe()
+    }
+
+    /// Re-reads the whole-table settings (`[update]`, `[extensions]`) after the config files
+    /// changed. A receiver is woken only when its table really changed.
     fn publish_update_spec(&self) {
-        let load = keelson_spec::update::load(&self.shared.paths.sources);
-        self.update_spec.send_modify(|spec| *spec = load);
+        let sources = &self.shared.paths.sources;
+        let load = keelson_spec::update::load(sources);
+        self.update_spec.send_if_modified(|spec| {
+            let changed = *spec != load;
+            *spec = load;
+            changed
+        });
+        let load = keelson_spec::extensions::load(sources);
+        self.extensions_spec.send_if_modified(|spec| {
+            let changed = *spec != load;
+            *spec = load;
+            changed
+        });
+    }
+
+    /// Re-reads the system services (the extensions merged over /usr changed) and reconciles
+    /// with the config layers as they are.
+    pub async fn reload_system(&self) -> Result<ApplyPlan, Failure> {
+        let system = self
+            .shared
+            .paths
+            .sources
+            .read_system()
+            .map_err(|e| Failure::bad_request(format!("system services: {e}")))?;
+        *self.system.lock().unwrap_or_else(|p| p.into_inner()) = system;
+        self.reload().await
     }
 
     /// Loads the config and starts everything. A bad user config is reported and skipped (the

@@ -234,7 +234,7 @@ pub fn download_size(repo: &Repo, p: &Payload, slot: &str) -> u64 {
 
 /// Streams a target into `sink`, checking length and sha256 against the signed metadata, and
 /// resuming with range requests after a dropped connection.
-async fn stream_target(
+pub(crate) async fn stream_target(
     agent: &Agent,
     repo: &Repo,
     name: &str,
@@ -382,6 +382,7 @@ fn drop_cache(f: &File) {
 /// What an install produced.
 pub struct Installed {
     pub entry: String,
+    pub version: String,
 }
 
 /// Installs `p` into the other slot of `layout` (see the module docs for the order).
@@ -544,7 +545,10 @@ pub async fn install(
     }
     .await;
     match result {
-        Ok(entry) => Ok(Installed { entry }),
+        Ok(entry) => Ok(Installed {
+            entry,
+            version: p.version.clone(),
+        }),
         Err(e) => {
             let _ = std::fs::remove_file(&part);
             let _ = slots::sync_dir(&dir);

@@ -19,6 +19,8 @@
 //! `tuf/` (tough's datastore: the newest trusted metadata, so rollback protection survives
 //! reboots).
 
+mod coordinate;
+pub mod extensions;
 pub mod http;
 pub mod install;
 pub mod slots;
@@ -38,6 +40,7 @@ use sha2::{Digest, Sha256};
 
 use keelson_common::error::{Classify, Kind};
 use keelson_common::notice::Notice;
+use keelson_spec::extensions::ExtensionsSpec;
 use keelson_spec::update::{in_window, parse_window, Policy, UpdateSpec};
 use keelson_spec::ConfigError;
 use slots::Discovery;
@@ -92,6 +95,8 @@ pub struct Paths {
     /// The running image's os-release.
     pub os_release: PathBuf,
     pub machine_id: PathBuf,
+    /// The engine extension store (`keelson_extensions::STORE_DIR`).
+    pub extensions: PathBuf,
 }
 
 impl Default for Paths {
@@ -101,6 +106,7 @@ impl Default for Paths {
             trusted_root: "/usr/share/keelson/update/root.json".into(),
             os_release: "/usr/lib/os-release".into(),
             machine_id: "/var/lib/keelson/machine-id".into(),
+            extensions: keelson_extensions::STORE_DIR.into(),
         }
     }
 }
@@ -113,6 +119,8 @@ pub struct Channels {
     pub spec: watch::Receiver<Result<UpdateSpec, ConfigError>>,
     /// Every service's status; the health gate reads the critical ones.
     pub services: watch::Receiver<Vec<ServiceStatus>>,
+    /// The effective `[extensions]` table: an update brings the listed versions of these.
+    pub extensions: watch::Receiver<Result<ExtensionsSpec, ConfigError>>,
     pub reports: mpsc::UnboundedSender<Report>,
 }
 
@@ -137,6 +145,9 @@ pub struct Persisted {
     pub rolled_back_from: Option<String>,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The etcd lease of this node's reboot slot (`[update.coordination]`), while it holds one.
+    #[serde(default)]
+    pub lock_lease: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +163,8 @@ struct Live {
     state: Persisted,
     boot_entry: Option<String>,
     assessment: String,
+    /// The group's reboot semaphore as last seen.
+    coordination: Option<keelson_common::api::update::Coordination>,
 }
 
 pub struct Agent {
@@ -185,6 +198,7 @@ impl Agent {
                 state,
                 boot_entry: None,
                 assessment: "unknown".into(),
+                coordination: None,
             }),
             busy: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
@@ -307,6 +321,7 @@ impl Agent {
             last_error: live.state.last_error.clone(),
             policy: spec.policy.as_str().to_string(),
             repository: spec.repository.clone(),
+            coordination: live.coordination.clone(),
         }
     }
 
@@ -333,6 +348,53 @@ impl Agent {
             .map_err(|e| Error::internal(format!("cannot start the update thread: {e}")))?;
         rx.await
             .map_err(|_| Error::internal("the update thread ended without an answer"))
+    }
+
+    /// `[extensions] enabled`, or why the table is invalid.
+    fn enabled_extensions(&self) -> Result<Vec<String>> {
+        self.channels
+            .extensions
+            .borrow()
+            .clone()
+            .map(|x| x.enabled)
+            .map_err(|e| anyhow::anyhow!("{}", e.0))
+    }
+
+    /// Brings the extension store in line with `[extensions]` for the running version:
+    /// downloads what the repository lists for it and the store lacks, and records the set
+    /// (activation is the caller's). An enabled name the repository does not list for the
+    /// running version is an error; the sets already recorded stay as they were.
+    pub async fn sync_running_extensions(
+        self: &Arc<Self>,
+    ) -> Result<Vec<keelson_extensions::Entry>, Error> {
+        let spec = self.spec()?;
+        let enabled = self
+            .enabled_extensions()
+            .map_err(|e| Error::invalid(format!("{e:#}")))?;
+        self.on_thread(move |agent, rt| {
+            rt.block_on(async {
+                let node = agent.node()?;
+                let store = keelson_extensions::Store::new(&agent.paths.extensions);
+                if enabled.is_empty() {
+                    store.record(&node.version, Vec::new())?;
+                    return Ok(Vec::new());
+                }
+                let repo = install::load_repo(
+                    &spec,
+                    &agent.paths.trusted_root,
+                    &agent.paths.state_dir.join("tuf"),
+                )
+                .await?;
+                let m = install::read_manifest(&repo).await?;
+                let listed = extensions::select(&m, &node.version, &enabled)?;
+                let base = spec.repository.clone().unwrap_or_default();
+                agent
+                    .sync_extensions(&repo, &store, &node.version, &listed, &base)
+                    .await
+            })
+        })
+        .await?
+        .map_err(|e: anyhow::Error| Error::upstream(format!("{e:#}")))
     }
 
     pub async fn check(self: &Arc<Self>) -> Result<UpdateCheck, Error> {
@@ -454,6 +516,14 @@ impl Agent {
                 jiff::Timestamp::now(),
             );
             let p = pick?;
+            if let Some(h) = self.halted(&spec, &p.version).await {
+                bail!(
+                    "the rollout of {} is halted: {} rolled back from it ({}); publish a newer version, or clear the halt (docs/updates.md)",
+                    h.version,
+                    h.node,
+                    h.reason
+                );
+            }
             let layout = self.discovery.layout()?;
             if let Some(tx) = chosen.take() {
                 let _ = tx.send(Ok(p.version.clone()));
@@ -472,6 +542,15 @@ impl Agent {
                     layout.running.letter()
                 ),
             );
+            // The new version's extensions first: a version that cannot carry the node's
+            // engines is refused before its slot is touched.
+            let enabled = self.enabled_extensions()?;
+            let listed = extensions::select(&m, &p.version, &enabled)
+                .with_context(|| format!("version {} refused", p.version))?;
+            let store = keelson_extensions::Store::new(&self.paths.extensions);
+            let base = spec.repository.clone().unwrap_or_default();
+            self.sync_extensions(&repo, &store, &p.version, &listed, &base)
+                .await?;
             let installed = install::install(self, &repo, &layout, &p, spec.boot_tries).await?;
             // A forced downgrade sorts below the running version: demote the running entry so
             // systemd-boot prefers the new one (and still falls back to it).
@@ -496,9 +575,29 @@ impl Agent {
                     format!("{} verified and installed; it boots next", installed.entry),
                 );
                 if req.reboot {
-                    self.set_phase(Phase::Rebooting);
-                    self.emit("update-rebooting", "rebooting into the new slot".into());
-                    self.report(Report::Reboot);
+                    match self.take_reboot_slot(&spec, &installed.version).await {
+                        coordinate::Gate::Go => {
+                            self.set_phase(Phase::Rebooting);
+                            self.emit("update-rebooting", "rebooting into the new slot".into());
+                            self.report(Report::Reboot);
+                        }
+                        coordinate::Gate::Halted(h) => {
+                            let msg = format!(
+                                "the rollout of {} is halted: {} rolled back from it ({}); the staged version is discarded",
+                                h.version, h.node, h.reason
+                            );
+                            let _ = self.discard_staged();
+                            self.set_phase(Phase::Idle);
+                            self.live().progress = None;
+                            self.save(|s| s.last_error = Some(msg.clone()));
+                            self.emit("update-halted", msg);
+                        }
+                        coordinate::Gate::Cancelled => {
+                            let _ = self.discard_staged();
+                            self.set_phase(Phase::Idle);
+                            self.live().progress = None;
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -547,11 +646,28 @@ impl Agent {
             );
             return Ok(self.status());
         }
-        let staged = self.live().state.staged.clone();
-        let Some(s) = staged else {
+        let Some(s) = self.discard_staged()? else {
             return Err(Error::conflict(
                 "nothing to cancel: no update in progress or staged",
             ));
+        };
+        self.set_phase(Phase::Idle);
+        self.emit(
+            "update-cancelled",
+            format!(
+                "staged {} discarded; slot {} is not bootable",
+                s.version, s.slot
+            ),
+        );
+        Ok(self.status())
+    }
+
+    /// Removes the staged version's boot entry (and undoes a downgrade's demotion of the
+    /// running one), so the running slot stays the one that boots. Returns what was staged.
+    fn discard_staged(&self) -> Result<Option<Staged>, Error> {
+        let staged = self.live().state.staged.clone();
+        let Some(s) = staged else {
+            return Ok(None);
         };
         let esp = self
             .discovery
@@ -576,15 +692,7 @@ impl Agent {
         })();
         result.map_err(|e| Error::internal(format!("{e:#}")))?;
         self.save(|st| st.staged = None);
-        self.set_phase(Phase::Idle);
-        self.emit(
-            "update-cancelled",
-            format!(
-                "staged {} discarded; slot {} is not bootable",
-                s.version, s.slot
-            ),
-        );
-        Ok(self.status())
+        Ok(Some(s))
     }
 
     /// Boots the other slot on purpose: its entry must exist (a previous, good version).
@@ -640,6 +748,15 @@ impl Agent {
         let me = Arc::clone(self);
         tokio::spawn(async move { me.assess().await });
         let me = Arc::clone(self);
+        tokio::spawn(async move {
+            // The group's semaphore for `keelctl update status`, kept fresh.
+            loop {
+                let spec = me.current_spec().unwrap_or_default();
+                me.refresh_coordination(&spec).await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+        let me = Arc::clone(self);
         tokio::spawn(async move { me.automatic().await });
     }
 
@@ -694,15 +811,19 @@ impl Agent {
                     st.staged = None;
                     st.rolled_back_from = Some(s.version.clone());
                 });
+                let reason = format!("it did not come up healthy ({tries} boot tries used)");
                 self.emit(
                     "update-rolled-back",
                     format!(
-                        "rolled back from {} (slot {}): it did not come up healthy ({tries} boot tries used); running slot {} again",
+                        "rolled back from {} (slot {}): {reason}; running slot {} again",
                         s.version,
                         s.slot,
                         running.letter()
                     ),
                 );
+                let spec = self.current_spec().unwrap_or_default();
+                self.give_back_slot(&spec, Some((&s.version, &reason)))
+                    .await;
             }
         }
         let mine = entries
@@ -719,6 +840,12 @@ impl Agent {
         }
         self.live().assessment = "pending".into();
         self.set_phase(Phase::Assessing);
+        // This boot holds the group's reboot slot until the gate says: keep its lease alive.
+        let me = Arc::clone(&self);
+        let keepalive = tokio::spawn(async move {
+            let spec = me.current_spec().unwrap_or_default();
+            me.keep_slot_alive(&spec).await
+        });
         let timeout = self.current_spec().unwrap_or_default().health_timeout.0;
         self.emit(
             "update-assessing",
@@ -762,11 +889,20 @@ impl Agent {
                             live.assessment = "good".into();
                         }
                         self.set_phase(Phase::Idle);
+                        let previous = self.live().state.last_good.clone();
                         self.save(|st| {
                             st.staged = None;
                             st.last_good = Some(entry.version.clone());
                             st.last_error = None;
                         });
+                        // Extension sets of this version and the one before it (the other
+                        // slot, the rollback target) stay; older ones go.
+                        let store = keelson_extensions::Store::new(&self.paths.extensions);
+                        let mut keep = vec![entry.version.as_str()];
+                        keep.extend(previous.as_deref());
+                        if let Err(e) = store.gc(&keep) {
+                            tracing::warn!("update: cleaning the extension store: {e}");
+                        }
                         self.emit(
                             "update-blessed",
                             format!(
@@ -774,6 +910,9 @@ impl Agent {
                                 entry.version
                             ),
                         );
+                        keepalive.abort();
+                        let spec = self.current_spec().unwrap_or_default();
+                        self.give_back_slot(&spec, None).await;
                     }
                     Err(e) => self.emit("update-bless-failed", format!("{e:#}")),
                 }

@@ -345,6 +345,7 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
             trusted_root: root_json.clone(),
             os_release: d.join("os-release"),
             machine_id: d.join("machine-id"),
+            extensions: d.join("var/extensions"),
         },
         Discovery::Files {
             cmdline: format!("quiet keelson.slot={slot} roothash={}", running.roothash),
@@ -359,6 +360,7 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
         Channels {
             spec: spec_rx,
             services: services_rx,
+            extensions: watch::channel(Ok(Default::default())).1,
             reports: reports_tx,
         },
     );
@@ -748,6 +750,7 @@ fn health_gate_blesses_or_reboots_and_rollbacks_are_reported() {
         Channels {
             spec: watch::channel(Ok(UpdateSpec::default())).1,
             services: watch::channel(Vec::new()).1,
+            extensions: watch::channel(Ok(Default::default())).1,
             reports: reports_tx,
         },
     );

@@ -1,11 +1,13 @@
 //! Device-mapper through `/dev/mapper/control`: the `struct dm_ioctl` / `struct dm_target_spec`
-//! encoding of `linux/dm-ioctl.h` (interface version 4) and the three ioctls that turn a table
-//! line into a read-only mapped device (create, load table, resume).
+//! encoding of `linux/dm-ioctl.h` (interface version 4): the three ioctls that turn a table
+//! line into a read-only mapped device (create, load table, resume), and removal.
+//!
+//! PID 1 maps the verified root with it; sysd maps engine extensions. Hand-written rather than
+//! through a crate: the two device-mapper crates on crates.io wrap the whole interface (and
+//! `devicemapper` pulls in a large dependency tree) for the four calls Keelson makes.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-
-use nix::errno::Errno;
 
 /// `sizeof(struct dm_ioctl)`.
 pub const DM_IOCTL_SIZE: usize = 312;
@@ -18,10 +20,11 @@ const DM_IOCTL_TYPE: u64 = 0xfd;
 /// The table is read-only.
 pub const DM_READONLY_FLAG: u32 = 1 << 0;
 
-/// The ioctl commands init uses.
+/// The ioctl commands Keelson uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     DevCreate = 3,
+    DevRemove = 4,
     DevSuspend = 6,
     TableLoad = 9,
 }
@@ -36,6 +39,7 @@ impl Command {
     fn name(self) -> &'static str {
         match self {
             Self::DevCreate => "DM_DEV_CREATE",
+            Self::DevRemove => "DM_DEV_REMOVE",
             Self::DevSuspend => "DM_DEV_SUSPEND",
             Self::TableLoad => "DM_TABLE_LOAD",
         }
@@ -56,7 +60,7 @@ pub enum Error {
     #[error("cannot open /dev/mapper/control: {0}")]
     Control(std::io::Error),
     #[error("{0} failed: {1}")]
-    Ioctl(&'static str, Errno),
+    Ioctl(&'static str, std::io::Error),
     #[error("device name {0:?} is empty, too long or contains NUL")]
     BadName(String),
     #[error("target type {0:?} is empty, too long or contains NUL")]
@@ -170,7 +174,7 @@ fn ioctl(control: &File, cmd: Command, buf: &mut [u8]) -> Result<(), Error> {
         )
     };
     if rc < 0 {
-        return Err(Error::Ioctl(cmd.name(), Errno::last()));
+        return Err(Error::Ioctl(cmd.name(), std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -178,19 +182,34 @@ fn ioctl(control: &File, cmd: Command, buf: &mut [u8]) -> Result<(), Error> {
 /// Creates device `name` with the single read-only `target` and activates it. Returns its
 /// (major, minor).
 pub fn create_readonly(name: &str, target: Target) -> Result<(u32, u32), Error> {
-    let control = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/mapper/control")
-        .map_err(Error::Control)?;
+    let control = control()?;
     let mut create = encode(name, 0, &[])?;
     ioctl(&control, Command::DevCreate, &mut create)?;
     let mut load = encode(name, DM_READONLY_FLAG, &[target])?;
-    ioctl(&control, Command::TableLoad, &mut load)?;
+    if let Err(e) = ioctl(&control, Command::TableLoad, &mut load) {
+        // Leave no half-made device behind (a rejected table, e.g. a wrong root hash format).
+        let _ = ioctl(&control, Command::DevRemove, &mut encode(name, 0, &[])?);
+        return Err(e);
+    }
     // DM_DEV_SUSPEND without DM_SUSPEND_FLAG is "resume": it swaps the loaded table in.
     let mut resume = encode(name, 0, &[])?;
     ioctl(&control, Command::DevSuspend, &mut resume)?;
     Ok(decode_dev(answer_dev(&resume)))
+}
+
+/// Removes device `name` (it must not be open or mounted).
+pub fn remove(name: &str) -> Result<(), Error> {
+    let control = control()?;
+    let mut buf = encode(name, 0, &[])?;
+    ioctl(&control, Command::DevRemove, &mut buf)
+}
+
+fn control() -> Result<File, Error> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+        .map_err(Error::Control)
 }
 
 #[cfg(test)]
@@ -200,6 +219,7 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_the_kernel_header() {
         assert_eq!(Command::DevCreate.request(), 0xc138_fd03);
+        assert_eq!(Command::DevRemove.request(), 0xc138_fd04);
         assert_eq!(Command::DevSuspend.request(), 0xc138_fd06);
         assert_eq!(Command::TableLoad.request(), 0xc138_fd09);
     }

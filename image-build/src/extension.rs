@@ -1,0 +1,455 @@
+//! `image-build extension`: a system extension from its definition
+//! (`configs/extensions/<name>.toml`) to `out/ext/<name>/`.
+//!
+//! The image is a UAPI Discoverable Disk Image, what systemd-sysext takes: a GPT with the
+//! EROFS file system in a root-x86-64 partition and its dm-verity hash tree (veritysetup
+//! format) in a root-x86-64-verity partition, the partitions' UUIDs being the first and the
+//! last 128 bits of the root hash, as the Discoverable Partitions Specification has it. The
+//! tree holds `/usr` only: `usr/lib/extension-release.d/extension-release.<name>` (naming the OS
+//! `ID` and `VERSION_ID` it fits), the service images under `usr/lib/keelson/images/` and the
+//! service files under `usr/lib/keelson/services.d/`, so that the extension's /usr merged over
+//! the OS's gives sysd the same absolute paths as the OS's own system services. See
+//! docs/extensions.md.
+//!
+//! Reproducible like the OS build: timestamps from the extension's lock, the file system UUID,
+//! the verity salt and UUID and the disk GUID from its seed, partition UUIDs from the root hash.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use keelson_common::gpt::Guid;
+use keelson_common::partitions::{ROOT_X86_64_TYPE, ROOT_X86_64_VERITY_TYPE};
+use keelson_common::verity;
+
+use crate::build::{partition_info, tool_version};
+use crate::config::{ExtensionConfig, ImageConfig};
+use crate::disk::{self, Part};
+use crate::fetch;
+use crate::images::{self, IMAGES_DIR};
+use crate::lock::{lock_path, Lock};
+use crate::manifest::{
+    ExtensionManifest, ExtensionSizes, ImageManifest, Input, Output, ServiceManifest, MANIFEST,
+    ROOTHASH,
+};
+use crate::rootfs;
+use crate::services::{self, SERVICES_DIR};
+use crate::util::{self, derive, derive_guid, mib, sha256_file, Progress};
+
+/// Where extension-release files live in an extension's tree.
+pub const EXTENSION_RELEASE_DIR: &str = "usr/lib/extension-release.d";
+
+/// Options of one extension build.
+pub struct Options {
+    pub config: PathBuf,
+    /// Output directory (default `out/ext/<name>`).
+    pub out: Option<PathBuf>,
+    pub cache: PathBuf,
+    pub workspace: PathBuf,
+    /// Take the OS's sysd (for `sysd check`) from here instead of building it.
+    pub bins: Option<PathBuf>,
+    pub quiet: bool,
+    /// Overrides the extension's `version`.
+    pub version: Option<String>,
+    /// Overrides the OS config's `version` (building the extension for another OS version).
+    pub os_version: Option<String>,
+}
+
+/// `usr/lib/extension-release.d/extension-release.<name>`: the OS it fits (`ID`,
+/// `VERSION_ID`, as systemd-sysext matches them against os-release) and what it is.
+pub fn extension_release(name: &str, version: &str, os_version: &str) -> String {
+    format!(
+        "ID=keelson\nVERSION_ID={os_version}\nSYSEXT_ID={name}\nSYSEXT_VERSION_ID={version}\nSYSEXT_SCOPE=system\nARCHITECTURE=x86-64\n"
+    )
+}
+
+/// Where a service file of extension `ext` goes in its tree: `<ext>.toml` for the file named
+/// like the extension, `<ext>-<stem>.toml` for others, so extensions never collide with each
+/// other or with the OS's `NN-<stem>.toml`.
+pub fn service_dest(ext: &str, stem: &str) -> String {
+    if stem == ext {
+        format!("{SERVICES_DIR}/{ext}.toml")
+    } else {
+        format!("{SERVICES_DIR}/{ext}-{stem}.toml")
+    }
+}
+
+/// The GPT partition UUIDs of a verity-protected partition pair: the first 128 bits of the
+/// root hash for the data partition, the last 128 bits for the hash partition (UAPI
+/// Discoverable Partitions Specification; systemd-dissect matches them to a given root hash).
+pub fn partition_uuids(root_hash: &[u8; 32]) -> (Guid, Guid) {
+    let mut first = [0u8; 16];
+    let mut last = [0u8; 16];
+    first.copy_from_slice(&root_hash[..16]);
+    last.copy_from_slice(&root_hash[16..]);
+    (Guid(first), Guid(last))
+}
+
+/// Rounds up to whole 4 KiB blocks.
+fn blocks(len: u64) -> u64 {
+    len.div_ceil(verity::BLOCK) * verity::BLOCK
+}
+
+/// Builds the extension; returns its output directory.
+pub fn build(opts: &Options) -> Result<PathBuf> {
+    let mut ext = ExtensionConfig::load(&opts.config)?;
+    if let Some(v) = &opts.version {
+        ext.set_version(v)?;
+    }
+    let mut os = ImageConfig::load(&ext.os_config())
+        .with_context(|| format!("the OS config of {}", ext.path.display()))?;
+    if let Some(v) = &opts.os_version {
+        os.set_version(v)?;
+    }
+    util::check_tools(util::EXTENSION_TOOLS)?;
+    let lock = Lock::load(&ext)?;
+    let epoch = lock.source_date_epoch;
+    let os_services = services::load(&os)?;
+    let mut files = Vec::new();
+    for path in ext.service_files() {
+        let dest = service_dest(&ext.name, services::stem(&path)?);
+        if files.iter().any(|(_, d)| *d == dest) {
+            bail!(
+                "{}: two service files would be installed as /{dest}: rename one",
+                ext.path.display()
+            );
+        }
+        files.push((path, dest));
+    }
+    let known: Vec<&str> = ext.images.keys().map(String::as_str).collect();
+    // Only the extension's own images: an extension may be listed under other OS versions,
+    // whose images are not the ones it was checked against.
+    let ext_services = services::load_files(files, &known, "this extension", &ext.path)?;
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("out/ext").join(&ext.name));
+    let work = out.join(".work");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let mut p = Progress::new(opts.quiet, 5);
+
+    p.step(&format!("fetching {} pinned packages", lock.packages.len()));
+    let debs = fetch::fetch_all(&lock, &opts.cache, &lock_path(&ext), &ext.path)?;
+    let mut inputs: Vec<Input> = debs
+        .iter()
+        .map(|(pin, _)| Input {
+            kind: "deb",
+            name: pin.name.clone(),
+            version: Some(pin.version.clone()),
+            sha256: pin.sha256.clone(),
+        })
+        .collect();
+    p.done(&format!("{} verified", debs.len()));
+
+    p.step("checking the service files with the OS's sysd");
+    let sysd = match &opts.bins {
+        Some(b) => b.join("sysd"),
+        None => {
+            // The OS's binaries, built as the OS build builds them (same epoch, same cache).
+            let os_epoch = Lock::load(&os)?.source_date_epoch;
+            crate::binaries::build(&opts.workspace, os_epoch, opts.quiet)?.join("sysd")
+        }
+    };
+    let sysd_sha = sha256_file(&sysd).with_context(|| {
+        format!(
+            "the OS's sysd (to check the services) at {}",
+            sysd.display()
+        )
+    })?;
+    inputs.push(Input {
+        kind: "checked-by",
+        name: "sysd".into(),
+        version: Some(os.version.clone()),
+        sha256: sysd_sha,
+    });
+    for (kind, path) in [("config", &ext.path), ("os-config", &os.path)] {
+        inputs.push(Input {
+            kind,
+            name: path.display().to_string(),
+            version: None,
+            sha256: sha256_file(path)?,
+        });
+    }
+    for f in &ext_services {
+        inputs.push(Input {
+            kind: "services",
+            name: f.source.display().to_string(),
+            version: None,
+            sha256: sha256_file(&f.source)?,
+        });
+    }
+    // The OS's system services and the extension's, loaded together as the node loads them.
+    services::check(&sysd, os_services.iter().chain(&ext_services))?;
+    p.done(&format!(
+        "{} services in {} files, with the {} of {} {}",
+        ext_services.iter().map(|f| f.services.len()).sum::<usize>(),
+        ext_services.len(),
+        os_services.iter().map(|f| f.services.len()).sum::<usize>(),
+        os.name,
+        os.version
+    ));
+
+    p.step("service images, service files, extension-release");
+    let stage = work.join("tree");
+    stage_tree(&stage)?;
+    let deb_of = |name: &str| {
+        debs.iter()
+            .find(|(p, _)| p.name == name)
+            .map(|(_, f)| f.clone())
+    };
+    let mut image_info = Vec::new();
+    for (name, spec) in &ext.images {
+        let dir = stage.join(IMAGES_DIR).join(name);
+        let mut img = images::Stage::new(&dir)?;
+        let mut pins: Vec<_> = lock.image_packages(name).collect();
+        pins.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut packages = Vec::new();
+        for pin in pins {
+            let deb = deb_of(&pin.name).with_context(|| format!("{} deb", pin.name))?;
+            img.unpack_deb(&pin.name, &deb)
+                .with_context(|| format!("building image {name}"))?;
+            packages.push(Input {
+                kind: "deb",
+                name: pin.name.clone(),
+                version: Some(pin.version.clone()),
+                sha256: pin.sha256.clone(),
+            });
+        }
+        let applet_links = img.finish(&spec.users)?;
+        let mount_points = services::prepare_image(&ext_services, name, &dir, &stage)?;
+        let listed = rootfs::list(&dir)?;
+        image_info.push(ImageManifest {
+            name: name.clone(),
+            description: spec.description.clone(),
+            path: format!("/{IMAGES_DIR}/{name}"),
+            packages,
+            applet_links,
+            mount_points,
+            files: listed.len(),
+            size: listed.iter().filter_map(|f| f.size).sum(),
+        });
+    }
+    services::install(&stage, &ext_services)?;
+    let release = extension_release(&ext.name, &ext.version, &os.version);
+    let release_path = stage
+        .join(EXTENSION_RELEASE_DIR)
+        .join(format!("extension-release.{}", ext.name));
+    std::fs::write(&release_path, &release)?;
+    rootfs::set_mode(&release_path, 0o644)?;
+    let service_info = ext_services
+        .iter()
+        .map(|f| {
+            Ok(ServiceManifest {
+                path: format!("/{}", f.dest),
+                source: f.source.display().to_string(),
+                sha256: sha256_file(&f.source)?,
+                services: f.services.iter().map(|s| s.name.clone()).collect(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tree_files = rootfs::list(&stage)?;
+    outside_usr(&tree_files)?;
+    let tree_size: u64 = tree_files.iter().filter_map(|f| f.size).sum();
+    p.done(&format!(
+        "{}; {} files, {}",
+        image_info
+            .iter()
+            .map(|i| format!("{} ({} packages)", i.name, i.packages.len()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        tree_files.len(),
+        mib(tree_size)
+    ));
+
+    p.step("file system (EROFS) and dm-verity tree");
+    let erofs = work.join("root.erofs");
+    rootfs::mkfs_erofs(
+        &stage,
+        &erofs,
+        epoch,
+        derive_guid(&ext.seed, "extension fs"),
+    )?;
+    let erofs_len = std::fs::metadata(&erofs)?.len();
+    let tree = verity::build(
+        &mut std::fs::File::open(&erofs)?,
+        erofs_len,
+        &derive(&ext.seed, "extension verity salt"),
+        derive_guid(&ext.seed, "extension verity").0,
+    )?;
+    let verity_path = work.join("root.verity");
+    std::fs::write(&verity_path, &tree.hash_device)?;
+    let roothash = verity::to_hex(&tree.root_hash);
+    p.done(&format!(
+        "file system {}, verity {}, root hash {}",
+        mib(erofs_len),
+        mib(tree.hash_device.len() as u64),
+        &roothash[..16]
+    ));
+
+    p.step("Discoverable Disk Image and manifest");
+    std::fs::create_dir_all(&out)?;
+    let (root_uuid, verity_uuid) = partition_uuids(&tree.root_hash);
+    let label = format!("{}_{}", ext.name, ext.version);
+    let parts = [
+        Part {
+            label: label.clone(),
+            type_guid: ROOT_X86_64_TYPE,
+            size: blocks(erofs_len),
+            attributes: 0,
+            content: Some(&erofs),
+            uuid: Some(root_uuid),
+        },
+        Part {
+            label: format!("{label}_verity"),
+            type_guid: ROOT_X86_64_VERITY_TYPE,
+            size: blocks(tree.hash_device.len() as u64),
+            attributes: 0,
+            content: Some(&verity_path),
+            uuid: Some(verity_uuid),
+        },
+    ];
+    let raw_name = format!("{}.raw", ext.name);
+    let raw = out.join(&raw_name);
+    let gpt = disk::assemble(&raw, &ext.seed, &parts, disk::MIN_TAIL)?;
+    std::fs::write(out.join(ROOTHASH), format!("{roothash}\n"))?;
+    let raw_len = std::fs::metadata(&raw)?.len();
+    let manifest = ExtensionManifest {
+        name: ext.name.clone(),
+        version: ext.version.clone(),
+        description: ext.description.clone(),
+        os_version: os.version.clone(),
+        roothash: roothash.clone(),
+        raw: Output {
+            path: raw_name.clone(),
+            size: raw_len,
+            sha256: sha256_file(&raw)?,
+        },
+        sizes: ExtensionSizes {
+            raw: raw_len,
+            erofs: erofs_len,
+            verity: tree.hash_device.len() as u64,
+            tree: tree_size,
+        },
+        config: ext.path.display().to_string(),
+        os_config: os.path.display().to_string(),
+        source_date_epoch: epoch,
+        extension_release: release,
+        inputs,
+        tools: vec![tool_version("mkfs.erofs", "--version")],
+        partitions: partition_info(&gpt),
+        images: image_info,
+        services: service_info,
+        files: tree_files,
+    };
+    std::fs::write(
+        out.join(MANIFEST),
+        serde_json::to_string_pretty(&manifest)? + "\n",
+    )?;
+    std::fs::remove_dir_all(&work)?;
+    p.done(&format!("{raw_name} {}", mib(raw_len)));
+    p.finish(&format!(
+        "{} {} for {} {} -> {}",
+        ext.name,
+        ext.version,
+        os.name,
+        os.version,
+        out.display()
+    ));
+    Ok(out)
+}
+
+/// The skeleton of an extension's tree: `/usr` and the directories Keelson reads in it, each
+/// with an explicit mode (the umask must not reach the image).
+fn stage_tree(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    rootfs::set_mode(dir, 0o755)?;
+    for d in [
+        "usr",
+        "usr/lib",
+        EXTENSION_RELEASE_DIR,
+        "usr/lib/keelson",
+        IMAGES_DIR,
+        SERVICES_DIR,
+    ] {
+        let p = dir.join(d);
+        std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
+        rootfs::set_mode(&p, 0o755)?;
+    }
+    Ok(())
+}
+
+/// An extension may only carry `/usr` (systemd-sysext merges nothing else, and neither does
+/// the node).
+fn outside_usr(files: &[rootfs::FileEntry]) -> Result<()> {
+    if let Some(f) = files
+        .iter()
+        .find(|f| f.path != "/usr" && !f.path.starts_with("/usr/"))
+    {
+        bail!("{} is outside /usr: an extension carries /usr only", f.path);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extension_release_names_the_os_and_the_extension() {
+        let text = extension_release("etcd", "3.4.23-1", "0.1.0");
+        let fields: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            fields,
+            [
+                "ID=keelson",
+                "VERSION_ID=0.1.0",
+                "SYSEXT_ID=etcd",
+                "SYSEXT_VERSION_ID=3.4.23-1",
+                "SYSEXT_SCOPE=system",
+                "ARCHITECTURE=x86-64"
+            ]
+        );
+    }
+
+    #[test]
+    fn service_files_are_named_after_the_extension() {
+        assert_eq!(
+            service_dest("etcd", "etcd"),
+            "usr/lib/keelson/services.d/etcd.toml"
+        );
+        assert_eq!(
+            service_dest("etcd", "backup"),
+            "usr/lib/keelson/services.d/etcd-backup.toml"
+        );
+    }
+
+    #[test]
+    fn partition_uuids_are_the_halves_of_the_root_hash() {
+        let mut hash = [0u8; 32];
+        for (i, b) in hash.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let (root, verity) = partition_uuids(&hash);
+        assert_eq!(root.to_string(), "00010203-0405-0607-0809-0a0b0c0d0e0f");
+        assert_eq!(verity.to_string(), "10111213-1415-1617-1819-1a1b1c1d1e1f");
+    }
+
+    #[test]
+    fn only_usr_is_allowed() {
+        let entry = |path: &str| rootfs::FileEntry {
+            path: path.into(),
+            mode: "40755".into(),
+            size: None,
+            sha256: None,
+            target: None,
+        };
+        assert!(outside_usr(&[entry("/usr"), entry("/usr/lib")]).is_ok());
+        let err = outside_usr(&[entry("/usr"), entry("/etc")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc is outside /usr"), "{err}");
+        assert!(outside_usr(&[entry("/usrx")]).is_err());
+    }
+}

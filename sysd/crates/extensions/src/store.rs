@@ -1,0 +1,239 @@
+//! The extension store on /var: `NAME/ROOTHASH.raw` images and `state.json`, which lists the
+//! set of extensions of each OS version. Content-addressed by root hash, so an image shared by
+//! two OS versions is stored once, and a half-downloaded file (`.part`) is never an image.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{check_name, ddi, Entry, Error};
+
+const STATE: &str = "state.json";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// OS version → the extensions that go with it.
+    #[serde(default)]
+    sets: BTreeMap<String, Vec<Entry>>,
+}
+
+/// The store directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: impl Into<PathBuf>) -> Store {
+        Store { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The image file of `entry`.
+    pub fn image(&self, entry: &Entry) -> PathBuf {
+        self.dir
+            .join(&entry.name)
+            .join(format!("{}.raw", entry.roothash))
+    }
+
+    /// Where a download of `entry` is written before [`Store::commit`] (created empty).
+    pub fn staging(&self, entry: &Entry) -> Result<PathBuf, Error> {
+        check_name(&entry.name)?;
+        ddi::decode_roothash(&entry.roothash).map_err(|why| Error::BadImage {
+            path: self.image(entry),
+            why: why.into(),
+        })?;
+        let dir = self.dir.join(&entry.name);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(dir.join(format!("{}.raw.part", entry.roothash)))
+    }
+
+    /// Whether the image of `entry` is already in the store.
+    pub fn has(&self, entry: &Entry) -> bool {
+        self.image(entry).is_file()
+    }
+
+    /// Moves a complete download into place after checking its layout against the root hash
+    /// (the content itself is checked block by block by dm-verity on every read).
+    pub fn commit(&self, entry: &Entry) -> Result<PathBuf, Error> {
+        let part = self.staging(entry)?;
+        let layout = ddi::read(&part, &entry.roothash);
+        if let Err(e) = layout {
+            let _ = std::fs::remove_file(&part);
+            return Err(e);
+        }
+        let dst = self.image(entry);
+        sync_file(&part)?;
+        std::fs::rename(&part, &dst).map_err(|e| Error::io(&dst, e))?;
+        sync_dir(dst.parent().unwrap_or(&self.dir))?;
+        Ok(dst)
+    }
+
+    /// The extensions of OS version `os_version` (empty when none were recorded).
+    pub fn set(&self, os_version: &str) -> Result<Vec<Entry>, Error> {
+        Ok(self.load()?.sets.remove(os_version).unwrap_or_default())
+    }
+
+    /// Every recorded set, by OS version.
+    pub fn sets(&self) -> Result<BTreeMap<String, Vec<Entry>>, Error> {
+        Ok(self.load()?.sets)
+    }
+
+    /// Records `entries` as the set of `os_version`, replacing what it had. Every image must
+    /// be in the store already.
+    pub fn record(&self, os_version: &str, entries: Vec<Entry>) -> Result<(), Error> {
+        for e in &entries {
+            check_name(&e.name)?;
+            if !self.has(e) {
+                return Err(Error::State(format!(
+                    "extension {} ({}) is not in the store; download it first",
+                    e.name, e.roothash
+                )));
+            }
+        }
+        let mut state = self.load()?;
+        state.sets.insert(os_version.to_owned(), entries);
+        self.save(&state)
+    }
+
+    /// Drops the sets of every OS version not in `keep` and deletes images (and stale partial
+    /// downloads) no remaining set names. Returns the files removed.
+    pub fn gc(&self, keep: &[&str]) -> Result<Vec<PathBuf>, Error> {
+        let mut state = self.load()?;
+        state.sets.retain(|v, _| keep.contains(&v.as_str()));
+        self.save(&state)?;
+        let wanted: Vec<PathBuf> = state
+            .sets
+            .values()
+            .flatten()
+            .map(|e| self.image(e))
+            .collect();
+        let mut removed = Vec::new();
+        let Ok(names) = std::fs::read_dir(&self.dir) else {
+            return Ok(removed);
+        };
+        for name in names.flatten() {
+            if !name.path().is_dir() {
+                continue;
+            }
+            let Ok(files) = std::fs::read_dir(name.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let p = f.path();
+                if !wanted.contains(&p) && std::fs::remove_file(&p).is_ok() {
+                    removed.push(p);
+                }
+            }
+            let _ = std::fs::remove_dir(name.path());
+        }
+        Ok(removed)
+    }
+
+    fn load(&self) -> Result<State, Error> {
+        let path = self.dir.join(STATE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::State(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    fn save(&self, state: &State) -> Result<(), Error> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let path = self.dir.join(STATE);
+        let tmp = self.dir.join(".state.json.tmp");
+        let bytes = serde_json::to_vec_pretty(state)
+            .map_err(|e| Error::State(format!("encoding {}: {e}", path.display())))?;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(&self.dir)
+    }
+}
+
+fn sync_file(p: &Path) -> Result<(), Error> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(p, e))
+}
+
+fn sync_dir(p: &Path) -> Result<(), Error> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(p, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ddi::tests::make_ddi;
+
+    fn entry(name: &str, roothash: &str) -> Entry {
+        Entry {
+            name: name.into(),
+            version: "1".into(),
+            roothash: roothash.into(),
+            built_for: "0.1.0".into(),
+            source: "test".into(),
+            listed_for: vec![],
+        }
+    }
+
+    #[test]
+    fn commit_record_and_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("ext"));
+        let tmp = dir.path().join("a.raw");
+        let rh = make_ddi(&tmp, &vec![3; 8 * 4096], "etcd_1");
+        let e = entry("etcd", &rh);
+        let part = store.staging(&e).unwrap();
+        std::fs::copy(&tmp, &part).unwrap();
+        let img = store.commit(&e).unwrap();
+        assert!(img.is_file() && !part.exists());
+        store.record("0.1.0", vec![e.clone()]).unwrap();
+        store.record("0.2.0", vec![e.clone()]).unwrap();
+        assert_eq!(store.set("0.1.0").unwrap(), vec![e.clone()]);
+        assert!(store.set("9.9.9").unwrap().is_empty());
+        // Keeping one version that still names the image keeps the image.
+        assert!(store.gc(&["0.2.0"]).unwrap().is_empty());
+        assert!(store.set("0.1.0").unwrap().is_empty());
+        assert_eq!(store.gc(&[]).unwrap(), vec![img.clone()]);
+        assert!(!img.exists());
+    }
+
+    #[test]
+    fn commit_refuses_an_image_of_another_root_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("ext"));
+        let tmp = dir.path().join("a.raw");
+        make_ddi(&tmp, &vec![3; 8 * 4096], "etcd_1");
+        let e = entry("etcd", &"cd".repeat(32));
+        let part = store.staging(&e).unwrap();
+        std::fs::copy(&tmp, &part).unwrap();
+        let err = store.commit(&e).unwrap_err().to_string();
+        assert!(err.contains("not those of root hash"), "{err}");
+        assert!(!part.exists() && !store.has(&e));
+        let err = store.record("0.1.0", vec![e]).unwrap_err().to_string();
+        assert!(err.contains("not in the store"), "{err}");
+    }
+
+    #[test]
+    fn names_that_escape_are_refused() {
+        let store = Store::new("/nonexistent");
+        for bad in ["../x", "a/b", "", "-x", "UPPER", &"x".repeat(65)] {
+            assert!(
+                store.staging(&entry(bad, &"ab".repeat(32))).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Engine extensions through the update repository: which images fit an OS version (the
+//! signed manifest lists them per version) and their download into the node's extension store.
+//! Activation (dm-verity, mounts, the /usr merge) is `keelson-extensions`' business.
+
+use std::fs::File;
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use keelson_common::update::{ExtensionPayload, Manifest};
+use keelson_extensions::{Entry, Store};
+
+use super::install::{self, Repo};
+use super::Agent;
+
+/// Room left on /var after an extension download (logs, service state).
+const VAR_RESERVE: u64 = 64 << 20;
+
+/// The listings of the `enabled` extensions for OS `os_version`, in `enabled` order. A name the
+/// repository does not list for that version is an error naming both: a node never carries an
+/// extension into a version it was not released for.
+pub fn select(m: &Manifest, os_version: &str, enabled: &[String]) -> Result<Vec<ExtensionPayload>> {
+    let Some(p) = m.updates.iter().find(|p| p.version == os_version) else {
+        if enabled.is_empty() {
+            return Ok(Vec::new());
+        }
+        bail!("the update repository does not list version {os_version}, so it lists no extensions for it");
+    };
+    let mut out = Vec::new();
+    for name in enabled {
+        match p.extensions.iter().find(|x| &x.name == name) {
+            Some(x) => out.push(x.clone()),
+            None => {
+                let listed: Vec<&str> = p.extensions.iter().map(|x| x.name.as_str()).collect();
+                bail!(
+                    "the update repository lists no extension `{name}` for version {os_version} (it lists: {})",
+                    if listed.is_empty() { "none".to_owned() } else { listed.join(", ") }
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The store entry for a listing under OS version `os_version` of repository `base`.
+pub fn entry(x: &ExtensionPayload, os_version: &str, base: &str) -> Entry {
+    Entry {
+        name: x.name.clone(),
+        version: x.version.clone(),
+        roothash: x.roothash.clone(),
+        built_for: x.built_for.clone(),
+        source: format!("{}/targets/{}", base.trim_end_matches('/'), x.target),
+        listed_for: if x.built_for == os_version {
+            Vec::new()
+        } else {
+            vec![os_version.to_owned()]
+        },
+    }
+}
+
+/// Counts decompressed bytes and refuses to go past what /var can hold.
+struct Capped {
+    f: File,
+    written: u64,
+    limit: u64,
+    what: String,
+}
+
+impl Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written + buf.len() as u64 > self.limit {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "{} does not fit on /var ({} MiB free beyond the {} MiB kept for logs and state)",
+                    self.what,
+                    self.limit >> 20,
+                    VAR_RESERVE >> 20
+                ),
+            ));
+        }
+        self.f.write_all(buf)?;
+        self.written += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.f.flush()
+    }
+}
+
+impl Agent {
+    /// Downloads the listed extensions the store lacks (TUF checks length and sha256 as it
+    /// streams; the store checks the image's layout against its root hash), then records them
+    /// as the set of `os_version`. On any failure nothing is recorded and the partial file is
+    /// removed: the node keeps the sets it had.
+    pub(crate) async fn sync_extensions(
+        &self,
+        repo: &Repo,
+        store: &Store,
+        os_version: &str,
+        listed: &[ExtensionPayload],
+        base: &str,
+    ) -> Result<Vec<Entry>> {
+        let mut entries = Vec::new();
+        for x in listed {
+            let e = entry(x, os_version, base);
+            if !store.has(&e) {
+                self.emit(
+                    "extension-downloading",
+                    format!(
+                        "{} {} ({} bytes) for version {os_version}",
+                        x.name, x.version, x.size
+                    ),
+                );
+                if let Err(err) = self.download_extension(repo, store, x, &e).await {
+                    if let Ok(part) = store.staging(&e) {
+                        let _ = std::fs::remove_file(part);
+                    }
+                    return Err(err.context(format!("extension {} {}", x.name, x.version)));
+                }
+            }
+            entries.push(e);
+        }
+        store
+            .record(os_version, entries.clone())
+            .map_err(anyhow::Error::new)?;
+        Ok(entries)
+    }
+
+    async fn download_extension(
+        &self,
+        repo: &Repo,
+        store: &Store,
+        x: &ExtensionPayload,
+        e: &Entry,
+    ) -> Result<()> {
+        let part = store.staging(e)?;
+        let vfs = nix::sys::statvfs::statvfs(store.dir())
+            .with_context(|| format!("statvfs {}", store.dir().display()))?;
+        let free = vfs.blocks_available() * vfs.fragment_size();
+        let limit = free.saturating_sub(VAR_RESERVE);
+        if x.size > limit {
+            bail!(
+                "its download ({} MiB compressed) does not fit on /var ({} MiB free beyond the {} MiB kept for logs and state): nothing written",
+                x.size >> 20,
+                limit >> 20,
+                VAR_RESERVE >> 20
+            );
+        }
+        let f = File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+        let mut gz = flate2::write::GzDecoder::new(Capped {
+            f,
+            written: 0,
+            limit,
+            what: format!("{} (uncompressed)", x.target),
+        });
+        install::stream_target(self, repo, &x.target, &mut |chunk| {
+            gz.write_all(chunk)
+                .with_context(|| format!("writing {}", part.display()))
+        })
+        .await?;
+        let capped = gz
+            .finish()
+            .with_context(|| format!("{}: gzip stream incomplete", x.target))?;
+        capped
+            .f
+            .sync_all()
+            .with_context(|| format!("syncing {}", part.display()))?;
+        store.commit(e)?;
+        self.emit(
+            "extension-downloaded",
+            format!(
+                "{} {} verified against root hash {}",
+                x.name, x.version, x.roothash
+            ),
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keelson_common::update::Payload;
+
+    fn listing(name: &str, built_for: &str) -> ExtensionPayload {
+        ExtensionPayload {
+            name: name.into(),
+            version: "3.4.23-1".into(),
+            roothash: "ab".repeat(32),
+            target: format!("ext-{name}-3.4.23-1-for-{built_for}.raw.gz"),
+            size: 10,
+            sha256: "cd".repeat(32),
+            built_for: built_for.into(),
+        }
+    }
+
+    fn manifest() -> Manifest {
+        let p = |v: &str, ext: Vec<ExtensionPayload>| Payload {
+            version: v.into(),
+            variant: "test".into(),
+            roothash: String::new(),
+            root: String::new(),
+            root_size: 0,
+            verity: String::new(),
+            verity_size: 0,
+            uki_a: String::new(),
+            uki_b: String::new(),
+            released: String::new(),
+            waves: vec![],
+            extensions: ext,
+        };
+        Manifest {
+            updates: vec![
+                p("0.1.0", vec![listing("etcd", "0.1.0")]),
+                p("0.2.0", vec![listing("etcd", "0.1.0")]),
+                p("0.3.0", vec![]),
+            ],
+        }
+    }
+
+    #[test]
+    fn selects_per_os_version() {
+        let m = manifest();
+        let x = select(&m, "0.2.0", &["etcd".into()]).unwrap();
+        assert_eq!(x[0].built_for, "0.1.0");
+        let e = entry(&x[0], "0.2.0", "http://repo/");
+        assert_eq!(e.listed_for, ["0.2.0"]);
+        assert_eq!(
+            e.source,
+            "http://repo/targets/ext-etcd-3.4.23-1-for-0.1.0.raw.gz"
+        );
+        assert!(entry(&x[0], "0.1.0", "http://repo").listed_for.is_empty());
+        let err = select(&m, "0.3.0", &["etcd".into()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "the update repository lists no extension `etcd` for version 0.3.0 (it lists: none)"
+        );
+        assert!(select(&m, "9.9.9", &[]).unwrap().is_empty());
+        assert!(select(&m, "9.9.9", &["etcd".into()]).is_err());
+    }
+}
