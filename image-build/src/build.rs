@@ -119,15 +119,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
     let debs = fetch::fetch_all(&lock, &opts.cache, &lock_path(&cfg), &cfg.path)?;
-    let mut inputs: Vec<Input> = debs
-        .iter()
-        .map(|(pin, _)| Input {
-            kind: "deb",
-            name: pin.name.clone(),
-            version: Some(pin.version.clone()),
-            sha256: pin.sha256.clone(),
-        })
-        .collect();
+    let mut inputs: Vec<Input> = debs.iter().map(|(pin, _)| Input::deb(pin)).collect();
     p.done(&format!("{} verified", debs.len()));
 
     p.step("unpacking kernel and bootloader");
@@ -178,19 +170,9 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
             sha256,
         });
     }
-    inputs.push(Input {
-        kind: "config",
-        name: cfg.path.display().to_string(),
-        version: None,
-        sha256: sha256_file(&cfg.path)?,
-    });
+    inputs.push(Input::file("config", &cfg.path)?);
     for f in &service_files {
-        inputs.push(Input {
-            kind: "services",
-            name: f.source.display().to_string(),
-            version: None,
-            sha256: sha256_file(&f.source)?,
-        });
+        inputs.push(Input::file("services", &f.source)?);
     }
     // The image's own sysd is the authority on its service files.
     services::check(&sysd_bin, &service_files)?;
@@ -234,12 +216,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         std::fs::copy(root_json, &dst)
             .with_context(|| format!("installing {} as /{TRUSTED_ROOT}", root_json.display()))?;
         rootfs::set_mode(&dst, 0o644)?;
-        inputs.push(Input {
-            kind: "update-root",
-            name: root_json.display().to_string(),
-            version: None,
-            sha256: sha256_file(root_json)?,
-        });
+        inputs.push(Input::file("update-root", root_json)?);
     }
     let mut image_info = Vec::new();
     let mut oci_layouts = Vec::new();
@@ -253,12 +230,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
             let deb = deb_of(&pin.name).with_context(|| format!("{} deb", pin.name))?;
             img.unpack_deb(&pin.name, &deb)
                 .with_context(|| format!("building image {name}"))?;
-            packages.push(Input {
-                kind: "deb",
-                name: pin.name.clone(),
-                version: Some(pin.version.clone()),
-                sha256: pin.sha256.clone(),
-            });
+            packages.push(Input::deb(pin));
         }
         let applet_links = img.finish(&spec.users)?;
         let mount_points = services::prepare_image(&service_files, name, &dir, &stage)?;

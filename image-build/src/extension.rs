@@ -132,15 +132,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
     let debs = fetch::fetch_all(&lock, &opts.cache, &lock_path(&ext), &ext.path)?;
-    let mut inputs: Vec<Input> = debs
-        .iter()
-        .map(|(pin, _)| Input {
-            kind: "deb",
-            name: pin.name.clone(),
-            version: Some(pin.version.clone()),
-            sha256: pin.sha256.clone(),
-        })
-        .collect();
+    let mut inputs: Vec<Input> = debs.iter().map(|(pin, _)| Input::deb(pin)).collect();
     p.done(&format!("{} verified", debs.len()));
 
     p.step("checking the service files with the OS's sysd");
@@ -164,21 +156,10 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         version: Some(os.version.clone()),
         sha256: sysd_sha,
     });
-    for (kind, path) in [("config", &ext.path), ("os-config", &os.path)] {
-        inputs.push(Input {
-            kind,
-            name: path.display().to_string(),
-            version: None,
-            sha256: sha256_file(path)?,
-        });
-    }
+    inputs.push(Input::file("config", &ext.path)?);
+    inputs.push(Input::file("os-config", &os.path)?);
     for f in &ext_services {
-        inputs.push(Input {
-            kind: "services",
-            name: f.source.display().to_string(),
-            version: None,
-            sha256: sha256_file(&f.source)?,
-        });
+        inputs.push(Input::file("services", &f.source)?);
     }
     // The OS's system services and the extension's, loaded together as the node loads them.
     services::check(&sysd, os_services.iter().chain(&ext_services))?;
@@ -210,12 +191,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
             let deb = deb_of(&pin.name).with_context(|| format!("{} deb", pin.name))?;
             img.unpack_deb(&pin.name, &deb)
                 .with_context(|| format!("building image {name}"))?;
-            packages.push(Input {
-                kind: "deb",
-                name: pin.name.clone(),
-                version: Some(pin.version.clone()),
-                sha256: pin.sha256.clone(),
-            });
+            packages.push(Input::deb(pin));
         }
         let applet_links = img.finish(&spec.users)?;
         let mount_points = services::prepare_image(&ext_services, name, &dir, &stage)?;
