@@ -20,7 +20,7 @@ use crate::fetch;
 use crate::images::{self, IMAGES_DIR};
 use crate::initramfs;
 use crate::kmod::ModuleTree;
-use crate::lock::{lock_path, Lock};
+use crate::lock::Lock;
 use crate::manifest::{
     ImageInfo, ImageManifest, Input, Manifest, Output, PartitionInfo, ServiceManifest, ToolVersion,
     MANIFEST, TRUSTED_ROOT, UKI_SLOT_B,
@@ -118,22 +118,17 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     let mut p = Progress::new(opts.quiet, 11);
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
-    let debs = fetch::fetch_all(&lock, &opts.cache, &lock_path(&cfg), &cfg.path)?;
-    let mut inputs: Vec<Input> = debs.iter().map(|(pin, _)| Input::deb(pin)).collect();
-    p.done(&format!("{} verified", debs.len()));
+    let debs = fetch::fetch_all(&lock, &opts.cache, &cfg)?;
+    let mut inputs = debs.inputs();
+    p.done(&format!("{} verified", inputs.len()));
 
     p.step("unpacking kernel and bootloader");
     let kernel_pin = lock.pin(&cfg.kernel.package)?;
     let boot_pin = lock.pin(&cfg.bootloader.package)?;
-    let deb_of = |name: &str| {
-        debs.iter()
-            .find(|(p, _)| p.name == name)
-            .map(|(_, f)| f.clone())
-    };
     let kdir = work.join("kernel");
-    initramfs::unpack_deb(&deb_of(&kernel_pin.name).context("kernel deb")?, &kdir)?;
+    initramfs::unpack_deb(&debs.path(&kernel_pin.name).context("kernel deb")?, &kdir)?;
     let bdir = work.join("bootloader");
-    initramfs::unpack_deb(&deb_of(&boot_pin.name).context("bootloader deb")?, &bdir)?;
+    initramfs::unpack_deb(&debs.path(&boot_pin.name).context("bootloader deb")?, &bdir)?;
     let release = single_dir_name(&kdir.join("lib/modules"))?;
     let vmlinuz = kdir.join(format!("boot/vmlinuz-{release}"));
     let stub = bdir.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
@@ -227,8 +222,10 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         pins.sort_by(|a, b| a.name.cmp(&b.name));
         let mut packages = Vec::new();
         for pin in pins {
-            let deb = deb_of(&pin.name).with_context(|| format!("{} deb", pin.name))?;
-            img.unpack_deb(&pin.name, &deb)
+            let deb = debs
+                .path(&pin.name)
+                .with_context(|| format!("{} deb", pin.name))?;
+            img.unpack_deb(&pin.name, deb)
                 .with_context(|| format!("building image {name}"))?;
             packages.push(Input::deb(pin));
         }

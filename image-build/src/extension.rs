@@ -26,7 +26,7 @@ use crate::config::{ExtensionConfig, ImageConfig};
 use crate::disk::{self, Part};
 use crate::fetch;
 use crate::images::{self, IMAGES_DIR};
-use crate::lock::{lock_path, Lock};
+use crate::lock::Lock;
 use crate::manifest::{
     ExtensionManifest, ExtensionSizes, ImageManifest, Input, Output, ServiceManifest, MANIFEST,
     ROOTHASH,
@@ -131,9 +131,9 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     let mut p = Progress::new(opts.quiet, 5);
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
-    let debs = fetch::fetch_all(&lock, &opts.cache, &lock_path(&ext), &ext.path)?;
-    let mut inputs: Vec<Input> = debs.iter().map(|(pin, _)| Input::deb(pin)).collect();
-    p.done(&format!("{} verified", debs.len()));
+    let debs = fetch::fetch_all(&lock, &opts.cache, &ext)?;
+    let mut inputs = debs.inputs();
+    p.done(&format!("{} verified", inputs.len()));
 
     p.step("checking the service files with the OS's sysd");
     let sysd = match &opts.bins {
@@ -175,11 +175,6 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     p.step("service images, service files, extension-release");
     let stage = work.join("tree");
     stage_tree(&stage)?;
-    let deb_of = |name: &str| {
-        debs.iter()
-            .find(|(p, _)| p.name == name)
-            .map(|(_, f)| f.clone())
-    };
     let mut image_info = Vec::new();
     for (name, spec) in &ext.images {
         let dir = stage.join(IMAGES_DIR).join(name);
@@ -188,8 +183,10 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         pins.sort_by(|a, b| a.name.cmp(&b.name));
         let mut packages = Vec::new();
         for pin in pins {
-            let deb = deb_of(&pin.name).with_context(|| format!("{} deb", pin.name))?;
-            img.unpack_deb(&pin.name, &deb)
+            let deb = debs
+                .path(&pin.name)
+                .with_context(|| format!("{} deb", pin.name))?;
+            img.unpack_deb(&pin.name, deb)
                 .with_context(|| format!("building image {name}"))?;
             packages.push(Input::deb(pin));
         }
