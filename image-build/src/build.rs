@@ -22,8 +22,8 @@ use crate::initramfs;
 use crate::kmod::ModuleTree;
 use crate::lock::Lock;
 use crate::manifest::{
-    ImageInfo, ImageManifest, Input, Manifest, Output, PartitionInfo, ServiceManifest, ToolVersion,
-    MANIFEST, TRUSTED_ROOT, UKI_SLOT_B,
+    self, ImageInfo, ImageManifest, Input, Manifest, Output, PartitionInfo, ServiceManifest,
+    ToolVersion, MANIFEST, TRUSTED_ROOT, UKI_SLOT_B,
 };
 use crate::rootfs;
 use crate::services;
@@ -110,11 +110,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("out").join(&cfg.name));
-    let work = out.join(".work");
-    if work.exists() {
-        std::fs::remove_dir_all(&work)?;
-    }
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let work = util::work_dir(&out)?;
     let mut p = Progress::new(opts.quiet, 11);
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
@@ -467,10 +463,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         rootfs: rootfs::list(&stage)?,
         initramfs: initrd_files,
     };
-    std::fs::write(
-        out.join(MANIFEST),
-        serde_json::to_string_pretty(&manifest)? + "\n",
-    )?;
+    manifest::write(&out, &manifest)?;
     std::fs::remove_dir_all(&work)?;
     p.done(MANIFEST);
     p.finish(&format!("{} -> {}", cfg.path.display(), out.display()));

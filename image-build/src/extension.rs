@@ -28,7 +28,7 @@ use crate::fetch;
 use crate::images::{self, IMAGES_DIR};
 use crate::lock::Lock;
 use crate::manifest::{
-    ExtensionManifest, ExtensionSizes, ImageManifest, Input, Output, ServiceManifest, MANIFEST,
+    self, ExtensionManifest, ExtensionSizes, ImageManifest, Input, Output, ServiceManifest,
     ROOTHASH,
 };
 use crate::rootfs;
@@ -123,11 +123,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         .out
         .clone()
         .unwrap_or_else(|| Path::new("out/ext").join(&ext.name));
-    let work = out.join(".work");
-    if work.exists() {
-        std::fs::remove_dir_all(&work)?;
-    }
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let work = util::work_dir(&out)?;
     let mut p = Progress::new(opts.quiet, 5);
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
@@ -316,10 +312,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         services: service_info,
         files: tree_files,
     };
-    std::fs::write(
-        out.join(MANIFEST),
-        serde_json::to_string_pretty(&manifest)? + "\n",
-    )?;
+    manifest::write(&out, &manifest)?;
     std::fs::remove_dir_all(&work)?;
     p.done(&format!("{raw_name} {}", mib(raw_len)));
     p.finish(&format!(

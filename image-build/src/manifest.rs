@@ -18,6 +18,13 @@ pub const TRUSTED_ROOT: &str = "usr/share/keelson/update/root.json";
 /// The slot-B UKI of a build (same kernel, initramfs and root hash; `keelson.slot=b`).
 pub const UKI_SLOT_B: &str = "uki-slot-b.efi";
 
+/// Writes `dir/manifest.json` (an OS build's [`Manifest`] or an [`ExtensionManifest`]).
+pub fn write(dir: &Path, manifest: &impl Serialize) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    std::fs::write(&path, serde_json::to_string_pretty(manifest)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// The part of [`ImageInfo`] that `update add` publishes, read back from `manifest.json`.
 #[derive(Debug, Deserialize)]
 pub struct ImageId {

@@ -1,7 +1,8 @@
-//! Small helpers: hashing, seed-derived identifiers, host tools, progress output.
+//! Small helpers: hashing, seed-derived identifiers, host tools, the scratch directory,
+//! progress output.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -38,6 +39,18 @@ pub fn derive(seed: &str, purpose: &str) -> [u8; 32] {
     h.update([0]);
     h.update(purpose.as_bytes());
     h.finalize().into()
+}
+
+/// `out/.work`, a build's scratch directory, empty (whatever an interrupted build left there is
+/// removed). The build removes it when it succeeds.
+pub fn work_dir(out: &Path) -> Result<PathBuf> {
+    let work = out.join(".work");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)
+            .with_context(|| format!("removing the old {}", work.display()))?;
+    }
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    Ok(work)
 }
 
 /// A version-4-shaped GUID derived from the seed.
