@@ -11,22 +11,22 @@ use anyhow::{bail, Context, Result};
 use keelson_common::cmdline;
 use keelson_common::gpt::Gpt;
 use keelson_common::partitions::Slot;
-use keelson_common::verity;
 
 use crate::config::ImageConfig;
 use crate::disk;
 use crate::esp;
 use crate::fetch;
-use crate::images::{self, IMAGES_DIR};
+use crate::images::IMAGES_DIR;
 use crate::initramfs;
 use crate::kmod::ModuleTree;
 use crate::lock::Lock;
 use crate::manifest::{
-    self, ImageInfo, ImageManifest, Input, Manifest, Output, PartitionInfo, ServiceManifest,
-    ToolVersion, MANIFEST, TRUSTED_ROOT, UKI_SLOT_B,
+    self, ImageInfo, Input, Manifest, Output, PartitionInfo, ToolVersion, MANIFEST, TRUSTED_ROOT,
+    UKI_SLOT_B,
 };
+use crate::pipeline::{self, VerifiedFs};
 use crate::rootfs;
-use crate::services;
+use crate::services::{self, ServiceFile};
 use crate::uki;
 use crate::util::{self, derive, derive_guid, mib, run, sha256_file, Progress};
 
@@ -212,49 +212,30 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     let mut image_info = Vec::new();
     let mut oci_layouts = Vec::new();
     for (name, spec) in &cfg.images {
-        let dir = stage.join(IMAGES_DIR).join(name);
-        let mut img = images::Stage::new(&dir)?;
-        let mut pins: Vec<_> = lock.image_packages(name).collect();
-        pins.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut packages = Vec::new();
-        for pin in pins {
-            let deb = debs
-                .path(&pin.name)
-                .with_context(|| format!("{} deb", pin.name))?;
-            img.unpack_deb(&pin.name, deb)
-                .with_context(|| format!("building image {name}"))?;
-            packages.push(Input::deb(pin));
-        }
-        let applet_links = img.finish(&spec.users)?;
-        let mount_points = services::prepare_image(&service_files, name, &dir, &stage)?;
-        let files = rootfs::list(&dir)?;
+        image_info.push(pipeline::service_image(
+            &stage,
+            name,
+            spec,
+            &lock,
+            &debs,
+            &service_files,
+        )?);
         let rel = format!("oci/{name}");
         oci_layouts.push(
-            crate::oci::write(&dir, name, epoch, &out.join(&rel), &rel)
-                .with_context(|| format!("OCI layout of image {name}"))?,
+            crate::oci::write(
+                &stage.join(IMAGES_DIR).join(name),
+                name,
+                epoch,
+                &out.join(&rel),
+                &rel,
+            )
+            .with_context(|| format!("OCI layout of image {name}"))?,
         );
-        image_info.push(ImageManifest {
-            name: name.clone(),
-            description: spec.description.clone(),
-            path: format!("/{IMAGES_DIR}/{name}"),
-            packages,
-            applet_links,
-            mount_points,
-            files: files.len(),
-            size: files.iter().filter_map(|f| f.size).sum(),
-        });
     }
     services::install(&stage, &service_files)?;
     let service_info = service_files
         .iter()
-        .map(|f| {
-            Ok(ServiceManifest {
-                path: format!("/{}", f.dest),
-                source: f.source.display().to_string(),
-                sha256: sha256_file(&f.source)?,
-                services: f.services.iter().map(|s| s.name.clone()).collect(),
-            })
-        })
+        .map(ServiceFile::manifest)
         .collect::<Result<Vec<_>>>()?;
     let images_text = if image_info.is_empty() {
         "no images".to_owned()
@@ -282,24 +263,12 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     rootfs::add_modules(&stage, &tree, &root_closure, &release)?;
     let root_img = out.join("root.erofs");
     std::fs::create_dir_all(&out)?;
-    rootfs::mkfs_erofs(
-        &stage,
-        &root_img,
-        epoch,
-        derive_guid(&cfg.seed, "root-a fs"),
-    )?;
-    let root_len = std::fs::metadata(&root_img)?.len();
-    let salt = derive(&cfg.seed, "root-a verity salt");
-    let verity_uuid = derive_guid(&cfg.seed, "root-a verity").0;
-    let tree_v = verity::build(
-        &mut std::fs::File::open(&root_img)?,
-        root_len,
-        &salt,
-        verity_uuid,
-    )?;
     let verity_img = out.join("root.verity");
-    std::fs::write(&verity_img, &tree_v.hash_device)?;
-    let roothash = verity::to_hex(&tree_v.root_hash);
+    let VerifiedFs {
+        len: root_len,
+        tree: tree_v,
+        roothash,
+    } = pipeline::erofs_with_verity(&stage, &root_img, &verity_img, epoch, &cfg.seed, "root-a")?;
     p.done(&format!(
         "root {}, verity {}, root hash {}",
         mib(root_len),

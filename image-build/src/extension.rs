@@ -25,15 +25,13 @@ use crate::build::{partition_info, tool_version};
 use crate::config::{ExtensionConfig, ImageConfig};
 use crate::disk::{self, Part};
 use crate::fetch;
-use crate::images::{self, IMAGES_DIR};
+use crate::images::IMAGES_DIR;
 use crate::lock::Lock;
-use crate::manifest::{
-    self, ExtensionManifest, ExtensionSizes, ImageManifest, Input, Output, ServiceManifest,
-    ROOTHASH,
-};
+use crate::manifest::{self, ExtensionManifest, ExtensionSizes, Input, Output, ROOTHASH};
+use crate::pipeline::{self, VerifiedFs};
 use crate::rootfs;
-use crate::services::{self, SERVICES_DIR};
-use crate::util::{self, derive, derive_guid, mib, sha256_file, Progress};
+use crate::services::{self, ServiceFile, SERVICES_DIR};
+use crate::util::{self, mib, sha256_file, Progress};
 
 /// Where extension-release files live in an extension's tree.
 pub const EXTENSION_RELEASE_DIR: &str = "usr/lib/extension-release.d";
@@ -171,35 +169,13 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     p.step("service images, service files, extension-release");
     let stage = work.join("tree");
     stage_tree(&stage)?;
-    let mut image_info = Vec::new();
-    for (name, spec) in &ext.images {
-        let dir = stage.join(IMAGES_DIR).join(name);
-        let mut img = images::Stage::new(&dir)?;
-        let mut pins: Vec<_> = lock.image_packages(name).collect();
-        pins.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut packages = Vec::new();
-        for pin in pins {
-            let deb = debs
-                .path(&pin.name)
-                .with_context(|| format!("{} deb", pin.name))?;
-            img.unpack_deb(&pin.name, deb)
-                .with_context(|| format!("building image {name}"))?;
-            packages.push(Input::deb(pin));
-        }
-        let applet_links = img.finish(&spec.users)?;
-        let mount_points = services::prepare_image(&ext_services, name, &dir, &stage)?;
-        let listed = rootfs::list(&dir)?;
-        image_info.push(ImageManifest {
-            name: name.clone(),
-            description: spec.description.clone(),
-            path: format!("/{IMAGES_DIR}/{name}"),
-            packages,
-            applet_links,
-            mount_points,
-            files: listed.len(),
-            size: listed.iter().filter_map(|f| f.size).sum(),
-        });
-    }
+    let image_info = ext
+        .images
+        .iter()
+        .map(|(name, spec)| {
+            pipeline::service_image(&stage, name, spec, &lock, &debs, &ext_services)
+        })
+        .collect::<Result<Vec<_>>>()?;
     services::install(&stage, &ext_services)?;
     let release = extension_release(&ext.name, &ext.version, &os.version);
     let release_path = stage
@@ -209,14 +185,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     rootfs::set_mode(&release_path, 0o644)?;
     let service_info = ext_services
         .iter()
-        .map(|f| {
-            Ok(ServiceManifest {
-                path: format!("/{}", f.dest),
-                source: f.source.display().to_string(),
-                sha256: sha256_file(&f.source)?,
-                services: f.services.iter().map(|s| s.name.clone()).collect(),
-            })
-        })
+        .map(ServiceFile::manifest)
         .collect::<Result<Vec<_>>>()?;
     let tree_files = rootfs::list(&stage)?;
     outside_usr(&tree_files)?;
@@ -234,22 +203,12 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
 
     p.step("file system (EROFS) and dm-verity tree");
     let erofs = work.join("root.erofs");
-    rootfs::mkfs_erofs(
-        &stage,
-        &erofs,
-        epoch,
-        derive_guid(&ext.seed, "extension fs"),
-    )?;
-    let erofs_len = std::fs::metadata(&erofs)?.len();
-    let tree = verity::build(
-        &mut std::fs::File::open(&erofs)?,
-        erofs_len,
-        &derive(&ext.seed, "extension verity salt"),
-        derive_guid(&ext.seed, "extension verity").0,
-    )?;
     let verity_path = work.join("root.verity");
-    std::fs::write(&verity_path, &tree.hash_device)?;
-    let roothash = verity::to_hex(&tree.root_hash);
+    let VerifiedFs {
+        len: erofs_len,
+        tree,
+        roothash,
+    } = pipeline::erofs_with_verity(&stage, &erofs, &verity_path, epoch, &ext.seed, "extension")?;
     p.done(&format!(
         "file system {}, verity {}, root hash {}",
         mib(erofs_len),

@@ -18,6 +18,7 @@ mod kmod;
 mod lock;
 mod manifest;
 mod oci;
+mod pipeline;
 mod rootfs;
 mod services;
 mod uki;
