@@ -25,7 +25,7 @@ mod uki;
 mod update;
 mod util;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
@@ -49,18 +49,8 @@ enum Cmd {
     Build {
         /// The image config, e.g. configs/vm.toml.
         config: PathBuf,
-        /// Output directory (default: out/<config name>).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Where downloaded packages are cached (default: <workspace>/cache/debs).
-        #[arg(long)]
-        cache: Option<PathBuf>,
-        /// Take keelson-init, sysd and keelctl from this directory instead of building them.
-        #[arg(long)]
-        bins: Option<PathBuf>,
-        /// Build this version instead of the config's `version`.
-        #[arg(long)]
-        version: Option<String>,
+        #[command(flatten)]
+        common: CommonArgs,
         /// Bake this TUF root.json in as the update agent's trust anchor (overrides
         /// `[update] trusted_root`).
         #[arg(long)]
@@ -78,19 +68,8 @@ enum Cmd {
     Extension {
         /// The extension definition, e.g. configs/extensions/etcd.toml.
         config: PathBuf,
-        /// Output directory (default: out/ext/<name>).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Where downloaded packages are cached (default: <workspace>/cache/debs).
-        #[arg(long)]
-        cache: Option<PathBuf>,
-        /// Take the OS's sysd (which checks the services) from this directory instead of
-        /// building it.
-        #[arg(long)]
-        bins: Option<PathBuf>,
-        /// Build this extension version instead of the definition's `version`.
-        #[arg(long)]
-        version: Option<String>,
+        #[command(flatten)]
+        common: CommonArgs,
         /// Build for this OS version instead of the OS config's `version`.
         #[arg(long)]
         os_version: Option<String>,
@@ -106,6 +85,24 @@ enum Cmd {
         #[arg(long)]
         source_date_epoch: Option<u64>,
     },
+}
+
+/// The options `build` and `extension` share.
+#[derive(clap::Args)]
+struct CommonArgs {
+    /// Output directory (default: out/<config name>, out/ext/<name> for an extension).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where downloaded packages are cached (default: <workspace>/cache/debs).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Take keelson-init, sysd and keelctl from this directory instead of building them (an
+    /// extension takes only the OS's sysd, which checks its services).
+    #[arg(long)]
+    bins: Option<PathBuf>,
+    /// Build this version instead of the definition's `version` (an extension's own version).
+    #[arg(long)]
+    version: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -299,19 +296,39 @@ fn workspace() -> PathBuf {
         .unwrap_or(manifest_dir)
 }
 
+fn default_cache(workspace: &Path) -> PathBuf {
+    workspace.join("cache/debs")
+}
+
+fn build_extension(
+    config: PathBuf,
+    common: CommonArgs,
+    os_version: Option<String>,
+    quiet: bool,
+) -> Result<()> {
+    let ws = workspace();
+    extension::build(&extension::Options {
+        config,
+        out: common.out,
+        cache: common.cache.unwrap_or_else(|| default_cache(&ws)),
+        workspace: ws,
+        bins: common.bins,
+        quiet,
+        version: common.version,
+        os_version,
+    })?;
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Build {
             config,
-            out,
-            cache,
-            bins,
-            version,
+            common,
             trusted_root,
             extra_services,
             kernel_args,
         } => {
-            let ws = workspace();
             if config::kind_of(&config)? == config::Kind::Extension {
                 if trusted_root.is_some() || !extra_services.is_empty() || !kernel_args.is_empty() {
                     bail!(
@@ -319,26 +336,18 @@ fn run(cli: Cli) -> Result<()> {
                         config.display()
                     );
                 }
-                extension::build(&extension::Options {
-                    config,
-                    out,
-                    cache: cache.unwrap_or_else(|| ws.join("cache/debs")),
-                    workspace: ws,
-                    bins,
-                    quiet: cli.quiet,
-                    version,
-                    os_version: None,
-                })?;
+                build_extension(config, common, None, cli.quiet)?;
                 return Ok(());
             }
+            let ws = workspace();
             build::build(&build::Options {
                 config,
-                out,
-                cache: cache.unwrap_or_else(|| ws.join("cache/debs")),
+                out: common.out,
+                cache: common.cache.unwrap_or_else(|| default_cache(&ws)),
                 workspace: ws,
-                bins,
+                bins: common.bins,
                 quiet: cli.quiet,
-                version,
+                version: common.version,
                 trusted_root,
                 extra_services,
                 kernel_args,
@@ -346,29 +355,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Extension {
             config,
-            out,
-            cache,
-            bins,
-            version,
+            common,
             os_version,
         } => {
-            let ws = workspace();
             if config::kind_of(&config)? != config::Kind::Extension {
                 bail!(
                     "{} is an OS config, not an extension definition (it has no `os`): build it with `image-build build`",
                     config.display()
                 );
             }
-            extension::build(&extension::Options {
-                config,
-                out,
-                cache: cache.unwrap_or_else(|| ws.join("cache/debs")),
-                workspace: ws,
-                bins,
-                quiet: cli.quiet,
-                version,
-                os_version,
-            })?;
+            build_extension(config, common, os_version, cli.quiet)?;
         }
         Cmd::Update(cmd) => run_update(cmd, cli.quiet)?,
         Cmd::Lock {
