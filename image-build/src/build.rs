@@ -30,18 +30,9 @@ use crate::services::{self, ServiceFile};
 use crate::uki;
 use crate::util::{self, derive, derive_guid, mib, run, sha256_file, Progress};
 
-/// Options of one build.
+/// Options of one OS build.
 pub struct Options {
-    pub config: PathBuf,
-    pub out: Option<PathBuf>,
-    pub cache: PathBuf,
-    pub workspace: PathBuf,
-    /// Use prebuilt image binaries from here instead of building them.
-    pub bins: Option<PathBuf>,
-    pub quiet: bool,
-    /// Overrides the config's `version` (release pipelines and the update tests build N and
-    /// N+1 from one config).
-    pub version: Option<String>,
+    pub common: pipeline::Options,
     /// Overrides the config's `[update] trusted_root`.
     pub trusted_root: Option<PathBuf>,
     /// System service files added after the config's own (variants of one config).
@@ -87,8 +78,9 @@ pub fn tool_version(name: &'static str, arg: &str) -> ToolVersion {
 
 /// Runs the pipeline.
 pub fn build(opts: &Options) -> Result<PathBuf> {
-    let mut cfg = ImageConfig::load(&opts.config)?;
-    if let Some(v) = &opts.version {
+    let common = &opts.common;
+    let mut cfg = ImageConfig::load(&common.config)?;
+    if let Some(v) = &common.version {
         cfg.set_version(v)?;
     }
     cfg.kernel.cmdline.extend(opts.kernel_args.iter().cloned());
@@ -106,15 +98,15 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     let lock = Lock::load(&cfg)?;
     let service_files = services::load(&cfg)?;
     let epoch = lock.source_date_epoch;
-    let out = opts
+    let out = common
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("out").join(&cfg.name));
     let work = util::work_dir(&out)?;
-    let mut p = Progress::new(opts.quiet, 11);
+    let mut p = Progress::new(common.quiet, 11);
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
-    let debs = fetch::fetch_all(&lock, &opts.cache, &cfg)?;
+    let debs = fetch::fetch_all(&lock, &common.cache, &cfg)?;
     let mut inputs = debs.inputs();
     p.done(&format!("{} verified", inputs.len()));
 
@@ -140,9 +132,9 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     ));
 
     p.step("building the image binaries (static, reproducible)");
-    let bins = match &opts.bins {
+    let bins = match &common.bins {
         Some(b) => b.clone(),
-        None => crate::binaries::build(&opts.workspace, epoch, opts.quiet)?,
+        None => crate::binaries::build(&common.workspace, epoch, common.quiet)?,
     };
     let init_bin = bins.join("keelson-init");
     let sysd_bin = bins.join("sysd");

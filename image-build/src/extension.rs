@@ -38,16 +38,7 @@ pub const EXTENSION_RELEASE_DIR: &str = "usr/lib/extension-release.d";
 
 /// Options of one extension build.
 pub struct Options {
-    pub config: PathBuf,
-    /// Output directory (default `out/ext/<name>`).
-    pub out: Option<PathBuf>,
-    pub cache: PathBuf,
-    pub workspace: PathBuf,
-    /// Take the OS's sysd (for `sysd check`) from here instead of building it.
-    pub bins: Option<PathBuf>,
-    pub quiet: bool,
-    /// Overrides the extension's `version`.
-    pub version: Option<String>,
+    pub common: pipeline::Options,
     /// Overrides the OS config's `version` (building the extension for another OS version).
     pub os_version: Option<String>,
 }
@@ -89,8 +80,9 @@ fn blocks(len: u64) -> u64 {
 
 /// Builds the extension; returns its output directory.
 pub fn build(opts: &Options) -> Result<PathBuf> {
-    let mut ext = ExtensionConfig::load(&opts.config)?;
-    if let Some(v) = &opts.version {
+    let common = &opts.common;
+    let mut ext = ExtensionConfig::load(&common.config)?;
+    if let Some(v) = &common.version {
         ext.set_version(v)?;
     }
     let mut os = ImageConfig::load(&ext.os_config())
@@ -117,25 +109,25 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     // Only the extension's own images: an extension may be listed under other OS versions,
     // whose images are not the ones it was checked against.
     let ext_services = services::load_files(files, &known, "this extension", &ext.path)?;
-    let out = opts
+    let out = common
         .out
         .clone()
         .unwrap_or_else(|| Path::new("out/ext").join(&ext.name));
     let work = util::work_dir(&out)?;
-    let mut p = Progress::new(opts.quiet, 5);
+    let mut p = Progress::new(common.quiet, 5);
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
-    let debs = fetch::fetch_all(&lock, &opts.cache, &ext)?;
+    let debs = fetch::fetch_all(&lock, &common.cache, &ext)?;
     let mut inputs = debs.inputs();
     p.done(&format!("{} verified", inputs.len()));
 
     p.step("checking the service files with the OS's sysd");
-    let sysd = match &opts.bins {
+    let sysd = match &common.bins {
         Some(b) => b.join("sysd"),
         None => {
             // The OS's binaries, built as the OS build builds them (same epoch, same cache).
             let os_epoch = Lock::load(&os)?.source_date_epoch;
-            crate::binaries::build(&opts.workspace, os_epoch, opts.quiet)?.join("sysd")
+            crate::binaries::build(&common.workspace, os_epoch, common.quiet)?.join("sysd")
         }
     };
     let sysd_sha = sha256_file(&sysd).with_context(|| {

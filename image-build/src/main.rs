@@ -25,7 +25,7 @@ mod uki;
 mod update;
 mod util;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
@@ -296,28 +296,19 @@ fn workspace() -> PathBuf {
         .unwrap_or(manifest_dir)
 }
 
-fn default_cache(workspace: &Path) -> PathBuf {
-    workspace.join("cache/debs")
-}
-
-fn build_extension(
-    config: PathBuf,
-    common: CommonArgs,
-    os_version: Option<String>,
-    quiet: bool,
-) -> Result<()> {
-    let ws = workspace();
-    extension::build(&extension::Options {
-        config,
-        out: common.out,
-        cache: common.cache.unwrap_or_else(|| default_cache(&ws)),
-        workspace: ws,
-        bins: common.bins,
-        quiet,
-        version: common.version,
-        os_version,
-    })?;
-    Ok(())
+impl CommonArgs {
+    fn options(self, config: PathBuf, quiet: bool) -> pipeline::Options {
+        let ws = workspace();
+        pipeline::Options {
+            config,
+            out: self.out,
+            cache: self.cache.unwrap_or_else(|| ws.join("cache/debs")),
+            workspace: ws,
+            bins: self.bins,
+            quiet,
+            version: self.version,
+        }
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -336,18 +327,14 @@ fn run(cli: Cli) -> Result<()> {
                         config.display()
                     );
                 }
-                build_extension(config, common, None, cli.quiet)?;
+                extension::build(&extension::Options {
+                    common: common.options(config, cli.quiet),
+                    os_version: None,
+                })?;
                 return Ok(());
             }
-            let ws = workspace();
             build::build(&build::Options {
-                config,
-                out: common.out,
-                cache: common.cache.unwrap_or_else(|| default_cache(&ws)),
-                workspace: ws,
-                bins: common.bins,
-                quiet: cli.quiet,
-                version: common.version,
+                common: common.options(config, cli.quiet),
                 trusted_root,
                 extra_services,
                 kernel_args,
@@ -364,7 +351,10 @@ fn run(cli: Cli) -> Result<()> {
                     config.display()
                 );
             }
-            build_extension(config, common, os_version, cli.quiet)?;
+            extension::build(&extension::Options {
+                common: common.options(config, cli.quiet),
+                os_version,
+            })?;
         }
         Cmd::Update(cmd) => run_update(cmd, cli.quiet)?,
         Cmd::Lock {

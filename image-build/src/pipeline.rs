@@ -1,8 +1,8 @@
-//! The steps the OS build (`build`) and the extension build (`extension`) take alike: a service
-//! image staged from its pinned packages, with the mount points of the system services that run
+//! What the OS build (`build`) and the extension build (`extension`) share: their common options,
+//! a service image staged from its pinned packages, with the mount points of the system services that run
 //! from it; and a staged tree packed into EROFS with its dm-verity hash tree.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use keelson_common::verity;
@@ -15,6 +15,25 @@ use crate::manifest::{ImageManifest, Input};
 use crate::rootfs;
 use crate::services::{self, ServiceFile};
 use crate::util::{derive, derive_guid};
+
+/// The options of a build of either kind.
+pub struct Options {
+    /// The OS config or extension definition.
+    pub config: PathBuf,
+    /// Output directory (default `out/<name>` for an OS, `out/ext/<name>` for an extension).
+    pub out: Option<PathBuf>,
+    /// The `.deb` cache.
+    pub cache: PathBuf,
+    /// The Keelson workspace the image binaries are built from.
+    pub workspace: PathBuf,
+    /// Take the prebuilt image binaries from here instead of building them (an extension
+    /// takes only the OS's sysd, for `sysd check`).
+    pub bins: Option<PathBuf>,
+    pub quiet: bool,
+    /// Overrides the definition's `version` (release pipelines and the update tests build N
+    /// and N+1 from one config; for an extension, its own version).
+    pub version: Option<String>,
+}
 
 /// Stages service image `name` at `root`/usr/lib/keelson/images/`name` from its pinned
 /// packages (in name order), then makes the mount points the services of `services` running
