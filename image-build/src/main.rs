@@ -127,15 +127,8 @@ enum UpdateCmd {
     /// Add a built image (out/<name>/) to an update repository as a new version and re-sign
     /// the targets, snapshot and timestamp metadata.
     Add {
-        /// Repository directory (metadata/ and targets/ are created in it).
-        #[arg(long)]
-        repo: PathBuf,
-        /// The repository's root.json (the one baked into images).
-        #[arg(long)]
-        root: PathBuf,
-        /// Signing keys (repeatable).
-        #[arg(long = "key", required = true)]
-        keys: Vec<PathBuf>,
+        #[command(flatten)]
+        repo: RepoArgs,
         /// The built image directory.
         image: PathBuf,
         /// A rollout wave, HOURS:PERCENT after the release (repeatable, increasing).
@@ -145,32 +138,47 @@ enum UpdateCmd {
         /// and listed under it (repeatable).
         #[arg(long = "extension")]
         extensions: Vec<PathBuf>,
-        /// Lifetime of the targets/snapshot/timestamp metadata (e.g. 7d, 12h, 30s).
-        #[arg(long, default_value = "7d")]
-        expires_in: String,
     },
     /// List an extension build under an OS version already in the repository (the repository
     /// says it fits that version, whatever it was built for), signing its image if new.
     Extension {
-        /// Repository directory.
-        #[arg(long)]
-        repo: PathBuf,
-        /// The repository's root.json.
-        #[arg(long)]
-        root: PathBuf,
-        /// Signing keys (repeatable).
-        #[arg(long = "key", required = true)]
-        keys: Vec<PathBuf>,
+        #[command(flatten)]
+        repo: RepoArgs,
         /// The OS version to list it under.
         #[arg(long)]
         os_version: String,
         /// The extension build directory (out/ext/<name>/).
         #[arg(long)]
         extension: PathBuf,
-        /// Lifetime of the targets/snapshot/timestamp metadata (e.g. 7d, 12h, 30s).
-        #[arg(long, default_value = "7d")]
-        expires_in: String,
     },
+}
+
+/// The options every command that signs into an update repository takes.
+#[derive(clap::Args)]
+struct RepoArgs {
+    /// Repository directory (metadata/ and targets/ are created in it).
+    #[arg(long)]
+    repo: PathBuf,
+    /// The repository's root.json (the one baked into images).
+    #[arg(long)]
+    root: PathBuf,
+    /// Signing keys (repeatable).
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    /// Lifetime of the targets/snapshot/timestamp metadata (e.g. 7d, 12h, 30s).
+    #[arg(long, default_value = "7d")]
+    expires_in: String,
+}
+
+impl RepoArgs {
+    fn options(self) -> Result<update::RepoOptions> {
+        Ok(update::RepoOptions {
+            repo: self.repo,
+            root: self.root,
+            keys: self.keys,
+            expires_in: parse_duration(&self.expires_in)?,
+        })
+    }
 }
 
 fn parse_wave(text: &str) -> Result<(u64, u8)> {
@@ -215,20 +223,14 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
         }
         UpdateCmd::Add {
             repo,
-            root,
-            keys,
             image,
             waves,
             extensions,
-            expires_in,
         } => {
+            let repo = repo.options()?;
+            let dir = repo.repo.clone();
             let payload = update::add(&update::AddOptions {
-                repo: update::RepoOptions {
-                    repo: repo.clone(),
-                    root,
-                    keys,
-                    expires_in: parse_duration(&expires_in)?,
-                },
+                repo,
                 image,
                 waves: waves.iter().map(|w| parse_wave(w)).collect::<Result<_>>()?,
                 release: jiff::Timestamp::now(),
@@ -239,7 +241,7 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
                     "added {} {} to {} (root {} bytes, {} waves)",
                     payload.variant,
                     payload.version,
-                    repo.display(),
+                    dir.display(),
                     payload.root_size,
                     payload.waves.len()
                 );
@@ -253,19 +255,13 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
         }
         UpdateCmd::Extension {
             repo,
-            root,
-            keys,
             os_version,
             extension,
-            expires_in,
         } => {
+            let repo = repo.options()?;
+            let dir = repo.repo.clone();
             let listed = update::list_extension(&update::ExtensionOptions {
-                repo: update::RepoOptions {
-                    repo: repo.clone(),
-                    root,
-                    keys,
-                    expires_in: parse_duration(&expires_in)?,
-                },
+                repo,
                 os_version: os_version.clone(),
                 extension,
             })?;
@@ -276,7 +272,7 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
                     e.name,
                     e.version,
                     e.built_for,
-                    repo.display(),
+                    dir.display(),
                     listed
                         .replaced
                         .map(|r| format!(", replacing {} {}", r.name, r.version))
