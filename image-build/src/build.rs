@@ -114,9 +114,9 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     let kernel_pin = lock.pin(&cfg.kernel.package)?;
     let boot_pin = lock.pin(&cfg.bootloader.package)?;
     let kdir = work.join("kernel");
-    initramfs::unpack_deb(&debs.path(&kernel_pin.name).context("kernel deb")?, &kdir)?;
+    initramfs::unpack_deb(debs.path(&kernel_pin.name).context("kernel deb")?, &kdir)?;
     let bdir = work.join("bootloader");
-    initramfs::unpack_deb(&debs.path(&boot_pin.name).context("bootloader deb")?, &bdir)?;
+    initramfs::unpack_deb(debs.path(&boot_pin.name).context("bootloader deb")?, &bdir)?;
     let release = single_dir_name(&kdir.join("lib/modules"))?;
     let vmlinuz = kdir.join(format!("boot/vmlinuz-{release}"));
     let stub = bdir.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
