@@ -159,6 +159,13 @@ user = "nobody"
 image = "ROOTFS"
 command = ["sleep", "1000"]
 after = ["app"]
+critical = true
+
+[services.standby]
+image = "ROOTFS"
+command = ["sleep", "1000"]
+critical = true
+enabled = false
 
 [services.broken]
 image = "ROOTFS"
@@ -188,6 +195,12 @@ command = ["true"]
         "app started before migrate completed"
     );
     assert!(at("app", "ready") < at("worker", "started"));
+    // Critical means the update health gate waits for it, which it does not for a disabled
+    // service.
+    assert_eq!(sysd.service("worker")["critical"], true);
+    let standby = sysd.service("standby");
+    assert_eq!(standby["critical"], false, "{standby}");
+    assert_eq!(standby["state"], "stopped", "{standby}");
 
     // The program is missing: a clear reason, retried with backoff, then failed for good.
     let broken = sysd.wait_state("broken", "failed");

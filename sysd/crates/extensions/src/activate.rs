@@ -183,11 +183,19 @@ fn mount_one(
         None::<&str>,
     )
     .map_err(|e| {
-        fail(format!(
-            "mounting {} (EROFS, verified against root hash {}): {e}",
-            dev.display(),
-            entry.roothash
-        ))
+        fail(match e {
+            // dm-verity answers EIO for a block whose hash is not in the tree of the root hash.
+            nix::errno::Errno::EIO => format!(
+                "its content does not match root hash {} (dm-verity refused a block while mounting {}: the image is not the one the repository listed)",
+                entry.roothash,
+                dev.display()
+            ),
+            e => format!(
+                "mounting {} (EROFS, verified against root hash {}): {e}",
+                dev.display(),
+                entry.roothash
+            ),
+        })
     })?;
     check_tree(&root, os, os_version, entry)?;
     Ok(root)

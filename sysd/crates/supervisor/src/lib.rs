@@ -510,7 +510,9 @@ fn initial_status(svc: &Service) -> ServiceStatus {
             State::Stopped
         },
         health: None,
-        critical: svc.spec.critical,
+        // A disabled service is not expected to run, so the health gate does not wait for it
+        // (an extension's critical engine counts once the node turns it on).
+        critical: svc.spec.critical && svc.spec.enabled,
         source: svc.source.as_str().into(),
         image: svc.spec.image.clone(),
         pid: None,
