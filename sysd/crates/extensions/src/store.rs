@@ -5,12 +5,23 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{check_name, ddi, Entry, Error};
 
 const STATE: &str = "state.json";
+
+/// Serialises the changes of `state.json` (and [`Store::gc`]'s deletions) within the process:
+/// the update agent records a set on its own thread when a download ends, while the health
+/// gate collects garbage on sysd's runtime when it blesses a boot, both early in a first boot.
+/// Held for file operations only, never across a download.
+static STATE_LOCK: Mutex<()> = Mutex::new(());
+
+fn state_lock() -> MutexGuard<'static, ()> {
+    STATE_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
@@ -87,6 +98,7 @@ impl Store {
     /// Records `entries` as the set of `os_version`, replacing what it had. Every image must
     /// be in the store already.
     pub fn record(&self, os_version: &str, entries: Vec<Entry>) -> Result<(), Error> {
+        let _guard = state_lock();
         for e in &entries {
             check_name(&e.name)?;
             if !self.has(e) {
@@ -101,11 +113,16 @@ impl Store {
         self.save(&state)
     }
 
-    /// Drops the sets of every OS version not in `keep` and deletes images (and stale partial
-    /// downloads) no remaining set names. Returns the files removed.
+    /// Drops the sets of every OS version not in `keep` and deletes the images only they named
+    /// (with any partial download of them). Returns the files removed. An image no set names
+    /// yet (a download about to be recorded) is not the collector's: it is left alone.
     pub fn gc(&self, keep: &[&str]) -> Result<Vec<PathBuf>, Error> {
+        let _guard = state_lock();
         let mut state = self.load()?;
-        state.sets.retain(|v, _| keep.contains(&v.as_str()));
+        let (kept, dropped): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut state.sets)
+            .into_iter()
+            .partition(|(v, _)| keep.contains(&v.as_str()));
+        state.sets = kept;
         self.save(&state)?;
         let wanted: Vec<PathBuf> = state
             .sets
@@ -114,23 +131,17 @@ impl Store {
             .map(|e| self.image(e))
             .collect();
         let mut removed = Vec::new();
-        let Ok(names) = std::fs::read_dir(&self.dir) else {
-            return Ok(removed);
-        };
-        for name in names.flatten() {
-            if !name.path().is_dir() {
+        for e in dropped.values().flatten() {
+            let image = self.image(e);
+            if wanted.contains(&image) {
                 continue;
             }
-            let Ok(files) = std::fs::read_dir(name.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
-                let p = f.path();
-                if !wanted.contains(&p) && std::fs::remove_file(&p).is_ok() {
+            let part = image.with_extension("raw.part");
+            for p in [image, part] {
+                if std::fs::remove_file(&p).is_ok() && !removed.contains(&p) {
                     removed.push(p);
                 }
             }
-            let _ = std::fs::remove_dir(name.path());
         }
         Ok(removed)
     }
@@ -208,6 +219,36 @@ mod tests {
         assert!(store.set("0.1.0").unwrap().is_empty());
         assert_eq!(store.gc(&[]).unwrap(), vec![img.clone()]);
         assert!(!img.exists());
+    }
+
+    #[test]
+    fn gc_leaves_a_download_not_yet_recorded_and_loses_no_set_to_a_concurrent_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("ext"));
+        let tmp = dir.path().join("a.raw");
+        let rh = make_ddi(&tmp, &vec![3; 8 * 4096], "etcd_1");
+        let e = entry("etcd", &rh);
+        std::fs::copy(&tmp, store.staging(&e).unwrap()).unwrap();
+        store.commit(&e).unwrap();
+        // The health gate blesses a first boot while the download is being recorded.
+        assert!(store.gc(&["0.1.0"]).unwrap().is_empty());
+        assert!(store.has(&e));
+        store.record("0.1.0", vec![e.clone()]).unwrap();
+
+        // Sets recorded from several threads while another collects: none is lost.
+        let versions: Vec<String> = (0..8).map(|i| format!("0.{i}.0")).collect();
+        std::thread::scope(|s| {
+            for v in &versions {
+                let (store, e) = (store.clone(), e.clone());
+                s.spawn(move || store.record(v, vec![e]).unwrap());
+            }
+            let keep: Vec<&str> = versions.iter().map(String::as_str).collect();
+            for _ in 0..8 {
+                store.gc(&keep).unwrap();
+            }
+        });
+        assert_eq!(store.sets().unwrap().len(), versions.len());
+        assert!(store.has(&e));
     }
 
     #[test]

@@ -146,6 +146,11 @@ impl Agent {
             return;
         };
         let lease = self.live().state.lock_lease;
+        // A slot is only ever taken with a lease, persisted first: without one this boot holds
+        // nothing (e.g. the image's own first boot, blessed before etcd is even up).
+        if lease.is_none() && halt.is_none() {
+            return;
+        }
         for attempt in 0..60 {
             let done = async {
                 if let Some((version, reason)) = halt {
