@@ -507,6 +507,13 @@ impl Layer<'_> {
             return Ok(());
         }
         if let Some(hidden) = name.strip_prefix(b".wh.") {
+            // `.wh.` + `..` would remove the directory above (above the root, at the top).
+            if matches!(hidden, b"" | b"." | b"..") {
+                bail!(
+                    "a whiteout must name an entry of its directory, not {:?}",
+                    String::from_utf8_lossy(hidden)
+                );
+            }
             let hidden = rel.with_file_name(std::ffi::OsStr::from_bytes(hidden));
             if !self.seen.contains(&hidden) && self.parents(&rel, false)? {
                 remove_any(&self.root.join(&hidden))?;
@@ -1145,6 +1152,51 @@ pub(crate) mod tests {
         write_index(&layout, vec![m]);
         assert!(err(&layout, None, &store).contains("is a symlink"));
         assert!(outside.join("victim").exists());
+    }
+
+    #[test]
+    fn whiteouts_of_dot_and_dot_dot_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let (layout, store) = (t.path().join("layout"), t.path().join("store"));
+        // An image already in the store: nothing of it may go.
+        single(&layout, &[E::File("etc/keep", b"k", 0o644)]);
+        let kept = unpack(&layout, None, &store).unwrap();
+        let before = walk(&store);
+        for name in [".wh...", "etc/.wh...", "etc/.wh..", "etc/.wh.", ".wh."] {
+            let l1 = tar(&[E::File("etc/x", b"x", 0o644)]);
+            let l2 = tar(&[E::File(name, b"", 0o644)]);
+            let m = image(&layout, &[(TAR, l1), (TAR, l2)], serde_json::json!({}));
+            write_index(&layout, vec![m]);
+            let e = err(&layout, None, &store);
+            assert!(
+                e.contains(&format!(
+                    "entry {name}: a whiteout must name an entry of its directory"
+                )),
+                "{name}: {e}"
+            );
+            assert_eq!(walk(&store), before, "{name}");
+        }
+        assert_eq!(
+            fs::read_to_string(kept.rootfs.join("etc/keep")).unwrap(),
+            "k"
+        );
+    }
+
+    /// Every path under `dir`, relative to it.
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() && !p.is_symlink() {
+                    todo.push(p.clone());
+                }
+                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+        out.sort();
+        out
     }
 
     #[test]
