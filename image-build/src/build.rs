@@ -11,37 +11,28 @@ use anyhow::{bail, Context, Result};
 use keelson_common::cmdline;
 use keelson_common::gpt::Gpt;
 use keelson_common::partitions::Slot;
-use keelson_common::verity;
 
 use crate::config::ImageConfig;
 use crate::disk;
 use crate::esp;
 use crate::fetch;
-use crate::images::{self, IMAGES_DIR};
+use crate::images::IMAGES_DIR;
 use crate::initramfs;
 use crate::kmod::ModuleTree;
-use crate::lock::{lock_path, Lock};
+use crate::lock::Lock;
 use crate::manifest::{
-    ImageInfo, ImageManifest, Input, Manifest, Output, PartitionInfo, ServiceManifest, ToolVersion,
-    MANIFEST, TRUSTED_ROOT, UKI_SLOT_B,
+    self, ImageInfo, Input, Manifest, Output, PartitionInfo, ToolVersion, MANIFEST, TRUSTED_ROOT,
+    UKI_SLOT_B,
 };
+use crate::pipeline::{self, VerifiedFs};
 use crate::rootfs;
-use crate::services;
+use crate::services::{self, ServiceFile};
 use crate::uki;
 use crate::util::{self, derive, derive_guid, mib, run, sha256_file, Progress};
 
-/// Options of one build.
+/// Options of one OS build.
 pub struct Options {
-    pub config: PathBuf,
-    pub out: Option<PathBuf>,
-    pub cache: PathBuf,
-    pub workspace: PathBuf,
-    /// Use prebuilt image binaries from here instead of building them.
-    pub bins: Option<PathBuf>,
-    pub quiet: bool,
-    /// Overrides the config's `version` (release pipelines and the update tests build N and
-    /// N+1 from one config).
-    pub version: Option<String>,
+    pub common: pipeline::Options,
     /// Overrides the config's `[update] trusted_root`.
     pub trusted_root: Option<PathBuf>,
     /// System service files added after the config's own (variants of one config).
@@ -87,8 +78,9 @@ pub fn tool_version(name: &'static str, arg: &str) -> ToolVersion {
 
 /// Runs the pipeline.
 pub fn build(opts: &Options) -> Result<PathBuf> {
-    let mut cfg = ImageConfig::load(&opts.config)?;
-    if let Some(v) = &opts.version {
+    let common = &opts.common;
+    let mut cfg = ImageConfig::load(&common.config)?;
+    if let Some(v) = &common.version {
         cfg.set_version(v)?;
     }
     cfg.kernel.cmdline.extend(opts.kernel_args.iter().cloned());
@@ -106,42 +98,25 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     let lock = Lock::load(&cfg)?;
     let service_files = services::load(&cfg)?;
     let epoch = lock.source_date_epoch;
-    let out = opts
+    let out = common
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("out").join(&cfg.name));
-    let work = out.join(".work");
-    if work.exists() {
-        std::fs::remove_dir_all(&work)?;
-    }
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let mut p = Progress::new(opts.quiet, 11);
+    let work = util::work_dir(&out)?;
+    let mut p = Progress::new(common.quiet, 11);
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
-    let debs = fetch::fetch_all(&lock, &opts.cache, &lock_path(&cfg), &cfg.path)?;
-    let mut inputs: Vec<Input> = debs
-        .iter()
-        .map(|(pin, _)| Input {
-            kind: "deb",
-            name: pin.name.clone(),
-            version: Some(pin.version.clone()),
-            sha256: pin.sha256.clone(),
-        })
-        .collect();
-    p.done(&format!("{} verified", debs.len()));
+    let debs = fetch::fetch_all(&lock, &common.cache, &cfg)?;
+    let mut inputs = debs.inputs();
+    p.done(&format!("{} verified", inputs.len()));
 
     p.step("unpacking kernel and bootloader");
     let kernel_pin = lock.pin(&cfg.kernel.package)?;
     let boot_pin = lock.pin(&cfg.bootloader.package)?;
-    let deb_of = |name: &str| {
-        debs.iter()
-            .find(|(p, _)| p.name == name)
-            .map(|(_, f)| f.clone())
-    };
     let kdir = work.join("kernel");
-    initramfs::unpack_deb(&deb_of(&kernel_pin.name).context("kernel deb")?, &kdir)?;
+    initramfs::unpack_deb(debs.path(&kernel_pin.name).context("kernel deb")?, &kdir)?;
     let bdir = work.join("bootloader");
-    initramfs::unpack_deb(&deb_of(&boot_pin.name).context("bootloader deb")?, &bdir)?;
+    initramfs::unpack_deb(debs.path(&boot_pin.name).context("bootloader deb")?, &bdir)?;
     let release = single_dir_name(&kdir.join("lib/modules"))?;
     let vmlinuz = kdir.join(format!("boot/vmlinuz-{release}"));
     let stub = bdir.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
@@ -157,9 +132,9 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     ));
 
     p.step("building the image binaries (static, reproducible)");
-    let bins = match &opts.bins {
+    let bins = match &common.bins {
         Some(b) => b.clone(),
-        None => crate::binaries::build(&opts.workspace, epoch, opts.quiet)?,
+        None => crate::binaries::build(&common.workspace, epoch, common.quiet)?,
     };
     let init_bin = bins.join("keelson-init");
     let sysd_bin = bins.join("sysd");
@@ -178,19 +153,9 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
             sha256,
         });
     }
-    inputs.push(Input {
-        kind: "config",
-        name: cfg.path.display().to_string(),
-        version: None,
-        sha256: sha256_file(&cfg.path)?,
-    });
+    inputs.push(Input::file("config", &cfg.path)?);
     for f in &service_files {
-        inputs.push(Input {
-            kind: "services",
-            name: f.source.display().to_string(),
-            version: None,
-            sha256: sha256_file(&f.source)?,
-        });
+        inputs.push(Input::file("services", &f.source)?);
     }
     // The image's own sysd is the authority on its service files.
     services::check(&sysd_bin, &service_files)?;
@@ -234,62 +199,35 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         std::fs::copy(root_json, &dst)
             .with_context(|| format!("installing {} as /{TRUSTED_ROOT}", root_json.display()))?;
         rootfs::set_mode(&dst, 0o644)?;
-        inputs.push(Input {
-            kind: "update-root",
-            name: root_json.display().to_string(),
-            version: None,
-            sha256: sha256_file(root_json)?,
-        });
+        inputs.push(Input::file("update-root", root_json)?);
     }
     let mut image_info = Vec::new();
     let mut oci_layouts = Vec::new();
     for (name, spec) in &cfg.images {
-        let dir = stage.join(IMAGES_DIR).join(name);
-        let mut img = images::Stage::new(&dir)?;
-        let mut pins: Vec<_> = lock.image_packages(name).collect();
-        pins.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut packages = Vec::new();
-        for pin in pins {
-            let deb = deb_of(&pin.name).with_context(|| format!("{} deb", pin.name))?;
-            img.unpack_deb(&pin.name, &deb)
-                .with_context(|| format!("building image {name}"))?;
-            packages.push(Input {
-                kind: "deb",
-                name: pin.name.clone(),
-                version: Some(pin.version.clone()),
-                sha256: pin.sha256.clone(),
-            });
-        }
-        let applet_links = img.finish(&spec.users)?;
-        let mount_points = services::prepare_image(&service_files, name, &dir, &stage)?;
-        let files = rootfs::list(&dir)?;
+        image_info.push(pipeline::service_image(
+            &stage,
+            name,
+            spec,
+            &lock,
+            &debs,
+            &service_files,
+        )?);
         let rel = format!("oci/{name}");
         oci_layouts.push(
-            crate::oci::write(&dir, name, epoch, &out.join(&rel), &rel)
-                .with_context(|| format!("OCI layout of image {name}"))?,
+            crate::oci::write(
+                &stage.join(IMAGES_DIR).join(name),
+                name,
+                epoch,
+                &out.join(&rel),
+                &rel,
+            )
+            .with_context(|| format!("OCI layout of image {name}"))?,
         );
-        image_info.push(ImageManifest {
-            name: name.clone(),
-            description: spec.description.clone(),
-            path: format!("/{IMAGES_DIR}/{name}"),
-            packages,
-            applet_links,
-            mount_points,
-            files: files.len(),
-            size: files.iter().filter_map(|f| f.size).sum(),
-        });
     }
     services::install(&stage, &service_files)?;
     let service_info = service_files
         .iter()
-        .map(|f| {
-            Ok(ServiceManifest {
-                path: format!("/{}", f.dest),
-                source: f.source.display().to_string(),
-                sha256: sha256_file(&f.source)?,
-                services: f.services.iter().map(|s| s.name.clone()).collect(),
-            })
-        })
+        .map(ServiceFile::manifest)
         .collect::<Result<Vec<_>>>()?;
     let images_text = if image_info.is_empty() {
         "no images".to_owned()
@@ -317,24 +255,12 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     rootfs::add_modules(&stage, &tree, &root_closure, &release)?;
     let root_img = out.join("root.erofs");
     std::fs::create_dir_all(&out)?;
-    rootfs::mkfs_erofs(
-        &stage,
-        &root_img,
-        epoch,
-        derive_guid(&cfg.seed, "root-a fs"),
-    )?;
-    let root_len = std::fs::metadata(&root_img)?.len();
-    let salt = derive(&cfg.seed, "root-a verity salt");
-    let verity_uuid = derive_guid(&cfg.seed, "root-a verity").0;
-    let tree_v = verity::build(
-        &mut std::fs::File::open(&root_img)?,
-        root_len,
-        &salt,
-        verity_uuid,
-    )?;
     let verity_img = out.join("root.verity");
-    std::fs::write(&verity_img, &tree_v.hash_device)?;
-    let roothash = verity::to_hex(&tree_v.root_hash);
+    let VerifiedFs {
+        len: root_len,
+        tree: tree_v,
+        roothash,
+    } = pipeline::erofs_with_verity(&stage, &root_img, &verity_img, epoch, &cfg.seed, "root-a")?;
     p.done(&format!(
         "root {}, verity {}, root hash {}",
         mib(root_len),
@@ -498,10 +424,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         rootfs: rootfs::list(&stage)?,
         initramfs: initrd_files,
     };
-    std::fs::write(
-        out.join(MANIFEST),
-        serde_json::to_string_pretty(&manifest)? + "\n",
-    )?;
+    manifest::write(&out, &manifest)?;
     std::fs::remove_dir_all(&work)?;
     p.done(MANIFEST);
     p.finish(&format!("{} -> {}", cfg.path.display(), out.display()));

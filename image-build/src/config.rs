@@ -184,6 +184,40 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+impl ConfigError {
+    /// The error for an invalid value in the definition at `path`, from its message.
+    fn invalid(path: &Path) -> impl Fn(String) -> ConfigError + Copy + '_ {
+        move |message| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        }
+    }
+}
+
+/// Reads and parses the definition file at `path`.
+fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_toml(path, &text)
+}
+
+/// `rel`, a path named in the definition file at `config`, resolved against its directory.
+fn beside(config: &Path, rel: &Path) -> PathBuf {
+    config.parent().unwrap_or(Path::new("")).join(rel)
+}
+
+/// Checks a definition's `schema`.
+fn validate_schema(schema: u32) -> Result<(), String> {
+    if schema != SCHEMA {
+        return Err(format!(
+            "schema = {schema} is not supported by this image-build (it reads schema {SCHEMA})"
+        ));
+    }
+    Ok(())
+}
+
 /// Parses TOML text into `T`, mapping errors to `path:line:col: message`.
 pub fn parse_toml<T: serde::de::DeserializeOwned>(
     path: &Path,
@@ -203,11 +237,7 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
 impl ImageConfig {
     /// Reads and validates `path`; the image name is the file stem (`configs/vm.toml` → `vm`).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let mut cfg: ImageConfig = parse_toml(path, &text)?;
+        let mut cfg: ImageConfig = read(path)?;
         cfg.name = path
             .file_stem()
             .and_then(|s| s.to_str())
@@ -226,27 +256,22 @@ impl ImageConfig {
 
     /// `[update] trusted_root`, resolved against the config's directory.
     pub fn trusted_root(&self) -> Option<PathBuf> {
-        let dir = self.path.parent().unwrap_or(Path::new(""));
-        self.update.as_ref().map(|u| dir.join(&u.trusted_root))
+        self.update
+            .as_ref()
+            .map(|u| beside(&self.path, &u.trusted_root))
     }
 
     /// The service files, resolved against the config's directory, in config order.
     pub fn service_files(&self) -> Vec<PathBuf> {
-        let dir = self.path.parent().unwrap_or(Path::new(""));
-        self.services.iter().map(|s| dir.join(s)).collect()
+        self.services
+            .iter()
+            .map(|s| beside(&self.path, s))
+            .collect()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: self.path.display().to_string(),
-            message,
-        };
-        if self.schema != SCHEMA {
-            return Err(invalid(format!(
-                "schema = {} is not supported by this image-build (it reads schema {SCHEMA})",
-                self.schema
-            )));
-        }
+        let invalid = ConfigError::invalid(&self.path);
+        validate_schema(self.schema).map_err(invalid)?;
         validate_version("version", &self.version).map_err(invalid)?;
         if !(1..=9).contains(&self.bootloader.tries) {
             return Err(invalid(format!(
@@ -314,11 +339,7 @@ const GPT_LABEL_MAX: usize = 36;
 impl ExtensionConfig {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let mut cfg: ExtensionConfig = parse_toml(path, &text)?;
+        let mut cfg: ExtensionConfig = read(path)?;
         cfg.path = path.to_owned();
         cfg.validate()?;
         Ok(cfg)
@@ -332,26 +353,20 @@ impl ExtensionConfig {
 
     /// The OS config, resolved against this file's directory.
     pub fn os_config(&self) -> PathBuf {
-        self.path.parent().unwrap_or(Path::new("")).join(&self.os)
+        beside(&self.path, &self.os)
     }
 
     /// The service files, resolved against this file's directory, in order.
     pub fn service_files(&self) -> Vec<PathBuf> {
-        let dir = self.path.parent().unwrap_or(Path::new(""));
-        self.services.iter().map(|s| dir.join(s)).collect()
+        self.services
+            .iter()
+            .map(|s| beside(&self.path, s))
+            .collect()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: self.path.display().to_string(),
-            message,
-        };
-        if self.schema != SCHEMA {
-            return Err(invalid(format!(
-                "schema = {} is not supported by this image-build (it reads schema {SCHEMA})",
-                self.schema
-            )));
-        }
+        let invalid = ConfigError::invalid(&self.path);
+        validate_schema(self.schema).map_err(invalid)?;
         if !valid_name(&self.name) {
             return Err(invalid(format!(
                 "name = {:?}: use 1-32 characters of a-z, 0-9, '-' and '_', starting with a letter",
@@ -408,11 +423,7 @@ pub enum Kind {
 
 /// Tells an OS config from an extension definition: only an extension has `os`.
 pub fn kind_of(path: &Path) -> Result<Kind, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let table: toml::Table = parse_toml(path, &text)?;
+    let table: toml::Table = read(path)?;
     Ok(if table.contains_key("os") {
         Kind::Extension
     } else {

@@ -25,31 +25,20 @@ use crate::build::{partition_info, tool_version};
 use crate::config::{ExtensionConfig, ImageConfig};
 use crate::disk::{self, Part};
 use crate::fetch;
-use crate::images::{self, IMAGES_DIR};
-use crate::lock::{lock_path, Lock};
-use crate::manifest::{
-    ExtensionManifest, ExtensionSizes, ImageManifest, Input, Output, ServiceManifest, MANIFEST,
-    ROOTHASH,
-};
+use crate::images::IMAGES_DIR;
+use crate::lock::Lock;
+use crate::manifest::{self, ExtensionManifest, ExtensionSizes, Input, Output, ROOTHASH};
+use crate::pipeline::{self, VerifiedFs};
 use crate::rootfs;
-use crate::services::{self, SERVICES_DIR};
-use crate::util::{self, derive, derive_guid, mib, sha256_file, Progress};
+use crate::services::{self, ServiceFile, SERVICES_DIR};
+use crate::util::{self, mib, sha256_file, Progress};
 
 /// Where extension-release files live in an extension's tree.
 pub const EXTENSION_RELEASE_DIR: &str = "usr/lib/extension-release.d";
 
 /// Options of one extension build.
 pub struct Options {
-    pub config: PathBuf,
-    /// Output directory (default `out/ext/<name>`).
-    pub out: Option<PathBuf>,
-    pub cache: PathBuf,
-    pub workspace: PathBuf,
-    /// Take the OS's sysd (for `sysd check`) from here instead of building it.
-    pub bins: Option<PathBuf>,
-    pub quiet: bool,
-    /// Overrides the extension's `version`.
-    pub version: Option<String>,
+    pub common: pipeline::Options,
     /// Overrides the OS config's `version` (building the extension for another OS version).
     pub os_version: Option<String>,
 }
@@ -91,8 +80,9 @@ fn blocks(len: u64) -> u64 {
 
 /// Builds the extension; returns its output directory.
 pub fn build(opts: &Options) -> Result<PathBuf> {
-    let mut ext = ExtensionConfig::load(&opts.config)?;
-    if let Some(v) = &opts.version {
+    let common = &opts.common;
+    let mut ext = ExtensionConfig::load(&common.config)?;
+    if let Some(v) = &common.version {
         ext.set_version(v)?;
     }
     let mut os = ImageConfig::load(&ext.os_config())
@@ -119,37 +109,25 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     // Only the extension's own images: an extension may be listed under other OS versions,
     // whose images are not the ones it was checked against.
     let ext_services = services::load_files(files, &known, "this extension", &ext.path)?;
-    let out = opts
+    let out = common
         .out
         .clone()
         .unwrap_or_else(|| Path::new("out/ext").join(&ext.name));
-    let work = out.join(".work");
-    if work.exists() {
-        std::fs::remove_dir_all(&work)?;
-    }
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let mut p = Progress::new(opts.quiet, 5);
+    let work = util::work_dir(&out)?;
+    let mut p = Progress::new(common.quiet, 5);
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
-    let debs = fetch::fetch_all(&lock, &opts.cache, &lock_path(&ext), &ext.path)?;
-    let mut inputs: Vec<Input> = debs
-        .iter()
-        .map(|(pin, _)| Input {
-            kind: "deb",
-            name: pin.name.clone(),
-            version: Some(pin.version.clone()),
-            sha256: pin.sha256.clone(),
-        })
-        .collect();
-    p.done(&format!("{} verified", debs.len()));
+    let debs = fetch::fetch_all(&lock, &common.cache, &ext)?;
+    let mut inputs = debs.inputs();
+    p.done(&format!("{} verified", inputs.len()));
 
     p.step("checking the service files with the OS's sysd");
-    let sysd = match &opts.bins {
+    let sysd = match &common.bins {
         Some(b) => b.join("sysd"),
         None => {
             // The OS's binaries, built as the OS build builds them (same epoch, same cache).
             let os_epoch = Lock::load(&os)?.source_date_epoch;
-            crate::binaries::build(&opts.workspace, os_epoch, opts.quiet)?.join("sysd")
+            crate::binaries::build(&common.workspace, os_epoch, common.quiet)?.join("sysd")
         }
     };
     let sysd_sha = sha256_file(&sysd).with_context(|| {
@@ -164,21 +142,10 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         version: Some(os.version.clone()),
         sha256: sysd_sha,
     });
-    for (kind, path) in [("config", &ext.path), ("os-config", &os.path)] {
-        inputs.push(Input {
-            kind,
-            name: path.display().to_string(),
-            version: None,
-            sha256: sha256_file(path)?,
-        });
-    }
+    inputs.push(Input::file("config", &ext.path)?);
+    inputs.push(Input::file("os-config", &os.path)?);
     for f in &ext_services {
-        inputs.push(Input {
-            kind: "services",
-            name: f.source.display().to_string(),
-            version: None,
-            sha256: sha256_file(&f.source)?,
-        });
+        inputs.push(Input::file("services", &f.source)?);
     }
     // The OS's system services and the extension's, loaded together as the node loads them.
     services::check(&sysd, os_services.iter().chain(&ext_services))?;
@@ -194,43 +161,13 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     p.step("service images, service files, extension-release");
     let stage = work.join("tree");
     stage_tree(&stage)?;
-    let deb_of = |name: &str| {
-        debs.iter()
-            .find(|(p, _)| p.name == name)
-            .map(|(_, f)| f.clone())
-    };
-    let mut image_info = Vec::new();
-    for (name, spec) in &ext.images {
-        let dir = stage.join(IMAGES_DIR).join(name);
-        let mut img = images::Stage::new(&dir)?;
-        let mut pins: Vec<_> = lock.image_packages(name).collect();
-        pins.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut packages = Vec::new();
-        for pin in pins {
-            let deb = deb_of(&pin.name).with_context(|| format!("{} deb", pin.name))?;
-            img.unpack_deb(&pin.name, &deb)
-                .with_context(|| format!("building image {name}"))?;
-            packages.push(Input {
-                kind: "deb",
-                name: pin.name.clone(),
-                version: Some(pin.version.clone()),
-                sha256: pin.sha256.clone(),
-            });
-        }
-        let applet_links = img.finish(&spec.users)?;
-        let mount_points = services::prepare_image(&ext_services, name, &dir, &stage)?;
-        let listed = rootfs::list(&dir)?;
-        image_info.push(ImageManifest {
-            name: name.clone(),
-            description: spec.description.clone(),
-            path: format!("/{IMAGES_DIR}/{name}"),
-            packages,
-            applet_links,
-            mount_points,
-            files: listed.len(),
-            size: listed.iter().filter_map(|f| f.size).sum(),
-        });
-    }
+    let image_info = ext
+        .images
+        .iter()
+        .map(|(name, spec)| {
+            pipeline::service_image(&stage, name, spec, &lock, &debs, &ext_services)
+        })
+        .collect::<Result<Vec<_>>>()?;
     services::install(&stage, &ext_services)?;
     let release = extension_release(&ext.name, &ext.version, &os.version);
     let release_path = stage
@@ -240,14 +177,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     rootfs::set_mode(&release_path, 0o644)?;
     let service_info = ext_services
         .iter()
-        .map(|f| {
-            Ok(ServiceManifest {
-                path: format!("/{}", f.dest),
-                source: f.source.display().to_string(),
-                sha256: sha256_file(&f.source)?,
-                services: f.services.iter().map(|s| s.name.clone()).collect(),
-            })
-        })
+        .map(ServiceFile::manifest)
         .collect::<Result<Vec<_>>>()?;
     let tree_files = rootfs::list(&stage)?;
     outside_usr(&tree_files)?;
@@ -265,22 +195,12 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
 
     p.step("file system (EROFS) and dm-verity tree");
     let erofs = work.join("root.erofs");
-    rootfs::mkfs_erofs(
-        &stage,
-        &erofs,
-        epoch,
-        derive_guid(&ext.seed, "extension fs"),
-    )?;
-    let erofs_len = std::fs::metadata(&erofs)?.len();
-    let tree = verity::build(
-        &mut std::fs::File::open(&erofs)?,
-        erofs_len,
-        &derive(&ext.seed, "extension verity salt"),
-        derive_guid(&ext.seed, "extension verity").0,
-    )?;
     let verity_path = work.join("root.verity");
-    std::fs::write(&verity_path, &tree.hash_device)?;
-    let roothash = verity::to_hex(&tree.root_hash);
+    let VerifiedFs {
+        len: erofs_len,
+        tree,
+        roothash,
+    } = pipeline::erofs_with_verity(&stage, &erofs, &verity_path, epoch, &ext.seed, "extension")?;
     p.done(&format!(
         "file system {}, verity {}, root hash {}",
         mib(erofs_len),
@@ -343,10 +263,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         services: service_info,
         files: tree_files,
     };
-    std::fs::write(
-        out.join(MANIFEST),
-        serde_json::to_string_pretty(&manifest)? + "\n",
-    )?;
+    manifest::write(&out, &manifest)?;
     std::fs::remove_dir_all(&work)?;
     p.done(&format!("{raw_name} {}", mib(raw_len)));
     p.finish(&format!(

@@ -5,7 +5,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::lock::{Lock, Pin};
+use crate::lock::{lock_path, Lock, Pin, Pinned};
+use crate::manifest::Input;
 use crate::util::sha256_file;
 
 /// The architectures of the packages an image may hold: the machine's, and
@@ -97,17 +98,36 @@ fn download(pin: &Pin, dir: &Path, lock_file: &Path, config: &Path) -> Result<Pa
     Ok(file)
 }
 
-/// Fetches every pinned package of a lock, returning `(pin, path)` pairs in lock order.
-pub fn fetch_all<'a>(
-    lock: &'a Lock,
-    cache: &Path,
-    lock_file: &Path,
-    config: &Path,
-) -> Result<Vec<(&'a Pin, PathBuf)>> {
-    lock.packages
+/// The verified `.deb` files of a lock's packages.
+pub struct Debs<'a> {
+    /// `(pin, path)` in lock order.
+    files: Vec<(&'a Pin, PathBuf)>,
+}
+
+impl Debs<'_> {
+    /// The packages as manifest inputs, in lock order.
+    pub fn inputs(&self) -> Vec<Input> {
+        self.files.iter().map(|(pin, _)| Input::deb(pin)).collect()
+    }
+
+    /// The `.deb` of package `name`.
+    pub fn path(&self, name: &str) -> Option<&Path> {
+        self.files
+            .iter()
+            .find(|(pin, _)| pin.name == name)
+            .map(|(_, file)| file.as_path())
+    }
+}
+
+/// Fetches every package pinned in `lock`, the lock of `cfg`.
+pub fn fetch_all<'a>(lock: &'a Lock, cache: &Path, cfg: &dyn Pinned) -> Result<Debs<'a>> {
+    let lock_file = lock_path(cfg);
+    let files = lock
+        .packages
         .iter()
-        .map(|p| Ok((p, fetch(p, cache, lock_file, config)?)))
-        .collect()
+        .map(|p| Ok((p, fetch(p, cache, &lock_file, cfg.path())?)))
+        .collect::<Result<_>>()?;
+    Ok(Debs { files })
 }
 
 #[cfg(test)]

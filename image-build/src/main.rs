@@ -18,6 +18,7 @@ mod kmod;
 mod lock;
 mod manifest;
 mod oci;
+mod pipeline;
 mod rootfs;
 mod services;
 mod uki;
@@ -48,18 +49,8 @@ enum Cmd {
     Build {
         /// The image config, e.g. configs/vm.toml.
         config: PathBuf,
-        /// Output directory (default: out/<config name>).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Where downloaded packages are cached (default: <workspace>/cache/debs).
-        #[arg(long)]
-        cache: Option<PathBuf>,
-        /// Take keelson-init, sysd and keelctl from this directory instead of building them.
-        #[arg(long)]
-        bins: Option<PathBuf>,
-        /// Build this version instead of the config's `version`.
-        #[arg(long)]
-        version: Option<String>,
+        #[command(flatten)]
+        common: CommonArgs,
         /// Bake this TUF root.json in as the update agent's trust anchor (overrides
         /// `[update] trusted_root`).
         #[arg(long)]
@@ -77,19 +68,8 @@ enum Cmd {
     Extension {
         /// The extension definition, e.g. configs/extensions/etcd.toml.
         config: PathBuf,
-        /// Output directory (default: out/ext/<name>).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Where downloaded packages are cached (default: <workspace>/cache/debs).
-        #[arg(long)]
-        cache: Option<PathBuf>,
-        /// Take the OS's sysd (which checks the services) from this directory instead of
-        /// building it.
-        #[arg(long)]
-        bins: Option<PathBuf>,
-        /// Build this extension version instead of the definition's `version`.
-        #[arg(long)]
-        version: Option<String>,
+        #[command(flatten)]
+        common: CommonArgs,
         /// Build for this OS version instead of the OS config's `version`.
         #[arg(long)]
         os_version: Option<String>,
@@ -105,6 +85,24 @@ enum Cmd {
         #[arg(long)]
         source_date_epoch: Option<u64>,
     },
+}
+
+/// The options `build` and `extension` share.
+#[derive(clap::Args)]
+struct CommonArgs {
+    /// Output directory (default: out/<config name>, out/ext/<name> for an extension).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where downloaded packages are cached (default: <workspace>/cache/debs).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Take keelson-init, sysd and keelctl from this directory instead of building them (an
+    /// extension takes only the OS's sysd, which checks its services).
+    #[arg(long)]
+    bins: Option<PathBuf>,
+    /// Build this version instead of the definition's `version` (an extension's own version).
+    #[arg(long)]
+    version: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -129,15 +127,8 @@ enum UpdateCmd {
     /// Add a built image (out/<name>/) to an update repository as a new version and re-sign
     /// the targets, snapshot and timestamp metadata.
     Add {
-        /// Repository directory (metadata/ and targets/ are created in it).
-        #[arg(long)]
-        repo: PathBuf,
-        /// The repository's root.json (the one baked into images).
-        #[arg(long)]
-        root: PathBuf,
-        /// Signing keys (repeatable).
-        #[arg(long = "key", required = true)]
-        keys: Vec<PathBuf>,
+        #[command(flatten)]
+        repo: RepoArgs,
         /// The built image directory.
         image: PathBuf,
         /// A rollout wave, HOURS:PERCENT after the release (repeatable, increasing).
@@ -147,32 +138,47 @@ enum UpdateCmd {
         /// and listed under it (repeatable).
         #[arg(long = "extension")]
         extensions: Vec<PathBuf>,
-        /// Lifetime of the targets/snapshot/timestamp metadata (e.g. 7d, 12h, 30s).
-        #[arg(long, default_value = "7d")]
-        expires_in: String,
     },
     /// List an extension build under an OS version already in the repository (the repository
     /// says it fits that version, whatever it was built for), signing its image if new.
     Extension {
-        /// Repository directory.
-        #[arg(long)]
-        repo: PathBuf,
-        /// The repository's root.json.
-        #[arg(long)]
-        root: PathBuf,
-        /// Signing keys (repeatable).
-        #[arg(long = "key", required = true)]
-        keys: Vec<PathBuf>,
+        #[command(flatten)]
+        repo: RepoArgs,
         /// The OS version to list it under.
         #[arg(long)]
         os_version: String,
         /// The extension build directory (out/ext/<name>/).
         #[arg(long)]
         extension: PathBuf,
-        /// Lifetime of the targets/snapshot/timestamp metadata (e.g. 7d, 12h, 30s).
-        #[arg(long, default_value = "7d")]
-        expires_in: String,
     },
+}
+
+/// The options every command that signs into an update repository takes.
+#[derive(clap::Args)]
+struct RepoArgs {
+    /// Repository directory (metadata/ and targets/ are created in it).
+    #[arg(long)]
+    repo: PathBuf,
+    /// The repository's root.json (the one baked into images).
+    #[arg(long)]
+    root: PathBuf,
+    /// Signing keys (repeatable).
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    /// Lifetime of the targets/snapshot/timestamp metadata (e.g. 7d, 12h, 30s).
+    #[arg(long, default_value = "7d")]
+    expires_in: String,
+}
+
+impl RepoArgs {
+    fn options(self) -> Result<update::RepoOptions> {
+        Ok(update::RepoOptions {
+            repo: self.repo,
+            root: self.root,
+            keys: self.keys,
+            expires_in: parse_duration(&self.expires_in)?,
+        })
+    }
 }
 
 fn parse_wave(text: &str) -> Result<(u64, u8)> {
@@ -217,20 +223,14 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
         }
         UpdateCmd::Add {
             repo,
-            root,
-            keys,
             image,
             waves,
             extensions,
-            expires_in,
         } => {
+            let repo = repo.options()?;
+            let dir = repo.repo.clone();
             let payload = update::add(&update::AddOptions {
-                repo: update::RepoOptions {
-                    repo: repo.clone(),
-                    root,
-                    keys,
-                    expires_in: parse_duration(&expires_in)?,
-                },
+                repo,
                 image,
                 waves: waves.iter().map(|w| parse_wave(w)).collect::<Result<_>>()?,
                 release: jiff::Timestamp::now(),
@@ -241,7 +241,7 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
                     "added {} {} to {} (root {} bytes, {} waves)",
                     payload.variant,
                     payload.version,
-                    repo.display(),
+                    dir.display(),
                     payload.root_size,
                     payload.waves.len()
                 );
@@ -255,19 +255,13 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
         }
         UpdateCmd::Extension {
             repo,
-            root,
-            keys,
             os_version,
             extension,
-            expires_in,
         } => {
+            let repo = repo.options()?;
+            let dir = repo.repo.clone();
             let listed = update::list_extension(&update::ExtensionOptions {
-                repo: update::RepoOptions {
-                    repo: repo.clone(),
-                    root,
-                    keys,
-                    expires_in: parse_duration(&expires_in)?,
-                },
+                repo,
                 os_version: os_version.clone(),
                 extension,
             })?;
@@ -278,7 +272,7 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
                     e.name,
                     e.version,
                     e.built_for,
-                    repo.display(),
+                    dir.display(),
                     listed
                         .replaced
                         .map(|r| format!(", replacing {} {}", r.name, r.version))
@@ -298,19 +292,30 @@ fn workspace() -> PathBuf {
         .unwrap_or(manifest_dir)
 }
 
+impl CommonArgs {
+    fn options(self, config: PathBuf, quiet: bool) -> pipeline::Options {
+        let ws = workspace();
+        pipeline::Options {
+            config,
+            out: self.out,
+            cache: self.cache.unwrap_or_else(|| ws.join("cache/debs")),
+            workspace: ws,
+            bins: self.bins,
+            quiet,
+            version: self.version,
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Build {
             config,
-            out,
-            cache,
-            bins,
-            version,
+            common,
             trusted_root,
             extra_services,
             kernel_args,
         } => {
-            let ws = workspace();
             if config::kind_of(&config)? == config::Kind::Extension {
                 if trusted_root.is_some() || !extra_services.is_empty() || !kernel_args.is_empty() {
                     bail!(
@@ -319,25 +324,13 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
                 extension::build(&extension::Options {
-                    config,
-                    out,
-                    cache: cache.unwrap_or_else(|| ws.join("cache/debs")),
-                    workspace: ws,
-                    bins,
-                    quiet: cli.quiet,
-                    version,
+                    common: common.options(config, cli.quiet),
                     os_version: None,
                 })?;
                 return Ok(());
             }
             build::build(&build::Options {
-                config,
-                out,
-                cache: cache.unwrap_or_else(|| ws.join("cache/debs")),
-                workspace: ws,
-                bins,
-                quiet: cli.quiet,
-                version,
+                common: common.options(config, cli.quiet),
                 trusted_root,
                 extra_services,
                 kernel_args,
@@ -345,13 +338,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Extension {
             config,
-            out,
-            cache,
-            bins,
-            version,
+            common,
             os_version,
         } => {
-            let ws = workspace();
             if config::kind_of(&config)? != config::Kind::Extension {
                 bail!(
                     "{} is an OS config, not an extension definition (it has no `os`): build it with `image-build build`",
@@ -359,13 +348,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             extension::build(&extension::Options {
-                config,
-                out,
-                cache: cache.unwrap_or_else(|| ws.join("cache/debs")),
-                workspace: ws,
-                bins,
-                quiet: cli.quiet,
-                version,
+                common: common.options(config, cli.quiet),
                 os_version,
             })?;
         }

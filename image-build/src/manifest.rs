@@ -7,7 +7,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::lock::Pin;
 use crate::rootfs::FileEntry;
+use crate::util::sha256_file;
 
 /// The SBOM of a build, in the image directory.
 pub const MANIFEST: &str = "manifest.json";
@@ -15,6 +17,13 @@ pub const MANIFEST: &str = "manifest.json";
 pub const TRUSTED_ROOT: &str = "usr/share/keelson/update/root.json";
 /// The slot-B UKI of a build (same kernel, initramfs and root hash; `keelson.slot=b`).
 pub const UKI_SLOT_B: &str = "uki-slot-b.efi";
+
+/// Writes `dir/manifest.json` (an OS build's [`Manifest`] or an [`ExtensionManifest`]).
+pub fn write(dir: &Path, manifest: &impl Serialize) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    std::fs::write(&path, serde_json::to_string_pretty(manifest)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
 
 /// The part of [`ImageInfo`] that `update add` publishes, read back from `manifest.json`.
 #[derive(Debug, Deserialize)]
@@ -76,6 +85,28 @@ pub struct Input {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     pub sha256: String,
+}
+
+impl Input {
+    /// A pinned Debian package.
+    pub fn deb(pin: &Pin) -> Input {
+        Input {
+            kind: "deb",
+            name: pin.name.clone(),
+            version: Some(pin.version.clone()),
+            sha256: pin.sha256.clone(),
+        }
+    }
+
+    /// A file the build read (a config, a service file, a trusted root), named by its path.
+    pub fn file(kind: &'static str, path: &Path) -> Result<Input> {
+        Ok(Input {
+            kind,
+            name: path.display().to_string(),
+            version: None,
+            sha256: sha256_file(path)?,
+        })
+    }
 }
 
 /// A service image in the root: what it is made of.

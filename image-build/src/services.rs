@@ -18,6 +18,8 @@ use serde::Deserialize;
 
 use crate::config::{line_col, parse_toml, ImageConfig};
 use crate::images::{self, IMAGES_DIR};
+use crate::manifest::ServiceManifest;
+use crate::util::sha256_file;
 
 /// Where service files go in the root.
 pub const SERVICES_DIR: &str = "usr/lib/keelson/services.d";
@@ -68,6 +70,18 @@ pub struct ServiceFile {
     /// Its path in the root, e.g. `usr/lib/keelson/services.d/10-system.toml`.
     pub dest: String,
     pub services: Vec<Service>,
+}
+
+impl ServiceFile {
+    /// What the manifest says of the file.
+    pub fn manifest(&self) -> Result<ServiceManifest> {
+        Ok(ServiceManifest {
+            path: format!("/{}", self.dest),
+            source: self.source.display().to_string(),
+            sha256: sha256_file(&self.source)?,
+            services: self.services.iter().map(|s| s.name.clone()).collect(),
+        })
+    }
 }
 
 /// Reads the config's service files and checks what image-build can check on its own: every

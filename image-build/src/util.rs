@@ -1,7 +1,8 @@
-//! Small helpers: hashing, seed-derived identifiers, host tools, progress output.
+//! Small helpers: hashing, seed-derived identifiers, host tools, the scratch directory,
+//! progress output.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -40,6 +41,18 @@ pub fn derive(seed: &str, purpose: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// `out/.work`, a build's scratch directory, empty (whatever an interrupted build left there is
+/// removed). The build removes it when it succeeds.
+pub fn work_dir(out: &Path) -> Result<PathBuf> {
+    let work = out.join(".work");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)
+            .with_context(|| format!("removing the old {}", work.display()))?;
+    }
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    Ok(work)
+}
+
 /// A version-4-shaped GUID derived from the seed.
 pub fn derive_guid(seed: &str, purpose: &str) -> Guid {
     let d = derive(seed, purpose);
@@ -54,53 +67,27 @@ pub struct Tool {
     pub package: &'static str,
 }
 
+impl Tool {
+    const fn new(name: &'static str, package: &'static str) -> Tool {
+        Tool { name, package }
+    }
+}
+
+const APT_GET: Tool = Tool::new("apt-get", "apt");
+const APT_CACHE: Tool = Tool::new("apt-cache", "apt");
+const DPKG_DEB: Tool = Tool::new("dpkg-deb", "dpkg");
+const MKFS_EROFS: Tool = Tool::new("mkfs.erofs", "erofs-utils");
+const MKFS_EXT4: Tool = Tool::new("mkfs.ext4", "e2fsprogs");
+const OBJCOPY: Tool = Tool::new("objcopy", "binutils");
+const QEMU_IMG: Tool = Tool::new("qemu-img", "qemu-utils");
+
 /// Every host tool `build` needs.
 pub const TOOLS: &[Tool] = &[
-    Tool {
-        name: "apt-get",
-        package: "apt",
-    },
-    Tool {
-        name: "apt-cache",
-        package: "apt",
-    },
-    Tool {
-        name: "dpkg-deb",
-        package: "dpkg",
-    },
-    Tool {
-        name: "mkfs.erofs",
-        package: "erofs-utils",
-    },
-    Tool {
-        name: "mkfs.ext4",
-        package: "e2fsprogs",
-    },
-    Tool {
-        name: "objcopy",
-        package: "binutils",
-    },
-    Tool {
-        name: "qemu-img",
-        package: "qemu-utils",
-    },
+    APT_GET, APT_CACHE, DPKG_DEB, MKFS_EROFS, MKFS_EXT4, OBJCOPY, QEMU_IMG,
 ];
 
 /// Every host tool `extension` needs.
-pub const EXTENSION_TOOLS: &[Tool] = &[
-    Tool {
-        name: "apt-get",
-        package: "apt",
-    },
-    Tool {
-        name: "dpkg-deb",
-        package: "dpkg",
-    },
-    Tool {
-        name: "mkfs.erofs",
-        package: "erofs-utils",
-    },
-];
+pub const EXTENSION_TOOLS: &[Tool] = &[APT_GET, DPKG_DEB, MKFS_EROFS];
 
 /// Fails with the apt package to install for the first missing tool.
 pub fn check_tools(tools: &[Tool]) -> Result<()> {

@@ -5,29 +5,20 @@
 //! implementation.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
 fn build(out: &Path, cwd: &Path, umask: libc::mode_t, tz: &str) {
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_image-build"));
-    cmd.arg("-q")
-        .arg("extension")
-        .arg(ws.join("configs/extensions/etcd.toml"))
-        .arg("--out")
-        .arg(out)
-        .current_dir(cwd)
-        .env("TZ", tz);
-    // SAFETY: umask is async-signal-safe and touches only the child's own state.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::umask(umask);
-            Ok(())
-        });
-    }
-    let status = cmd.status().unwrap();
-    assert!(status.success(), "image-build extension failed: {status}");
+    common::build(
+        "extension",
+        "configs/extensions/etcd.toml",
+        out,
+        cwd,
+        umask,
+        tz,
+    );
 }
 
 fn json(path: &Path) -> serde_json::Value {

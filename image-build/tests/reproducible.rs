@@ -5,29 +5,12 @@
 //! reproducibility comes from the remapped paths and fixed flags in `binaries.rs`); everything
 //! from the packages to the GPT is rebuilt from scratch each time.
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
+
+mod common;
 
 fn build(out: &Path, cwd: &Path, umask: libc::mode_t, tz: &str) {
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_image-build"));
-    cmd.arg("-q")
-        .arg("build")
-        .arg(ws.join("configs/vm.toml"))
-        .arg("--out")
-        .arg(out)
-        .current_dir(cwd)
-        .env("TZ", tz);
-    // SAFETY: umask is async-signal-safe and touches only the child's own state.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::umask(umask);
-            Ok(())
-        });
-    }
-    let status = cmd.status().unwrap();
-    assert!(status.success(), "image-build failed: {status}");
+    common::build("build", "configs/vm.toml", out, cwd, umask, tz);
 }
 
 #[test]

@@ -536,7 +536,8 @@ mod tests {
             e.argv,
             [
                 CString::new(SYSD).unwrap(),
-                CString::new("--host-network").unwrap()
+                CString::new("--host-network").unwrap(),
+                CString::new("--extensions").unwrap()
             ]
         );
     }

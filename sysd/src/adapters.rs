@@ -1,8 +1,10 @@
-//! The API's concerns that live outside the supervisor, adapted to `keelson-api`'s traits: the
-//! image store, the update agent, the host network and first boot's report. Those crates know
-//! nothing of the API; here their errors become [`Failure`]s by their kind
-//! ([`keelson_api::failure`]), and what they report becomes events.
+//! The concerns that live outside the supervisor, adapted to the traits of those who use them:
+//! the image store, the update agent, the host network and first boot's report for
+//! `keelson-api`, and the host network for the supervisor ([`keelson_supervisor::Network`]).
+//! Those crates know nothing of the API or the supervisor; here their errors become
+//! [`Failure`]s by their kind ([`keelson_api::failure`]), and what they report becomes events.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -13,6 +15,9 @@ use keelson_common::api::network::NetworkStatus;
 use keelson_common::api::update::{ApplyRequest, UpdateCheck, UpdateStatus};
 use keelson_common::api::ServiceStatus;
 use keelson_images::manager::{self, Users};
+use keelson_net::{Net, Online};
+use keelson_runtime::netplug::Endpoint;
+use keelson_spec::network::{NetConfig, PortSpec};
 use keelson_supervisor::EventBus;
 use tokio::sync::{mpsc, watch};
 
@@ -157,13 +162,58 @@ impl keelson_api::Updates for Updates {
     }
 }
 
-/// The host network manager (`GET /v1/network`), when sysd manages the host network.
-pub struct HostNetwork(pub Arc<keelson_net::Net>);
+/// The host network manager, when sysd manages the host network: for the API
+/// (`GET /v1/network`) and for the supervisor (network-online, apply's try, bridge services).
+pub struct HostNetwork {
+    net: Arc<Net>,
+    online: watch::Receiver<bool>,
+}
+
+impl HostNetwork {
+    /// Follows the manager's online state (inside the tokio runtime).
+    pub fn new(net: Arc<Net>) -> Self {
+        let lets_start = |online: &Online| !matches!(online, Online::Pending);
+        let mut changes = net.online_changes();
+        let (tx, online) = watch::channel(lets_start(&changes.borrow_and_update()));
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let now = lets_start(&changes.borrow_and_update());
+                tx.send_if_modified(|was| std::mem::replace(was, now) != now);
+            }
+        });
+        HostNetwork { net, online }
+    }
+
+    /// Stops the DHCP clients (each releases its lease).
+    pub async fn shutdown(&self) {
+        self.net.shutdown().await;
+    }
+}
 
 #[async_trait]
 impl keelson_api::HostNetwork for HostNetwork {
     async fn status(&self) -> NetworkStatus {
-        self.0.status().await
+        self.net.status().await
+    }
+}
+
+#[async_trait]
+impl keelson_supervisor::Network for HostNetwork {
+    fn online(&self) -> watch::Receiver<bool> {
+        self.online.clone()
+    }
+
+    async fn apply(&self, config: NetConfig) -> anyhow::Result<()> {
+        self.net.apply(config).await?;
+        Ok(())
+    }
+
+    async fn attach(&self, service: &str, ports: &[PortSpec]) -> anyhow::Result<Endpoint> {
+        Ok(self.net.attach(service, ports).await?)
+    }
+
+    fn hosts_file(&self) -> PathBuf {
+        self.net.hosts_file()
     }
 }
 

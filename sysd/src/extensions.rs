@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use keelson_common::api::extensions::{ExtensionStatus, ExtensionsView};
 use keelson_extensions::{Paths, Status};
-use keelson_net::Online;
 use keelson_spec::extensions::ExtensionsSpec;
 use keelson_spec::ConfigError;
 use keelson_supervisor::{EventBus, Supervisor};
@@ -117,11 +116,12 @@ impl Extensions {
         self: Arc<Self>,
         agent: Arc<Agent>,
         sup: Arc<Supervisor>,
-        online: Option<watch::Receiver<Online>>,
+        online: Option<watch::Receiver<bool>>,
     ) {
         tokio::spawn(async move {
+            // Online, or given up waiting for it (as services waiting for network-online are).
             if let Some(mut online) = online {
-                let _ = online.wait_for(|o| !matches!(o, Online::Pending)).await;
+                let _ = online.wait_for(|started| *started).await;
             }
             let mut spec = self.spec.clone();
             loop {

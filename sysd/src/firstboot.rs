@@ -10,7 +10,7 @@ use std::time::Instant;
 use keelson_common::api::firstboot::{FirstBoot, Outcome};
 use keelson_firstboot::datasource::{Found, Probe};
 use keelson_firstboot::imds;
-use keelson_spec::Sources;
+use keelson_spec::{ConfigError, Source, Sources};
 use keelson_supervisor::{EventBus, Supervisor};
 
 use crate::adapters::FirstBootRecord;
@@ -19,19 +19,15 @@ use crate::adapters::FirstBootRecord;
 /// system services; log lines from `printed` on go to the console.
 fn process(
     sources: &Sources,
-    found: Result<Option<Found>, String>,
+    found: Result<Option<Found>, keelson_firstboot::Error>,
     log: Vec<String>,
     start: Instant,
     printed: usize,
 ) -> FirstBoot {
     let system = sources.read_system().unwrap_or_default();
-    let validate = |text: &str, origin: &str| -> Result<(), String> {
-        let doc =
-            keelson_spec::parse_document(Path::new(origin), text, keelson_spec::Source::UserData)
-                .map_err(|e| e.0)?;
-        keelson_spec::Config::from_layers(system.clone(), vec![doc])
-            .map(drop)
-            .map_err(|e| e.0)
+    let validate = |text: &str, origin: &str| -> Result<(), ConfigError> {
+        let doc = keelson_spec::parse_document(Path::new(origin), text, Source::UserData)?;
+        keelson_spec::Config::from_layers(system.clone(), vec![doc]).map(drop)
     };
     let status = keelson_firstboot::process(
         found,

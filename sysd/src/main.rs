@@ -8,6 +8,12 @@
 //! Boot handshake: once the API socket is up and every service task is launched, sysd writes
 //! READY=1 to init (services become ready on their own, in dependency order). On SIGTERM it
 //! stops services, dependents first, and exits 0.
+//!
+//! This binary only wires the `keelson-*` crates together ([`run`]): it makes the event bus,
+//! runs first boot ([`firstboot`]), starts the host network, hands both to the supervisor,
+//! connects the update agent to what the supervisor publishes, forwards what the components
+//! report into the event stream, and serves the API's concerns ([`adapters`] for those the
+//! supervisor does not implement).
 
 mod adapters;
 mod extensions;
@@ -201,7 +207,11 @@ fn notices_to(events: &Arc<EventBus>) -> mpsc::UnboundedSender<Notice> {
 }
 
 /// The host network manager, started with the boot config (`--host-network`).
-fn start_network(args: &DaemonArgs, sources: &Sources, events: &Arc<EventBus>) -> HostNet {
+fn start_network(
+    args: &DaemonArgs,
+    sources: &Sources,
+    events: &Arc<EventBus>,
+) -> Option<Arc<adapters::HostNetwork>> {
     let paths = keelson_net::Paths {
         state_dir: args.network_state.clone(),
         resolv_conf: args.resolv_conf.clone(),
@@ -211,10 +221,10 @@ fn start_network(args: &DaemonArgs, sources: &Sources, events: &Arc<EventBus>) -
     };
     let config = keelson_supervisor::boot_network_config(sources);
     match keelson_net::Net::start(paths, config, notices_to(events)) {
-        Ok(net) => HostNet::Managed(net),
+        Ok(net) => Some(Arc::new(adapters::HostNetwork::new(net))),
         Err(err) => {
             tracing::error!("sysd: host networking not started: {err}");
-            HostNet::Failed
+            None
         }
     }
 }
@@ -283,14 +293,14 @@ async fn run(args: DaemonArgs) -> Result<()> {
             Err(log) => imds_log = Some(log),
         }
     }
-    let network = if args.host_network {
-        start_network(&args, &sources, &events)
-    } else {
-        HostNet::Unmanaged
-    };
-    let net = match &network {
-        HostNet::Managed(net) => Some(Arc::clone(net)),
-        HostNet::Unmanaged | HostNet::Failed => None,
+    let net = args
+        .host_network
+        .then(|| start_network(&args, &sources, &events))
+        .flatten();
+    let network = match (&net, args.host_network) {
+        (Some(net), _) => HostNet::Managed(net.clone()),
+        (None, true) => HostNet::Failed,
+        (None, false) => HostNet::Unmanaged,
     };
     let images = Arc::new(keelson_images::manager::Images::new(
         args.volumes.with_file_name("images"),
@@ -334,7 +344,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
         updates: Some(Arc::new(adapters::Updates(Arc::clone(&agent)))),
         network: net
             .clone()
-            .map(|net| Arc::new(adapters::HostNetwork(net)) as Arc<dyn keelson_api::HostNetwork>),
+            .map(|net| net as Arc<dyn keelson_api::HostNetwork>),
         firstboot: Some(firstboot.clone()),
         extensions: extensions
             .clone()
@@ -362,7 +372,8 @@ async fn run(args: DaemonArgs) -> Result<()> {
         x.follow(
             Arc::clone(&agent),
             Arc::clone(&sup),
-            net.as_ref().map(|n| n.online_changes()),
+            net.as_ref()
+                .map(|n| keelson_supervisor::Network::online(n.as_ref())),
         );
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "sysd: ready");

@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use keelson_testkit::stats;
 
-use keelson_runtime as runtime;
-use runtime::{ContainerConfig, Runtime};
+use keelson_runtime::{ContainerConfig, Runtime};
 
 const CGROUP_PARENT: &str = "/keelson-bench";
 
@@ -57,7 +56,7 @@ fn run() -> Result<()> {
         }
     }
     keelson_testkit::cgroup::private_cgroup2()?;
-    runtime::become_subreaper().context("PR_SET_CHILD_SUBREAPER")?;
+    keelson_runtime::become_subreaper().context("PR_SET_CHILD_SUBREAPER")?;
 
     let base_dir = std::env::temp_dir().join(format!("keelson-bench-{}", std::process::id()));
     fs::create_dir_all(&base_dir)?;
@@ -68,16 +67,16 @@ fn run() -> Result<()> {
 
     // One bundle for crun and runc: the spec sysd generates, with the masked-equal seccomp
     // arguments in the runtime-spec order they read (see runtime/seccomp.rs).
-    let mut spec = runtime::bundle::spec(&cfg)?;
+    let mut spec = keelson_runtime::bundle::spec(&cfg)?;
     if let Some(linux) = spec.linux_mut() {
         if let Some(seccomp) = linux.seccomp_mut() {
-            runtime::seccomp::swap_masked_eq_for_runc(seccomp);
+            keelson_runtime::seccomp::swap_masked_eq_for_runc(seccomp);
         }
     }
     let oci_bundle = base.join("oci-bundle");
-    runtime::bundle::write(&oci_bundle, &spec)?;
+    keelson_runtime::bundle::write(&oci_bundle, &spec)?;
 
-    let exe = std::env::var_os(runtime::EXE_ENV)
+    let exe = std::env::var_os(keelson_runtime::EXE_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             std::env::current_exe()
@@ -164,9 +163,9 @@ async fn keelson_once(rt: &Runtime, cfg: &ContainerConfig) -> Result<(f64, f64)>
     let t0 = Instant::now();
     let started = rt.start(cfg, out, err).await?;
     let t_started = t0.elapsed();
-    let exit = runtime::wait_exit(&started.pidfd).await?;
+    let exit = keelson_runtime::wait_exit(&started.pidfd).await?;
     let t_exited = t0.elapsed();
-    if exit != runtime::ExitInfo::Exited(0) {
+    if exit != keelson_runtime::ExitInfo::Exited(0) {
         bail!("keelson container exited {exit:?}");
     }
     rt.remove(&cfg.id, &cfg.cgroup_path).await?;

@@ -20,6 +20,8 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use keelson_spec::admin::check_ssh_key;
+
+use super::Error;
 pub use keelson_spec::units::check_hostname;
 
 /// A parsed, validated `#cloud-config` document.
@@ -148,24 +150,24 @@ fn yes() -> bool {
 }
 
 /// Parses `text` (the whole user data, `#cloud-config` line included) from `origin`.
-pub fn parse(text: &str, origin: &str) -> Result<CloudConfig, String> {
+pub fn parse(text: &str, origin: &str) -> Result<CloudConfig, Error> {
     let untyped: Value = serde_yaml::from_str(text).map_err(|e| yaml_error(origin, "", &e))?;
     let map = match untyped {
         Value::Null => return Ok(CloudConfig::default()),
         Value::Mapping(m) => m,
         other => {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "{origin}: #cloud-config must be a mapping of keys, found {}",
                 kind(&other)
-            ))
+            )))
         }
     };
     let mut unsupported = Vec::new();
     for (key, value) in &map {
         let Some(key) = key.as_str() else {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "{origin}: #cloud-config keys must be strings, found {key:?}"
-            ));
+            )));
         };
         if !KNOWN.contains(&key) {
             unsupported.push(key.to_owned());
@@ -196,17 +198,17 @@ pub fn parse(text: &str, origin: &str) -> Result<CloudConfig, String> {
     build(raw, origin, unsupported)
 }
 
-fn build(raw: Raw, origin: &str, unsupported: Vec<String>) -> Result<CloudConfig, String> {
+fn build(raw: Raw, origin: &str, unsupported: Vec<String>) -> Result<CloudConfig, Error> {
     let mut out = CloudConfig {
         unsupported,
         ..CloudConfig::default()
     };
     let prefer_fqdn = raw.prefer_fqdn_over_hostname.unwrap_or(false);
     if let Some(h) = &raw.hostname {
-        check_hostname(h).map_err(|e| format!("{origin}: hostname: {e}"))?;
+        check_hostname(h).map_err(|e| Error::Invalid(format!("{origin}: hostname: {e}")))?;
     }
     if let Some(f) = &raw.fqdn {
-        check_hostname(f).map_err(|e| format!("{origin}: fqdn: {e}"))?;
+        check_hostname(f).map_err(|e| Error::Invalid(format!("{origin}: fqdn: {e}")))?;
     }
     out.hostname = match (raw.hostname, raw.fqdn) {
         (Some(h), Some(f)) => Some(if prefer_fqdn { f } else { h }),
@@ -227,32 +229,35 @@ fn build(raw: Raw, origin: &str, unsupported: Vec<String>) -> Result<CloudConfig
         }
     };
     for (i, key) in raw.ssh_authorized_keys.iter().enumerate() {
-        check_ssh_key(key).map_err(|e| format!("{origin}: ssh_authorized_keys[{i}]: {e}"))?;
+        check_ssh_key(key)
+            .map_err(|e| Error::Invalid(format!("{origin}: ssh_authorized_keys[{i}]: {e}")))?;
     }
     add(DEFAULT_USER.to_owned(), raw.ssh_authorized_keys);
     for (i, user) in raw.users.into_iter().enumerate() {
         match user {
             RawUser::Default(s) if s == "default" => add(DEFAULT_USER.to_owned(), Vec::new()),
             RawUser::Default(s) => {
-                return Err(format!(
+                return Err(Error::Invalid(format!(
                     "{origin}: users[{i}]: `{s}` is not a user; write `default` or \
                      {{name: ..., ssh_authorized_keys: [...]}}"
-                ))
+                )))
             }
             RawUser::Full {
                 name,
                 ssh_authorized_keys,
             } => {
                 if !valid_user_name(&name) {
-                    return Err(format!(
+                    return Err(Error::Invalid(format!(
                         "{origin}: users[{i}].name: `{name}` is not a valid user name \
                          (lowercase letters, digits, `_` and `-`, at most 32, not starting \
                          with a digit or `-`)"
-                    ));
+                    )));
                 }
                 for (j, key) in ssh_authorized_keys.iter().enumerate() {
                     check_ssh_key(key).map_err(|e| {
-                        format!("{origin}: users[{i}].ssh_authorized_keys[{j}]: {e}")
+                        Error::Invalid(format!(
+                            "{origin}: users[{i}].ssh_authorized_keys[{j}]: {e}"
+                        ))
                     })?;
                 }
                 add(name, ssh_authorized_keys);
@@ -274,16 +279,16 @@ fn build(raw: Raw, origin: &str, unsupported: Vec<String>) -> Result<CloudConfig
     for (i, f) in raw.write_files.into_iter().enumerate() {
         let at = format!("{origin}: write_files[{i}]");
         out.write_files
-            .push(write_file(f).map_err(|e| format!("{at}: {e}"))?);
+            .push(write_file(f).map_err(|e| Error::Invalid(format!("{at}: {e}")))?);
     }
 
     if let Some(ntp) = raw.ntp {
         if ntp.enabled {
             for (i, s) in ntp.servers.iter().chain(&ntp.pools).enumerate() {
                 if check_hostname(s).is_err() && s.parse::<std::net::IpAddr>().is_err() {
-                    return Err(format!(
+                    return Err(Error::Invalid(format!(
                         "{origin}: ntp: `{s}` (entry {i}) is neither a host name nor an address"
-                    ));
+                    )));
                 }
             }
             out.ntp_servers = ntp.servers.into_iter().chain(ntp.pools).collect();
@@ -301,41 +306,41 @@ fn build(raw: Raw, origin: &str, unsupported: Vec<String>) -> Result<CloudConfig
                         .all(|c| c.is_ascii_alphanumeric() || "_+-".contains(c))
             });
         if !ok {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "{origin}: timezone: `{tz}` is not a time zone name (like `UTC` or `Europe/Paris`)"
-            ));
+            )));
         }
         out.timezone = Some(tz);
     }
     Ok(out)
 }
 
-fn write_file(f: RawFile) -> Result<WriteFile, String> {
+fn write_file(f: RawFile) -> Result<WriteFile, Error> {
     let path = PathBuf::from(&f.path);
     if !path.is_absolute()
         || path
             .components()
             .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
     {
-        return Err(format!(
+        return Err(Error::Invalid(format!(
             "path `{}` must be absolute, without `.` or `..`",
             f.path
-        ));
+        )));
     }
     let encoding = f.encoding.as_deref().unwrap_or("text/plain");
     let content = match encoding {
         "text/plain" => f.content.into_bytes(),
         "b64" | "base64" => base64(&f.content)?,
         "gz" | "gzip" => {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
             "encoding `{encoding}` needs binary content, which YAML text cannot carry; use `gz+b64`"
-        ))
+        )))
         }
         "gz+b64" | "gzip+base64" | "gz+base64" | "gzip+b64" => gunzip(&base64(&f.content)?)?,
         other => {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "unknown encoding `{other}` (text/plain, b64, gz+b64)"
-            ))
+            )))
         }
     };
     let mode = match f.permissions {
@@ -345,12 +350,20 @@ fn write_file(f: RawFile) -> Result<WriteFile, String> {
             u32::from_str_radix(digits, 8)
                 .ok()
                 .filter(|m| *m <= 0o7777)
-                .ok_or_else(|| format!("permissions `{s}` is not an octal mode like '0644'"))?
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "permissions `{s}` is not an octal mode like '0644'"
+                    ))
+                })?
         }
         Some(Permissions::Int(n)) => u32::from_str_radix(&n.to_string(), 8)
             .ok()
             .filter(|m| *m <= 0o7777)
-            .ok_or_else(|| format!("permissions {n} is not an octal mode; quote it: '0{n}'"))?,
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "permissions {n} is not an octal mode; quote it: '0{n}'"
+                ))
+            })?,
     };
     let (uid, gid) = match f.owner.as_deref() {
         None => (0, 0),
@@ -367,7 +380,7 @@ fn write_file(f: RawFile) -> Result<WriteFile, String> {
 }
 
 /// `root`, `root:root` or numeric `uid[:gid]`: the host has no other users.
-fn owner_ids(owner: &str) -> Result<(u32, u32), String> {
+fn owner_ids(owner: &str) -> Result<(u32, u32), Error> {
     let id = |s: &str| match s {
         "root" => Some(0),
         n => n.parse::<u32>().ok(),
@@ -375,29 +388,31 @@ fn owner_ids(owner: &str) -> Result<(u32, u32), String> {
     let (u, g) = owner.split_once(':').unwrap_or((owner, owner));
     match (id(u), id(g)) {
         (Some(u), Some(g)) => Ok((u, g)),
-        _ => Err(format!(
+        _ => Err(Error::Invalid(format!(
             "owner `{owner}`: the host has only `root`; give numeric ids (`1000:1000`) for \
              files a container reads"
-        )),
+        ))),
     }
 }
 
-fn base64(s: &str) -> Result<Vec<u8>, String> {
+fn base64(s: &str) -> Result<Vec<u8>, Error> {
     let compact: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
     base64::engine::general_purpose::STANDARD
         .decode(compact)
-        .map_err(|e| format!("content is not valid base64: {e}"))
+        .map_err(|e| Error::Invalid(format!("content is not valid base64: {e}")))
 }
 
-fn gunzip(data: &[u8]) -> Result<Vec<u8>, String> {
+fn gunzip(data: &[u8]) -> Result<Vec<u8>, Error> {
     use std::io::Read;
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(data)
         .take(super::userdata::MAX_INFLATED as u64 + 1)
         .read_to_end(&mut out)
-        .map_err(|e| format!("content does not gunzip: {e}"))?;
+        .map_err(|e| Error::Invalid(format!("content does not gunzip: {e}")))?;
     if out.len() > super::userdata::MAX_INFLATED {
-        return Err("content inflates beyond the user data limit".into());
+        return Err(Error::Invalid(
+            "content inflates beyond the user data limit".into(),
+        ));
     }
     Ok(out)
 }
@@ -412,7 +427,7 @@ fn extra_keys(m: &serde_yaml::Mapping, allowed: &[&str], at: &str, out: &mut Vec
     }
 }
 
-fn yaml_error(origin: &str, path: &str, e: &serde_yaml::Error) -> String {
+fn yaml_error(origin: &str, path: &str, e: &serde_yaml::Error) -> Error {
     let at = e
         .location()
         .map(|l| format!(":{}:{}", l.line(), l.column()))
@@ -422,7 +437,7 @@ fn yaml_error(origin: &str, path: &str, e: &serde_yaml::Error) -> String {
     } else {
         format!("{path}: ")
     };
-    format!("{origin}{at}: {key}{e}")
+    Error::Invalid(format!("{origin}{at}: {key}{e}"))
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -453,8 +468,12 @@ mod tests {
     /// A real ed25519 public key (generated for these tests).
     pub(crate) const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILLQlN97l7/l7fgXF9PlMnkcATyASDAzrU0bNgZfDbPW test@keelson";
 
+    /// `parse`, its error as the report shows it (always of kind invalid).
     fn p(text: &str) -> Result<CloudConfig, String> {
-        parse(text, "seed:user-data")
+        parse(text, "seed:user-data").map_err(|e| {
+            assert!(matches!(e, Error::Invalid(_)), "{e:?}");
+            e.to_string()
+        })
     }
 
     #[test]

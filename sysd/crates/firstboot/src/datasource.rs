@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use super::cloudconfig::check_hostname;
 use super::seedfs::{self, Volume};
 use super::userdata::MAX_RAW;
+use super::Error;
 
 /// Largest `meta-data` / `network-config` read.
 pub const MAX_META: u64 = 64 * 1024;
@@ -53,37 +54,42 @@ struct RawMeta {
 
 /// Parses NoCloud `meta-data` (YAML, or JSON which is YAML). Other keys are platform
 /// information and ignored.
-pub fn parse_meta(text: &[u8], origin: &str) -> Result<MetaData, String> {
-    let text = std::str::from_utf8(text).map_err(|e| format!("{origin}: not UTF-8: {e}"))?;
+pub fn parse_meta(text: &[u8], origin: &str) -> Result<MetaData, Error> {
+    let text = std::str::from_utf8(text)
+        .map_err(|e| Error::Invalid(format!("{origin}: not UTF-8: {e}")))?;
     if text.trim().is_empty() {
-        return Err(format!(
+        return Err(Error::Invalid(format!(
             "{origin}: is empty; NoCloud needs at least `instance-id: <id>`"
-        ));
+        )));
     }
     let raw: RawMeta = serde_yaml::from_str(text).map_err(|e| {
         let at = e
             .location()
             .map(|l| format!(":{}:{}", l.line(), l.column()))
             .unwrap_or_default();
-        format!("{origin}{at}: {e}")
+        Error::Invalid(format!("{origin}{at}: {e}"))
     })?;
     let instance_id = match raw.instance_id {
         Some(serde_yaml::Value::String(s)) if !s.trim().is_empty() => s.trim().to_owned(),
         Some(serde_yaml::Value::Number(n)) => n.to_string(),
-        Some(_) => return Err(format!("{origin}: instance-id must be a non-empty string")),
+        Some(_) => {
+            return Err(Error::Invalid(format!(
+                "{origin}: instance-id must be a non-empty string"
+            )))
+        }
         None => {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "{origin}: has no instance-id (NoCloud defines first boot by it)"
-            ))
+            )))
         }
     };
     if instance_id.len() > 256 || instance_id.contains(['/', '\n', '\0']) {
-        return Err(format!(
+        return Err(Error::Invalid(format!(
             "{origin}: instance-id must be at most 256 characters without `/` or line breaks"
-        ));
+        )));
     }
     if let Some(h) = &raw.local_hostname {
-        check_hostname(h).map_err(|e| format!("{origin}: local-hostname: {e}"))?;
+        check_hostname(h).map_err(|e| Error::Invalid(format!("{origin}: local-hostname: {e}")))?;
     }
     Ok(MetaData {
         instance_id,
@@ -110,7 +116,7 @@ impl Probe {
 
     /// Tries each datasource in order; `log` receives one line per source tried. An error
     /// means user data was found but could not be read whole (nothing is applied then).
-    pub fn find(&self, log: &mut Vec<String>) -> Result<Option<Found>, String> {
+    pub fn find(&self, log: &mut Vec<String>) -> Result<Option<Found>, Error> {
         if let Some(arg) = self
             .cmdline
             .split_whitespace()
@@ -159,18 +165,21 @@ impl Probe {
         Ok(Some(found))
     }
 
-    fn fw_cfg(&self) -> Result<Option<Found>, String> {
+    fn fw_cfg(&self) -> Result<Option<Found>, Error> {
         let base = self.sys.join("firmware/qemu_fw_cfg/by_name/opt/keelson");
-        let read = |name: &str, limit: u64| -> Result<Option<Vec<u8>>, String> {
+        let read = |name: &str, limit: u64| -> Result<Option<Vec<u8>>, Error> {
             let path = base.join(name).join("raw");
+            let unreadable = |e: &dyn std::fmt::Display| {
+                Error::Unreadable(format!("fw_cfg opt/keelson/{name}: {e}"))
+            };
             match std::fs::metadata(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(format!("fw_cfg opt/keelson/{name}: {e}")),
+                Err(e) => return Err(unreadable(&e)),
                 Ok(_) => {}
             }
             read_limited(&path, limit)
                 .map(Some)
-                .map_err(|e| format!("fw_cfg opt/keelson/{name}: {e}"))
+                .map_err(|e| unreadable(&e))
         };
         let Some(user_data) = read("user-data", MAX_RAW as u64)? else {
             return Ok(None);
@@ -190,32 +199,32 @@ impl Probe {
         }))
     }
 
-    fn nocloud(&self, dev: &Path, vol: &Volume) -> Result<Found, String> {
+    fn nocloud(&self, dev: &Path, vol: &Volume) -> Result<Found, Error> {
         let source = format!("nocloud:{}", dev.display());
-        let mut f = File::open(dev).map_err(|e| format!("{source}: {e}"))?;
+        let unreadable = |e: &dyn std::fmt::Display| Error::Unreadable(format!("{source}: {e}"));
+        let mut f = File::open(dev).map_err(|e| unreadable(&e))?;
         let files = seedfs::read_root_files(
             &mut f,
             vol,
             &["user-data", "meta-data", "network-config"],
             MAX_META.max(MAX_RAW as u64),
         )
-        .map_err(|e| format!("{source}: {e}"))?;
-        let [user_data, meta, network_config]: [Option<Vec<u8>>; 3] = files
-            .try_into()
-            .map_err(|_| format!("{source}: short read"))?;
+        .map_err(|e| unreadable(&e))?;
+        let [user_data, meta, network_config]: [Option<Vec<u8>>; 3] =
+            files.try_into().map_err(|_| unreadable(&"short read"))?;
         let missing = |name: &str| {
-            format!(
+            Error::Unreadable(format!(
                 "{source} (label {}): has no {name} file; a NoCloud seed needs both user-data \
                  and meta-data (cloud-localds writes both)",
                 vol.label()
-            )
+            ))
         };
         let user_data = user_data.ok_or_else(|| missing("user-data"))?;
         if user_data.len() > MAX_RAW {
-            return Err(format!(
+            return Err(Error::Unreadable(format!(
                 "{source}: user-data is {} bytes, more than the {MAX_RAW}-byte limit",
                 user_data.len()
-            ));
+            )));
         }
         let meta = meta.ok_or_else(|| missing("meta-data"))?;
         let meta = parse_meta(&meta, &format!("{source}:meta-data"))?;
@@ -228,11 +237,11 @@ impl Probe {
     }
 
     /// `LABEL=<label>:/<file>`.
-    fn cmdline_file(&self, arg: &str) -> Result<Found, String> {
+    fn cmdline_file(&self, arg: &str) -> Result<Found, Error> {
         let bad = || {
-            format!(
+            Error::Invalid(format!(
                 "keelson.config={arg}: expected LABEL=<volume label>:/<file in its root directory>"
-            )
+            ))
         };
         let (label, file) = arg
             .strip_prefix("LABEL=")
@@ -245,14 +254,19 @@ impl Probe {
             .volumes()
             .into_iter()
             .find(|(_, v)| v.label() == label)
-            .ok_or_else(|| format!("keelson.config={arg}: no volume labelled {label}"))?;
+            .ok_or_else(|| {
+                Error::Unreadable(format!("keelson.config={arg}: no volume labelled {label}"))
+            })?;
         let source = format!("cmdline:{}:/{file}", dev.display());
-        let mut f = File::open(&dev).map_err(|e| format!("{source}: {e}"))?;
+        let unreadable = |e: &dyn std::fmt::Display| Error::Unreadable(format!("{source}: {e}"));
+        let mut f = File::open(&dev).map_err(|e| unreadable(&e))?;
         let user_data = seedfs::read_root_files(&mut f, &vol, &[file], MAX_RAW as u64)
-            .map_err(|e| format!("{source}: {e}"))?
+            .map_err(|e| unreadable(&e))?
             .pop()
             .flatten()
-            .ok_or_else(|| format!("{source}: no such file on the volume labelled {label}"))?;
+            .ok_or_else(|| {
+                unreadable(&format_args!("no such file on the volume labelled {label}"))
+            })?;
         Ok(Found {
             meta: MetaData {
                 instance_id: hashed_id("cmdline", &user_data),
@@ -304,14 +318,14 @@ fn hashed_id(prefix: &str, data: &[u8]) -> String {
     format!("{prefix}-{}", &hex::encode(Sha256::digest(data))[..16])
 }
 
-fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut data = Vec::new();
-    File::open(path)
-        .and_then(|f| f.take(limit + 1).read_to_end(&mut data))
-        .map_err(|e| e.to_string())?;
+    File::open(path).and_then(|f| f.take(limit + 1).read_to_end(&mut data))?;
     if data.len() as u64 > limit {
-        return Err(format!("more than the {limit}-byte limit"));
+        return Err(std::io::Error::other(format!(
+            "more than the {limit}-byte limit"
+        )));
     }
     Ok(data)
 }
@@ -386,10 +400,11 @@ mod tests {
                 cmdline: cmdline.into(),
             }
         }
+        /// What `find` returns, its error as the report shows it.
         fn find(&self, cmdline: &str) -> (Result<Option<Found>, String>, Vec<String>) {
             let mut log = Vec::new();
             let r = self.probe(cmdline).find(&mut log);
-            (r, log)
+            (r.map_err(|e| e.to_string()), log)
         }
     }
 
@@ -542,12 +557,21 @@ mod tests {
     #[test]
     fn meta_data_values() {
         let e = parse_meta(b"instance-id: [a]\n", "md").unwrap_err();
-        assert_eq!(e, "md: instance-id must be a non-empty string");
-        let e = parse_meta(b"instance-id: a/b\n", "md").unwrap_err();
+        assert_eq!(
+            e,
+            Error::Invalid("md: instance-id must be a non-empty string".into())
+        );
+        let e = parse_meta(b"instance-id: a/b\n", "md")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("without `/`"), "{e}");
-        let e = parse_meta(b"instance-id: a\nlocal-hostname: no_good\n", "md").unwrap_err();
+        let e = parse_meta(b"instance-id: a\nlocal-hostname: no_good\n", "md")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("md: local-hostname: `no_good`"), "{e}");
-        let e = parse_meta(b"instance-id: a\n  bad: [\n", "md").unwrap_err();
+        let e = parse_meta(b"instance-id: a\n  bad: [\n", "md")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("md:"), "{e}");
         assert_eq!(
             parse_meta(b"instance-id: 42\n", "md").unwrap().instance_id,

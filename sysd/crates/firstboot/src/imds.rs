@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 use super::datasource::{Found, MetaData};
 use super::userdata::MAX_RAW;
+use super::Error;
 
 /// The metadata service's address.
 pub const ADDRESS: &str = "169.254.169.254:80";
@@ -126,7 +127,7 @@ pub async fn fetch(
     addr: &str,
     deadline: Duration,
     log: &mut Vec<String>,
-) -> Result<Option<Found>, String> {
+) -> Result<Option<Found>, Error> {
     let start = Instant::now();
     let mut wait = Duration::from_millis(250);
     let mut attempts = 0u32;
@@ -144,15 +145,17 @@ pub async fn fetch(
                 ));
                 return Ok(found);
             }
-            Err(Failure::Answer(e)) => return Err(format!("imds: http://{addr}: {e}")),
+            Err(Failure::Answer(e)) => {
+                return Err(Error::Upstream(format!("imds: http://{addr}: {e}")))
+            }
             Err(Failure::Transport(e)) if start.elapsed() + wait > deadline => {
                 log.push(format!(
                     "imds: http://{addr}: gave up after {attempts} attempts: {e}"
                 ));
-                return Err(format!(
+                return Err(Error::Upstream(format!(
                     "imds: http://{addr} did not answer within {} s ({e})",
                     deadline.as_secs()
-                ));
+                )));
             }
             Err(Failure::Transport(_)) => {
                 tokio::time::sleep(wait).await;
@@ -326,7 +329,8 @@ mod tests {
         let e = fetch(&dead, Duration::from_millis(1200), &mut log)
             .await
             .unwrap_err();
-        assert!(e.contains("did not answer within 1 s"), "{e}");
+        assert!(matches!(e, Error::Upstream(_)), "{e:?}");
+        assert!(e.to_string().contains("did not answer within 1 s"), "{e}");
         assert!(log[0].contains("gave up after"), "{log:?}");
     }
 

@@ -36,6 +36,7 @@ use std::time::Instant;
 
 use keelson_common::api::firstboot::{FirstBoot, Outcome};
 use keelson_common::api::now_ms;
+use keelson_common::error::{Classify, Kind};
 use keelson_common::notice::Notice;
 
 use cloudconfig::{CloudConfig, WriteFile, DEFAULT_USER};
@@ -44,6 +45,45 @@ use datasource::Found;
 use datasource::Probe;
 use keelson_spec::store_atomically;
 use userdata::UserData;
+
+/// Why user data was not applied. The text names where (datasource, file, line, key) and
+/// what is wrong: it is the report's `error` and the console's line, word for word.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A datasource has user data that cannot be read whole (I/O, a size limit, a NoCloud
+    /// seed without one of its files, a `keelson.config=` naming no volume).
+    #[error("{0}")]
+    Unreadable(String),
+    /// The user data, its meta-data or network-config is not valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The config layer it makes is not valid over the image's system services.
+    #[error(transparent)]
+    Config(#[from] keelson_spec::ConfigError),
+    /// The metadata service answered wrongly, or not in time.
+    #[error("{0}")]
+    Upstream(String),
+    /// Writing what the user data asks for failed.
+    #[error("{0}")]
+    Write(String),
+}
+
+impl Classify for Error {
+    fn kind(&self) -> Kind {
+        match self {
+            Error::Unreadable(_) => Kind::Unavailable,
+            Error::Invalid(_) | Error::Config(_) => Kind::Invalid,
+            Error::Upstream(_) => Kind::Upstream,
+            Error::Write(_) => Kind::Internal,
+        }
+    }
+}
+
+impl From<userdata::UserDataError> for Error {
+    fn from(e: userdata::UserDataError) -> Self {
+        Error::Invalid(e.0)
+    }
+}
 
 /// Paths under which first boot reads and writes (all on /var but the host name's runtime
 /// copy; tests point them into a temporary directory).
@@ -135,7 +175,7 @@ pub fn notices(status: &FirstBoot) -> Vec<Notice> {
 
 /// Checks a config layer's TOML (`text`, from `origin`) against the rest of the config (the
 /// image's system services); errors name `origin`, line and key.
-pub type Validate<'a> = dyn Fn(&str, &str) -> Result<(), String> + 'a;
+pub type Validate<'a> = dyn Fn(&str, &str) -> Result<(), keelson_spec::ConfigError> + 'a;
 
 /// Runs first boot: probe, then apply if this instance is new. (sysd itself splits this
 /// around the network start: `first_boot_local` in main.rs.)
@@ -150,7 +190,7 @@ pub fn run(probe: &Probe, paths: &Paths, validate: &Validate) -> FirstBoot {
 /// Applies what a datasource found (the local ones through [`run`], the metadata service
 /// through [`imds::fetch`] once the network is up), once per instance.
 pub fn process(
-    found: Result<Option<Found>, String>,
+    found: Result<Option<Found>, Error>,
     probe_log: Vec<String>,
     paths: &Paths,
     validate: &Validate,
@@ -170,7 +210,7 @@ pub fn process(
     match found {
         Err(e) => {
             status.outcome = Outcome::Rejected;
-            status.error = Some(e);
+            status.error = Some(e.to_string());
         }
         Ok(None) => {}
         Ok(Some(found)) => {
@@ -192,7 +232,7 @@ pub fn process(
                     }
                     Err(e) => {
                         status.outcome = Outcome::Rejected;
-                        status.error = Some(e);
+                        status.error = Some(e.to_string());
                     }
                 }
             }
@@ -221,14 +261,14 @@ fn previous(paths: &Paths) -> Option<FirstBoot> {
 }
 
 /// Decodes and validates everything; writes nothing.
-fn plan(found: &Found, validate: &Validate) -> Result<Plan, String> {
+fn plan(found: &Found, validate: &Validate) -> Result<Plan, Error> {
     let origin = format!("{}: user-data", found.source);
     let mut plan = Plan::default();
     let mut parts = Parts {
         hostname: found.meta.local_hostname.clone().map(|h| (h, false)),
         ..Parts::default()
     };
-    match UserData::decode(&found.user_data, &origin).map_err(|e| e.0)? {
+    match UserData::decode(&found.user_data, &origin)? {
         UserData::Empty => plan.format = "empty",
         UserData::Toml(text) => {
             plan.format = "toml";
@@ -258,14 +298,16 @@ fn compose(
     origin: &str,
     validate: &Validate,
     warnings: &mut Vec<String>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, Error> {
     let nothing_to_add =
         parts.hostname.is_none() && parts.network.is_none() && parts.keys.is_empty();
     if nothing_to_add {
         return Ok(parts.base);
     }
     let mut table: toml::Table = match &parts.base {
-        Some(text) => text.parse().map_err(|e| format!("{origin}: {e}"))?,
+        Some(text) => text
+            .parse()
+            .map_err(|e| Error::Invalid(format!("{origin}: {e}")))?,
         None => toml::Table::from_iter([("version".to_string(), toml::Value::Integer(1))]),
     };
     let mut added = false;
@@ -305,7 +347,7 @@ fn compose(
     }
     let text = format!(
         "# Written at first boot from {origin} (and its meta-data and network-config).\n{}",
-        toml::to_string(&table).map_err(|e| format!("{origin}: {e}"))?
+        toml::to_string(&table).map_err(|e| Error::Invalid(format!("{origin}: {e}")))?
     );
     validate(&text, &format!("{origin} (as the composed Keelson TOML)"))?;
     Ok(Some(text))
@@ -315,12 +357,12 @@ fn subtable<'a>(
     table: &'a mut toml::Table,
     key: &str,
     origin: &str,
-) -> Result<&'a mut toml::Table, String> {
+) -> Result<&'a mut toml::Table, Error> {
     table
         .entry(key)
         .or_insert_with(|| toml::Value::Table(toml::Table::new()))
         .as_table_mut()
-        .ok_or_else(|| format!("{origin}: `{key}` is not a table"))
+        .ok_or_else(|| Error::Invalid(format!("{origin}: `{key}` is not a table")))
 }
 
 fn from_cloud_config(
@@ -329,7 +371,7 @@ fn from_cloud_config(
     validate: &Validate,
     plan: &mut Plan,
     parts: &mut Parts,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     if let Some(h) = cc.hostname {
         parts.hostname = Some((h, true));
     }
@@ -342,8 +384,9 @@ fn from_cloud_config(
     for (i, f) in cc.write_files.into_iter().enumerate() {
         let shown = f.path.display().to_string();
         if CONFIG_PATHS.contains(&shown.as_str()) {
-            let text = String::from_utf8(f.content)
-                .map_err(|_| format!("{origin}: write_files[{i}] ({shown}): not UTF-8"))?;
+            let text = String::from_utf8(f.content).map_err(|_| {
+                Error::Invalid(format!("{origin}: write_files[{i}] ({shown}): not UTF-8"))
+            })?;
             validate(&text, &format!("{origin}: write_files[{i}] ({shown})"))?;
             parts.base = Some(text);
             continue;
@@ -404,24 +447,30 @@ fn writable(path: &Path) -> Result<(), &'static str> {
 
 /// Writes the plan, in an order that makes a crash half-way harmless (the instance id, which
 /// says "done", is recorded by the caller after this returns).
-fn apply(plan: &Plan, found: &Found, paths: &Paths) -> Result<(), String> {
+fn apply(plan: &Plan, found: &Found, paths: &Paths) -> Result<(), Error> {
     for f in &plan.files {
-        write_file(f, &paths.root).map_err(|e| format!("write_files {}: {e}", f.path.display()))?;
+        write_file(f, &paths.root)
+            .map_err(|e| Error::Write(format!("write_files {}: {e}", f.path.display())))?;
     }
     match &plan.config {
         Some(text) => store_atomically(&paths.config_file, text.as_bytes())
-            .map_err(|e| format!("{}: {e}", paths.config_file.display()))?,
+            .map_err(|e| Error::Write(format!("{}: {e}", paths.config_file.display())))?,
         None => match std::fs::remove_file(&paths.config_file) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", paths.config_file.display())),
+            Err(e) => {
+                return Err(Error::Write(format!(
+                    "{}: {e}",
+                    paths.config_file.display()
+                )))
+            }
         },
     }
     store_atomically(&paths.state_dir.join("user-data"), &found.user_data)
-        .map_err(|e| format!("{}: {e}", paths.state_dir.display()))?;
+        .map_err(|e| Error::Write(format!("{}: {e}", paths.state_dir.display())))?;
     if let Some(nc) = &found.network_config {
         store_atomically(&paths.state_dir.join("network-config"), nc)
-            .map_err(|e| format!("{}: {e}", paths.state_dir.display()))?;
+            .map_err(|e| Error::Write(format!("{}: {e}", paths.state_dir.display())))?;
     }
     Ok(())
 }
@@ -535,12 +584,9 @@ mounts = [{ type = "volume", source = "admin", target = "/root" }]
                 dev: self.path("dev"),
                 cmdline: String::new(),
             };
-            let validate = |text: &str, origin: &str| -> Result<(), String> {
-                let doc = spec::parse_document(Path::new(origin), text, Source::UserData)
-                    .map_err(|e| e.0)?;
-                spec::Config::from_layers(self.system.clone(), vec![doc])
-                    .map(drop)
-                    .map_err(|e| e.0)
+            let validate = |text: &str, origin: &str| -> Result<(), spec::ConfigError> {
+                let doc = spec::parse_document(Path::new(origin), text, Source::UserData)?;
+                spec::Config::from_layers(self.system.clone(), vec![doc]).map(drop)
             };
             run(&probe, &self.paths(), &validate)
         }

@@ -16,21 +16,25 @@ use serde::Deserialize;
 use serde_yaml::Value;
 use toml::Table;
 
+use super::Error;
+
 /// The `[network]` table and the warnings.
 pub type Mapped = (Table, Vec<String>);
 
 /// Parses `text` (v1 or v2, with or without a top-level `network:` key).
-pub fn to_keelson(text: &[u8], origin: &str) -> Result<Mapped, String> {
-    let text = std::str::from_utf8(text).map_err(|e| format!("{origin}: not UTF-8: {e}"))?;
+pub fn to_keelson(text: &[u8], origin: &str) -> Result<Mapped, Error> {
+    let text = std::str::from_utf8(text)
+        .map_err(|e| Error::Invalid(format!("{origin}: not UTF-8: {e}")))?;
     let doc: Value = serde_yaml::from_str(text).map_err(|e| yaml_error(origin, "", &e))?;
     let doc = match doc.get("network") {
         Some(inner) if inner.is_mapping() => inner.clone(),
         _ => doc,
     };
-    let version = doc
-        .get("version")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| format!("{origin}: `version: 1` or `version: 2` is required"))?;
+    let version = doc.get("version").and_then(Value::as_u64).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{origin}: `version: 1` or `version: 2` is required"
+        ))
+    })?;
     let mut warnings = Vec::new();
     let mut net = Net::default();
     match version {
@@ -58,9 +62,9 @@ pub fn to_keelson(text: &[u8], origin: &str) -> Result<Mapped, String> {
             }
         }
         n => {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "{origin}: network config version {n} is not supported (1 or 2)"
-            ))
+            )))
         }
     }
     Ok((net.into_table(), warnings))
@@ -199,7 +203,7 @@ impl Net {
         eth: &Ethernet,
         origin: &str,
         warnings: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         let mut t = Table::new();
         if let Some(m) = &eth.matches {
             let mut mt = Table::new();
@@ -247,7 +251,7 @@ impl Net {
         raw: &Value,
         origin: &str,
         warnings: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         let at = format!("config[{i}]");
         match item.kind.as_str() {
             "nameserver" => {
@@ -270,10 +274,11 @@ impl Net {
             origin,
             warnings,
         );
-        let name = item
-            .name
-            .clone()
-            .ok_or_else(|| format!("{origin}: {at}: a physical interface needs a `name`"))?;
+        let name = item.name.clone().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{origin}: {at}: a physical interface needs a `name`"
+            ))
+        })?;
         let mut t = Table::new();
         let mut mt = Table::new();
         // cloud-init renames the link to `name`; Keelson matches by MAC and keeps the
@@ -298,15 +303,15 @@ impl Net {
                 }
                 "static" | "static6" => {
                     let addr = s.address.as_deref().ok_or_else(|| {
-                        format!("{origin}: {sat}: a static subnet needs `address`")
+                        Error::Invalid(format!("{origin}: {sat}: a static subnet needs `address`"))
                     })?;
                     addresses.push(match (&s.netmask, addr.contains('/')) {
                         (_, true) => addr.to_string(),
                         (Some(mask), false) => format!("{addr}/{}", prefix_of(mask, origin, &sat)?),
                         (None, false) => {
-                            return Err(format!(
+                            return Err(Error::Invalid(format!(
                                 "{origin}: {sat}: address {addr} needs a /prefix or a netmask"
-                            ))
+                            )))
                         }
                     });
                     if let Some(gw) = &s.gateway {
@@ -415,21 +420,25 @@ impl Net {
     }
 }
 
-fn typed<T: serde::de::DeserializeOwned>(doc: Value, origin: &str) -> Result<T, String> {
+fn typed<T: serde::de::DeserializeOwned>(doc: Value, origin: &str) -> Result<T, Error> {
     serde_path_to_error::deserialize(doc).map_err(|e| {
         let path = e.path().to_string();
-        format!("{origin}: {path}: {}", e.inner())
+        Error::Invalid(format!("{origin}: {path}: {}", e.inner()))
     })
 }
 
 /// `255.255.255.0` → 24 (contiguous masks only).
-fn prefix_of(mask: &str, origin: &str, at: &str) -> Result<u8, String> {
+fn prefix_of(mask: &str, origin: &str, at: &str) -> Result<u8, Error> {
     let bits = mask
         .parse::<Ipv4Addr>()
         .map(u32::from)
         .ok()
         .filter(|m| m.leading_ones() + m.trailing_zeros() == 32)
-        .ok_or_else(|| format!("{origin}: {at}: netmask `{mask}` is not a valid IPv4 netmask"))?;
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{origin}: {at}: netmask `{mask}` is not a valid IPv4 netmask"
+            ))
+        })?;
     Ok(bits.leading_ones() as u8)
 }
 
@@ -449,7 +458,7 @@ fn unsupported(v: &Value, allowed: &[&str], prefix: &str, origin: &str, out: &mu
     }
 }
 
-fn yaml_error(origin: &str, path: &str, e: &serde_yaml::Error) -> String {
+fn yaml_error(origin: &str, path: &str, e: &serde_yaml::Error) -> Error {
     let at = e
         .location()
         .map(|l| format!(":{}:{}", l.line(), l.column()))
@@ -459,7 +468,7 @@ fn yaml_error(origin: &str, path: &str, e: &serde_yaml::Error) -> String {
     } else {
         format!("{path}: ")
     };
-    format!("{origin}{at}: {key}{e}")
+    Error::Invalid(format!("{origin}{at}: {key}{e}"))
 }
 
 #[cfg(test)]
@@ -469,6 +478,10 @@ mod tests {
     fn map(text: &str) -> Result<(String, Vec<String>), String> {
         to_keelson(text.as_bytes(), "seed:network-config")
             .map(|(t, w)| (toml::to_string(&t).unwrap(), w))
+            .map_err(|e| {
+                assert!(matches!(e, Error::Invalid(_)), "{e:?}");
+                e.to_string()
+            })
     }
 
     #[test]

@@ -69,17 +69,19 @@ fn fat_label(b: &[u8; 512]) -> Option<String> {
 }
 
 /// Reads the named files of the volume's root directory, each at most `limit` bytes (a larger
-/// file is an error naming it). Missing files are `None`.
+/// file is an error naming it). Missing files are `None`. A volume that cannot be read as its
+/// file system is `InvalidData`, the text saying what is wrong.
 pub fn read_root_files<R: Read + Seek>(
     dev: &mut R,
     volume: &Volume,
     names: &[&str],
     limit: u64,
-) -> Result<Vec<Option<Vec<u8>>>, String> {
+) -> io::Result<Vec<Option<Vec<u8>>>> {
     match volume {
         Volume::Iso9660 { .. } => iso_read(dev, names, limit),
         Volume::Fat { .. } => fat_read(dev, names, limit),
     }
+    .map_err(|why| io::Error::new(io::ErrorKind::InvalidData, why))
 }
 
 fn fat_read<R: Read + Seek>(
@@ -382,7 +384,11 @@ mod tests {
         );
         check(read_root_files(&mut dev, &vol, NAMES, 4096).unwrap());
         let e = read_root_files(&mut dev, &vol, &["user-data"], 10).unwrap_err();
-        assert_eq!(e, "user-data is 31 bytes, more than the 10-byte limit");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            e.to_string(),
+            "user-data is 31 bytes, more than the 10-byte limit"
+        );
     }
 
     #[test]
@@ -453,7 +459,9 @@ mod tests {
             "plain.iso",
         );
         let vol = identify(&mut dev).unwrap().unwrap();
-        let e = read_root_files(&mut dev, &vol, NAMES, 4096).unwrap_err();
+        let e = read_root_files(&mut dev, &vol, NAMES, 4096)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("neither Joliet nor Rock Ridge"), "{e}");
     }
 

@@ -205,6 +205,57 @@ pub fn milestone(p: &PullProgress) -> Option<Notice> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn users_are_by_normalized_reference_and_paths_use_nothing() {
+        let users = users([
+            ("web", "nginx"),
+            ("api", "docker.io/library/nginx:latest"),
+            ("db", "registry.example/db:1"),
+            ("local", "/usr/lib/keelson/images/base"),
+        ]);
+        assert_eq!(
+            users,
+            Users::from([
+                (
+                    "docker.io/library/nginx:latest".to_string(),
+                    vec!["web".to_string(), "api".to_string()]
+                ),
+                ("registry.example/db:1".to_string(), vec!["db".to_string()]),
+            ])
+        );
+    }
+
+    #[test]
+    fn milestones_are_events_bytes_are_not() {
+        let done = PullProgress::Done {
+            reference: "docker.io/library/nginx:latest".into(),
+            manifest: "sha256:ab".into(),
+            downloaded_bytes: 10,
+            elapsed_ms: 5,
+        };
+        assert_eq!(
+            milestone(&done),
+            Some(Notice::new(
+                "image-pulled",
+                "docker.io/library/nginx:latest: pulled (10 bytes downloaded in 5 ms)"
+            ))
+        );
+        let failed = PullProgress::Error {
+            message: "pulling x: refused".into(),
+        };
+        assert_eq!(
+            milestone(&failed).map(|n| n.kind),
+            Some("image-pull-failed")
+        );
+        let bytes = PullProgress::Downloading {
+            digest: "sha256:cd".into(),
+            done: 1,
+            size: 2,
+            resumed_at: 0,
+        };
+        assert_eq!(milestone(&bytes), None);
+    }
+
     /// The API's texts for these failures are what `keelctl` prints: they stay as they were.
     #[test]
     fn remove_errors_keep_their_texts_and_say_their_kind() {

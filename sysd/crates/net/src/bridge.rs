@@ -17,10 +17,54 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use keelson_common::error::{Classify, Kind};
 use serde::{Deserialize, Serialize};
 
 pub use keelson_runtime::netplug::{Endpoint, ANNOTATION};
 use keelson_spec::network::{Cidr, PortSpec};
+
+/// Why a bridge service could not get its place on the bridge.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the bridge subnet must be IPv4")]
+    NotIpv4,
+    #[error("no free address left in {0}")]
+    Full(Cidr),
+    #[error("keeping {}: {err}", path.display())]
+    Keep { path: PathBuf, err: std::io::Error },
+    #[error("writing {}: {err}", path.display())]
+    Hosts { path: PathBuf, err: std::io::Error },
+    #[error("the bridge vanished after its creation")]
+    Vanished,
+    #[error("enabling IPv4 forwarding: {0}")]
+    Forwarding(std::io::Error),
+    #[error("running nft ({}): {err}", nft.display())]
+    NftStart { nft: PathBuf, err: std::io::Error },
+    #[error("waiting for nft: {0}")]
+    NftWait(std::io::Error),
+    #[error("nft refused the ruleset: {0}")]
+    NftRefused(String),
+    /// The task that ran `nft` ended without an answer.
+    #[error("{0}")]
+    Task(String),
+}
+
+impl Classify for Error {
+    fn kind(&self) -> Kind {
+        match self {
+            Error::NotIpv4 => Kind::Invalid,
+            Error::Full(_) => Kind::Unavailable,
+            Error::Keep { .. }
+            | Error::Hosts { .. }
+            | Error::Vanished
+            | Error::Forwarding(_)
+            | Error::NftStart { .. }
+            | Error::NftWait(_)
+            | Error::NftRefused(_)
+            | Error::Task(_) => Kind::Internal,
+        }
+    }
+}
 
 /// The bridge's name.
 pub const BRIDGE: &str = "keel0";
@@ -65,12 +109,12 @@ impl Ipam {
     }
 
     /// The service's address: the one it had, else the lowest free one (after the gateway).
-    pub fn allocate(&mut self, service: &str, subnet: Cidr) -> Result<Ipv4Addr, String> {
+    pub fn allocate(&mut self, service: &str, subnet: Cidr) -> Result<Ipv4Addr, Error> {
         if let Some(a) = self.leases.get(service) {
             return Ok(*a);
         }
         let IpAddr::V4(net) = subnet.addr else {
-            return Err("the bridge subnet must be IPv4".into());
+            return Err(Error::NotIpv4);
         };
         let size = 1u32 << (32 - u32::from(subnet.prefix));
         let base = u32::from(net) & !(size - 1);
@@ -82,7 +126,7 @@ impl Ipam {
                 return Ok(ip);
             }
         }
-        Err(format!("no free address left in {subnet}"))
+        Err(Error::Full(subnet))
     }
 }
 
@@ -138,7 +182,7 @@ pub fn render_ruleset(subnet: Cidr, ports: &[(Ipv4Addr, PortSpec)]) -> String {
 
 /// Runs `nft -f -` with `rules`. `nft` is either the binary or an image root holding
 /// Debian's nftables (run through the image's dynamic loader).
-pub fn nft_load(nft: &Path, rules: &str) -> Result<(), String> {
+pub fn nft_load(nft: &Path, rules: &str) -> Result<(), Error> {
     let mut cmd = if nft.is_dir() {
         let lib = nft.join("usr/lib/x86_64-linux-gnu");
         let mut c = Command::new(lib.join("ld-linux-x86-64.so.2"));
@@ -153,19 +197,17 @@ pub fn nft_load(nft: &Path, rules: &str) -> Result<(), String> {
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("running nft ({}): {e}", nft.display()))?;
+    let mut child = cmd.spawn().map_err(|err| Error::NftStart {
+        nft: nft.to_path_buf(),
+        err,
+    })?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(rules.as_bytes());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for nft: {e}"))?;
+    let out = child.wait_with_output().map_err(Error::NftWait)?;
     if !out.status.success() {
-        return Err(format!(
-            "nft refused the ruleset: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+        return Err(Error::NftRefused(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
     Ok(())
@@ -202,10 +244,10 @@ mod tests {
         let small = Cidr::parse("10.9.0.0/30").unwrap();
         let mut ipam = Ipam::default();
         ipam.allocate("x", small).unwrap();
-        assert!(ipam
-            .allocate("y", small)
-            .unwrap_err()
-            .contains("no free address"));
+        assert_eq!(
+            ipam.allocate("y", small).unwrap_err().to_string(),
+            "no free address left in 10.9.0.0/30"
+        );
     }
 
     #[test]

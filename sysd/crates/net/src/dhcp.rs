@@ -200,7 +200,10 @@ impl Client {
                     // have gone with the carrier.
                     if applied.as_ref() != Some(&l) || self.fresh {
                         if let Err(e) = self.install(&l, applied.as_ref()).await {
-                            self.note("dhcp-error", format!("installing {}: {e}", l.address));
+                            self.note(
+                                "dhcp-error",
+                                format!("installing {}: {}", l.address, super::chain(&e)),
+                            );
                         }
                         applied = Some(l.clone());
                     }
@@ -546,24 +549,24 @@ impl Client {
     }
 
     /// Puts the lease's address, routes and MTU on the link (replacing a previous lease's).
-    async fn install(&self, lease: &Lease, previous: Option<&Lease>) -> Result<(), String> {
+    async fn install(
+        &self,
+        lease: &Lease,
+        previous: Option<&Lease>,
+    ) -> Result<(), super::links::Error> {
         if let Some(p) = previous {
             if p.address != lease.address || p.prefix != lease.prefix {
                 self.uninstall(p).await;
             }
         }
         if let Some(mtu) = lease.mtu.filter(|m| *m >= 576) {
-            self.nl
-                .set_up(self.index, Some(u32::from(mtu)))
-                .await
-                .map_err(|e| super::chain(&e))?;
+            self.nl.set_up(self.index, Some(u32::from(mtu))).await?;
         }
         let remaining = u32::try_from(lease.remaining_secs()).unwrap_or(u32::MAX);
         let lifetime = (lease.lease_secs != u32::MAX).then_some(remaining.max(1));
         self.nl
             .replace_address(self.index, lease.cidr(), lifetime)
-            .await
-            .map_err(|e| super::chain(&e))?;
+            .await?;
         for (dst, gw) in lease.routes() {
             let gw = (!gw.is_unspecified()).then_some(IpAddr::V4(gw));
             self.nl
@@ -575,8 +578,7 @@ impl Client {
                     RouteProtocol::Dhcp,
                     DHCP_METRIC,
                 )
-                .await
-                .map_err(|e| super::chain(&e))?;
+                .await?;
         }
         Ok(())
     }

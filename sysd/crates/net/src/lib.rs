@@ -32,6 +32,7 @@ use futures_util::StreamExt;
 use keelson_common::api::network::{
     EndpointStatus, LeaseStatus, LinkStatus, NetworkStatus, RouteStatus,
 };
+use keelson_common::error::{Classify, Kind};
 use keelson_common::notice::Notice;
 use rtnetlink::packet_route::route::RouteProtocol;
 use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -71,6 +72,59 @@ pub enum Online {
     Reached,
     /// The timeout passed; dependents started anyway. The reason says what was missing.
     TimedOut(String),
+}
+
+/// Why the network manager could not do what it was asked. The texts name the link, key or
+/// address and what went wrong, as `keelctl apply` and the event stream show them.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config asks for what this node does not have (a link that does not exist, a name
+    /// taken by another kind of link, a member another entry configures): refused before
+    /// anything changed.
+    #[error("{0}")]
+    Refused(String),
+    /// A netlink request failed.
+    #[error("{}", chain(.0))]
+    Netlink(links::Error),
+    /// A netlink request for one link or step (named first) failed.
+    #[error("{step}: {}", chain(.err))]
+    Step { step: String, err: links::Error },
+    /// The try's check failed: a gateway that does not answer, a link without a lease.
+    #[error("{0}")]
+    Check(String),
+    /// Container networking: the bridge, its addresses, files or nftables rules.
+    #[error(transparent)]
+    Bridge(#[from] bridge::Error),
+    /// The new config failed to be put in place or its check; the previous one is back.
+    #[error("{0}; rolled back to the previous network config")]
+    RolledBack(Box<Error>),
+}
+
+impl Classify for Error {
+    fn kind(&self) -> Kind {
+        match self {
+            Error::Refused(_) | Error::Check(_) | Error::RolledBack(_) => Kind::Invalid,
+            Error::Netlink(_) | Error::Step { .. } => Kind::Internal,
+            Error::Bridge(e) => e.kind(),
+        }
+    }
+}
+
+impl From<links::Error> for Error {
+    fn from(e: links::Error) -> Self {
+        Error::Netlink(e)
+    }
+}
+
+/// What [`Net::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The config's network and host tables are the ones in force.
+    Unchanged,
+    /// Only `[host]` changed: the hostname was updated, no link touched.
+    Hostname,
+    /// The new network config is in place and passed its check.
+    Network,
 }
 
 /// One link sysd configures, and what it put there.
@@ -197,7 +251,7 @@ impl Net {
 
     /// Applies a new config as a try: on a failed check the previous one is restored and the
     /// error says what failed and that it was rolled back.
-    pub async fn apply(&self, new: NetConfig) -> Result<String, String> {
+    pub async fn apply(&self, new: NetConfig) -> Result<Applied, Error> {
         let _guard = self.apply_lock.lock().await;
         let old = self
             .state
@@ -207,21 +261,21 @@ impl Net {
             .clone();
         if old.network == new.network && old.host == new.host {
             self.state.lock().unwrap_or_else(|p| p.into_inner()).config = new;
-            return Ok("network unchanged".into());
+            return Ok(Applied::Unchanged);
         }
         if old.network == new.network {
             // Only `[host]` changed: a new hostname needs no links touched and no try.
             self.state.lock().unwrap_or_else(|p| p.into_inner()).config = new;
             self.refresh().await;
-            return Ok("hostname updated".into());
+            return Ok(Applied::Hostname);
         }
-        let links = self.nl.links().await.map_err(|e| chain(&e))?;
+        let links = self.nl.links().await?;
         // Unknown interfaces are refused before anything changes.
         virtual_plan(&new.network, &old.network, &links)?;
         plan(&new.network, &links)?;
         if let Err(e) = self.reconcile(new.clone()).await {
             self.rollback(old).await;
-            return Err(format!("{e}; rolled back to the previous network config"));
+            return Err(Error::RolledBack(Box::new(e)));
         }
         if let Err(e) = self.check(&new).await {
             self.rollback(old).await;
@@ -229,13 +283,13 @@ impl Net {
                 "network-rollback",
                 format!("new network config failed its check ({e}); previous config restored"),
             );
-            return Err(format!("{e}; rolled back to the previous network config"));
+            return Err(Error::RolledBack(Box::new(e)));
         }
         self.emit(
             "network-applied",
             "network config applied and checked".into(),
         );
-        Ok("network config applied".into())
+        Ok(Applied::Network)
     }
 
     async fn rollback(&self, old: NetConfig) {
@@ -248,7 +302,7 @@ impl Net {
     }
 
     /// The try's check: static gateways answer, DHCP links hold a lease.
-    async fn check(&self, cfg: &NetConfig) -> Result<(), String> {
+    async fn check(&self, cfg: &NetConfig) -> Result<(), Error> {
         let deadline = tokio::time::Instant::now() + TRY_TIMEOUT;
         for (label, ifc) in &cfg.network.interfaces {
             let gateways = ifc
@@ -260,9 +314,9 @@ impl Net {
             for gw in gateways {
                 let IpAddr::V4(v4) = gw else { continue };
                 if !probe::ping(v4, Duration::from_secs(3)).await {
-                    return Err(format!(
+                    return Err(Error::Check(format!(
                         "network.interfaces.{label}: gateway {gw} does not answer"
-                    ));
+                    )));
                 }
             }
         }
@@ -289,7 +343,7 @@ impl Net {
                 tokio::select! {
                     r = rx.changed() => if r.is_err() { break },
                     _ = tokio::time::sleep_until(deadline) => {
-                        return Err(format!("{link}: no DHCP lease within {}s", TRY_TIMEOUT.as_secs()));
+                        return Err(Error::Check(format!("{link}: no DHCP lease within {}s", TRY_TIMEOUT.as_secs())));
                     }
                 }
             }
@@ -298,7 +352,7 @@ impl Net {
     }
 
     /// Makes the kernel match `cfg`; idempotent.
-    async fn reconcile(&self, cfg: NetConfig) -> Result<(), String> {
+    async fn reconcile(&self, cfg: NetConfig) -> Result<(), Error> {
         let prev = self
             .state
             .lock()
@@ -306,12 +360,12 @@ impl Net {
             .config
             .network
             .clone();
-        let links = self.nl.links().await.map_err(|e| chain(&e))?;
+        let links = self.nl.links().await?;
         let steps = virtual_plan(&cfg.network, &prev, &links)?;
         if !steps.is_empty() {
             self.run_virtual(steps).await?;
         }
-        let links = self.nl.links().await.map_err(|e| chain(&e))?;
+        let links = self.nl.links().await?;
         let planned = if cfg.network.interfaces.is_empty() {
             self.default_rule(&links).await
         } else {
@@ -351,15 +405,15 @@ impl Net {
     }
 
     /// Runs `virtual_plan`'s steps, looking names up as the links appear.
-    async fn run_virtual(&self, steps: Vec<VirtualStep>) -> Result<(), String> {
+    async fn run_virtual(&self, steps: Vec<VirtualStep>) -> Result<(), Error> {
         for step in steps {
-            let links = self.nl.links().await.map_err(|e| chain(&e))?;
+            let links = self.nl.links().await?;
             let index = |n: &str| {
                 links
                     .iter()
                     .find(|l| l.name == n)
                     .map(|l| l.index)
-                    .ok_or_else(|| format!("no link {n}"))
+                    .ok_or_else(|| Error::Refused(format!("no link {n}")))
             };
             let done = match &step {
                 VirtualStep::Delete { index, .. } => self.nl.delete_link(*index).await,
@@ -372,7 +426,10 @@ impl Net {
                     self.nl.add_vlan(name, index(parent)?, *id).await
                 }
             };
-            done.map_err(|e| format!("{step}: {}", chain(&e)))?;
+            done.map_err(|err| Error::Step {
+                step: step.to_string(),
+                err,
+            })?;
             self.emit("network-link", step.to_string());
         }
         Ok(())
@@ -435,11 +492,14 @@ impl Net {
 
     /// Configures one link: up + MTU, static addresses and routes (removing the ones a
     /// previous config put there), the DHCP client on or off.
-    async fn configure(&self, link: &Link, spec: InterfaceSpec) -> Result<(), String> {
+    async fn configure(&self, link: &Link, spec: InterfaceSpec) -> Result<(), Error> {
         self.nl
             .set_up(link.index, spec.mtu)
             .await
-            .map_err(|e| format!("{}: {}", link.name, chain(&e)))?;
+            .map_err(|err| Error::Step {
+                step: link.name.clone(),
+                err,
+            })?;
         let addresses: Vec<Cidr> = spec
             .addresses
             .iter()
@@ -503,13 +563,19 @@ impl Net {
             self.nl
                 .replace_address(link.index, *a, None)
                 .await
-                .map_err(|e| format!("{}: {}", link.name, chain(&e)))?;
+                .map_err(|err| Error::Step {
+                    step: link.name.clone(),
+                    err,
+                })?;
         }
         for (dst, via) in &routes {
             self.nl
                 .replace_route(*dst, *via, link.index, None, RouteProtocol::Static, 0)
                 .await
-                .map_err(|e| format!("{}: {}", link.name, chain(&e)))?;
+                .map_err(|err| Error::Step {
+                    step: link.name.clone(),
+                    err,
+                })?;
         }
         let dhcp_on = spec.dhcp;
         {
@@ -841,7 +907,7 @@ impl Net {
         &self,
         service: &str,
         ports: &[keelson_spec::network::PortSpec],
-    ) -> Result<bridge::Endpoint, String> {
+    ) -> Result<bridge::Endpoint, Error> {
         let _guard = self.bridge_lock.lock().await;
         let subnet = {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -872,10 +938,16 @@ impl Net {
         let ipam_path = bridge::ipam_path(&self.paths.state_dir);
         let mut ipam = bridge::Ipam::load(&ipam_path, subnet);
         let address = ipam.allocate(service, subnet)?;
-        ipam.store(&ipam_path)
-            .map_err(|e| format!("keeping {}: {e}", ipam_path.display()))?;
-        bridge::write_in_place(&self.hosts_file(), &bridge::render_hosts(&ipam))
-            .map_err(|e| format!("writing {}: {e}", self.hosts_file().display()))?;
+        ipam.store(&ipam_path).map_err(|err| bridge::Error::Keep {
+            path: ipam_path.clone(),
+            err,
+        })?;
+        bridge::write_in_place(&self.hosts_file(), &bridge::render_hosts(&ipam)).map_err(
+            |err| bridge::Error::Hosts {
+                path: self.hosts_file(),
+                err,
+            },
+        )?;
         let rules = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             st.ports
@@ -890,7 +962,7 @@ impl Net {
         let nft = self.paths.nft.clone();
         tokio::task::spawn_blocking(move || bridge::nft_load(&nft, &rules))
             .await
-            .map_err(|e| chain(&e))??;
+            .map_err(|e| bridge::Error::Task(chain(&e)))??;
         self.emit(
             "endpoint",
             format!(
@@ -926,23 +998,19 @@ impl Net {
         self.paths.resolv_conf.with_file_name("hosts")
     }
 
-    async fn ensure_bridge(&self, subnet: Cidr, gw: Ipv4Addr) -> Result<(), String> {
-        let links = self.nl.links().await.map_err(|e| chain(&e))?;
+    async fn ensure_bridge(&self, subnet: Cidr, gw: Ipv4Addr) -> Result<(), Error> {
+        let links = self.nl.links().await?;
         let index = match links.iter().find(|l| l.name == bridge::BRIDGE) {
             Some(l) => l.index,
             None => {
-                self.nl
-                    .add_bridge(bridge::BRIDGE)
-                    .await
-                    .map_err(|e| chain(&e))?;
+                self.nl.add_bridge(bridge::BRIDGE).await?;
                 self.nl
                     .links()
-                    .await
-                    .map_err(|e| chain(&e))?
+                    .await?
                     .iter()
                     .find(|l| l.name == bridge::BRIDGE)
                     .map(|l| l.index)
-                    .ok_or("the bridge vanished after its creation")?
+                    .ok_or(bridge::Error::Vanished)?
             }
         };
         self.nl
@@ -954,11 +1022,9 @@ impl Net {
                 },
                 None,
             )
-            .await
-            .map_err(|e| chain(&e))?;
-        self.nl.set_up(index, None).await.map_err(|e| chain(&e))?;
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| format!("enabling IPv4 forwarding: {e}"))?;
+            .await?;
+        self.nl.set_up(index, None).await?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(bridge::Error::Forwarding)?;
         self.state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1065,7 +1131,7 @@ impl Net {
 
 /// Which link each configured interface is: every interface must match exactly one link
 /// (several for a `name` prefix), or the config is refused naming the links there are.
-fn plan(cfg: &NetworkSpec, links: &[Link]) -> Result<Vec<(Link, InterfaceSpec)>, String> {
+fn plan(cfg: &NetworkSpec, links: &[Link]) -> Result<Vec<(Link, InterfaceSpec)>, Error> {
     let mut out = Vec::new();
     let mut taken = BTreeSet::new();
     for (label, spec) in &cfg.interfaces {
@@ -1079,21 +1145,21 @@ fn plan(cfg: &NetworkSpec, links: &[Link]) -> Result<Vec<(Link, InterfaceSpec)>,
                 .filter(|l| !l.loopback)
                 .map(|l| l.name.as_str())
                 .collect();
-            return Err(format!(
+            return Err(Error::Refused(format!(
                 "network.interfaces.{label}: no such link on this node (links: {})",
                 if names.is_empty() {
                     "none".into()
                 } else {
                     names.join(", ")
                 }
-            ));
+            )));
         }
         for l in matched {
             if !taken.insert(l.index) {
-                return Err(format!(
+                return Err(Error::Refused(format!(
                     "network.interfaces.{label}: link {} is already configured by another entry",
                     l.name
-                ));
+                )));
             }
             out.push((l.clone(), spec.clone()));
         }
@@ -1150,7 +1216,7 @@ fn virtual_plan(
     cfg: &NetworkSpec,
     prev: &NetworkSpec,
     links: &[Link],
-) -> Result<Vec<VirtualStep>, String> {
+) -> Result<Vec<VirtualStep>, Error> {
     let by_name = |n: &str| links.iter().find(|l| l.name == n);
     let mut steps = Vec::new();
     // Deletions first: vlans before the bonds they may ride on.
@@ -1182,14 +1248,14 @@ fn virtual_plan(
             _ => None,
         })
         .collect();
-    let exists = |name: &str, kind: &str| -> Result<bool, String> {
+    let exists = |name: &str, kind: &str| -> Result<bool, Error> {
         match by_name(name) {
             Some(_) if deleted.contains(name) => Ok(false),
             Some(l) if l.kind.as_deref() == Some(kind) => Ok(true),
-            Some(l) => Err(format!(
+            Some(l) => Err(Error::Refused(format!(
                 "network.interfaces.{name}: a link named {name} already exists and is not a {kind} ({})",
                 l.kind.as_deref().unwrap_or("hardware")
-            )),
+            ))),
             None => Ok(false),
         }
     };
@@ -1219,9 +1285,9 @@ fn virtual_plan(
         for (j, m) in bond.members.iter().enumerate() {
             members.insert(m.as_str());
             let Some(l) = by_name(m) else {
-                return Err(format!(
+                return Err(Error::Refused(format!(
                     "network.interfaces.{label}.bond.members[{j}]: no link {m} on this node"
-                ));
+                )));
             };
             if existing.is_none() || l.controller != existing {
                 steps.push(VirtualStep::Enslave {
@@ -1239,10 +1305,10 @@ fn virtual_plan(
                 .get(&vlan.parent)
                 .is_some_and(|p| p.bond.is_some());
         if !parent_known {
-            return Err(format!(
+            return Err(Error::Refused(format!(
                 "network.interfaces.{label}.vlan.parent: no link {} on this node",
                 vlan.parent
-            ));
+            )));
         }
         if !exists(label, "vlan")? {
             steps.push(VirtualStep::AddVlan {
@@ -1261,10 +1327,10 @@ fn virtual_plan(
             .iter()
             .find(|l| members.contains(l.name.as_str()) && matches(label, ifc, l))
         {
-            return Err(format!(
+            return Err(Error::Refused(format!(
                 "network.interfaces.{label}: link {} is a bond member; configure the bond instead",
                 l.name
-            ));
+            )));
         }
     }
     Ok(steps)
@@ -1477,8 +1543,10 @@ addresses = ["10.10.0.5/24"]
         ];
         let none = NetworkSpec::default();
         let e = virtual_plan(&net(VIRTUAL), &none, &links).unwrap_err();
+        assert!(matches!(e, Error::Refused(_)), "{e:?}");
+        assert_eq!(e.kind(), Kind::Invalid);
         assert_eq!(
-            e,
+            e.to_string(),
             "network.interfaces.bond0.bond.members[1]: no link eth2 on this node"
         );
         let e = virtual_plan(
@@ -1486,14 +1554,16 @@ addresses = ["10.10.0.5/24"]
             &none,
             &links,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("vlan.parent: no link eth9"), "{e}");
         let e = virtual_plan(
             &net("[network.interfaces.eth0]\nvlan = { parent = \"eth1\", id = 3 }\ndhcp = true\n"),
             &none,
             &links,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("already exists and is not a vlan (hardware)"),
             "{e}"
@@ -1503,7 +1573,8 @@ addresses = ["10.10.0.5/24"]
             &none,
             &links,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("network.interfaces.any: link eth1 is a bond member"),
             "{e}"
@@ -1546,7 +1617,7 @@ addresses = ["10.10.0.5/24"]
                 ..InterfaceSpec::default()
             },
         );
-        let e = plan(&cfg, &links).unwrap_err();
+        let e = plan(&cfg, &links).unwrap_err().to_string();
         assert!(e.contains("network.interfaces.eth9: no such link"), "{e}");
         assert!(e.contains("eth0, eth1"), "{e}");
     }

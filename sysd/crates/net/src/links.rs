@@ -34,6 +34,11 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
     move |source| Error::Netlink { what, source }
 }
 
+/// Whether a netlink dump was interrupted by a concurrent change (and is worth repeating).
+fn interrupted(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == libc::EBUSY)
+}
+
 /// A link as sysd sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -134,15 +139,21 @@ impl Netlink {
     }
 
     pub async fn links(&self) -> Result<Vec<Link>> {
-        let msgs: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing links"))?;
-        Ok(msgs.iter().map(Link::from_message).collect())
+        // A dump that a concurrent change interrupts (a container's veth coming or going)
+        // ends in EBUSY (NLM_F_DUMP_INTR); the kernel's answer to that is to dump again.
+        let mut tries = 0;
+        loop {
+            let dump: std::result::Result<Vec<LinkMessage>, rtnetlink::Error> =
+                self.handle.link().get().execute().try_collect().await;
+            match dump {
+                Ok(msgs) => return Ok(msgs.iter().map(Link::from_message).collect()),
+                Err(e) if interrupted(&e) && tries < 5 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * tries)).await;
+                }
+                Err(e) => return Err(nl("listing links")(e)),
+            }
+        }
     }
 
     pub async fn add_bridge(&self, name: &str) -> Result<()> {

@@ -9,7 +9,8 @@
 //! touched.
 //!
 //! What it is given, it owns or shares explicitly: the runtime, the event bus, the image
-//! manager and the host network manager ([`HostNet`]) come in through [`Supervisor::new`];
+//! manager and the host network manager ([`HostNet`], through the [`Network`] it needs)
+//! come in through [`Supervisor::new`];
 //! each service task holds an `Arc` of the state tasks share ([`Shared`]), never a reference
 //! back to the [`Supervisor`]. What others need from it, it publishes: every service's status
 //! ([`Supervisor::statuses`]) and the effective `[update]` table ([`Supervisor::update_spec`])
@@ -35,14 +36,15 @@ use keelson_common::api::{
     self, now_ms, ApplyPlan, ExitInfo, Health, ServiceStatus, State, Stream,
 };
 use keelson_images::manager::Images;
-use keelson_net::{Net, Online};
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use events::EventBus;
 use keelson_api::{EventFeed, Failure, LogFeed};
+use keelson_runtime::netplug::{Endpoint, ANNOTATION};
 use keelson_runtime::Runtime;
 use keelson_spec::extensions::ExtensionsSpec;
+use keelson_spec::network::{NetConfig, PortSpec};
 use keelson_spec::update::UpdateSpec;
 use keelson_spec::{Config, ConfigError, Kind, RestartPolicy, Service, Sources};
 use logs::LogHub;
@@ -61,6 +63,23 @@ pub struct Paths {
     pub log_dir: PathBuf,
 }
 
+/// What the supervisor needs from the host network manager. The `sysd` binary adapts
+/// `keelson-net`'s; the supervisor does not depend on that crate.
+#[async_trait]
+pub trait Network: Send + Sync {
+    /// Whether `network-online` lets its dependents start (reached, or given up on), as it
+    /// changes.
+    fn online(&self) -> watch::Receiver<bool>;
+    /// Puts `config`'s `[network]` and `[host]` in place as a try; after an error the previous
+    /// config is back, and the error says what failed.
+    async fn apply(&self, config: NetConfig) -> anyhow::Result<()>;
+    /// A bridge service's place on the bridge: its address and published ports (the runtime
+    /// helper plugs the container in with the endpoint).
+    async fn attach(&self, service: &str, ports: &[PortSpec]) -> anyhow::Result<Endpoint>;
+    /// The hosts file bridge containers get as /etc/hosts.
+    fn hosts_file(&self) -> PathBuf;
+}
+
 /// The host network, as the binary hands it over.
 pub enum HostNet {
     /// sysd leaves the host network alone (started without `--host-network`): `network-online`
@@ -68,7 +87,7 @@ pub enum HostNet {
     Unmanaged,
     /// Managed, but its manager failed to start: services waiting for `network-online` wait.
     Failed,
-    Managed(Arc<Net>),
+    Managed(Arc<dyn Network>),
 }
 
 enum Cmd {
@@ -162,7 +181,7 @@ impl Supervisor {
         let epoch = watch::channel(0).0;
         if let HostNet::Managed(net) = &network {
             // Dependency waits look again whenever network-online changes.
-            let (mut online, epoch) = (net.online_changes(), epoch.clone());
+            let (mut online, epoch) = (net.online(), epoch.clone());
             tokio::spawn(async move {
                 while online.changed().await.is_ok() {
                     epoch.send_modify(|n| *n += 1);
@@ -368,7 +387,7 @@ impl Supervisor {
 
 impl Shared {
     /// The host network manager, when sysd manages the host network and it started.
-    fn network(&self) -> Option<&Arc<Net>> {
+    fn network(&self) -> Option<&Arc<dyn Network>> {
         match &self.network {
             HostNet::Managed(net) => Some(net),
             HostNet::Unmanaged | HostNet::Failed => None,
@@ -386,10 +405,8 @@ impl Shared {
         match &self.network {
             HostNet::Unmanaged => None,
             HostNet::Failed => waiting(),
-            HostNet::Managed(net) => match net.online() {
-                Online::Pending => waiting(),
-                Online::Reached | Online::TimedOut(_) => None,
-            },
+            HostNet::Managed(net) if *net.online().borrow() => None,
+            HostNet::Managed(_) => waiting(),
         }
     }
 
@@ -903,16 +920,14 @@ impl ServiceTask {
                 .spec
                 .ports
                 .iter()
-                .filter_map(|p| keelson_spec::network::PortSpec::parse(p).ok())
+                .filter_map(|p| PortSpec::parse(p).ok())
                 .collect();
             let ep = net
                 .attach(self.name(), &ports)
                 .await
                 .map_err(|e| anyhow::anyhow!("bridge network: {e}"))?;
-            cfg.annotations.insert(
-                keelson_net::bridge::ANNOTATION.into(),
-                serde_json::to_string(&ep)?,
-            );
+            cfg.annotations
+                .insert(ANNOTATION.into(), serde_json::to_string(&ep)?);
             cfg.mounts.push(keelson_runtime::Mount::Bind {
                 source: net.hosts_file(),
                 target: "/etc/hosts".into(),
@@ -1189,32 +1204,21 @@ impl Supervisor {
         dry_run: bool,
     ) -> Result<ApplyPlan, Failure> {
         let _guard = self.apply_lock.lock().await;
+        let shared = &self.shared;
+        let sources = &shared.paths.sources;
         let system = self
             .system
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let new: Config = self
-            .shared
-            .paths
-            .sources
-            .combine(
-                system,
-                self.shared
-                    .paths
-                    .sources
-                    .read_userdata_text()
-                    .map_err(|e| Failure::internal(e.to_string()))?
-                    .as_deref(),
-                user.as_deref(),
-            )
+        let userdata = sources
+            .read_userdata_text()
+            .map_err(|e| Failure::internal(e.to_string()))?;
+        let new: Config = sources
+            .combine(system, userdata.as_deref(), user.as_deref())
             .map_err(|e| Failure::bad_request(format!("config rejected, nothing changed: {e}")))?;
         let current: BTreeMap<String, Arc<Service>> = {
-            let handles = self
-                .shared
-                .handles
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let handles = shared.handles.lock().unwrap_or_else(|p| p.into_inner());
             handles
                 .iter()
                 .map(|(n, h)| (n.clone(), Arc::clone(&h.service)))
@@ -1241,60 +1245,52 @@ impl Supervisor {
         }
         // The network first, as a try: a config whose network fails its check is refused
         // whole (services included) and the previous network is back in place.
-        if let Some(net) = self.shared.network() {
+        if let Some(net) = shared.network() {
             net.apply(new.net.clone()).await.map_err(|e| {
                 Failure::bad_request(format!("config rejected, nothing changed: {e}"))
             })?;
         }
-        self.shared.images.set_registries(new.registries.clone());
+        shared.images.set_registries(new.registries.clone());
         if let Some(config) = &user {
-            self.shared
-                .paths
-                .sources
-                .store_user_text(config)
-                .map_err(|e| {
-                    Failure::internal(format!(
-                        "storing {}: {e}; nothing changed",
-                        self.shared.paths.sources.user_file.display()
-                    ))
-                })?;
+            sources.store_user_text(config).map_err(|e| {
+                Failure::internal(format!(
+                    "storing {}: {e}; nothing changed",
+                    sources.user_file.display()
+                ))
+            })?;
         }
         self.sync_admin_keys(&new);
         self.publish_update_spec();
         *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());
         for name in &plan.stop {
             let (tx, rx) = oneshot::channel();
-            if self.shared.send(name, Cmd::Stop(tx)).is_ok() {
+            if shared.send(name, Cmd::Stop(tx)).is_ok() {
                 let _ = rx.await;
             }
             let (tx, rx) = oneshot::channel();
-            if self.shared.send(name, Cmd::Remove(tx)).is_ok() {
+            if shared.send(name, Cmd::Remove(tx)).is_ok() {
                 let _ = rx.await;
             }
-            self.shared
+            shared
                 .handles
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(name);
-            self.shared.logs.forget(name);
-            self.shared.bump();
+            shared.logs.forget(name);
+            shared.bump();
         }
         for name in &plan.start {
-            self.shared.spawn(Arc::new(new.services[name].clone()));
+            shared.spawn(Arc::new(new.services[name].clone()));
         }
         for name in &plan.restart {
             let svc = Arc::new(new.services[name].clone());
-            let mut handles = self
-                .shared
-                .handles
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut handles = shared.handles.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(h) = handles.get_mut(name) {
                 h.service = Arc::clone(&svc);
                 let _ = h.cmds.send(Cmd::Replace(svc));
             }
         }
-        self.shared.events.emit(
+        shared.events.emit(
             None,
             "applied",
             format!(

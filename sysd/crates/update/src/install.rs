@@ -109,6 +109,20 @@ pub struct Node {
     pub target_slot: String,
 }
 
+/// Why [`select`] chose no version to install.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoPick {
+    /// The requested version is offered but not eligible (the verdict says why).
+    #[error("version {version} refused: {verdict}")]
+    Refused { version: String, verdict: String },
+    /// The requested version is not offered for this node's variant.
+    #[error("version {version} is not in the repository for variant {variant}")]
+    NotOffered { version: String, variant: String },
+    /// Nothing eligible is newer than what runs.
+    #[error("no update available (running {running})")]
+    NoneAvailable { running: String },
+}
+
 /// The verdict on each offered version and the one to install.
 pub fn select(
     m: &Manifest,
@@ -117,10 +131,10 @@ pub fn select(
     requested: Option<&str>,
     force: bool,
     now: jiff::Timestamp,
-) -> (Vec<OfferedVersion>, Result<Payload, String>) {
+) -> (Vec<OfferedVersion>, Result<Payload, NoPick>) {
     let mut offered = Vec::new();
     let mut chosen: Option<Payload> = None;
-    let mut refusal: Option<String> = None;
+    let mut refusal: Option<NoPick> = None;
     for p in m.updates.iter().filter(|p| p.variant == node.variant) {
         let newer = compare_versions(&p.version, &node.version);
         let verdict = if newer == std::cmp::Ordering::Equal {
@@ -143,7 +157,10 @@ pub fn select(
             if verdict == "eligible" {
                 chosen = Some(p.clone());
             } else if requested.is_some() {
-                refusal = Some(format!("version {} refused: {verdict}", p.version));
+                refusal = Some(NoPick::Refused {
+                    version: p.version.clone(),
+                    verdict: verdict.clone(),
+                });
             }
         }
         offered.push(OfferedVersion {
@@ -155,11 +172,13 @@ pub fn select(
     let result = match (chosen, refusal, requested) {
         (Some(p), _, _) => Ok(p),
         (None, Some(r), _) => Err(r),
-        (None, None, Some(r)) => Err(format!(
-            "version {r} is not in the repository for variant {}",
-            node.variant
-        )),
-        (None, None, None) => Err(format!("no update available (running {})", node.version)),
+        (None, None, Some(r)) => Err(NoPick::NotOffered {
+            version: r.to_string(),
+            variant: node.variant.clone(),
+        }),
+        (None, None, None) => Err(NoPick::NoneAvailable {
+            running: node.version.clone(),
+        }),
     };
     (offered, result)
 }

@@ -439,6 +439,17 @@ impl Agent {
     /// the rest runs in the background (progress in `status`, events on the bus).
     pub async fn apply(self: &Arc<Self>, req: ApplyRequest) -> Result<UpdateStatus, Error> {
         let spec = self.spec()?;
+        // Staged first: the install thread records it before it lets go of `busy`, so the
+        // answer does not depend on how far that thread has got.
+        let staged = self.live().state.staged.clone();
+        if let Some(s) = staged {
+            if req.version.as_deref().is_none_or(|v| v == s.version) && !req.force {
+                return Err(Error::conflict(format!(
+                    "version {} is already staged in slot {}: reboot to boot it, or `keelctl update cancel`",
+                    s.version, s.slot
+                )));
+            }
+        }
         if self.busy.swap(true, Ordering::SeqCst) {
             return Err(Error::conflict(format!(
                 "an update is already in progress ({}); `keelctl update cancel` stops it",
@@ -446,15 +457,6 @@ impl Agent {
             )));
         }
         self.cancel.store(false, Ordering::SeqCst);
-        if let Some(s) = &self.live().state.staged {
-            if req.version.as_deref().is_none_or(|v| v == s.version) && !req.force {
-                self.busy.store(false, Ordering::SeqCst);
-                return Err(Error::conflict(format!(
-                    "version {} is already staged in slot {}: reboot to boot it, or `keelctl update cancel`",
-                    s.version, s.slot
-                )));
-            }
-        }
         self.set_phase(Phase::Checking);
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<String, String>>();
         let me = Arc::clone(self);
@@ -519,7 +521,7 @@ impl Agent {
                 req.force,
                 jiff::Timestamp::now(),
             );
-            let p = pick.map_err(anyhow::Error::msg)?;
+            let p = pick?;
             if let Some(h) = self.halted(&spec, &p.version).await {
                 bail!(
                     "the rollout of {} is halted: {} rolled back from it ({}); publish a newer version, or clear the halt (docs/updates.md)",
