@@ -317,10 +317,15 @@ fn coordination() -> String {
 
 /// Three nodes of `template`, node `i` with `user_data(i)`.
 fn spawn(template: GuestBuilder, user_data: impl Fn(usize) -> String) -> Cluster {
+    spawn_nodes(template, |i| {
+        NodeConfig::new(&node_name(i)).user_data(&user_data(i))
+    })
+}
+
+/// Three nodes of `template`, node `i` as `node(i)` says.
+fn spawn_nodes(template: GuestBuilder, node: impl Fn(usize) -> NodeConfig) -> Cluster {
     let c = (0..NODES)
-        .fold(Cluster::builder(template), |b, i| {
-            b.node(NodeConfig::new(&node_name(i)).user_data(&user_data(i)))
-        })
+        .fold(Cluster::builder(template), |b, i| b.node(node(i)))
         .spawn()
         .unwrap();
     for i in 0..NODES {
@@ -513,6 +518,117 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// Peer TLS for the three members: a CA and one certificate per node (its LAN address as the
+/// subject's IP, for server and client use), made with openssl in `dir`. Returns node `i`'s
+/// (CA, certificate, key) PEMs.
+fn peer_certificates(dir: &Path) -> Vec<(String, String, String)> {
+    let openssl = |args: &[&str]| {
+        run(keelson_testkit::tools::command("openssl")
+            .args(args)
+            .current_dir(dir))
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.crt", "-days", "3"],
+            &["-subj", "/CN=keelson fleet test CA"],
+        ]
+        .concat(),
+    );
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    (0..NODES)
+        .map(|i| {
+            let n = node_name(i);
+            let (key, csr, crt, ext) = (
+                format!("{n}.key"),
+                format!("{n}.csr"),
+                format!("{n}.crt"),
+                format!("{n}.ext"),
+            );
+            std::fs::write(
+                dir.join(&ext),
+                format!(
+                    "subjectAltName=IP:{}\nextendedKeyUsage=serverAuth,clientAuth\n",
+                    node_addr(i)
+                ),
+            )
+            .unwrap();
+            openssl(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={n}")],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "3",
+                "-extfile",
+                &ext,
+            ]);
+            (read("ca.crt"), read(&crt), read(&key))
+        })
+        .collect()
+}
+
+/// Node `i`'s user data with TLS between the members: `#cloud-config` that writes the CA,
+/// certificate and key into the etcd volume (`write_files` may write under
+/// `/var/lib/keelson/volumes/`) and the Keelson TOML of [`user_data`] with `https://` peer URLs
+/// and etcd's peer TLS settings (the member sees the volume at `/var/lib/etcd`).
+fn tls_user_data(i: usize, (ca, crt, key): &(String, String, String)) -> String {
+    let mut toml = user_data(i, "base", "", "");
+    for j in 0..NODES {
+        let plain = format!("http://{}:2380", node_addr(j));
+        toml = toml.replace(&plain, &format!("https://{}:2380", node_addr(j)));
+    }
+    toml.push_str(
+        "ETCD_PEER_CERT_FILE = \"/var/lib/etcd/tls/peer.crt\"\n\
+         ETCD_PEER_KEY_FILE = \"/var/lib/etcd/tls/peer.key\"\n\
+         ETCD_PEER_TRUSTED_CA_FILE = \"/var/lib/etcd/tls/ca.crt\"\n\
+         ETCD_PEER_CLIENT_CERT_AUTH = \"true\"\n",
+    );
+    let dir = "/var/lib/keelson/volumes/etcd/tls";
+    let file = |path: &str, content: &str, mode: &str| {
+        format!(
+            "  - path: {path}\n    encoding: b64\n    permissions: '{mode}'\n    content: {}\n",
+            b64(content)
+        )
+    };
+    let doc = format!(
+        "#cloud-config\nwrite_files:\n{}{}{}{}",
+        file(&format!("{dir}/ca.crt"), ca, "0644"),
+        file(&format!("{dir}/peer.crt"), crt, "0644"),
+        file(&format!("{dir}/peer.key"), key, "0600"),
+        file("/etc/keelson/config.toml", &toml, "0600"),
+    );
+    assert!(
+        doc.len() < 16 << 10,
+        "user data over EC2's 16 KiB: {}",
+        doc.len()
+    );
+    doc
+}
+
 /// Waits for etcd to be ready on every node; returns each node's time (cluster time).
 fn etcd_ready(c: &Cluster) -> Vec<Duration> {
     let ready = c.expect_all("sysd: etcd: ready", FORM);
@@ -532,7 +648,9 @@ fn etcd_ready(c: &Cluster) -> Vec<Duration> {
 fn etcd_cluster_forms_survives_a_member_and_catches_up() {
     let f = fixture();
     let started = Instant::now();
-    let mut c = spawn(direct_template(f), |i| user_data(i, "base", "", ""));
+    let certs = tempfile::tempdir().unwrap();
+    let certs = peer_certificates(certs.path());
+    let mut c = spawn(direct_template(f), |i| tls_user_data(i, &certs[i]));
     let _httpd = serve(&c, &f.repos);
 
     let ready = etcd_ready(&c);
@@ -542,6 +660,18 @@ fn etcd_cluster_forms_survives_a_member_and_catches_up() {
         ["node1", "node2", "node3"],
         "{ids:?}"
     );
+    // The members talk TLS to each other (etcd refuses https peer URLs without certificates).
+    let list = c.run_in(|| etcd(node_addr(0), "/v3/cluster/member/list", &json!({}), CALL));
+    for m in list.unwrap()["members"].as_array().unwrap() {
+        let urls = m["peerURLs"].as_array().unwrap();
+        assert!(
+            !urls.is_empty()
+                && urls
+                    .iter()
+                    .all(|u| u.as_str().unwrap().starts_with("https://")),
+            "{m}"
+        );
+    }
     for i in 0..NODES {
         let x = keelctl_json(&c, i, "extensions");
         assert_eq!(x["extensions"][0]["state"], "active", "{}: {x}", c.name(i));
@@ -615,7 +745,7 @@ fn etcd_cluster_forms_survives_a_member_and_catches_up() {
     let extension = keelctl_json(&c, 1, "extensions");
     assert_eq!(extension["extensions"][0]["state"], "active", "{extension}");
 
-    println!("\n## etcd on three test-image nodes (TCG, 768 MiB, 1 vCPU each; times from the first spawn)\n");
+    println!("\n## etcd on three test-image nodes, TLS between members (TCG, 768 MiB, 1 vCPU each; times from the first spawn)\n");
     println!("| node | etcd ready (s) |");
     println!("|---|---:|");
     for (i, t) in ready.iter().enumerate() {
@@ -626,6 +756,114 @@ fn etcd_cluster_forms_survives_a_member_and_catches_up() {
         secs(ready.iter().copied().max().unwrap_or_default()),
         secs(write_after_kill),
         secs(rejoined),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Bad input from the operator and from the platform, at once: node3's member list disagrees
+/// with the others' (node1's peer URL on another port, so node3 computes other member IDs and
+/// another cluster ID), and node2's clock runs six hours ahead (its RTC; nothing on the LAN
+/// serves time). Nodes 1 and 2 form the cluster (two of its three members: quorum) and take
+/// writes, node2's clock notwithstanding (raft and leases run on each member's monotonic
+/// clock). node3's member is refused by its peers: it stays `starting`, `keelctl ps` says why
+/// (its readiness check failing) and its log has etcd's own "cluster ID mismatch"; every other
+/// service on node3 runs, and the node answers.
+#[test]
+fn disagreeing_member_lists_and_an_offset_clock_end_in_a_clear_state() {
+    let f = fixture();
+    let started = Instant::now();
+    let ahead = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(6);
+    let good = format!("node1=http://{}:2380", node_addr(0));
+    let c = spawn_nodes(direct_template(f), |i| {
+        let mut ud = user_data(i, "base", "", "");
+        let mut node = NodeConfig::new(&node_name(i));
+        match i {
+            1 => {
+                node = node.qemu_args([
+                    "-rtc".to_owned(),
+                    format!("base={}", ahead.strftime("%Y-%m-%dT%H:%M:%S")),
+                ])
+            }
+            2 => {
+                assert!(ud.contains(&good), "{ud}");
+                ud = ud.replace(&good, &format!("node1=http://{}:2390", node_addr(0)));
+            }
+            _ => {}
+        }
+        node.user_data(&ud)
+    });
+    let _httpd = serve(&c, &f.repos);
+
+    // node2's clock is off, as the scenario wants.
+    let guest_now: i64 = c.guest(1).sh("date +%s").trim().parse().unwrap();
+    let skew = guest_now - jiff::Timestamp::now().as_second();
+    assert!(
+        (5 * 3600..7 * 3600).contains(&skew),
+        "node2's clock is {skew} s off, not about six hours"
+    );
+
+    // node1 and node2 form the cluster and take writes, through node2 too.
+    for i in [0, 1] {
+        c.guest(i).expect("sysd: etcd: ready", FORM);
+    }
+    let formed = now(&c);
+    until(&c, "a write through node2", BOOT, || {
+        put(
+            &c,
+            1,
+            "/fleet/skewed",
+            "written through the node whose clock is off",
+        )
+    });
+    assert_eq!(
+        get(&c, 0, "/fleet/skewed").unwrap().as_deref(),
+        Some("written through the node whose clock is off")
+    );
+
+    // node3's member is refused: etcd says why in its log, sysd keeps it starting and says
+    // why in its status; it is never ready.
+    let g3 = c.guest(2);
+    let logs = until(&c, "etcd on node3 reporting the mismatch", BOOT, || {
+        let logs = g3.sh("keelctl logs etcd");
+        if logs.contains("cluster ID mismatch") {
+            Ok(logs)
+        } else {
+            Err(format!("no \"cluster ID mismatch\" yet:\n{logs}"))
+        }
+    });
+    assert!(!g3.serial_log().contains("sysd: etcd: ready"), "{logs}");
+    let ps = keelctl_json(&c, 2, "ps");
+    let services = ps.as_array().unwrap_or_else(|| panic!("{ps}"));
+    let etcd = services
+        .iter()
+        .find(|s| s["name"] == "etcd")
+        .unwrap_or_else(|| panic!("no etcd in {ps}"));
+    assert_eq!(etcd["state"], "starting", "{etcd}");
+    assert!(
+        etcd["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("readiness check failing (start period, not counted): "),
+        "{etcd}"
+    );
+    for name in ["timesync", "web", "db", "testshell"] {
+        let s = services
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {ps}"));
+        assert_eq!(s["state"], "running", "node3: {s}");
+    }
+    // The cluster is what nodes 1 and 2 made of it: node3's entry was never started.
+    let members = members(&c, 0).unwrap();
+    assert!(
+        members.contains_key("node1") && members.contains_key("node2"),
+        "{members:?}"
+    );
+    assert!(!members.contains_key("node3"), "{members:?}");
+    println!(
+        "\nnode3's disagreeing member refused and node2's clock {:.1} h ahead: cluster of node1 and node2 formed at {:.1} s; scenario {:.0} s",
+        skew as f64 / 3600.0,
+        secs(formed),
         started.elapsed().as_secs_f64()
     );
 }
