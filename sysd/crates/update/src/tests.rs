@@ -787,6 +787,132 @@ fn health_gate_blesses_or_reboots_and_rollbacks_are_reported() {
     assert!(!n.esp_files().iter().any(|f| f.starts_with("keelson_0.2.0")));
 }
 
+#[test]
+fn a_coordinated_rollback_halts_under_the_takers_name_and_a_halted_waiter_leaves_the_queue() {
+    use keelson_fleet::{Acquire, Client, Lock};
+
+    let t = tempfile::tempdir().unwrap();
+    let v1 = fake_image(t.path(), "0.1.0", 16);
+    let v2 = fake_image(t.path(), "0.2.0", 16);
+    let n = node(&v1, "0.1.0", "a");
+    let etcd = keelson_testkit::etcd::Etcd::start(23791, 23801);
+    let coordination = |group: &str| Coordination {
+        strategy: Strategy::EtcdLock,
+        endpoints: vec![etcd.endpoint.clone()],
+        group: group.into(),
+        holders: 1,
+        lease: keelson_spec::units::Span(Duration::from_secs(60)),
+    };
+    let client = Client::new(std::slice::from_ref(&etcd.endpoint)).unwrap();
+    let rt = rt();
+
+    // This node took the slot as node2 and rebooted into 0.2.0, which failed: slot A again,
+    // early in a boot whose host name is not node2 yet (here: the test host's).
+    let lease = rt.block_on(async {
+        let lease = client.grant(Duration::from_secs(60)).await.unwrap();
+        let lock = Lock::new(client.clone(), "g", 1, "node2");
+        let got = lock.try_acquire(lease, "0.2.0", "now").await.unwrap();
+        assert_eq!(got, Acquire::Held { slot: 0 });
+        lease
+    });
+    std::fs::write(
+        n.dir.path().join("esp/EFI/Linux/keelson_0.2.0+0-3.efi"),
+        fake_uki("IMAGE_VERSION=0.2.0\n", "keelson.slot=b roothash=ff"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(n.dir.path().join("var/update")).unwrap();
+    std::fs::write(
+        n.dir.path().join("var/update/state.json"),
+        format!(
+            r#"{{"staged": {{"version": "0.2.0", "slot": "b", "entry": "keelson_0.2.0+3.efi"}}, "lock_lease": {lease}, "lock_node": "node2"}}"#
+        ),
+    )
+    .unwrap();
+    let (reports_tx, reports) = Reports::channel();
+    let agent = Agent::new(
+        n.agent.paths.clone(),
+        n.agent.discovery.clone(),
+        Channels {
+            spec: watch::channel(Ok(UpdateSpec {
+                coordination: Some(coordination("g")),
+                ..UpdateSpec::default()
+            }))
+            .1,
+            services: watch::channel(Vec::new()).1,
+            extensions: watch::channel(Ok(Default::default())).1,
+            reports: reports_tx,
+        },
+    );
+    rt.block_on(async {
+        agent.boot();
+        for _ in 0..100 {
+            if reports.events().contains("update-slot-released") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let events = reports.events();
+    assert!(
+        events.contains("halted the rollout of 0.2.0")
+            && events.contains("gave back 1 reboot slot"),
+        "{events}"
+    );
+    let group = rt
+        .block_on(Lock::new(client.clone(), "g", 1, "any").state())
+        .unwrap();
+    assert!(group.holders.is_empty(), "{group:?}");
+    let halt = group.halted.expect("the rollout of 0.2.0 halted");
+    assert_eq!(
+        (halt.version.as_str(), halt.node.as_str()),
+        ("0.2.0", "node2")
+    );
+
+    // A node with 0.2.0 staged waits while node9 holds the slot; node9's rollout halts: the
+    // waiter drops 0.2.0 and leaves the queue (nobody sees it waiting any more).
+    n.add(&v2, &[]);
+    n.set_spec(|s| s.coordination = Some(coordination("g2")));
+    rt.block_on(async {
+        let lock9 = Lock::new(client.clone(), "g2", 1, "node9");
+        let lease9 = client.grant(Duration::from_secs(60)).await.unwrap();
+        let got = lock9.try_acquire(lease9, "0.2.0", "now").await.unwrap();
+        assert_eq!(got, Acquire::Held { slot: 0 });
+        n.agent
+            .apply(ApplyRequest {
+                version: None,
+                force: false,
+                reboot: true,
+            })
+            .await
+            .unwrap();
+        let wait_for = |what: &'static str| {
+            let events = &n.reports;
+            async move {
+                for _ in 0..600 {
+                    if events.events().contains(what) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("no {what}: {}", events.events());
+            }
+        };
+        wait_for("update-waiting-for-slot").await;
+        let group = lock9.state().await.unwrap();
+        assert_eq!(group.waiting.len(), 1, "{group:?}");
+        lock9
+            .halt("0.2.0", "it did not come up healthy", "now")
+            .await
+            .unwrap();
+        wait_for("update-halted").await;
+        let group = lock9.state().await.unwrap();
+        assert!(group.waiting.is_empty(), "{group:?}");
+    });
+    assert!(!n.reports.rebooted(), "{}", n.events());
+    assert_eq!(n.agent.status().staged, None);
+    assert!(!n.esp_files().iter().any(|f| f.starts_with("keelson_0.2.0")));
+}
+
 /// `[update.coordination]` whose etcd is not there when an update is staged for an automatic
 /// reboot: the node says so once, waits, and never reboots without a slot; once etcd answers,
 /// it takes a slot and only then asks for the reboot.
