@@ -189,22 +189,36 @@ mod tests {
 
     #[test]
     fn versions_that_would_make_bad_file_names_are_refused() {
-        for ok in ["0.2.0", "1.0~rc1", "2026.12.06-1", "3.4.23-1", "etcd", "v1_0^git"] {
+        for ok in [
+            "0.2.0",
+            "1.0~rc1",
+            "2026.12.06-1",
+            "3.4.23-1",
+            "etcd",
+            "v1_0^git",
+        ] {
             assert_eq!(check_version(ok), Ok(()), "{ok}");
         }
         for (bad, why) in [
             ("", "must be 1 to 64 characters"),
-            ("../../EFI/BOOT/BOOTX64", "must start with a letter or digit"),
+            (
+                "../../EFI/BOOT/BOOTX64",
+                "must start with a letter or digit",
+            ),
             ("0.2/../../x", "'/' is not allowed"),
             ("0.2.0+9", "'+' is not allowed"),
             ("0.2 0", "' ' is not allowed"),
             (".hidden", "must start with a letter or digit"),
         ] {
-            assert_eq!(check_version(bad).unwrap_err(), if why.starts_with('\'') {
-                format!("{why} (letters, digits and . _ ~ ^ - are)")
-            } else {
-                why.to_owned()
-            }, "{bad}");
+            assert_eq!(
+                check_version(bad).unwrap_err(),
+                if why.starts_with('\'') {
+                    format!("{why} (letters, digits and . _ ~ ^ - are)")
+                } else {
+                    why.to_owned()
+                },
+                "{bad}"
+            );
         }
         assert!(check_version(&"1".repeat(65)).is_err());
         let m: Manifest = serde_json::from_str(

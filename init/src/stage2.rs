@@ -49,6 +49,9 @@ pub fn handled_signals() -> SigSet {
 }
 
 /// Runs stage 2; never returns.
+/// Who may open ICMP echo sockets: everyone.
+const PING_GROUP_RANGE: (&str, &str) = ("/proc/sys/net/ipv4/ping_group_range", "0 2147483647");
+
 pub fn run() -> ! {
     // Blocked before anything else so no signal is lost (or, for PID 1, dropped) before the
     // signalfd exists; children get a clean mask in `supervise`.
@@ -76,6 +79,11 @@ pub fn run() -> ! {
     }
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         say!("cannot route ctrl-alt-del to init: {e}");
+    }
+    // ICMP echo sockets for every group: ping without CAP_NET_RAW, which services no longer
+    // get by default (most distributions set this on the host, Docker in each container).
+    if let Err(e) = std::fs::write(PING_GROUP_RANGE.0, PING_GROUP_RANGE.1) {
+        say!("cannot set {}: {e}", PING_GROUP_RANGE.0);
     }
 
     identity();
