@@ -96,7 +96,8 @@ fn direct_boot_read_only_root_persistent_var_and_clean_poweroff() {
     );
     let id = UUID.replace('-', "");
     g.wait_for("boot #1", BOOT).unwrap();
-    g.wait_for("random-seed: stored for the next boot", BOOT)
+    // Written by a thread of its own as soon as the pool is ready: any time in this boot.
+    g.wait_for_from_start("random-seed: stored for the next boot", BOOT)
         .unwrap();
     g.wait_for("root: read-only (write refused: EROFS)", BOOT)
         .unwrap();
