@@ -171,7 +171,7 @@ fn boot_disk(running: Slot) -> Result<Disk> {
 }
 
 /// The whole disk under block device `major:minor` (as sysfs at `sys` shows it): a partition's
-/// disk, or, for a device-mapper device, the disk of its first underlying partition.
+/// disk, or, for a device-mapper device, the one disk all its underlying partitions are on.
 fn disk_behind(sys: &Path, major: u32, minor: u32) -> Result<String> {
     let node = std::fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}")))
         .with_context(|| format!("{}/dev/block/{major}:{minor}", sys.display()))?;
