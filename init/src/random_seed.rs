@@ -6,7 +6,8 @@
 //!
 //! The first boot has no seed: nothing on init's path needs blocking randomness then (the
 //! machine ID comes from the VM's SMBIOS UUID where there is one, see
-//! [`crate::state::machine_id`]), and the seed is written by a thread that waits for the pool.
+//! [`crate::state::machine_id`]), and the seed is written by a child process that waits for
+//! the pool.
 
 use std::fs::File;
 use std::io::Write;
@@ -63,12 +64,14 @@ pub fn load(seed: &Path, urandom: &Path) -> Loaded {
     }
 }
 
-/// Stores a seed once the pool is initialized (blocking until then), in a thread of its own
-/// so nothing waits for it. Reports through `say!` when done.
+/// Stores a seed once the pool is initialized (blocking until then), in a child process so
+/// nothing waits for it and init stays single-threaded (it forks the module loader and sysd).
+/// The child is reaped by init's ordinary zombie reaping; it reports through `say!`.
 pub fn store_when_ready(seed: &'static str) {
-    let spawned = std::thread::Builder::new()
-        .name("random-seed".into())
-        .spawn(move || {
+    // SAFETY: init is single-threaded, so the child may run arbitrary code (allocate, log)
+    // after fork; it ends with _exit and never returns into init's loop.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
             let mut new = [0u8; SIZE];
             let result = fill(&mut new, 0)
                 .and_then(|()| crate::state::write_atomic(Path::new(seed), &new, 0o600));
@@ -76,9 +79,11 @@ pub fn store_when_ready(seed: &'static str) {
                 Ok(()) => say!("random-seed: stored for the next boot"),
                 Err(e) => say!("random-seed: cannot store {seed}: {e}"),
             }
-        });
-    if let Err(e) = spawned {
-        say!("random-seed: cannot start its thread: {e}");
+            // SAFETY: ends the child without running init's exit paths.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {}
+        Err(e) => say!("random-seed: cannot fork its writer: {e}"),
     }
 }
 
