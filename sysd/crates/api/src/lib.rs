@@ -23,6 +23,7 @@ use keelson_common::api::{ApplyPlan, Event, LogLine, ServiceStatus, Stats, Versi
 use keelson_common::error::{Classify, Kind};
 use tokio::sync::{broadcast, mpsc};
 
+pub mod remote;
 pub mod server;
 
 /// An API call that did not succeed: the HTTP status and a message for a person.
@@ -48,6 +49,12 @@ impl Failure {
     pub fn conflict(message: impl Into<String>) -> Self {
         Failure {
             status: 409,
+            message: message.into(),
+        }
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Failure {
+            status: 403,
             message: message.into(),
         }
     }
