@@ -104,7 +104,9 @@ impl Client {
             // TLS 1.3: a refused client certificate shows as an alert on the first read.
             Err(err) => {
                 return Err(match err.downcast_ref::<io::Error>() {
-                    Some(io) => self.io_error(io, &format!("reading sysd's answer to {method} {path}")),
+                    Some(io) => {
+                        self.io_error(io, &format!("reading sysd's answer to {method} {path}"))
+                    }
                     None => err.context(format!("reading sysd's answer to {method} {path}")),
                 })
             }

@@ -41,10 +41,20 @@ struct Cli {
     #[arg(long, global = true, env = "KEELSON_SOCKET")]
     socket: Option<PathBuf>,
     /// A node's remote API (mutual TLS; port 50000 unless given).
-    #[arg(long, global = true, value_name = "HOST[:PORT]", conflicts_with = "nodes")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "HOST[:PORT]",
+        conflicts_with = "nodes"
+    )]
     node: Option<String>,
     /// Several nodes at once (`ps`, `stats`, `version`: one table with a NODE column).
-    #[arg(long, global = true, value_name = "HOST[:PORT],...", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        value_name = "HOST[:PORT],...",
+        value_delimiter = ','
+    )]
     nodes: Vec<String>,
     /// The CA that signed the nodes' certificates (PEM).
     #[arg(long, global = true, value_name = "FILE")]
@@ -192,7 +202,10 @@ fn clients(cli: &Cli) -> Result<Vec<Client>> {
     };
     let remote = remote::resolve(&flags)?;
     if remote.nodes.is_empty() {
-        let socket = cli.socket.clone().unwrap_or_else(|| PathBuf::from(SOCKET_PATH));
+        let socket = cli
+            .socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(SOCKET_PATH));
         return Ok(vec![Client::new(socket)]);
     }
     Ok(remote.nodes.into_iter().map(Client::remote).collect())

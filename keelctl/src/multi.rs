@@ -47,21 +47,26 @@ pub fn run(command: &Command, clients: &[Client], json: bool, out: &mut impl Wri
         let mut tables = Vec::new();
         let mut versions = Vec::new();
         for (node, answer) in &answers {
-            let rows = answer.as_ref().map_err(|e| format!("{e:#}")).and_then(|body| {
-                let parsed = match command {
-                    Command::Ps => parse::<Vec<ServiceStatus>>(body).map(|s| render::ps_rows(&s, now)),
-                    Command::Stats => parse::<Vec<Stats>>(body).map(|s| render::stats_rows(&s)),
-                    _ => parse::<Version>(body).map(|v| {
-                        versions.push(vec![
-                            node.clone(),
-                            v.version.clone(),
-                            render::duration(v.uptime_s),
-                        ]);
-                        (Vec::new(), Vec::new())
-                    }),
-                };
-                parsed.map_err(|e| format!("node {node}: {e:#}"))
-            });
+            let rows = answer
+                .as_ref()
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|body| {
+                    let parsed = match command {
+                        Command::Ps => {
+                            parse::<Vec<ServiceStatus>>(body).map(|s| render::ps_rows(&s, now))
+                        }
+                        Command::Stats => parse::<Vec<Stats>>(body).map(|s| render::stats_rows(&s)),
+                        _ => parse::<Version>(body).map(|v| {
+                            versions.push(vec![
+                                node.clone(),
+                                v.version.clone(),
+                                render::duration(v.uptime_s),
+                            ]);
+                            (Vec::new(), Vec::new())
+                        }),
+                    };
+                    parsed.map_err(|e| format!("node {node}: {e:#}"))
+                });
             match rows {
                 Ok(rows) => tables.push((node.clone(), rows)),
                 Err(error) => {

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -191,7 +191,10 @@ fn issue_client(dir: &Path, role: &str, name: &str, days: u32) -> Result<(PathBu
     check_name("client name", name)?;
     let ca = issuer(dir)?;
     let sub = dir.join("clients");
-    let (crt, key_path) = (sub.join(format!("{name}.crt")), sub.join(format!("{name}.key")));
+    let (crt, key_path) = (
+        sub.join(format!("{name}.crt")),
+        sub.join(format!("{name}.key")),
+    );
     refuse_existing(&[&crt, &key_path])?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
@@ -203,7 +206,9 @@ fn issue_client(dir: &Path, role: &str, name: &str, days: u32) -> Result<(PathBu
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     validity(&mut params, days)?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating a key")?;
-    let cert = params.signed_by(&key, &ca).context("signing the client certificate")?;
+    let cert = params
+        .signed_by(&key, &ca)
+        .context("signing the client certificate")?;
     std::fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&crt, &cert.pem(), 0o644)?;
@@ -220,7 +225,10 @@ fn issue_node(
     check_name("node name", node)?;
     let ca = issuer(dir)?;
     let sub = dir.join("nodes");
-    let (crt, key_path) = (sub.join(format!("{node}.crt")), sub.join(format!("{node}.key")));
+    let (crt, key_path) = (
+        sub.join(format!("{node}.crt")),
+        sub.join(format!("{node}.key")),
+    );
     refuse_existing(&[&crt, &key_path])?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
@@ -241,7 +249,9 @@ fn issue_node(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     validity(&mut params, days)?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating a key")?;
-    let cert = params.signed_by(&key, &ca).context("signing the node certificate")?;
+    let cert = params
+        .signed_by(&key, &ca)
+        .context("signing the node certificate")?;
     std::fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&crt, &cert.pem(), 0o644)?;
@@ -321,14 +331,24 @@ mod tests {
             .collect();
         assert_eq!(orgs, ["keelson:reader"]);
         assert_eq!(
-            cert.issuer().iter_common_name().next().unwrap().as_str().unwrap(),
+            cert.issuer()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
             "test-ca"
         );
 
-        let e = issue_client(&pki, "admin", "ops", 7).unwrap_err().to_string();
+        let e = issue_client(&pki, "admin", "ops", 7)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
-            format!("{} exists; not overwriting it", pki.join("clients/ops.crt").display())
+            format!(
+                "{} exists; not overwriting it",
+                pki.join("clients/ops.crt").display()
+            )
         );
         let e = init(&pki, "again", 30).unwrap_err().to_string();
         assert!(e.ends_with("ca.crt exists; not overwriting it"), "{e}");
@@ -338,15 +358,23 @@ mod tests {
         let parsed: toml::Value = toml::from_str(&config).unwrap();
         let remote = &parsed["api"]["remote"];
         assert_eq!(remote["listen"].as_str(), Some("0.0.0.0:50000"));
-        assert!(remote["key"].as_str().unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
-        let e = issue_client(&pki, "admin", "../x", 7).unwrap_err().to_string();
+        assert!(remote["key"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----"));
+        let e = issue_client(&pki, "admin", "../x", 7)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("client name \"../x\""), "{e}");
     }
 
     #[test]
     fn without_a_ca_the_error_says_how_to_make_one() {
         let dir = tempfile::tempdir().unwrap();
-        let e = format!("{:#}", issue_client(dir.path(), "admin", "me", 1).unwrap_err());
+        let e = format!(
+            "{:#}",
+            issue_client(dir.path(), "admin", "me", 1).unwrap_err()
+        );
         assert!(e.contains("made by `keelctl pki init --dir"), "{e}");
     }
 

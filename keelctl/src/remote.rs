@@ -91,20 +91,27 @@ pub struct Node {
 /// The nodes `flags` (and the context file) name; none when keelctl should use the socket.
 pub fn resolve(flags: &Flags) -> Result<Remote> {
     let file = match &flags.keelconfig {
-        Some(path) if path.exists() || flags.context.is_some() => Some((path.clone(), read_config(path)?)),
+        Some(path) if path.exists() || flags.context.is_some() => {
+            Some((path.clone(), read_config(path)?))
+        }
         _ => None,
     };
     let context = match (&file, &flags.context) {
-        (Some((path, cfg)), Some(name)) => Some(cfg.contexts.get(name).cloned().with_context(|| {
-            format!(
-                "{}: no context {name:?} (contexts: {})",
-                path.display(),
-                cfg.contexts.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })?),
+        (Some((path, cfg)), Some(name)) => {
+            Some(cfg.contexts.get(name).cloned().with_context(|| {
+                format!(
+                    "{}: no context {name:?} (contexts: {})",
+                    path.display(),
+                    cfg.contexts.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })?)
+        }
         (Some((path, cfg)), None) => match &cfg.context {
             Some(name) => Some(cfg.contexts.get(name).cloned().with_context(|| {
-                format!("{}: context = {name:?} names no [contexts.{name}]", path.display())
+                format!(
+                    "{}: context = {name:?} names no [contexts.{name}]",
+                    path.display()
+                )
             })?),
             None => None,
         },
@@ -117,7 +124,10 @@ pub fn resolve(flags: &Flags) -> Result<Remote> {
         .unwrap_or_default();
     let mut nodes = flags.nodes.clone();
     if nodes.is_empty() && !flags.socket_given {
-        nodes = context.as_ref().map(|c| c.nodes.clone()).unwrap_or_default();
+        nodes = context
+            .as_ref()
+            .map(|c| c.nodes.clone())
+            .unwrap_or_default();
     }
     if nodes.is_empty() {
         if flags.ca.is_some() || flags.cert.is_some() || flags.key.is_some() {
@@ -236,7 +246,13 @@ fn client_config(ca: &Pem, cert: &Pem, key: &Pem) -> Result<ClientConfig> {
         .context("TLS versions")?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, private)
-        .map_err(|e| anyhow::anyhow!("{} and {} do not make a client identity: {e}", cert.from, key.from))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} and {} do not make a client identity: {e}",
+                cert.from,
+                key.from
+            )
+        })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -272,8 +288,9 @@ impl Node {
             )
         })?;
         let _ = tcp.set_nodelay(true);
-        let server_name = ServerName::try_from(self.host.clone())
-            .map_err(|_| anyhow::anyhow!("node {}: {:?} is not a host name", self.name, self.host))?;
+        let server_name = ServerName::try_from(self.host.clone()).map_err(|_| {
+            anyhow::anyhow!("node {}: {:?} is not a host name", self.name, self.host)
+        })?;
         let conn = ClientConnection::new(Arc::clone(&self.config), server_name)
             .with_context(|| format!("node {}: TLS setup", self.name))?;
         let mut stream = rustls::StreamOwned::new(conn, tcp);
@@ -344,10 +361,16 @@ mod tests {
 
     #[test]
     fn host_and_port() {
-        assert_eq!(split_host_port("10.0.0.1").unwrap(), ("10.0.0.1".into(), 50000));
+        assert_eq!(
+            split_host_port("10.0.0.1").unwrap(),
+            ("10.0.0.1".into(), 50000)
+        );
         assert_eq!(split_host_port("n1:4443").unwrap(), ("n1".into(), 4443));
         assert_eq!(split_host_port("[::1]:7").unwrap(), ("::1".into(), 7));
-        assert_eq!(split_host_port("fe80::1").unwrap(), ("fe80::1".into(), 50000));
+        assert_eq!(
+            split_host_port("fe80::1").unwrap(),
+            ("fe80::1".into(), 50000)
+        );
         assert_eq!(
             split_host_port("n1:x").unwrap_err().to_string(),
             "node \"n1:x\": \"x\" is not a port"
@@ -362,7 +385,10 @@ mod tests {
             ca: Some("/ca.crt".into()),
             ..Flags::default()
         };
-        assert!(resolve(&flags).unwrap_err().to_string().contains("--node HOST[:PORT]"));
+        assert!(resolve(&flags)
+            .unwrap_err()
+            .to_string()
+            .contains("--node HOST[:PORT]"));
         let flags = Flags {
             nodes: vec!["n1".into()],
             keelconfig: Some("/nonexistent/keelconfig".into()),

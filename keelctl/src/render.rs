@@ -97,8 +97,11 @@ pub fn ps(services: &[ServiceStatus], now_ms: u64) -> String {
     table(&headers, &rows)
 }
 
+/// A table before it is laid out: its headers and rows.
+pub type Rows = (Vec<&'static str>, Vec<Vec<String>>);
+
 /// `ps`'s headers and rows (several nodes put a NODE column in front).
-pub fn ps_rows(services: &[ServiceStatus], now_ms: u64) -> (Vec<&'static str>, Vec<Vec<String>>) {
+pub fn ps_rows(services: &[ServiceStatus], now_ms: u64) -> Rows {
     let mut services: Vec<&ServiceStatus> = services.iter().collect();
     services.sort_by(|a, b| a.name.cmp(&b.name));
     let with_reason = services.iter().any(|s| s.reason.is_some());
@@ -131,7 +134,7 @@ pub fn ps_rows(services: &[ServiceStatus], now_ms: u64) -> (Vec<&'static str>, V
 
 /// One table of several nodes' rows, a NODE column first; nodes in the order given. A node
 /// whose rows have fewer columns (no REASON) gets empty cells.
-pub fn with_node_column(per_node: &[(String, (Vec<&'static str>, Vec<Vec<String>>))]) -> String {
+pub fn with_node_column(per_node: &[(String, Rows)]) -> String {
     let widest = per_node
         .iter()
         .map(|(_, (headers, _))| headers)
@@ -254,7 +257,7 @@ pub fn stats(stats: &[Stats]) -> String {
 }
 
 /// `stats`' headers and rows.
-pub fn stats_rows(stats: &[Stats]) -> (Vec<&'static str>, Vec<Vec<String>>) {
+pub fn stats_rows(stats: &[Stats]) -> Rows {
     let mut stats: Vec<&Stats> = stats.iter().collect();
     stats.sort_by(|a, b| a.service.cmp(&b.service));
     let opt_size = |v: Option<u64>| v.map_or_else(|| "-".to_string(), size);

@@ -37,7 +37,10 @@ fn keelctl_exe() -> PathBuf {
 }
 
 fn keelctl(args: &[&str]) -> Output {
-    let out = Command::new(keelctl_exe()).args(args).output().expect("keelctl");
+    let out = Command::new(keelctl_exe())
+        .args(args)
+        .output()
+        .expect("keelctl");
     assert!(out.status.success(), "keelctl {args:?}: {}", text(&out));
     out
 }
@@ -65,8 +68,12 @@ fn keelctl_manages_three_nodes_over_mutual_tls_with_trust_from_user_data() {
     let pki = work.path().join("pki");
     let p = pki.display().to_string();
     keelctl(&["pki", "init", "--dir", &p]);
-    keelctl(&["pki", "issue", "--dir", &p, "--role", "admin", "--name", "ops"]);
-    keelctl(&["pki", "issue", "--dir", &p, "--role", "reader", "--name", "watch"]);
+    keelctl(&[
+        "pki", "issue", "--dir", &p, "--role", "admin", "--name", "ops",
+    ]);
+    keelctl(&[
+        "pki", "issue", "--dir", &p, "--role", "reader", "--name", "watch",
+    ]);
     let mut builder = Cluster::builder(
         GuestBuilder::from_image_dir(&test_image())
             .unwrap()
@@ -86,11 +93,19 @@ fn keelctl_manages_three_nodes_over_mutual_tls_with_trust_from_user_data() {
 
     let (ca, admin, reader) = (
         format!("{p}/ca.crt"),
-        [format!("{p}/clients/ops.crt"), format!("{p}/clients/ops.key")],
-        [format!("{p}/clients/watch.crt"), format!("{p}/clients/watch.key")],
+        [
+            format!("{p}/clients/ops.crt"),
+            format!("{p}/clients/ops.key"),
+        ],
+        [
+            format!("{p}/clients/watch.crt"),
+            format!("{p}/clients/watch.key"),
+        ],
     );
     let as_client = |who: &[String; 2], node: &str, rest: &[&str]| {
-        let mut args = vec!["--node", node, "--ca", &ca, "--cert", &who[0], "--key", &who[1]];
+        let mut args = vec![
+            "--node", node, "--ca", &ca, "--cert", &who[0], "--key", &who[1],
+        ];
         args.extend_from_slice(rest);
         remote(&c, &args)
     };
@@ -98,20 +113,33 @@ fn keelctl_manages_three_nodes_over_mutual_tls_with_trust_from_user_data() {
     // A reader lists and reads, and is refused a change with a clear 403.
     let ps = as_client(&reader, "10.77.0.11", &["ps"]);
     assert!(ps.status.success(), "{}", text(&ps));
-    assert!(String::from_utf8_lossy(&ps.stdout).contains("testshell"), "{}", text(&ps));
+    assert!(
+        String::from_utf8_lossy(&ps.stdout).contains("testshell"),
+        "{}",
+        text(&ps)
+    );
     let stop = as_client(&reader, "10.77.0.11", &["stop", "testshell"]);
     assert_eq!(stop.status.code(), Some(1), "{}", text(&stop));
     assert!(
-        String::from_utf8_lossy(&stop.stderr).contains(
-            "node 10.77.0.11: client \"watch\" has role reader, which may only read"
-        ),
+        String::from_utf8_lossy(&stop.stderr)
+            .contains("node 10.77.0.11: client \"watch\" has role reader, which may only read"),
         "{}",
         text(&stop)
     );
     // Events stream remotely (read for a while, then stop).
     let mut events = c.command(&keelctl_exe().display().to_string());
     events
-        .args(["--node", "10.77.0.12", "--ca", &ca, "--cert", &reader[0], "--key", &reader[1], "events"])
+        .args([
+            "--node",
+            "10.77.0.12",
+            "--ca",
+            &ca,
+            "--cert",
+            &reader[0],
+            "--key",
+            &reader[1],
+            "events",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = events.spawn().unwrap();
@@ -129,7 +157,11 @@ fn keelctl_manages_three_nodes_over_mutual_tls_with_trust_from_user_data() {
         "version = 1\n[services.hello]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sh\", \"-c\", \"echo hello over mTLS; exec sleep 100000\"]\n",
     )
     .unwrap();
-    let apply = as_client(&admin, "10.77.0.12", &["apply", &file.display().to_string()]);
+    let apply = as_client(
+        &admin,
+        "10.77.0.12",
+        &["apply", &file.display().to_string()],
+    );
     assert!(apply.status.success(), "{}", text(&apply));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -137,7 +169,11 @@ fn keelctl_manages_three_nodes_over_mutual_tls_with_trust_from_user_data() {
         if String::from_utf8_lossy(&logs.stdout).contains("hello over mTLS") {
             break;
         }
-        assert!(Instant::now() < deadline, "hello never logged: {}", text(&logs));
+        assert!(
+            Instant::now() < deadline,
+            "hello never logged: {}",
+            text(&logs)
+        );
         std::thread::sleep(Duration::from_secs(2));
     }
 
@@ -145,24 +181,33 @@ fn keelctl_manages_three_nodes_over_mutual_tls_with_trust_from_user_data() {
     let nodes = "10.77.0.11,10.77.0.12,10.77.0.13";
     let ps = remote(
         &c,
-        &["--nodes", nodes, "--ca", &ca, "--cert", &reader[0], "--key", &reader[1], "ps"],
+        &[
+            "--nodes", nodes, "--ca", &ca, "--cert", &reader[0], "--key", &reader[1], "ps",
+        ],
     );
     assert!(ps.status.success(), "{}", text(&ps));
     let table = String::from_utf8_lossy(&ps.stdout).to_string();
     assert!(table.starts_with("NODE"), "{table}");
     for addr in ["10.77.0.11", "10.77.0.12", "10.77.0.13"] {
         assert!(
-            table.lines().any(|l| l.starts_with(addr) && l.contains("testshell")),
+            table
+                .lines()
+                .any(|l| l.starts_with(addr) && l.contains("testshell")),
             "{addr} missing:\n{table}"
         );
     }
     assert!(
-        table.lines().any(|l| l.starts_with("10.77.0.12") && l.contains("hello")),
+        table
+            .lines()
+            .any(|l| l.starts_with("10.77.0.12") && l.contains("hello")),
         "{table}"
     );
     let json = remote(
         &c,
-        &["--nodes", nodes, "--ca", &ca, "--cert", &reader[0], "--key", &reader[1], "-o", "json", "ps"],
+        &[
+            "--nodes", nodes, "--ca", &ca, "--cert", &reader[0], "--key", &reader[1], "-o", "json",
+            "ps",
+        ],
     );
     let grouped: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
     assert_eq!(grouped.as_array().map(Vec::len), Some(3), "{grouped}");
@@ -174,7 +219,17 @@ fn keelctl_manages_three_nodes_over_mutual_tls_with_trust_from_user_data() {
     keelctl(&["pki", "init", "--dir", &o, "--name", "other-ca"]);
     let wrong = remote(
         &c,
-        &["--node", "10.77.0.13", "--ca", &format!("{o}/ca.crt"), "--cert", &admin[0], "--key", &admin[1], "ps"],
+        &[
+            "--node",
+            "10.77.0.13",
+            "--ca",
+            &format!("{o}/ca.crt"),
+            "--cert",
+            &admin[0],
+            "--key",
+            &admin[1],
+            "ps",
+        ],
     );
     assert_eq!(
         String::from_utf8_lossy(&wrong.stderr).trim(),

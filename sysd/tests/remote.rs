@@ -56,11 +56,27 @@ impl Node {
         let p = pki.display().to_string();
         for args in [
             vec!["pki", "init", "--dir", &p],
-            vec!["pki", "issue", "--dir", &p, "--role", "admin", "--name", "adm"],
-            vec!["pki", "issue", "--dir", &p, "--role", "reader", "--name", "rd"],
-            vec!["pki", "issue", "--dir", &p, "--node", "node", "--ip", "127.0.0.1"],
+            vec![
+                "pki", "issue", "--dir", &p, "--role", "admin", "--name", "adm",
+            ],
+            vec![
+                "pki", "issue", "--dir", &p, "--role", "reader", "--name", "rd",
+            ],
+            vec![
+                "pki",
+                "issue",
+                "--dir",
+                &p,
+                "--node",
+                "node",
+                "--ip",
+                "127.0.0.1",
+            ],
         ] {
-            let out = Command::new(keelctl_exe()).args(&args).output().expect("keelctl");
+            let out = Command::new(keelctl_exe())
+                .args(&args)
+                .output()
+                .expect("keelctl");
             assert!(out.status.success(), "keelctl {args:?}: {}", text(&out));
         }
         std::fs::create_dir_all(dir.path().join("system")).expect("system dir");
@@ -96,9 +112,12 @@ impl Node {
         let node = Node { daemon, dir };
         node.daemon
             .wait_until("the remote API", Duration::from_secs(30), |d| {
-                d.events()
-                    .iter()
-                    .any(|e| e["kind"] == "api-remote" && e["message"].as_str().is_some_and(|m| m.contains("remote API on")))
+                d.events().iter().any(|e| {
+                    e["kind"] == "api-remote"
+                        && e["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("remote API on"))
+                })
             });
         node
     }
@@ -132,7 +151,14 @@ impl Node {
             self.pki(&format!("clients/{name}.key")),
         );
         let mut all = vec![
-            "--node", "127.0.0.1", "--ca", &ca, "--cert", &crt, "--key", &key,
+            "--node",
+            "127.0.0.1",
+            "--ca",
+            &ca,
+            "--cert",
+            &crt,
+            "--key",
+            &key,
         ];
         all.extend_from_slice(args);
         self.keelctl(&all)
@@ -219,7 +245,10 @@ fn tls_config(node: &Node, client: Option<&str>) -> Arc<rustls::ClientConfig> {
     Arc::new(match client {
         Some(name) => builder
             .with_client_auth_cert(
-                vec![CertificateDer::from_pem_file(node.pki(&format!("clients/{name}.crt"))).unwrap()],
+                vec![
+                    CertificateDer::from_pem_file(node.pki(&format!("clients/{name}.crt")))
+                        .unwrap(),
+                ],
                 PrivateKeyDer::from_pem_file(node.pki(&format!("clients/{name}.key"))).unwrap(),
             )
             .unwrap(),
@@ -253,14 +282,26 @@ fn read_all(stream: &mut impl Read) -> (String, Option<std::io::Error>) {
 #[test]
 fn a_reader_reads_and_only_an_admin_changes_things() {
     let node = Node::start();
-    node.daemon.wait_until("web running", Duration::from_secs(30), |d| {
-        d.request("GET", "/v1/services/web", "").1.contains("\"running\"")
-    });
+    node.daemon
+        .wait_until("web running", Duration::from_secs(30), |d| {
+            d.request("GET", "/v1/services/web", "")
+                .1
+                .contains("\"running\"")
+        });
 
     let ps = node.as_client("rd", &["ps"]);
     assert!(ps.status.success(), "{}", text(&ps));
-    assert!(String::from_utf8_lossy(&ps.stdout).contains("web"), "{}", text(&ps));
-    for read in [&["stats"][..], &["status", "web"], &["logs", "web"], &["version"]] {
+    assert!(
+        String::from_utf8_lossy(&ps.stdout).contains("web"),
+        "{}",
+        text(&ps)
+    );
+    for read in [
+        &["stats"][..],
+        &["status", "web"],
+        &["logs", "web"],
+        &["version"],
+    ] {
         let out = node.as_client("rd", read);
         assert!(out.status.success(), "reader {read:?}: {}", text(&out));
     }
@@ -277,24 +318,56 @@ fn a_reader_reads_and_only_an_admin_changes_things() {
     let config = format!("{dir}/empty.toml");
     std::fs::write(&config, "version = 1\n").unwrap();
     let apply = node.as_client("rd", &["apply", &config]);
-    assert!(stderr(&apply).contains("POST /v1/apply needs role admin"), "{}", text(&apply));
+    assert!(
+        stderr(&apply).contains("POST /v1/apply needs role admin"),
+        "{}",
+        text(&apply)
+    );
     let show = node.as_client("rd", &["config", "show"]);
-    assert!(stderr(&show).contains("may not read the config"), "{}", text(&show));
+    assert!(
+        stderr(&show).contains("may not read the config"),
+        "{}",
+        text(&show)
+    );
     // Nothing changed: web still runs.
-    assert!(node.daemon.request("GET", "/v1/services/web", "").1.contains("\"running\""));
+    assert!(node
+        .daemon
+        .request("GET", "/v1/services/web", "")
+        .1
+        .contains("\"running\""));
 
     let stop = node.as_client("adm", &["stop", "web"]);
     assert!(stop.status.success(), "{}", text(&stop));
-    assert!(String::from_utf8_lossy(&stop.stdout).starts_with("web: stop"), "{}", text(&stop));
+    assert!(
+        String::from_utf8_lossy(&stop.stdout).starts_with("web: stop"),
+        "{}",
+        text(&stop)
+    );
     let start = node.as_client("adm", &["start", "web"]);
     assert!(start.status.success(), "{}", text(&start));
 
     // Streams work remotely: events from the start, logs followed as they come.
-    let (ca, crt, key) = (node.pki("ca.crt"), node.pki("clients/rd.crt"), node.pki("clients/rd.key"));
+    let (ca, crt, key) = (
+        node.pki("ca.crt"),
+        node.pki("clients/rd.crt"),
+        node.pki("clients/rd.key"),
+    );
     let mut follow = Command::new("nsenter")
         .arg(format!("--net={}", node.netns()))
         .arg(keelctl_exe())
-        .args(["--node", "127.0.0.1", "--ca", &ca, "--cert", &crt, "--key", &key, "logs", "-f", "web"])
+        .args([
+            "--node",
+            "127.0.0.1",
+            "--ca",
+            &ca,
+            "--cert",
+            &crt,
+            "--key",
+            &key,
+            "logs",
+            "-f",
+            "web",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -310,12 +383,25 @@ fn a_reader_reads_and_only_an_admin_changes_things() {
     }
     let _ = follow.kill();
     let _ = follow.wait();
-    assert!(seen.matches("web up").count() >= 2, "logs -f over TLS: {seen}");
+    assert!(
+        seen.matches("web up").count() >= 2,
+        "logs -f over TLS: {seen}"
+    );
     // `events` never ends on its own: read it for a while, then stop it.
     let mut events = Command::new("nsenter")
         .arg(format!("--net={}", node.netns()))
         .arg(keelctl_exe())
-        .args(["--node", "127.0.0.1", "--ca", &ca, "--cert", &crt, "--key", &key, "events"])
+        .args([
+            "--node",
+            "127.0.0.1",
+            "--ca",
+            &ca,
+            "--cert",
+            &crt,
+            "--key",
+            &key,
+            "events",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -323,7 +409,10 @@ fn a_reader_reads_and_only_an_admin_changes_things() {
     let _ = events.kill();
     let events = events.wait_with_output().unwrap();
     let events = String::from_utf8_lossy(&events.stdout).to_string();
-    assert!(events.contains("web stopping") || events.contains(" web "), "{events}");
+    assert!(
+        events.contains("web stopping") || events.contains(" web "),
+        "{events}"
+    );
     assert!(events.contains("remote API on 127.0.0.1:50000"), "{events}");
 }
 
@@ -333,16 +422,31 @@ fn clients_without_a_good_certificate_are_refused_and_the_node_is_checked() {
     let p = node.dir.path().join("other").display().to_string();
     for args in [
         vec!["pki", "init", "--dir", &p, "--name", "other-ca"],
-        vec!["pki", "issue", "--dir", &p, "--role", "admin", "--name", "adm"],
+        vec![
+            "pki", "issue", "--dir", &p, "--role", "admin", "--name", "adm",
+        ],
     ] {
         let out = Command::new(keelctl_exe()).args(&args).output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
     }
     let (ca, other_ca) = (node.pki("ca.crt"), format!("{p}/ca.crt"));
-    let (other_crt, other_key) = (format!("{p}/clients/adm.crt"), format!("{p}/clients/adm.key"));
+    let (other_crt, other_key) = (
+        format!("{p}/clients/adm.crt"),
+        format!("{p}/clients/adm.key"),
+    );
 
     // A certificate from another CA.
-    let out = node.keelctl(&["--node", "127.0.0.1", "--ca", &ca, "--cert", &other_crt, "--key", &other_key, "ps"]);
+    let out = node.keelctl(&[
+        "--node",
+        "127.0.0.1",
+        "--ca",
+        &ca,
+        "--cert",
+        &other_crt,
+        "--key",
+        &other_key,
+        "ps",
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         stderr(&out).starts_with("keelctl: node 127.0.0.1 refused keelctl's client certificate"),
@@ -351,8 +455,23 @@ fn clients_without_a_good_certificate_are_refused_and_the_node_is_checked() {
     );
 
     // An expired one from the right CA.
-    let (crt, key) = client_cert(&node, "old", "keelson:admin", time::OffsetDateTime::now_utc() - time::Duration::days(1));
-    let out = node.keelctl(&["--node", "127.0.0.1", "--ca", &ca, "--cert", &crt, "--key", &key, "ps"]);
+    let (crt, key) = client_cert(
+        &node,
+        "old",
+        "keelson:admin",
+        time::OffsetDateTime::now_utc() - time::Duration::days(1),
+    );
+    let out = node.keelctl(&[
+        "--node",
+        "127.0.0.1",
+        "--ca",
+        &ca,
+        "--cert",
+        &crt,
+        "--key",
+        &key,
+        "ps",
+    ]);
     assert!(
         stderr(&out).starts_with("keelctl: node 127.0.0.1 refused keelctl's client certificate"),
         "{}",
@@ -360,8 +479,23 @@ fn clients_without_a_good_certificate_are_refused_and_the_node_is_checked() {
     );
 
     // A valid one whose role this node does not know: 403 on everything.
-    let (crt, key) = client_cert(&node, "op", "keelson:operator", time::OffsetDateTime::now_utc() + time::Duration::days(1));
-    let out = node.keelctl(&["--node", "127.0.0.1", "--ca", &ca, "--cert", &crt, "--key", &key, "ps"]);
+    let (crt, key) = client_cert(
+        &node,
+        "op",
+        "keelson:operator",
+        time::OffsetDateTime::now_utc() + time::Duration::days(1),
+    );
+    let out = node.keelctl(&[
+        "--node",
+        "127.0.0.1",
+        "--ca",
+        &ca,
+        "--cert",
+        &crt,
+        "--key",
+        &key,
+        "ps",
+    ]);
     assert_eq!(
         stderr(&out),
         "keelctl: node 127.0.0.1: client \"op\" has role operator, which this node does not know \
@@ -375,14 +509,24 @@ fn clients_without_a_good_certificate_are_refused_and_the_node_is_checked() {
         let _ = tls.write_all(b"GET /v1/services HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n");
         read_all(&mut tls)
     });
-    assert!(answer.is_empty(), "answered without a client certificate: {answer}");
+    assert!(
+        answer.is_empty(),
+        "answered without a client certificate: {answer}"
+    );
     let error = error.expect("an error").to_string();
     assert!(error.contains("CertificateRequired"), "{error}");
 
     // keelctl checks the node: the wrong CA is a clear error naming the node.
     let out = node.keelctl(&[
-        "--node", "127.0.0.1", "--ca", &other_ca, "--cert", &node.pki("clients/adm.crt"),
-        "--key", &node.pki("clients/adm.key"), "ps",
+        "--node",
+        "127.0.0.1",
+        "--ca",
+        &other_ca,
+        "--cert",
+        &node.pki("clients/adm.crt"),
+        "--key",
+        &node.pki("clients/adm.key"),
+        "ps",
     ]);
     assert_eq!(
         stderr(&out),
@@ -393,8 +537,15 @@ fn clients_without_a_good_certificate_are_refused_and_the_node_is_checked() {
     );
     // A name the node's certificate does not have.
     let out = node.keelctl(&[
-        "--node", "localhost", "--ca", &ca, "--cert", &node.pki("clients/adm.crt"),
-        "--key", &node.pki("clients/adm.key"), "ps",
+        "--node",
+        "localhost",
+        "--ca",
+        &ca,
+        "--cert",
+        &node.pki("clients/adm.crt"),
+        "--key",
+        &node.pki("clients/adm.key"),
+        "ps",
     ]);
     assert!(
         stderr(&out).contains("its certificate is not valid for \"localhost\""),
@@ -416,11 +567,15 @@ fn slow_oversized_and_too_many_clients_are_bounded() {
     let (elapsed, answer) = node.inside(|| {
         let mut tls = tls_connect(config);
         let started = Instant::now();
-        tls.write_all(b"GET /v1/services HTTP/1.1\r\nHost: k\r\n").unwrap();
+        tls.write_all(b"GET /v1/services HTTP/1.1\r\nHost: k\r\n")
+            .unwrap();
         let mut closed = false;
         for i in 0..40 {
             std::thread::sleep(Duration::from_secs(1));
-            if tls.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).is_err() {
+            if tls
+                .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+                .is_err()
+            {
                 closed = true;
                 break;
             }
@@ -448,7 +603,10 @@ fn slow_oversized_and_too_many_clients_are_bounded() {
         elapsed < Duration::from_secs(20),
         "cut off after {elapsed:?}"
     );
-    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
 
     // An oversized head (431) and an oversized apply (413).
     let config = Arc::clone(&admin);
@@ -463,8 +621,16 @@ fn slow_oversized_and_too_many_clients_are_bounded() {
         let (apply, _) = read_all(&mut tls);
         (head, apply)
     });
-    assert!(answers.0.starts_with("HTTP/1.1 431"), "oversized head: {:?}", answers.0.lines().next());
-    assert!(answers.1.starts_with("HTTP/1.1 413"), "oversized apply: {:?}", answers.1.lines().next());
+    assert!(
+        answers.0.starts_with("HTTP/1.1 431"),
+        "oversized head: {:?}",
+        answers.0.lines().next()
+    );
+    assert!(
+        answers.1.starts_with("HTTP/1.1 413"),
+        "oversized apply: {:?}",
+        answers.1.lines().next()
+    );
 
     // At most max_connections at once: the next is closed on arrival, the local socket serves.
     let p = node.pki("");
@@ -473,12 +639,19 @@ fn slow_oversized_and_too_many_clients_are_bounded() {
     );
     let (status, body) = node.daemon.request("POST", "/v1/apply", &user);
     assert_eq!(status, 200, "{body}");
-    node.daemon.wait_until("the new limit", Duration::from_secs(10), |d| {
-        d.events().iter().any(|e| e["message"].as_str().is_some_and(|m| m.contains("at most 3 connections")))
-    });
+    node.daemon
+        .wait_until("the new limit", Duration::from_secs(10), |d| {
+            d.events().iter().any(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("at most 3 connections"))
+            })
+        });
     let config = Arc::clone(&admin);
     let (held_refused, after) = node.inside(|| {
-        let held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(ENDPOINT).unwrap()).collect();
+        let held: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(ENDPOINT).unwrap())
+            .collect();
         std::thread::sleep(Duration::from_millis(300));
         let mut tls = tls_connect(Arc::clone(&config));
         let refused = tls
@@ -488,10 +661,14 @@ fn slow_oversized_and_too_many_clients_are_bounded() {
         drop(held);
         std::thread::sleep(Duration::from_millis(300));
         let mut tls = tls_connect(config);
-        tls.write_all(b"GET /v1/version HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n").unwrap();
+        tls.write_all(b"GET /v1/version HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n")
+            .unwrap();
         (refused, read_all(&mut tls).0)
     });
-    assert!(held_refused, "a 4th connection was served with max_connections = 3");
+    assert!(
+        held_refused,
+        "a 4th connection was served with max_connections = 3"
+    );
     assert!(after.starts_with("HTTP/1.1 200"), "{after}");
     assert_eq!(node.daemon.request("GET", "/v1/version", "").0, 200);
 }
@@ -502,14 +679,34 @@ fn new_trust_material_from_apply_takes_effect_without_a_restart() {
     let p = node.dir.path().join("next").display().to_string();
     for args in [
         vec!["pki", "init", "--dir", &p, "--name", "next-ca"],
-        vec!["pki", "issue", "--dir", &p, "--role", "admin", "--name", "adm"],
-        vec!["pki", "issue", "--dir", &p, "--node", "node", "--ip", "127.0.0.1"],
+        vec![
+            "pki", "issue", "--dir", &p, "--role", "admin", "--name", "adm",
+        ],
+        vec![
+            "pki",
+            "issue",
+            "--dir",
+            &p,
+            "--node",
+            "node",
+            "--ip",
+            "127.0.0.1",
+        ],
     ] {
         let out = Command::new(keelctl_exe()).args(&args).output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
     }
     let config = Command::new(keelctl_exe())
-        .args(["pki", "node-config", "--dir", &p, "--node", "node", "--listen", ENDPOINT])
+        .args([
+            "pki",
+            "node-config",
+            "--dir",
+            &p,
+            "--node",
+            "node",
+            "--listen",
+            ENDPOINT,
+        ])
         .output()
         .unwrap();
     assert!(config.status.success(), "{}", text(&config));
@@ -530,21 +727,33 @@ fn new_trust_material_from_apply_takes_effect_without_a_restart() {
     .unwrap();
     let out = node.as_client("adm", &["apply", &broken.display().to_string()]);
     assert!(out.status.success(), "{}", text(&out));
-    node.daemon.wait_until("the refused rotation", Duration::from_secs(10), |d| {
-        d.events().iter().any(|e| {
-            e["kind"] == "api-remote-error"
-                && e["message"].as_str().is_some_and(|m| m.contains("api.remote.key: reading /nonexistent/node.key"))
-        })
-    });
+    node.daemon
+        .wait_until("the refused rotation", Duration::from_secs(10), |d| {
+            d.events().iter().any(|e| {
+                e["kind"] == "api-remote-error"
+                    && e["message"].as_str().is_some_and(|m| {
+                        m.contains("api.remote.key: reading /nonexistent/node.key")
+                    })
+            })
+        });
     let ps = node.as_client("adm", &["ps"]);
-    assert!(ps.status.success(), "old trust after a broken rotation: {}", text(&ps));
+    assert!(
+        ps.status.success(),
+        "old trust after a broken rotation: {}",
+        text(&ps)
+    );
 
     // Rotation through the remote API itself, as an admin of the old CA.
     let out = node.as_client("adm", &["apply", &file.display().to_string()]);
     assert!(out.status.success(), "{}", text(&out));
-    node.daemon.wait_until("the new CA", Duration::from_secs(10), |d| {
-        d.events().iter().any(|e| e["message"].as_str().is_some_and(|m| m.contains("clients of CA \"next-ca\"")))
-    });
+    node.daemon
+        .wait_until("the new CA", Duration::from_secs(10), |d| {
+            d.events().iter().any(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("clients of CA \"next-ca\""))
+            })
+        });
     let old_client = node.as_client("adm", &["ps"]);
     assert!(
         stderr(&old_client).contains("its certificate is not signed by the CA keelctl trusts"),
@@ -552,8 +761,15 @@ fn new_trust_material_from_apply_takes_effect_without_a_restart() {
         text(&old_client)
     );
     let new_client = node.keelctl(&[
-        "--node", "127.0.0.1", "--ca", &format!("{p}/ca.crt"), "--cert", &format!("{p}/clients/adm.crt"),
-        "--key", &format!("{p}/clients/adm.key"), "ps",
+        "--node",
+        "127.0.0.1",
+        "--ca",
+        &format!("{p}/ca.crt"),
+        "--cert",
+        &format!("{p}/clients/adm.crt"),
+        "--key",
+        &format!("{p}/clients/adm.key"),
+        "ps",
     ]);
     assert!(new_client.status.success(), "{}", text(&new_client));
     assert!(String::from_utf8_lossy(&new_client.stdout).contains("web"));
@@ -582,8 +798,14 @@ fn a_context_file_and_several_nodes() {
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("NODE             NAME"), "{table}");
-    assert!(lines.iter().any(|l| l.starts_with("127.0.0.1        web")), "{table}");
-    assert!(lines.iter().any(|l| l.starts_with("127.0.0.1:50000  web")), "{table}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("127.0.0.1        web")),
+        "{table}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("127.0.0.1:50000  web")),
+        "{table}"
+    );
     let out = run(&["-o", "json", "ps"]);
     let grouped: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(grouped[1]["node"], "127.0.0.1:50000");
@@ -591,7 +813,19 @@ fn a_context_file_and_several_nodes() {
     // --node wins over the context's nodes; an unreachable one is named, the others shown.
     let out = run(&["--nodes", "127.0.0.1,127.0.0.2", "ps"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("127.0.0.1  web"), "{}", text(&out));
-    assert!(stderr(&out).contains("cannot reach node 127.0.0.2 at 127.0.0.2:50000"), "{}", text(&out));
-    assert!(stderr(&out).ends_with("keelctl: 1 of 2 nodes did not answer: 127.0.0.2"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("127.0.0.1  web"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr(&out).contains("cannot reach node 127.0.0.2 at 127.0.0.2:50000"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr(&out).ends_with("keelctl: 1 of 2 nodes did not answer: 127.0.0.2"),
+        "{}",
+        text(&out)
+    );
 }

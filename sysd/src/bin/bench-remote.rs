@@ -46,14 +46,26 @@ fn run() -> Result<()> {
     }
     let sysd = sibling("KEELSON_SYSD", "sysd")?;
     let keelctl = sibling("KEELSON_KEELCTL", "keelctl")?;
-    let dir = Scratch(std::env::temp_dir().join(format!("keelson-bench-remote-{}", std::process::id())));
+    let dir =
+        Scratch(std::env::temp_dir().join(format!("keelson-bench-remote-{}", std::process::id())));
     std::fs::create_dir_all(dir.path())?;
     let pki = dir.path().join("pki");
     let p = pki.display().to_string();
     for args in [
         vec!["pki", "init", "--dir", &p],
-        vec!["pki", "issue", "--dir", &p, "--role", "reader", "--name", "bench"],
-        vec!["pki", "issue", "--dir", &p, "--node", "node", "--ip", "127.0.0.1"],
+        vec![
+            "pki", "issue", "--dir", &p, "--role", "reader", "--name", "bench",
+        ],
+        vec![
+            "pki",
+            "issue",
+            "--dir",
+            &p,
+            "--node",
+            "node",
+            "--ip",
+            "127.0.0.1",
+        ],
     ] {
         let out = Command::new(&keelctl).args(&args).output()?;
         if !out.status.success() {
@@ -77,18 +89,44 @@ fn run() -> Result<()> {
         format!("version = 1\n[api.remote]\nlisten = \"127.0.0.1:50000\"\nca = \"{p}/ca.crt\"\ncert = \"{p}/nodes/node.crt\"\nkey = \"{p}/nodes/node.key\"\n"),
     )?;
     let d = dir.path().display().to_string();
-    let mut daemon = Daemon::new(&sysd, dir.path(), Daemon::cgroup_parent_for("bench-remote", dir.path()))
-        .unshare(["-n"])
-        .args(["--userdata-config".to_string(), format!("{d}/var/user-data.toml"), "--no-firstboot".to_string()]);
+    let mut daemon = Daemon::new(
+        &sysd,
+        dir.path(),
+        Daemon::cgroup_parent_for("bench-remote", dir.path()),
+    )
+    .unshare(["-n"])
+    .args([
+        "--userdata-config".to_string(),
+        format!("{d}/var/user-data.toml"),
+        "--no-firstboot".to_string(),
+    ]);
     daemon.start(Duration::from_secs(60));
     daemon.wait_until("every service running", Duration::from_secs(120), |d| {
-        d.request("GET", "/v1/services", "").1.matches("\"running\"").count() == SERVICES
+        d.request("GET", "/v1/services", "")
+            .1
+            .matches("\"running\"")
+            .count()
+            == SERVICES
     });
     let netns = format!("--net=/proc/{}/ns/net", daemon.pid().context("sysd pid")?);
     let socket = daemon.socket().display().to_string();
-    let (ca, crt, key) = (format!("{p}/ca.crt"), format!("{p}/clients/bench.crt"), format!("{p}/clients/bench.key"));
+    let (ca, crt, key) = (
+        format!("{p}/ca.crt"),
+        format!("{p}/clients/bench.crt"),
+        format!("{p}/clients/bench.key"),
+    );
     let local: Vec<&str> = vec!["--socket", &socket, "ps"];
-    let remote: Vec<&str> = vec!["--node", "127.0.0.1", "--ca", &ca, "--cert", &crt, "--key", &key, "ps"];
+    let remote: Vec<&str> = vec![
+        "--node",
+        "127.0.0.1",
+        "--ca",
+        &ca,
+        "--cert",
+        &crt,
+        "--key",
+        &key,
+        "ps",
+    ];
 
     let time = |args: &[&str]| -> Result<f64> {
         let started = Instant::now();
@@ -102,7 +140,11 @@ fn run() -> Result<()> {
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let table = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() || table.lines().count() != SERVICES + 1 {
-            bail!("keelctl {args:?}: {}{}", table, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "keelctl {args:?}: {}{}",
+                table,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(ms)
     };
@@ -118,7 +160,10 @@ fn run() -> Result<()> {
     println!("## bench-remote: `keelctl ps`, {SERVICES} services, {RUNS} runs each (ms)\n");
     println!("| transport | median | p90 | min |");
     println!("|---|---|---|---|");
-    for (name, samples) in [("unix socket (local)", &local_ms), ("mutual TLS on 127.0.0.1:50000 (--node)", &remote_ms)] {
+    for (name, samples) in [
+        ("unix socket (local)", &local_ms),
+        ("mutual TLS on 127.0.0.1:50000 (--node)", &remote_ms),
+    ] {
         let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
         println!(
             "| {name} | {:.1} | {:.1} | {min:.1} |",
@@ -135,7 +180,8 @@ fn run() -> Result<()> {
 
 /// VmRSS of `pid` (sysd: `unshare` execs `sh`, which execs sysd, so the pid is sysd's).
 fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status")).ok()?;
+    let status =
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

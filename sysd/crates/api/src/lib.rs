@@ -1,4 +1,6 @@
-//! sysd's local API: HTTP/1.1 + JSON on a root-only unix socket (`/run/keelson/sysd.sock`).
+//! sysd's API: HTTP/1.1 + JSON on a root-only unix socket (`/run/keelson/sysd.sock`) and, with
+//! `[api.remote]`, the same routes on a TCP port over mutual TLS ([`remote`]), where the client
+//! certificate's role decides what may be asked.
 //! The wire types live in `keelson_common::api` (shared with keelctl); the endpoints are
 //! documented in `docs/api.md`. The server only translates HTTP to calls on one trait per
 //! concern ([`Services`], [`Config`], [`Images`], [`Updates`], [`HostNetwork`],

@@ -183,9 +183,10 @@ impl RemoteTls {
                 .map_err(|err| format!("ca: certificate {} is not a usable CA: {err}", i + 1))?;
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|err| format!("ca: {err}"))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|err| format!("ca: {err}"))?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|err| format!("TLS: {err}"))?
@@ -303,7 +304,9 @@ pub async fn serve(
     }
 }
 
-async fn accept(listener: Option<&(SocketAddr, TcpListener)>) -> std::io::Result<(TcpStream, SocketAddr)> {
+async fn accept(
+    listener: Option<&(SocketAddr, TcpListener)>,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
     match listener {
         Some((_, listener)) => listener.accept().await,
         None => std::future::pending().await,
@@ -325,7 +328,9 @@ async fn apply_settings(
         *current = None;
         return;
     };
-    let same_port = listener.as_ref().is_some_and(|(addr, _)| *addr == tls.listen);
+    let same_port = listener
+        .as_ref()
+        .is_some_and(|(addr, _)| *addr == tls.listen);
     if !same_port {
         *listener = None;
         match TcpListener::bind(tls.listen).await {
@@ -333,14 +338,20 @@ async fn apply_settings(
             Err(err) => {
                 let _ = notices.send(Notice::new(
                     "api-remote-error",
-                    format!("remote API: cannot listen on {}: {err}; it is off", tls.listen),
+                    format!(
+                        "remote API: cannot listen on {}: {err}; it is off",
+                        tls.listen
+                    ),
                 ));
                 *current = None;
                 return;
             }
         }
     }
-    if current.as_ref().is_none_or(|c| c.max_connections != tls.max_connections) {
+    if current
+        .as_ref()
+        .is_none_or(|c| c.max_connections != tls.max_connections)
+    {
         *slots = Arc::new(Semaphore::new(tls.max_connections));
     }
     // The same settings again (every apply republishes `[api]`) are put in force quietly.

@@ -365,11 +365,19 @@ async fn handle(
 /// The one place a remote client's role is checked: `admin` may do anything; `reader` may
 /// read (every GET but the config, which can hold registry credentials); a certificate without
 /// a known role gets nothing. The local socket is root's and may do anything.
-fn authorize(access: &Access, method: &Method, endpoint: &Endpoint, path: &str) -> Result<(), Failure> {
+fn authorize(
+    access: &Access,
+    method: &Method,
+    endpoint: &Endpoint,
+    path: &str,
+) -> Result<(), Failure> {
     let Access::Remote(peer) = access else {
         return Ok(());
     };
-    let role = peer.role.as_ref().map_err(|why| Failure::forbidden(why.clone()))?;
+    let role = peer
+        .role
+        .as_ref()
+        .map_err(|why| Failure::forbidden(why.clone()))?;
     match role {
         Role::Admin => Ok(()),
         Role::Reader if *endpoint == Endpoint::Config => Err(Failure::forbidden(format!(

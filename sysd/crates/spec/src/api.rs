@@ -177,10 +177,7 @@ mod tests {
         let r = api.remote.unwrap();
         assert_eq!(r.address().unwrap(), "0.0.0.0:50000".parse().unwrap());
         assert!(matches!(r.ca, Pem::Inline(ref t) if t.starts_with("-----BEGIN CERTIFICATE")));
-        assert_eq!(
-            r.cert,
-            Pem::File("/var/lib/keelson/pki/node.crt".into())
-        );
+        assert_eq!(r.cert, Pem::File("/var/lib/keelson/pki/node.crt".into()));
         assert_eq!(r.max_connections, DEFAULT_MAX_CONNECTIONS);
         let bare = parse(Path::new("u.toml"), &remote("10.0.0.2", ""))
             .unwrap()
@@ -213,7 +210,10 @@ mod tests {
         )
         .unwrap_err()
         .0;
-        assert!(e.contains("api.remote.max_connections: 0 is out of range"), "{e}");
+        assert!(
+            e.contains("api.remote.max_connections: 0 is out of range"),
+            "{e}"
+        );
         let relative = "version = 1\n[api.remote]\nlisten = \"0.0.0.0\"\nca = \"ca.crt\"\ncert = \"/c\"\nkey = \"/k\"\n";
         let e = parse(Path::new("u.toml"), relative).unwrap_err().0;
         assert!(
