@@ -413,3 +413,75 @@ async fn remote_connection(
     )
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    };
+
+    use super::*;
+
+    fn ca() -> (String, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "test-ca");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), Issuer::new(params, key))
+    }
+
+    fn leaf(ca: &Issuer<'_, KeyPair>, cn: &str, orgs: &[&str]) -> (String, String, Vec<u8>) {
+        let mut params = CertificateParams::new(vec!["node".to_string()]).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        for o in orgs {
+            params.distinguished_name.push(DnType::OrganizationName, *o);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, ca).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+
+    #[test]
+    fn the_role_is_the_keelson_organization() {
+        let (_, ca) = ca();
+        let role = |orgs: &[&str]| Peer::from_certificate(&leaf(&ca, "me", orgs).2).role;
+        assert_eq!(role(&["keelson:admin"]), Ok(Role::Admin));
+        assert_eq!(role(&["acme", "keelson:reader"]), Ok(Role::Reader));
+        assert_eq!(role(&["keelson:reader", "keelson:admin"]), Ok(Role::Admin));
+        assert_eq!(
+            role(&["keelson:operator"]),
+            Err("client \"me\" has role operator, which this node does not know (roles: admin may do anything, reader may read)".into())
+        );
+        assert_eq!(
+            role(&["admin"]),
+            Err("client \"me\" has no role: its certificate's organization (admin) names none of keelson:admin, keelson:reader".into())
+        );
+        assert_eq!(Peer::from_certificate(&leaf(&ca, "me", &[]).2).name, "me");
+    }
+
+    #[test]
+    fn bad_trust_material_names_what_is_wrong() {
+        let (ca_pem, ca) = ca();
+        let (cert, key, _) = leaf(&ca, "node", &[]);
+        let (_, other_key, _) = leaf(&ca, "other", &[]);
+        let listen = "127.0.0.1:50000".parse().unwrap();
+        let ok = RemoteTls::new(listen, 8, &ca_pem, &cert, &key).unwrap();
+        assert!(
+            ok.summary
+                .starts_with("clients of CA \"test-ca\" (valid until "),
+            "{}",
+            ok.summary
+        );
+        let e = RemoteTls::new(listen, 8, "not pem", &cert, &key).unwrap_err();
+        assert_eq!(e, "ca: no certificate in the PEM text");
+        let e = RemoteTls::new(listen, 8, &ca_pem, &cert, "junk").unwrap_err();
+        assert!(e.starts_with("key: not a PEM private key"), "{e}");
+        let e = RemoteTls::new(listen, 8, &ca_pem, &cert, &other_key).unwrap_err();
+        assert!(e.starts_with("cert/key: "), "{e}");
+    }
+}
