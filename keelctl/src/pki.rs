@@ -45,6 +45,7 @@ pub enum PkiCommand {
     },
     /// Issue a client certificate (--role, --name) or a node certificate (--node, --ip, --dns).
     Issue {
+        /// The PKI directory (from `pki init`).
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         /// A client's role: admin (anything) or reader (lists, status, logs, events, stats).
@@ -69,6 +70,7 @@ pub enum PkiCommand {
     /// Print a node's `[api.remote]` table with its CA, certificate and key inline, for its
     /// user data or `keelctl apply`.
     NodeConfig {
+        /// The PKI directory (from `pki init`).
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         /// The node (nodes/NAME.crt|key, from `pki issue --node NAME`).
