@@ -257,6 +257,8 @@ pub async fn serve(
     let mut current: Option<Arc<RemoteTls>> = None;
     let mut slots = Arc::new(Semaphore::new(0));
     let mut changed = true;
+    let mut following = true;
+    let (mut refused, mut last_refusal_log) = (0u64, None::<std::time::Instant>);
     tokio::pin!(shutdown);
     loop {
         if changed {
@@ -266,12 +268,10 @@ pub async fn serve(
         }
         tokio::select! {
             () = &mut shutdown => break,
-            result = settings.changed() => {
-                if result.is_err() {
-                    // The settings' owner is gone: keep serving what is in force.
-                    std::future::pending::<()>().await;
-                }
-                changed = true;
+            result = settings.changed(), if following => {
+                // Err: the settings' owner is gone; keep serving what is in force.
+                following = result.is_ok();
+                changed = following;
             }
             accepted = accept(listener.as_ref()) => {
                 while connections.try_join_next().is_some() {}
@@ -285,7 +285,13 @@ pub async fn serve(
                 };
                 let Some(tls) = current.clone() else { continue };
                 let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                    tracing::warn!(%addr, limit = tls.max_connections, "api: remote connection refused: too many open");
+                    // At most one line a second however many arrive (the console is the log).
+                    refused += 1;
+                    if last_refusal_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(%addr, limit = tls.max_connections, refused, "api: remote connections refused: too many open");
+                        last_refusal_log = Some(std::time::Instant::now());
+                        refused = 0;
+                    }
                     continue;
                 };
                 connections.spawn(remote_connection(stream, addr, tls, permit, Arc::clone(&concerns), stop_rx.clone()));
@@ -385,12 +391,13 @@ async fn remote_connection(
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => {
-            // No certificate, another CA's, an expired one: rustls said why, in the alert too.
-            tracing::info!(%addr, %err, "api: remote client refused");
+            // No certificate, another CA's, an expired one: rustls told the client why in its
+            // alert; not logged above debug, so a scanner cannot flood the console.
+            tracing::debug!(%addr, %err, "api: remote client refused");
             return;
         }
         Err(_) => {
-            tracing::info!(%addr, "api: remote client refused: no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs());
+            tracing::debug!(%addr, "api: remote client refused: no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs());
             return;
         }
     };
