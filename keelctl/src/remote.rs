@@ -240,7 +240,8 @@ fn client_config(ca: &Pem, cert: &Pem, key: &Pem) -> Result<ClientConfig> {
     let chain = certs(cert)?;
     let private = PrivateKeyDer::from_pem_slice(key.text.as_bytes())
         .map_err(|e| anyhow::anyhow!("{}: not a PEM private key ({e})", key.from))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // ring, not aws-lc: see the workspace Cargo.toml (per-process DRBG seeding cost).
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS versions")?
