@@ -608,18 +608,21 @@ fn slow_oversized_and_too_many_clients_are_bounded() {
         "{answer}"
     );
 
-    // An oversized head (431) and an oversized apply (413).
+    // An oversized head (431), an oversized apply (413), a request that is not HTTP (400).
     let config = Arc::clone(&admin);
     let answers = node.inside(|| {
         let mut tls = tls_connect(Arc::clone(&config));
         let big = "a".repeat(64 * 1024);
         let _ = tls.write_all(format!("GET /v1/services HTTP/1.1\r\nHost: k\r\nX-Big: {big}\r\n\r\n").as_bytes());
         let (head, _) = read_all(&mut tls);
-        let mut tls = tls_connect(config);
+        let mut tls = tls_connect(Arc::clone(&config));
         let body = "#".repeat(2 * 1024 * 1024);
         let _ = tls.write_all(format!("POST /v1/apply HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Type: application/toml\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
         let (apply, _) = read_all(&mut tls);
-        (head, apply)
+        let mut tls = tls_connect(config);
+        let _ = tls.write_all(b"\x16GARBAGE / NOT-HTTP\r\n\r\n");
+        let (garbage, _) = read_all(&mut tls);
+        (head, apply, garbage)
     });
     assert!(
         answers.0.starts_with("HTTP/1.1 431"),
