@@ -608,6 +608,28 @@ fn slow_oversized_and_too_many_clients_are_bounded() {
         "{answer}"
     );
 
+    // A client that completes the handshake and then says nothing is closed too.
+    let config = Arc::clone(&admin);
+    let silent = node.inside(|| {
+        let mut tls = tls_connect(config);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).expect("handshake");
+        }
+        let started = Instant::now();
+        let (answer, _) = read_all(&mut tls);
+        (started.elapsed(), answer)
+    });
+    assert!(
+        silent.0 < Duration::from_secs(20),
+        "a silent client kept its connection for {:?}",
+        silent.0
+    );
+    assert!(
+        silent.1.is_empty() || silent.1.starts_with("HTTP/1.1 408"),
+        "{}",
+        silent.1
+    );
+
     // An oversized head (431), an oversized apply (413), a request that is not HTTP (400).
     let config = Arc::clone(&admin);
     let answers = node.inside(|| {
