@@ -1,4 +1,5 @@
-//! A minimal, synchronous HTTP/1.1 client for sysd's unix socket.
+//! A minimal, synchronous HTTP/1.1 client for sysd's unix socket, and for a node's remote API
+//! over mutual TLS (the connection comes from [`crate::remote`]).
 //!
 //! Why not a client library: keelctl sends one request per connection (`Connection: close`) to
 //! one known server, and reads either a JSON body or an NDJSON stream line by line. That needs
@@ -14,21 +15,75 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use keelson_common::api::ApiError;
 
+use crate::remote::{Node, TlsStream};
+
 /// Longest status line, header line or chunk-size line accepted.
 const MAX_LINE: u64 = 16 * 1024;
 /// Most header lines accepted in one response.
 const MAX_HEADERS: usize = 100;
 
-/// Talks to sysd at one socket path.
+/// Talks to one sysd: on its socket, or on a node's remote API.
 #[derive(Debug, Clone)]
 pub struct Client {
-    socket: PathBuf,
+    target: Target,
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Socket(PathBuf),
+    Node(Box<Node>),
+}
+
+/// A connection to sysd, either transport.
+#[derive(Debug)]
+pub enum Conn {
+    Unix(UnixStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
 }
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Client {
-            socket: socket.into(),
+            target: Target::Socket(socket.into()),
+        }
+    }
+
+    /// A client of a node's remote API.
+    pub fn remote(node: Node) -> Self {
+        Client {
+            target: Target::Node(Box::new(node)),
+        }
+    }
+
+    /// The node's name as the operator gave it; None for the local socket.
+    pub fn node(&self) -> Option<&str> {
+        match &self.target {
+            Target::Node(node) => Some(&node.name),
+            Target::Socket(_) => None,
         }
     }
 
@@ -39,13 +94,35 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<(&str, &[u8])>,
-    ) -> Result<Response<BufReader<UnixStream>>> {
+    ) -> Result<Response<BufReader<Conn>>> {
         let mut stream = self.connect()?;
-        write_request(&mut stream, method, path, body)
-            .with_context(|| format!("sending {method} {path} to sysd"))?;
-        let response = read_response(BufReader::new(stream))
-            .with_context(|| format!("reading sysd's answer to {method} {path}"))?;
-        response.error_for_status()
+        if let Err(err) = write_request(&mut stream, method, path, body) {
+            return Err(self.io_error(&err, &format!("sending {method} {path} to sysd")));
+        }
+        let response = match read_response(BufReader::new(stream)) {
+            Ok(response) => response,
+            // TLS 1.3: a refused client certificate shows as an alert on the first read.
+            Err(err) => {
+                return Err(match err.downcast_ref::<io::Error>() {
+                    Some(io) => {
+                        self.io_error(io, &format!("reading sysd's answer to {method} {path}"))
+                    }
+                    None => err.context(format!("reading sysd's answer to {method} {path}")),
+                })
+            }
+        };
+        match (response.error_for_status(), self.node()) {
+            (Err(err), Some(node)) => Err(anyhow::anyhow!("node {node}: {err:#}")),
+            (result, _) => result,
+        }
+    }
+
+    /// An I/O error on the connection: a TLS refusal in words, or `what: error`.
+    fn io_error(&self, err: &io::Error, what: &str) -> anyhow::Error {
+        match &self.target {
+            Target::Node(node) => node.explain(err),
+            Target::Socket(_) => anyhow::anyhow!("{what}: {err}"),
+        }
     }
 
     /// `GET path`, the whole body as text.
@@ -53,8 +130,13 @@ impl Client {
         self.send("GET", path, None)?.text()
     }
 
-    fn connect(&self) -> Result<UnixStream> {
-        UnixStream::connect(&self.socket).map_err(|err| connect_error(&self.socket, &err))
+    fn connect(&self) -> Result<Conn> {
+        match &self.target {
+            Target::Socket(socket) => UnixStream::connect(socket)
+                .map(Conn::Unix)
+                .map_err(|err| connect_error(socket, &err)),
+            Target::Node(node) => node.connect().map(|s| Conn::Tls(Box::new(s))),
+        }
     }
 }
 

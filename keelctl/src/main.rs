@@ -1,16 +1,21 @@
 //! `keelctl`: the command line for Keelson's system daemon.
 //!
 //! It talks to sysd's HTTP API on the root-only unix socket (`/run/keelson/sysd.sock`, see
-//! `docs/api.md`) and shows the answers as tables or, with `-o json`, as the raw JSON (NDJSON
-//! for streams). It is deliberately synchronous and small — no async runtime, no HTTP library
-//! (see [`http`]) — because it runs on the host and in the admin container, one request at a
-//! time.
+//! `docs/api.md`) or, with `--node`/`--nodes` or a KEELCONFIG context, to nodes' remote API
+//! over mutual TLS ([`remote`]), and shows the answers as tables or, with `-o json`, as the raw
+//! JSON (NDJSON for streams). It is deliberately synchronous and small — no async runtime, no
+//! HTTP library (see [`http`]) — because it runs on the host and in the admin container, one
+//! request at a time (several nodes: one thread each). `keelctl pki` ([`pki`]) is the
+//! operator's PKI for the remote API.
 
 mod config;
 mod extensions;
 mod http;
 mod images;
+mod multi;
 mod net;
+mod pki;
+mod remote;
 mod render;
 mod update;
 
@@ -32,9 +37,37 @@ use crate::http::{encode_segment, Client};
 #[derive(Debug, Parser)]
 #[command(name = "keelctl", version)]
 struct Cli {
-    /// sysd's API socket.
-    #[arg(long, global = true, env = "KEELSON_SOCKET", default_value = SOCKET_PATH)]
-    socket: PathBuf,
+    /// sysd's API socket (default /run/keelson/sysd.sock).
+    #[arg(long, global = true, env = "KEELSON_SOCKET")]
+    socket: Option<PathBuf>,
+    /// A node's remote API (mutual TLS; port 50000 unless given).
+    #[arg(
+        long,
+        global = true,
+        value_name = "HOST[:PORT]",
+        conflicts_with = "nodes"
+    )]
+    node: Option<String>,
+    /// Several nodes at once (`ps`, `stats`, `version`: one table with a NODE column).
+    #[arg(
+        long,
+        global = true,
+        value_name = "HOST[:PORT],...",
+        value_delimiter = ','
+    )]
+    nodes: Vec<String>,
+    /// The CA that signed the nodes' certificates (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// keelctl's client certificate (PEM; its role is in it).
+    #[arg(long, global = true, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// A context of the KEELCONFIG file (default: the file's `context`).
+    #[arg(long, global = true)]
+    context: Option<String>,
     /// Output format: tables for people, or the API's JSON (NDJSON for streams).
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -118,6 +151,10 @@ enum Command {
     Version,
     /// Print a shell completion script (e.g. `keelctl completions bash > /etc/bash_completion.d/keelctl`).
     Completions { shell: clap_complete::Shell },
+    /// The operator's PKI for the remote API: a CA, client certificates with a role, node
+    /// certificates (files in a directory on this machine).
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,9 +187,49 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
+/// The clients the command line names: the local socket, one node, or several.
+fn clients(cli: &Cli) -> Result<Vec<Client>> {
+    let mut nodes = cli.nodes.clone();
+    nodes.extend(cli.node.clone());
+    let flags = remote::Flags {
+        nodes,
+        ca: cli.ca.clone(),
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
+        context: cli.context.clone(),
+        keelconfig: remote::default_keelconfig(),
+        socket_given: cli.socket.is_some(),
+    };
+    let remote = remote::resolve(&flags)?;
+    if remote.nodes.is_empty() {
+        let socket = cli
+            .socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(SOCKET_PATH));
+        return Ok(vec![Client::new(socket)]);
+    }
+    Ok(remote.nodes.into_iter().map(Client::remote).collect())
+}
+
 fn run(cli: &Cli, out: &mut impl Write) -> Result<()> {
-    let client = Client::new(&cli.socket);
+    match &cli.command {
+        Command::Pki(cmd) => return pki::run(cmd, out),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "keelctl", out);
+            return Ok(());
+        }
+        _ => {}
+    }
+    let clients = clients(cli)?;
     let json = cli.output == Output::Json;
+    match clients.as_slice() {
+        [client] => run_one(cli, client, json, out),
+        several => multi::run(&cli.command, several, json, out),
+    }
+}
+
+fn run_one(cli: &Cli, client: &Client, json: bool, out: &mut impl Write) -> Result<()> {
+    let client = client.clone();
     match &cli.command {
         Command::Ps => {
             let body = client.get(&api("/services"))?;
@@ -248,8 +325,8 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<()> {
         }
         Command::Update(cmd) => update::run(&client, cmd, json, out)?,
         Command::Extensions => extensions::run(&client, json, out)?,
-        Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "keelctl", out);
+        Command::Completions { .. } | Command::Pki(_) => {
+            unreachable!("answered before a client is made")
         }
     }
     Ok(())

@@ -93,6 +93,15 @@ fn uptime(service: &ServiceStatus, now_ms: u64) -> Option<u64> {
 
 /// `keelctl ps`: one row per service, sorted by name; REASON only when a service has one.
 pub fn ps(services: &[ServiceStatus], now_ms: u64) -> String {
+    let (headers, rows) = ps_rows(services, now_ms);
+    table(&headers, &rows)
+}
+
+/// A table before it is laid out: its headers and rows.
+pub type Rows = (Vec<&'static str>, Vec<Vec<String>>);
+
+/// `ps`'s headers and rows (several nodes put a NODE column in front).
+pub fn ps_rows(services: &[ServiceStatus], now_ms: u64) -> Rows {
     let mut services: Vec<&ServiceStatus> = services.iter().collect();
     services.sort_by(|a, b| a.name.cmp(&b.name));
     let with_reason = services.iter().any(|s| s.reason.is_some());
@@ -120,6 +129,29 @@ pub fn ps(services: &[ServiceStatus], now_ms: u64) -> String {
             row
         })
         .collect();
+    (headers, rows)
+}
+
+/// One table of several nodes' rows, a NODE column first; nodes in the order given. A node
+/// whose rows have fewer columns (no REASON) gets empty cells.
+pub fn with_node_column(per_node: &[(String, Rows)]) -> String {
+    let widest = per_node
+        .iter()
+        .map(|(_, (headers, _))| headers)
+        .max_by_key(|headers| headers.len())
+        .cloned()
+        .unwrap_or_default();
+    let mut headers = vec!["NODE"];
+    headers.extend(widest.iter().copied());
+    let mut rows = Vec::new();
+    for (node, (_, node_rows)) in per_node {
+        for row in node_rows {
+            let mut full = vec![node.clone()];
+            full.extend(row.iter().cloned());
+            full.resize(headers.len(), String::new());
+            rows.push(full);
+        }
+    }
     table(&headers, &rows)
 }
 
@@ -220,6 +252,12 @@ pub fn status(s: &ServiceStatus, now_ms: u64) -> String {
 
 /// `keelctl stats`: one row per service, sorted by name.
 pub fn stats(stats: &[Stats]) -> String {
+    let (headers, rows) = stats_rows(stats);
+    table(&headers, &rows)
+}
+
+/// `stats`' headers and rows.
+pub fn stats_rows(stats: &[Stats]) -> Rows {
     let mut stats: Vec<&Stats> = stats.iter().collect();
     stats.sort_by(|a, b| a.service.cmp(&b.service));
     let opt_size = |v: Option<u64>| v.map_or_else(|| "-".to_string(), size);
@@ -242,19 +280,17 @@ pub fn stats(stats: &[Stats]) -> String {
             ]
         })
         .collect();
-    table(
-        &[
-            "NAME",
-            "CPU(s)",
-            "MEM",
-            "MEM-MAX/PEAK",
-            "PIDS",
-            "IO-R",
-            "IO-W",
-            "OOM",
-        ],
-        &rows,
-    )
+    let headers = vec![
+        "NAME",
+        "CPU(s)",
+        "MEM",
+        "MEM-MAX/PEAK",
+        "PIDS",
+        "IO-R",
+        "IO-W",
+        "OOM",
+    ];
+    (headers, rows)
 }
 
 /// `TIME line`, or `TIME [stderr] line`.

@@ -13,12 +13,14 @@
 //! runs first boot ([`firstboot`]), starts the host network, hands both to the supervisor,
 //! connects the update agent to what the supervisor publishes, forwards what the components
 //! report into the event stream, and serves the API's concerns ([`adapters`] for those the
-//! supervisor does not implement).
+//! supervisor does not implement) on the unix socket and, with `[api.remote]`, over mutual TLS
+//! ([`remote`]).
 
 mod adapters;
 mod extensions;
 mod firstboot;
 mod notify;
+mod remote;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -351,9 +353,19 @@ async fn run(args: DaemonArgs) -> Result<()> {
             .map(|x| x as Arc<dyn keelson_api::Extensions>),
     };
     let listener = keelson_api::server::bind(&args.socket)?;
-    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(keelson_api::server::serve(listener, concerns, async {
-        let _ = api_stopped.await;
+    let (stop_api, api_stopped) = tokio::sync::watch::channel(false);
+    let mut remote_stopped = api_stopped.clone();
+    let remote_server = tokio::spawn(keelson_api::remote::serve(
+        remote::follow(sup.api_spec(), notices_to(&events)),
+        concerns.clone(),
+        notices_to(&events),
+        async move {
+            let _ = remote_stopped.wait_for(|stop| *stop).await;
+        },
+    ));
+    let mut api_stopped = api_stopped;
+    let server = tokio::spawn(keelson_api::server::serve(listener, concerns, async move {
+        let _ = api_stopped.wait_for(|stop| *stop).await;
     }));
 
     sup.boot();
@@ -387,8 +399,9 @@ async fn run(args: DaemonArgs) -> Result<()> {
     if let Some(net) = net {
         net.shutdown().await;
     }
-    let _ = stop_api.send(());
+    let _ = stop_api.send(true);
     let _ = server.await;
+    let _ = remote_server.await;
     tracing::info!("sysd: stopped");
     Ok(())
 }

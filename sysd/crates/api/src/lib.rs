@@ -1,4 +1,6 @@
-//! sysd's local API: HTTP/1.1 + JSON on a root-only unix socket (`/run/keelson/sysd.sock`).
+//! sysd's API: HTTP/1.1 + JSON on a root-only unix socket (`/run/keelson/sysd.sock`) and, with
+//! `[api.remote]`, the same routes on a TCP port over mutual TLS ([`remote`]), where the client
+//! certificate's role decides what may be asked.
 //! The wire types live in `keelson_common::api` (shared with keelctl); the endpoints are
 //! documented in `docs/api.md`. The server only translates HTTP to calls on one trait per
 //! concern ([`Services`], [`Config`], [`Images`], [`Updates`], [`HostNetwork`],
@@ -23,6 +25,7 @@ use keelson_common::api::{ApplyPlan, Event, LogLine, ServiceStatus, Stats, Versi
 use keelson_common::error::{Classify, Kind};
 use tokio::sync::{broadcast, mpsc};
 
+pub mod remote;
 pub mod server;
 
 /// An API call that did not succeed: the HTTP status and a message for a person.
@@ -48,6 +51,12 @@ impl Failure {
     pub fn conflict(message: impl Into<String>) -> Self {
         Failure {
             status: 409,
+            message: message.into(),
+        }
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Failure {
+            status: 403,
             message: message.into(),
         }
     }

@@ -11,7 +11,9 @@
 //!
 //! Access control is the socket itself (mode 0600, owned by root, see [`bind`]) plus a peer
 //! credential check on every connection, so a socket whose mode was loosened by hand still
-//! serves no other user.
+//! serves no other user. The same routes are served over mutual TLS by [`crate::remote`]; there
+//! a connection carries the client certificate's role ([`Access`]), checked in one place
+//! ([`authorize`]) before anything is dispatched.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -33,11 +35,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use keelson_common::api::{ApiError, Event, LogLine, Stream, API_PREFIX};
 use serde::Serialize;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::{Concerns, Failure, Services};
+use crate::remote::{Peer, Role};
 
 /// Largest accepted `POST /v1/apply` body.
 pub const MAX_APPLY_BODY: usize = 1024 * 1024;
@@ -49,6 +52,33 @@ const CHUNK_TARGET: usize = 32 * 1024;
 const STREAM_QUEUE: usize = 64;
 /// A 404 for an unknown service lists the known ones when there are at most this many.
 const LIST_KNOWN_UP_TO: usize = 12;
+/// How long a request body (`apply`) may take to arrive, whatever the transport.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Who is asking: root on the local socket (everything), or a remote client with the role its
+/// certificate names.
+#[derive(Debug, Clone)]
+pub(crate) enum Access {
+    Local,
+    Remote(Peer),
+}
+
+/// How a connection's HTTP/1.1 is bounded. The local socket keeps hyper's defaults (its only
+/// clients are root); a remote connection gets a header timeout and a smaller buffer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// The request head must arrive within this time (slow-loris); None: hyper's default.
+    pub header_read_timeout: Option<Duration>,
+    /// Largest buffered request head; None: hyper's default (~400 KiB).
+    pub max_buf_size: Option<usize>,
+}
+
+impl Limits {
+    pub(crate) const LOCAL: Limits = Limits {
+        header_read_timeout: None,
+        max_buf_size: None,
+    };
+}
 
 /// Creates the API socket at `path`: the parent directory (0755) if missing, a stale socket
 /// replaced, mode 0600. Fails if another process still answers on `path` or if `path` is
@@ -129,7 +159,13 @@ pub async fn serve(listener: UnixListener, concerns: Concerns, shutdown: impl Fu
                 match accepted {
                     Ok((stream, _)) => match stream.peer_cred() {
                         Ok(cred) if cred.uid() == own_uid => {
-                            connections.spawn(connection(stream, Arc::clone(&concerns), stop_rx.clone()));
+                            connections.spawn(connection(
+                                TokioIo::new(stream),
+                                Arc::clone(&concerns),
+                                stop_rx.clone(),
+                                Arc::new(Access::Local),
+                                Limits::LOCAL,
+                            ));
                         }
                         Ok(cred) => tracing::warn!(uid = cred.uid(), "api: refused a connection from another user"),
                         Err(err) => tracing::warn!(%err, "api: cannot read the peer's credentials"),
@@ -157,14 +193,33 @@ pub async fn serve(listener: UnixListener, concerns: Concerns, shutdown: impl Fu
     }
 }
 
-async fn connection(stream: UnixStream, concerns: Arc<Concerns>, mut stop: watch::Receiver<bool>) {
+/// Serves HTTP/1.1 on one connection (either transport) until it ends or the server stops.
+pub(crate) async fn connection<I>(
+    io: I,
+    concerns: Arc<Concerns>,
+    mut stop: watch::Receiver<bool>,
+    access: Arc<Access>,
+    limits: Limits,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let stop_for_requests = stop.clone();
     let service = service_fn(move |req| {
         let concerns = Arc::clone(&concerns);
         let stop = stop_for_requests.clone();
-        async move { Ok::<_, Infallible>(handle(req, &concerns, stop).await) }
+        let access = Arc::clone(&access);
+        async move { Ok::<_, Infallible>(handle(req, &concerns, stop, &access).await) }
     });
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let mut builder = http1::Builder::new();
+    if let Some(timeout) = limits.header_read_timeout {
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(timeout);
+    }
+    if let Some(size) = limits.max_buf_size {
+        builder.max_buf_size(size);
+    }
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
@@ -281,6 +336,7 @@ async fn handle(
     req: Request<Incoming>,
     concerns: &Concerns,
     stop: watch::Receiver<bool>,
+    access: &Access,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     let Some((endpoint, method)) = Endpoint::resolve(&path) else {
@@ -297,9 +353,45 @@ async fn handle(
         }
         return response;
     }
+    if let Err(failure) = authorize(access, &method, &endpoint, &path) {
+        return error_response(&failure);
+    }
     match dispatch(endpoint, req, concerns, stop).await {
         Ok(response) => response,
         Err(failure) => error_response(&failure),
+    }
+}
+
+/// The one place a remote client's role is checked: `admin` may do anything; `reader` may
+/// read (every GET but the config, which can hold registry credentials); a certificate without
+/// a known role gets nothing. The local socket is root's and may do anything.
+fn authorize(
+    access: &Access,
+    method: &Method,
+    endpoint: &Endpoint,
+    path: &str,
+) -> Result<(), Failure> {
+    let Access::Remote(peer) = access else {
+        return Ok(());
+    };
+    let role = peer
+        .role
+        .as_ref()
+        .map_err(|why| Failure::forbidden(why.clone()))?;
+    match role {
+        Role::Admin => Ok(()),
+        Role::Reader if *endpoint == Endpoint::Config => Err(Failure::forbidden(format!(
+            "client {:?} has role reader, which may not read the config (it can hold registry \
+             credentials); GET {path} needs role admin",
+            peer.name
+        ))),
+        Role::Reader if *method == Method::GET => Ok(()),
+        Role::Reader => Err(Failure::forbidden(format!(
+            "client {:?} has role reader, which may only read (GET: services, status, logs, \
+             events, stats, network, images, updates, extensions, first boot); {method} {path} \
+             needs role admin",
+            peer.name
+        ))),
     }
 }
 
@@ -547,10 +639,19 @@ async fn read_config(req: Request<Incoming>) -> Result<String, Failure> {
     if declared.is_some_and(|len| len > MAX_APPLY_BODY as u64) {
         return Err(too_large());
     }
-    let body = match Limited::new(req.into_body(), MAX_APPLY_BODY)
-        .collect()
-        .await
-    {
+    let collected = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_APPLY_BODY).collect(),
+    )
+    .await
+    .map_err(|_| Failure {
+        status: 408,
+        message: format!(
+            "the config did not arrive within {} s",
+            BODY_TIMEOUT.as_secs()
+        ),
+    })?;
+    let body = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<LengthLimitError>() => return Err(too_large()),
         Err(err) => {
@@ -833,6 +934,7 @@ mod tests {
     use http_body_util::Full;
     use keelson_common::api::{ApplyPlan, Kind, ServiceStatus, State, Stats, Version};
     use serde::de::DeserializeOwned;
+    use tokio::net::UnixStream;
     use tokio::sync::oneshot;
     use tokio::task::JoinHandle;
 

@@ -11,13 +11,14 @@
 //!
 //! Modules: [`units`] (durations, sizes, signals, capabilities, host names), [`network`] (the
 //! `[network]`/`[host]` tables), [`registries`] (`registries.toml`), [`update`] (the `[update]`
-//! table), [`admin`] (`[admin]` keys), [`reference`] (what a service's `image` names: a path to
+//! table), [`api`] (`[api.remote]`), [`admin`] (`[admin]` keys), [`reference`] (what a service's `image` names: a path to
 //! a root file system or OCI image layout, or a registry reference).
 //!
 //! This crate knows nothing of containers, images on disk, the network or the API: it turns
 //! text into checked values.
 
 pub mod admin;
+pub mod api;
 pub mod extensions;
 pub mod network;
 pub mod reference;
@@ -55,6 +56,8 @@ struct File {
     update: Option<update::UpdateSpec>,
     /// The engine extensions the node runs (`spec::extensions`).
     extensions: Option<extensions::ExtensionsSpec>,
+    /// sysd's API on the network (`spec::api`).
+    api: Option<api::ApiSpec>,
     /// Changes to system services (`[overrides.NAME]`).
     /// (Not `Spanned`: toml cannot span a table defined only through its sub-tables, as
     /// `[overrides.etcd.env]` alone does; the position is found in the text instead.)
@@ -611,6 +614,10 @@ pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Documen
     }
     if let Some(x) = &file.extensions {
         x.check()
+            .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
+    }
+    if let Some(a) = &file.api {
+        a.check()
             .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
     }
     let mut out = Vec::new();

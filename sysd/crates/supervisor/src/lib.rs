@@ -43,6 +43,7 @@ pub use events::EventBus;
 use keelson_api::{EventFeed, Failure, LogFeed};
 use keelson_runtime::netplug::{Endpoint, ANNOTATION};
 use keelson_runtime::Runtime;
+use keelson_spec::api::ApiSpec;
 use keelson_spec::extensions::ExtensionsSpec;
 use keelson_spec::network::{NetConfig, PortSpec};
 use keelson_spec::update::UpdateSpec;
@@ -133,6 +134,8 @@ pub struct Supervisor {
     update_spec: watch::Sender<Result<UpdateSpec, ConfigError>>,
     /// The effective `[extensions]` table, as last loaded or applied.
     extensions_spec: watch::Sender<Result<ExtensionsSpec, ConfigError>>,
+    /// The effective `[api]` table (the remote API), as last loaded or applied.
+    api_spec: watch::Sender<Result<ApiSpec, ConfigError>>,
     started: Instant,
 }
 
@@ -190,6 +193,7 @@ impl Supervisor {
         }
         let update_spec = watch::channel(keelson_spec::update::load(&paths.sources)).0;
         let extensions_spec = watch::channel(keelson_spec::extensions::load(&paths.sources)).0;
+        let api_spec = watch::channel(keelson_spec::api::load(&paths.sources)).0;
         Supervisor {
             shared: Arc::new(Shared {
                 logs: Arc::new(LogHub::new(
@@ -210,6 +214,7 @@ impl Supervisor {
             effective: Mutex::new(None),
             update_spec,
             extensions_spec,
+            api_spec,
             started: Instant::now(),
         }
     }
@@ -230,8 +235,16 @@ impl Supervisor {
         self.extensions_spec.subscribe()
     }
 
-    /// Re-reads the whole-table settings (`[update]`, `[extensions]`) after the config files
-    /// changed. A receiver is woken only when its table really changed.
+    /// The effective `[api]` table (or why it is invalid), as boot and every apply leave it.
+    /// Every apply wakes its receivers, changed or not: a PEM file named by path may have been
+    /// replaced (rotation), which only reading it again can tell.
+    pub fn api_spec(&self) -> watch::Receiver<Result<ApiSpec, ConfigError>> {
+        self.api_spec.subscribe()
+    }
+
+    /// Re-reads the whole-table settings (`[update]`, `[extensions]`, `[api]`) after the
+    /// config files changed. A receiver is woken only when its table really changed (`[api]`:
+    /// always, see [`Supervisor::api_spec`]).
     fn publish_update_spec(&self) {
         let sources = &self.shared.paths.sources;
         let load = keelson_spec::update::load(sources);
@@ -246,6 +259,7 @@ impl Supervisor {
             *spec = load;
             changed
         });
+        let _previous = self.api_spec.send_replace(keelson_spec::api::load(sources));
     }
 
     /// Re-reads the system services (the extensions merged over /usr changed) and reconciles
