@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod extensions;
 pub mod network;
+pub mod observe;
 pub mod reference;
 pub mod registries;
 mod table;
@@ -55,6 +56,10 @@ struct File {
     update: Option<update::UpdateSpec>,
     /// The engine extensions the node runs (`spec::extensions`).
     extensions: Option<extensions::ExtensionsSpec>,
+    /// The Prometheus exporter (`spec::observe`).
+    metrics: Option<observe::MetricsSpec>,
+    /// Log forwarding (`spec::observe`).
+    logging: Option<observe::LoggingSpec>,
     /// Changes to system services (`[overrides.NAME]`).
     /// (Not `Spanned`: toml cannot span a table defined only through its sub-tables, as
     /// `[overrides.etcd.env]` alone does; the position is found in the text instead.)
@@ -611,6 +616,10 @@ pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Documen
     }
     if let Some(x) = &file.extensions {
         x.check()
+            .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
+    }
+    if let Some(l) = &file.logging {
+        l.check()
             .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
     }
     let mut out = Vec::new();
