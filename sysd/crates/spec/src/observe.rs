@@ -217,7 +217,7 @@ mod tests {
         let e = logging("[logging.forward]\ntarget = \"a:1\"\ntransport = \"udp\"\n")
             .unwrap_err()
             .0;
-        assert!(e.starts_with("u.toml:3:") && e.contains("udp"), "{e}");
+        assert!(e.starts_with("u.toml:4:") && e.contains("udp"), "{e}");
     }
 
     #[test]
