@@ -162,7 +162,11 @@ async fn connection(stream: UnixStream, concerns: Arc<Concerns>, mut stop: watch
     let service = service_fn(move |req| {
         let concerns = Arc::clone(&concerns);
         let stop = stop_for_requests.clone();
-        async move { Ok::<_, Infallible>(handle(req, &concerns, stop).await) }
+        async move {
+            let response = handle(req, &concerns, stop).await;
+            concerns.requests.count(response.status().as_u16());
+            Ok::<_, Infallible>(response)
+        }
     });
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
