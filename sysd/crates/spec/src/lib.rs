@@ -56,7 +56,9 @@ struct File {
     update: Option<update::UpdateSpec>,
     /// The engine extensions the node runs (`spec::extensions`).
     extensions: Option<extensions::ExtensionsSpec>,
-    /// The Prometheus exporter (`spec::observe`).
+    /// The Prometheus exporter (`spec::observe`; parsed here so a bad table is refused with
+    /// the file's other errors, and layered by `observe::load`).
+    #[allow(dead_code)]
     metrics: Option<observe::MetricsSpec>,
     /// Log forwarding (`spec::observe`).
     logging: Option<observe::LoggingSpec>,
