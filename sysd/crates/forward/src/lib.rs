@@ -98,6 +98,13 @@ impl Intake {
         }
     }
 
+    /// Messages lost before they reached the intake (a lagging event subscription).
+    pub fn dropped(&self, n: u64) {
+        self.counters
+            .dropped_queue_full
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
     /// A service's line (unless the service is excluded).
     pub fn line(&self, service: &str, line: &LogLine) {
         if self.exclude.contains(service) {

@@ -44,6 +44,7 @@ use keelson_api::{EventFeed, Failure, LogFeed};
 use keelson_runtime::netplug::{Endpoint, ANNOTATION};
 use keelson_runtime::Runtime;
 use keelson_spec::extensions::ExtensionsSpec;
+use keelson_spec::observe::ObserveSpec;
 use keelson_spec::network::{NetConfig, PortSpec};
 use keelson_spec::update::UpdateSpec;
 use keelson_spec::{Config, ConfigError, Kind, RestartPolicy, Service, Sources};
@@ -133,6 +134,8 @@ pub struct Supervisor {
     update_spec: watch::Sender<Result<UpdateSpec, ConfigError>>,
     /// The effective `[extensions]` table, as last loaded or applied.
     extensions_spec: watch::Sender<Result<ExtensionsSpec, ConfigError>>,
+    /// The effective `[metrics]` and `[logging]` tables, as last loaded or applied.
+    observe_spec: watch::Sender<Result<ObserveSpec, ConfigError>>,
     started: Instant,
 }
 
@@ -190,6 +193,7 @@ impl Supervisor {
         }
         let update_spec = watch::channel(keelson_spec::update::load(&paths.sources)).0;
         let extensions_spec = watch::channel(keelson_spec::extensions::load(&paths.sources)).0;
+        let observe_spec = watch::channel(keelson_spec::observe::load(&paths.sources)).0;
         Supervisor {
             shared: Arc::new(Shared {
                 logs: Arc::new(LogHub::new(
@@ -210,6 +214,7 @@ impl Supervisor {
             effective: Mutex::new(None),
             update_spec,
             extensions_spec,
+            observe_spec,
             started: Instant::now(),
         }
     }
@@ -230,6 +235,18 @@ impl Supervisor {
         self.extensions_spec.subscribe()
     }
 
+    /// The effective `[metrics]` and `[logging]` tables (or why they are invalid), as boot and
+    /// every apply leave them.
+    pub fn observe_spec(&self) -> watch::Receiver<Result<ObserveSpec, ConfigError>> {
+        self.observe_spec.subscribe()
+    }
+
+    /// Every line a service writes (and sysd's notes about it) also goes to `tap` (log
+    /// forwarding); `None` stops that.
+    pub fn set_log_tap(&self, tap: Option<Arc<dyn logs::LogTap>>) {
+        self.shared.logs.set_tap(tap);
+    }
+
     /// Re-reads the whole-table settings (`[update]`, `[extensions]`) after the config files
     /// changed. A receiver is woken only when its table really changed.
     fn publish_update_spec(&self) {
@@ -242,6 +259,12 @@ impl Supervisor {
         });
         let load = keelson_spec::extensions::load(sources);
         self.extensions_spec.send_if_modified(|spec| {
+            let changed = *spec != load;
+            *spec = load;
+            changed
+        });
+        let load = keelson_spec::observe::load(sources);
+        self.observe_spec.send_if_modified(|spec| {
             let changed = *spec != load;
             *spec = load;
             changed
