@@ -7,16 +7,15 @@
 //! Prometheus and rsyslog listen on loopback. Root, busybox-static, prometheus, rsyslog,
 //! rsyslog-gnutls and openssl are needed (`./dev deps`); a missing one fails, naming it.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keelson_testkit::daemon::Daemon;
-use keelson_testkit::registry::{private_ca, private_netns, wait_port};
+use keelson_testkit::peers::{http_get, Here, Prometheus, Rsyslog};
+use keelson_testkit::registry::{private_ca, private_netns};
 use keelson_testkit::{busybox, tools};
-use serde_json::Value;
 
 const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
 
@@ -42,89 +41,6 @@ fn sysd(dir: &Path, config: &str) -> Daemon {
     .unwrap();
     daemon.start(Duration::from_secs(60));
     daemon
-}
-
-/// A GET over plain HTTP/1.0; (status, body).
-fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok((status, body.to_string()))
-}
-
-fn urlencode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A child process killed (and waited for) on drop.
-struct Peer(Child);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Prometheus scraping `target` every second.
-fn prometheus(dir: &Path, target: &str) -> (Peer, String) {
-    let conf = dir.join("prometheus.yml");
-    std::fs::write(
-        &conf,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: keelson\n    static_configs:\n      - targets: ['{target}']\n"
-        ),
-    )
-    .unwrap();
-    let addr = "127.0.0.1:9090".to_string();
-    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-    let child = Command::new(tools::resolve("prometheus").expect("prometheus"))
-        .arg(format!("--config.file={}", conf.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
-        .arg(format!("--web.listen-address={addr}"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("starting prometheus");
-    let peer = Peer(child);
-    wait_port(&addr, "prometheus");
-    (peer, addr)
-}
-
-/// The value of the single series `query` selects, once Prometheus has it.
-fn query(prom: &str, q: &str, dir: &Path) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) =
-            http_get(prom, &format!("/api/v1/query?query={}", urlencode(q))).unwrap_or_default();
-        if status == 200 {
-            let v: Value = serde_json::from_str(&body).unwrap();
-            let result = &v["data"]["result"];
-            if let Some(first) = result.get(0) {
-                assert_eq!(result.as_array().unwrap().len(), 1, "{q}: one series: {body}");
-                return first["value"][1].as_str().unwrap().parse().unwrap();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus has no {q} ({status} {body})\n--- prometheus ---\n{}",
-            std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 #[test]
@@ -176,20 +92,21 @@ mounts = [{ type = "tmpfs", target = "/blob", size = "64M" }]
         "promtool check metrics: {said}\n--- scrape ---\n{scrape}"
     );
 
-    let (_prom, prom) = prometheus(d, "127.0.0.1:9100");
-    assert_eq!(query(&prom, "up{job=\"keelson\"}", d), 1.0);
-    let mem_total = query(&prom, "node_memory_MemTotal_bytes", d);
+    let prom = Prometheus::start(&Here, &d.join("prometheus"), "127.0.0.1:9090", "127.0.0.1:9100");
+    let query = |q: &str, _: &Path| prom.value(&Here, q);
+    assert_eq!(query("up{job=\"keelson\"}", d), 1.0);
+    let mem_total = query("node_memory_MemTotal_bytes", d);
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
     let kb: f64 = meminfo.lines().next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
     assert_eq!(mem_total, kb * 1024.0);
     // cpu.stat is in every cgroup v2; the memory controller is not on hosts whose memory
     // controller sits in a v1 hierarchy (the QEMU scenario checks the 40 MiB on a node).
-    assert!(query(&prom, "container_cpu_usage_seconds_total{name=\"hog\"}", d) > 0.0);
+    assert!(query("container_cpu_usage_seconds_total{name=\"hog\"}", d) > 0.0);
     if scrape.contains("container_memory_usage_bytes{name=\"hog\"") {
-        let used = query(&prom, "container_memory_usage_bytes{name=\"hog\"}", d);
+        let used = query("container_memory_usage_bytes{name=\"hog\"}", d);
         let mib = used / f64::from(1 << 20);
         assert!((40.0..48.0).contains(&mib), "hog uses {mib:.1} MiB, expected ~40");
-        let peak = query(&prom, "container_memory_max_usage_bytes{name=\"hog\"}", d);
+        let peak = query("container_memory_max_usage_bytes{name=\"hog\"}", d);
         assert!(peak >= used, "peak {peak} < current {used}");
     } else {
         // Where cgroup2 is mounted on this host (sysd mounts the same hierarchy).
@@ -209,106 +126,13 @@ mounts = [{ type = "tmpfs", target = "/blob", size = "64M" }]
         );
     }
     assert_eq!(
-        query(&prom, "keelson_service_state{name=\"hog\",state=\"running\"}", d),
+        query("keelson_service_state{name=\"hog\",state=\"running\"}", d),
         1.0
     );
-    assert!(query(&prom, "sum(node_cpu_seconds_total)", d) > 0.0);
-    assert!(query(&prom, "process_resident_memory_bytes{job=\"keelson\"}", d) > 1e6);
-    assert!(query(&prom, "sum(keelson_api_requests_total{code=\"200\"})", d) >= 1.0);
+    assert!(query("sum(node_cpu_seconds_total)", d) > 0.0);
+    assert!(query("process_resident_memory_bytes{job=\"keelson\"}", d) > 1e6);
+    assert!(query("sum(keelson_api_requests_total{code=\"200\"})", d) >= 1.0);
     daemon.terminate();
-}
-
-/// An rsyslogd writing `%app-name% %msgid% %structured-data% %msg%` lines to `out.log`.
-struct Rsyslog {
-    dir: PathBuf,
-    conf: PathBuf,
-    port: u16,
-    child: Option<Peer>,
-}
-
-impl Rsyslog {
-    fn new(dir: &Path, port: u16, tls: Option<(&Path, &Path, &Path)>) -> Rsyslog {
-        std::fs::create_dir_all(dir).unwrap();
-        let d = dir.display();
-        let (global, module) = match tls {
-            None => (String::new(), "module(load=\"imtcp\")".to_string()),
-            Some((ca, cert, key)) => (
-                format!(
-                    "global(DefaultNetstreamDriver=\"gtls\" DefaultNetstreamDriverCAFile=\"{}\" DefaultNetstreamDriverCertFile=\"{}\" DefaultNetstreamDriverKeyFile=\"{}\")\n",
-                    ca.display(),
-                    cert.display(),
-                    key.display()
-                ),
-                "module(load=\"imtcp\" StreamDriver.Name=\"gtls\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"anon\")".to_string(),
-            ),
-        };
-        let conf = dir.join("rsyslog.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "global(workDirectory=\"{d}\")\n{global}{module}\ninput(type=\"imtcp\" port=\"{port}\" address=\"127.0.0.1\")\ntemplate(name=\"fmt\" type=\"string\" string=\"%app-name% %msgid% %structured-data% %msg%\\n\")\naction(type=\"omfile\" file=\"{d}/out.log\" template=\"fmt\")\n"
-            ),
-        )
-        .unwrap();
-        let mut r = Rsyslog {
-            dir: dir.to_path_buf(),
-            conf,
-            port,
-            child: None,
-        };
-        r.start();
-        r
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::File::create(self.dir.join("rsyslogd.log")).unwrap();
-        let child = Command::new(tools::resolve("rsyslogd").expect("rsyslogd"))
-            .arg("-n")
-            .arg("-f")
-            .arg(&self.conf)
-            .arg("-i")
-            .arg(self.dir.join("rsyslogd.pid"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting rsyslogd");
-        self.child = Some(Peer(child));
-        wait_port(&format!("127.0.0.1:{}", self.port), "rsyslogd");
-    }
-
-    /// A clean stop (SIGTERM, then wait).
-    fn stop(&mut self) {
-        if let Some(mut peer) = self.child.take() {
-            // SAFETY: kill(2) with integer arguments.
-            unsafe { libc::kill(peer.0.id() as i32, libc::SIGTERM) };
-            let _ = peer.0.wait();
-        }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.join("out.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn wait_for(&self, what: &str, mut ok: impl FnMut(&[String]) -> bool) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let lines = self.lines();
-            if ok(&lines) {
-                return lines;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rsyslog never got {what}; it has:\n{}\n--- rsyslogd ---\n{}",
-                lines.join("\n"),
-                std::fs::read_to_string(self.dir.join("rsyslogd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
 }
 
 /// Makes the `talker` service print `lines` (it cats what appears in its volume).
@@ -363,6 +187,8 @@ fn numbers(lines: &[String], tag: &str) -> Vec<u32> {
         .collect()
 }
 
+const WAIT: Duration = Duration::from_secs(60);
+
 fn batch(tag: &str, n: u32) -> Vec<String> {
     (0..n).map(|i| format!("{tag} {i}")).collect()
 }
@@ -372,10 +198,10 @@ fn rsyslog_over_tcp_gets_every_line_in_order_across_an_outage() {
     private_netns().expect("network namespace (run as root)");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut rsyslog = Rsyslog::new(&d.join("rsyslog"), 1601, None);
+    let mut rsyslog = Rsyslog::start(&Here, &d.join("rsyslog"), 1601, None);
     let mut daemon = sysd(d, &forwarding_config("127.0.0.1:1601", None));
     talk(d, &batch("before", 50));
-    let lines = rsyslog.wait_for("the first batch", |l| numbers(l, "before").len() == 50);
+    let lines = rsyslog.wait_for("the first batch", WAIT, |l| numbers(l, "before").len() == 50);
     assert_eq!(numbers(&lines, "before"), (0..50).collect::<Vec<_>>());
     assert!(
         lines.iter().any(|l| l.starts_with("sysd started [keelson@32473 kind=\"started\"")
@@ -390,8 +216,8 @@ fn rsyslog_over_tcp_gets_every_line_in_order_across_an_outage() {
         d.request("GET", "/v1/services/talker/logs?tail=1", "").1.contains("away 299")
     });
     std::thread::sleep(Duration::from_secs(2));
-    rsyslog.start();
-    let lines = rsyslog.wait_for("the lines written while it was away", |l| {
+    rsyslog.restart(&Here);
+    let lines = rsyslog.wait_for("the lines written while it was away", WAIT, |l| {
         numbers(l, "away").contains(&299)
     });
     assert_eq!(
@@ -410,10 +236,10 @@ fn rsyslog_over_tls_gets_the_service_lines() {
     let pki = d.join("pki");
     std::fs::create_dir_all(&pki).unwrap();
     let (ca, cert, key) = private_ca(&pki);
-    let rsyslog = Rsyslog::new(&d.join("rsyslog"), 6514, Some((&ca, &cert, &key)));
+    let rsyslog = Rsyslog::start(&Here, &d.join("rsyslog"), 6514, Some((&ca, &cert, &key)));
     let mut daemon = sysd(d, &forwarding_config("127.0.0.1:6514", Some(&ca)));
     talk(d, &batch("secure", 20));
-    let lines = rsyslog.wait_for("the lines over TLS", |l| numbers(l, "secure").len() == 20);
+    let lines = rsyslog.wait_for("the lines over TLS", WAIT, |l| numbers(l, "secure").len() == 20);
     assert_eq!(numbers(&lines, "secure"), (0..20).collect::<Vec<_>>());
     let events = daemon.events();
     assert!(
@@ -434,7 +260,7 @@ fn a_receiver_with_another_ca_gets_nothing_and_a_bad_ca_file_is_named() {
     std::fs::create_dir_all(&mine).unwrap();
     let (ca, cert, key) = private_ca(&theirs);
     let (other_ca, _, _) = private_ca(&mine);
-    let rsyslog = Rsyslog::new(&d.join("rsyslog"), 6514, Some((&ca, &cert, &key)));
+    let rsyslog = Rsyslog::start(&Here, &d.join("rsyslog"), 6514, Some((&ca, &cert, &key)));
     let mut daemon = sysd(d, &forwarding_config("127.0.0.1:6514", Some(&other_ca)));
     talk(d, &batch("leak", 5));
     std::thread::sleep(Duration::from_secs(3));
