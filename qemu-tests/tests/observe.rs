@@ -59,7 +59,11 @@ fn prometheus_scrapes_a_node_and_rsyslog_receives_its_logs() {
     assert!(out.contains("hog") && out.contains("ticker"), "{out}");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !g.sh("keelctl logs hog").contains("allocated") {
-        assert!(Instant::now() < deadline, "hog never filled its 40 MiB\n{}", g.serial_tail(40));
+        assert!(
+            Instant::now() < deadline,
+            "hog never filled its 40 MiB\n{}",
+            g.serial_tail(40)
+        );
         std::thread::sleep(Duration::from_secs(1));
     }
 
@@ -71,18 +75,31 @@ fn prometheus_scrapes_a_node_and_rsyslog_receives_its_logs() {
     );
     assert_eq!(prom.value(&ns, "up{job=\"keelson\"}"), 1.0);
     let total = prom.value(&ns, "node_memory_MemTotal_bytes") / f64::from(1 << 20);
-    assert!((800.0..=1024.0).contains(&total), "MemTotal {total} MiB of a 1 GiB guest");
+    assert!(
+        (800.0..=1024.0).contains(&total),
+        "MemTotal {total} MiB of a 1 GiB guest"
+    );
     let var = prom.value(&ns, "node_filesystem_size_bytes{mountpoint=\"/var\"}");
     assert!(var > 1e8, "/var is {var} bytes");
-    assert_eq!(prom.value(&ns, "keelson_os_info{slot=\"a\",id=\"keelson\"}"), 1.0);
+    assert_eq!(
+        prom.value(&ns, "keelson_os_info{slot=\"a\",id=\"keelson\"}"),
+        1.0
+    );
     assert!(prom.value(&ns, "sum(rate(node_cpu_seconds_total[1m]))") >= 0.0);
     assert!(prom.value(&ns, "node_network_receive_bytes_total{device=\"eth0\"}") > 0.0);
     let used = prom.value(&ns, "container_memory_usage_bytes{name=\"hog\"}") / f64::from(1 << 20);
-    assert!((40.0..48.0).contains(&used), "hog uses {used:.1} MiB, expected ~40");
-    let peak = prom.value(&ns, "container_memory_max_usage_bytes{name=\"hog\"}") / f64::from(1 << 20);
+    assert!(
+        (40.0..48.0).contains(&used),
+        "hog uses {used:.1} MiB, expected ~40"
+    );
+    let peak =
+        prom.value(&ns, "container_memory_max_usage_bytes{name=\"hog\"}") / f64::from(1 << 20);
     assert!(peak >= 40.0, "hog's peak {peak:.1} MiB");
     assert_eq!(
-        prom.value(&ns, "keelson_service_state{name=\"ticker\",state=\"running\"}"),
+        prom.value(
+            &ns,
+            "keelson_service_state{name=\"ticker\",state=\"running\"}"
+        ),
         1.0
     );
 
@@ -99,7 +116,9 @@ fn prometheus_scrapes_a_node_and_rsyslog_receives_its_logs() {
         "in order, none missing: {ticks:?}"
     );
     assert!(
-        lines.iter().any(|l| l.starts_with("sysd forward [keelson@32473 kind=\"forward\"")),
+        lines
+            .iter()
+            .any(|l| l.starts_with("sysd forward [keelson@32473 kind=\"forward\"")),
         "sysd's own events arrive too: {lines:#?}"
     );
 }

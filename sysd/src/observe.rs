@@ -73,7 +73,7 @@ impl Contributor for Current {
         w.family(
             "keelson_log_forward_buffer_bytes",
             Type::Gauge,
-            "Bytes buffered on /var, not yet acknowledged by the receiver.",
+            "Bytes the buffer takes on /var (at most logging.forward.buffer_size).",
         )
         .sample(&[], get(&counters.buffer_bytes));
         w.family(
@@ -81,7 +81,10 @@ impl Contributor for Current {
             Type::Gauge,
             "1 while a connection to the receiver is open.",
         )
-        .sample(&[], f64::from(u8::from(counters.connected.load(Ordering::Relaxed))));
+        .sample(
+            &[],
+            f64::from(u8::from(counters.connected.load(Ordering::Relaxed))),
+        );
         w.family(
             "keelson_log_forward_connection_errors_total",
             Type::Counter,
@@ -125,7 +128,11 @@ pub fn follow(sup: &Arc<Supervisor>, events: &Arc<EventBus>, sources: Sources) {
             if exporter.as_ref().map(|(a, _)| *a) != listen {
                 if let Some((addr, stop)) = exporter.take() {
                     let _ = stop.send(());
-                    events.emit(None, "metrics", format!("stopped serving /metrics on {addr}"));
+                    events.emit(
+                        None,
+                        "metrics",
+                        format!("stopped serving /metrics on {addr}"),
+                    );
                 }
                 if let Some(addr) = listen {
                     match keelson_metrics::server::bind(addr).await {
@@ -150,7 +157,11 @@ pub fn follow(sup: &Arc<Supervisor>, events: &Arc<EventBus>, sources: Sources) {
             if forwarder.as_ref().map(|(s, _)| s) != wanted.as_ref() {
                 if let Some((old, _)) = forwarder.take() {
                     *current.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    events.emit(None, "forward", format!("stopped forwarding logs to {}", old.target));
+                    events.emit(
+                        None,
+                        "forward",
+                        format!("stopped forwarding logs to {}", old.target),
+                    );
                 }
                 if let Some(spec) = wanted {
                     match Forwarder::start(&spec, &forward_dir) {

@@ -61,7 +61,9 @@ mounts = [{ type = "tmpfs", target = "/blob", size = "64M" }]
 "#,
     );
     daemon.wait_until("hog to allocate", Duration::from_secs(60), |d| {
-        d.request("GET", "/v1/services/hog/logs", "").1.contains("allocated")
+        d.request("GET", "/v1/services/hog/logs", "")
+            .1
+            .contains("allocated")
     });
     // The format parses in Prometheus' own checker.
     let (status, scrape) = http_get("127.0.0.1:9100", "/metrics").unwrap();
@@ -73,7 +75,12 @@ mounts = [{ type = "tmpfs", target = "/blob", size = "64M" }]
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    check.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
     let out = check.wait_with_output().unwrap();
     let said = format!(
         "{}{}",
@@ -92,12 +99,25 @@ mounts = [{ type = "tmpfs", target = "/blob", size = "64M" }]
         "promtool check metrics: {said}\n--- scrape ---\n{scrape}"
     );
 
-    let prom = Prometheus::start(&Here, &d.join("prometheus"), "127.0.0.1:9090", "127.0.0.1:9100");
+    let prom = Prometheus::start(
+        &Here,
+        &d.join("prometheus"),
+        "127.0.0.1:9090",
+        "127.0.0.1:9100",
+    );
     let query = |q: &str, _: &Path| prom.value(&Here, q);
     assert_eq!(query("up{job=\"keelson\"}", d), 1.0);
     let mem_total = query("node_memory_MemTotal_bytes", d);
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kb: f64 = meminfo.lines().next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let kb: f64 = meminfo
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(mem_total, kb * 1024.0);
     // cpu.stat is in every cgroup v2; the memory controller is not on hosts whose memory
     // controller sits in a v1 hierarchy (the QEMU scenario checks the 40 MiB on a node).
@@ -105,7 +125,10 @@ mounts = [{ type = "tmpfs", target = "/blob", size = "64M" }]
     if scrape.contains("container_memory_usage_bytes{name=\"hog\"") {
         let used = query("container_memory_usage_bytes{name=\"hog\"}", d);
         let mib = used / f64::from(1 << 20);
-        assert!((40.0..48.0).contains(&mib), "hog uses {mib:.1} MiB, expected ~40");
+        assert!(
+            (40.0..48.0).contains(&mib),
+            "hog uses {mib:.1} MiB, expected ~40"
+        );
         let peak = query("container_memory_max_usage_bytes{name=\"hog\"}", d);
         assert!(peak >= used, "peak {peak} < current {used}");
     } else {
@@ -141,7 +164,10 @@ fn talk(d: &Path, lines: &[String]) {
     std::fs::create_dir_all(&vol).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while vol.join("lines").exists() {
-        assert!(Instant::now() < deadline, "talker never took its last lines");
+        assert!(
+            Instant::now() < deadline,
+            "talker never took its last lines"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::fs::write(vol.join("lines.tmp"), lines.join("\n") + "\n").unwrap();
@@ -201,19 +227,28 @@ fn rsyslog_over_tcp_gets_every_line_in_order_across_an_outage() {
     let mut rsyslog = Rsyslog::start(&Here, &d.join("rsyslog"), 1601, None);
     let mut daemon = sysd(d, &forwarding_config("127.0.0.1:1601", None));
     talk(d, &batch("before", 50));
-    let lines = rsyslog.wait_for("the first batch", WAIT, |l| numbers(l, "before").len() == 50);
+    let lines = rsyslog.wait_for("the first batch", WAIT, |l| {
+        numbers(l, "before").len() == 50
+    });
     assert_eq!(numbers(&lines, "before"), (0..50).collect::<Vec<_>>());
     assert!(
-        lines.iter().any(|l| l.starts_with("sysd started [keelson@32473 kind=\"started\"")
-            && l.contains("service=\"talker\"")),
+        lines.iter().any(
+            |l| l.starts_with("sysd started [keelson@32473 kind=\"started\"")
+                && l.contains("service=\"talker\"")
+        ),
         "sysd's events arrive with app-name sysd: {lines:#?}"
     );
-    assert!(!lines.iter().any(|l| l.contains("secret")), "quiet is excluded");
+    assert!(
+        !lines.iter().any(|l| l.contains("secret")),
+        "quiet is excluded"
+    );
 
     rsyslog.stop();
     talk(d, &batch("away", 300));
     daemon.wait_until("the lines while away", Duration::from_secs(30), |d| {
-        d.request("GET", "/v1/services/talker/logs?tail=1", "").1.contains("away 299")
+        d.request("GET", "/v1/services/talker/logs?tail=1", "")
+            .1
+            .contains("away 299")
     });
     std::thread::sleep(Duration::from_secs(2));
     rsyslog.restart(&Here);
@@ -239,7 +274,9 @@ fn rsyslog_over_tls_gets_the_service_lines() {
     let rsyslog = Rsyslog::start(&Here, &d.join("rsyslog"), 6514, Some((&ca, &cert, &key)));
     let mut daemon = sysd(d, &forwarding_config("127.0.0.1:6514", Some(&ca)));
     talk(d, &batch("secure", 20));
-    let lines = rsyslog.wait_for("the lines over TLS", WAIT, |l| numbers(l, "secure").len() == 20);
+    let lines = rsyslog.wait_for("the lines over TLS", WAIT, |l| {
+        numbers(l, "secure").len() == 20
+    });
     assert_eq!(numbers(&lines, "secure"), (0..20).collect::<Vec<_>>());
     let events = daemon.events();
     assert!(
@@ -265,14 +302,22 @@ fn a_receiver_with_another_ca_gets_nothing_and_a_bad_ca_file_is_named() {
     talk(d, &batch("leak", 5));
     std::thread::sleep(Duration::from_secs(3));
     assert!(numbers(&rsyslog.lines(), "leak").is_empty());
-    daemon.wait_until("the refused certificate in the log", Duration::from_secs(30), |d| {
-        d.log().contains("forward: cannot reach tls://127.0.0.1:6514")
-    });
+    daemon.wait_until(
+        "the refused certificate in the log",
+        Duration::from_secs(30),
+        |d| {
+            d.log()
+                .contains("forward: cannot reach tls://127.0.0.1:6514")
+        },
+    );
     daemon.terminate();
 
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nowhere/ca.pem");
-    let mut daemon = sysd(dir.path(), &forwarding_config("127.0.0.1:6514", Some(&missing)));
+    let mut daemon = sysd(
+        dir.path(),
+        &forwarding_config("127.0.0.1:6514", Some(&missing)),
+    );
     let events = daemon.events();
     let error = events
         .iter()

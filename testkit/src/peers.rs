@@ -108,7 +108,10 @@ impl Prometheus {
         let log = dir.join("prometheus.log");
         let mut cmd = place.command(&tools::resolve("prometheus").expect("prometheus"));
         cmd.arg(format!("--config.file={}", conf.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address={listen}"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -127,7 +130,9 @@ impl Prometheus {
         let deadline = Instant::now() + Duration::from_secs(90);
         let path = format!("/api/v1/query?query={}", urlencode(q));
         loop {
-            let (status, body) = place.run(|| http_get(&self.addr, &path)).unwrap_or_default();
+            let (status, body) = place
+                .run(|| http_get(&self.addr, &path))
+                .unwrap_or_default();
             if status == 200 {
                 let v: Value = serde_json::from_str(&body).unwrap();
                 let result = &v["data"]["result"];

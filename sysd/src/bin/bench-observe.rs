@@ -47,7 +47,8 @@ fn run() -> Result<()> {
         "services", "p50 (ms)", "p95 (ms)", "size (KiB)", "series"
     );
     for n in [10, 100] {
-        let (p50, p95, size, series) = scrapes(&sysd, n).with_context(|| format!("{n} services"))?;
+        let (p50, p95, size, series) =
+            scrapes(&sysd, n).with_context(|| format!("{n} services"))?;
         println!(
             "{n:>9} {p50:>12.2} {p95:>12.2} {:>12.1} {series:>9}",
             size as f64 / 1024.0
@@ -156,7 +157,8 @@ fn scrapes(sysd: &Path, n: usize) -> Result<(f64, f64, usize, usize)> {
 
 fn rss(sysd: &Path, on: bool) -> Result<u64> {
     let dir = tempfile::tempdir()?;
-    let _rsyslog = on.then(|| Rsyslog::start(&Here, &dir.path().join("rsyslog"), RSYSLOG_PORT, None));
+    let _rsyslog =
+        on.then(|| Rsyslog::start(&Here, &dir.path().join("rsyslog"), RSYSLOG_PORT, None));
     let observe = if on {
         format!("[metrics]\nlisten = \"{METRICS}\"\n\n[logging.forward]\ntarget = \"127.0.0.1:{RSYSLOG_PORT}\"\n")
     } else {
@@ -179,7 +181,14 @@ fn rss(sysd: &Path, on: bool) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .context("VmRSS")?;
     daemon.terminate();
     Ok(kib)

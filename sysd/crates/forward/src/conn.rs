@@ -145,7 +145,9 @@ impl Dialer {
                     connector.connect(name.clone(), counted),
                 )
                 .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
                 Ok(Conn::Tls(Box::new(tls)))
             }
         }
@@ -188,7 +190,9 @@ impl Conn {
         let mut buf = [0u8; 512];
         loop {
             let read = match self {
-                Conn::Plain(c) => tokio::time::timeout(Duration::ZERO, c.inner.read(&mut buf)).await,
+                Conn::Plain(c) => {
+                    tokio::time::timeout(Duration::ZERO, c.inner.read(&mut buf)).await
+                }
                 Conn::Tls(t) => tokio::time::timeout(Duration::ZERO, t.read(&mut buf)).await,
             };
             match read {

@@ -275,7 +275,12 @@ async fn fill(
 
 /// Spool → receiver, forever: connect, send from the last acknowledged message, commit what
 /// is acknowledged; on any failure, back off and start again.
-async fn send(dialer: Dialer, spool: Arc<Mutex<Spool>>, counters: Arc<Counters>, more: Arc<Notify>) {
+async fn send(
+    dialer: Dialer,
+    spool: Arc<Mutex<Spool>>,
+    counters: Arc<Counters>,
+    more: Arc<Notify>,
+) {
     let mut backoff = BACKOFF_START;
     let mut last_error = String::new();
     loop {
@@ -323,7 +328,10 @@ async fn session(
                 Ok(unacked) => {
                     let acked = conn.written().saturating_sub(unacked);
                     let mut last = None;
-                    while inflight.front().is_some_and(|(_, bytes, _)| *bytes <= acked) {
+                    while inflight
+                        .front()
+                        .is_some_and(|(_, bytes, _)| *bytes <= acked)
+                    {
                         if let Some((pos, _, n)) = inflight.pop_front() {
                             counters.forwarded.fetch_add(n, Ordering::Relaxed);
                             last = Some(pos);
@@ -362,12 +370,7 @@ async fn session(
         match tokio::time::timeout(WRITE_TIMEOUT, conn.send(&bytes)).await {
             Ok(Ok(())) => inflight.push_back((pos, conn.written(), n)),
             Ok(Err(e)) => return format!("write failed: {e}"),
-            Err(_) => {
-                return format!(
-                    "the receiver took nothing for {}s",
-                    WRITE_TIMEOUT.as_secs()
-                )
-            }
+            Err(_) => return format!("the receiver took nothing for {}s", WRITE_TIMEOUT.as_secs()),
         }
     }
 }

@@ -146,9 +146,11 @@ impl Spool {
         Ok(())
     }
 
-    /// Bytes held and not yet acknowledged.
+    /// Bytes on disk: what is not acknowledged yet, and the acknowledged head of the oldest
+    /// segment (deleted once the whole segment is). The bound applies to this, so the spool
+    /// never takes more of /var than its size.
     pub fn used(&self) -> u64 {
-        self.segments.iter().map(|(_, s)| s).sum::<u64>() - self.cursor.offset
+        self.segments.iter().map(|(_, s)| s).sum::<u64>()
     }
 
     /// Appends one frame; `Ok(false)` when it does not fit (the caller counts a drop).
@@ -208,7 +210,11 @@ impl Spool {
                 }
             }
             let path = self.path(self.read.seq);
-            if self.reader.as_ref().is_none_or(|(s, _)| *s != self.read.seq) {
+            if self
+                .reader
+                .as_ref()
+                .is_none_or(|(s, _)| *s != self.read.seq)
+            {
                 let f = File::open(&path).map_err(io_err(&path))?;
                 self.reader = Some((self.read.seq, f));
             }
@@ -228,7 +234,7 @@ impl Spool {
                         frames += 1;
                     }
                     Ok(_) => break,
-                    Err(()) => {
+                    Err(crate::syslog::NotAFrame) => {
                         tracing::warn!(
                             "forward: {}: damaged at byte {}, skipping the rest of it",
                             path.display(),
@@ -286,13 +292,30 @@ impl Spool {
                 }
             }
         }
+        // Everything acknowledged: the last segment goes too, and appends start a new one.
+        if let [(seq, size)] = *self.segments.make_contiguous() {
+            if size > 0 && self.cursor == (Position { seq, offset: size }) {
+                let path = self.path(seq);
+                self.writer = None;
+                self.reader = None;
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                self.segments = VecDeque::from([(seq + 1, 0)]);
+                self.cursor = Position {
+                    seq: seq + 1,
+                    offset: 0,
+                };
+            }
+        }
         // The read position may have been at the end of a segment just deleted.
         self.read = self.read.max(self.cursor);
         let file = self.dir.join("cursor");
         let tmp = self.dir.join("cursor.tmp");
-        fs::write(&tmp, format!("{} {}\n", self.cursor.seq, self.cursor.offset))
-            .and_then(|()| fs::rename(&tmp, &file))
-            .map_err(io_err(&file))
+        fs::write(
+            &tmp,
+            format!("{} {}\n", self.cursor.seq, self.cursor.offset),
+        )
+        .and_then(|()| fs::rename(&tmp, &file))
+        .map_err(io_err(&file))
     }
 }
 
@@ -361,7 +384,10 @@ mod tests {
         assert_eq!(rest.last().unwrap(), &format!("line {:05}", fit - 1));
         assert_eq!(s.used(), 0);
         let files = fs::read_dir(dir.path()).unwrap().count();
-        assert!(files <= 3, "acknowledged segments are deleted ({files} files)");
+        assert!(
+            files <= 3,
+            "acknowledged segments are deleted ({files} files)"
+        );
         // Room again.
         assert!(s.push(&msg(7)).unwrap());
         assert_eq!(drain(&mut s), ["line 00007"]);
@@ -382,7 +408,7 @@ mod tests {
         assert!(s.push(&msg(3)).unwrap());
         drop(s);
         // A crash in the middle of an append.
-        let seg = dir.path().join(format!("{:020}.seg", 0));
+        let seg = dir.path().join(format!("{:020}.seg", 1));
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&msg(4)[..50]).unwrap();
         drop(f);

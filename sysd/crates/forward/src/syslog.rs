@@ -101,12 +101,17 @@ pub fn frame(m: &Message<'_>) -> Vec<u8> {
     out
 }
 
+/// Bytes that do not start with `LEN SP` (a damaged buffer file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not an octet-counted frame")]
+pub struct NotAFrame;
+
 /// The length of the frame at the start of `buf`, when `buf` holds all of it; `Err` when the
 /// bytes are not a frame (a damaged buffer file).
-pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ()> {
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, NotAFrame> {
     let Some(space) = buf.iter().take(8).position(|b| *b == b' ') else {
         return if buf.len() >= 8 || buf.iter().any(|b| !b.is_ascii_digit()) {
-            Err(())
+            Err(NotAFrame)
         } else {
             Ok(None)
         };
@@ -115,7 +120,7 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ()> {
         .ok()
         .and_then(|t| t.parse().ok())
         .filter(|n| *n > 0)
-        .ok_or(())?;
+        .ok_or(NotAFrame)?;
     let total = space + 1 + len;
     Ok((buf.len() >= total).then_some(total))
 }
@@ -142,8 +147,8 @@ mod tests {
         assert_eq!(frame_len(&f), Ok(Some(f.len())));
         assert_eq!(frame_len(&f[..f.len() - 1]), Ok(None));
         assert_eq!(frame_len(b"12"), Ok(None));
-        assert_eq!(frame_len(b"x2 abc"), Err(()));
-        assert_eq!(frame_len(b"123456789"), Err(()));
+        assert_eq!(frame_len(b"x2 abc"), Err(NotAFrame));
+        assert_eq!(frame_len(b"123456789"), Err(NotAFrame));
     }
 
     #[test]

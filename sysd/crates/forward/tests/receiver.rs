@@ -71,7 +71,10 @@ async fn every_line_arrives_in_order_across_a_receiver_restart() {
         intake.line("quiet", &line(format!("never {i}")));
     }
     let got = receive(&mut s, &mut buf, 100).await;
-    assert_eq!(got, (0..100).map(|i| format!("first {i}")).collect::<Vec<_>>());
+    assert_eq!(
+        got,
+        (0..100).map(|i| format!("first {i}")).collect::<Vec<_>>()
+    );
     // The receiver goes away; lines keep coming.
     drop(s);
     drop(listener);
@@ -88,7 +91,9 @@ async fn every_line_arrives_in_order_across_a_receiver_restart() {
     let got = receive(&mut s, &mut buf, 500).await;
     assert_eq!(
         got,
-        (0..500).map(|i| format!("while away {i}")).collect::<Vec<_>>(),
+        (0..500)
+            .map(|i| format!("while away {i}"))
+            .collect::<Vec<_>>(),
         "every line, in order, none twice"
     );
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -96,7 +101,10 @@ async fn every_line_arrives_in_order_across_a_receiver_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(fwd.counters().forwarded.load(Ordering::Relaxed), 600);
-    assert_eq!(fwd.counters().dropped_buffer_full.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        fwd.counters().dropped_buffer_full.load(Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test]
@@ -123,10 +131,16 @@ async fn a_receiver_that_never_reads_blocks_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let c = fwd.counters();
     let used = c.buffer_bytes.load(Ordering::Relaxed);
-    let dropped =
-        c.dropped_buffer_full.load(Ordering::Relaxed) + c.dropped_queue_full.load(Ordering::Relaxed);
-    assert!(used <= 1 << 20, "the buffer stays within its bound ({used})");
-    assert!(dropped > 3000, "what does not fit is dropped and counted ({dropped})");
+    let dropped = c.dropped_buffer_full.load(Ordering::Relaxed)
+        + c.dropped_queue_full.load(Ordering::Relaxed);
+    assert!(
+        used <= 1 << 20,
+        "the buffer stays within its bound ({used})"
+    );
+    assert!(
+        dropped > 3000,
+        "what does not fit is dropped and counted ({dropped})"
+    );
     let on_disk: u64 = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())

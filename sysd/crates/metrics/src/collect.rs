@@ -196,10 +196,7 @@ impl Collector {
         );
         for s in &stats {
             if let Some(v) = s.oom_kills {
-                f.sample(
-                    &[("name", &s.service), ("id", &id(&s.service))],
-                    v as f64,
-                );
+                f.sample(&[("name", &s.service), ("id", &id(&s.service))], v as f64);
             }
         }
         let mut f = w.family(
@@ -230,7 +227,10 @@ impl Collector {
         );
         for s in &statuses {
             if let Some(h) = s.health {
-                f.sample(&[("name", &s.name)], f64::from(u8::from(h == Health::Healthy)));
+                f.sample(
+                    &[("name", &s.name)],
+                    f64::from(u8::from(h == Health::Healthy)),
+                );
             }
         }
         let mut f = w.family(
@@ -293,19 +293,27 @@ pub struct ProcessFigures {
 pub fn process_figures(dir: &std::path::Path) -> ProcessFigures {
     let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
     let rss_bytes = status.lines().find_map(|l| {
-        let kb: f64 = l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        let kb: f64 = l
+            .strip_prefix("VmRSS:")?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()?;
         Some(kb * 1024.0)
     });
     // /proc/PID/stat: fields after the command's closing parenthesis; utime and stime are the
     // 14th and 15th fields of the whole line.
-    let cpu_seconds = std::fs::read_to_string(dir.join("stat")).ok().and_then(|s| {
-        let rest = &s[s.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-        // SAFETY: sysconf with a valid name only reads a constant.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        Some(ticks / hz)
-    });
+    let cpu_seconds = std::fs::read_to_string(dir.join("stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            // SAFETY: sysconf with a valid name only reads a constant.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            Some(ticks / hz)
+        });
     let open_fds = std::fs::read_dir(dir.join("fd"))
         .ok()
         .map(|d| d.count() as f64);

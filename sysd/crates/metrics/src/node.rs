@@ -115,20 +115,25 @@ fn parse_net_dev(text: &str) -> Vec<NetDev> {
         .collect()
 }
 
+/// A `/proc/net/dev` family: name, help, the field.
+type Counter = (&'static str, &'static str, fn(&NetDev) -> u64);
+
 /// The device and file system type mounted at `mountpoint` (the last such mount wins, as the
 /// kernel's view does), from `/proc/self/mountinfo`.
 fn mount_of(mountinfo: &str, mountpoint: &Path) -> Option<(String, String)> {
     let want = mountpoint.to_str()?;
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            (fields.get(4) == Some(&want))
-                .then(|| Some((fields.get(sep + 2)?.to_string(), fields.get(sep + 1)?.to_string())))
-                .flatten()
-        })
-        .last()
+    mountinfo.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        (fields.get(4) == Some(&want))
+            .then(|| {
+                Some((
+                    fields.get(sep + 2)?.to_string(),
+                    fields.get(sep + 1)?.to_string(),
+                ))
+            })
+            .flatten()
+    })
 }
 
 fn clock_ticks() -> f64 {
@@ -234,15 +239,47 @@ pub fn write(w: &mut Writer, src: &NodeSources) {
     filesystems(w, src, read("self/mountinfo").as_deref().unwrap_or(""));
     if let Some(dev) = read("net/dev") {
         let links = parse_net_dev(&dev);
-        let fields: [(&'static str, &str, fn(&NetDev) -> u64); 8] = [
-            ("node_network_receive_bytes_total", "Network device statistic receive_bytes.", |d| d.rx_bytes),
-            ("node_network_receive_packets_total", "Network device statistic receive_packets.", |d| d.rx_packets),
-            ("node_network_receive_errs_total", "Network device statistic receive_errs.", |d| d.rx_errs),
-            ("node_network_receive_drop_total", "Network device statistic receive_drop.", |d| d.rx_drop),
-            ("node_network_transmit_bytes_total", "Network device statistic transmit_bytes.", |d| d.tx_bytes),
-            ("node_network_transmit_packets_total", "Network device statistic transmit_packets.", |d| d.tx_packets),
-            ("node_network_transmit_errs_total", "Network device statistic transmit_errs.", |d| d.tx_errs),
-            ("node_network_transmit_drop_total", "Network device statistic transmit_drop.", |d| d.tx_drop),
+        let fields: [Counter; 8] = [
+            (
+                "node_network_receive_bytes_total",
+                "Network device statistic receive_bytes.",
+                |d| d.rx_bytes,
+            ),
+            (
+                "node_network_receive_packets_total",
+                "Network device statistic receive_packets.",
+                |d| d.rx_packets,
+            ),
+            (
+                "node_network_receive_errs_total",
+                "Network device statistic receive_errs.",
+                |d| d.rx_errs,
+            ),
+            (
+                "node_network_receive_drop_total",
+                "Network device statistic receive_drop.",
+                |d| d.rx_drop,
+            ),
+            (
+                "node_network_transmit_bytes_total",
+                "Network device statistic transmit_bytes.",
+                |d| d.tx_bytes,
+            ),
+            (
+                "node_network_transmit_packets_total",
+                "Network device statistic transmit_packets.",
+                |d| d.tx_packets,
+            ),
+            (
+                "node_network_transmit_errs_total",
+                "Network device statistic transmit_errs.",
+                |d| d.tx_errs,
+            ),
+            (
+                "node_network_transmit_drop_total",
+                "Network device statistic transmit_drop.",
+                |d| d.tx_drop,
+            ),
         ];
         for (name, help, get) in fields {
             let mut f = w.family(name, Type::Counter, help);
@@ -285,7 +322,10 @@ fn filesystems(w: &mut Writer, src: &NodeSources, mountinfo: &str) {
             "node_filesystem_avail_bytes",
             "Filesystem space available to non-root users in bytes.",
         ),
-        ("node_filesystem_free_bytes", "Filesystem free space in bytes."),
+        (
+            "node_filesystem_free_bytes",
+            "Filesystem free space in bytes.",
+        ),
         ("node_filesystem_files", "Filesystem total file nodes."),
         (
             "node_filesystem_files_free",
@@ -323,7 +363,9 @@ mod tests {
 
     #[test]
     fn meminfo_and_net_dev() {
-        let m = parse_meminfo("MemTotal:        2000 kB\nActive(anon):  8 kB\nHugePages_Total:       0\n");
+        let m = parse_meminfo(
+            "MemTotal:        2000 kB\nActive(anon):  8 kB\nHugePages_Total:       0\n",
+        );
         assert_eq!(
             m,
             [

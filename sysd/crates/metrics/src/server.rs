@@ -54,10 +54,7 @@ impl Default for Limits {
 /// Binds the exporter's listener; the error names the address.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("metrics: cannot listen on {addr}: {e}"),
-        )
+        std::io::Error::new(e.kind(), format!("metrics: cannot listen on {addr}: {e}"))
     })
 }
 
@@ -253,9 +250,11 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -266,7 +265,10 @@ mod tests {
         let (addr, _) = exporter(Limits::default()).await;
         let answer = get(addr, "/metrics").await;
         assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
-        assert!(answer.contains("content-type: text/plain; version=0.0.4"), "{answer}");
+        assert!(
+            answer.contains("content-type: text/plain; version=0.0.4"),
+            "{answer}"
+        );
         for needle in [
             "\nnode_cpu_seconds_total{cpu=\"0\",mode=\"user\"} ",
             "\ncontainer_memory_usage_bytes{name=\"web\",id=\"/keelson/web\"} 41943040\n",
@@ -284,7 +286,10 @@ mod tests {
             assert!(answer.contains(needle), "{needle} missing in\n{answer}");
         }
         let missing = get(addr, "/other").await;
-        assert!(missing.starts_with("HTTP/1.1 404") && missing.contains("try /metrics"), "{missing}");
+        assert!(
+            missing.starts_with("HTTP/1.1 404") && missing.contains("try /metrics"),
+            "{missing}"
+        );
     }
 
     #[tokio::test]

@@ -201,7 +201,9 @@ mod tests {
             (f.transport, f.buffer_size, f.events),
             (Transport::Tcp, DEFAULT_BUFFER, true)
         );
-        let e = logging("[logging.forward]\ntarget = \"logs\"\n").unwrap_err().0;
+        let e = logging("[logging.forward]\ntarget = \"logs\"\n")
+            .unwrap_err()
+            .0;
         assert_eq!(
             e,
             "u.toml: logging.forward.target: \"logs\" is not HOST:PORT"
@@ -247,9 +249,9 @@ mod tests {
             "version = 1\n[metrics]\nlisten = \"nowhere\"\n",
         )
         .unwrap();
-        assert!(load(&sources).unwrap_err().0.starts_with(&format!(
-            "{}:3:",
-            sources.user_file.display()
-        )));
+        assert!(load(&sources)
+            .unwrap_err()
+            .0
+            .starts_with(&format!("{}:3:", sources.user_file.display())));
     }
 }

@@ -278,7 +278,10 @@ mod tests {
         struct Seen(Mutex<Vec<String>>);
         impl LogTap for Seen {
             fn line(&self, service: &str, line: &LogLine) {
-                self.0.lock().unwrap().push(format!("{service}: {}", line.line));
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(format!("{service}: {}", line.line));
             }
         }
         let dir = tempfile::tempdir().unwrap();
