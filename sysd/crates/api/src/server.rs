@@ -1016,6 +1016,7 @@ mod tests {
         _dir: tempfile::TempDir,
         socket: PathBuf,
         backend: Arc<Fake>,
+        requests: Arc<crate::RequestCounts>,
         stop: Option<oneshot::Sender<()>>,
         server: JoinHandle<()>,
     }
@@ -1026,9 +1027,11 @@ mod tests {
         let listener = bind(&socket).expect("bind");
         let backend = Arc::new(Fake::new());
         let (stop, stopped) = oneshot::channel::<()>();
+        let requests = Arc::new(crate::RequestCounts::default());
         let concerns = Concerns {
             services: Some(backend.clone()),
             config: Some(backend.clone()),
+            requests: Arc::clone(&requests),
             ..Concerns::default()
         };
         let server = tokio::spawn(serve(listener, concerns, async {
@@ -1038,6 +1041,7 @@ mod tests {
             _dir: dir,
             socket,
             backend,
+            requests,
             stop: Some(stop),
             server,
         }
@@ -1178,6 +1182,15 @@ mod tests {
         let err = bind(&file).expect_err("a regular file is not replaced");
         assert!(format!("{err:#}").contains("not a socket"), "{err:#}");
         assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
+    }
+
+    #[tokio::test]
+    async fn answers_are_counted_by_status() {
+        let h = start().await;
+        get(&h, "/v1/version").await;
+        get(&h, "/v1/services").await;
+        get(&h, "/v1/nowhere").await;
+        assert_eq!(h.requests.snapshot(), [(200, 2), (404, 1)]);
     }
 
     #[tokio::test]
