@@ -32,7 +32,7 @@ listen = "0.0.0.0:9100"
 [logging.forward]
 target = "10.0.2.2:1601"
 
-[services.hog]
+[services.filler]
 image = "/usr/lib/keelson/images/base"
 command = ["sh", "-c", "head -c 41943040 /dev/zero > /blob/fill && echo allocated && exec sleep 100000"]
 mounts = [{ type = "tmpfs", target = "/blob", size = "64M" }]
@@ -56,12 +56,12 @@ fn prometheus_scrapes_a_node_and_rsyslog_receives_its_logs() {
     let out = g.sh(&format!(
         "cat > /tmp/u.toml <<'EOF'\n{CONFIG}EOF\nkeelctl apply /tmp/u.toml"
     ));
-    assert!(out.contains("hog") && out.contains("ticker"), "{out}");
+    assert!(out.contains("filler") && out.contains("ticker"), "{out}");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !g.sh("keelctl logs hog").contains("allocated") {
+    while !g.sh("keelctl logs filler").contains("allocated") {
         assert!(
             Instant::now() < deadline,
-            "hog never filled its 40 MiB\n{}",
+            "filler never filled its 40 MiB\n{}",
             g.serial_tail(40)
         );
         std::thread::sleep(Duration::from_secs(1));
@@ -87,14 +87,14 @@ fn prometheus_scrapes_a_node_and_rsyslog_receives_its_logs() {
     );
     assert!(prom.value(&ns, "sum(rate(node_cpu_seconds_total[1m]))") >= 0.0);
     assert!(prom.value(&ns, "node_network_receive_bytes_total{device=\"eth0\"}") > 0.0);
-    let used = prom.value(&ns, "container_memory_usage_bytes{name=\"hog\"}") / f64::from(1 << 20);
+    let used = prom.value(&ns, "container_memory_usage_bytes{name=\"filler\"}") / f64::from(1 << 20);
     assert!(
         (40.0..48.0).contains(&used),
-        "hog uses {used:.1} MiB, expected ~40"
+        "filler uses {used:.1} MiB, expected ~40"
     );
     let peak =
-        prom.value(&ns, "container_memory_max_usage_bytes{name=\"hog\"}") / f64::from(1 << 20);
-    assert!(peak >= 40.0, "hog's peak {peak:.1} MiB");
+        prom.value(&ns, "container_memory_max_usage_bytes{name=\"filler\"}") / f64::from(1 << 20);
+    assert!(peak >= 40.0, "filler's peak {peak:.1} MiB");
     assert_eq!(
         prom.value(
             &ns,
