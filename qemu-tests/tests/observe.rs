@@ -87,7 +87,8 @@ fn prometheus_scrapes_a_node_and_rsyslog_receives_its_logs() {
     );
     assert!(prom.value(&ns, "sum(rate(node_cpu_seconds_total[1m]))") >= 0.0);
     assert!(prom.value(&ns, "node_network_receive_bytes_total{device=\"eth0\"}") > 0.0);
-    let used = prom.value(&ns, "container_memory_usage_bytes{name=\"filler\"}") / f64::from(1 << 20);
+    let used =
+        prom.value(&ns, "container_memory_usage_bytes{name=\"filler\"}") / f64::from(1 << 20);
     assert!(
         (40.0..48.0).contains(&used),
         "filler uses {used:.1} MiB, expected ~40"

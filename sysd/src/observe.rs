@@ -65,10 +65,10 @@ impl Contributor for Current {
         w.family(
             "keelson_log_forward_dropped_total",
             Type::Counter,
-            "Messages dropped: the buffer on /var was full, the queue to it was full, or /var refused the write.",
+            "Messages dropped: the buffer on /var was full, /var refused the write, or the event subscription fell behind.",
         )
         .sample(&[("reason", "buffer_full")], get(&counters.dropped_buffer_full))
-        .sample(&[("reason", "queue_full")], get(&counters.dropped_queue_full))
+        .sample(&[("reason", "lagged")], get(&counters.dropped_lagged))
         .sample(&[("reason", "write_error")], get(&counters.dropped_write_error));
         w.family(
             "keelson_log_forward_buffer_bytes",

@@ -2,9 +2,10 @@
 //! events, as RFC 5424 syslog messages in octet-counted frames (RFC 6587) over TCP, or over
 //! TLS (RFC 5425), to the receiver `[logging.forward]` names.
 //!
-//! The path of a line: [`Intake::line`] (called wherever sysd records a line; it formats the
-//! frame and never blocks: a full queue drops and counts) → a bounded queue → the [`spool`] on
-//! /var (bounded; a full spool drops and counts) → the sender, which sends the spool in order
+//! The path of a line: [`Intake::line`] (called wherever sysd records a line, right after the
+//! line went to its log file; it formats the frame and appends it to the [`spool`] on /var,
+//! which is bounded: a full spool drops the line and counts it; the receiver is never waited
+//! for) → the sender, which sends the spool in order
 //! and commits what the receiver's TCP stack has acknowledged; after a broken connection it
 //! sends again from the last acknowledged message, so every line arrives, in order (once, or
 //! twice when a connection broke with it in flight). A receiver that accepts and never reads
@@ -25,15 +26,13 @@ use std::time::Duration;
 
 use keelson_common::api::{Event, LogLine, Stream};
 use keelson_spec::observe::{ForwardSpec, Transport};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use conn::{Conn, Dialer};
 use spool::{Position, Spool};
 use syslog::{frame, Facility, Message, Severity};
 
-/// Messages waiting between the intake and the spool.
-pub const QUEUE: usize = 4096;
 /// A write the receiver does not take within this long ends the connection.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,8 +50,8 @@ pub struct Counters {
     pub forwarded: AtomicU64,
     /// Messages dropped because the spool was full.
     pub dropped_buffer_full: AtomicU64,
-    /// Messages dropped because the queue to the spool was full (the disk stalls).
-    pub dropped_queue_full: AtomicU64,
+    /// sysd's events missed by a subscription that fell behind.
+    pub dropped_lagged: AtomicU64,
     /// Messages dropped because /var refused the write.
     pub dropped_write_error: AtomicU64,
     /// Bytes held in the spool.
@@ -73,10 +72,13 @@ pub enum Error {
     Spool(#[from] spool::Error),
 }
 
-/// Where lines enter. Cheap to clone; never blocks.
+/// Where lines enter. Cheap to clone; never waits for the receiver (only for the append to
+/// /var, as the service's own log file does).
 #[derive(Clone, Debug)]
 pub struct Intake {
-    tx: mpsc::Sender<Vec<u8>>,
+    spool: Arc<Mutex<Spool>>,
+    more: Arc<Notify>,
+    write_error_reported: Arc<AtomicBool>,
     counters: Arc<Counters>,
     exclude: Arc<BTreeSet<String>>,
     events: bool,
@@ -91,18 +93,33 @@ fn hostname() -> String {
 
 impl Intake {
     fn offer(&self, frame: Vec<u8>) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(frame) {
-            self.counters
-                .dropped_queue_full
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        let used = {
+            let mut s = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+            match s.push(&frame) {
+                Ok(true) => self.write_error_reported.store(false, Ordering::Relaxed),
+                Ok(false) => {
+                    self.counters
+                        .dropped_buffer_full
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.counters
+                        .dropped_write_error
+                        .fetch_add(1, Ordering::Relaxed);
+                    if !self.write_error_reported.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("forward: cannot buffer a message: {e}");
+                    }
+                }
+            }
+            s.used()
+        };
+        self.counters.buffer_bytes.store(used, Ordering::Relaxed);
+        self.more.notify_one();
     }
 
-    /// Messages lost before they reached the intake (a lagging event subscription).
+    /// Events lost before they reached the intake (a lagging event subscription).
     pub fn dropped(&self, n: u64) {
-        self.counters
-            .dropped_queue_full
-            .fetch_add(n, Ordering::Relaxed);
+        self.counters.dropped_lagged.fetch_add(n, Ordering::Relaxed);
     }
 
     /// A service's line (unless the service is excluded).
@@ -197,20 +214,18 @@ impl Forwarder {
         let counters = Arc::new(Counters::default());
         let used = spool.lock().unwrap_or_else(|p| p.into_inner()).used();
         counters.buffer_bytes.store(used, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(QUEUE);
         let more = Arc::new(Notify::new());
-        let tasks = vec![
-            tokio::spawn(fill(
-                rx,
-                Arc::clone(&spool),
-                Arc::clone(&counters),
-                Arc::clone(&more),
-            )),
-            tokio::spawn(send(dialer, spool, Arc::clone(&counters), more)),
-        ];
+        let tasks = vec![tokio::spawn(send(
+            dialer,
+            Arc::clone(&spool),
+            Arc::clone(&counters),
+            Arc::clone(&more),
+        ))];
         Ok(Forwarder {
             intake: Intake {
-                tx,
+                spool,
+                more,
+                write_error_reported: Arc::new(AtomicBool::new(false)),
                 counters: Arc::clone(&counters),
                 exclude: Arc::new(spec.exclude.iter().cloned().collect()),
                 events: spec.events,
@@ -237,40 +252,6 @@ impl Forwarder {
 /// The spool's directory on a node.
 pub fn default_dir() -> PathBuf {
     PathBuf::from("/var/lib/keelson/forward")
-}
-
-/// Queue → spool.
-async fn fill(
-    mut rx: mpsc::Receiver<Vec<u8>>,
-    spool: Arc<Mutex<Spool>>,
-    counters: Arc<Counters>,
-    more: Arc<Notify>,
-) {
-    let mut reported = false;
-    while let Some(first) = rx.recv().await {
-        {
-            let mut s = spool.lock().unwrap_or_else(|p| p.into_inner());
-            let mut next = Some(first);
-            while let Some(frame) = next {
-                match s.push(&frame) {
-                    Ok(true) => reported = false,
-                    Ok(false) => {
-                        counters.dropped_buffer_full.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        counters.dropped_write_error.fetch_add(1, Ordering::Relaxed);
-                        if !reported {
-                            tracing::warn!("forward: cannot buffer a message: {e}");
-                            reported = true;
-                        }
-                    }
-                }
-                next = rx.try_recv().ok();
-            }
-            counters.buffer_bytes.store(s.used(), Ordering::Relaxed);
-        }
-        more.notify_one();
-    }
 }
 
 /// Spool → receiver, forever: connect, send from the last acknowledged message, commit what
