@@ -20,6 +20,7 @@ mod adapters;
 mod extensions;
 mod firstboot;
 mod notify;
+mod observe;
 mod remote;
 
 use std::path::PathBuf;
@@ -106,6 +107,9 @@ struct DaemonArgs {
     /// it on a node; host tests leave /usr alone).
     #[arg(long)]
     extensions: bool,
+    /// The log forwarder's buffer (`[logging.forward]`), on /var.
+    #[arg(long, default_value = "/var/lib/keelson/forward")]
+    forward_dir: PathBuf,
     /// `nft` for container networks: the binary, or an image root with Debian's nftables.
     #[arg(long, default_value = "/usr/lib/keelson/images/nft")]
     nft: PathBuf,
@@ -335,6 +339,19 @@ async fn run(args: DaemonArgs) -> Result<()> {
         x
     });
 
+    let requests = Arc::new(keelson_api::RequestCounts::default());
+    let updates = Arc::new(adapters::Updates(Arc::clone(&agent)));
+    observe::follow(
+        &sup,
+        &events,
+        observe::Sources {
+            services: sup.clone(),
+            updates: Some(updates.clone()),
+            requests: Arc::clone(&requests),
+            cgroup_parent: args.cgroup_parent.clone(),
+            forward_dir: args.forward_dir.clone(),
+        },
+    );
     let concerns = keelson_api::Concerns {
         services: Some(sup.clone()),
         config: Some(sup.clone()),
@@ -343,7 +360,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
             sup.statuses(),
             Arc::clone(&events),
         ))),
-        updates: Some(Arc::new(adapters::Updates(Arc::clone(&agent)))),
+        updates: Some(updates),
         network: net
             .clone()
             .map(|net| net as Arc<dyn keelson_api::HostNetwork>),
@@ -351,6 +368,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
         extensions: extensions
             .clone()
             .map(|x| x as Arc<dyn keelson_api::Extensions>),
+        requests,
     };
     let listener = keelson_api::server::bind(&args.socket)?;
     let (stop_api, api_stopped) = tokio::sync::watch::channel(false);

@@ -12,6 +12,8 @@
 //! - [`registry`]: a private network namespace, a `docker-registry`, OCI layouts pushed to it,
 //!   a failing proxy, a token server, a private CA.
 //! - [`etcd`]: a real etcd member (Debian's `etcd-server`) on a private loopback.
+//! - [`peers`]: Debian's Prometheus and rsyslog as real peers of the exporter and the log
+//!   forwarder, in the test's namespace or a guest's.
 //! - [`stats`]: medians and percentiles for the benchmarks.
 
 pub mod busybox;
@@ -20,6 +22,7 @@ pub mod daemon;
 pub mod etcd;
 pub mod http;
 pub mod oci;
+pub mod peers;
 pub mod registry;
 pub mod stats;
 pub mod tools;

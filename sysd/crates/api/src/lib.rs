@@ -189,6 +189,29 @@ pub struct Concerns {
     pub network: Option<Arc<dyn HostNetwork>>,
     pub firstboot: Option<Arc<dyn FirstBootReport>>,
     pub extensions: Option<Arc<dyn Extensions>>,
+    /// Answers given, counted by status code (the exporter's `keelson_api_requests_total`).
+    pub requests: Arc<RequestCounts>,
+}
+
+/// How many requests the API answered with each status code, since sysd started.
+#[derive(Debug, Default)]
+pub struct RequestCounts(std::sync::Mutex<std::collections::BTreeMap<u16, u64>>);
+
+impl RequestCounts {
+    pub fn count(&self, status: u16) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(status)
+            .or_default() += 1;
+    }
+
+    /// (status code, answers), by code.
+    pub fn snapshot(&self) -> Vec<(u16, u64)> {
+        let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        counts.iter().map(|(k, v)| (*k, *v)).collect()
+    }
 }
 
 impl Concerns {

@@ -208,7 +208,11 @@ pub(crate) async fn connection<I>(
         let concerns = Arc::clone(&concerns);
         let stop = stop_for_requests.clone();
         let access = Arc::clone(&access);
-        async move { Ok::<_, Infallible>(handle(req, &concerns, stop, &access).await) }
+        async move {
+            let response = handle(req, &concerns, stop, &access).await;
+            concerns.requests.count(response.status().as_u16());
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut builder = http1::Builder::new();
     if let Some(timeout) = limits.header_read_timeout {
@@ -1114,6 +1118,7 @@ mod tests {
         _dir: tempfile::TempDir,
         socket: PathBuf,
         backend: Arc<Fake>,
+        requests: Arc<crate::RequestCounts>,
         stop: Option<oneshot::Sender<()>>,
         server: JoinHandle<()>,
     }
@@ -1124,9 +1129,11 @@ mod tests {
         let listener = bind(&socket).expect("bind");
         let backend = Arc::new(Fake::new());
         let (stop, stopped) = oneshot::channel::<()>();
+        let requests = Arc::new(crate::RequestCounts::default());
         let concerns = Concerns {
             services: Some(backend.clone()),
             config: Some(backend.clone()),
+            requests: Arc::clone(&requests),
             ..Concerns::default()
         };
         let server = tokio::spawn(serve(listener, concerns, async {
@@ -1136,6 +1143,7 @@ mod tests {
             _dir: dir,
             socket,
             backend,
+            requests,
             stop: Some(stop),
             server,
         }
@@ -1276,6 +1284,15 @@ mod tests {
         let err = bind(&file).expect_err("a regular file is not replaced");
         assert!(format!("{err:#}").contains("not a socket"), "{err:#}");
         assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
+    }
+
+    #[tokio::test]
+    async fn answers_are_counted_by_status() {
+        let h = start().await;
+        get(&h, "/v1/version").await;
+        get(&h, "/v1/services").await;
+        get(&h, "/v1/nowhere").await;
+        assert_eq!(h.requests.snapshot(), [(200, 2), (404, 1)]);
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod api;
 pub mod extensions;
 pub mod network;
+pub mod observe;
 pub mod reference;
 pub mod registries;
 mod table;
@@ -58,6 +59,12 @@ struct File {
     extensions: Option<extensions::ExtensionsSpec>,
     /// sysd's API on the network (`spec::api`).
     api: Option<api::ApiSpec>,
+    /// The Prometheus exporter (`spec::observe`; parsed here so a bad table is refused with
+    /// the file's other errors, and layered by `observe::load`).
+    #[allow(dead_code)]
+    metrics: Option<observe::MetricsSpec>,
+    /// Log forwarding (`spec::observe`).
+    logging: Option<observe::LoggingSpec>,
     /// Changes to system services (`[overrides.NAME]`).
     /// (Not `Spanned`: toml cannot span a table defined only through its sub-tables, as
     /// `[overrides.etcd.env]` alone does; the position is found in the text instead.)
@@ -618,6 +625,10 @@ pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Documen
     }
     if let Some(a) = &file.api {
         a.check()
+            .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
+    }
+    if let Some(l) = &file.logging {
+        l.check()
             .map_err(|e| ConfigError(format!("{shown}: {e}")))?;
     }
     let mut out = Vec::new();

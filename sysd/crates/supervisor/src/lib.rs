@@ -46,6 +46,7 @@ use keelson_runtime::Runtime;
 use keelson_spec::api::ApiSpec;
 use keelson_spec::extensions::ExtensionsSpec;
 use keelson_spec::network::{NetConfig, PortSpec};
+use keelson_spec::observe::ObserveSpec;
 use keelson_spec::update::UpdateSpec;
 use keelson_spec::{Config, ConfigError, Kind, RestartPolicy, Service, Sources};
 use logs::LogHub;
@@ -136,6 +137,8 @@ pub struct Supervisor {
     extensions_spec: watch::Sender<Result<ExtensionsSpec, ConfigError>>,
     /// The effective `[api]` table (the remote API), as last loaded or applied.
     api_spec: watch::Sender<Result<ApiSpec, ConfigError>>,
+    /// The effective `[metrics]` and `[logging]` tables, as last loaded or applied.
+    observe_spec: watch::Sender<Result<ObserveSpec, ConfigError>>,
     started: Instant,
 }
 
@@ -194,6 +197,7 @@ impl Supervisor {
         let update_spec = watch::channel(keelson_spec::update::load(&paths.sources)).0;
         let extensions_spec = watch::channel(keelson_spec::extensions::load(&paths.sources)).0;
         let api_spec = watch::channel(keelson_spec::api::load(&paths.sources)).0;
+        let observe_spec = watch::channel(keelson_spec::observe::load(&paths.sources)).0;
         Supervisor {
             shared: Arc::new(Shared {
                 logs: Arc::new(LogHub::new(
@@ -215,6 +219,7 @@ impl Supervisor {
             update_spec,
             extensions_spec,
             api_spec,
+            observe_spec,
             started: Instant::now(),
         }
     }
@@ -242,9 +247,21 @@ impl Supervisor {
         self.api_spec.subscribe()
     }
 
-    /// Re-reads the whole-table settings (`[update]`, `[extensions]`, `[api]`) after the
-    /// config files changed. A receiver is woken only when its table really changed (`[api]`:
-    /// always, see [`Supervisor::api_spec`]).
+    /// The effective `[metrics]` and `[logging]` tables (or why they are invalid), as boot and
+    /// every apply leave them.
+    pub fn observe_spec(&self) -> watch::Receiver<Result<ObserveSpec, ConfigError>> {
+        self.observe_spec.subscribe()
+    }
+
+    /// Every line a service writes (and sysd's notes about it) also goes to `tap` (log
+    /// forwarding); `None` stops that.
+    pub fn set_log_tap(&self, tap: Option<Arc<dyn logs::LogTap>>) {
+        self.shared.logs.set_tap(tap);
+    }
+
+    /// Re-reads the whole-table settings (`[update]`, `[extensions]`, `[api]`, `[metrics]`,
+    /// `[logging]`) after the config files changed. A receiver is woken only when its table
+    /// really changed (`[api]`: always, see [`Supervisor::api_spec`]).
     fn publish_update_spec(&self) {
         let sources = &self.shared.paths.sources;
         let load = keelson_spec::update::load(sources);
@@ -260,6 +277,12 @@ impl Supervisor {
             changed
         });
         let _previous = self.api_spec.send_replace(keelson_spec::api::load(sources));
+        let load = keelson_spec::observe::load(sources);
+        self.observe_spec.send_if_modified(|spec| {
+            let changed = *spec != load;
+            *spec = load;
+            changed
+        });
     }
 
     /// Re-reads the system services (the extensions merged over /usr changed) and reconciles

@@ -46,11 +46,17 @@ struct Store {
     file_error_reported: bool,
 }
 
+/// Where else every line goes (log forwarding); must not block.
+pub trait LogTap: Send + Sync {
+    fn line(&self, service: &str, line: &LogLine);
+}
+
 /// Every service's log.
 pub struct LogHub {
     dir: PathBuf,
     rotation: Rotation,
     stores: Mutex<BTreeMap<String, Arc<Mutex<Store>>>>,
+    tap: Mutex<Option<Arc<dyn LogTap>>>,
 }
 
 impl LogHub {
@@ -59,7 +65,12 @@ impl LogHub {
             dir,
             rotation,
             stores: Mutex::new(BTreeMap::new()),
+            tap: Mutex::new(None),
         }
+    }
+
+    pub fn set_tap(&self, tap: Option<Arc<dyn LogTap>>) {
+        *self.tap.lock().unwrap_or_else(|p| p.into_inner()) = tap;
     }
 
     fn store(&self, service: &str) -> Arc<Mutex<Store>> {
@@ -112,6 +123,10 @@ impl LogHub {
             line,
         };
         s.write_file(&self.dir, &self.rotation, &entry);
+        let tap = self.tap.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(tap) = tap {
+            tap.line(service, &entry);
+        }
         if s.tail.len() == TAIL {
             s.tail.pop_front();
         }
@@ -256,6 +271,29 @@ mod tests {
         assert!(dir.path().join("web.log.1").exists());
         assert!(dir.path().join("web.log.2").exists());
         assert!(!dir.path().join("web.log.3").exists());
+    }
+
+    #[test]
+    fn the_tap_sees_every_line() {
+        struct Seen(Mutex<Vec<String>>);
+        impl LogTap for Seen {
+            fn line(&self, service: &str, line: &LogLine) {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(format!("{service}: {}", line.line));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let hub = LogHub::new(dir.path().to_path_buf(), Rotation::default());
+        let seen = Arc::new(Seen(Mutex::new(Vec::new())));
+        hub.push("a", Stream::Stdout, "before".into());
+        hub.set_tap(Some(seen.clone()));
+        hub.push("a", Stream::Stdout, "one".into());
+        hub.push("b", Stream::Stderr, "two".into());
+        hub.set_tap(None);
+        hub.push("a", Stream::Stdout, "after".into());
+        assert_eq!(*seen.0.lock().unwrap(), ["a: one", "b: two"]);
     }
 
     #[tokio::test]
