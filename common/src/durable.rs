@@ -91,10 +91,11 @@ impl Error {
     }
 }
 
-/// Keeps the OS error's kind so `?` into an `io::Result` still lets callers match on it.
+/// Keeps the OS error's kind so `?` into an `io::Result` still lets callers match on it, and
+/// says the cause in the text (callers print io errors with `{}`).
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
-        io::Error::new(e.source.kind(), e)
+        io::Error::new(e.source.kind(), format!("{e}: {}", e.source))
     }
 }
 
@@ -228,25 +229,27 @@ impl Drop for Staged {
     }
 }
 
-/// Moves `staged` (a complete file written in `target`'s directory) over `target` durably:
-/// fsync the file, rename, fsync the directory.
+/// Moves `staged` (a complete file, e.g. a verified download) over `target` durably: fsync the
+/// file, rename, fsync the target's directory (and the staged file's, when it is another one on
+/// the same file system, so the old entry does not come back either).
 pub fn commit(staged: &Path, target: &Path) -> Result<(), Error> {
-    let (dir_path, name) = split(target)?;
-    let from = staged
-        .file_name()
-        .ok_or_else(|| Error::new(Step::Rename, staged, io::ErrorKind::InvalidInput.into()))?;
-    if staged.parent().map(dir_or_dot) != Some(dir_path) {
-        return Err(Error::new(
-            Step::Rename,
-            target,
-            io::Error::other(format!("{} is not in the same directory", staged.display())),
-        ));
-    }
-    let dir = open_dir(dir_path).map_err(|e| Error::new(Step::OpenDir, target, e))?;
-    let f = openat_read(&dir, from).map_err(|e| Error::new(Step::Sync, staged, e))?;
+    let (to_dir_path, to) = split(target)?;
+    let (from_dir_path, from) = split(staged)?;
+    let to_dir = open_dir(to_dir_path).map_err(|e| Error::new(Step::OpenDir, target, e))?;
+    let from_dir = if from_dir_path == to_dir_path {
+        None
+    } else {
+        Some(open_dir(from_dir_path).map_err(|e| Error::new(Step::OpenDir, staged, e))?)
+    };
+    let src = from_dir.as_ref().unwrap_or(&to_dir);
+    let f = openat_read(src, from).map_err(|e| Error::new(Step::Sync, staged, e))?;
     fsync(f.as_raw_fd()).map_err(|e| Error::new(Step::Sync, staged, e))?;
-    renameat(&dir, from, name).map_err(|e| Error::new(Step::Rename, target, e))?;
-    fsync(dir.as_raw_fd()).map_err(|e| Error::new(Step::SyncDir, target, e))
+    renameat2(src, from, &to_dir, to).map_err(|e| Error::new(Step::Rename, target, e))?;
+    fsync(to_dir.as_raw_fd()).map_err(|e| Error::new(Step::SyncDir, target, e))?;
+    if let Some(d) = &from_dir {
+        fsync(d.as_raw_fd()).map_err(|e| Error::new(Step::SyncDir, staged, e))?;
+    }
+    Ok(())
 }
 
 /// Rewrites `path` in place (same inode) for files on /run that services bind-mount: the new
@@ -389,7 +392,9 @@ fn temp_name(name: &OsStr) -> OsString {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let c = COUNTER.fetch_add(1, Ordering::Relaxed);
-        (u64::from(std::process::id()) << 40) ^ c.rotate_left(20) ^ t.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        (u64::from(std::process::id()) << 40)
+            ^ c.rotate_left(20)
+            ^ t.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     };
     let bytes = name.as_bytes();
     let keep = &bytes[..bytes.len().min(200)];
@@ -400,7 +405,8 @@ fn temp_name(name: &OsStr) -> OsString {
 }
 
 fn cstr(name: &OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a file name"))
+    CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a file name"))
 }
 
 fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
@@ -437,10 +443,14 @@ fn openat_read(dir: &OwnedFd, name: &OsStr) -> io::Result<File> {
 }
 
 fn renameat(dir: &OwnedFd, from: &OsStr, to: &OsStr) -> io::Result<()> {
+    renameat2(dir, from, dir, to)
+}
+
+fn renameat2(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr) -> io::Result<()> {
     let (f, t) = (cstr(from)?, cstr(to)?);
-    let d = dir.as_raw_fd();
-    // SAFETY: both names are valid NUL-terminated strings, `d` an open directory descriptor.
-    if unsafe { libc::renameat(d, f.as_ptr(), d, t.as_ptr()) } != 0 {
+    let (fd, td) = (from_dir.as_raw_fd(), to_dir.as_raw_fd());
+    // SAFETY: both names are valid NUL-terminated strings, both descriptors open directories.
+    if unsafe { libc::renameat(fd, f.as_ptr(), td, t.as_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -521,14 +531,19 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.step, Step::CreateTemp);
         assert_eq!(e.source.kind(), io::ErrorKind::AlreadyExists, "{e}");
-        assert!(e.to_string().contains(".lease.json.00000000deadbeef.tmp"), "{e}");
+        assert!(
+            e.to_string().contains(".lease.json.00000000deadbeef.tmp"),
+            "{e}"
+        );
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert_eq!(std::fs::read(&p).unwrap(), b"old lease");
         // The link is still a link (the refused create removed nothing that was not its own).
-        assert!(std::fs::symlink_metadata(d.join(".lease.json.00000000deadbeef.tmp"))
-            .unwrap()
-            .file_type()
-            .is_symlink());
+        assert!(
+            std::fs::symlink_metadata(d.join(".lease.json.00000000deadbeef.tmp"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -615,16 +630,23 @@ mod tests {
     }
 
     #[test]
-    fn commit_moves_a_download_and_refuses_another_directory() {
+    fn commit_moves_a_download_within_and_across_directories() {
         let d = tmp();
         std::fs::create_dir(d.join("blobs")).unwrap();
+        std::fs::create_dir(d.join(".downloads")).unwrap();
         std::fs::write(d.join("blobs/.part"), "blob").unwrap();
+        let before = syncs();
         commit(&d.join("blobs/.part"), &d.join("blobs/abc")).unwrap();
+        assert!(syncs() - before >= 2, "the file and its directory");
         assert_eq!(std::fs::read(d.join("blobs/abc")).unwrap(), b"blob");
-        std::fs::write(d.join("x"), "x").unwrap();
-        let e = commit(&d.join("x"), &d.join("blobs/y")).unwrap_err();
-        assert!(e.to_string().contains("blobs/y"), "{e}");
-        assert!(d.join("x").exists());
+        std::fs::write(d.join(".downloads/def"), "other").unwrap();
+        commit(&d.join(".downloads/def"), &d.join("blobs/def")).unwrap();
+        assert_eq!(std::fs::read(d.join("blobs/def")).unwrap(), b"other");
+        assert!(!d.join(".downloads/def").exists());
+        // A missing download is an error naming it; the store is untouched.
+        let e = commit(&d.join(".downloads/gone"), &d.join("blobs/gone")).unwrap_err();
+        assert!(e.to_string().contains(".downloads/gone"), "{e}");
+        assert_eq!(entries(&d.join("blobs")), ["abc", "def"]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -652,8 +674,14 @@ mod tests {
         std::fs::write(d.join(".loader.conf.part"), "cut short").unwrap();
         let before = syncs();
         vfat::replace(&d, "loader.conf", b"timeout 0\n").unwrap();
-        assert!(syncs() >= before + 3, "file before and after the rename, then syncfs");
-        assert_eq!(std::fs::read(d.join("loader.conf")).unwrap(), b"timeout 0\n");
+        assert!(
+            syncs() >= before + 3,
+            "file before and after the rename, then syncfs"
+        );
+        assert_eq!(
+            std::fs::read(d.join("loader.conf")).unwrap(),
+            b"timeout 0\n"
+        );
         assert_eq!(entries(&d), ["loader.conf"]);
         vfat::remove(&d, "loader.conf").unwrap();
         vfat::remove(&d, "loader.conf").unwrap();

@@ -990,12 +990,9 @@ fn load_state(path: &std::path::Path) -> Persisted {
 }
 
 fn store_state(dir: &std::path::Path, state: &Persisted) -> Result<()> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join("state.json.new");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(state)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join("state.json")).context("renaming state.json")?;
-    slots::sync_dir(dir)
+    let json = serde_json::to_vec_pretty(state)?;
+    Ok(keelson_common::durable::replace(
+        &dir.join("state.json"),
+        &json,
+    )?)
 }
