@@ -18,6 +18,7 @@ mod stage2;
 mod state;
 mod supervise;
 mod switch_root;
+mod watchdog;
 
 use std::path::Path;
 

@@ -924,6 +924,7 @@ mod tests {
             Version {
                 version: "9.9.9".into(),
                 uptime_s: 7,
+                watchdog: None,
             }
         }
         fn list(&self) -> Vec<ServiceStatus> {

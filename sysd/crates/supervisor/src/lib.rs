@@ -134,6 +134,8 @@ pub struct Supervisor {
     /// The effective `[extensions]` table, as last loaded or applied.
     extensions_spec: watch::Sender<Result<ExtensionsSpec, ConfigError>>,
     started: Instant,
+    /// The hardware watchdog init armed, as `GET /v1/version` reports it.
+    watchdog: std::sync::OnceLock<api::Watchdog>,
 }
 
 /// The effective `[network]`/`[host]` config as boot loads it (a bad user file falls back to
@@ -211,7 +213,13 @@ impl Supervisor {
             update_spec,
             extensions_spec,
             started: Instant::now(),
+            watchdog: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records the hardware watchdog init armed (reported with the version).
+    pub fn set_watchdog(&self, w: api::Watchdog) {
+        let _ = self.watchdog.set(w);
     }
 
     /// Every service's status, as it changes.
@@ -1351,6 +1359,7 @@ impl keelson_api::Services for Supervisor {
         api::Version {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_s: self.started.elapsed().as_secs(),
+            watchdog: self.watchdog.get().cloned(),
         }
     }
 
