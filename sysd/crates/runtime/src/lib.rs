@@ -22,6 +22,7 @@
 //! would keep that namespace's init from ever finishing its exit), which is why `exec` never
 //! kills its helper and relies on the helper's own timeout.
 
+pub mod adopt;
 pub mod bundle;
 mod cgroup;
 pub mod helper;
