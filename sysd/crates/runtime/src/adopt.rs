@@ -8,6 +8,36 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The record's file name in a container's bundle directory.
+pub const RECORD: &str = "adopt.json";
+
+/// The hash a record carries of the bundle's `config.json`.
+pub fn config_hash(config_json: &[u8]) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(config_json))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Records the container `pid` of `service` started from `bundle` (its `config.json`).
+pub fn record(bundle: &Path, service: &str, pid: i32) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let proc = Path::new("/proc");
+    let config = std::fs::read(bundle.join("config.json")).context("reading config.json")?;
+    let r = Record {
+        service: service.to_owned(),
+        pid,
+        start_ticks: start_ticks(proc, pid).context("its start time")?,
+        cgroup: cgroup_of(proc, pid).context("its cgroup")?,
+        config_hash: config_hash(&config),
+    };
+    r.store(&bundle.join(RECORD))
+        .context("writing adopt.json")?;
+    Ok(())
+}
+
 /// What sysd records about a running container (`<bundle>/adopt.json`, on /run).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
