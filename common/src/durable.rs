@@ -668,6 +668,64 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// The ESP's steps on a real vfat (loop-mounted), then read back after a remount.
+    #[test]
+    fn vfat_steps_on_a_real_vfat_survive_a_remount() {
+        use std::process::Command;
+        let has_vfat = std::fs::read_to_string("/proc/filesystems")
+            .is_ok_and(|f| f.lines().any(|l| l.trim_end().ends_with("vfat")));
+        if !nix_is_root() || !has_vfat || !Path::new("/usr/sbin/mkfs.vfat").exists() {
+            eprintln!("skipped: needs root, a kernel with vfat and mkfs.vfat (dosfstools)");
+            return;
+        }
+        let d = tmp();
+        let img = d.join("esp.img");
+        File::create(&img).unwrap().set_len(32 << 20).unwrap();
+        let ok = |c: &mut Command| {
+            let out = c.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{c:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ok(Command::new("mkfs.vfat").arg(&img));
+        let mnt = d.join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mount = |ok: &dyn Fn(&mut Command)| {
+            ok(Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(&img)
+                .arg(&mnt))
+        };
+        mount(&ok);
+        let linux = mnt.join("EFI/Linux");
+        vfat::replace(&linux, "keelson_0.1.0.efi", b"running").unwrap();
+        // A cut download's leftover, then the real one over it.
+        let mut f = vfat::create(&linux, ".keelson_0.2.0.efi.part").unwrap();
+        f.write_all(b"cut sh").unwrap();
+        drop(f);
+        let mut f = vfat::create(&linux, ".keelson_0.2.0.efi.part").unwrap();
+        f.write_all(b"new uki").unwrap();
+        fsync(f.as_raw_fd()).unwrap();
+        drop(f);
+        vfat::rename(&linux, ".keelson_0.2.0.efi.part", "keelson_0.2.0+3.efi").unwrap();
+        vfat::rename(&linux, "keelson_0.1.0.efi", "keelson_0.1.0+0.efi").unwrap();
+        vfat::remove(&linux, "gone.efi").unwrap();
+        ok(Command::new("umount").arg(&mnt));
+        mount(&ok);
+        let mut names = entries(&linux);
+        names.sort();
+        let new = std::fs::read(linux.join("keelson_0.2.0+3.efi")).unwrap();
+        let old = std::fs::read(linux.join("keelson_0.1.0+0.efi")).unwrap();
+        ok(Command::new("umount").arg(&mnt));
+        assert_eq!(names, ["keelson_0.1.0+0.efi", "keelson_0.2.0+3.efi"]);
+        assert_eq!(new, b"new uki");
+        assert_eq!(old, b"running");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn vfat_replace_removes_a_leftover_part_and_counts_syncs() {
         let d = tmp();
