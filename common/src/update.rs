@@ -18,11 +18,50 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Checks what the node puts into file names: every version (ESP entries are
+    /// `keelson_VERSION+TRIES.efi`) and every extension's name and version.
+    pub fn check(&self) -> Result<(), String> {
+        for p in &self.updates {
+            check_version(&p.version).map_err(|e| format!("version {:?}: {e}", p.version))?;
+            for x in &p.extensions {
+                check_version(&x.name)
+                    .and_then(|()| check_version(&x.version))
+                    .map_err(|e| {
+                        format!(
+                            "version {}: extension {:?} {:?}: {e}",
+                            p.version, x.name, x.version
+                        )
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sorts the versions newest first.
     pub fn sort(&mut self) {
         self.updates
             .sort_by(|a, b| compare_versions(&b.version, &a.version));
     }
+}
+
+/// Whether `v` may be a version (or an extension's name): 1 to 64 characters of `0-9 A-Z a-z
+/// . _ ~ ^ -`, the first a letter or digit. It becomes part of file names on the ESP and in
+/// the stores, so no `/`, no `..` climbing, and no `+` (the boot counter's separator in
+/// `keelson_VERSION+3-0.efi`).
+pub fn check_version(v: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '^' | '-');
+    if v.is_empty() || v.len() > 64 {
+        return Err("must be 1 to 64 characters".into());
+    }
+    if !v.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err("must start with a letter or digit".into());
+    }
+    if let Some(c) = v.chars().find(|&c| !ok_char(c)) {
+        return Err(format!(
+            "{c:?} is not allowed (letters, digits and . _ ~ ^ - are)"
+        ));
+    }
+    Ok(())
 }
 
 /// One version: the payload targets and where it may go.
@@ -147,6 +186,52 @@ pub fn compare_versions(a: &str, b: &str) -> Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_that_would_make_bad_file_names_are_refused() {
+        for ok in [
+            "0.2.0",
+            "1.0~rc1",
+            "2026.12.06-1",
+            "3.4.23-1",
+            "etcd",
+            "v1_0^git",
+        ] {
+            assert_eq!(check_version(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "must be 1 to 64 characters"),
+            (
+                "../../EFI/BOOT/BOOTX64",
+                "must start with a letter or digit",
+            ),
+            ("0.2/../../x", "'/' is not allowed"),
+            ("0.2.0+9", "'+' is not allowed"),
+            ("0.2 0", "' ' is not allowed"),
+            (".hidden", "must start with a letter or digit"),
+        ] {
+            assert_eq!(
+                check_version(bad).unwrap_err(),
+                if why.starts_with('\'') {
+                    format!("{why} (letters, digits and . _ ~ ^ - are)")
+                } else {
+                    why.to_owned()
+                },
+                "{bad}"
+            );
+        }
+        assert!(check_version(&"1".repeat(65)).is_err());
+        let m: Manifest = serde_json::from_str(
+            r#"{"updates": [{"version": "0.2.0+9", "variant": "t", "roothash": "", "root": "",
+               "root_size": 0, "verity": "", "verity_size": 0, "uki_a": "", "uki_b": "",
+               "released": ""}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m.check().unwrap_err(),
+            "version \"0.2.0+9\": '+' is not allowed (letters, digits and . _ ~ ^ - are)"
+        );
+    }
 
     #[test]
     fn versions_compare_numerically() {

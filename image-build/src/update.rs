@@ -261,6 +261,10 @@ impl Open {
             mut manifest,
             sources,
         } = self;
+        // What nodes refuse is never signed.
+        manifest
+            .check()
+            .map_err(|e| anyhow::anyhow!("not publishing manifest.json: {e}"))?;
         manifest.sort();
         std::fs::write(
             staging.join(MANIFEST_TARGET),

@@ -96,6 +96,14 @@ fn repository_lifecycle_and_refusals() {
     // Versions are immutable.
     let o = run(add(&p("k1.pk8"), &v1, &[]));
     assert!(String::from_utf8_lossy(&o.stderr).contains("already in the repository"));
+    // A version nodes would refuse (it becomes part of file names on their ESP) is never
+    // signed.
+    let o = run(add(&p("k1.pk8"), &image(t.path(), "0.9+evil"), &[]));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("not publishing manifest.json: version \"0.9+evil\": '+' is not allowed"),
+        "{e}"
+    );
     // The refused attempts left the repository at its first version.
     let ts: serde_json::Value = serde_json::from_slice(
         &std::fs::read(t.path().join("repo/metadata/timestamp.json")).unwrap(),

@@ -12,6 +12,7 @@ mod log;
 mod modules;
 mod mounts;
 mod power_button;
+mod random_seed;
 mod shutdown;
 mod stage1;
 mod stage2;

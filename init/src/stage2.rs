@@ -17,7 +17,7 @@ use crate::fatal::{self, fatal, PowerAction};
 use crate::mounts::{self, Kernel};
 use crate::supervise::{reap_all, Supervisor};
 use crate::watchdog::Watchdog;
-use crate::{bootargs, etc, power_button, say, shutdown, state};
+use crate::{bootargs, etc, power_button, random_seed, say, shutdown, state};
 
 /// The file stage 2 tries to create to prove the root is read-only.
 pub const WRITE_PROBE: &str = "/.keelson-write-probe";
@@ -50,6 +50,9 @@ pub fn handled_signals() -> SigSet {
 }
 
 /// Runs stage 2; never returns.
+/// Who may open ICMP echo sockets: everyone.
+const PING_GROUP_RANGE: (&str, &str) = ("/proc/sys/net/ipv4/ping_group_range", "0 2147483647");
+
 pub fn run() -> ! {
     // Blocked before anything else so no signal is lost (or, for PID 1, dropped) before the
     // signalfd exists; children get a clean mask in `supervise`.
@@ -78,7 +81,23 @@ pub fn run() -> ! {
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         say!("cannot route ctrl-alt-del to init: {e}");
     }
+    // ICMP echo sockets for every group: ping without CAP_NET_RAW, which services no longer
+    // get by default (most distributions set this on the host, Docker in each container).
+    if let Err(e) = std::fs::write(PING_GROUP_RANGE.0, PING_GROUP_RANGE.1) {
+        say!("cannot set {}: {e}", PING_GROUP_RANGE.0);
+    }
 
+    // Before anything may want blocking randomness.
+    match random_seed::load(Path::new(random_seed::SEED), Path::new("/dev/urandom")) {
+        random_seed::Loaded::Credited(n) => {
+            say!("random-seed: {n} bytes credited, a new one stored")
+        }
+        random_seed::Loaded::None => {
+            say!("random-seed: none yet; one is stored once the kernel's pool is ready");
+            random_seed::store_when_ready(random_seed::SEED);
+        }
+        random_seed::Loaded::NotCredited(why) => say!("random-seed: mixed in, not credited: {why}"),
+    }
     identity();
     check_root_read_only();
     log_network_interfaces();
@@ -140,6 +159,10 @@ fn identity() {
         }
         Ok(state::MachineId::Generated(id)) => {
             say!("machine-id: generated {id}");
+            id
+        }
+        Ok(state::MachineId::FromVm(id)) => {
+            say!("machine-id: generated {id} (the VM's SMBIOS UUID)");
             id
         }
         Err(e) => {

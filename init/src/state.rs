@@ -70,9 +70,33 @@ pub fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
 pub enum MachineId {
     Kept(String),
     Generated(String),
+    /// The VM's SMBIOS product UUID, as systemd takes it in a VM.
+    FromVm(String),
 }
 
-/// Reads the machine ID from /var, generating and storing one if it is missing or malformed.
+/// The machine ID a VM's firmware gives it: the SMBIOS product UUID (`product_uuid`, as the
+/// kernel shows it), when `cpuinfo` says a hypervisor runs the machine (physical machines'
+/// UUIDs are too often shared or blank to trust, which is systemd's rule too) and the UUID is
+/// not all zeros or all ones (QEMU's default is all zeros).
+pub fn machine_id_from_vm(cpuinfo: &str, product_uuid: &str) -> Option<String> {
+    let in_vm = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "hypervisor"));
+    if !in_vm {
+        return None;
+    }
+    let hex: String = product_uuid
+        .trim()
+        .chars()
+        .filter(|&c| c != '-')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    (is_machine_id(&hex) && hex.bytes().any(|b| b != b'f')).then_some(hex)
+}
+
+/// Reads the machine ID from /var, or makes one and stores it: the VM's UUID where there is
+/// one (no randomness needed, so a first boot never waits for the entropy pool), else random.
 pub fn machine_id() -> std::io::Result<MachineId> {
     if let Some(id) = std::fs::read_to_string(MACHINE_ID)
         .ok()
@@ -80,11 +104,23 @@ pub fn machine_id() -> std::io::Result<MachineId> {
     {
         return Ok(MachineId::Kept(id));
     }
-    let mut bytes = [0u8; 16];
-    random_bytes(&mut bytes)?;
-    let id = machine_id_from_random(bytes);
+    let from_vm = machine_id_from_vm(
+        &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+        &std::fs::read_to_string("/sys/class/dmi/id/product_uuid").unwrap_or_default(),
+    );
+    let id = match &from_vm {
+        Some(id) => id.clone(),
+        None => {
+            let mut bytes = [0u8; 16];
+            random_bytes(&mut bytes)?;
+            machine_id_from_random(bytes)
+        }
+    };
     write_atomic(Path::new(MACHINE_ID), format!("{id}\n").as_bytes(), 0o444)?;
-    Ok(MachineId::Generated(id))
+    Ok(match from_vm {
+        Some(_) => MachineId::FromVm(id),
+        None => MachineId::Generated(id),
+    })
 }
 
 /// The next boot number given the stored counter (missing or unreadable counts as 0).
@@ -137,6 +173,26 @@ pub fn choose_hostname(configured: Option<&str>, machine_id: &str) -> (String, O
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_vm_s_uuid_is_its_machine_id_and_nothing_else_is() {
+        let vm = "processor\t: 0\nflags\t\t: fpu vme sse2 hypervisor rdrand\n";
+        let metal = "processor\t: 0\nflags\t\t: fpu vme sse2 rdrand\n";
+        let uuid = "6C3F8A2E-1B4D-4E5F-9A0B-1C2D3E4F5A6B\n";
+        assert_eq!(
+            machine_id_from_vm(vm, uuid).as_deref(),
+            Some("6c3f8a2e1b4d4e5f9a0b1c2d3e4f5a6b")
+        );
+        assert_eq!(machine_id_from_vm(metal, uuid), None);
+        for blank in [
+            "00000000-0000-0000-0000-000000000000",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+            "",
+            "not-a-uuid",
+        ] {
+            assert_eq!(machine_id_from_vm(vm, blank), None, "{blank:?}");
+        }
+    }
 
     #[test]
     fn machine_id_validation() {

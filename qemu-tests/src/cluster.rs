@@ -57,6 +57,7 @@ pub struct NodeConfig {
     name: String,
     user_data: Option<String>,
     meta_data: Option<String>,
+    qemu_args: Vec<String>,
 }
 
 impl NodeConfig {
@@ -66,7 +67,18 @@ impl NodeConfig {
             name: name.to_string(),
             user_data: None,
             meta_data: None,
+            qemu_args: Vec::new(),
         }
+    }
+
+    /// More QEMU arguments for this node only (e.g. `-rtc base=…` for a clock that is off).
+    pub fn qemu_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.qemu_args.extend(args.into_iter().map(Into::into));
+        self
     }
 
     /// First-boot user data, given to the guest as fw_cfg `opt/keelson/user-data`.
@@ -434,7 +446,8 @@ impl Cluster {
             .tap(&tap_name(i))
             .mac(&node_mac(i))
             .name(&node.name)
-            .test_shell_at(SocketAddr::from((node_addr(i), TEST_SHELL_PORT)));
+            .test_shell_at(SocketAddr::from((node_addr(i), TEST_SHELL_PORT)))
+            .args(node.qemu_args.iter());
         for (file, text, key) in [
             ("user-data", &node.user_data, "opt/keelson/user-data"),
             ("meta-data", &node.meta_data, "opt/keelson/meta-data"),

@@ -165,6 +165,8 @@ pub struct GuestBuilder {
     user_net: Option<(String, String)>,
     memory_mib: u32,
     cpus: u32,
+    /// TCG's CPU model (`-cpu`): `max` unless a test asks for another.
+    cpu_model: String,
     no_reboot: bool,
     fw_cfg: Vec<(String, FwCfgValue)>,
     extra_drives: Vec<(PathBuf, DiskFormat)>,
@@ -188,6 +190,7 @@ impl GuestBuilder {
             user_net: None,
             memory_mib: 512,
             cpus: 1,
+            cpu_model: "max".into(),
             no_reboot: false,
             fw_cfg: Vec::new(),
             extra_drives: Vec::new(),
@@ -397,6 +400,13 @@ impl GuestBuilder {
         self
     }
 
+    /// TCG's CPU model (default `max`, every feature TCG emulates). `qemu64`, QEMU's own default,
+    /// has no RDRAND: what a VM looks like whose entropy comes from nowhere. Ignored under KVM.
+    pub fn cpu_model(mut self, model: &str) -> Self {
+        self.cpu_model = model.to_owned();
+        self
+    }
+
     /// `-no-reboot`: a guest reboot makes QEMU exit instead, so [`Guest::wait_exit`] sees it.
     pub fn no_reboot(mut self) -> Self {
         self.no_reboot = true;
@@ -576,7 +586,7 @@ impl GuestBuilder {
         } else {
             // `max` gives TCG every feature it can emulate (the default qemu64 model lacks
             // x86-64-v2 instructions that userspace may be built for).
-            push(&["-accel", "tcg", "-cpu", "max"]);
+            push(&["-accel", "tcg", "-cpu", &self.cpu_model]);
         }
         push(&["-m", &self.memory_mib.to_string()]);
         push(&["-smp", &self.cpus.to_string()]);

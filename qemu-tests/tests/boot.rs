@@ -70,10 +70,13 @@ fn direct_boot_read_only_root_persistent_var_and_clean_poweroff() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.qcow2");
     create_overlay(&vm().join("disk.raw"), &disk, Some(2 << 30)).unwrap();
+    // A VM with a firmware UUID: it becomes the machine ID.
+    const UUID: &str = "6c3f8a2e-1b4d-4e5f-9a0b-1c2d3e4f5a6b";
     let boot = || {
         GuestBuilder::from_image_dir(&vm())
             .unwrap()
             .disk_no_copy(&disk, DiskFormat::Qcow2)
+            .args(["-uuid", UUID])
             .spawn()
             .unwrap()
     };
@@ -82,10 +85,20 @@ fn direct_boot_read_only_root_persistent_var_and_clean_poweroff() {
     let grown = g.wait_for("grew", BOOT).unwrap();
     assert!(grown.contains("data"), "{grown}");
     g.wait_for("data: clean", BOOT).unwrap();
+    g.wait_for("random-seed: none yet", BOOT).unwrap();
     let id_line = g.wait_for("machine-id: generated ", BOOT).unwrap();
-    let id = id_line.rsplit(' ').next().unwrap().trim().to_owned();
-    assert_eq!(id.len(), 32, "{id_line}");
+    assert!(
+        id_line.ends_with(&format!(
+            "machine-id: generated {} (the VM's SMBIOS UUID)",
+            UUID.replace('-', "")
+        )),
+        "{id_line}"
+    );
+    let id = UUID.replace('-', "");
     g.wait_for("boot #1", BOOT).unwrap();
+    // Written by a thread of its own as soon as the pool is ready: any time in this boot.
+    g.wait_for_from_start("random-seed: stored for the next boot", BOOT)
+        .unwrap();
     g.wait_for("root: read-only (write refused: EROFS)", BOOT)
         .unwrap();
     g.wait_for("boot complete in", BOOT).unwrap();
@@ -101,6 +114,8 @@ fn direct_boot_read_only_root_persistent_var_and_clean_poweroff() {
         .wait_for_any(&["data: clean", "data: needs journal recovery"], BOOT)
         .unwrap();
     assert_eq!(state.0, 0, "{}", state.1);
+    g.wait_for("random-seed: 512 bytes credited, a new one stored", BOOT)
+        .unwrap();
     g.wait_for(&format!("machine-id: {id} (kept on /var)"), BOOT)
         .unwrap();
     g.wait_for("boot #2", BOOT).unwrap();

@@ -147,11 +147,18 @@ impl Extensions {
                             }
                         }
                         Err(e) => {
-                            self.events.emit(
-                                None,
-                                "extensions-sync-failed",
-                                format!("{}; the node keeps the extensions it has", e.message),
-                            );
+                            // Said once per reason, not at every retry (every 30 s).
+                            let again = self.view_mut().last_error.as_deref() == Some(&e.message);
+                            if !again {
+                                self.events.emit(
+                                    None,
+                                    "extensions-sync-failed",
+                                    format!(
+                                        "{}; the node keeps the extensions it has (retrying every 30 s)",
+                                        e.message
+                                    ),
+                                );
+                            }
                             self.view_mut().last_error = Some(e.message);
                             retry = true;
                         }

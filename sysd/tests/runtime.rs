@@ -23,8 +23,8 @@ use runtime::{ContainerConfig, ExitInfo, Mount, NetworkMode, Runtime};
 
 const SYSD: &str = env!("CARGO_BIN_EXE_sysd");
 
-/// The default capability set (Docker's without CAP_MKNOD) as a CapEff mask.
-const DOCKER_CAPS: u64 = 0x0000_0000_a004_25fb;
+/// The default capability set (Docker's without CAP_MKNOD and CAP_NET_RAW) as a CapEff mask.
+const DOCKER_CAPS: u64 = 0x0000_0000_a004_05fb;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -366,7 +366,11 @@ fn network_none_has_only_loopback_up() {
     let Some(fx) = fixture() else { return };
     let cfg = fx.config(
         "net",
-        &["sh", "-c", "ls /sys/class/net; ip -o link show lo"],
+        &[
+            "sh",
+            "-c",
+            "ls /sys/class/net; ip -o link show lo; cat /proc/sys/net/ipv4/ping_group_range",
+        ],
     );
     let (code, out, err) = fx.run(&cfg);
     assert_eq!(code, 0, "{err}");
@@ -374,6 +378,15 @@ fn network_none_has_only_loopback_up() {
     assert_eq!(lines.next(), Some("lo"), "{out}");
     let lo = lines.next().unwrap_or_default();
     assert!(lo.contains("UP"), "lo is not up: {lo}");
+    // No CAP_NET_RAW, but ICMP echo sockets are open to every group (iputils' ping uses them;
+    // busybox's ping opens a raw socket only).
+    assert_eq!(
+        lines
+            .next()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>()),
+        Some(vec!["0", "2147483647"]),
+        "{out}"
+    );
 }
 
 #[test]

@@ -176,7 +176,13 @@ max_retries = 2
 [services.noimage]
 image = "/nonexistent/image"
 command = ["true"]
-"#
+
+[services.waiting]
+image = "ROOTFS"
+command = ["sleep", "1000"]
+ready = {{ tcp = "127.0.0.1:{q}", interval = "200ms", start_period = "10m" }}
+"#,
+        q = port()
     )) else {
         return;
     };
@@ -195,6 +201,14 @@ command = ["true"]
         "app started before migrate completed"
     );
     assert!(at("app", "ready") < at("worker", "started"));
+    // Not ready yet, in its start period: still starting, and `ps` says why.
+    let waiting = sysd.service("waiting");
+    assert_eq!(waiting["state"], "starting", "{waiting}");
+    let why = waiting["reason"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("readiness check failing (start period, not counted): "),
+        "{waiting}"
+    );
     // Critical means the update health gate waits for it, which it does not for a disabled
     // service.
     assert_eq!(sysd.service("worker")["critical"], true);

@@ -103,6 +103,9 @@ pub struct Probe {
     pub sys: PathBuf,
     pub dev: PathBuf,
     pub cmdline: String,
+    /// This node applied user data before (it has an instance id on /var): a NoCloud seed on
+    /// a USB device is then ignored (see [`Probe::find`]).
+    pub provisioned: bool,
 }
 
 impl Probe {
@@ -111,7 +114,24 @@ impl Probe {
             sys: PathBuf::from("/sys"),
             dev: PathBuf::from("/dev"),
             cmdline: std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+            provisioned: super::Paths::system()
+                .state_dir
+                .join("instance-id")
+                .exists(),
         }
+    }
+
+    /// Whether block device `name` hangs off a USB bus (its sysfs device path goes through a
+    /// `usbN` host controller).
+    fn on_usb(&self, name: &str) -> bool {
+        std::fs::canonicalize(self.sys.join("class/block").join(name)).is_ok_and(|p| {
+            p.components().any(|c| {
+                c.as_os_str()
+                    .to_str()
+                    .and_then(|c| c.strip_prefix("usb"))
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+        })
     }
 
     /// Tries each datasource in order; `log` receives one line per source tried. An error
@@ -138,10 +158,25 @@ impl Probe {
             None => log.push("fw_cfg: no opt/keelson/user-data".into()),
         }
         let volumes = self.volumes();
-        let seeds: Vec<_> = volumes
-            .iter()
-            .filter(|(_, v)| v.label().eq_ignore_ascii_case("cidata"))
-            .collect();
+        // A seed is a key to the node (its user data can grant admin SSH): one on a USB device
+        // (a stick anyone can plug in) counts only while the node has never been provisioned,
+        // the way Ignition runs only on a machine's first boot. Seeds a hypervisor attaches
+        // (virtio, SCSI, IDE/SATA CD-ROMs) count at every boot, as cloud-init reads them.
+        let mut seeds = Vec::new();
+        for (dev, vol) in &volumes {
+            if !vol.label().eq_ignore_ascii_case("cidata") {
+                continue;
+            }
+            let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if self.provisioned && self.on_usb(name) {
+                log.push(format!(
+                    "nocloud: {} (label cidata) is on USB and this node was provisioned already: ignored (a USB seed counts only before a node's first provisioning)",
+                    dev.display()
+                ));
+                continue;
+            }
+            seeds.push((dev, vol));
+        }
         let Some((dev, vol)) = seeds.first() else {
             log.push(format!(
                 "nocloud: no volume labelled cidata ({} block devices looked at)",
@@ -398,7 +433,20 @@ mod tests {
                 sys: self.dir.path().join("sys"),
                 dev: self.dir.path().join("dev"),
                 cmdline: cmdline.into(),
+                provisioned: false,
             }
+        }
+        /// Moves device `name`'s sysfs directory under a USB host controller, as the kernel
+        /// lays out a USB stick (`class/block/NAME` a symlink into `devices/…/usb1/…`).
+        fn on_usb(&self, name: &str) {
+            let sys = self.dir.path().join("sys");
+            let real = sys.join(format!(
+                "devices/pci0000:00/0000:00:14.0/usb1/1-1/1-1:1.0/host6/target6:0:0/6:0:0:0/block/{name}"
+            ));
+            std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+            let link = sys.join("class/block").join(name);
+            std::fs::rename(&link, &real).unwrap();
+            std::os::unix::fs::symlink(&real, &link).unwrap();
         }
         /// What `find` returns, its error as the report shows it.
         fn find(&self, cmdline: &str) -> (Result<Option<Found>, String>, Vec<String>) {
@@ -423,6 +471,43 @@ mod tests {
                 "nocloud: no volume labelled cidata (1 block devices looked at)"
             ]
         );
+    }
+
+    /// A USB stick labelled cidata provisions a node that never was, and is ignored (said in
+    /// the log) once the node has an instance; a hypervisor's seed disk counts either way.
+    #[test]
+    fn a_usb_seed_counts_only_before_the_first_provisioning() {
+        let m = Machine::new();
+        m.seed(
+            "sdb",
+            &[("user-data", UD), ("meta-data", "instance-id: from-usb\n")],
+            true,
+        );
+        m.on_usb("sdb");
+        let mut log = Vec::new();
+        let mut probe = m.probe("quiet");
+        let found = probe.find(&mut log).unwrap().unwrap();
+        assert_eq!(found.meta.instance_id, "from-usb");
+
+        probe.provisioned = true;
+        let mut log = Vec::new();
+        assert_eq!(probe.find(&mut log).unwrap(), None);
+        assert!(
+            log.iter().any(|l| l.ends_with("sdb (label cidata) is on USB and this node was provisioned already: ignored (a USB seed counts only before a node's first provisioning)")),
+            "{log:?}"
+        );
+        // A seed the hypervisor attached still counts.
+        m.seed(
+            "vdc",
+            &[
+                ("user-data", UD),
+                ("meta-data", "instance-id: from-virtio\n"),
+            ],
+            false,
+        );
+        let mut log = Vec::new();
+        let found = probe.find(&mut log).unwrap().unwrap();
+        assert_eq!(found.meta.instance_id, "from-virtio");
     }
 
     #[test]

@@ -590,6 +590,7 @@ mounts = [{ type = "volume", source = "admin", target = "/root" }]
                 sys: self.path("sys"),
                 dev: self.path("dev"),
                 cmdline: String::new(),
+                provisioned: false,
             };
             let validate = |text: &str, origin: &str| -> Result<(), spec::ConfigError> {
                 let doc = spec::parse_document(Path::new(origin), text, Source::UserData)?;

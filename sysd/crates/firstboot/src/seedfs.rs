@@ -30,6 +30,8 @@ impl Volume {
 const SECTOR: u64 = 2048;
 /// Directory extents larger than this are not a seed (and not read).
 const MAX_DIR: u32 = 256 * 1024;
+/// Root directory entries of a FAT seed read at most (a seed has a handful).
+const MAX_FAT_ROOT_ENTRIES: usize = 4096;
 
 /// Identifies an ISO 9660 or FAT volume from its first sectors; `None` for anything else.
 pub fn identify<R: Read + Seek>(dev: &mut R) -> io::Result<Option<Volume>> {
@@ -96,10 +98,20 @@ fn fat_read<R: Read + Seek>(
     let root = fs.root_dir();
     let mut out = Vec::new();
     for name in names {
-        let entry = root
-            .iter()
-            .filter_map(Result::ok)
-            .find(|e| e.file_name().eq_ignore_ascii_case(name) && e.is_file());
+        // FAT32's root directory is a cluster chain, and fatfs follows a chain that loops
+        // back for ever: stop after more entries than a seed has.
+        let mut entry = None;
+        for (n, e) in root.iter().filter_map(Result::ok).enumerate() {
+            if n >= MAX_FAT_ROOT_ENTRIES {
+                return Err(format!(
+                    "the root directory has more than {MAX_FAT_ROOT_ENTRIES} entries (its cluster chain loops?): not a seed"
+                ));
+            }
+            if e.file_name().eq_ignore_ascii_case(name) && e.is_file() {
+                entry = Some(e);
+                break;
+            }
+        }
         let Some(entry) = entry else {
             out.push(None);
             continue;
@@ -463,6 +475,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("neither Joliet nor Rock Ridge"), "{e}");
+    }
+
+    /// A FAT32 volume whose root directory's cluster chain points back at itself: refused,
+    /// not read for ever.
+    #[test]
+    fn a_fat_root_directory_that_loops_is_refused() {
+        let mut img = io::Cursor::new(vec![0u8; 40 << 20]);
+        fatfs::format_volume(
+            &mut img,
+            fatfs::FormatVolumeOptions::new()
+                .fat_type(fatfs::FatType::Fat32)
+                .volume_label(*b"cidata     "),
+        )
+        .unwrap();
+        {
+            // Enough entries to fill the root's first cluster: no end-of-directory mark in it.
+            let fs = fatfs::FileSystem::new(&mut img, fatfs::FsOptions::new()).unwrap();
+            let cluster = fs.cluster_size() as usize;
+            for i in 0..2 * cluster / 32 {
+                fs.root_dir().create_file(&format!("F{i}")).unwrap();
+            }
+        }
+        let mut img = img.into_inner();
+        let bytes_per_sector = u16::from_le_bytes([img[0x0b], img[0x0c]]) as usize;
+        let reserved = u16::from_le_bytes([img[0x0e], img[0x0f]]) as usize;
+        let root = u32::from_le_bytes(img[0x2c..0x30].try_into().unwrap()) as usize;
+        let fats = img[0x10] as usize;
+        let fat_size = u32::from_le_bytes(img[0x24..0x28].try_into().unwrap()) as usize;
+        for f in 0..fats {
+            let at = (reserved + f * fat_size) * bytes_per_sector + root * 4;
+            img[at..at + 4].copy_from_slice(&(root as u32).to_le_bytes());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut dev = io::Cursor::new(img);
+            let vol = identify(&mut dev).unwrap().unwrap();
+            let _ = tx.send(read_root_files(&mut dev, &vol, &["user-data"], 4096));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("reading a looping root directory did not end");
+        let e = got.unwrap_err().to_string();
+        assert!(
+            e.contains("the root directory has more than 4096 entries (its cluster chain loops?)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -77,6 +77,11 @@ impl Lock {
         &self.client
     }
 
+    /// The name this node holds and waits under.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     fn slot_key(&self, i: u32) -> String {
         format!("{}slots/{i}", self.prefix)
     }

@@ -26,7 +26,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -49,6 +49,12 @@ pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const DEFAULT_TAG: &str = "latest";
 /// Manifests, indexes and configs are small; refuse anything absurd before reading it.
 const MAX_JSON_BLOB: u64 = 16 << 20;
+/// Entries one image may unpack, over all its layers (the largest common images have some
+/// 100,000 files; a layer of a million empty files is an attack on the store's inodes and on
+/// the memory that tracks what a layer created).
+pub const MAX_ENTRIES: u64 = 500_000;
+/// Room an unpack leaves on the store's file system (leases, update state, volumes, logs).
+const STORE_RESERVE: u64 = 64 << 20;
 /// Docker media types still found in layouts written by older tools.
 const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 const DOCKER_LAYER_GZIP: &[&str] = &[
@@ -127,8 +133,9 @@ pub fn unpack_descriptor(layout: &Path, selected: &Descriptor, store: &Path) -> 
     fs::create_dir(&tmp_root).with_context(|| format!("creating {}", tmp_root.display()))?;
     fs::set_permissions(&tmp_root, fs::Permissions::from_mode(0o755))
         .with_context(|| format!("chmod {}", tmp_root.display()))?;
+    let mut budget = Budget::for_store(store)?;
     for (n, layer) in manifest.layers().iter().enumerate() {
-        apply_layer(layout, layer, &tmp_root)
+        apply_layer(layout, layer, &tmp_root, &mut budget)
             .with_context(|| format!("layer {} ({})", n + 1, layer.digest()))?;
     }
     // Durable before it becomes visible: a crash after the rename must not leave truncated files.
@@ -440,8 +447,87 @@ fn compression(media_type: &MediaType) -> Result<Compression> {
     })
 }
 
+/// What one image may still put on disk, over all its layers: entries, and bytes of file
+/// content (what compression or sparse entries expand to, not what the blob says).
+struct Budget {
+    entries: u64,
+    bytes: u64,
+    /// The byte limit, and what set it, for the error.
+    bytes_limit: u64,
+    bytes_why: &'static str,
+}
+
+impl Budget {
+    /// The store's free space less [`STORE_RESERVE`], and [`MAX_ENTRIES`].
+    fn for_store(store: &Path) -> Result<Budget> {
+        let vfs = nix::sys::statvfs::statvfs(store)
+            .with_context(|| format!("statvfs {}", store.display()))?;
+        let free = vfs.blocks_available() * vfs.fragment_size();
+        Ok(Budget::new(
+            max_entries(),
+            free.saturating_sub(STORE_RESERVE),
+            "the image store's free space less 64 MiB kept for the node's state",
+        ))
+    }
+
+    fn new(entries: u64, bytes: u64, bytes_why: &'static str) -> Budget {
+        Budget {
+            entries,
+            bytes,
+            bytes_limit: bytes,
+            bytes_why,
+        }
+    }
+
+    fn entry(&mut self) -> Result<()> {
+        if self.entries == 0 {
+            bail!("the image has more than {} entries: refused", max_entries());
+        }
+        self.entries -= 1;
+        Ok(())
+    }
+}
+
+#[cfg(not(test))]
+fn max_entries() -> u64 {
+    MAX_ENTRIES
+}
+
+#[cfg(test)]
+thread_local! {
+    /// A test's smaller [`MAX_ENTRIES`] (half a million entries take a while to write).
+    static MAX_ENTRIES_FOR_TEST: std::cell::Cell<u64> = const { std::cell::Cell::new(MAX_ENTRIES) };
+}
+
+#[cfg(test)]
+fn max_entries() -> u64 {
+    MAX_ENTRIES_FOR_TEST.with(|m| m.get())
+}
+
+/// Copies an entry's content into `file`, within `budget`.
+fn copy_within(from: &mut impl Read, file: &mut File, budget: &mut Budget) -> Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the entry"),
+        };
+        if n as u64 > budget.bytes {
+            bail!(
+                "the image unpacks to more than {} MiB ({}): refused",
+                budget.bytes_limit >> 20,
+                budget.bytes_why
+            );
+        }
+        budget.bytes -= n as u64;
+        file.write_all(&buf[..n]).context("writing file")?;
+    }
+}
+
 /// Applies one layer blob onto `root`, verifying it as it streams.
-fn apply_layer(layout: &Path, desc: &Descriptor, root: &Path) -> Result<()> {
+fn apply_layer(layout: &Path, desc: &Descriptor, root: &Path, budget: &mut Budget) -> Result<()> {
     let compression = compression(desc.media_type())?;
     let mut blob = open_blob(layout, desc)?;
     let applied = (|| -> Result<()> {
@@ -455,6 +541,7 @@ fn apply_layer(layout: &Path, desc: &Descriptor, root: &Path) -> Result<()> {
             root,
             seen: HashSet::new(),
             chown: nix::unistd::geteuid().is_root(),
+            budget,
         };
         for entry in archive.entries().context("reading the layer")? {
             let mut entry = entry.context("reading the layer")?;
@@ -475,10 +562,12 @@ struct Layer<'a> {
     /// Paths this layer created (and their parents): an opaque whiteout keeps them.
     seen: HashSet<PathBuf>,
     chown: bool,
+    budget: &'a mut Budget,
 }
 
 impl Layer<'_> {
     fn apply<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
+        self.budget.entry()?;
         let raw = entry
             .path()
             .context("entry with an unreadable path")?
@@ -507,6 +596,13 @@ impl Layer<'_> {
             return Ok(());
         }
         if let Some(hidden) = name.strip_prefix(b".wh.") {
+            // `.wh.` + `..` would remove the directory above (above the root, at the top).
+            if matches!(hidden, b"" | b"." | b"..") {
+                bail!(
+                    "a whiteout must name an entry of its directory, not {:?}",
+                    String::from_utf8_lossy(hidden)
+                );
+            }
             let hidden = rel.with_file_name(std::ffi::OsStr::from_bytes(hidden));
             if !self.seen.contains(&hidden) && self.parents(&rel, false)? {
                 remove_any(&self.root.join(&hidden))?;
@@ -550,7 +646,7 @@ impl Layer<'_> {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&target)
                 .context("creating file")?;
-            io::copy(entry, &mut file).context("writing file")?;
+            copy_within(entry, &mut file, self.budget)?;
             // chown first: it clears setuid/setgid bits (and file capabilities).
             self.own(&target, uid, gid)?;
             xattrs(entry, &target)?;
@@ -1145,6 +1241,156 @@ pub(crate) mod tests {
         write_index(&layout, vec![m]);
         assert!(err(&layout, None, &store).contains("is a symlink"));
         assert!(outside.join("victim").exists());
+    }
+
+    /// A small store (tmpfs), unmounted on drop: its free space bounds what an image unpacks.
+    struct SmallStore(PathBuf);
+
+    impl SmallStore {
+        fn mount(path: PathBuf, mib: u64) -> SmallStore {
+            fs::create_dir_all(&path).unwrap();
+            nix::mount::mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(format!("size={mib}m").as_str()),
+            )
+            .expect("mounting a tmpfs (run the tests as root)");
+            SmallStore(path)
+        }
+    }
+
+    impl Drop for SmallStore {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// A GNU sparse file of `real` bytes that carries one 512-byte block at its end.
+    fn sparse_layer(real: u64) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_path("sparse").unwrap();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(512);
+        let g = h.as_gnu_mut().unwrap();
+        g.set_real_size(real);
+        g.sparse[0].set_offset(real - 512);
+        g.sparse[0].set_length(512);
+        h.set_cksum();
+        b.append(&h, &[7u8; 512][..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// Bombs: content that expands far beyond its blob (gzip of zeros, a sparse file of a
+    /// terabyte) stops at the store's free space less its reserve, with an error saying so and
+    /// the reserve intact; too many entries stop at the entry limit. Nothing stays behind.
+    #[test]
+    fn bombs_and_floods_stop_within_the_budget() {
+        let t = tempfile::tempdir().unwrap();
+        let layout = t.path().join("layout");
+        let store = SmallStore::mount(t.path().join("store"), 96);
+        fs::create_dir_all(&layout).unwrap();
+        let free = || {
+            let v = nix::sys::statvfs::statvfs(&store.0).unwrap();
+            v.blocks_available() * v.fragment_size()
+        };
+        let zeros = vec![0u8; 64 << 20];
+        let gz_bomb = gzip(&tar(&[E::File("zeros", &zeros, 0o644)]));
+        assert!(gz_bomb.len() < 1 << 20, "{}", gz_bomb.len());
+        for (what, layers) in [
+            ("gzip bomb", vec![(TGZ, gz_bomb)]),
+            ("sparse bomb", vec![(TAR, sparse_layer(1 << 40))]),
+        ] {
+            let m = image(&layout, &layers, serde_json::json!({}));
+            write_index(&layout, vec![m]);
+            let before = free();
+            let e = err(&layout, None, &store.0);
+            assert!(
+                e.contains("the image unpacks to more than ")
+                    && e.contains(" MiB (the image store's free space less 64 MiB kept for the node's state): refused"),
+                "{what}: {e}"
+            );
+            assert_eq!(walk(&store.0), Vec::<PathBuf>::new(), "{what}");
+            assert!(free() + (1 << 20) >= before, "{what}: space not given back");
+        }
+
+        MAX_ENTRIES_FOR_TEST.with(|m| m.set(1000));
+        let names: Vec<String> = (0..1001).map(|i| format!("f{i}")).collect();
+        let files: Vec<E> = names.iter().map(|n| E::File(n, b"", 0o644)).collect();
+        let (first, rest) = files.split_at(600);
+        let m = image(
+            &layout,
+            &[(TAR, tar(first)), (TAR, tar(rest))],
+            serde_json::json!({}),
+        );
+        write_index(&layout, vec![m]);
+        let e = err(&layout, None, &store.0);
+        assert!(
+            e.contains("layer 2 (sha256:")
+                && e.contains("the image has more than 1000 entries: refused"),
+            "{e}"
+        );
+        assert_eq!(walk(&store.0), Vec::<PathBuf>::new());
+        // At the limit it unpacks.
+        let m = image(
+            &layout,
+            &[(TAR, tar(&files[..1000]))],
+            serde_json::json!({}),
+        );
+        write_index(&layout, vec![m]);
+        unpack(&layout, None, &store.0).unwrap();
+        MAX_ENTRIES_FOR_TEST.with(|m| m.set(MAX_ENTRIES));
+    }
+
+    #[test]
+    fn whiteouts_of_dot_and_dot_dot_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let (layout, store) = (t.path().join("layout"), t.path().join("store"));
+        // An image already in the store: nothing of it may go.
+        single(&layout, &[E::File("etc/keep", b"k", 0o644)]);
+        let kept = unpack(&layout, None, &store).unwrap();
+        let before = walk(&store);
+        for name in [".wh...", "etc/.wh...", "etc/.wh..", "etc/.wh.", ".wh."] {
+            let l1 = tar(&[E::File("etc/x", b"x", 0o644)]);
+            let l2 = tar(&[E::File(name, b"", 0o644)]);
+            let m = image(&layout, &[(TAR, l1), (TAR, l2)], serde_json::json!({}));
+            write_index(&layout, vec![m]);
+            let e = err(&layout, None, &store);
+            assert!(
+                e.contains(&format!(
+                    "entry {name}: a whiteout must name an entry of its directory"
+                )),
+                "{name}: {e}"
+            );
+            assert_eq!(walk(&store), before, "{name}");
+        }
+        assert_eq!(
+            fs::read_to_string(kept.rootfs.join("etc/keep")).unwrap(),
+            "k"
+        );
+    }
+
+    /// Every path under `dir`, relative to it.
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() && !p.is_symlink() {
+                    todo.push(p.clone());
+                }
+                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+        out.sort();
+        out
     }
 
     #[test]

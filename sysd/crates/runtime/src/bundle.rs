@@ -36,15 +36,17 @@ use oci_spec::runtime::{
 
 use super::{seccomp, ContainerConfig, Mount, NetworkMode};
 
-/// Docker's default capability set without CAP_MKNOD, as Podman does: there is no device
-/// cgroup (on cgroup v2 it is a BPF program libcontainer only loads with libbpf), so a service
-/// that could mknod a block device could open the host's disks. Add it back with `cap_add`.
+/// Docker's default capability set without CAP_MKNOD, as Podman does (there is no device
+/// cgroup: on cgroup v2 it is a BPF program libcontainer only loads with libbpf, so a service
+/// that could mknod a block device could open the host's disks), and without CAP_NET_RAW, as
+/// Docker itself dropped it (raw sockets sniff and spoof whatever the service's network
+/// carries: on the host network, the node's traffic). ping works without it (ICMP echo
+/// sockets, [`PING_GROUP_RANGE`]). Add either back with `cap_add`.
 pub const DEFAULT_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FSETID",
     "CAP_FOWNER",
-    "CAP_NET_RAW",
     "CAP_SETGID",
     "CAP_SETUID",
     "CAP_SETFCAP",
@@ -56,6 +58,10 @@ pub const DEFAULT_CAPS: &[&str] = &[
 ];
 
 pub use keelson_common::caps::ALL_CAPS;
+
+/// Set in every network namespace a container gets of its own (as Docker does; init sets it
+/// on the host): any group may open ICMP echo sockets, so ping needs no CAP_NET_RAW.
+pub const PING_GROUP_RANGE: (&str, &str) = ("net.ipv4.ping_group_range", "0 2147483647");
 
 /// Docker's masked paths: hidden behind /dev/null (files) or an empty read-only tmpfs (dirs).
 pub const MASKED_PATHS: &[&str] = &[
@@ -413,6 +419,12 @@ pub fn spec(cfg: &ContainerConfig) -> Result<Spec> {
                 .build()
                 .with_context(ctx)?,
         );
+    if cfg.network == NetworkMode::None {
+        linux = linux.sysctl(std::collections::HashMap::from([(
+            PING_GROUP_RANGE.0.to_owned(),
+            PING_GROUP_RANGE.1.to_owned(),
+        )]));
+    }
     if let Some(base) = cfg.user_namespace {
         let map = LinuxIdMappingBuilder::default()
             .container_id(0u32)

@@ -574,6 +574,13 @@ impl ServiceTask {
         self.sup.bump();
     }
 
+    /// Sets the status's reason, publishing only a change.
+    fn set_reason(&self, reason: String) {
+        if self.status.borrow().reason.as_deref() != Some(reason.as_str()) {
+            self.set(|s| s.reason = Some(reason));
+        }
+    }
+
     fn event(&self, kind: &str, message: impl Into<String>) {
         self.sup.events.emit(Some(&self.svc.name), kind, message);
     }
@@ -1032,15 +1039,27 @@ impl ServiceTask {
                                 self.became_ready();
                             } else if self.status.borrow().health != Some(Health::Healthy) {
                                 self.event("healthy", "health check passed");
-                                self.set(|s| s.health = Some(Health::Healthy));
+                                self.set(|s| {
+                                    s.health = Some(Health::Healthy);
+                                    s.reason = None;
+                                });
+                            } else if self.status.borrow().reason.is_some() {
+                                // A failure or two below `retries`, then a pass.
+                                self.set(|s| s.reason = None);
                             }
                         }
                         Err(err) => {
+                            let what = if ready { "health" } else { "readiness" };
                             if inst.started.elapsed() < c.start_period.0 {
+                                // Not counted yet, but said: `keelctl ps` shows why a service
+                                // is still starting (an etcd member without quorum, say).
+                                self.set_reason(format!("{what} check failing (start period, not counted): {err:#}"));
                                 continue;
                             }
                             failures += 1;
-                            let what = if ready { "health" } else { "readiness" };
+                            if failures < c.retries {
+                                self.set_reason(format!("{what} check failed {failures} of {} times: {err:#}", c.retries));
+                            }
                             if failures >= c.retries {
                                 let why = format!("{what} check failed {failures} times: {err:#}");
                                 self.event("unhealthy", why.clone());

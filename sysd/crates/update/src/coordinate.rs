@@ -42,18 +42,24 @@ fn now() -> String {
     jiff::Timestamp::now().to_string()
 }
 
-/// The group's lock, when the spec asks for coordination.
+/// The group's lock, when the spec asks for coordination, for this node under its host name.
 fn lock_of(spec: &UpdateSpec) -> Option<Result<(Lock, Duration), keelson_fleet::Error>> {
+    lock_as(spec, &node_name())
+}
+
+/// The group's lock for this node under `node`.
+fn lock_as(
+    spec: &UpdateSpec,
+    node: &str,
+) -> Option<Result<(Lock, Duration), keelson_fleet::Error>> {
     let c = spec.coordination.as_ref()?;
     if c.strategy != Strategy::EtcdLock {
         return None;
     }
-    Some(Client::new(&c.endpoints).map(|client| {
-        (
-            Lock::new(client, &c.group, c.holders, &node_name()),
-            c.lease.0,
-        )
-    }))
+    Some(
+        Client::new(&c.endpoints)
+            .map(|client| (Lock::new(client, &c.group, c.holders, node), c.lease.0)),
+    )
 }
 
 impl Agent {
@@ -87,6 +93,7 @@ impl Agent {
         let mut said = String::new();
         loop {
             if self.check_cancel().is_err() {
+                self.leave_queue(&lock).await;
                 return Gate::Cancelled;
             }
             let attempt = async {
@@ -101,6 +108,8 @@ impl Agent {
             self.refresh_coordination(spec).await;
             let (say, kind) = match attempt {
                 Ok(Acquire::Held { slot }) => {
+                    let node = lock.node().to_owned();
+                    self.save(|s| s.lock_node = Some(node));
                     self.emit(
                         "update-slot-taken",
                         format!(
@@ -110,7 +119,10 @@ impl Agent {
                     );
                     return Gate::Go;
                 }
-                Ok(Acquire::Halted(h)) => return Gate::Halted(h),
+                Ok(Acquire::Halted(h)) => {
+                    self.leave_queue(&lock).await;
+                    return Gate::Halted(h);
+                }
                 Ok(Acquire::Busy { holders }) => {
                     let who: Vec<String> = holders
                         .iter()
@@ -138,20 +150,40 @@ impl Agent {
         }
     }
 
+    /// Stops waiting for a slot (the rollout halted, the install was cancelled): revokes the
+    /// lease this node's `waiting` key hangs on, so nobody sees it waiting any more. Best
+    /// effort: the lease runs out anyway.
+    async fn leave_queue(&self, lock: &Lock) {
+        let lease = self.live().state.lock_lease;
+        if let Some(id) = lease {
+            if lock.client().revoke(id).await.is_ok() {
+                self.save(|s| s.lock_lease = None);
+            }
+        }
+        self.refresh_coordination(&self.current_spec().unwrap_or_default())
+            .await;
+    }
+
     /// After the health gate blessed this boot, or after a rollback (`halt`: the version and
     /// why): gives the slot back and revokes its lease. Retries while etcd is unreachable (the
     /// lease would free the slot in the end anyway).
     pub(crate) async fn give_back_slot(&self, spec: &UpdateSpec, halt: Option<(&str, &str)>) {
-        let Some(Ok((lock, _))) = lock_of(spec) else {
-            return;
+        let (lease, took_as) = {
+            let live = self.live();
+            (live.state.lock_lease, live.state.lock_node.clone())
         };
-        let lease = self.live().state.lock_lease;
         // A slot is only ever taken with a lease, persisted first: without one this boot holds
         // nothing (e.g. the image's own first boot, blessed before etcd is even up).
         if lease.is_none() && halt.is_none() {
             return;
         }
         for attempt in 0..60 {
+            // Early in a boot the host name may still be the machine-id's until DHCP names the
+            // node: give back (and halt) under the name the slot was taken with.
+            let node = took_as.clone().unwrap_or_else(node_name);
+            let Some(Ok((lock, _))) = lock_as(spec, &node) else {
+                return;
+            };
             let done = async {
                 if let Some((version, reason)) = halt {
                     lock.halt(version, reason, &now()).await?;
@@ -165,7 +197,10 @@ impl Agent {
             .await;
             match done {
                 Ok(n) => {
-                    self.save(|s| s.lock_lease = None);
+                    self.save(|s| {
+                        s.lock_lease = None;
+                        s.lock_node = None;
+                    });
                     let what = match halt {
                         Some((v, _)) => format!(
                             "halted the rollout of {v} for group {:?}; ",

@@ -96,6 +96,9 @@ pub async fn read_manifest(repo: &Repo) -> Result<Manifest> {
         .await
         .map_err(|e| anyhow::anyhow!("manifest.json: {}", chain(&e)))?;
     let mut m: Manifest = serde_json::from_slice(&bytes).context("manifest.json is not valid")?;
+    // Signed, but what goes into file names is checked all the same.
+    m.check()
+        .map_err(|e| anyhow::anyhow!("manifest.json is refused: {e}"))?;
     m.sort();
     Ok(m)
 }

@@ -148,6 +148,10 @@ pub struct Persisted {
     /// The etcd lease of this node's reboot slot (`[update.coordination]`), while it holds one.
     #[serde(default)]
     pub lock_lease: Option<i64>,
+    /// The name this node took its reboot slot under, to give it back (and halt a rollout)
+    /// under the same name after the reboot, whatever the host name is early in that boot.
+    #[serde(default)]
+    pub lock_node: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -144,33 +144,69 @@ struct Disk {
     dev: PathBuf,
 }
 
-/// The disk whose GPT has the running slot's root partition.
+/// The disk the running root is on: the device behind `/` (the dm-verity mapping init made),
+/// through its underlying partition, to that partition's disk, whose GPT must then hold the
+/// running slot's root partition. Never a guess by partition label: another disk carrying a
+/// `root-a` (a USB stick, a second Keelson disk) must not become the update's target.
 fn boot_disk(running: Slot) -> Result<Disk> {
-    let mut names: Vec<String> = std::fs::read_dir("/sys/block")
-        .context("reading /sys/block")?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with("loop") && !n.starts_with("ram") && !n.starts_with("dm-"))
-        .collect();
-    names.sort();
-    for name in names {
-        let dev = Path::new("/dev").join(&name);
-        let Ok(mut f) = File::open(&dev) else {
-            continue;
-        };
-        if let Ok(gpt) = Gpt::read(&mut f) {
-            if gpt
-                .find(partitions::ROOT_X86_64_TYPE, &running.root_label())
-                .is_some()
-            {
-                return Ok(Disk { name, dev });
-            }
-        }
+    let st = nix::sys::stat::stat("/").context("stat /")?;
+    let (major, minor) = (libc::major(st.st_dev), libc::minor(st.st_dev));
+    let name = disk_behind(Path::new("/sys"), major, minor)
+        .with_context(|| format!("finding the disk behind / (device {major}:{minor})"))?;
+    let dev = Path::new("/dev").join(&name);
+    let gpt =
+        Gpt::read(&mut File::open(&dev).with_context(|| format!("opening {}", dev.display()))?)
+            .with_context(|| format!("reading the GPT of {}", dev.display()))?;
+    if gpt
+        .find(partitions::ROOT_X86_64_TYPE, &running.root_label())
+        .is_none()
+    {
+        bail!(
+            "{} holds the running root but has no `{}` partition",
+            dev.display(),
+            running.root_label()
+        );
     }
-    bail!(
-        "no disk with a `{}` partition found in /sys/block",
-        running.root_label()
-    )
+    Ok(Disk { name, dev })
+}
+
+/// The whole disk under block device `major:minor` (as sysfs at `sys` shows it): a partition's
+/// disk, or, for a device-mapper device, the one disk all its underlying partitions are on.
+fn disk_behind(sys: &Path, major: u32, minor: u32) -> Result<String> {
+    let node = std::fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}")))
+        .with_context(|| format!("{}/dev/block/{major}:{minor}", sys.display()))?;
+    // A partition is a directory inside its disk's (`…/block/vda/vda2`).
+    let disk_of = |part: &Path| -> Result<String> {
+        if !part.join("partition").exists() {
+            bail!("{} is not a partition", part.display());
+        }
+        part.parent()
+            .and_then(|d| d.file_name())
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .with_context(|| format!("no disk above {}", part.display()))
+    };
+    if node.join("partition").exists() {
+        return disk_of(&node);
+    }
+    // dm-verity: its `slaves` are the data and hash partitions, on one disk.
+    let mut slaves: Vec<PathBuf> = std::fs::read_dir(node.join("slaves"))
+        .with_context(|| {
+            format!(
+                "{} is neither a partition nor a mapped device",
+                node.display()
+            )
+        })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::canonicalize(e.path()).ok())
+        .collect();
+    slaves.sort();
+    let disks: Vec<String> = slaves.iter().map(|p| disk_of(p)).collect::<Result<_>>()?;
+    match disks.first() {
+        Some(d) if disks.iter().all(|x| x == d) => Ok(d.clone()),
+        Some(_) => bail!("{} sits on more than one disk: {disks:?}", node.display()),
+        None => bail!("{} has no underlying device", node.display()),
+    }
 }
 
 /// The /dev node of partition `number` of `disk` (`vda3`, `nvme0n1p3`).
@@ -355,6 +391,49 @@ pub fn remove(esp: &Path, file: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// sysfs as the kernel lays it out for `/` on dm-verity over `vdb2` + `vdb3`, with a
+    /// `vda` (sorting first) that holds a `root-a` too.
+    #[test]
+    fn the_boot_disk_is_the_one_behind_root_not_the_first_with_the_label() {
+        let t = tempfile::tempdir().unwrap();
+        let sys = t.path();
+        let pci = sys.join("devices/pci0000:00");
+        for disk in ["vda", "vdb"] {
+            for n in [2, 3] {
+                let part = pci.join(format!("virtio{disk}/block/{disk}/{disk}{n}"));
+                std::fs::create_dir_all(&part).unwrap();
+                std::fs::write(part.join("partition"), format!("{n}\n")).unwrap();
+            }
+        }
+        let dm = sys.join("devices/virtual/block/dm-0");
+        std::fs::create_dir_all(dm.join("slaves")).unwrap();
+        for n in [2, 3] {
+            std::os::unix::fs::symlink(
+                pci.join(format!("virtiovdb/block/vdb/vdb{n}")),
+                dm.join(format!("slaves/vdb{n}")),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(sys.join("dev/block")).unwrap();
+        std::os::unix::fs::symlink(&dm, sys.join("dev/block/253:0")).unwrap();
+        std::os::unix::fs::symlink(
+            pci.join("virtiovda/block/vda/vda2"),
+            sys.join("dev/block/254:2"),
+        )
+        .unwrap();
+        assert_eq!(disk_behind(sys, 253, 0).unwrap(), "vdb");
+        // A plain partition (no dm-verity) is its own disk's.
+        assert_eq!(disk_behind(sys, 254, 2).unwrap(), "vda");
+        // Nothing there: an error, not a guess.
+        let e = format!("{:#}", disk_behind(sys, 8, 0).unwrap_err());
+        assert!(e.contains("dev/block/8:0"), "{e}");
+        // A mapping over two disks is refused.
+        std::os::unix::fs::symlink(pci.join("virtiovda/block/vda/vda3"), dm.join("slaves/vda3"))
+            .unwrap();
+        let e = format!("{:#}", disk_behind(sys, 253, 0).unwrap_err());
+        assert!(e.contains("sits on more than one disk"), "{e}");
+    }
 
     #[test]
     fn names_parse_with_and_without_counters() {

@@ -18,7 +18,8 @@ use keelson_common::verity;
 
 use super::slots::{self, Discovery, SlotDevices};
 use super::{Agent, Channels, Paths, Report};
-use keelson_spec::update::UpdateSpec;
+use keelson_spec::extensions::ExtensionsSpec;
+use keelson_spec::update::{Coordination, Strategy, UpdateSpec};
 use keelson_spec::ConfigError;
 use tokio::sync::{mpsc, watch};
 
@@ -266,6 +267,7 @@ struct Node {
     dir: tempfile::TempDir,
     reports: Reports,
     services: watch::Sender<Vec<ServiceStatus>>,
+    extensions: watch::Sender<Result<ExtensionsSpec, ConfigError>>,
     spec: watch::Sender<Result<UpdateSpec, ConfigError>>,
     agent: Arc<Agent>,
     key: PathBuf,
@@ -338,6 +340,7 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
         ..UpdateSpec::default()
     }));
     let (services, services_rx) = watch::channel(Vec::new());
+    let (extensions, extensions_rx) = watch::channel(Ok(ExtensionsSpec::default()));
     let (reports_tx, reports) = Reports::channel();
     let agent = Agent::new(
         Paths {
@@ -360,7 +363,7 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
         Channels {
             spec: spec_rx,
             services: services_rx,
-            extensions: watch::channel(Ok(Default::default())).1,
+            extensions: extensions_rx,
             reports: reports_tx,
         },
     );
@@ -368,6 +371,7 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
         dir,
         reports,
         services,
+        extensions,
         spec,
         agent,
         key,
@@ -781,6 +785,349 @@ fn health_gate_blesses_or_reboots_and_rollbacks_are_reported() {
     );
     assert_eq!(agent.status().rolled_back_from.as_deref(), Some("0.2.0"));
     assert!(!n.esp_files().iter().any(|f| f.starts_with("keelson_0.2.0")));
+}
+
+#[test]
+fn a_coordinated_rollback_halts_under_the_takers_name_and_a_halted_waiter_leaves_the_queue() {
+    use keelson_fleet::{Acquire, Client, Lock};
+
+    let t = tempfile::tempdir().unwrap();
+    let v1 = fake_image(t.path(), "0.1.0", 16);
+    let v2 = fake_image(t.path(), "0.2.0", 16);
+    let n = node(&v1, "0.1.0", "a");
+    let etcd = keelson_testkit::etcd::Etcd::start(23791, 23801);
+    let coordination = |group: &str| Coordination {
+        strategy: Strategy::EtcdLock,
+        endpoints: vec![etcd.endpoint.clone()],
+        group: group.into(),
+        holders: 1,
+        lease: keelson_spec::units::Span(Duration::from_secs(60)),
+    };
+    let client = Client::new(std::slice::from_ref(&etcd.endpoint)).unwrap();
+    let rt = rt();
+
+    // This node took the slot as node2 and rebooted into 0.2.0, which failed: slot A again,
+    // early in a boot whose host name is not node2 yet (here: the test host's).
+    let lease = rt.block_on(async {
+        let lease = client.grant(Duration::from_secs(60)).await.unwrap();
+        let lock = Lock::new(client.clone(), "g", 1, "node2");
+        let got = lock.try_acquire(lease, "0.2.0", "now").await.unwrap();
+        assert_eq!(got, Acquire::Held { slot: 0 });
+        lease
+    });
+    std::fs::write(
+        n.dir.path().join("esp/EFI/Linux/keelson_0.2.0+0-3.efi"),
+        fake_uki("IMAGE_VERSION=0.2.0\n", "keelson.slot=b roothash=ff"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(n.dir.path().join("var/update")).unwrap();
+    std::fs::write(
+        n.dir.path().join("var/update/state.json"),
+        format!(
+            r#"{{"staged": {{"version": "0.2.0", "slot": "b", "entry": "keelson_0.2.0+3.efi"}}, "lock_lease": {lease}, "lock_node": "node2"}}"#
+        ),
+    )
+    .unwrap();
+    let (reports_tx, reports) = Reports::channel();
+    let agent = Agent::new(
+        n.agent.paths.clone(),
+        n.agent.discovery.clone(),
+        Channels {
+            spec: watch::channel(Ok(UpdateSpec {
+                coordination: Some(coordination("g")),
+                ..UpdateSpec::default()
+            }))
+            .1,
+            services: watch::channel(Vec::new()).1,
+            extensions: watch::channel(Ok(Default::default())).1,
+            reports: reports_tx,
+        },
+    );
+    rt.block_on(async {
+        agent.boot();
+        for _ in 0..100 {
+            if reports.events().contains("update-slot-released") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let events = reports.events();
+    assert!(
+        events.contains("halted the rollout of 0.2.0")
+            && events.contains("gave back 1 reboot slot"),
+        "{events}"
+    );
+    let group = rt
+        .block_on(Lock::new(client.clone(), "g", 1, "any").state())
+        .unwrap();
+    assert!(group.holders.is_empty(), "{group:?}");
+    let halt = group.halted.expect("the rollout of 0.2.0 halted");
+    assert_eq!(
+        (halt.version.as_str(), halt.node.as_str()),
+        ("0.2.0", "node2")
+    );
+
+    // A node with 0.2.0 staged waits while node9 holds the slot; node9's rollout halts: the
+    // waiter drops 0.2.0 and leaves the queue (nobody sees it waiting any more).
+    n.add(&v2, &[]);
+    n.set_spec(|s| s.coordination = Some(coordination("g2")));
+    rt.block_on(async {
+        let lock9 = Lock::new(client.clone(), "g2", 1, "node9");
+        let lease9 = client.grant(Duration::from_secs(60)).await.unwrap();
+        let got = lock9.try_acquire(lease9, "0.2.0", "now").await.unwrap();
+        assert_eq!(got, Acquire::Held { slot: 0 });
+        n.agent
+            .apply(ApplyRequest {
+                version: None,
+                force: false,
+                reboot: true,
+            })
+            .await
+            .unwrap();
+        let wait_for = |what: &'static str| {
+            let events = &n.reports;
+            async move {
+                for _ in 0..600 {
+                    if events.events().contains(what) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("no {what}: {}", events.events());
+            }
+        };
+        wait_for("update-waiting-for-slot").await;
+        let group = lock9.state().await.unwrap();
+        assert_eq!(group.waiting.len(), 1, "{group:?}");
+        lock9
+            .halt("0.2.0", "it did not come up healthy", "now")
+            .await
+            .unwrap();
+        wait_for("update-halted").await;
+        let group = lock9.state().await.unwrap();
+        assert!(group.waiting.is_empty(), "{group:?}");
+    });
+    assert!(!n.reports.rebooted(), "{}", n.events());
+    assert_eq!(n.agent.status().staged, None);
+    assert!(!n.esp_files().iter().any(|f| f.starts_with("keelson_0.2.0")));
+}
+
+/// `[update.coordination]` whose etcd is not there when an update is staged for an automatic
+/// reboot: the node says so once, waits, and never reboots without a slot; once etcd answers,
+/// it takes a slot and only then asks for the reboot.
+#[test]
+fn a_staged_update_waits_for_etcd_and_never_reboots_without_a_slot() {
+    let t = tempfile::tempdir().unwrap();
+    let v1 = fake_image(t.path(), "0.1.0", 16);
+    let v2 = fake_image(t.path(), "0.2.0", 16);
+    let n = node(&v1, "0.1.0", "a");
+    n.add(&v2, &[]);
+    n.set_spec(|s| {
+        s.coordination = Some(Coordination {
+            strategy: Strategy::EtcdLock,
+            endpoints: vec!["http://127.0.0.1:23795".into()],
+            group: "default".into(),
+            holders: 1,
+            lease: keelson_spec::units::Span(Duration::from_secs(60)),
+        })
+    });
+    let rt = rt();
+    rt.block_on(async {
+        n.agent
+            .apply(ApplyRequest {
+                reboot: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for _ in 0..600 {
+            if n.agent.status().phase == Phase::WaitingForSlot {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Two more retries of the lock.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+    });
+    assert_eq!(
+        n.agent.status().phase,
+        Phase::WaitingForSlot,
+        "{}",
+        n.events()
+    );
+    assert!(!n.reports.rebooted(), "{}", n.events());
+    let events = n.events();
+    assert!(
+        events.contains("update-waiting-for-etcd: 0.2.0 is staged; not rebooting without a slot: ")
+            && events.contains("127.0.0.1:23795"),
+        "{events}"
+    );
+    assert_eq!(
+        events.matches("update-waiting-for-etcd").count(),
+        1,
+        "said once, not at every retry: {events}"
+    );
+    // The new slot is staged and stays so.
+    assert!(
+        n.esp_files().contains(&"keelson_0.2.0+3.efi".to_string()),
+        "{:?}",
+        n.esp_files()
+    );
+
+    // etcd comes up: the next retry takes the slot, and the reboot follows.
+    let _etcd = keelson_testkit::etcd::Etcd::start(23795, 23805);
+    rt.block_on(async {
+        for _ in 0..300 {
+            if n.reports.rebooted() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert!(n.reports.rebooted(), "{}", n.events());
+    let events = n.events();
+    let taken = events.find("update-slot-taken").expect("a slot taken");
+    assert!(taken > events.find("update-waiting-for-etcd").unwrap());
+    let c = n.agent.status().coordination.expect("coordination status");
+    assert_eq!(c.held_by.len(), 1, "{c:?}");
+    assert!(c.held_by[0].contains("0.2.0"), "{c:?}");
+}
+
+/// An extension build directory as `image-build extension` writes it, around `raw`.
+fn fake_extension(parent: &Path, name: &str, os_version: &str, raw: &[u8]) -> PathBuf {
+    use sha2::Digest;
+    let dir = parent.join(format!("ext-{name}-{os_version}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.raw")), raw).unwrap();
+    let manifest = serde_json::json!({
+        "name": name,
+        "version": "1.0",
+        "os_version": os_version,
+        "roothash": "ab".repeat(32),
+        "raw": {
+            "path": format!("{name}.raw"),
+            "size": raw.len(),
+            "sha256": hex::encode(sha2::Sha256::digest(raw)),
+        },
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    dir
+}
+
+/// A small /var (tmpfs) under the node, unmounted on drop.
+struct SmallVar(PathBuf);
+
+impl SmallVar {
+    fn mount(path: PathBuf, size_mib: u64) -> SmallVar {
+        std::fs::create_dir_all(&path).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size_mib}m").as_str()),
+        )
+        .expect("mounting a tmpfs (run the tests as root)");
+        SmallVar(path)
+    }
+}
+
+impl Drop for SmallVar {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Every file under `dir`, relative to it.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// An extension download that /var cannot hold: refused before a byte is written when its
+/// compressed size says so, stopped when its content grows past the room left; either way the
+/// partial file is gone, the error names the extension and /var, and the set the node had
+/// stays recorded.
+#[test]
+fn an_extension_download_that_fills_var_is_stopped_and_the_old_set_kept() {
+    let t = tempfile::tempdir().unwrap();
+    let v1 = fake_image(t.path(), "0.1.0", 16);
+    let n = node(&v1, "0.1.0", "a");
+    // 72 MiB of /var: 8 MiB beyond the 64 MiB an extension download leaves free.
+    let _var = SmallVar::mount(n.dir.path().join("var"), 72);
+    // The set the node runs: one extension already in the store.
+    let store = keelson_extensions::Store::new(n.dir.path().join("var/extensions"));
+    let old = keelson_extensions::Entry {
+        name: "old".into(),
+        version: "1.0".into(),
+        roothash: "cd".repeat(32),
+        built_for: "0.1.0".into(),
+        source: "http://elsewhere/old".into(),
+        listed_for: Vec::new(),
+    };
+    std::fs::write(store.staging(&old).unwrap(), b"an image").unwrap();
+    std::fs::rename(store.staging(&old).unwrap(), store.image(&old)).unwrap();
+    store.record("0.1.0", vec![old.clone()]).unwrap();
+    let before = files_under(store.dir());
+
+    // Compressed, 10 MiB of noise: larger than the 8 MiB left.
+    let mut noise = vec![0u8; 10 << 20];
+    let mut x: u32 = 1;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    let big = fake_extension(t.path(), "big", "0.1.0", &noise);
+    // Compressed, a few KiB; uncompressed, 24 MiB of zeros.
+    let bomb = fake_extension(t.path(), "bomb", "0.1.0", &vec![0u8; 24 << 20]);
+    n.add(
+        &v1,
+        &[
+            "--extension",
+            big.to_str().unwrap(),
+            "--extension",
+            bomb.to_str().unwrap(),
+        ],
+    );
+    let rt = rt();
+    for (name, says) in [
+        ("big", "its download (10 MiB compressed) does not fit on /var (7 MiB free beyond the 64 MiB kept for logs and state): nothing written"),
+        ("bomb", "(uncompressed) does not fit on /var (7 MiB free beyond the 64 MiB kept for logs and state)"),
+    ] {
+        n.extensions.send_modify(|x| {
+            *x = Ok(ExtensionsSpec {
+                enabled: vec![name.into()],
+            })
+        });
+        let err = rt
+            .block_on(n.agent.sync_running_extensions())
+            .unwrap_err()
+            .message;
+        assert!(err.starts_with(&format!("extension {name} 1.0: ")), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert_eq!(files_under(store.dir()), before, "{name}: nothing left behind");
+        assert_eq!(store.set("0.1.0").unwrap(), vec![old.clone()]);
+    }
+    assert!(
+        n.events().contains("extension-downloading: bomb 1.0"),
+        "{}",
+        n.events()
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {

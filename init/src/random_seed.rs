@@ -1,0 +1,160 @@
+//! The kernel's entropy pool across boots, the way systemd-random-seed keeps it: a seed on /var
+//! written from the kernel's CSPRNG once it is initialized, credited to the pool at the next
+//! boot, and replaced before it is credited, so no seed is credited twice. A VM without
+//! RDRAND or virtio-rng otherwise waits a second or more in the kernel's jitter dance the first
+//! time anything asks for blocking randomness.
+//!
+//! The first boot has no seed: nothing on init's path needs blocking randomness then (the
+//! machine ID comes from the VM's SMBIOS UUID where there is one, see
+//! [`crate::state::machine_id`]), and the seed is written by a child process that waits for
+//! the pool.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use crate::say;
+
+/// The seed, readable by root only.
+pub const SEED: &str = "/var/lib/keelson/random-seed";
+/// The pool's size in bytes (what systemd keeps too).
+const SIZE: usize = 512;
+/// `RNDADDENTROPY`, `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+
+/// What happened to the seed at this boot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Loaded {
+    /// Mixed in and credited; a new one was stored first.
+    Credited(usize),
+    /// None on /var (a first boot, or /var lost): one is written once the pool is ready.
+    None,
+    /// Mixed in but not credited, because a new seed could not be stored (crediting a seed
+    /// that stays on disk would credit it again at the next boot).
+    NotCredited(String),
+}
+
+/// Mixes the stored seed into the pool, stores a fresh one in its place, then credits the old
+/// one. `urandom` is the pool (`/dev/urandom`).
+pub fn load(seed: &Path, urandom: &Path) -> Loaded {
+    let old = match std::fs::read(seed) {
+        Ok(b) if (32..=4096).contains(&b.len()) => b,
+        Ok(_) | Err(_) => return Loaded::None,
+    };
+    let pool = match std::fs::OpenOptions::new().write(true).open(urandom) {
+        Ok(f) => f,
+        Err(e) => return Loaded::NotCredited(format!("{}: {e}", urandom.display())),
+    };
+    // Mixed without credit first: the new seed depends on the old one and on whatever the
+    // kernel gathered so far, and is unpredictable if either is.
+    if let Err(e) = (&pool).write_all(&old) {
+        return Loaded::NotCredited(format!("writing to {}: {e}", urandom.display()));
+    }
+    let mut new = [0u8; SIZE];
+    if let Err(e) = fill(&mut new, libc::GRND_INSECURE) {
+        return Loaded::NotCredited(format!("getrandom: {e}"));
+    }
+    if let Err(e) = crate::state::write_atomic(seed, &new, 0o600) {
+        return Loaded::NotCredited(format!("replacing {}: {e}", seed.display()));
+    }
+    match credit(&pool, &old) {
+        Ok(()) => Loaded::Credited(old.len()),
+        Err(e) => Loaded::NotCredited(format!("RNDADDENTROPY: {e}")),
+    }
+}
+
+/// Stores a seed once the pool is initialized (blocking until then), in a child process so
+/// nothing waits for it and init stays single-threaded (it forks the module loader and sysd).
+/// The child is reaped by init's ordinary zombie reaping; it reports through `say!`.
+pub fn store_when_ready(seed: &'static str) {
+    // SAFETY: init is single-threaded, so the child may run arbitrary code (allocate, log)
+    // after fork; it ends with _exit and never returns into init's loop.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            let mut new = [0u8; SIZE];
+            let result = fill(&mut new, 0)
+                .and_then(|()| crate::state::write_atomic(Path::new(seed), &new, 0o600));
+            match result {
+                Ok(()) => say!("random-seed: stored for the next boot"),
+                Err(e) => say!("random-seed: cannot store {seed}: {e}"),
+            }
+            // SAFETY: ends the child without running init's exit paths.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {}
+        Err(e) => say!("random-seed: cannot fork its writer: {e}"),
+    }
+}
+
+/// Adds `bytes` to the pool with full credit (8 bits a byte: the seed came from the CSPRNG).
+fn credit(pool: &File, bytes: &[u8]) -> std::io::Result<()> {
+    let bits = i32::try_from(bytes.len() * 8).map_err(std::io::Error::other)?;
+    let len = i32::try_from(bytes.len()).map_err(std::io::Error::other)?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&bits.to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // SAFETY: `info` is a valid rand_pool_info of `bytes.len()` bytes of buffer, alive for the
+    // call; the kernel only reads it.
+    let rc = unsafe { libc::ioctl(pool.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Fills `buf` with getrandom(2) and `flags`.
+fn fill(buf: &mut [u8], flags: libc::c_uint) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = buf.get_mut(filled..).unwrap_or(&mut []);
+        // SAFETY: rest is a valid writable slice of rest.len() bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), flags) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += usize::try_from(n).unwrap_or(0);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With a plain file standing in for /dev/urandom: the seed is mixed in, replaced by a new
+    /// one before anything is credited, and the credit ioctl (refused by a plain file) leaves
+    /// it not credited. A missing or truncated seed is none.
+    #[test]
+    fn a_seed_is_replaced_before_it_is_credited() {
+        let t = tempfile::tempdir().unwrap();
+        let seed = t.path().join("random-seed");
+        let pool = t.path().join("urandom");
+        std::fs::write(&pool, b"").unwrap();
+        assert_eq!(load(&seed, &pool), Loaded::None);
+        std::fs::write(&seed, [1u8; 16]).unwrap();
+        assert_eq!(load(&seed, &pool), Loaded::None);
+
+        let old = vec![7u8; SIZE];
+        std::fs::write(&seed, &old).unwrap();
+        match load(&seed, &pool) {
+            Loaded::NotCredited(why) => assert!(why.starts_with("RNDADDENTROPY: "), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read(&pool).unwrap(), old, "mixed into the pool");
+        let new = std::fs::read(&seed).unwrap();
+        assert_eq!(new.len(), SIZE);
+        assert_ne!(new, old, "replaced before the credit");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&seed).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}
