@@ -359,6 +359,18 @@ pub mod vfat {
     }
 }
 
+/// Flushes the whole file system `dir` is on (`syncfs`): for the moments everything written
+/// before must survive a power cut, not just one replaced file.
+pub fn sync_file_system(dir: &Path) -> Result<(), Error> {
+    let d = open_dir(dir).map_err(|e| Error::new(Step::OpenDir, dir, e))?;
+    SYNCS.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: syncfs on a descriptor we own; no memory is passed.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(Error::new(Step::SyncDir, dir, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 fn dir_or_dot(p: &Path) -> &Path {
     if p.as_os_str().is_empty() {
         Path::new(".")

@@ -993,10 +993,11 @@ fn load_state(path: &std::path::Path) -> Persisted {
     }
 }
 
+/// Records the state, then flushes all of /var (as before the durable helper, whose ESP-style
+/// sync did it): an update's steps (start, staged, reboot, bless) are when power cuts happen,
+/// so what services wrote before one survives it.
 fn store_state(dir: &std::path::Path, state: &Persisted) -> Result<()> {
     let json = serde_json::to_vec_pretty(state)?;
-    Ok(keelson_common::durable::replace(
-        &dir.join("state.json"),
-        &json,
-    )?)
+    keelson_common::durable::replace(&dir.join("state.json"), &json)?;
+    Ok(keelson_common::durable::sync_file_system(dir)?)
 }
