@@ -10,6 +10,7 @@
 //! - [`caps`]: Linux capability names in bit order (service schema and runtime).
 //! - [`error`]: the transport-neutral kind of a failure (the API maps it to HTTP).
 //! - [`notice`]: what a sysd component reports for the event log.
+//! - [`durable`]: the one way a file is replaced on /var, /run and the ESP (crash-safe).
 //! - [`api`] (feature `api`): the wire types of sysd's HTTP API, shared with keelctl.
 
 #[cfg(feature = "api")]
@@ -19,6 +20,7 @@ pub mod cmdline;
 pub mod cpio;
 #[cfg(feature = "dm")]
 pub mod dm;
+pub mod durable;
 pub mod error;
 pub mod gpt;
 pub mod notice;

@@ -19,6 +19,7 @@ mod stage2;
 mod state;
 mod supervise;
 mod switch_root;
+mod watchdog;
 
 use std::path::Path;
 

@@ -15,6 +15,7 @@ use nix::unistd::{sync, Pid};
 use crate::fatal::{fatal, PowerAction};
 use crate::say;
 use crate::supervise::{reap_all, Supervisor};
+use crate::watchdog::Watchdog;
 
 /// How long sysd gets to stop its services.
 pub const SYSD_GRACE: Duration = Duration::from_secs(20);
@@ -59,8 +60,20 @@ fn reap_until(
 }
 
 /// Carries out `action`. Never returns.
-pub fn run(action: PowerAction, sup: &mut Supervisor, sfd: &SignalFd) -> ! {
+pub fn run(
+    action: PowerAction,
+    sup: &mut Supervisor,
+    sfd: &SignalFd,
+    mut wd: Option<Watchdog>,
+) -> ! {
     say!("shutdown: {} requested", action.name());
+    // Petted between the steps: each is bounded, and a shutdown that hangs is reset.
+    let pet = |wd: &mut Option<Watchdog>| {
+        if let Some(w) = wd.as_mut() {
+            w.pet(std::time::Instant::now());
+        }
+    };
+    pet(&mut wd);
     sup.stop_restarting();
     if let Some(pid) = sup.pid() {
         let _ = kill(pid, Signal::SIGTERM);
@@ -76,6 +89,7 @@ pub fn run(action: PowerAction, sup: &mut Supervisor, sfd: &SignalFd) -> ! {
     }
     sup.mark_stopped();
     say!("shutdown: sysd stopped");
+    pet(&mut wd);
 
     let all = Pid::from_raw(-1);
     let no_children = |_: &[(Pid, WaitStatus)], none_left: bool| none_left;
@@ -87,9 +101,18 @@ pub fn run(action: PowerAction, sup: &mut Supervisor, sfd: &SignalFd) -> ! {
     let _ = kill(all, Signal::SIGKILL);
     reap_until(sfd, Duration::from_secs(1), no_children);
 
+    pet(&mut wd);
     sync();
     unmount_var();
     sync();
+    if let Some(mut w) = wd {
+        if action == PowerAction::Reboot {
+            w.pet(std::time::Instant::now());
+        } else {
+            // A halted or powered-off machine must stay so.
+            w.disarm();
+        }
+    }
     say!("shutdown: {}", final_word(action));
     match reboot(action.mode()) {
         Ok(never) => match never {},

@@ -16,6 +16,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::fatal::{self, fatal, PowerAction};
 use crate::mounts::{self, Kernel};
 use crate::supervise::{reap_all, Supervisor};
+use crate::watchdog::Watchdog;
 use crate::{bootargs, etc, power_button, random_seed, say, shutdown, state};
 
 /// The file stage 2 tries to create to prove the root is read-only.
@@ -115,8 +116,11 @@ pub fn run() -> ! {
     for (path, _) in &buttons {
         say!("power button: {path}");
     }
+    // Armed after /var is set up (it counts the previous boot's reset there) and before sysd
+    // starts (sysd learns how often to say WATCHDOG=1 from the environment).
+    let wd = Watchdog::open(&cmdline);
     crate::modules::load_root_modules_in_background();
-    event_loop(&sfd, &mut buttons)
+    event_loop(&sfd, &mut buttons, wd)
 }
 
 /// One line per network interface with the driver bound to it: on real hardware, the first thing
@@ -224,11 +228,19 @@ fn check_root_read_only() {
     }
 }
 
-fn event_loop(sfd: &SignalFd, buttons: &mut [(String, File)]) -> ! {
+fn event_loop(sfd: &SignalFd, buttons: &mut [(String, File)], mut wd: Option<Watchdog>) -> ! {
     let mut sup = Supervisor::new();
     loop {
         sup.tick(Instant::now());
-        let timeout = match sup.timeout(Instant::now()) {
+        if let Some(w) = wd.as_mut() {
+            w.tick(Instant::now(), sup.sysd_last_seen());
+        }
+        let now = Instant::now();
+        let due = match (sup.timeout(now), wd.as_ref().map(|w| w.timeout(now))) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = match due {
             None => PollTimeout::NONE,
             // Rounded up so the wake-up is never early (which would spin until the deadline).
             Some(d) => PollTimeout::from(
@@ -289,7 +301,7 @@ fn event_loop(sfd: &SignalFd, buttons: &mut [(String, File)]) -> ! {
             }
         }
         if let Some(action) = request {
-            shutdown::run(action, &mut sup, sfd);
+            shutdown::run(action, &mut sup, sfd, wd.take());
         }
     }
 }

@@ -2,11 +2,10 @@
 //! hostname, with crash-safe replacement (write to a temporary file, fsync, rename, fsync the
 //! directory) so a power cut leaves the old or the new content, never a torn file.
 
-use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use keelson_common::durable;
 use keelson_common::gpt::Guid;
 use keelson_common::verity::to_hex;
 
@@ -16,23 +15,16 @@ pub const MACHINE_ID: &str = "/var/lib/keelson/machine-id";
 pub const BOOT_COUNT: &str = "/var/lib/keelson/boot-count";
 pub const HOSTNAME: &str = "/var/lib/keelson/hostname";
 
-/// Replaces `path` atomically with `contents`.
+/// Replaces `path` with `contents` through `keelson_common::durable` (the directory exists).
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    let opts = durable::Options {
+        mode,
+        owner: None,
+        create_dirs: false,
+    };
+    Ok(durable::replace_with(path, &opts, |f| {
+        f.write_all(contents)
+    })?)
 }
 
 /// Whether `s` is a machine ID: 32 lowercase hex digits, not all zero (systemd's rule).
@@ -180,6 +172,7 @@ pub fn choose_hostname(configured: Option<&str>, machine_id: &str) -> (String, O
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_vm_s_uuid_is_its_machine_id_and_nothing_else_is() {
@@ -254,7 +247,15 @@ mod tests {
         write_atomic(&p, b"one", 0o644).unwrap();
         write_atomic(&p, b"two", 0o644).unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "two");
-        assert!(!dir.join("f.tmp").exists());
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["f"], "no temporary file is left behind");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

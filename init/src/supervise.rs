@@ -165,6 +165,8 @@ pub struct Supervisor {
     notify: Option<File>,
     notify_buf: Vec<u8>,
     ready_seen: bool,
+    /// sysd's last sign of life: its start, then any line on the notify pipe (`WATCHDOG=1`).
+    last_seen: Instant,
 }
 
 impl Default for Supervisor {
@@ -187,6 +189,7 @@ impl Supervisor {
             notify: None,
             notify_buf: Vec::new(),
             ready_seen: false,
+            last_seen: Instant::now(),
         }
     }
 
@@ -194,6 +197,14 @@ impl Supervisor {
     pub fn pid(&self) -> Option<Pid> {
         match self.state {
             State::Running { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// When the running sysd last showed a sign of life (`None`: not running).
+    pub fn sysd_last_seen(&self) -> Option<Instant> {
+        match self.state {
+            State::Running { .. } => Some(self.last_seen),
             _ => None,
         }
     }
@@ -228,6 +239,7 @@ impl Supervisor {
                 };
                 self.notify = Some(notify);
                 self.notify_buf.clear();
+                self.last_seen = Instant::now();
             }
             Err(e) => {
                 let delay = self.backoff.after_exit(Duration::ZERO);
@@ -269,6 +281,8 @@ impl Supervisor {
             }
         }
         for line in take_lines(&mut self.notify_buf) {
+            // Any line is a sign of life; `WATCHDOG=1` says nothing else.
+            self.last_seen = Instant::now();
             if line == "READY=1" {
                 self.on_ready();
             }

@@ -85,8 +85,9 @@ enum Output {
 enum Command {
     /// List services: state, health, pid, restarts, uptime, image.
     Ps,
-    /// Show one service in detail, including its last exit and why it is not running.
-    Status { service: String },
+    /// Show one service in detail, including its last exit and why it is not running; without
+    /// a service, the node: sysd's version and uptime, the hardware watchdog and its resets.
+    Status { service: Option<String> },
     /// Print a service's captured output.
     Logs {
         /// Keep printing new lines as they come.
@@ -239,7 +240,17 @@ fn run_one(cli: &Cli, client: &Client, json: bool, out: &mut impl Write) -> Resu
             let services: Vec<ServiceStatus> = parse(&body)?;
             write!(out, "{}", render::ps(&services, now_ms()))?;
         }
-        Command::Status { service } => {
+        Command::Status { service: None } => {
+            let body = client.get(&api("/version"))?;
+            if json {
+                return print_raw(out, &body);
+            }
+            let version: Version = parse(&body)?;
+            write!(out, "{}", render::node(&version))?;
+        }
+        Command::Status {
+            service: Some(service),
+        } => {
             let body = client.get(&service_path(service, ""))?;
             if json {
                 return print_raw(out, &body);

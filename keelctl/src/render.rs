@@ -5,8 +5,28 @@
 use std::fmt::Write as _;
 
 use keelson_common::api::{
-    ApplyPlan, Event, ExitInfo, Health, Kind, LogLine, ServiceStatus, State, Stats, Stream,
+    ApplyPlan, Event, ExitInfo, Health, Kind, LogLine, ServiceStatus, State, Stats, Stream, Version,
 };
+
+/// `keelctl status` without a service: sysd and the hardware watchdog.
+pub fn node(v: &Version) -> String {
+    let mut out = format!("sysd:      {} (up {})\n", v.version, duration(v.uptime_s));
+    match &v.watchdog {
+        None => out.push_str("watchdog:  none\n"),
+        Some(w) => {
+            let _ = writeln!(
+                out,
+                "watchdog:  {}, resets a hung node within {}s",
+                w.device, w.timeout_s
+            );
+            let _ = writeln!(out, "resets:    {}", w.resets);
+            if let Some(why) = &w.previous_boot_reset {
+                let _ = writeln!(out, "last boot: reset by the watchdog ({why})");
+            }
+        }
+    }
+    out
+}
 
 /// Left-aligned columns, two spaces apart, no trailing blanks.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -346,6 +366,30 @@ pub fn plan_summary(plan: &ApplyPlan) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn node_status_with_and_without_a_watchdog() {
+        use keelson_common::api::{Version, Watchdog};
+        let mut v = Version {
+            version: "0.1.0".into(),
+            uptime_s: 75,
+            watchdog: None,
+        };
+        assert_eq!(
+            super::node(&v),
+            "sysd:      0.1.0 (up 1m15s)\nwatchdog:  none\n"
+        );
+        v.watchdog = Some(Watchdog {
+            device: "i6300ESB timer".into(),
+            timeout_s: 20,
+            resets: 1,
+            previous_boot_reset: Some("sysd silent for 11 s".into()),
+        });
+        assert_eq!(
+            super::node(&v),
+            "sysd:      0.1.0 (up 1m15s)\nwatchdog:  i6300ESB timer, resets a hung node within 20s\nresets:    1\nlast boot: reset by the watchdog (sysd silent for 11 s)\n"
+        );
+    }
+
     use super::*;
 
     const NOW: u64 = 1_795_306_361_123; // 2026-11-22T00:12:41.123Z

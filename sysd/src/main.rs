@@ -97,6 +97,9 @@ struct DaemonArgs {
     /// The resolver file (/etc/resolv.conf links to it).
     #[arg(long, default_value = "/run/keelson/resolv.conf")]
     resolv_conf: PathBuf,
+    /// The hardware watchdog init armed (written by init; absent: none).
+    #[arg(long, default_value = "/run/keelson/watchdog.json")]
+    watchdog_status: PathBuf,
     /// Where the hostname in force is written.
     #[arg(long, default_value = "/etc/hostname")]
     hostname_file: PathBuf,
@@ -235,6 +238,45 @@ fn start_network(
     }
 }
 
+/// The hardware watchdog init armed: reported with the version, and as events (the previous
+/// boot's reset first, so `keelctl events` shows why the node rebooted).
+fn report_watchdog(path: &std::path::Path, sup: &Supervisor, events: &Arc<EventBus>) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!("watchdog: cannot read {}: {e}", path.display());
+            return;
+        }
+    };
+    let w: keelson_common::api::Watchdog = match serde_json::from_str(&text) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("watchdog: {} is not init's status ({e})", path.display());
+            return;
+        }
+    };
+    if let Some(why) = &w.previous_boot_reset {
+        events.emit(
+            None,
+            "watchdog-reset",
+            format!(
+                "the previous boot was reset by the watchdog ({why}); {} reset(s) so far",
+                w.resets
+            ),
+        );
+    }
+    events.emit(
+        None,
+        "watchdog",
+        format!(
+            "{} armed: a hung sysd or init is reset within {} s",
+            w.device, w.timeout_s
+        ),
+    );
+    sup.set_watchdog(w);
+}
+
 /// The update agent, reading the effective `[update]` table and the services' statuses the
 /// supervisor publishes; its events go to the event stream, its reboot requests to init.
 fn update_agent(sup: &Supervisor, events: &Arc<EventBus>) -> Arc<Agent> {
@@ -272,6 +314,14 @@ fn update_agent(sup: &Supervisor, events: &Arc<EventBus>) -> Arc<Agent> {
 }
 
 async fn run(args: DaemonArgs) -> Result<()> {
+    // First: from here on a runtime that stops turning stops the heartbeat init watches.
+    let mut notifier = notify::Notifier::from_env();
+    if let Some(every) = notifier.heartbeat() {
+        tracing::info!(
+            "watchdog: telling init WATCHDOG=1 every {} ms",
+            every.as_millis()
+        );
+    }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     if let Err(err) = keelson_net::loopback::loopback_up() {
@@ -327,6 +377,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
         Arc::clone(&images),
         network,
     ));
+    report_watchdog(&args.watchdog_status, &sup, &events);
     let agent = update_agent(&sup, &events);
     // Extensions before the supervisor reads the system services (`sup.boot`): theirs are
     // among them.
@@ -407,7 +458,9 @@ async fn run(args: DaemonArgs) -> Result<()> {
         );
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "sysd: ready");
-    notify::ready().context("telling init that sysd is ready")?;
+    notifier
+        .ready()
+        .context("telling init that sysd is ready")?;
 
     tokio::select! {
         _ = term.recv() => tracing::info!("sysd: SIGTERM, stopping"),

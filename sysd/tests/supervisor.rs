@@ -415,6 +415,24 @@ fn a_killed_sysd_comes_back_without_duplicates_and_stops_gracefully() {
     sysd.wait_state("flusher", "running");
     // Killed the way a crash would end it.
     sysd.daemon.kill();
+    // Each container left its adoption record; flusher's is made unreadable (bad input).
+    let mut corrupted = false;
+    for b in std::fs::read_dir(sysd.path("run/runtime/bundles"))
+        .unwrap()
+        .flatten()
+    {
+        let config = std::fs::read_to_string(b.path().join("config.json")).unwrap_or_default();
+        assert!(
+            b.path().join("adopt.json").is_file(),
+            "{}",
+            b.path().display()
+        );
+        if config.contains("\"org.keelson.service\": \"flusher\"") {
+            std::fs::write(b.path().join("adopt.json"), "{\"pid\": ").unwrap();
+            corrupted = true;
+        }
+    }
+    assert!(corrupted, "flusher's bundle");
     sysd.daemon.start(Duration::from_secs(60));
     sysd.wait_until("one to run again", || {
         sysd.state("one") == "running" && sysd.service("one")["pid"] != first["pid"]
@@ -425,6 +443,19 @@ fn a_killed_sysd_comes_back_without_duplicates_and_stops_gracefully() {
             .contains("removed what a previous sysd left: container one"),
         "{}",
         sysd.log()
+    );
+    // The evidence for adoption is checked and reported (nothing adopts yet).
+    let log = sysd.log();
+    let line = |svc: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("left: container {svc}")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line("one").contains("(adoptable)"), "{log}");
+    assert!(
+        line("flusher").contains("not adoptable:") && line("flusher").contains("adopt.json"),
+        "{log}"
     );
     // Exactly one instance of each, and the old init is gone.
     assert_eq!(sysd.running_instances("one"), 1);

@@ -187,6 +187,23 @@ pub struct Version {
     pub version: String,
     /// Seconds since sysd started.
     pub uptime_s: u64,
+    /// The hardware watchdog init armed at this boot (absent: none, or off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog: Option<Watchdog>,
+}
+
+/// The hardware watchdog as init armed it (`/run/keelson/watchdog.json`, written by init).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watchdog {
+    /// The driver's identity (`i6300ESB timer`, `Software Watchdog`).
+    pub device: String,
+    /// The longest time from a hang of sysd or init to the reset.
+    pub timeout_s: u64,
+    /// Resets the watchdog caused, across boots.
+    pub resets: u64,
+    /// The previous boot ended in a watchdog reset, and why.
+    #[serde(default)]
+    pub previous_boot_reset: Option<String>,
 }
 
 /// Formats Unix milliseconds as RFC 3339 UTC with milliseconds (`2026-11-22T00:12:41.123Z`),

@@ -1030,6 +1030,7 @@ mod tests {
             Version {
                 version: "9.9.9".into(),
                 uptime_s: 7,
+                watchdog: None,
             }
         }
         fn list(&self) -> Vec<ServiceStatus> {

@@ -3,7 +3,6 @@
 //! two OS versions is stored once, and a half-downloaded file (`.part`) is never an image.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -79,9 +78,7 @@ impl Store {
             return Err(e);
         }
         let dst = self.image(entry);
-        sync_file(&part)?;
-        std::fs::rename(&part, &dst).map_err(|e| Error::io(&dst, e))?;
-        sync_dir(dst.parent().unwrap_or(&self.dir))?;
+        keelson_common::durable::commit(&part, &dst).map_err(|e| Error::io(&dst, e.into()))?;
         Ok(dst)
     }
 
@@ -159,28 +156,10 @@ impl Store {
     fn save(&self, state: &State) -> Result<(), Error> {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         let path = self.dir.join(STATE);
-        let tmp = self.dir.join(".state.json.tmp");
         let bytes = serde_json::to_vec_pretty(state)
             .map_err(|e| Error::State(format!("encoding {}: {e}", path.display())))?;
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        sync_dir(&self.dir)
+        keelson_common::durable::replace(&path, &bytes).map_err(|e| Error::io(&path, e.into()))
     }
-}
-
-fn sync_file(p: &Path) -> Result<(), Error> {
-    std::fs::File::open(p)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(p, e))
-}
-
-fn sync_dir(p: &Path) -> Result<(), Error> {
-    std::fs::File::open(p)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(p, e))
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ use cloudconfig::{CloudConfig, WriteFile, DEFAULT_USER};
 use datasource::Found;
 #[cfg(test)]
 use datasource::Probe;
-use keelson_spec::store_atomically;
+use keelson_common::durable;
 use userdata::UserData;
 
 /// Why user data was not applied. The text names where (datasource, file, line, key) and
@@ -242,8 +242,8 @@ pub fn process(
     if status.outcome == Outcome::Applied {
         // The report of the applying boot, kept for later boots of the instance.
         let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
-        let _ = store_atomically(&paths.state_dir.join("status.json"), &json);
-        let _ = store_atomically(
+        let _ = durable::replace(&paths.state_dir.join("status.json"), &json);
+        let _ = durable::replace(
             &paths.state_dir.join("instance-id"),
             format!("{}\n", found_id(&status)).as_bytes(),
         );
@@ -453,7 +453,7 @@ fn apply(plan: &Plan, found: &Found, paths: &Paths) -> Result<(), Error> {
             .map_err(|e| Error::Write(format!("write_files {}: {e}", f.path.display())))?;
     }
     match &plan.config {
-        Some(text) => store_atomically(&paths.config_file, text.as_bytes())
+        Some(text) => durable::replace(&paths.config_file, text.as_bytes())
             .map_err(|e| Error::Write(format!("{}: {e}", paths.config_file.display())))?,
         None => match std::fs::remove_file(&paths.config_file) {
             Ok(()) => {}
@@ -466,10 +466,15 @@ fn apply(plan: &Plan, found: &Found, paths: &Paths) -> Result<(), Error> {
             }
         },
     }
-    store_atomically(&paths.state_dir.join("user-data"), &found.user_data)
-        .map_err(|e| Error::Write(format!("{}: {e}", paths.state_dir.display())))?;
+    // User data can hold secrets (passwords, keys): root only.
+    durable::replace_with(
+        &paths.state_dir.join("user-data"),
+        &durable::Options::mode(0o600),
+        |f| f.write_all(&found.user_data),
+    )
+    .map_err(|e| Error::Write(format!("{}: {e}", paths.state_dir.display())))?;
     if let Some(nc) = &found.network_config {
-        store_atomically(&paths.state_dir.join("network-config"), nc)
+        durable::replace(&paths.state_dir.join("network-config"), nc)
             .map_err(|e| Error::Write(format!("{}: {e}", paths.state_dir.display())))?;
     }
     Ok(())
@@ -510,18 +515,20 @@ fn write_file(f: &WriteFile, root: &Path) -> std::io::Result<()> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)?;
         file.write_all(&f.content)?;
+        // Mode and owner on the descriptor: a path could have been swapped for a link since.
+        file.set_permissions(std::fs::Permissions::from_mode(f.mode))?;
+        std::os::unix::fs::fchown(&file, Some(f.uid), Some(f.gid))?;
         file.sync_all()?;
     } else {
-        // rename(2) replaces a symbolic link itself, never its target.
-        store_atomically(&path, &f.content)?;
+        // The temporary file is never a link, and rename(2) replaces a link at the target
+        // itself, never its target; mode and owner are set on the descriptor before it.
+        let opts = durable::Options {
+            mode: f.mode,
+            owner: Some((f.uid, f.gid)),
+            create_dirs: false,
+        };
+        durable::replace_with(&path, &opts, |file| file.write_all(&f.content))?;
     }
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode))?;
-    nix::unistd::chown(
-        &path,
-        Some(nix::unistd::Uid::from_raw(f.uid)),
-        Some(nix::unistd::Gid::from_raw(f.gid)),
-    )
-    .map_err(std::io::Error::from)?;
     Ok(())
 }
 

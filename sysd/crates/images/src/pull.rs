@@ -480,10 +480,12 @@ async fn download(
             "blob {digest}: the registry sent {n_total} bytes hashing to sha256:{actual}, which does not match its descriptor ({size} bytes); refusing it"
         );
     }
-    f.sync_all().await.ok();
     drop(f);
-    tokio::fs::rename(partial, dest)
+    // fsync the blob, rename it into blobs/, fsync the directory (`keelson_common::durable`).
+    let (from, to) = (partial.to_path_buf(), dest.to_path_buf());
+    tokio::task::spawn_blocking(move || keelson_common::durable::commit(&from, &to))
         .await
+        .context("the blob commit task")?
         .with_context(|| format!("moving blob {digest} into the store"))?;
     let _ = progress.send(PullProgress::Verified { digest, size });
     Ok(transferred)
@@ -543,6 +545,7 @@ async fn transfer(
         .write(true)
         .truncate(from == 0)
         .append(from > 0)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(partial)
         .await
         .map_err(|e| Transfer::Fatal(anyhow!("opening {}: {e}", partial.display())))?;

@@ -98,14 +98,8 @@ impl Ipam {
     }
 
     pub fn store(&self, path: &Path) -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("json.new");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).unwrap_or_default())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        Ok(keelson_common::durable::replace(path, &json)?)
     }
 
     /// The service's address: the one it had, else the lowest free one (after the gateway).
@@ -150,17 +144,13 @@ pub fn render_hosts(ipam: &Ipam) -> String {
     out
 }
 
-/// Rewrites `path` in place (containers bind-mount it; a rename would not reach them).
+/// Rewrites `path` in place (containers bind-mount it; a rename would not reach them), never
+/// leaving it empty for a reader (`keelson_common::durable::rewrite_in_place`).
 pub fn write_in_place(path: &Path, text: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    f.write_all(text.as_bytes())
+    Ok(keelson_common::durable::rewrite_in_place(
+        path,
+        text.as_bytes(),
+    )?)
 }
 
 /// The whole `ip keelson` table: masquerade of the subnet, and published ports

@@ -754,13 +754,6 @@ pub fn load_lease(path: &std::path::Path) -> Option<Lease> {
 }
 
 fn store_lease(path: &std::path::Path, lease: &Lease) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("json.new");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(lease).unwrap_or_default())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let json = serde_json::to_vec_pretty(lease).map_err(std::io::Error::other)?;
+    Ok(keelson_common::durable::replace(path, &json)?)
 }

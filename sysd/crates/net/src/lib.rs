@@ -863,7 +863,12 @@ impl Net {
                     self.emit("network-error", format!("setting the hostname: {e}"));
                 }
             }
-            let _ = std::fs::write(&self.paths.hostname_file, format!("{name}\n"));
+            if let Err(e) = keelson_common::durable::replace(
+                &self.paths.hostname_file,
+                format!("{name}\n").as_bytes(),
+            ) {
+                self.emit("network-error", e.to_string());
+            }
             self.emit("hostname", format!("{name} (from {source})"));
         }
         let missing = self.missing().await;

@@ -1,8 +1,7 @@
 //! /etc/resolv.conf (a link to /run/keelson/resolv.conf that init makes): the configured DNS
-//! servers and search domains first, then those of the DHCP leases. Replaced atomically, so a
-//! resolver never reads half a file.
+//! servers and search domains first, then those of the DHCP leases. Rewritten in place (services
+//! bind-mount it), never left empty for a resolver reading it.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -20,16 +19,15 @@ pub fn render(dns: &[IpAddr], search: &[String]) -> String {
     out
 }
 
+///
+/// Services bind-mount the file, so it keeps its inode: it is rewritten in place, new content
+/// first and then cut to length, so a resolver reading it never finds it empty
+/// (`keelson_common::durable::rewrite_in_place`; /run dies with the boot, nothing to fsync).
 pub fn write(path: &Path, dns: &[IpAddr], search: &[String]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    f.write_all(render(dns, search).as_bytes())
+    Ok(keelson_common::durable::rewrite_in_place(
+        path,
+        render(dns, search).as_bytes(),
+    )?)
 }
 
 #[cfg(test)]

@@ -519,13 +519,14 @@ pub fn write(dir: &Path, spec: &Spec) -> Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("chmod {}", dir.display()))?;
     let path = dir.join("config.json");
-    let tmp = dir.join("config.json.tmp");
     let json = serde_json::to_vec_pretty(spec).context("serializing config.json")?;
-    let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&json)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    // On /run (tmpfs) the fsyncs cost nothing; the exclusive, never-followed temporary file is
+    // what matters here.
+    keelson_common::durable::replace_with(
+        &path,
+        &keelson_common::durable::Options::mode(0o600),
+        |f| f.write_all(&json),
+    )?;
     Ok(())
 }
 

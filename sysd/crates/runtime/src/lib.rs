@@ -22,6 +22,7 @@
 //! would keep that namespace's init from ever finishing its exit), which is why `exec` never
 //! kills its helper and relies on the helper's own timeout.
 
+pub mod adopt;
 pub mod bundle;
 mod cgroup;
 pub mod helper;
@@ -222,6 +223,9 @@ pub struct Leftover {
     pub cgroup_path: Option<String>,
     /// Whether the cgroup still has processes.
     pub populated: bool,
+    /// What its adoption record (`adopt.json` in the bundle) says: still the same process, or
+    /// why not (`None`: no record). Nothing adopts yet; the verdict is reported.
+    pub adoptable: Option<Result<(), adopt::Refused>>,
 }
 
 impl Leftover {
@@ -242,7 +246,13 @@ impl Leftover {
             };
             parts.push(format!("cgroup {cg} {state}"));
         }
-        parts.join(", ")
+        let mut line = parts.join(", ");
+        match &self.adoptable {
+            Some(Ok(())) => line.push_str("; it was still the recorded process (adoptable)"),
+            Some(Err(why)) => line.push_str(&format!("; not adoptable: {why}")),
+            None => {}
+        }
+        line
     }
 }
 
@@ -414,6 +424,10 @@ impl Runtime {
                  process; call become_subreaper() at startup"
             );
         }
+        // What a later sysd checks before it could adopt this container (runtime::adopt).
+        if let Err(e) = adopt::record(&bundle_dir, svc, pid) {
+            tracing::warn!("service {svc}: no adoption record: {e:#}");
+        }
         Ok(Started { pid, pidfd })
     }
 
@@ -532,6 +546,7 @@ impl Runtime {
                     pid: None,
                     cgroup_path: None,
                     populated: false,
+                    adoptable: None,
                 });
                 if let Ok(state) = std::fs::read(entry.path().join("state.json")) {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&state) {
@@ -539,6 +554,16 @@ impl Runtime {
                     }
                 }
                 let bundle = self.bundles_dir().join(&id).join("config.json");
+                let record = self.bundles_dir().join(&id).join(adopt::RECORD);
+                if record.exists() {
+                    let hash = std::fs::read(&bundle)
+                        .map(|c| adopt::config_hash(&c))
+                        .unwrap_or_default();
+                    l.adoptable = Some(
+                        adopt::Record::load(&record)
+                            .and_then(|r| r.check(Path::new("/proc"), &hash)),
+                    );
+                }
                 if let Ok(config) = std::fs::read(&bundle) {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&config) {
                         // The service's name: its annotation, else (bundles written before
@@ -591,6 +616,7 @@ impl Runtime {
                         pid: None,
                         cgroup_path: Some(path),
                         populated,
+                        adoptable: None,
                     },
                 );
             }

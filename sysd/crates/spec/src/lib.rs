@@ -1227,25 +1227,13 @@ impl Sources {
         Ok(net)
     }
 
-    /// Replaces the user's config file atomically (write, fsync, rename, fsync dir).
+    /// Replaces the user's config file durably (`keelson_common::durable`).
     pub fn store_user_text(&self, text: &str) -> std::io::Result<()> {
-        store_atomically(&self.user_file, text.as_bytes())
+        Ok(keelson_common::durable::replace(
+            &self.user_file,
+            text.as_bytes(),
+        )?)
     }
-}
-
-/// Replaces `path` atomically: write a sibling, fsync, rename over, fsync the directory.
-pub fn store_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".new");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

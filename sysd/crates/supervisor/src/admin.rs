@@ -3,11 +3,13 @@
 //! source of truth; with no keys configured, a file edited from inside the container is left
 //! alone).
 
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use keelson_common::durable;
 use keelson_spec::admin::ADMIN_SERVICE;
 use keelson_spec::{Config, MountSpec};
 
@@ -38,8 +40,8 @@ pub fn sync_keys(config: &Config, volumes: &Path) -> Result<Option<PathBuf>> {
     std::fs::set_permissions(ssh, std::fs::Permissions::from_mode(0o700))?;
     let mut text = config.admin.ssh_authorized_keys.join("\n");
     text.push('\n');
-    keelson_spec::store_atomically(&path, text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    durable::replace_with(&path, &durable::Options::mode(0o600), |f| {
+        f.write_all(text.as_bytes())
+    })?;
     Ok(Some(path))
 }

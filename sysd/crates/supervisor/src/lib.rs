@@ -140,6 +140,8 @@ pub struct Supervisor {
     /// The effective `[metrics]` and `[logging]` tables, as last loaded or applied.
     observe_spec: watch::Sender<Result<ObserveSpec, ConfigError>>,
     started: Instant,
+    /// The hardware watchdog init armed, as `GET /v1/version` reports it.
+    watchdog: std::sync::OnceLock<api::Watchdog>,
 }
 
 /// The effective `[network]`/`[host]` config as boot loads it (a bad user file falls back to
@@ -221,7 +223,13 @@ impl Supervisor {
             api_spec,
             observe_spec,
             started: Instant::now(),
+            watchdog: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records the hardware watchdog init armed (reported with the version).
+    pub fn set_watchdog(&self, w: api::Watchdog) {
+        let _ = self.watchdog.set(w);
     }
 
     /// Every service's status, as it changes.
@@ -1407,6 +1415,7 @@ impl keelson_api::Services for Supervisor {
         api::Version {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_s: self.started.elapsed().as_secs(),
+            watchdog: self.watchdog.get().cloned(),
         }
     }
 

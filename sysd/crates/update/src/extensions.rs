@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 
 use anyhow::{bail, Context, Result};
 use keelson_common::update::{ExtensionPayload, Manifest};
@@ -146,7 +147,14 @@ impl Agent {
                 VAR_RESERVE >> 20
             );
         }
-        let f = File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+        // Never through a link planted at the staging name.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&part)
+            .with_context(|| format!("creating {}", part.display()))?;
         let mut gz = flate2::write::GzDecoder::new(Capped {
             f,
             written: 0,
@@ -161,10 +169,8 @@ impl Agent {
         let capped = gz
             .finish()
             .with_context(|| format!("{}: gzip stream incomplete", x.target))?;
-        capped
-            .f
-            .sync_all()
-            .with_context(|| format!("syncing {}", part.display()))?;
+        // `store.commit` fsyncs it before the rename.
+        drop(capped);
         store.commit(e)?;
         self.emit(
             "extension-downloaded",

@@ -456,7 +456,6 @@ pub async fn install(
             format!("removed {} (slot {letter} is being rewritten)", e.file),
         );
     }
-    let _ = std::fs::remove_file(slots::uki_dir(&layout.esp).join(part_name(&p.version)));
 
     // 4. Root, then verity.
     agent.set_phase(Phase::Downloading);
@@ -531,10 +530,11 @@ pub async fn install(
     // 6. The boot entry, last.
     agent.set_phase(Phase::Installing);
     let dir = slots::uki_dir(&layout.esp);
-    std::fs::create_dir_all(&dir)?;
     let part = dir.join(part_name(&p.version));
     let result = async {
-        let mut f = File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+        // The ESP's rules (`keelson_common::durable::vfat`): a fixed temporary name whose
+        // leftover from a cut attempt is removed first, fsync, then a rename made durable.
+        let mut f = keelson_common::durable::vfat::create(&dir, &part_name(&p.version))?;
         stream_target(agent, repo, p.uki_for(letter), &mut |chunk| {
             f.write_all(chunk).context("writing the UKI to the ESP")
         })
@@ -553,8 +553,7 @@ pub async fn install(
             version: p.version.clone(),
         }),
         Err(e) => {
-            let _ = std::fs::remove_file(&part);
-            let _ = slots::sync_dir(&dir);
+            let _ = keelson_common::durable::vfat::remove(&dir, &part_name(&p.version));
             Err(e)
         }
     }

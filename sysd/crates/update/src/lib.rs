@@ -993,13 +993,11 @@ fn load_state(path: &std::path::Path) -> Persisted {
     }
 }
 
+/// Records the state, then flushes all of /var (as before the durable helper, whose ESP-style
+/// sync did it): an update's steps (start, staged, reboot, bless) are when power cuts happen,
+/// so what services wrote before one survives it.
 fn store_state(dir: &std::path::Path, state: &Persisted) -> Result<()> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join("state.json.new");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(state)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join("state.json")).context("renaming state.json")?;
-    slots::sync_dir(dir)
+    let json = serde_json::to_vec_pretty(state)?;
+    keelson_common::durable::replace(&dir.join("state.json"), &json)?;
+    Ok(keelson_common::durable::sync_file_system(dir)?)
 }

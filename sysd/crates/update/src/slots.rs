@@ -378,39 +378,14 @@ pub fn pe_section(path: &Path, name: &str) -> Result<Option<Vec<u8>>> {
 /// *file's* inode is written back: fsyncing the directory alone persists an empty entry (a
 /// power cut then leaves a 0-byte UKI). So the file is fsynced, then the whole file system.
 pub fn rename(esp: &Path, from: &str, to: &str) -> Result<()> {
-    let dir = uki_dir(esp);
-    std::fs::rename(dir.join(from), dir.join(to))
-        .with_context(|| format!("renaming {from} to {to} on the ESP"))?;
-    File::open(dir.join(to))
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {to} on the ESP"))?;
-    sync_dir(&dir)
+    keelson_common::durable::vfat::rename(&uki_dir(esp), from, to)
+        .with_context(|| format!("renaming {from} to {to} on the ESP"))
 }
 
 /// Deletes an entry on the ESP durably.
 pub fn remove(esp: &Path, file: &str) -> Result<()> {
-    let dir = uki_dir(esp);
-    match std::fs::remove_file(dir.join(file)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {file} from the ESP")),
-    }
-    sync_dir(&dir)
-}
-
-/// fsyncs a directory, then the whole file system it is on (on vfat the FAT and the entries
-/// of other directories are separate buffers).
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let d = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-    d.sync_all()
-        .with_context(|| format!("syncing {}", dir.display()))?;
-    // SAFETY: syncfs on a descriptor we own; no memory is passed.
-    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("syncing the file system of {}", dir.display()));
-    }
-    Ok(())
+    keelson_common::durable::vfat::remove(&uki_dir(esp), file)
+        .with_context(|| format!("removing {file} from the ESP"))
 }
 
 #[cfg(test)]
