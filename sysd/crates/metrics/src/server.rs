@@ -172,6 +172,7 @@ mod tests {
             Version {
                 version: "0".into(),
                 uptime_s: 0,
+                watchdog: None,
             }
         }
         fn list(&self) -> Vec<ServiceStatus> {
