@@ -113,7 +113,14 @@ pub fn follow(sup: &Arc<Supervisor>, events: &Arc<EventBus>, sources: Sources) {
     let events = Arc::clone(events);
     let forward_dir = sources.forward_dir;
     tokio::spawn(async move {
-        let mut exporter: Option<(std::net::SocketAddr, oneshot::Sender<()>)> = None;
+        #[allow(clippy::type_complexity)]
+        let mut exporter: Option<(
+            (
+                std::net::SocketAddr,
+                Option<keelson_spec::observe::MetricsTls>,
+            ),
+            oneshot::Sender<()>,
+        )> = None;
         let mut forwarder: Option<(ForwardSpec, Forwarder)> = None;
         loop {
             let spec: Option<ObserveSpec> = spec_rx.borrow_and_update().as_ref().ok().cloned();
@@ -124,9 +131,9 @@ pub fn follow(sup: &Arc<Supervisor>, events: &Arc<EventBus>, sources: Sources) {
                 }
                 continue;
             };
-            let listen = spec.metrics.listen;
-            if exporter.as_ref().map(|(a, _)| *a) != listen {
-                if let Some((addr, stop)) = exporter.take() {
+            let wanted = spec.metrics.listen.map(|a| (a, spec.metrics.tls.clone()));
+            if exporter.as_ref().map(|(w, _)| w) != wanted.as_ref() {
+                if let Some(((addr, _), stop)) = exporter.take() {
                     let _ = stop.send(());
                     events.emit(
                         None,
@@ -134,22 +141,39 @@ pub fn follow(sup: &Arc<Supervisor>, events: &Arc<EventBus>, sources: Sources) {
                         format!("stopped serving /metrics on {addr}"),
                     );
                 }
-                if let Some(addr) = listen {
-                    match keelson_metrics::server::bind(addr).await {
-                        Ok(listener) => {
+                if let Some((addr, tls)) = wanted {
+                    let acceptor = match &tls {
+                        None => Ok(None),
+                        Some(t) => metrics_tls(t).map(Some),
+                    };
+                    let started = match acceptor {
+                        Err(e) => Err(e),
+                        Ok(acceptor) => keelson_metrics::server::bind(addr)
+                            .await
+                            .map(|l| (l, acceptor))
+                            .map_err(|e| e.to_string()),
+                    };
+                    match started {
+                        Ok((listener, acceptor)) => {
                             let (stop, stopped) = oneshot::channel::<()>();
+                            let scheme = if acceptor.is_some() { "https" } else { "http" };
                             tokio::spawn(keelson_metrics::server::serve(
                                 listener,
+                                acceptor,
                                 Arc::clone(&collector),
                                 keelson_metrics::server::Limits::default(),
                                 async {
                                     let _ = stopped.await;
                                 },
                             ));
-                            events.emit(None, "metrics", format!("serving /metrics on {addr}"));
-                            exporter = Some((addr, stop));
+                            events.emit(
+                                None,
+                                "metrics",
+                                format!("serving /metrics on {scheme}://{addr}"),
+                            );
+                            exporter = Some(((addr, tls), stop));
                         }
-                        Err(e) => events.emit(None, "metrics-error", e.to_string()),
+                        Err(e) => events.emit(None, "metrics-error", e),
                     }
                 }
             }
@@ -222,4 +246,22 @@ fn pump_events(events: &Arc<EventBus>, current: Arc<Current>) {
             }
         }
     });
+}
+
+/// The exporter's HTTPS settings from `[metrics.tls]` (PEM inline or read from its file).
+fn metrics_tls(
+    t: &keelson_spec::observe::MetricsTls,
+) -> Result<keelson_metrics::server::TlsAcceptor, String> {
+    let read = |what: &str, pem: &keelson_spec::api::Pem| {
+        pem.read()
+            .map_err(|e| format!("metrics.tls.{what}: reading {}: {e}", pem.describe()))
+    };
+    let cert = read("cert", &t.cert)?;
+    let key = read("key", &t.key)?;
+    let ca = t
+        .client_ca
+        .as_ref()
+        .map(|c| read("client_ca", c))
+        .transpose()?;
+    keelson_metrics::server::tls_acceptor(&cert, &key, ca.as_deref())
 }

@@ -332,3 +332,98 @@ fn a_receiver_with_another_ca_gets_nothing_and_a_bad_ca_file_is_named() {
     );
     daemon.terminate();
 }
+
+/// `[metrics.tls]`: Prometheus scrapes over HTTPS with a client certificate of the CA the node
+/// names (files on the node, as user data would write them); plain HTTP to the port and a
+/// client without a certificate get nothing.
+#[test]
+fn prometheus_scrapes_over_https_with_a_client_certificate() {
+    private_netns().expect("network namespace (run as root)");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let ca = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), rcgen::Issuer::new(params, key))
+    };
+    let issue = |ca: &rcgen::Issuer<'static, rcgen::KeyPair>, name: &str, file: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, ca)
+            .unwrap();
+        let (c, k) = (
+            pki.join(format!("{file}.crt")),
+            pki.join(format!("{file}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    };
+    let (node_ca, node_issuer) = ca("node CA");
+    let (scrapers_ca, scrapers_issuer) = ca("scrapers");
+    std::fs::write(pki.join("node-ca.crt"), &node_ca).unwrap();
+    std::fs::write(pki.join("scrapers.crt"), &scrapers_ca).unwrap();
+    let (node_cert, node_key) = issue(&node_issuer, "127.0.0.1", "node");
+    let (prom_cert, prom_key) = issue(&scrapers_issuer, "prometheus", "prometheus");
+
+    let mut daemon = sysd(
+        d,
+        &format!(
+            r#"version = 1
+[metrics]
+listen = "127.0.0.1:9443"
+
+[metrics.tls]
+cert = "{}"
+key = "{}"
+client_ca = "{}"
+"#,
+            node_cert.display(),
+            node_key.display(),
+            pki.join("scrapers.crt").display()
+        ),
+    );
+    daemon.wait_until("the exporter", Duration::from_secs(30), |d| {
+        d.log()
+            .contains("serving /metrics on https://127.0.0.1:9443")
+    });
+    // Plain HTTP to the HTTPS port: no scrape.
+    let plain = http_get("127.0.0.1:9443", "/metrics");
+    assert!(
+        plain.as_ref().map_or(true, |(status, _)| *status != 200),
+        "{plain:?}"
+    );
+
+    let prom = Prometheus::start_https(
+        &Here,
+        &d.join("prometheus"),
+        "127.0.0.1:9090",
+        "127.0.0.1:9443",
+        &pki.join("node-ca.crt"),
+        Some((&prom_cert, &prom_key)),
+    );
+    assert_eq!(prom.value(&Here, "up{job=\"keelson\"}"), 1.0);
+    assert!(prom.value(&Here, "node_memory_MemTotal_bytes") > 0.0);
+    drop(prom);
+
+    // Without a client certificate the scrape fails: `up` is 0.
+    let prom = Prometheus::start_https(
+        &Here,
+        &d.join("prometheus-anonymous"),
+        "127.0.0.1:9091",
+        "127.0.0.1:9443",
+        &pki.join("node-ca.crt"),
+        None,
+    );
+    assert_eq!(prom.value(&Here, "up{job=\"keelson\"}"), 0.0);
+    daemon.terminate();
+}

@@ -96,12 +96,46 @@ pub struct Prometheus {
 impl Prometheus {
     /// Started in `dir`, listening on `listen`, scraping `target` (job `keelson`).
     pub fn start<P: Place>(place: &P, dir: &Path, listen: &str, target: &str) -> Prometheus {
+        Prometheus::start_with(place, dir, listen, target, "")
+    }
+
+    /// Scraping over HTTPS: the target's certificate checked against `ca`, and `client` (a
+    /// certificate and its key, PEM files) presented when given.
+    pub fn start_https<P: Place>(
+        place: &P,
+        dir: &Path,
+        listen: &str,
+        target: &str,
+        ca: &Path,
+        client: Option<(&Path, &Path)>,
+    ) -> Prometheus {
+        let mut extra = format!(
+            "    scheme: https\n    tls_config:\n      ca_file: {}\n",
+            ca.display()
+        );
+        if let Some((cert, key)) = client {
+            extra.push_str(&format!(
+                "      cert_file: {}\n      key_file: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        Prometheus::start_with(place, dir, listen, target, &extra)
+    }
+
+    fn start_with<P: Place>(
+        place: &P,
+        dir: &Path,
+        listen: &str,
+        target: &str,
+        job_extra: &str,
+    ) -> Prometheus {
         std::fs::create_dir_all(dir).unwrap();
         let conf = dir.join("prometheus.yml");
         std::fs::write(
             &conf,
             format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: keelson\n    static_configs:\n      - targets: ['{target}']\n"
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: keelson\n{job_extra}    static_configs:\n      - targets: ['{target}']\n"
             ),
         )
         .unwrap();

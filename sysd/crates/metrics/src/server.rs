@@ -58,9 +58,69 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     })
 }
 
-/// Answers scrapes on `listener` until `shutdown` completes.
+pub use tokio_rustls::TlsAcceptor;
+
+/// HTTPS for the exporter (`[metrics.tls]`): the node's certificate chain and key, and, when
+/// given, the CA whose client certificates alone may scrape. The error names the part that is
+/// wrong.
+pub fn tls_acceptor(
+    cert: &str,
+    key: &str,
+    client_ca: Option<&str>,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = |what: &str, pem: &str| -> Result<Vec<CertificateDer<'static>>, String> {
+        let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("metrics.tls.{what}: not PEM certificates ({e})"))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "metrics.tls.{what}: no certificate in the PEM text"
+            ));
+        }
+        Ok(certs)
+    };
+    let chain = certs("cert", cert)?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .map_err(|e| format!("metrics.tls.key: not a PEM private key ({e})"))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("metrics.tls: {e}"))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for (i, c) in certs("client_ca", ca)?.into_iter().enumerate() {
+                roots.add(c).map_err(|e| {
+                    format!(
+                        "metrics.tls.client_ca: certificate {} is not a usable CA: {e}",
+                        i + 1
+                    )
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("metrics.tls.client_ca: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("metrics.tls.cert/key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Answers scrapes on `listener` until `shutdown` completes: plain HTTP, or HTTPS through `tls`
+/// (the handshake bounded by the header timeout).
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     collector: Arc<Collector>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
@@ -77,15 +137,32 @@ pub async fn serve(
                         tracing::debug!(%peer, "metrics: too many connections, closing this one");
                         drop(stream);
                     }
-                    Ok((stream, _)) => {
+                    Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         let collector = Arc::clone(&collector);
+                        let tls = tls.clone();
                         connections.spawn(async move {
-                            let _ = tokio::time::timeout(
-                                limits.lifetime,
-                                connection(stream, collector, limits.header_timeout),
-                            )
-                            .await;
+                            let Some(tls) = tls else {
+                                let _ = tokio::time::timeout(
+                                    limits.lifetime,
+                                    connection(stream, collector, limits.header_timeout),
+                                )
+                                .await;
+                                return;
+                            };
+                            match tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await {
+                                Ok(Ok(stream)) => {
+                                    let _ = tokio::time::timeout(
+                                        limits.lifetime,
+                                        connection(stream, collector, limits.header_timeout),
+                                    )
+                                    .await;
+                                }
+                                Ok(Err(err)) => {
+                                    tracing::debug!(%peer, %err, "metrics: TLS handshake refused");
+                                }
+                                Err(_) => tracing::debug!(%peer, "metrics: TLS handshake timed out"),
+                            }
                         });
                     }
                     Err(err) => {
@@ -99,7 +176,7 @@ pub async fn serve(
     connections.shutdown().await;
 }
 
-/// One client connection (plain TCP now; a TLS stream later).
+/// One client connection (a TCP stream, or a TLS stream over one).
 pub async fn connection<S>(stream: S, collector: Arc<Collector>, header_timeout: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -230,6 +307,13 @@ mod tests {
     }
 
     async fn exporter(limits: Limits) -> (SocketAddr, Arc<RequestCounts>) {
+        exporter_with(limits, None).await
+    }
+
+    async fn exporter_with(
+        limits: Limits,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> (SocketAddr, Arc<RequestCounts>) {
         let requests = Arc::new(RequestCounts::default());
         requests.count(200);
         requests.count(404);
@@ -245,8 +329,120 @@ mod tests {
         });
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, collector, limits, std::future::pending()));
+        tokio::spawn(serve(
+            listener,
+            tls,
+            collector,
+            limits,
+            std::future::pending(),
+        ));
         (addr, requests)
+    }
+
+    /// A CA: its PEM, and the issuer that signs with it.
+    fn ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), rcgen::Issuer::new(params, key))
+    }
+
+    /// A certificate `ca` signs for `name` (an IP address for a server): (PEM, key PEM).
+    fn issue(
+        ca: &(String, rcgen::Issuer<'static, rcgen::KeyPair>),
+        name: &str,
+    ) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &ca.1).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A scrape over HTTPS, trusting `ca`, presenting `client` if given.
+    async fn get_tls(
+        addr: SocketAddr,
+        ca: &str,
+        client: Option<(String, String)>,
+    ) -> std::io::Result<String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+            .unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+        };
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    /// `[metrics.tls]`: HTTPS with the node's certificate; with `client_ca`, only clients that
+    /// CA signed get an answer; plain HTTP to the HTTPS port gets none.
+    #[tokio::test]
+    async fn https_and_client_certificates() {
+        let server_ca = ca("metrics test CA");
+        let (cert, key) = issue(&server_ca, "127.0.0.1");
+        let server_ca_pem = server_ca.0.clone();
+
+        let acceptor = tls_acceptor(&cert, &key, None).unwrap();
+        let (addr, _) = exporter_with(Limits::default(), Some(acceptor)).await;
+        let out = get_tls(addr, &server_ca_pem, None).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains("keelson_service_restarts_total"), "{out}");
+        let plain = get(addr, "/metrics").await;
+        assert!(!plain.contains("HTTP/1.1 200"), "{plain}");
+
+        let client_ca = ca("scrapers");
+        let acceptor = tls_acceptor(&cert, &key, Some(&client_ca.0)).unwrap();
+        let (addr, _) = exporter_with(Limits::default(), Some(acceptor)).await;
+        let scraper = issue(&client_ca, "prometheus");
+        let out = get_tls(addr, &server_ca_pem, Some(scraper)).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        // No certificate, or one another CA signed: no answer.
+        let refused = get_tls(addr, &server_ca_pem, None).await;
+        assert!(
+            refused.as_ref().map_or(true, |o| o.is_empty()),
+            "{refused:?}"
+        );
+        let stranger = issue(&ca("another CA"), "prometheus");
+        let refused = get_tls(addr, &server_ca_pem, Some(stranger)).await;
+        assert!(
+            refused.as_ref().map_or(true, |o| o.is_empty()),
+            "{refused:?}"
+        );
+
+        // Bad material is named.
+        let e = tls_acceptor("not pem", &key, None).err().unwrap();
+        assert!(e.starts_with("metrics.tls.cert: "), "{e}");
+        let e = tls_acceptor(&cert, "", None).err().unwrap();
+        assert!(e.starts_with("metrics.tls.key: "), "{e}");
+        let e = tls_acceptor(&cert, &key, Some("")).err().unwrap();
+        assert_eq!(e, "metrics.tls.client_ca: no certificate in the PEM text");
     }
 
     async fn get(addr: SocketAddr, path: &str) -> String {

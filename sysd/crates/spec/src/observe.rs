@@ -17,6 +17,21 @@ use crate::Invalid;
 pub struct MetricsSpec {
     /// `ADDRESS:PORT` the exporter binds (`0.0.0.0:9100`); absent: no exporter.
     pub listen: Option<SocketAddr>,
+    /// `[metrics.tls]`: serve `/metrics` over HTTPS instead of plain HTTP.
+    pub tls: Option<MetricsTls>,
+}
+
+/// `[metrics.tls]`: the exporter's certificate, and optionally the CA whose client certificates
+/// alone may scrape (Prometheus's `tls_config` `cert_file`/`key_file`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsTls {
+    /// The node's certificate chain (inline PEM or an absolute path).
+    pub cert: crate::api::Pem,
+    /// Its private key.
+    pub key: crate::api::Pem,
+    /// When given, only clients with a certificate signed by this CA are answered.
+    pub client_ca: Option<crate::api::Pem>,
 }
 
 /// The `[logging]` table.
