@@ -605,7 +605,14 @@ fn leftovers_after_a_crash_are_found_and_removed() {
 #[test]
 fn user_namespace_maps_root() {
     let Some(fx) = fixture() else { return };
-    let mut cfg = fx.config("userns", &["sh", "-c", "cat /proc/self/uid_map; id -u"]);
+    let mut cfg = fx.config(
+        "userns",
+        &[
+            "sh",
+            "-c",
+            "cat /proc/self/uid_map; id -u; cat /proc/sys/net/ipv4/ping_group_range",
+        ],
+    );
     cfg.user_namespace = Some(200_000);
     match fx.cli_create(&cfg) {
         Ok(pid) => {
@@ -613,7 +620,12 @@ fn user_namespace_maps_root() {
             fx.cli_delete("userns");
             let (out, err) = fx.output("userns");
             let words: Vec<&str> = out.split_whitespace().collect();
-            assert_eq!(words, ["0", "200000", "65536", "0"], "stderr: {err}");
+            // ICMP echo sockets for every group the namespace maps.
+            assert_eq!(
+                words,
+                ["0", "200000", "65536", "0", "0", "65535"],
+                "stderr: {err}"
+            );
         }
         Err(e) => panic!("user namespace container: {e}"),
     }

@@ -60,7 +60,8 @@ pub const DEFAULT_CAPS: &[&str] = &[
 pub use keelson_common::caps::ALL_CAPS;
 
 /// Set in every network namespace a container gets of its own (as Docker does; init sets it
-/// on the host): any group may open ICMP echo sockets, so ping needs no CAP_NET_RAW.
+/// on the host): any group may open ICMP echo sockets, so ping needs no CAP_NET_RAW. In a
+/// user namespace, every group the namespace maps.
 pub const PING_GROUP_RANGE: (&str, &str) = ("net.ipv4.ping_group_range", "0 2147483647");
 
 /// Docker's masked paths: hidden behind /dev/null (files) or an empty read-only tmpfs (dirs).
@@ -420,9 +421,14 @@ pub fn spec(cfg: &ContainerConfig) -> Result<Spec> {
                 .with_context(ctx)?,
         );
     if cfg.network == NetworkMode::None {
+        // In a user namespace the range must map into it: the container's own groups.
+        let range = match cfg.user_namespace {
+            None => PING_GROUP_RANGE.1.to_owned(),
+            Some(_) => format!("0 {}", USERNS_SIZE - 1),
+        };
         linux = linux.sysctl(std::collections::HashMap::from([(
             PING_GROUP_RANGE.0.to_owned(),
-            PING_GROUP_RANGE.1.to_owned(),
+            range,
         )]));
     }
     if let Some(base) = cfg.user_namespace {
