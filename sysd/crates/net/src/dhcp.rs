@@ -27,7 +27,7 @@ use super::links::Netlink;
 use keelson_spec::network::Cidr;
 
 /// Metric of routes learnt from DHCP (below static routes' 0, as networkd's 1024).
-const DHCP_METRIC: u32 = 1024;
+pub(crate) const DHCP_METRIC: u32 = 1024;
 
 /// What a server gave us, as kept on /var (`lease-IFNAME.json`) and shown by `keelctl net`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

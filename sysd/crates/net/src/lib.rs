@@ -48,6 +48,8 @@ const ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
 const CARRIER_WAIT: Duration = Duration::from_secs(5);
 /// How long `apply` waits for the checks of a new config before rolling back.
 const TRY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stopping DHCP client may take to release its lease.
+const CLIENT_STOP: Duration = Duration::from_secs(3);
 
 /// Where networking keeps and writes things (overridable for tests).
 #[derive(Debug, Clone)]
@@ -657,7 +659,40 @@ impl Net {
             .remove(name);
         if let Some(h) = handle {
             h.stop.send_replace(true);
-            let _ = tokio::time::timeout(Duration::from_secs(3), h.task).await;
+            let mut task = h.task;
+            if tokio::time::timeout(CLIENT_STOP, &mut task).await.is_err() {
+                // Still releasing (a loaded machine, a server that does not answer): stop it
+                // here. Left running, its late release would remove what the config being
+                // applied puts in place, the very same address as often as not (and with it
+                // every route through it). Its routes go now; its address is the new
+                // config's business.
+                task.abort();
+                let _ = task.await;
+                let index = self
+                    .nl
+                    .links()
+                    .await
+                    .ok()
+                    .and_then(|links| links.iter().find(|l| l.name == name).map(|l| l.index));
+                if let (Some(index), Ok(routes)) = (index, self.nl.routes().await) {
+                    for r in routes
+                        .iter()
+                        .filter(|r| r.oif == Some(index) && r.metric == dhcp::DHCP_METRIC)
+                    {
+                        let _ = self
+                            .nl
+                            .delete_route(r.dst, r.gateway, index, dhcp::DHCP_METRIC)
+                            .await;
+                    }
+                }
+                self.emit(
+                    "dhcp-stopped",
+                    format!(
+                        "{name}: the DHCP client did not release within {} s; stopped, its routes removed",
+                        CLIENT_STOP.as_secs()
+                    ),
+                );
+            }
         }
         self.state
             .lock()
