@@ -52,7 +52,7 @@ pub fn load(seed: &Path, urandom: &Path) -> Loaded {
         return Loaded::NotCredited(format!("writing to {}: {e}", urandom.display()));
     }
     let mut new = [0u8; SIZE];
-    if let Err(e) = fill(&mut new, libc::GRND_INSECURE) {
+    if let Err(e) = crate::state::getrandom(&mut new, libc::GRND_INSECURE) {
         return Loaded::NotCredited(format!("getrandom: {e}"));
     }
     if let Err(e) = crate::state::write_atomic(seed, &new, 0o600) {
@@ -73,7 +73,7 @@ pub fn store_when_ready(seed: &'static str) {
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
             let mut new = [0u8; SIZE];
-            let result = fill(&mut new, 0)
+            let result = crate::state::getrandom(&mut new, 0)
                 .and_then(|()| crate::state::write_atomic(Path::new(seed), &new, 0o600));
             match result {
                 Ok(()) => say!("random-seed: stored for the next boot"),
@@ -101,25 +101,6 @@ fn credit(pool: &File, bytes: &[u8]) -> std::io::Result<()> {
     let rc = unsafe { libc::ioctl(pool.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Fills `buf` with getrandom(2) and `flags`.
-fn fill(buf: &mut [u8], flags: libc::c_uint) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = buf.get_mut(filled..).unwrap_or(&mut []);
-        // SAFETY: rest is a valid writable slice of rest.len() bytes.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), flags) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        filled += usize::try_from(n).unwrap_or(0);
     }
     Ok(())
 }

@@ -48,11 +48,17 @@ pub fn machine_id_from_random(bytes: [u8; 16]) -> String {
 /// Fills `buf` from the kernel's CSPRNG (blocking until it is seeded, which on current kernels
 /// happens long before stage 2).
 pub fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
+    getrandom(buf, 0)
+}
+
+/// Fills `buf` with getrandom(2) and `flags` (0 blocks until the pool is initialized;
+/// `GRND_INSECURE` never blocks).
+pub fn getrandom(buf: &mut [u8], flags: libc::c_uint) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = buf.get_mut(filled..).unwrap_or(&mut []);
         // SAFETY: rest is a valid writable slice of rest.len() bytes.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), flags) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
