@@ -607,7 +607,10 @@ mod tests {
     #[test]
     fn a_full_file_system_leaves_the_old_file_whole() {
         // A real ENOSPC from a 64 KiB tmpfs (mounting needs root, as `./dev test` runs).
-        assert!(nix_is_root(), "this test needs root (./dev test runs it as root)");
+        assert!(
+            nix_is_root(),
+            "this test needs root (./dev test runs it as root)"
+        );
         let d = tmp();
         let c = CString::new(d.as_os_str().as_bytes()).unwrap();
         // SAFETY: valid NUL-terminated strings; mounting a fresh tmpfs on our own temp dir.
@@ -683,7 +686,10 @@ mod tests {
         use std::process::Command;
         let has_vfat = std::fs::read_to_string("/proc/filesystems")
             .is_ok_and(|f| f.lines().any(|l| l.trim_end().ends_with("vfat")));
-        assert!(nix_is_root(), "this test needs root (./dev test runs it as root)");
+        assert!(
+            nix_is_root(),
+            "this test needs root (./dev test runs it as root)"
+        );
         assert!(
             Path::new("/usr/sbin/mkfs.vfat").exists(),
             "mkfs.vfat missing: apt-get install dosfstools (./dev deps)"
