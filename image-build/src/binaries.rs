@@ -18,15 +18,36 @@ pub const BINARIES: &[(&str, &str)] = &[
     ("keelctl", "keelctl"),
 ];
 
+/// `cargo`/`rustc` from PATH, run in the workspace with the toolchain choices of whoever
+/// called us removed: rustup then takes the workspace's rust-toolchain.toml, so every caller
+/// (a shell, `cargo test` under another toolchain, `./dev`) builds with the same compiler and
+/// the same remapped sysroot. (Taking `$CARGO` mixed a caller's toolchain with the pinned
+/// `rustc`: two toolchain directories alternated in one target directory, each rebuilding the
+/// binaries, and their paths could differ inside them.)
+fn pinned(program: &str, workspace: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.current_dir(workspace);
+    for var in [
+        "CARGO",
+        "RUSTC",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC_WRAPPER",
+        "RUSTDOC",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// Builds the image binaries from `workspace` and returns the directory holding them.
 pub fn build(workspace: &Path, epoch: u64, quiet: bool) -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo = "cargo";
     let target_dir = workspace.join("target/image");
     let cargo_home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|_| std::env::var("HOME").map(|h| Path::new(&h).join(".cargo")))
         .unwrap_or_else(|_| PathBuf::from("/root/.cargo"));
-    let sysroot = Command::new("rustc")
+    let sysroot = pinned("rustc", workspace)
         .args(["--print", "sysroot"])
         .output()
         .ok()
@@ -41,20 +62,19 @@ pub fn build(workspace: &Path, epoch: u64, quiet: bool) -> Result<PathBuf> {
     if !sysroot.is_empty() {
         rustflags.push(format!("--remap-path-prefix={sysroot}=/rustc"));
     }
-    let mut cmd = Command::new(&cargo);
-    cmd.current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--target",
-            TARGET,
-            "--target-dir",
-        ])
-        .arg(&target_dir)
-        .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
-        .env_remove("RUSTFLAGS")
-        .env("SOURCE_DATE_EPOCH", epoch.to_string());
+    let mut cmd = pinned(cargo, workspace);
+    cmd.args([
+        "build",
+        "--release",
+        "--locked",
+        "--target",
+        TARGET,
+        "--target-dir",
+    ])
+    .arg(&target_dir)
+    .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
+    .env_remove("RUSTFLAGS")
+    .env("SOURCE_DATE_EPOCH", epoch.to_string());
     for (bin, package) in BINARIES {
         cmd.args(["-p", package, "--bin", bin]);
     }

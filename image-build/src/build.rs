@@ -26,6 +26,7 @@ use crate::manifest::{
 };
 use crate::pipeline::{self, VerifiedFs};
 use crate::rootfs;
+use crate::secure_boot;
 use crate::services::{self, ServiceFile};
 use crate::uki;
 use crate::util::{self, derive, derive_guid, mib, run, sha256_file, Progress};
@@ -39,6 +40,9 @@ pub struct Options {
     pub extra_services: Vec<PathBuf>,
     /// Kernel command line arguments added after the config's own.
     pub kernel_args: Vec<String>,
+    /// Sign systemd-boot and the UKIs with this Secure Boot key directory, and put its keys on
+    /// the ESP for enrollment (see `secure_boot`).
+    pub secure_boot_keys: Option<PathBuf>,
 }
 
 /// The os-release of an image; also the UKI's `.osrel`, which systemd-boot sorts entries by.
@@ -95,6 +99,13 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         crate::update::check_root(p)?;
     }
     util::check_tools(util::TOOLS)?;
+    let sb_keys = match &opts.secure_boot_keys {
+        Some(dir) => {
+            util::check_tools(&[secure_boot::CERT_TO_ESL, secure_boot::SIGN_ESL])?;
+            Some(secure_boot::Keys::load(dir)?)
+        }
+        None => None,
+    };
     let lock = Lock::load(&cfg)?;
     let service_files = services::load(&cfg)?;
     let epoch = lock.source_date_epoch;
@@ -320,21 +331,42 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         &out.join(UKI_SLOT_B),
         epoch,
     )?;
+    let signed = match &sb_keys {
+        Some(keys) => {
+            // The signature is the last thing added: everything before it is key-independent.
+            keys.sign_file(&uki_path)?;
+            keys.sign_file(&out.join(UKI_SLOT_B))?;
+            format!(", signed by {:?}", keys.db.subject())
+        }
+        None => String::new(),
+    };
     p.done(&format!(
-        "{uki_file} {} (and {UKI_SLOT_B})",
+        "{uki_file} {} (and {UKI_SLOT_B}){signed}",
         mib(std::fs::metadata(&uki_path)?.len())
     ));
 
     p.step("EFI system partition (FAT32)");
-    let loader_conf = format!(
+    let mut loader_conf = format!(
         "timeout {}\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n",
         cfg.bootloader.timeout
     );
-    let esp_files = vec![
-        ("EFI/BOOT/BOOTX64.EFI".to_owned(), std::fs::read(&sdboot)?),
+    let mut bootloader = std::fs::read(&sdboot)?;
+    let mut key_files = Vec::new();
+    if let Some(keys) = &sb_keys {
+        bootloader = keys
+            .db
+            .sign(&bootloader)
+            .with_context(|| format!("signing {}", sdboot.display()))?;
+        key_files = keys.enrollment(&work.join("secure-boot"), &cfg.seed, epoch)?;
+        // Enroll the ESP's keys when the firmware is in setup mode (systemd-boot 252).
+        loader_conf.push_str("secure-boot-enroll force\n");
+    }
+    let mut esp_files = vec![
+        ("EFI/BOOT/BOOTX64.EFI".to_owned(), bootloader),
         (format!("EFI/Linux/{uki_file}"), std::fs::read(&uki_path)?),
         ("loader/loader.conf".to_owned(), loader_conf.into_bytes()),
     ];
+    esp_files.extend(key_files);
     let serial = derive(&cfg.seed, "esp serial");
     let esp_img = esp::build(
         cfg.disk.esp_mib << 20,
@@ -344,7 +376,15 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     )?;
     let esp_path = work.join("esp.img");
     std::fs::write(&esp_path, &esp_img)?;
-    p.done(&mib(esp_img.len() as u64));
+    p.done(&format!(
+        "{}{}",
+        mib(esp_img.len() as u64),
+        if sb_keys.is_some() {
+            format!(", Secure Boot keys in {}", secure_boot::ESP_KEYS)
+        } else {
+            String::new()
+        }
+    ));
 
     p.step("data file system (ext4) and GPT disk");
     let data_path = work.join("data.ext4");

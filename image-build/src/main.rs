@@ -20,6 +20,7 @@ mod manifest;
 mod oci;
 mod pipeline;
 mod rootfs;
+mod secure_boot;
 mod services;
 mod uki;
 mod update;
@@ -62,6 +63,11 @@ enum Cmd {
         /// `keelson.fatal=reboot` so a failing boot counts against its tries.
         #[arg(long = "kernel-arg")]
         kernel_args: Vec<String>,
+        /// Sign systemd-boot and the UKIs for UEFI Secure Boot with the keys in this directory
+        /// (PK.key PK.crt KEK.key KEK.crt db.key db.crt, PEM; keep it outside the repository), and
+        /// put the keys on the ESP for systemd-boot to enroll (docs/secure-boot.md).
+        #[arg(long, env = "KEELSON_SECURE_BOOT_KEYS")]
+        secure_boot_keys: Option<PathBuf>,
     },
     /// Build a system extension (a Discoverable Disk Image with its service images and
     /// services) into out/ext/<name>/.
@@ -315,11 +321,16 @@ fn run(cli: Cli) -> Result<()> {
             trusted_root,
             extra_services,
             kernel_args,
+            secure_boot_keys,
         } => {
             if config::kind_of(&config)? == config::Kind::Extension {
-                if trusted_root.is_some() || !extra_services.is_empty() || !kernel_args.is_empty() {
+                if trusted_root.is_some()
+                    || !extra_services.is_empty()
+                    || !kernel_args.is_empty()
+                    || secure_boot_keys.is_some()
+                {
                     bail!(
-                        "{} is an extension definition: --trusted-root, --extra-services and --kernel-arg are for OS images",
+                        "{} is an extension definition: --trusted-root, --extra-services, --kernel-arg and --secure-boot-keys are for OS images",
                         config.display()
                     );
                 }
@@ -334,6 +345,7 @@ fn run(cli: Cli) -> Result<()> {
                 trusted_root,
                 extra_services,
                 kernel_args,
+                secure_boot_keys,
             })?;
         }
         Cmd::Extension {

@@ -68,7 +68,7 @@ pub struct Tool {
 }
 
 impl Tool {
-    const fn new(name: &'static str, package: &'static str) -> Tool {
+    pub const fn new(name: &'static str, package: &'static str) -> Tool {
         Tool { name, package }
     }
 }

@@ -168,6 +168,10 @@ pub struct GuestBuilder {
     /// TCG's CPU model (`-cpu`): `max` unless a test asks for another.
     cpu_model: String,
     no_reboot: bool,
+    /// UEFI Secure Boot: OVMF's SMM build with a secure variable store.
+    secure_boot: bool,
+    /// Start from this variable store (copied) instead of the pristine template.
+    uefi_vars: Option<PathBuf>,
     fw_cfg: Vec<(String, FwCfgValue)>,
     extra_drives: Vec<(PathBuf, DiskFormat)>,
     extra_args: Vec<OsString>,
@@ -192,6 +196,8 @@ impl GuestBuilder {
             cpus: 1,
             cpu_model: "max".into(),
             no_reboot: false,
+            secure_boot: false,
+            uefi_vars: None,
             fw_cfg: Vec::new(),
             extra_drives: Vec::new(),
             extra_args: Vec::new(),
@@ -413,6 +419,21 @@ impl GuestBuilder {
         self
     }
 
+    /// UEFI Secure Boot: OVMF_CODE_4M.secboot.fd, which needs q35 with SMM and a pflash only
+    /// SMM code may write (`cfi.pflash01.secure`). The pristine variable store is in setup
+    /// mode: systemd-boot enrolls the ESP's keys and resets into Secure Boot.
+    pub fn secure_boot(mut self) -> Self {
+        self.secure_boot = true;
+        self
+    }
+
+    /// Starts from a copy of this OVMF variable store (e.g. one with keys enrolled) instead of
+    /// the pristine template.
+    pub fn uefi_vars(mut self, vars: impl Into<PathBuf>) -> Self {
+        self.uefi_vars = Some(vars.into());
+        self
+    }
+
     /// A firmware config file (`-fw_cfg name=NAME,file=PATH`); `name` must start with `opt/`.
     pub fn fw_cfg(mut self, name: &str, path: impl Into<PathBuf>) -> Self {
         self.fw_cfg
@@ -482,11 +503,20 @@ impl GuestBuilder {
         };
         let pflash = match self.boot {
             Boot::Uefi => {
-                let code = paths::ovmf_code()?;
+                let code = if self.secure_boot {
+                    paths::ovmf_code_secboot()?
+                } else {
+                    paths::ovmf_code()?
+                };
                 // OVMF writes boot entries and variables into unit 1; sharing the system's file
                 // between guests (or with later runs) would leak state across tests.
                 let vars = dir_path.join("OVMF_VARS.fd");
-                std::fs::copy(paths::ovmf_vars()?, &vars).context("copying OVMF_VARS")?;
+                let template = match &self.uefi_vars {
+                    Some(v) => v.clone(),
+                    None => paths::ovmf_vars()?,
+                };
+                std::fs::copy(&template, &vars)
+                    .with_context(|| format!("copying {}", template.display()))?;
                 Some((code, vars))
             }
             Boot::Direct { .. } => None,
@@ -580,7 +610,12 @@ impl GuestBuilder {
         let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
 
         let kvm = std::env::var("KEELSON_KVM").is_ok_and(|v| v == "1");
-        push(&["-machine", "q35"]);
+        if self.secure_boot {
+            push(&["-machine", "q35,smm=on"]);
+            push(&["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+        } else {
+            push(&["-machine", "q35"]);
+        }
         if kvm {
             push(&["-accel", "kvm", "-cpu", "host"]);
         } else {
@@ -1377,6 +1412,12 @@ mod tests {
         assert!(nvme.contains("nvme,serial=keelson1,drive=d1"));
         assert!(nvme.contains("if=pflash,format=raw,unit=1,file=/g/VARS.fd"));
         assert!(nvme.contains("-no-reboot"));
+        let sb = args(GuestBuilder::uefi("/x.img").secure_boot());
+        assert!(sb.contains("-machine q35,smm=on"), "{sb}");
+        assert!(
+            sb.contains("-global driver=cfi.pflash01,property=secure,value=on"),
+            "{sb}"
+        );
         let ahci = args(GuestBuilder::uefi("/x.img").ahci().nic(NicModel::E1000e));
         assert!(ahci.contains("-device ahci,id=ahci -drive"));
         assert!(ahci.contains("ide-hd,drive=d0,bus=ahci.0"));

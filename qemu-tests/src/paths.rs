@@ -23,6 +23,7 @@ pub mod image_files {
 /// Debian's 4 MiB OVMF build without Secure Boot keys enrolled.
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
 
 /// The cargo workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
@@ -82,6 +83,12 @@ pub fn image_file(dir: &Path, file: &str) -> Result<PathBuf> {
 /// OVMF's code volume (read-only pflash unit 0); `$KEELSON_OVMF_CODE` overrides it.
 pub fn ovmf_code() -> Result<PathBuf> {
     firmware("KEELSON_OVMF_CODE", OVMF_CODE)
+}
+
+/// OVMF's Secure Boot code volume (SMM; needs `-machine q35,smm=on` and a secure pflash);
+/// `$KEELSON_OVMF_CODE_SECBOOT` overrides it.
+pub fn ovmf_code_secboot() -> Result<PathBuf> {
+    firmware("KEELSON_OVMF_CODE_SECBOOT", OVMF_CODE_SECBOOT)
 }
 
 /// The pristine OVMF variable store template (each guest boots from a private copy of it);

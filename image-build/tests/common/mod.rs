@@ -15,8 +15,26 @@ pub fn workspace() -> PathBuf {
 /// Runs `image-build -q <command> <workspace>/<config> --out <out>` in `cwd`, with `umask` and
 /// `TZ` set for the child only (reproducibility tests vary them), and fails the test when the
 /// build fails.
+#[allow(dead_code)] // not every test binary that includes this module builds unsigned
 pub fn build(command: &str, config: &str, out: &Path, cwd: &Path, umask: libc::mode_t, tz: &str) {
+    build_with(command, config, out, cwd, umask, tz, None);
+}
+
+/// [`build`], signing for Secure Boot with the key directory `keys` if given.
+pub fn build_with(
+    command: &str,
+    config: &str,
+    out: &Path,
+    cwd: &Path,
+    umask: libc::mode_t,
+    tz: &str,
+    keys: Option<&Path>,
+) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_image-build"));
+    cmd.env_remove("KEELSON_SECURE_BOOT_KEYS");
+    if let Some(k) = keys {
+        cmd.env("KEELSON_SECURE_BOOT_KEYS", k);
+    }
     cmd.arg("-q")
         .arg(command)
         .arg(workspace().join(config))
@@ -36,4 +54,29 @@ pub fn build(command: &str, config: &str, out: &Path, cwd: &Path, umask: libc::m
         status.success(),
         "image-build {command} {config} failed: {status}"
     );
+}
+
+/// A Secure Boot key directory (PK, KEK, db), made with openssl as docs/secure-boot.md says.
+#[allow(dead_code)] // not every test binary that includes this module signs
+pub fn secure_boot_keys(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for name in ["PK", "KEK", "db"] {
+        let out = Command::new("openssl")
+            .args([
+                "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
+            ])
+            .args(["-days", "3650", "-subj"])
+            .arg(format!("/CN=Keelson test {name}/"))
+            .arg("-keyout")
+            .arg(dir.join(format!("{name}.key")))
+            .arg("-out")
+            .arg(dir.join(format!("{name}.crt")))
+            .output()
+            .expect("openssl (package openssl)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

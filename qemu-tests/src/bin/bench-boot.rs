@@ -1,9 +1,9 @@
 //! `bench-boot`: image sizes and the boot timeline of the vm image under QEMU (TCG), side by side
-//! with the floor the same kernel allows (a busybox initramfs that only prints its uptime), in one
-//! run. Prints tables; asserts nothing (these machines are shared and noisy).
+//! with the floor the same kernel allows (a busybox initramfs that only prints its uptime), and
+//! Secure Boot on vs off (`out/vm-sb`), in one run. Prints tables; asserts nothing (these machines are shared and noisy).
 //!
-//! Usage: `./dev bench` (builds the image first), or `cargo run --release -p qemu-tests --bin
-//! bench-boot -- [RUNS]`.
+//! Usage: `./dev bench` (builds the images first), or `cargo run --release -p qemu-tests --bin
+//! bench-boot -- [RUNS [secure-boot]]` (`secure-boot`: only that table).
 
 use std::path::Path;
 use std::time::Duration;
@@ -62,6 +62,73 @@ fn timeline(lines: &[(Duration, String)]) -> Result<Timeline> {
         total: kernel_start + done,
         rss_kib: rss,
     })
+}
+
+/// A UEFI boot of `dir` from a copy of the variable store `vars`, with OVMF's Secure Boot build
+/// (SMM) or its plain one.
+fn uefi_boot(dir: &Path, secure_boot: bool, vars: &Path) -> Result<Timeline> {
+    let mut b = GuestBuilder::uefi_from_image_dir(dir)?.uefi_vars(vars);
+    if secure_boot {
+        b = b.secure_boot();
+    }
+    let g = b.nic(NicModel::None).spawn()?;
+    g.wait_for("boot complete in", BOOT)?;
+    timeline(&g.lines_with_times())
+}
+
+/// Boots `dir` once from the pristine variable store and returns the store it left (boot
+/// options written; with Secure Boot, the ESP's keys enrolled on the way).
+fn warm_vars(dir: &Path, secure_boot: bool, out: &Path) -> Result<()> {
+    let mut b = GuestBuilder::uefi_from_image_dir(dir)?;
+    if secure_boot {
+        b = b.secure_boot();
+    }
+    let g = b.nic(NicModel::None).spawn()?;
+    if secure_boot {
+        g.wait_for("Enrolling secure boot keys", BOOT)?;
+    }
+    g.wait_for("boot complete in", BOOT)?;
+    g.powerdown()?;
+    g.wait_exit(BOOT)?;
+    std::fs::copy(g.dir().join("OVMF_VARS.fd"), out)?;
+    Ok(())
+}
+
+/// Secure Boot on vs off on one signed image (`out/vm-sb`, which `./dev bench` builds with
+/// throwaway keys). A first boot from the pristine variable store with each firmware writes its
+/// boot options (and, with Secure Boot, enrolls the ESP's keys); then each run boots the image
+/// from those stores with OVMF's plain build and with its Secure Boot build (SMM).
+fn secure_boot_table(runs: usize, work: &Path) -> Result<()> {
+    println!(
+        "\n## Secure Boot on vs off, UEFI, QEMU TCG, 1 vCPU, median of {runs} runs (seconds)\n"
+    );
+    let dir = match image("vm-sb") {
+        Ok(d) => d,
+        Err(e) => {
+            println!("skipped: {e:#}");
+            return Ok(());
+        }
+    };
+    let (plain, enrolled) = (work.join("VARS.plain.fd"), work.join("VARS.enrolled.fd"));
+    warm_vars(&dir, false, &plain)?;
+    warm_vars(&dir, true, &enrolled)?;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        eprintln!("secure boot run {}/{runs}", i + 1);
+        off.push(uefi_boot(&dir, false, &plain)?);
+        on.push(uefi_boot(&dir, true, &enrolled)?);
+    }
+    println!("| phase | Secure Boot off (OVMF_CODE_4M) | Secure Boot on (OVMF_CODE_4M.secboot, SMM, keys enrolled) | on / off |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, f: &dyn Fn(&Timeline) -> f64| {
+        let (a, b) = (median(&off, f), median(&on, f));
+        println!("| {name} | {a:.3} | {b:.3} | {:.2}x |", b / a);
+    };
+    row("QEMU start → kernel start (firmware)", &|t| t.firmware);
+    row("kernel start → init (kernel)", &|t| t.kernel);
+    row("init start → boot complete", &|t| t.init_total);
+    row("QEMU start → boot complete", &|t| t.total);
+    Ok(())
 }
 
 fn keelson_boot(dir: &Path, uefi: bool) -> Result<Timeline> {
@@ -154,6 +221,15 @@ fn main() -> Result<()> {
     if runs == 0 {
         bail!("RUNS must be at least 1");
     }
+    // `bench-boot RUNS secure-boot`: only the Secure Boot table.
+    match std::env::args().nth(2).as_deref() {
+        None => {}
+        Some("secure-boot") => {
+            let work = tempfile::tempdir()?;
+            return secure_boot_table(runs, work.path());
+        }
+        Some(other) => bail!("unknown section {other:?} (the only one is `secure-boot`)"),
+    }
     let dir = image("vm")?;
     let uki = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok())
@@ -236,6 +312,8 @@ fn main() -> Result<()> {
         "Kernel + Keelson userspace vs the busybox floor (kernel start → boot complete vs → /init): {:.2}x.",
         (median(&direct, |t| t.kernel) + init) / median(&floor, |t| t.kernel)
     );
+
+    secure_boot_table(runs, work.path())?;
 
     // A VM without RDRAND (QEMU's default CPU model): first boots with and without a firmware
     // UUID, and the boot after (the random seed credited).

@@ -4,7 +4,9 @@
 //! running slot's entry untouched and no entry pointing at a half-written slot):
 //! 1. refresh TUF metadata (signatures, expiry, rollback and freeze protection are tough's),
 //!    read the signed manifest, pick the version;
-//! 2. check sizes (slot partitions, ESP free space) before touching anything;
+//! 2. check sizes (slot partitions, ESP free space) before touching anything; download the UKI
+//!    and, on a node booted with Secure Boot on, refuse it unless the firmware's db trusts its
+//!    signature (`secure_boot`);
 //! 3. delete every boot entry of the target slot (fsync the directory): from here on the slot
 //!    is not bootable;
 //! 4. stream the compressed root into the slot (sha256 and length checked against the signed
@@ -12,8 +14,9 @@
 //!    verity hash device; fsync both;
 //! 5. read the slot back and recompute the dm-verity tree: its root hash must be the signed
 //!    one;
-//! 6. write the slot's UKI under a temporary name, check its command line (slot, root hash) and
-//!    `.osrel` version, fsync, rename it to `keelson_<version>+<tries>.efi`, fsync the directory.
+//! 6. write the slot's UKI (downloaded in step 2) under a temporary name, check its command line
+//!    (slot, root hash) and `.osrel` version, fsync, rename it to `keelson_<version>+<tries>.efi`,
+//!    fsync the directory.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -29,6 +32,7 @@ use tough::{IntoVec, RepositoryLoader, TargetName};
 use url::Url;
 
 use super::http;
+use super::secure_boot;
 use super::slots::{self, Layout};
 use super::Agent;
 use keelson_spec::update::UpdateSpec;
@@ -95,7 +99,12 @@ pub async fn read_manifest(repo: &Repo) -> Result<Manifest> {
         .into_vec()
         .await
         .map_err(|e| anyhow::anyhow!("manifest.json: {}", chain(&e)))?;
-    let mut m: Manifest = serde_json::from_slice(&bytes).context("manifest.json is not valid")?;
+    parse_manifest(&bytes)
+}
+
+/// `manifest.json`'s bytes as a checked manifest, newest version first.
+pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest> {
+    let mut m: Manifest = serde_json::from_slice(bytes).context("manifest.json is not valid")?;
     // Signed, but what goes into file names is checked all the same.
     m.check()
         .map_err(|e| anyhow::anyhow!("manifest.json is refused: {e}"))?;
@@ -448,6 +457,35 @@ pub async fn install(
         );
     }
 
+    // The UKI before anything is written: on a Secure Boot node, one the firmware would not
+    // boot (unsigned, tampered, signed by a key not in db, or in dbx) is refused here.
+    let mut uki = Vec::with_capacity(uki_len as usize);
+    stream_target(agent, repo, p.uki_for(letter), &mut |chunk| {
+        uki.extend_from_slice(chunk);
+        Ok(())
+    })
+    .await?;
+    let uki_what = format!(
+        "{}'s UKI for slot {letter} ({})",
+        p.version,
+        p.uki_for(letter)
+    );
+    match &layout.efivars {
+        Some(efivars) => match secure_boot::enforcing(efivars)? {
+            Some(fw) => {
+                let signer = secure_boot::check(&uki, &uki_what, &fw)?;
+                agent.emit(
+                    "update-uki-verified",
+                    format!("{uki_what} is signed by {signer:?}, trusted by the firmware's db"),
+                );
+            }
+            None => {
+                tracing::debug!("update: Secure Boot is off; the UKI's signature is not checked")
+            }
+        },
+        None => tracing::debug!("update: no UEFI; the UKI's signature is not checked"),
+    }
+
     // 3. The target slot stops being bootable.
     for e in &old {
         slots::remove(&layout.esp, &e.file)?;
@@ -535,10 +573,7 @@ pub async fn install(
         // The ESP's rules (`keelson_common::durable::vfat`): a fixed temporary name whose
         // leftover from a cut attempt is removed first, fsync, then a rename made durable.
         let mut f = keelson_common::durable::vfat::create(&dir, &part_name(&p.version))?;
-        stream_target(agent, repo, p.uki_for(letter), &mut |chunk| {
-            f.write_all(chunk).context("writing the UKI to the ESP")
-        })
-        .await?;
+        f.write_all(&uki).context("writing the UKI to the ESP")?;
         f.sync_all().context("syncing the UKI")?;
         check_uki(&part, p, letter)?;
         let entry = format!("keelson_{}+{tries}.efi", p.version);

@@ -23,6 +23,7 @@ mod coordinate;
 pub mod extensions;
 pub mod http;
 pub mod install;
+pub mod secure_boot;
 pub mod slots;
 #[cfg(test)]
 mod tests;

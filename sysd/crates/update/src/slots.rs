@@ -31,6 +31,8 @@ pub struct Layout {
     pub target: SlotDevices,
     /// The mounted ESP.
     pub esp: PathBuf,
+    /// Where the UEFI variables are (efivarfs), None without UEFI.
+    pub efivars: Option<PathBuf>,
 }
 
 /// Where to look for things (the real node, or a test's files).
@@ -44,6 +46,8 @@ pub enum Discovery {
         cmdline: String,
         target: SlotDevices,
         esp: PathBuf,
+        /// A directory of UEFI variables as efivarfs shows them (None: no UEFI).
+        efivars: Option<PathBuf>,
     },
 }
 
@@ -69,11 +73,17 @@ impl Discovery {
     pub fn layout(&self) -> Result<Layout> {
         let (running, roothash) = self.running()?;
         match self {
-            Discovery::Files { target, esp, .. } => Ok(Layout {
+            Discovery::Files {
+                target,
+                esp,
+                efivars,
+                ..
+            } => Ok(Layout {
                 running,
                 roothash,
                 target: target.clone(),
                 esp: esp.clone(),
+                efivars: efivars.clone(),
             }),
             Discovery::Node { esp_mount } => {
                 let disk = boot_disk(running)?;
@@ -101,6 +111,7 @@ impl Discovery {
                         verity_size,
                     },
                     esp: esp_mount.clone(),
+                    efivars: crate::secure_boot::node_efivars()?,
                 })
             }
         }

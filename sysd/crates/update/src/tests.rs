@@ -63,8 +63,12 @@ fn fake_uki(osrel: &str, cmdline: &str) -> Vec<u8> {
     pe[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
     pe[0x40..0x44].copy_from_slice(b"PE\0\0");
     pe[0x46..0x48].copy_from_slice(&2u16.to_le_bytes()); // sections
-    pe[0x54..0x56].copy_from_slice(&0u16.to_le_bytes()); // no optional header
-    let table = 0x40 + 24;
+    pe[0x54..0x56].copy_from_slice(&240u16.to_le_bytes()); // a PE32+ optional header
+    let opt = 0x40 + 24;
+    pe[opt..opt + 2].copy_from_slice(&0x20bu16.to_le_bytes());
+    pe[opt + 60..opt + 64].copy_from_slice(&0x200u32.to_le_bytes()); // SizeOfHeaders
+    pe[opt + 108..opt + 112].copy_from_slice(&16u32.to_le_bytes()); // data directories
+    let table = opt + 240;
     let mut data_at = 0x200usize;
     let mut body = Vec::new();
     for (i, (name, content)) in [(".osrel", osrel), (".cmdline", cmdline)]
@@ -307,6 +311,9 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
     std::fs::create_dir_all(&repo).unwrap();
     let esp = d.join("esp");
     std::fs::create_dir_all(esp.join("EFI/Linux")).unwrap();
+    // UEFI variables: none (Secure Boot off) unless a test writes some.
+    let efivars = Some(d.join("efivars"));
+    std::fs::create_dir_all(d.join("efivars")).unwrap();
     // The running entry, and a stale entry of the other slot (invalidated by an install).
     let other = if slot == "a" { "b" } else { "a" };
     std::fs::write(
@@ -359,6 +366,7 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
                 verity_size: 64 << 10,
             },
             esp,
+            efivars: efivars.clone(),
         },
         Channels {
             spec: spec_rx,
@@ -1144,4 +1152,116 @@ fn read_all(mut r: impl Read) -> Vec<u8> {
     let mut v = Vec::new();
     r.read_to_end(&mut v).unwrap();
     v
+}
+
+/// An RSA key and self-signed certificate (PEM) made by openssl, as a Secure Boot db key.
+fn sb_key(dir: &Path, cn: &str) -> keelson_common::authenticode::Signer {
+    let (key, crt) = (dir.join(format!("{cn}.key")), dir.join(format!("{cn}.crt")));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "30",
+        ])
+        .arg("-subj")
+        .arg(format!("/CN={cn}/"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("openssl (package openssl)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    keelson_common::authenticode::Signer::new(
+        &std::fs::read(key).unwrap(),
+        &std::fs::read(crt).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Signs both UKIs of a fake image.
+fn sign_image(img: &FakeImage, version: &str, key: &keelson_common::authenticode::Signer) {
+    for f in [format!("keelson_{version}+3.efi"), "uki-slot-b.efi".into()] {
+        let p = img.dir.join(f);
+        std::fs::write(&p, key.sign(&std::fs::read(&p).unwrap()).unwrap()).unwrap();
+    }
+}
+
+/// Writes efivarfs files saying Secure Boot is on, with `db` holding `cert` (DER).
+fn secure_boot_on(efivars: &Path, cert: &[u8]) {
+    let attrs = 7u32.to_le_bytes();
+    std::fs::write(
+        efivars.join("SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"),
+        [&attrs[..], &[1]].concat(),
+    )
+    .unwrap();
+    // One EFI_SIGNATURE_LIST of EFI_CERT_X509_GUID.
+    let x509 = [
+        0xa1, 0x59, 0xc0, 0xa5, 0xe4, 0x94, 0xa7, 0x4a, 0x87, 0xb5, 0xab, 0x15, 0x5c, 0x2b, 0xf0,
+        0x72,
+    ];
+    let size = 16 + cert.len() as u32;
+    let mut db = attrs.to_vec();
+    db.extend_from_slice(&x509);
+    db.extend_from_slice(&(28 + size).to_le_bytes());
+    db.extend_from_slice(&0u32.to_le_bytes());
+    db.extend_from_slice(&size.to_le_bytes());
+    db.extend_from_slice(&[0x11; 16]);
+    db.extend_from_slice(cert);
+    std::fs::write(efivars.join("db-d719b2cb-3d3a-4596-a3bc-dad00e67656f"), db).unwrap();
+}
+
+#[test]
+fn a_secure_boot_node_refuses_an_unsigned_or_foreign_uki_before_touching_the_esp() {
+    let t = tempfile::tempdir().unwrap();
+    let ours = sb_key(t.path(), "Keelson db");
+    let theirs = sb_key(t.path(), "Someone else");
+    let v1 = fake_image(t.path(), "0.1.0", 16);
+    let unsigned = fake_image(t.path(), "0.2.0", 16);
+    let n = node(&v1, "0.1.0", "a");
+    secure_boot_on(&n.dir.path().join("efivars"), ours.cert_der());
+    let rt = rt();
+    n.add(&unsigned, &[]);
+    let before = n.esp_files();
+    assert_eq!(before, ["keelson_0.0.1.efi", "keelson_0.1.0.efi"]);
+
+    let err = n.apply(&rt, ApplyRequest::default()).unwrap_err();
+    assert!(
+        err.contains("0.2.0's UKI for slot b (test-0.2.0-uki-b.efi) would not boot under Secure Boot: unsigned"),
+        "{err}"
+    );
+    assert!(err.contains("refused before touching the ESP"), "{err}");
+    // Not even slot B's stale entry was removed.
+    assert_eq!(n.esp_files(), before);
+    assert!(n.agent.status().last_error.unwrap().contains("unsigned"));
+
+    let foreign = fake_image(t.path(), "0.3.0", 16);
+    sign_image(&foreign, "0.3.0", &theirs);
+    n.add(&foreign, &[]);
+    let err = n.apply(&rt, ApplyRequest::default()).unwrap_err();
+    assert!(
+        err.contains("signed by \"Someone else\", which the firmware's db does not trust"),
+        "{err}"
+    );
+    assert_eq!(n.esp_files(), before);
+
+    let good = fake_image(t.path(), "0.4.0", 16);
+    sign_image(&good, "0.4.0", &ours);
+    n.add(&good, &[]);
+    n.apply(&rt, ApplyRequest::default())
+        .unwrap_or_else(|e| panic!("{e}\n{}", n.events()));
+    assert!(
+        n.events()
+            .contains("is signed by \"Keelson db\", trusted by the firmware's db"),
+        "{}",
+        n.events()
+    );
+    assert_eq!(n.esp_files(), ["keelson_0.1.0.efi", "keelson_0.4.0+3.efi"]);
+    // The UKI on the ESP is the signed one, byte for byte.
+    assert_eq!(
+        std::fs::read(n.dir.path().join("esp/EFI/Linux/keelson_0.4.0+3.efi")).unwrap(),
+        std::fs::read(good.dir.join("uki-slot-b.efi")).unwrap()
+    );
 }
