@@ -283,7 +283,12 @@ impl Gpt {
             return Err(Error::Unsupported("entry array other than 128 x 128 bytes"));
         }
         let mut raw = vec![0u8; ENTRIES * ENTRY_SIZE];
-        r.seek(SeekFrom::Start(entry_lba * SECTOR))?;
+        // From the disk: an LBA whose byte offset does not fit in 64 bits wrapped to another
+        // place (found by the `gpt` fuzz target).
+        let entries_at = entry_lba.checked_mul(SECTOR).ok_or(Error::Unsupported(
+            "partition entry array beyond 2^64 bytes",
+        ))?;
+        r.seek(SeekFrom::Start(entries_at))?;
         r.read_exact(&mut raw)?;
         if crc32fast::hash(&raw) != le32(&header[88..92]) {
             return Err(Error::EntriesCrc);
@@ -396,7 +401,12 @@ impl Gpt {
         if new_backup <= self.backup_lba {
             return Ok(None);
         }
-        let new_last_usable = new_backup - ENTRY_SECTORS - 1;
+        // The table comes from a disk: its partitions must lie in its usable area (a last LBA
+        // of u64::MAX wrapped the end check below; found by the `gpt` fuzz target).
+        self.validate()?;
+        let new_last_usable = new_backup
+            .checked_sub(ENTRY_SECTORS + 1)
+            .ok_or(Error::DiskTooSmall(disk_sectors))?;
         self.backup_lba = new_backup;
         self.last_usable = new_last_usable;
         let last = self
@@ -446,6 +456,36 @@ mod tests {
             name: "data".into(),
         });
         g
+    }
+
+    /// Found by the `gpt` fuzz target: a partition ending at LBA u64::MAX (outside the
+    /// usable area) overflowed the growth's end check; such a table is refused, not grown. An
+    /// entry array LBA whose byte offset overflows is refused when read.
+    #[test]
+    fn a_table_with_a_partition_outside_its_area_is_not_grown() {
+        let mut g = sample(16384);
+        g.entries[1].as_mut().unwrap().last_lba = u64::MAX;
+        assert!(matches!(
+            g.clone().grow_to(32768, 2048),
+            Err(Error::OutOfBounds { index: 2, .. })
+        ));
+        let mut disk = Cursor::new(vec![0u8; 16384 * 512]);
+        sample(16384).write(&mut disk).unwrap();
+        let mut raw = disk.into_inner();
+        raw[512 + 72..512 + 80].copy_from_slice(&(u64::MAX / 256).to_le_bytes());
+        raw[512 + 16..512 + 20].fill(0);
+        let crc = crc32fast::hash(&raw[512..512 + HEADER_SIZE as usize]);
+        raw[512 + 16..512 + 20].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            Gpt::read(&mut Cursor::new(raw)),
+            Err(Error::Unsupported(
+                "partition entry array beyond 2^64 bytes"
+            ))
+        ));
+        let mut tiny = sample(16384);
+        tiny.backup_lba = 0;
+        tiny.entries = vec![None; ENTRIES];
+        assert!(matches!(tiny.grow_to(10, 1), Err(Error::DiskTooSmall(10))));
     }
 
     #[test]

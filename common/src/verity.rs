@@ -84,7 +84,10 @@ impl Superblock {
     /// The kernel `verity` target line for this superblock, mapping `data_dev` with the tree on
     /// `hash_dev` (devices as `major:minor`), 512-byte sectors.
     pub fn dm_table(&self, data_dev: &str, hash_dev: &str, root_hash_hex: &str) -> (u64, String) {
-        let sectors = self.data_blocks * (BLOCK / 512);
+        // `data_blocks` is read from the partition: a huge count must not wrap to a small size
+        // that passes stage 1's check against the data partition (found by
+        // `verity_superblock`); saturated, it is refused by that check.
+        let sectors = self.data_blocks.saturating_mul(BLOCK / 512);
         let salt = if self.salt.is_empty() {
             "-".to_owned()
         } else {
@@ -187,6 +190,27 @@ mod tests {
             uuid: [5; 16],
         };
         assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+    }
+
+    /// Found by the `verity_superblock` fuzz target: a block count whose sector count does not
+    /// fit in 64 bits wrapped to a small one, which would pass stage 1's size check.
+    #[test]
+    fn a_huge_block_count_is_not_a_small_table() {
+        let mut raw = Superblock {
+            data_blocks: 0,
+            salt: vec![],
+            uuid: [0; 16],
+        }
+        .encode();
+        raw[72..80].copy_from_slice(&(u64::MAX / 4).to_le_bytes());
+        let (sectors, table) = Superblock::decode(&raw)
+            .unwrap()
+            .dm_table("254:1", "254:2", "aa");
+        assert_eq!(sectors, u64::MAX);
+        assert!(
+            table.contains(&format!(" {} 1 sha256 ", u64::MAX / 4)),
+            "{table}"
+        );
     }
 
     #[test]

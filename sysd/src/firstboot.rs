@@ -29,13 +29,38 @@ fn process(
         let doc = keelson_spec::parse_document(Path::new(origin), text, Source::UserData)?;
         keelson_spec::Config::from_layers(system.clone(), vec![doc]).map(drop)
     };
-    let status = keelson_firstboot::process(
-        found,
-        log,
-        &keelson_firstboot::Paths::system(),
-        &validate,
-        start,
-    );
+    // A panic in a parser of user data, meta-data or network-config (a bug) is a rejected
+    // first boot that says so, not a sysd that dies at every start before any service runs.
+    let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        keelson_firstboot::process(
+            found,
+            log.clone(),
+            &keelson_firstboot::Paths::system(),
+            &validate,
+            start,
+        )
+    }));
+    let status = processed.unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        FirstBoot {
+            outcome: Outcome::Rejected,
+            source: None,
+            instance_id: None,
+            format: None,
+            error: Some(format!(
+                "reading the user data panicked ({why}): a bug, please report it; nothing was \
+                 applied and the node boots with its last good config"
+            )),
+            warnings: Vec::new(),
+            probe_log: log,
+            duration_ms: start.elapsed().as_millis() as u64,
+            applied_at_ms: None,
+        }
+    });
     for line in status.probe_log.iter().skip(printed) {
         tracing::info!("sysd: datasource: {line}");
     }

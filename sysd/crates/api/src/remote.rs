@@ -407,12 +407,27 @@ async fn remote_connection(
         _ => return,
     };
     tracing::debug!(%addr, client = %peer.name, "api: remote client");
+    serve_authenticated(stream, peer, concerns, stop).await;
+}
+
+/// Serves the API's HTTP/1.1 on `io`, a remote connection whose TLS handshake is done and
+/// whose client certificate names `peer`, with the remote limits, until it ends or `stop`
+/// turns true. (Everything a remote client sends after the handshake goes through here: the
+/// fuzz target `api_request` drives it with arbitrary bytes.)
+pub async fn serve_authenticated<I>(
+    io: I,
+    peer: Peer,
+    concerns: Arc<Concerns>,
+    stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let limits = Limits {
         header_read_timeout: Some(HEADER_TIMEOUT),
         max_buf_size: Some(MAX_HEAD),
     };
     connection(
-        TokioIo::new(stream),
+        TokioIo::new(io),
         concerns,
         stop,
         Arc::new(Access::Remote(peer)),

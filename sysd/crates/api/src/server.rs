@@ -19,6 +19,7 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use futures_util::FutureExt as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
@@ -87,6 +89,16 @@ impl Limits {
 /// The socket is bound inside a private (0700) directory, given mode 0600 and only then renamed
 /// into place, so there is no moment at which another user could connect to it.
 pub fn bind(path: &Path) -> Result<UnixListener> {
+    bind_checked(path, true)
+}
+
+/// [`bind`] without refusing a socket that answers: for a sysd that holds (and refused to take
+/// over) the previous sysd's listener, which still answers through init's FD store.
+pub fn bind_over(path: &Path) -> Result<UnixListener> {
+    bind_checked(path, false)
+}
+
+fn bind_checked(path: &Path, refuse_in_use: bool) -> Result<UnixListener> {
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -101,7 +113,7 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         .with_context(|| format!("creating {}", parent.display()))?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if refuse_in_use && std::os::unix::net::UnixStream::connect(path).is_ok() {
                 bail!("{} is in use: another sysd is serving it", path.display());
             }
         }
@@ -126,6 +138,49 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     let bound = bind_private(&private_dir.join("sock"), path);
     let _ = std::fs::remove_dir_all(&private_dir);
     let listener = bound?;
+    listener
+        .set_nonblocking(true)
+        .context("making the API socket non-blocking")?;
+    UnixListener::from_std(listener).context("registering the API socket with the runtime")
+}
+
+/// The API's listening socket a previous sysd left in init's FD store, taken over if it is
+/// still the one bound at `path` (clients that bind-mount the socket file, as a container does,
+/// keep reaching sysd: a new bind would be a new file). Connections made while no sysd ran
+/// wait in its backlog.
+pub fn adopt(fd: std::os::fd::OwnedFd, path: &Path) -> Result<UnixListener> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    let addr = listener
+        .local_addr()
+        .context("reading the kept API socket's address")?;
+    // `bind` binds in a private directory beside `path` and renames the socket into place, so
+    // the address the kernel reports is that first name: `<dir>/.<name>.<pid>.tmp/sock`.
+    let renamed_from_beside = |bound: &Path| {
+        let private = bound.parent();
+        let prefix = format!(
+            ".{}.",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
+        bound.file_name() == Some(std::ffi::OsStr::new("sock"))
+            && private.and_then(Path::parent) == path.parent()
+            && private
+                .and_then(Path::file_name)
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+    };
+    if !addr
+        .as_pathname()
+        .is_some_and(|bound| bound == path || renamed_from_beside(bound))
+    {
+        bail!(
+            "the kept API socket is bound to {:?}, not {}",
+            addr.as_pathname(),
+            path.display()
+        );
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {}
+        _ => bail!("{} is gone: the kept socket is unreachable", path.display()),
+    }
     listener
         .set_nonblocking(true)
         .context("making the API socket non-blocking")?;
@@ -209,7 +264,19 @@ pub(crate) async fn connection<I>(
         let stop = stop_for_requests.clone();
         let access = Arc::clone(&access);
         async move {
-            let response = handle(req, &concerns, stop, &access).await;
+            // A panic while answering (a parser's bug on what a client sent) is this request's
+            // 500, not the end of sysd: the release profile unwinds (ARCHITECTURE.md, Decisions).
+            let answered = AssertUnwindSafe(handle(req, &concerns, stop, &access))
+                .catch_unwind()
+                .await;
+            let response = answered.unwrap_or_else(|panic| {
+                let why = panic_text(panic.as_ref());
+                tracing::error!("api: answering a request panicked: {why}");
+                error_response(&Failure::internal(format!(
+                    "sysd panicked answering this request ({why}); nothing else was affected, \
+                     but it is a bug: please report it"
+                )))
+            });
             concerns.requests.count(response.status().as_u16());
             Ok::<_, Infallible>(response)
         }
@@ -236,6 +303,15 @@ pub(crate) async fn connection<I>(
         // Usually a client that went away mid-response; nothing to act on.
         tracing::debug!(%err, "api: connection ended with an error");
     }
+}
+
+/// What a panic said (its message, when it has one).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 /// Resolves once the server is shutting down (or gone).
@@ -1096,6 +1172,10 @@ mod tests {
     #[async_trait::async_trait]
     impl Config for Fake {
         async fn apply(&self, config: String, dry_run: bool) -> Result<ApplyPlan, Failure> {
+            if config.contains("parser bug") {
+                // What a parser's panic on a client's bytes looks like to the server.
+                panic!("index out of range in a parser");
+            }
             if config.contains("imagee") {
                 return Err(Failure::bad_request(
                     "services.toml:2:1: service \"web\": unknown field `imagee`",
@@ -1578,6 +1658,34 @@ mod tests {
             send(&h, "POST", "/v1/apply", Some("text/plain"), b"\xff\xfe").await;
         expect_error(response, 400, "not UTF-8").await;
         assert!(h.backend.applied.lock().expect("lock").is_empty());
+    }
+
+    /// A panic while answering (here the config concern's parser) is that request's 500; the
+    /// server, its connection task and every later request go on.
+    #[tokio::test]
+    async fn a_panic_answering_a_request_is_a_500_and_the_server_goes_on() {
+        let h = start().await;
+        let (response, _conn) = send(
+            &h,
+            "POST",
+            "/v1/apply",
+            Some("application/toml"),
+            b"# a parser bug\n",
+        )
+        .await;
+        expect_error(
+            response,
+            500,
+            "sysd panicked answering this request (index out of range in a parser)",
+        )
+        .await;
+        let response = get(&h, "/v1/version").await;
+        assert_eq!(response.status(), 200);
+        let counts = h.requests.snapshot();
+        assert!(
+            counts.contains(&(500, 1)) && counts.contains(&(200, 1)),
+            "{counts:?}"
+        );
     }
 
     #[tokio::test]

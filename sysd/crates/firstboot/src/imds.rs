@@ -51,9 +51,10 @@ pub fn enabled(sys: &std::path::Path, cmdline: &str) -> bool {
 }
 
 /// A response: status and body.
-struct Response {
-    status: u16,
-    body: Vec<u8>,
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
 }
 
 async fn request(
@@ -84,7 +85,9 @@ async fn request(
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 5 s"))?
 }
 
-fn parse(raw: &[u8], limit: usize) -> std::io::Result<Response> {
+/// The metadata service's whole answer (`raw`, read until the server closed) as a status and
+/// a body of at most `limit` bytes.
+pub fn parse(raw: &[u8], limit: usize) -> std::io::Result<Response> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     let end = raw
         .windows(4)

@@ -91,6 +91,11 @@ fn fat_read<R: Read + Seek>(
     names: &[&str],
     limit: u64,
 ) -> Result<Vec<Option<Vec<u8>>>, String> {
+    let mut boot = [0u8; 512];
+    if !read_at(dev, 0, &mut boot).map_err(|e| format!("reading the FAT volume: {e}"))? {
+        return Err("the FAT volume ends inside its boot sector".into());
+    }
+    check_root_chain(dev, &boot)?;
     dev.seek(SeekFrom::Start(0))
         .map_err(|e| format!("reading the FAT volume: {e}"))?;
     let fs = fatfs::FileSystem::new(ReadOnly(dev), fatfs::FsOptions::new())
@@ -131,6 +136,66 @@ fn fat_read<R: Read + Seek>(
         out.push(Some(data));
     }
     Ok(out)
+}
+
+/// FAT32 keeps its root directory in a cluster chain, which fatfs follows for as long as it
+/// goes: a chain that loops back over clusters of deleted entries (which the directory
+/// iterator skips without yielding anything) would never end. A chain longer than the
+/// volume's cluster count must loop, so the root's chain is walked first and refused if it is.
+/// (FAT12/16 roots are a fixed region; files are read only up to their size.)
+fn check_root_chain<R: Read + Seek>(dev: &mut R, boot: &[u8; 512]) -> Result<(), String> {
+    let u16_at = |o: usize| u64::from(u16::from_le_bytes([boot[o], boot[o + 1]]));
+    let u32_at = |o: usize| u32::from_le_bytes([boot[o], boot[o + 1], boot[o + 2], boot[o + 3]]);
+    if u16_at(0x16) != 0 {
+        return Ok(()); // sectors per FAT in the FAT12/16 field: not FAT32 (fatfs's test too)
+    }
+    let bytes_per_sector = u16_at(0x0b);
+    let sectors_per_cluster = u64::from(boot[0x0d]);
+    let reserved = u16_at(0x0e);
+    let fats = u64::from(boot[0x10]);
+    let total = match u16_at(0x13) {
+        0 => u64::from(u32_at(0x20)),
+        n => n,
+    };
+    let fat_sectors = u64::from(u32_at(0x24));
+    if bytes_per_sector < 512 || sectors_per_cluster == 0 {
+        return Err(format!(
+            "not a readable FAT file system: {bytes_per_sector} bytes per sector, \
+             {sectors_per_cluster} sectors per cluster"
+        ));
+    }
+    let data_start = reserved + fats * fat_sectors;
+    let clusters = total.saturating_sub(data_start) / sectors_per_cluster;
+    // Entries past the FAT's own size cannot be read (fatfs refuses them too).
+    let fat_entries = (fat_sectors * bytes_per_sector / 4).min(clusters + 2);
+    let fat_offset = reserved * bytes_per_sector;
+    let mut cluster = u64::from(u32_at(0x2c) & 0x0fff_ffff);
+    let mut walked = 0u64;
+    let mut sector = [0u8; 512];
+    let mut cached = None;
+    // Clusters 0 and 1 are reserved, >= 0x0ffffff7 are bad or the end of the chain.
+    while (2..0x0fff_fff7).contains(&cluster) && cluster < fat_entries {
+        walked += 1;
+        if walked > clusters {
+            return Err(format!(
+                "the root directory's cluster chain is longer than the volume's {clusters} \
+                 clusters (it loops): not a seed"
+            ));
+        }
+        let at = fat_offset + cluster * 4;
+        if cached != Some(at / 512) {
+            if !read_at(dev, at / 512 * 512, &mut sector)
+                .map_err(|e| format!("reading the FAT: {e}"))?
+            {
+                return Err("the FAT extends past the end of the volume".into());
+            }
+            cached = Some(at / 512);
+        }
+        let i = (at % 512) as usize;
+        let next = u32::from_le_bytes([sector[i], sector[i + 1], sector[i + 2], sector[i + 3]]);
+        cluster = u64::from(next & 0x0fff_ffff);
+    }
+    Ok(())
 }
 
 /// A directory entry of an ISO 9660 directory.
@@ -477,10 +542,8 @@ mod tests {
         assert!(e.contains("neither Joliet nor Rock Ridge"), "{e}");
     }
 
-    /// A FAT32 volume whose root directory's cluster chain points back at itself: refused,
-    /// not read for ever.
-    #[test]
-    fn a_fat_root_directory_that_loops_is_refused() {
+    /// An empty 40 MiB FAT32 volume labelled `cidata`.
+    fn fat32_cidata() -> io::Cursor<Vec<u8>> {
         let mut img = io::Cursor::new(vec![0u8; 40 << 20]);
         fatfs::format_volume(
             &mut img,
@@ -489,12 +552,25 @@ mod tests {
                 .volume_label(*b"cidata     "),
         )
         .unwrap();
+        img
+    }
+
+    /// A FAT32 seed whose root directory fills two clusters (its entries deleted when
+    /// `deleted`), then has its first cluster's FAT entry point back at itself.
+    fn looping_fat_root(deleted: bool) -> Vec<u8> {
+        let mut img = fat32_cidata();
         {
             // Enough entries to fill the root's first cluster: no end-of-directory mark in it.
             let fs = fatfs::FileSystem::new(&mut img, fatfs::FsOptions::new()).unwrap();
             let cluster = fs.cluster_size() as usize;
             for i in 0..2 * cluster / 32 {
                 fs.root_dir().create_file(&format!("F{i}")).unwrap();
+            }
+            if deleted {
+                // Deleted entries stay in the chain: fatfs skips them without yielding.
+                for i in 0..2 * cluster / 32 {
+                    fs.root_dir().remove(&format!("F{i}")).unwrap();
+                }
             }
         }
         let mut img = img.into_inner();
@@ -507,6 +583,11 @@ mod tests {
             let at = (reserved + f * fat_size) * bytes_per_sector + root * 4;
             img[at..at + 4].copy_from_slice(&(root as u32).to_le_bytes());
         }
+        img
+    }
+
+    /// Reads `user-data` from `img` on a thread; the error, or a panic if it did not end.
+    fn read_looping(img: Vec<u8>) -> String {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut dev = io::Cursor::new(img);
@@ -516,11 +597,42 @@ mod tests {
         let got = rx
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("reading a looping root directory did not end");
-        let e = got.unwrap_err().to_string();
-        assert!(
-            e.contains("the root directory has more than 4096 entries (its cluster chain loops?)"),
-            "{e}"
-        );
+        got.unwrap_err().to_string()
+    }
+
+    /// A FAT32 volume whose root directory's cluster chain points back at itself: refused,
+    /// not read for ever, whether the loop holds live entries or only deleted ones (which the
+    /// directory iterator skips without yielding, so no count of entries stops it: this one
+    /// hung first boot before the chain was checked).
+    #[test]
+    fn a_fat_root_directory_that_loops_is_refused() {
+        for deleted in [true, false] {
+            let e = read_looping(looping_fat_root(deleted));
+            assert!(
+                e.contains("the root directory's cluster chain is longer than the volume's")
+                    && e.contains("clusters (it loops): not a seed"),
+                "deleted entries: {deleted}: {e}"
+            );
+        }
+    }
+
+    /// A FAT32 root whose chain is long but ends is read (the check counts, it does not guess).
+    #[test]
+    fn a_long_fat_root_directory_that_ends_is_read() {
+        let mut img = fat32_cidata();
+        {
+            let fs = fatfs::FileSystem::new(&mut img, fatfs::FsOptions::new()).unwrap();
+            let cluster = fs.cluster_size() as usize;
+            for i in 0..3 * cluster / 32 {
+                fs.root_dir().create_file(&format!("F{i}")).unwrap();
+            }
+            let mut f = fs.root_dir().create_file("user-data").unwrap();
+            f.write_all(b"#cloud-config\n").unwrap();
+        }
+        let mut dev = io::Cursor::new(img.into_inner());
+        let vol = identify(&mut dev).unwrap().unwrap();
+        let got = read_root_files(&mut dev, &vol, &["user-data"], 4096).unwrap();
+        assert_eq!(got[0].as_deref(), Some(&b"#cloud-config\n"[..]));
     }
 
     #[test]

@@ -530,14 +530,7 @@ impl Client {
             tokio::select! {
                 r = sock.recv_from(&mut buf) => {
                     let Ok((n, _)) = r else { continue };
-                    let Ok(m) = Message::decode(&mut Decoder::new(&buf[..n])) else { continue };
-                    if m.opcode() != Opcode::BootReply
-                        || m.xid() != xid
-                        || m.chaddr().get(..6) != Some(&self.mac[..])
-                    {
-                        continue;
-                    }
-                    if m.opts().msg_type().is_some_and(|k| kinds.contains(&k)) {
+                    if let Some(m) = reply(&buf[..n], xid, &self.mac, kinds) {
                         return Wait::Reply(m);
                     }
                 }
@@ -618,8 +611,31 @@ fn server_of(m: &Message) -> Option<Ipv4Addr> {
     }
 }
 
-/// The lease in an ACK.
-fn lease_of(m: &Message) -> Option<Lease> {
+/// The reply in a received datagram: a BOOTREPLY to `xid` for `mac`, of one of `kinds`.
+/// `None` for anything else (not DHCP, malformed, another client's or another exchange's).
+pub fn reply(datagram: &[u8], xid: u32, mac: &[u8; 6], kinds: &[MessageType]) -> Option<Message> {
+    // Anyone on the link can send one: a panic in the decoder (a bug) drops this datagram,
+    // not the link's client (the release profile unwinds; ARCHITECTURE.md, Decisions).
+    let m = std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(datagram)))
+        .ok()?
+        .ok()?;
+    // `chaddr()` slices the 16-byte field by the datagram's own `hlen`, which dhcproto does not
+    // bound: one byte over 16 from anyone on the link panicked sysd (found by `dhcp_reply`).
+    if m.opcode() != Opcode::BootReply
+        || m.xid() != xid
+        || !(6..=16).contains(&m.hlen())
+        || m.chaddr()[..6] != mac[..]
+    {
+        return None;
+    }
+    m.opts()
+        .msg_type()
+        .is_some_and(|k| kinds.contains(&k))
+        .then_some(m)
+}
+
+/// The lease in an ACK (`None` without a server identifier).
+pub fn lease_of(m: &Message) -> Option<Lease> {
     let o = m.opts();
     let server = server_of(m)?;
     let mask = match o.get(OptionCode::SubnetMask) {
@@ -756,4 +772,53 @@ pub fn load_lease(path: &std::path::Path) -> Option<Lease> {
 fn store_lease(path: &std::path::Path, lease: &Lease) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(lease).map_err(std::io::Error::other)?;
     Ok(keelson_common::durable::replace(path, &json)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+    /// A BOOTREPLY to xid 0x12345678 for [`MAC`] with hardware address length `hlen`: an ACK
+    /// from 10.0.2.2 giving 10.0.2.15/24 for a day.
+    fn ack(hlen: u8) -> Vec<u8> {
+        let mut p = vec![2, 1, hlen, 0, 0x12, 0x34, 0x56, 0x78, 0, 0, 0x80, 0];
+        p.extend_from_slice(&[0; 4]); // ciaddr
+        p.extend_from_slice(&[10, 0, 2, 15]); // yiaddr
+        p.extend_from_slice(&[10, 0, 2, 2]); // siaddr
+        p.extend_from_slice(&[0; 4]); // giaddr
+        p.extend_from_slice(&MAC);
+        p.extend_from_slice(&[0; 10 + 64 + 128]); // rest of chaddr, sname, file
+        p.extend_from_slice(&[0x63, 0x82, 0x53, 0x63]);
+        p.extend_from_slice(&[53, 1, 5, 54, 4, 10, 0, 2, 2, 51, 4, 0, 1, 0x51, 0x80]);
+        p.extend_from_slice(&[1, 4, 255, 255, 255, 0, 255]);
+        p
+    }
+
+    #[test]
+    fn an_ack_for_this_exchange_is_its_lease() {
+        let m = reply(&ack(6), 0x1234_5678, &MAC, &[MessageType::Ack]).expect("the ACK");
+        let lease = lease_of(&m).expect("a lease");
+        assert_eq!(
+            (lease.address, lease.prefix, lease.lease_secs),
+            (Ipv4Addr::new(10, 0, 2, 15), 24, 86400)
+        );
+        assert!(reply(&ack(6), 0x1234_5679, &MAC, &[MessageType::Ack]).is_none());
+        assert!(reply(&ack(6), 0x1234_5678, &MAC, &[MessageType::Nak]).is_none());
+    }
+
+    /// Found by the `dhcp_reply` fuzz target: a hardware address length over 16 made
+    /// dhcproto's `chaddr()` index past its 16-byte field, a panic on one datagram from anyone
+    /// on the link. Such a datagram is not a reply to us.
+    #[test]
+    fn a_hardware_address_length_over_16_is_not_a_reply() {
+        for hlen in [0, 5, 17, 0xbc, 255] {
+            assert!(
+                reply(&ack(hlen), 0x1234_5678, &MAC, &[MessageType::Ack]).is_none(),
+                "hlen {hlen}"
+            );
+        }
+        assert!(reply(&ack(16), 0x1234_5678, &MAC, &[MessageType::Ack]).is_some());
+    }
 }
