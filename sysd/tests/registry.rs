@@ -711,3 +711,70 @@ fn bearer_token_auth() {
     );
     assert!(!sysd.log().contains("t0ken-pass"));
 }
+
+/// sysd's peak resident memory (VmHWM), in KiB.
+fn peak_kib(sysd: &Sysd) -> u64 {
+    let pid = sysd.daemon.pid().expect("sysd runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn hostile_registries_are_refused_with_bounded_memory_and_no_credentials_leak() {
+    let t = setup();
+    let h = registry::Hostile::start(5000);
+    let sysd = Sysd::start(&t.path().join("sysd"));
+    // Credentials are configured, so a realm elsewhere would get them if anything did.
+    sysd.apply(&format!(
+        "{}username = \"bob\"\npassword = \"s3cret-pass\"\n",
+        insecure(&h.addr)
+    ));
+    let before = peak_kib(&sysd);
+
+    let err = sysd.pull_err(&format!("{}/endless/manifest:v1", h.addr));
+    assert!(
+        err.contains("over the limit") && err.contains("max_manifest_size"),
+        "{err}"
+    );
+    let err = sysd.pull_err(&format!("{}/endless/error:v1", h.addr));
+    assert!(err.contains("404"), "{err}");
+    let err = sysd.pull_err(&format!("{}/endless/token:v1", h.addr));
+    assert!(
+        err.contains("over the limit") && err.contains("token"),
+        "{err}"
+    );
+    let err = sysd.pull_err(&format!("{}/elsewhere/app:v1", h.addr));
+    assert!(
+        err.contains("another site") && err.contains("127.0.0.2"),
+        "{err}"
+    );
+    assert_eq!(
+        h.elsewhere.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing may reach the other host"
+    );
+    let err = sysd.pull_err(&format!("{}/oversize/app:v1", h.addr));
+    assert!(err.contains("more than the descriptor"), "{err}");
+
+    // The client stopped reading each endless body near its limit (the server would have
+    // sent 1 GiB per request), and sysd's memory never held one.
+    let sent = h.sent.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(sent < 64 << 20, "the hostile registry sent {sent} bytes");
+    let grew = peak_kib(&sysd).saturating_sub(before);
+    assert!(grew < 48 << 10, "sysd's peak memory grew by {grew} KiB");
+    assert!(!sysd.log().contains("s3cret-pass"));
+    // Nothing was kept: no image, no partial download beyond a descriptor's size.
+    assert!(sysd.images().is_empty());
+    for f in sysd.store_files() {
+        if let Some(rest) = f.strip_prefix(".downloads/") {
+            let len = std::fs::metadata(sysd.store().join(".downloads").join(rest))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            assert!(len <= 1024, ".downloads/{rest} is {len} bytes");
+        }
+    }
+}

@@ -557,3 +557,150 @@ impl TokenServer {
         }
     }
 }
+
+/// A registry that misbehaves on purpose, one way per repository (any tag):
+///
+/// - `endless/manifest`: a manifest whose chunked body never ends;
+/// - `endless/error`: a 404 whose chunked body never ends;
+/// - `endless/token`: a Bearer challenge whose realm (this server's `/token`) answers with a
+///   body that never ends;
+/// - `elsewhere/app`: a Bearer challenge whose realm is on another host
+///   (`http://127.0.0.2:PORT/token`), where a listener counts what reaches it;
+/// - `oversize/app`: a good manifest naming a 1 KiB layer whose blob sends 2 MiB.
+///
+/// It counts the bytes it sent, so a test can tell that the client stopped reading.
+pub struct Hostile {
+    pub addr: String,
+    /// Body bytes sent, all requests together.
+    pub sent: Arc<AtomicU64>,
+    /// Connections the other host's listener accepted.
+    pub elsewhere: Arc<AtomicU64>,
+}
+
+/// Layer and config of `oversize/app`, and its manifest.
+fn oversize_image() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec();
+    let layer = vec![0u8; 1024];
+    let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+        digest(&config),
+        config.len(),
+        digest(&layer),
+        layer.len()
+    );
+    (config, layer, manifest.into_bytes())
+}
+
+impl Hostile {
+    pub fn start(port: u16) -> Hostile {
+        let addr = format!("127.0.0.1:{port}");
+        let listener = TcpListener::bind(&addr).unwrap();
+        let other = TcpListener::bind(format!("127.0.0.2:{}", port + 1)).unwrap();
+        let sent = Arc::new(AtomicU64::new(0));
+        let elsewhere = Arc::new(AtomicU64::new(0));
+        let e = elsewhere.clone();
+        std::thread::spawn(move || {
+            for s in other.incoming().flatten() {
+                e.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        let (s, a) = (sent.clone(), addr.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (s, a) = (s.clone(), a.clone());
+                std::thread::spawn(move || {
+                    let _ = Hostile::answer(stream, &s, &a, port + 1);
+                });
+            }
+        });
+        Hostile {
+            addr,
+            sent,
+            elsewhere,
+        }
+    }
+
+    fn answer(mut s: TcpStream, sent: &AtomicU64, addr: &str, other: u16) -> io::Result<()> {
+        let mut buf = [0u8; 8192];
+        let n = s.read(&mut buf)?;
+        let req = String::from_utf8_lossy(&buf[..n]).to_string();
+        let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let authorized = req.to_ascii_lowercase().contains("authorization: bearer");
+        let challenge = |realm: &str| {
+            format!(
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"{realm}\",service=\"hostile\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        };
+        let endless = |s: &mut TcpStream, head: &str| -> io::Result<()> {
+            write!(
+                s,
+                "{head}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            )?;
+            let chunk = vec![b' '; 64 << 10];
+            // Until the client hangs up (bounded, so a client that never does fails the test
+            // on the byte count instead of hanging it).
+            for _ in 0..(16 << 10) {
+                write!(s, "{:x}\r\n", chunk.len())?;
+                s.write_all(&chunk)?;
+                s.write_all(b"\r\n")?;
+                sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            }
+            Ok(())
+        };
+        let whole = |s: &mut TcpStream, body: &[u8], media: &str| -> io::Result<()> {
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: {media}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            s.write_all(body)?;
+            sent.fetch_add(body.len() as u64, Ordering::SeqCst);
+            Ok(())
+        };
+        let (config, layer, manifest) = oversize_image();
+        let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+        if path == "/v2/" {
+            return whole(&mut s, b"{}", "application/json");
+        }
+        if path.starts_with("/token") {
+            return endless(&mut s, "HTTP/1.1 200 OK\r\nContent-Type: application/json");
+        }
+        if path.starts_with("/v2/endless/manifest/manifests/") {
+            return endless(
+                &mut s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json",
+            );
+        }
+        if path.starts_with("/v2/endless/error/manifests/") {
+            return endless(&mut s, "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain");
+        }
+        if path.starts_with("/v2/endless/token/") && !authorized {
+            return s.write_all(challenge(&format!("http://{addr}/token")).as_bytes());
+        }
+        if path.starts_with("/v2/elsewhere/") {
+            return s.write_all(challenge(&format!("http://127.0.0.2:{other}/token")).as_bytes());
+        }
+        if path.starts_with("/v2/oversize/app/manifests/") {
+            return whole(
+                &mut s,
+                &manifest,
+                "application/vnd.oci.image.manifest.v1+json",
+            );
+        }
+        if path == format!("/v2/oversize/app/blobs/{}", digest(&config)) {
+            return whole(&mut s, &config, "application/octet-stream");
+        }
+        if path == format!("/v2/oversize/app/blobs/{}", digest(&layer)) {
+            // Announced and sent: 2 MiB for a 1 KiB descriptor.
+            return whole(&mut s, &vec![0u8; 2 << 20], "application/octet-stream");
+        }
+        write!(
+            s,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    }
+}

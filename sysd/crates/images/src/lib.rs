@@ -8,9 +8,12 @@
 //!   shared between images, `index.json` naming each pulled reference), with each image's root
 //!   file system unpacked once beside it (`<manifest hex>/rootfs`), reference counts, removal
 //!   and garbage collection.
-//! - [`pull`]: the OCI distribution client (oci-client): tags, digests, multi-arch indexes,
-//!   basic and bearer auth, mirrors, limits, parallel resumable downloads with retries, every
-//!   blob verified; an image enters the index only once complete and unpacked.
+//! - [`distribution`]: the distribution spec's pull requests (manifests, blobs, the token flow
+//!   and Basic auth) with every body read whole bounded, and credentials sent only to the
+//!   registry's own site.
+//! - [`pull`]: pulling with it: tags, digests, multi-arch indexes, mirrors, limits, parallel
+//!   resumable downloads with retries, every blob verified; an image enters the index only
+//!   once complete and unpacked.
 //! - [`manager`]: one pull per reference at a time, on-demand pulls for service starts, list,
 //!   remove and prune with their typed [`manager::Error`]s.
 //! - [`trust`]: Mozilla's roots, exported as `SSL_CERT_FILE` (the node has no CA bundle).
@@ -20,6 +23,7 @@
 //! out on a channel the caller gives ([`pull::Progress`]), with [`manager::milestone`] saying
 //! which items are worth an event; errors say their [`Kind`](keelson_common::error::Kind).
 
+pub mod distribution;
 pub mod lookup;
 pub mod manager;
 pub mod oci_layout;

@@ -96,19 +96,7 @@ pub fn unpack_descriptor(layout: &Path, selected: &Descriptor, store: &Path) -> 
 
     let config_desc = manifest.config();
     let config_bytes = read_json_blob(layout, config_desc)?;
-    let config = ImageConfiguration::from_reader(&config_bytes[..])
-        .with_context(|| format!("parsing image config {}", config_desc.digest()))?;
-    if *config.os() != Os::Linux || *config.architecture() != Arch::default() {
-        bail!(
-            "image {} is for {}/{}, this machine runs {}/{}",
-            manifest_desc.digest(),
-            config.os(),
-            config.architecture(),
-            Os::Linux,
-            Arch::default()
-        );
-    }
-    let defaults = defaults(&config);
+    let defaults = parse_config(&manifest_desc, config_desc, &config_bytes)?;
 
     let hex = sha256_hex(&manifest_desc)?;
     let dir = store.join(hex);
@@ -154,9 +142,31 @@ pub fn unpack_descriptor(layout: &Path, selected: &Descriptor, store: &Path) -> 
     Ok(Image { rootfs, defaults })
 }
 
+/// An image config (`config_bytes`, named by `config_desc` in the manifest `manifest_desc`)
+/// checked to be for this machine, as the defaults a service starts from.
+pub fn parse_config(
+    manifest_desc: &Descriptor,
+    config_desc: &Descriptor,
+    config_bytes: &[u8],
+) -> Result<ImageDefaults> {
+    let config = ImageConfiguration::from_reader(config_bytes)
+        .with_context(|| format!("parsing image config {}", config_desc.digest()))?;
+    if *config.os() != Os::Linux || *config.architecture() != Arch::default() {
+        bail!(
+            "image {} is for {}/{}, this machine runs {}/{}",
+            manifest_desc.digest(),
+            config.os(),
+            config.architecture(),
+            Os::Linux,
+            Arch::default()
+        );
+    }
+    Ok(defaults(&config))
+}
+
 /// The `index.json` entry named by `tag`; without a tag, the only entry or the one tagged
 /// `latest`.
-fn select<'a>(index: &'a ImageIndex, tag: Option<&str>) -> Result<&'a Descriptor> {
+pub fn select<'a>(index: &'a ImageIndex, tag: Option<&str>) -> Result<&'a Descriptor> {
     let manifests = index.manifests();
     fn ref_name(d: &Descriptor) -> Option<&str> {
         d.annotations()
@@ -215,20 +225,40 @@ pub(crate) fn resolve_manifest(
     let mut desc = desc.clone();
     for _ in 0..4 {
         let bytes = read_json_blob(layout, &desc)?;
-        if is_index(&desc, &bytes) {
-            let index = ImageIndex::from_reader(&bytes[..])
-                .with_context(|| format!("parsing image index {}", desc.digest()))?;
-            let next = pick_platform(index.manifests())
-                .with_context(|| format!("image index {}", desc.digest()))?
-                .clone();
-            desc = next;
-            continue;
+        match parse_document(&desc, &bytes)? {
+            Document::Index(next) => desc = next,
+            Document::Manifest(manifest) => return Ok((desc, manifest)),
         }
-        let manifest = ImageManifest::from_reader(&bytes[..])
-            .with_context(|| format!("parsing image manifest {}", desc.digest()))?;
-        return Ok((desc, manifest));
     }
     bail!("image indexes nested too deeply at {}", desc.digest())
+}
+
+/// What a manifest-or-index document leads to.
+// One value per document read, taken apart at once: boxing either variant buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Document {
+    /// An image index: its entry for this platform, to read next.
+    Index(Descriptor),
+    /// An image manifest.
+    Manifest(ImageManifest),
+}
+
+/// Parses the document `desc` names (`bytes`, already verified against it): an index is
+/// resolved to its entry for this platform, anything else must be an image manifest whose
+/// layers this unpacker can read.
+pub fn parse_document(desc: &Descriptor, bytes: &[u8]) -> Result<Document> {
+    if is_index(desc, bytes) {
+        let index = ImageIndex::from_reader(bytes)
+            .with_context(|| format!("parsing image index {}", desc.digest()))?;
+        let next = pick_platform(index.manifests())
+            .with_context(|| format!("image index {}", desc.digest()))?;
+        sha256_hex(next).with_context(|| format!("image index {}", desc.digest()))?;
+        return Ok(Document::Index(next.clone()));
+    }
+    let manifest = ImageManifest::from_reader(bytes)
+        .with_context(|| format!("parsing image manifest {}", desc.digest()))?;
+    Ok(Document::Manifest(manifest))
 }
 
 pub(crate) fn is_index(desc: &Descriptor, bytes: &[u8]) -> bool {
@@ -287,7 +317,7 @@ fn defaults(config: &ImageConfiguration) -> ImageDefaults {
 
 /// The hex part of a sha256 descriptor digest (validated as 64 lowercase hex digits by
 /// oci-spec, so safe as a file name).
-pub(crate) fn sha256_hex(desc: &Descriptor) -> Result<&str> {
+pub fn sha256_hex(desc: &Descriptor) -> Result<&str> {
     let digest = desc.digest();
     if *digest.algorithm() != DigestAlgorithm::Sha256 {
         bail!(
@@ -451,6 +481,7 @@ fn compression(media_type: &MediaType) -> Result<Compression> {
 /// content (what compression or sparse entries expand to, not what the blob says).
 struct Budget {
     entries: u64,
+    entries_limit: u64,
     bytes: u64,
     /// The byte limit, and what set it, for the error.
     bytes_limit: u64,
@@ -473,6 +504,7 @@ impl Budget {
     fn new(entries: u64, bytes: u64, bytes_why: &'static str) -> Budget {
         Budget {
             entries,
+            entries_limit: entries,
             bytes,
             bytes_limit: bytes,
             bytes_why,
@@ -481,7 +513,10 @@ impl Budget {
 
     fn entry(&mut self) -> Result<()> {
         if self.entries == 0 {
-            bail!("the image has more than {} entries: refused", max_entries());
+            bail!(
+                "the image has more than {} entries: refused",
+                self.entries_limit
+            );
         }
         self.entries -= 1;
         Ok(())
@@ -530,30 +565,52 @@ fn copy_within(from: &mut impl Read, file: &mut File, budget: &mut Budget) -> Re
 fn apply_layer(layout: &Path, desc: &Descriptor, root: &Path, budget: &mut Budget) -> Result<()> {
     let compression = compression(desc.media_type())?;
     let mut blob = open_blob(layout, desc)?;
-    let applied = (|| -> Result<()> {
-        let reader: Box<dyn Read + '_> = match compression {
-            Compression::None => Box::new(&mut blob),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut blob)),
-            Compression::Zstd => Box::new(ZstdFrames::new(&mut blob).context("reading the layer")?),
-        };
-        let mut archive = tar::Archive::new(reader);
-        let mut layer = Layer {
-            root,
-            seen: HashSet::new(),
-            chown: nix::unistd::geteuid().is_root(),
-            budget,
-        };
-        for entry in archive.entries().context("reading the layer")? {
-            let mut entry = entry.context("reading the layer")?;
-            layer.apply(&mut entry)?;
-        }
-        // The rest of the stream: tar padding, the gzip trailer (checks its CRC).
-        io::copy(&mut archive.into_inner(), &mut io::sink()).context("reading the layer")?;
-        Ok(())
-    })();
+    let applied = apply_stream(&mut blob, compression, root, budget);
     // A digest mismatch explains any parse error and wins over it.
     blob.finish()?;
     applied
+}
+
+/// Applies one layer of `media_type` read from `blob` onto the directory `root`, as an unpack
+/// applies each layer of an image, within `max_entries` entries and `max_bytes` bytes of file
+/// content. (The unpacker's own path also verifies the blob's digest; this one is for a layer
+/// already at hand, and is what the fuzz target `tar_layer` drives.)
+pub fn unpack_layer(
+    blob: &mut dyn Read,
+    media_type: &MediaType,
+    root: &Path,
+    max_entries: u64,
+    max_bytes: u64,
+) -> Result<()> {
+    let mut budget = Budget::new(max_entries, max_bytes, "the caller's limit");
+    apply_stream(blob, compression(media_type)?, root, &mut budget)
+}
+
+fn apply_stream(
+    blob: &mut dyn Read,
+    compression: Compression,
+    root: &Path,
+    budget: &mut Budget,
+) -> Result<()> {
+    let reader: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(blob),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
+        Compression::Zstd => Box::new(ZstdFrames::new(blob).context("reading the layer")?),
+    };
+    let mut archive = tar::Archive::new(reader);
+    let mut layer = Layer {
+        root,
+        seen: HashSet::new(),
+        chown: nix::unistd::geteuid().is_root(),
+        budget,
+    };
+    for entry in archive.entries().context("reading the layer")? {
+        let mut entry = entry.context("reading the layer")?;
+        layer.apply(&mut entry)?;
+    }
+    // The rest of the stream: tar padding, the gzip trailer (checks its CRC).
+    io::copy(&mut archive.into_inner(), &mut io::sink()).context("reading the layer")?;
+    Ok(())
 }
 
 /// The state of applying one layer.
@@ -1287,7 +1344,56 @@ pub(crate) mod tests {
         b.into_inner().unwrap()
     }
 
-    /// Bombs: content that expands far beyond its blob (gzip of zeros, a sparse file of a
+    /// A raw entry: name bytes written as they are (the tar crate refuses absolute names).
+    fn raw_entry(b: &mut tar::Builder<Vec<u8>>, name: &str, kind: tar::EntryType, data: &[u8]) {
+        let mut h = tar::Header::new_ustar();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        if kind.is_character_special() || kind.is_block_special() {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(1).unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+
+    /// Absolute names are rooted in the image (as containerd and Docker apply them), never
+    /// at the host's `/`; device nodes are never made (the container's /dev is a tmpfs sysd
+    /// fills), so a layer cannot hand a service `/dev/mem`.
+    #[test]
+    fn absolute_names_stay_inside_and_device_nodes_are_never_made() {
+        let t = tempfile::tempdir().unwrap();
+        let (layout, store) = (t.path().join("layout"), t.path().join("store"));
+        let outside = t.path().join("abs-escape");
+        let mut b = tar::Builder::new(Vec::new());
+        let abs = format!("{}/x", outside.display());
+        raw_entry(&mut b, &abs, tar::EntryType::Regular, b"abs");
+        raw_entry(&mut b, "dev/mem", tar::EntryType::Char, b"");
+        raw_entry(&mut b, "dev/sda", tar::EntryType::Block, b"");
+        let layer = b.into_inner().unwrap();
+        let m = image(&layout, &[(TAR, layer)], serde_json::json!({}));
+        write_index(&layout, vec![m]);
+        let img = unpack(&layout, None, &store).unwrap();
+        assert!(
+            !outside.exists(),
+            "an absolute name was written at the host's path"
+        );
+        let inside = img.rootfs.join(abs.trim_start_matches('/'));
+        assert_eq!(fs::read(&inside).unwrap(), b"abs");
+        for dev in ["dev/mem", "dev/sda"] {
+            assert!(
+                fs::symlink_metadata(img.rootfs.join(dev)).is_err(),
+                "{dev} was made"
+            );
+        }
+    }
+
+    /// Bombs: content that expands far beyond its blob (gzip or zstd of zeros, a sparse file of a
     /// terabyte) stops at the store's free space less its reserve, with an error saying so and
     /// the reserve intact; too many entries stop at the entry limit. Nothing stays behind.
     #[test]
@@ -1303,8 +1409,17 @@ pub(crate) mod tests {
         let zeros = vec![0u8; 64 << 20];
         let gz_bomb = gzip(&tar(&[E::File("zeros", &zeros, 0o644)]));
         assert!(gz_bomb.len() < 1 << 20, "{}", gz_bomb.len());
+        let zst_bomb = ruzstd::encoding::compress_to_vec(
+            &tar(&[E::File("zeros", &zeros, 0o644)])[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        assert!(zst_bomb.len() < 1 << 20, "{}", zst_bomb.len());
         for (what, layers) in [
             ("gzip bomb", vec![(TGZ, gz_bomb)]),
+            (
+                "zstd bomb",
+                vec![("application/vnd.oci.image.layer.v1.tar+zstd", zst_bomb)],
+            ),
             ("sparse bomb", vec![(TAR, sparse_layer(1 << 40))]),
         ] {
             let m = image(&layout, &layers, serde_json::json!({}));

@@ -1,5 +1,5 @@
 //! Pulling an image from an OCI registry into the [`Store`] (OCI distribution spec, through
-//! the `oci-client` crate on rustls).
+//! [`crate::distribution`] on rustls: every body read whole is bounded).
 //!
 //! 1. The reference is normalized (`busybox` → `docker.io/library/busybox:latest`) and its
 //!    registry's `[registries."HOST"]` settings looked up. Mirrors are tried first, in order,
@@ -25,17 +25,13 @@ use base64::Engine as _;
 use futures_util::StreamExt;
 use keelson_common::api::images::PullProgress;
 use keelson_common::api::now_ms;
-use oci_client::client::{
-    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
-};
-use oci_client::errors::OciDistributionError;
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_spec::distribution::Reference;
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::store::{Entry, Store};
+use crate::distribution::{self, Client};
 use crate::oci_layout;
 use keelson_spec::reference;
 use keelson_spec::registries::{Registries, Registry};
@@ -61,7 +57,6 @@ struct Endpoint {
     host: String,
     reference: Reference,
     client: Client,
-    auth: RegistryAuth,
     settings: Registry,
 }
 
@@ -210,55 +205,45 @@ fn lookup(registries: &Registries, host: &str) -> Registry {
 }
 
 fn endpoint(host: &str, reference: Reference, settings: Registry) -> Result<Endpoint> {
-    let mut config = ClientConfig {
-        protocol: if settings.insecure {
-            ClientProtocol::Http
-        } else {
-            ClientProtocol::Https
-        },
-        platform_resolver: None,
-        connect_timeout: Some(Duration::from_secs(10)),
-        read_timeout: Some(Duration::from_secs(60)),
-        ..ClientConfig::default()
-    };
     // The trust anchors are Mozilla's (webpki-root-certs, compiled in: the node has no CA
     // bundle of its own) plus the registry's `ca_file`; nothing is read from the host's
     // certificate store, so a node and a test host verify alike.
-    config.tls_certs_only = webpki_root_certs::TLS_SERVER_ROOT_CERTS
-        .iter()
-        .map(|c| Certificate {
-            encoding: CertificateEncoding::Der,
-            data: c.as_ref().to_vec(),
-        })
-        .collect();
-    if let Some(ca) = &settings.ca_file {
-        let pem = std::fs::read(ca)
-            .with_context(|| format!("registry {host}: ca_file {}", ca.display()))?;
-        config.tls_certs_only.push(Certificate {
-            encoding: CertificateEncoding::Pem,
-            data: pem,
-        });
-    }
-    let auth = auth(host, &settings)?;
-    // Client::new would fall back to a default client that panics when the TLS setup fails.
-    let client = Client::try_from(config)
-        .map_err(|e| explain(e).context(format!("registry {host}: setting up the HTTP client")))?;
+    let extra_pem = match &settings.ca_file {
+        Some(ca) => Some(
+            std::fs::read(ca)
+                .with_context(|| format!("registry {host}: ca_file {}", ca.display()))?,
+        ),
+        None => None,
+    };
+    // A mirror is asked for the upstream's repository, naming the upstream.
+    let namespace = (reference.resolve_registry() != reference.registry())
+        .then(|| reference.registry().to_string());
+    let options = distribution::Options {
+        insecure: settings.insecure,
+        roots_der: webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .map(|c| c.as_ref().to_vec())
+            .collect(),
+        extra_pem,
+        credentials: auth(host, &settings)?,
+        namespace,
+    };
+    let client = Client::new(reference.resolve_registry(), options)?;
     Ok(Endpoint {
         host: host.to_string(),
         reference,
         client,
-        auth,
         settings,
     })
 }
 
 /// Credentials for `host`: `username`/`password`, or its entry in `auth_file`.
-fn auth(host: &str, settings: &Registry) -> Result<RegistryAuth> {
+fn auth(host: &str, settings: &Registry) -> Result<Option<(String, String)>> {
     if let (Some(u), Some(p)) = (&settings.username, &settings.password) {
-        return Ok(RegistryAuth::Basic(u.clone(), p.clone()));
+        return Ok(Some((u.clone(), p.clone())));
     }
     let Some(file) = &settings.auth_file else {
-        return Ok(RegistryAuth::Anonymous);
+        return Ok(None);
     };
     let shown = file.display();
     let text = std::fs::read_to_string(file)
@@ -272,7 +257,7 @@ fn auth(host: &str, settings: &Registry) -> Result<RegistryAuth> {
         entry.get("username").and_then(|v| v.as_str()),
         entry.get("password").and_then(|v| v.as_str()),
     ) {
-        return Ok(RegistryAuth::Basic(u.into(), p.into()));
+        return Ok(Some((u.into(), p.into())));
     }
     let encoded = entry
         .get("auth")
@@ -288,30 +273,7 @@ fn auth(host: &str, settings: &Registry) -> Result<RegistryAuth> {
     let (u, p) = decoded.split_once(':').ok_or_else(|| {
         anyhow!("registry {host}: auth_file {shown}: \"auth\" is not base64 of USER:PASSWORD")
     })?;
-    Ok(RegistryAuth::Basic(u.into(), p.into()))
-}
-
-/// Whether an error is worth retrying (the network, a 5xx, a rate limit), not a refusal
-/// (TLS, redirects, auth, 4xx).
-fn transient(e: &OciDistributionError) -> bool {
-    match e {
-        OciDistributionError::RequestError(_) => {
-            let text = format!("{:#}", explain_ref(e)).to_ascii_lowercase();
-            ![
-                "certificate",
-                "tls",
-                "handshake",
-                "redirect",
-                "builder",
-                "corrupt message",
-            ]
-            .iter()
-            .any(|w| text.contains(w))
-        }
-        OciDistributionError::IoError(_) => true,
-        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
-        _ => false,
-    }
+    Ok(Some((u.into(), p.into())))
 }
 
 /// Fetches the manifest (resolving an index): (what the reference named, the platform
@@ -377,51 +339,37 @@ fn descriptor(media_type: &str, hex: &str, size: u64) -> Result<Descriptor> {
 async fn fetch_manifest(ep: &Endpoint, r: &Reference, max: u64) -> Result<(Vec<u8>, String)> {
     let mut delay = BACKOFF_START;
     let mut attempt = 1;
+    let wanted = r.digest().or(r.tag()).unwrap_or("latest");
     loop {
-        match ep.client.pull_manifest_raw(r, &ep.auth, ACCEPT).await {
-            Ok((bytes, _digest)) => {
-                if bytes.len() as u64 > max {
-                    bail!(
-                        "manifest of {} is {} bytes, over the limit of {max} (max_manifest_size of registry {})",
-                        r.whole(),
-                        bytes.len(),
-                        ep.host
-                    );
-                }
+        match ep
+            .client
+            .manifest(r.repository(), wanted, ACCEPT, max)
+            .await
+        {
+            Ok((bytes, content_type)) => {
                 let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
                     .and_then(|v| v.get("mediaType")?.as_str().map(str::to_string))
+                    .or(content_type.filter(|t| t.starts_with("application/vnd.")))
                     .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
-                return Ok((bytes.to_vec(), media_type));
+                return Ok((bytes, media_type));
             }
-            Err(e) if transient(&e) && attempt < ATTEMPTS => {
+            Err(e) if e.transient && attempt < ATTEMPTS => {
                 tracing::info!(host = %ep.host, attempt, "images: manifest fetch failed, retrying: {e}");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
                 attempt += 1;
             }
-            Err(e) => return Err(explain(e)),
+            Err(e) if e.message.contains("max_manifest_size") => {
+                bail!(
+                    "manifest of {}: {e} (max_manifest_size of registry {})",
+                    r.whole(),
+                    ep.host
+                )
+            }
+            Err(e) => return Err(e.into()),
         }
     }
-}
-
-/// The error with its causes in the text (oci-client's own message hides them).
-fn explain(e: OciDistributionError) -> anyhow::Error {
-    explain_ref(&e)
-}
-
-fn explain_ref(e: &OciDistributionError) -> anyhow::Error {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let t = s.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        source = s.source();
-    }
-    anyhow!(text)
 }
 
 /// Downloads one blob into the store (resuming `partial`); returns the bytes transferred.
@@ -524,22 +472,18 @@ async fn transfer(
         }
         return Ok(());
     }
-    let response = ep
+    // A registry that ignores the range answers from 0: start over.
+    let (response, from) = ep
         .client
-        .pull_blob_stream_partial(&ep.reference, digest.as_str(), offset, None)
+        .blob(ep.reference.repository(), digest.as_str(), offset)
         .await
         .map_err(|e| {
-            if transient(&e) {
-                Transfer::Retry(explain(e))
+            if e.transient {
+                Transfer::Retry(e.into())
             } else {
-                Transfer::Fatal(explain(e))
+                Transfer::Fatal(e.into())
             }
         })?;
-    let (stream, from) = match response {
-        BlobResponse::Partial(s) => (s, offset),
-        // The registry ignored the range: start over.
-        BlobResponse::Full(s) => (s, 0),
-    };
     let mut file = tokio::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -557,7 +501,7 @@ async fn transfer(
         size,
         resumed_at: from,
     });
-    let mut stream = stream.stream;
+    let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
             Ok(c) => c,
