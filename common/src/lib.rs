@@ -11,10 +11,15 @@
 //! - [`error`]: the transport-neutral kind of a failure (the API maps it to HTTP).
 //! - [`notice`]: what a sysd component reports for the event log.
 //! - [`durable`]: the one way a file is replaced on /var, /run and the ESP (crash-safe).
+//! - [`authenticode`] (feature `authenticode`): UEFI Secure Boot signatures on PE images.
+//! - [`notify`]: the channel between init and sysd (readiness, watchdog, the FD store, orphan
+//!   exits).
 //! - [`api`] (feature `api`): the wire types of sysd's HTTP API, shared with keelctl.
 
 #[cfg(feature = "api")]
 pub mod api;
+#[cfg(feature = "authenticode")]
+pub mod authenticode;
 pub mod caps;
 pub mod cmdline;
 pub mod cpio;
@@ -24,6 +29,7 @@ pub mod durable;
 pub mod error;
 pub mod gpt;
 pub mod notice;
+pub mod notify;
 pub mod partitions;
 #[cfg(feature = "update")]
 pub mod update;

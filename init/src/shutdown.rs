@@ -77,14 +77,23 @@ pub fn run(
     sup.stop_restarting();
     if let Some(pid) = sup.pid() {
         let _ = kill(pid, Signal::SIGTERM);
-        let is_sysd = |reaped: &[(Pid, WaitStatus)], _: bool| reaped.iter().any(|(p, _)| *p == pid);
-        if !reap_until(sfd, SYSD_GRACE, is_sysd) {
+        // While sysd stops its services, the containers it adopted are init's children: their
+        // exits still go to sysd (it reports how each ended), as they do outside a shutdown.
+        let mut sysd_ended = |reaped: &[(Pid, WaitStatus)], _: bool| {
+            for (p, status) in reaped {
+                if *p != pid {
+                    sup.on_reaped(*p, status);
+                }
+            }
+            reaped.iter().any(|(p, _)| *p == pid)
+        };
+        if !reap_until(sfd, SYSD_GRACE, &mut sysd_ended) {
             say!(
                 "shutdown: sysd did not stop within {} s; killing it",
                 SYSD_GRACE.as_secs()
             );
             let _ = kill(pid, Signal::SIGKILL);
-            reap_until(sfd, OTHERS_GRACE, is_sysd);
+            reap_until(sfd, OTHERS_GRACE, &mut sysd_ended);
         }
     }
     sup.mark_stopped();

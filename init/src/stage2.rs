@@ -119,6 +119,7 @@ pub fn run() -> ! {
     // Armed after /var is set up (it counts the previous boot's reset there) and before sysd
     // starts (sysd learns how often to say WATCHDOG=1 from the environment).
     let wd = Watchdog::open(&cmdline);
+    crate::supervise::raise_fd_limit();
     crate::modules::load_root_modules_in_background();
     event_loop(&sfd, &mut buttons, wd)
 }
@@ -250,8 +251,10 @@ fn event_loop(sfd: &SignalFd, buttons: &mut [(String, File)], mut wd: Option<Wat
         let (signals_ready, notify_ready, pressed_ready) = {
             let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
             let notify = sup.notify_fd();
-            if let Some(fd) = notify {
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            if let Some((fd, wants_write)) = notify {
+                let mut events = PollFlags::POLLIN;
+                events.set(PollFlags::POLLOUT, wants_write);
+                fds.push(PollFd::new(fd, events));
             }
             for (_, f) in buttons.iter() {
                 fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));

@@ -1,5 +1,6 @@
 //! Resilience scenarios of issue 21 on the test image under QEMU TCG: a hung sysd ends in a
-//! watchdog reset within the configured time, and the next boot counts and reports it.
+//! watchdog reset within the configured time, and the next boot counts and reports it; a
+//! killed sysd comes back and adopts every running service, with no log line lost.
 //!
 //! The test image's cloud kernel has no i6300esb driver, so its watchdog is the kernel's softdog
 //! (`configs/test.toml`); init's side (arming, petting while sysd says WATCHDOG=1, the marker
@@ -8,6 +9,8 @@
 use std::time::{Duration, Instant};
 
 use qemu_tests::scenario::{fresh_disk, test_guest};
+use qemu_tests::Guest;
+use serde_json::Value;
 
 /// Generous: TCG on a loaded 2-core machine.
 const BOOT: Duration = Duration::from_secs(240);
@@ -110,5 +113,154 @@ fn a_stopped_sysd_is_reset_by_the_watchdog_and_the_next_boot_reports_it() {
         status.contains("resets:    1")
             && status.contains("last boot: reset by the watchdog (sysd silent for"),
         "{status}"
+    );
+}
+
+/// `keelctl -o json ps`, by name: (state, pid, restarts).
+fn ps(g: &Guest) -> std::collections::BTreeMap<String, (String, i64, i64)> {
+    let out = g.sh("keelctl -o json ps 2>/dev/null || echo '[]'");
+    let list: Value = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or("").to_owned(),
+                (
+                    s["state"].as_str().unwrap_or("").to_owned(),
+                    s["pid"].as_i64().unwrap_or(0),
+                    s["restarts"].as_i64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The N of every `line N` in `text`.
+fn numbers(text: &str) -> Vec<u64> {
+    text.split("line ")
+        .skip(1)
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_sysd_adopts_ten_running_services_and_loses_no_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = fresh_disk(dir.path());
+    let g = test_guest(&disk).spawn().unwrap();
+    g.expect("boot complete", BOOT);
+    // Ten services: s0 writes a numbered line every 100 ms, s9 restarts always.
+    let mut config = String::from("version = 1\n");
+    config.push_str(
+        "[services.s0]\nimage = \"/usr/lib/keelson/images/base\"\n\
+         command = [\"sh\", \"-c\", \"i=0; while :; do i=$((i+1)); echo line $i; sleep 0.1; done\"]\n",
+    );
+    for i in 1..10 {
+        config.push_str(&format!(
+            "[services.s{i}]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sleep\", \"100000\"]\nrestart = \"always\"\n"
+        ));
+    }
+    let applied = g.sh(&format!(
+        "cat > /tmp/ten.toml <<'EOF'\n{config}EOF\nkeelctl apply /tmp/ten.toml"
+    ));
+    assert!(
+        applied.contains("10 started") || applied.contains("start"),
+        "{applied}"
+    );
+    let deadline = Instant::now() + BOOT;
+    let before = loop {
+        let now = ps(&g);
+        let ours: Vec<_> = (0..10).filter_map(|i| now.get(&format!("s{i}"))).collect();
+        if ours.len() == 10 && ours.iter().all(|(state, _, _)| state == "running") {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "not all running: {now:?}");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let s9 = before["s9"].1;
+
+    // kill -9 of sysd, and of s9's container while no sysd runs (init restarts sysd after
+    // 200 ms; both kills are one shell command).
+    g.skip_to_end();
+    g.sh(&format!(
+        "for p in $(cat /proc/1/task/1/children); do \
+         [ \"$(cat /proc/$p/comm)\" = sysd ] && kill -9 $p && while [ -e /proc/$p ]; do :; done; done; \
+         kill -9 {s9}; true"
+    ));
+    g.expect("fd store: handing", BOOT);
+    let deadline = Instant::now() + BOOT;
+    let after = loop {
+        let now = ps(&g);
+        if now
+            .get("s9")
+            .is_some_and(|(state, pid, _)| state == "running" && *pid != s9)
+            && (0..9).all(|i| now.get(&format!("s{i}")).is_some_and(|s| s.0 == "running"))
+        {
+            break now;
+        }
+        if Instant::now() >= deadline {
+            let serial = g.serial_log();
+            let relevant: Vec<&str> = serial
+                .lines()
+                .filter(|l| {
+                    ["adopt", "fd store", "notify", "sysd", "s9", "cleanup"]
+                        .iter()
+                        .any(|w| l.contains(w))
+                        && !l.contains("flaky")
+                        && !l.contains("hog")
+                })
+                .collect();
+            panic!(
+                "not back: {now:?}\n{}\n--- console ---\n{}",
+                g.sh("keelctl -o json ps 2>&1 | head -c 3000"),
+                relevant[relevant.len().saturating_sub(80)..].join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    // None restarted: same pids, and the new sysd started none of them.
+    for i in 0..9 {
+        let name = format!("s{i}");
+        assert_eq!(after[&name].1, before[&name].1, "{name} was restarted");
+    }
+    assert_eq!(after["s9"].2, before["s9"].2 + 1, "s9's restart counter");
+    let events = g.sh("timeout 5 keelctl events; true");
+    // `TIME SERVICE KIND MESSAGE` lines: the kinds each service had in this sysd.
+    let kinds = |name: &str| -> Vec<String> {
+        events
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace().skip(1);
+                (w.next()? == name).then(|| w.next().map(str::to_owned))?
+            })
+            .collect()
+    };
+    for i in 0..9 {
+        let name = format!("s{i}");
+        let k = kinds(&name);
+        assert!(k.iter().any(|k| k == "adopted"), "{name}: {events}");
+        for not in ["started", "stopped", "restarting", "adopt-refused"] {
+            assert!(!k.iter().any(|k| k == not), "{name} {not}: {events}");
+        }
+    }
+    assert!(
+        kinds("s9").iter().any(|k| k == "exited-unsupervised"),
+        "{events}"
+    );
+    // Every line s0 wrote, through the gap, is in its log once and in order.
+    std::thread::sleep(Duration::from_secs(2));
+    let file = numbers(&g.sh("cat /proc/1/root/var/log/keelson/s0.log"));
+    assert!(
+        file.first() == Some(&1) && file.windows(2).all(|w| w[1] == w[0] + 1),
+        "a gap in s0's log file: {file:?}"
+    );
+    let logs = numbers(&g.sh("keelctl logs s0"));
+    assert!(
+        logs.first().is_some_and(|n| file.contains(n)) && logs.windows(2).all(|w| w[1] == w[0] + 1),
+        "keelctl logs s0: {logs:?}"
     );
 }

@@ -5,9 +5,11 @@
 //! keelctl talks to. The same binary, re-executed as `sysd runtime ...`, is the short-lived
 //! single-threaded helper that creates containers, so the tokio daemon itself never forks.
 //!
-//! Boot handshake: once the API socket is up and every service task is launched, sysd writes
+//! Boot handshake: once the API socket is up and every service task is launched, sysd sends
 //! READY=1 to init (services become ready on their own, in dependency order). On SIGTERM it
-//! stops services, dependents first, and exits 0.
+//! stops services, dependents first, and exits 0. Killed (a crash), it leaves the containers
+//! running: init keeps their log pipes, and the next sysd adopts them (`notify`,
+//! `keelson_supervisor::adopt`).
 //!
 //! This binary only wires the `keelson-*` crates together ([`run`]): it makes the event bus,
 //! runs first boot ([`firstboot`]), starts the host network, hands both to the supervisor,
@@ -118,11 +120,29 @@ struct DaemonArgs {
     nft: PathBuf,
 }
 
+/// The container helper and the in-container init clone children (libcontainer) that run on
+/// a copy of this stack: a panic there must not unwind into frames that are the parent's, so
+/// these modes abort, as every mode did before the release profile unwound (the daemon
+/// unwinds: a panic on a client's or a datasource's bytes ends a task, not sysd).
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("runtime") => return keelson_runtime::helper::helper_main(&args[2..]),
-        Some("init") => return keelson_runtime::init::init_main(&args[2..]),
+        Some("runtime") => {
+            abort_on_panic();
+            return keelson_runtime::helper::helper_main(&args[2..]);
+        }
+        Some("init") => {
+            abort_on_panic();
+            return keelson_runtime::init::init_main(&args[2..]);
+        }
         _ => {}
     }
     tracing_subscriber::fmt()
@@ -313,6 +333,31 @@ fn update_agent(sup: &Supervisor, events: &Arc<EventBus>) -> Arc<Agent> {
     agent
 }
 
+/// The FD store name of the API's listening socket.
+const API_FD: &str = "sysd/api";
+
+/// The API socket: the previous sysd's, when init kept it and it is still the one at `path`
+/// (containers that bind-mount the socket file keep reaching sysd), else a new one.
+fn api_listener(
+    path: &std::path::Path,
+    kept: Option<std::os::fd::OwnedFd>,
+) -> Result<tokio::net::UnixListener> {
+    if let Some(fd) = kept {
+        match keelson_api::server::adopt(fd, path) {
+            Ok(l) => {
+                tracing::info!("sysd: serving the API socket the previous sysd left");
+                return Ok(l);
+            }
+            Err(e) => {
+                tracing::warn!("sysd: not taking over the API socket: {e:#}");
+                // What answers at `path` may be that kept socket (init holds it): replace it.
+                return keelson_api::server::bind_over(path);
+            }
+        }
+    }
+    keelson_api::server::bind(path)
+}
+
 async fn run(args: DaemonArgs) -> Result<()> {
     // First: from here on a runtime that stops turning stops the heartbeat init watches.
     let mut notifier = notify::Notifier::from_env();
@@ -334,7 +379,11 @@ async fn run(args: DaemonArgs) -> Result<()> {
     let events = Arc::new(EventBus::new());
     let runtime = keelson_runtime::Runtime::new(args.run_dir.join("runtime"))
         .with_cgroup_parent(&args.cgroup_parent);
-    keelson_supervisor::clean_leftovers(&runtime, &events).await;
+    // What init kept of a previous sysd: the containers it left are adopted or removed at
+    // `sup.boot`, before anything starts.
+    let mut inheritance = notifier.inheritance().await;
+    let kept_api = inheritance.fds.remove(API_FD);
+    let keeper = inheritance.keeper.clone();
     let sources = Sources {
         system_dir: args.system_dir.clone(),
         userdata_file: args.userdata_config.clone(),
@@ -377,6 +426,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
         Arc::clone(&images),
         network,
     ));
+    sup.inherit(inheritance);
     report_watchdog(&args.watchdog_status, &sup, &events);
     let agent = update_agent(&sup, &events);
     // Extensions before the supervisor reads the system services (`sup.boot`): theirs are
@@ -421,7 +471,14 @@ async fn run(args: DaemonArgs) -> Result<()> {
             .map(|x| x as Arc<dyn keelson_api::Extensions>),
         requests,
     };
-    let listener = keelson_api::server::bind(&args.socket)?;
+    let listener = api_listener(&args.socket, kept_api)?;
+    if let Some(k) = &keeper {
+        // Kept by init, so a next sysd serves the same socket (see `api_listener`).
+        k.keep(
+            API_FD,
+            std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?,
+        );
+    }
     let (stop_api, api_stopped) = tokio::sync::watch::channel(false);
     let mut remote_stopped = api_stopped.clone();
     let remote_server = tokio::spawn(keelson_api::remote::serve(
@@ -458,9 +515,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
         );
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "sysd: ready");
-    notifier
-        .ready()
-        .context("telling init that sysd is ready")?;
+    notifier.ready();
 
     tokio::select! {
         _ = term.recv() => tracing::info!("sysd: SIGTERM, stopping"),

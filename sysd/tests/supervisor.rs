@@ -33,6 +33,12 @@ impl Sysd {
     /// A sysd whose system services are `system` (the TOML text; `ROOTFS` is replaced by the
     /// busybox root file system path).
     fn start(system: &str) -> Option<Sysd> {
+        Sysd::start_with(system, false)
+    }
+
+    /// [`Sysd::start`], under init's supervision when `under_init` (the FD store, orphan
+    /// exits, restarts: `keelson-init supervise`).
+    fn start_with(system: &str, under_init: bool) -> Option<Sysd> {
         // Fail, never skip: `./dev test` runs as root and installs busybox-static.
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };
@@ -58,6 +64,9 @@ impl Sysd {
             format!("{d}/var/user-data.toml"),
             "--no-firstboot".to_string(),
         ]);
+        if under_init {
+            daemon = daemon.under_init(keelson_testkit::daemon::init_exe());
+        }
         std::fs::write(
             dir.path().join("system/10-test.toml"),
             system.replace("ROOTFS", &rootfs.display().to_string()),
@@ -444,18 +453,24 @@ fn a_killed_sysd_comes_back_without_duplicates_and_stops_gracefully() {
         "{}",
         sysd.log()
     );
-    // The evidence for adoption is checked and reported (nothing adopts yet).
-    let log = sysd.log();
-    let line = |svc: &str| {
-        log.lines()
-            .find(|l| l.contains(&format!("left: container {svc}")))
+    // Without init nothing kept the log pipes, so nothing is adopted, and it says why; the
+    // corrupt record is named.
+    let events = sysd.events();
+    let refused = |svc: &str| {
+        events
+            .iter()
+            .find(|e| e["service"] == svc && e["kind"] == "adopt-refused")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
             .unwrap_or_default()
-            .to_owned()
     };
-    assert!(line("one").contains("(adoptable)"), "{log}");
     assert!(
-        line("flusher").contains("not adoptable:") && line("flusher").contains("adopt.json"),
-        "{log}"
+        refused("one").contains("did not come back from init"),
+        "{events:?}"
+    );
+    assert!(
+        refused("flusher").contains("adopt.json")
+            && refused("flusher").contains("not an adoption record"),
+        "{events:?}"
     );
     // Exactly one instance of each, and the old init is gone.
     assert_eq!(sysd.running_instances("one"), 1);
@@ -592,4 +607,185 @@ stop_timeout = "1s"
     let (status, _) = sysd.request("POST", "/v1/services/a/start", "");
     assert_eq!(status, 200);
     sysd.wait_state("b", "running");
+}
+
+/// The N of every `line N` in `text`, in order.
+fn numbered_lines(text: &str) -> Vec<u64> {
+    text.split("line ")
+        .skip(1)
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn under_init_a_killed_sysd_adopts_running_services_and_loses_no_log_line() {
+    let Some(mut sysd) = Sysd::start_with(
+        "version = 1\n\
+         [services.talker]\nimage = \"ROOTFS\"\ncommand = [\"sh\", \"-c\", \"i=0; while :; do i=$((i+1)); echo line $i; sleep 0.02; done\"]\n\n\
+         [services.steady]\nimage = \"ROOTFS\"\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\nhealth = { exec = [\"true\"], interval = \"1s\" }\n\n\
+         [services.quitter]\nimage = \"ROOTFS\"\ncommand = [\"sleep\", \"1000\"]\nrestart = \"always\"\nstop_timeout = \"1s\"\n",
+        true,
+    ) else {
+        return;
+    };
+    // 0 while it has none (between instances).
+    let pid_of = |s: &Sysd, name: &str| s.service(name)["pid"].as_i64().unwrap_or(0) as i32;
+    // The API socket's file: a container that bind-mounts it keeps reaching sysd only if a
+    // restarted sysd serves the same one (init keeps the listener too).
+    let socket_inode = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(sysd.path("run/sysd.sock")).unwrap().ino()
+    };
+    let api_socket = socket_inode();
+    for name in ["talker", "steady", "quitter"] {
+        sysd.wait_state(name, "running");
+    }
+    sysd.wait_until("steady to be healthy", || {
+        sysd.service("steady")["health"] == "healthy"
+    });
+    let (talker, steady, quitter) = (
+        pid_of(&sysd, "talker"),
+        pid_of(&sysd, "steady"),
+        pid_of(&sysd, "quitter"),
+    );
+
+    // A crash; while no sysd runs (init restarts it after 200 ms), quitter's container dies.
+    let old = sysd.daemon.kill_sysd().expect("sysd's pid");
+    while Path::new(&format!("/proc/{old}")).exists() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: kill(2) with integer arguments, on the container init the API reported.
+    unsafe { libc::kill(quitter, libc::SIGKILL) };
+    sysd.daemon
+        .wait_until("init to restart sysd", Duration::from_secs(30), |d| {
+            d.pid().is_some_and(|p| p != old) && d.try_request("GET", "/v1/services", "").is_ok()
+        });
+    sysd.wait_until("quitter to run again", || {
+        sysd.state("quitter") == "running" && pid_of(&sysd, "quitter") != quitter
+    });
+    assert_eq!(socket_inode(), api_socket, "the API socket was replaced");
+    // Adopted, not restarted: same pids, no start of them in this sysd's events.
+    assert_eq!(pid_of(&sysd, "talker"), talker);
+    assert_eq!(pid_of(&sysd, "steady"), steady);
+    assert_eq!(sysd.state("talker"), "running");
+    let events = sysd.events();
+    for name in ["talker", "steady"] {
+        assert!(
+            Sysd::event_index(&events, name, "adopted").is_some(),
+            "{events:?}"
+        );
+        for kind in ["started", "stopped", "restarting", "cleanup"] {
+            assert!(
+                Sysd::event_index(&events, name, kind).is_none(),
+                "{name} {kind}: {events:?}"
+            );
+        }
+    }
+    // quitter's end, told by init, went to its restart policy.
+    let i = Sysd::event_index(&events, "quitter", "exited-unsupervised")
+        .unwrap_or_else(|| panic!("quitter's exit: {events:#?}\n{}", sysd.log()));
+    assert!(
+        events[i]["message"].as_str().unwrap().contains("signal 9"),
+        "{events:?}"
+    );
+    assert_eq!(sysd.service("quitter")["restarts"], 1);
+    // Health checks resumed on the adopted container.
+    sysd.wait_until("steady's health checks to resume", || {
+        sysd.service("steady")["health"] == "healthy"
+    });
+    // The log kept flowing through the gap: every line is on disk, in order, once.
+    std::thread::sleep(Duration::from_millis(500));
+    let file = std::fs::read_to_string(sysd.path("var/log/talker.log")).unwrap();
+    let numbers = numbered_lines(&file);
+    assert!(numbers.len() > 20, "{file}");
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1) && numbers[0] == 1,
+        "a gap or a repeat in talker's log: {numbers:?}"
+    );
+    // And in the new sysd's memory (`keelctl logs`): the lines written during the gap.
+    let fresh = numbered_lines(
+        &sysd
+            .request("GET", "/v1/services/talker/logs?tail=1000", "")
+            .1,
+    );
+    assert!(
+        fresh.first().is_some_and(|n| numbers.contains(n)),
+        "{fresh:?}"
+    );
+
+    // Evidence that disagrees is refused, and only the container's cgroup is killed: steady's
+    // config changes, talker's record names a process that is not its container.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    for b in std::fs::read_dir(sysd.path("run/runtime/bundles"))
+        .unwrap()
+        .flatten()
+    {
+        if b.file_name() == "talker" {
+            let path = b.path().join("adopt.json");
+            let mut r: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            r["pid"] = bystander.id().into();
+            std::fs::write(&path, r.to_string()).unwrap();
+        }
+    }
+    let config = std::fs::read_to_string(sysd.path("system/10-test.toml")).unwrap();
+    std::fs::write(
+        sysd.path("system/10-test.toml"),
+        config.replace(
+            "[\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\nhealth",
+            "[\"sleep\", \"1001\"]\nstop_timeout = \"1s\"\nhealth",
+        ),
+    )
+    .unwrap();
+    let old = sysd.daemon.kill_sysd().expect("sysd's pid");
+    sysd.daemon
+        .wait_until("init to restart sysd", Duration::from_secs(30), |d| {
+            d.pid().is_some_and(|p| p != old) && d.try_request("GET", "/v1/services", "").is_ok()
+        });
+    sysd.wait_until("talker and steady to run again, fresh", || {
+        sysd.state("talker") == "running"
+            && sysd.state("steady") == "running"
+            && pid_of(&sysd, "talker") != talker
+            && pid_of(&sysd, "steady") != steady
+    });
+    let events = sysd.events();
+    let refused = |svc: &str| {
+        events
+            .iter()
+            .find(|e| e["service"] == svc && e["kind"] == "adopt-refused")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    assert!(refused("steady").contains("config changed"), "{events:?}");
+    assert!(refused("talker").contains("was reused"), "{events:?}");
+    // quitter's new container was adopted this time.
+    assert!(
+        Sysd::event_index(&events, "quitter", "adopted").is_some(),
+        "{events:?}"
+    );
+    // The bystander was never touched; the old containers are gone, nothing runs twice.
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the bystander was killed"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    for name in ["steady", "quitter"] {
+        assert_eq!(sysd.running_instances(name), 1, "{name}");
+    }
+    for old in [talker, steady] {
+        let stat = std::fs::read_to_string(format!("/proc/{old}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z "),
+            "{old} still runs: {stat}"
+        );
+    }
+    sysd.terminate();
+    assert!(sysd.log().contains("sysd: stopped"), "{}", sysd.log());
 }

@@ -1,6 +1,8 @@
 //! A sysd daemon for host tests and benchmarks: its state in one directory (`system/`, `var/`,
 //! `run/sysd.sock`, `sysd.log`), in a private mount namespace with cgroup2 at /sys/fs/cgroup,
-//! its services under its own cgroup parent, which is killed and removed on drop.
+//! its services under its own cgroup parent, which is killed and removed on drop. Optionally
+//! under init's own supervision (`keelson-init supervise`, [`Daemon::under_init`]): the notify
+//! channel, the FD store and orphan exits as on a node, and sysd restarted when it dies.
 
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -24,7 +26,38 @@ pub struct Daemon {
     env: Vec<(String, String)>,
     prefix: Vec<String>,
     unshare: Vec<String>,
+    init: Option<PathBuf>,
     child: Option<Child>,
+}
+
+/// The workspace's `keelson-init`, built on first use (`$KEELSON_INIT` overrides): host tests
+/// of another package cannot name its binary.
+pub fn init_exe() -> PathBuf {
+    static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        if let Some(p) = std::env::var_os("KEELSON_INIT") {
+            return PathBuf::from(p);
+        }
+        // The test binary is <target>/<profile>/deps/NAME; build next to it.
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("a test binary under <target>/<profile>/deps");
+        let target = profile_dir.parent().expect("the target directory");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "keelson-init", "--bin", "keelson-init"])
+            .env("CARGO_TARGET_DIR", target);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build -p keelson-init");
+        assert!(status.success(), "cargo build -p keelson-init failed");
+        profile_dir.join("keelson-init")
+    })
+    .clone()
 }
 
 impl Daemon {
@@ -40,8 +73,15 @@ impl Daemon {
             env: Vec::new(),
             prefix: Vec::new(),
             unshare: Vec::new(),
+            init: None,
             child: None,
         }
+    }
+
+    /// Runs sysd under `keelson-init supervise` (`init` is its binary, e.g. [`init_exe`]).
+    pub fn under_init(mut self, init: impl Into<PathBuf>) -> Daemon {
+        self.init = Some(init.into());
+        self
     }
 
     /// A cgroup parent unique to this process and `dir` (`/keelson-NAME-PID-DIRNAME`).
@@ -93,17 +133,14 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.path("sysd.log"))?;
-        let mut cmd = match self.prefix.split_first() {
-            Some((program, rest)) => {
-                let mut c = Command::new(program);
-                c.args(rest);
-                c
-            }
-            None => Command::new("unshare"),
-        };
-        if !self.prefix.is_empty() {
-            cmd.arg("unshare");
+        let unshare = crate::tools::path("unshare").display().to_string();
+        let mut argv: Vec<String> = self.prefix.clone();
+        if let Some(init) = &self.init {
+            argv.extend([init.display().to_string(), "supervise".into(), "--".into()]);
         }
+        argv.push(unshare);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.arg("-m")
             .args(&self.unshare)
             .args(["--propagation", "private", "sh", "-c", &script])
@@ -176,9 +213,25 @@ impl Daemon {
         http::events(&self.socket()).expect("events")
     }
 
-    /// The pid of the process started (`unshare`, which execs sysd).
+    /// sysd's pid: the process started (`unshare`, which execs sysd), or under init the sysd
+    /// init started last.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        if self.init.is_none() {
+            return self.child.as_ref().map(Child::id);
+        }
+        self.child.as_ref()?;
+        self.log().lines().rev().find_map(|l| {
+            let rest = l.split("sysd started (pid ").nth(1)?;
+            rest.split(')').next()?.parse().ok()
+        })
+    }
+
+    /// Under init: SIGKILL to sysd alone (a crash); init restarts it. Returns the pid killed.
+    pub fn kill_sysd(&self) -> Option<u32> {
+        let pid = self.pid()?;
+        // SAFETY: kill(2) with integer arguments.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        Some(pid)
     }
 
     /// SIGTERM, then waits for sysd to exit.
@@ -190,11 +243,17 @@ impl Daemon {
         }
     }
 
-    /// SIGKILL, then waits (the services are left behind, as after a crash).
+    /// SIGKILL, then waits (the services are left behind, as after a crash). Under init, init
+    /// goes first (so it restarts nothing), then sysd.
     pub fn kill(&mut self) {
+        let sysd = self.init.as_ref().and(self.pid());
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(pid) = sysd {
+            // SAFETY: kill(2) with integer arguments; the pid was sysd's, now reparented.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
 }

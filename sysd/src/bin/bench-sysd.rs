@@ -8,6 +8,11 @@
 //! a time; its memory is containerd's plus every shim's. (containerd uses this host's own
 //! cgroup setup; it is skipped with a note when it is not installed.)
 //! Prints a table; asserts nothing about time (the machines are shared).
+//!
+//! `--restart`: sysd under init's supervision (`keelson-init supervise`: the notify channel and
+//! FD store as on a node; `$KEELSON_INIT` or the `keelson-init` next to this binary), N
+//! services running, `kill -9` of sysd: the time until the next sysd has adopted every one
+//! (the same pids, running), against a fresh start of the same services under init.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -58,6 +63,9 @@ fn run() -> Result<()> {
         Some(p) => PathBuf::from(p),
         None => std::env::current_exe()?.with_file_name("sysd"),
     };
+    if std::env::args().any(|a| a == "--restart") {
+        return restart_table(&sysd);
+    }
     let mut rows = Vec::new();
     for n in [10, 100] {
         rows.push(measure(&sysd, n).with_context(|| format!("{n} services"))?);
@@ -272,6 +280,122 @@ fn measure(sysd: &Path, n: usize) -> Result<Row> {
     unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
     let _ = guard.0.wait();
     Ok(Row::new(n, ready, rss, helper_peak))
+}
+
+/// `--restart`: fresh start vs adoption after `kill -9`, at 10 and 100 services.
+fn restart_table(sysd: &Path) -> Result<()> {
+    let init = match std::env::var_os("KEELSON_INIT") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()?.with_file_name("keelson-init"),
+    };
+    if !init.exists() {
+        bail!(
+            "{} missing: cargo build --release -p keelson-init (or set KEELSON_INIT)",
+            init.display()
+        );
+    }
+    let mut rows = Vec::new();
+    for n in [10, 100] {
+        rows.push(restart(sysd, &init, n).with_context(|| format!("{n} services, restart"))?);
+    }
+    println!("sysd: {}  init: {}", sysd.display(), init.display());
+    println!(
+        "{:>9} {:>22} {:>26} {:>10}",
+        "services", "fresh start→running (s)", "kill -9→all adopted (s)", "ratio"
+    );
+    for (n, fresh, adopted) in rows {
+        println!(
+            "{:>9} {:>22.2} {:>26.2} {:>9.2}x",
+            n,
+            fresh.as_secs_f64(),
+            adopted.as_secs_f64(),
+            adopted.as_secs_f64() / fresh.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Every service's (state, pid), when sysd answers.
+fn states(d: &keelson_testkit::daemon::Daemon) -> Option<Vec<(String, Option<i64>)>> {
+    let (status, body) = d.try_request("GET", "/v1/services", "").ok()?;
+    if status != 200 {
+        return None;
+    }
+    let list: serde_json::Value = serde_json::from_str(&body).ok()?;
+    Some(
+        list.as_array()?
+            .iter()
+            .map(|s| {
+                (
+                    s["state"].as_str().unwrap_or("").to_owned(),
+                    s["pid"].as_i64(),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn restart(sysd: &Path, init: &Path, n: usize) -> Result<(usize, Duration, Duration)> {
+    let dir = std::env::temp_dir().join(format!("keelson-bench-adopt-{}-{n}", std::process::id()));
+    let _cleanup = RemoveDir(dir.clone());
+    let rootfs = dir.join("rootfs");
+    keelson_testkit::busybox::rootfs(&rootfs)?;
+    std::fs::create_dir_all(dir.join("system"))?;
+    let mut config = String::from("version = 1\n");
+    for i in 0..n {
+        config.push_str(&format!(
+            "\n[services.s{i:03}]\nimage = \"{}\"\ncommand = [\"sleep\", \"1000000\"]\nstop_signal = \"SIGKILL\"\n",
+            rootfs.display()
+        ));
+    }
+    std::fs::write(dir.join("system/10-bench.toml"), config)?;
+    let d = dir.display();
+    let mut daemon = keelson_testkit::daemon::Daemon::new(
+        sysd,
+        &dir,
+        format!("/keelson-bench-adopt-{}-{n}", std::process::id()),
+    )
+    .args([
+        "--userdata-config".to_string(),
+        format!("{d}/var/user-data.toml"),
+        "--no-firstboot".to_string(),
+    ])
+    .under_init(init);
+    let all_running = |d: &keelson_testkit::daemon::Daemon| {
+        states(d).filter(|s| s.len() == n && s.iter().all(|(st, _)| st == "running"))
+    };
+    let wait = |d: &keelson_testkit::daemon::Daemon,
+                ok: &dyn Fn(&keelson_testkit::daemon::Daemon) -> bool|
+     -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !ok(d) {
+            if Instant::now() > deadline {
+                bail!("not done after 600 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    };
+    let t0 = Instant::now();
+    daemon.spawn()?;
+    wait(&daemon, &|d| all_running(d).is_some())?;
+    let fresh = t0.elapsed();
+    let before: Vec<Option<i64>> = all_running(&daemon)
+        .context("services")?
+        .into_iter()
+        .map(|(_, pid)| pid)
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let old = daemon.pid().context("sysd's pid")?;
+    let t0 = Instant::now();
+    daemon.kill_sysd();
+    wait(&daemon, &|d| {
+        d.pid().is_some_and(|p| p != old)
+            && all_running(d).is_some_and(|s| s.iter().map(|(_, p)| *p).eq(before.iter().copied()))
+    })?;
+    let adopted = t0.elapsed();
+    daemon.terminate();
+    Ok((n, fresh, adopted))
 }
 
 struct RemoveDir(PathBuf);

@@ -1,8 +1,9 @@
-//! Evidence that a container a previous sysd started is still that container: the first brick
-//! of restarts that adopt running services (ARCHITECTURE.md, "sysd restarts without restarting
-//! services"). Nothing adopts yet; this decides, from a record and `/proc`, whether a process
-//! may be adopted, and says why not, so a reused pid, a vanished cgroup or a corrupt record
-//! never leads to adopting (or killing) the wrong process.
+//! Evidence that a container a previous sysd started is still that container (ARCHITECTURE.md,
+//! "sysd restarts without restarting services"). Each start records it; a restarted sysd
+//! [`decide`]s, from the record, `/proc`, the service's config now, whether init handed the
+//! log pipes back and the exits init saw, whether the process is adopted, ended while no sysd
+//! ran (and how), or is refused (and why), so a reused pid, a vanished cgroup or a corrupt
+//! record never leads to adopting (or killing) the wrong process.
 
 use std::path::{Path, PathBuf};
 
@@ -21,17 +22,26 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The bundle annotation carrying the service's spec hash (the supervisor sets it).
+pub const SPEC_HASH: &str = "org.keelson.spec-hash";
+/// The bundle annotation carrying how often the service was restarted before this start.
+pub const RESTARTS: &str = "org.keelson.restarts";
+
 /// Records the container `pid` of `service` started from `bundle` (its `config.json`).
 pub fn record(bundle: &Path, service: &str, pid: i32) -> anyhow::Result<()> {
     use anyhow::Context;
     let proc = Path::new("/proc");
     let config = std::fs::read(bundle.join("config.json")).context("reading config.json")?;
+    let v: serde_json::Value = serde_json::from_slice(&config).context("parsing config.json")?;
+    let annotation = |k: &str| v["annotations"][k].as_str().unwrap_or_default().to_owned();
     let r = Record {
         service: service.to_owned(),
         pid,
         start_ticks: start_ticks(proc, pid).context("its start time")?,
         cgroup: cgroup_of(proc, pid).context("its cgroup")?,
         config_hash: config_hash(&config),
+        spec_hash: annotation(SPEC_HASH),
+        restarts: annotation(RESTARTS).parse().unwrap_or(0),
     };
     r.store(&bundle.join(RECORD))
         .context("writing adopt.json")?;
@@ -50,8 +60,15 @@ pub struct Record {
     pub start_ticks: u64,
     /// Its cgroup v2 path (`/keelson/<service>`).
     pub cgroup: String,
-    /// The resolved container config it was started with (changed config: restart, not adopt).
+    /// The hash of the bundle's `config.json` it was started with (a bundle changed since is
+    /// not what runs).
     pub config_hash: String,
+    /// The service's spec hash when it started (a changed spec: restart, not adopt).
+    #[serde(default)]
+    pub spec_hash: String,
+    /// Restarts of the service before this start (its counter survives sysd).
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// Why a record is not adopted.
@@ -69,8 +86,73 @@ pub enum Refused {
         expected: String,
         found: String,
     },
-    #[error("its config changed since it started")]
+    #[error("its bundle's config.json changed since it started")]
     ConfigChanged,
+    #[error("its service's config changed since it started")]
+    SpecChanged,
+    #[error("its log pipes did not come back from init (no FD store)")]
+    LogsLost,
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// What a restarted sysd does with a container it finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Still the recorded process, config unchanged, logs back: supervise it again.
+    Adopt(Record),
+    /// The recorded process ended while no sysd ran; init reaped it this way.
+    Exited(Record, keelson_common::notify::Exit),
+    /// Not adopted, for this reason: its cgroup is killed and the service started fresh.
+    Refused(Refused),
+}
+
+/// Decides about one recorded container: `record` as loaded ([`Record::load`], then checked
+/// against its bundle's `config.json` hash), the service's current `spec_hash`, whether both
+/// its log pipes came back from init, and the exits init reported.
+pub fn decide(
+    record: Result<Record, Refused>,
+    proc: &Path,
+    config_hash: &str,
+    spec_hash: &str,
+    logs_back: bool,
+    exits: &[keelson_common::notify::Exit],
+) -> Verdict {
+    let r = match record {
+        Ok(r) => r,
+        Err(why) => return Verdict::Refused(why),
+    };
+    match r.check(proc, config_hash) {
+        Ok(()) => {}
+        Err(Refused::Gone { pid }) => {
+            // Reaped by init after it started: the last such exit of that pid is how it ended.
+            let started_us = ticks_to_us(r.start_ticks);
+            return match exits
+                .iter()
+                .rev()
+                .find(|e| e.pid == pid && e.at_us >= started_us)
+            {
+                Some(e) => Verdict::Exited(r, *e),
+                None => Verdict::Refused(Refused::Gone { pid }),
+            };
+        }
+        Err(why) => return Verdict::Refused(why),
+    }
+    if r.spec_hash != spec_hash {
+        return Verdict::Refused(Refused::SpecChanged);
+    }
+    if !logs_back {
+        return Verdict::Refused(Refused::LogsLost);
+    }
+    Verdict::Adopt(r)
+}
+
+/// Clock ticks since boot (as `/proc/<pid>/stat` counts them) in µs.
+pub fn ticks_to_us(ticks: u64) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0).unwrap_or(100);
+    ticks.saturating_mul(1_000_000) / hz
 }
 
 impl Record {
@@ -174,7 +256,82 @@ mod tests {
             start_ticks: 9000,
             cgroup: "/keelson/web".into(),
             config_hash: "abc".into(),
+            spec_hash: "spec1".into(),
+            restarts: 2,
         }
+    }
+
+    fn exit(pid: i32, at_us: u64) -> keelson_common::notify::Exit {
+        keelson_common::notify::Exit {
+            pid,
+            status: keelson_common::notify::Status::Exited(3),
+            at_us,
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let alive = fake_proc(4242, 9000, "/keelson/web");
+        let decide_with = |proc: &Path, spec: &str, logs: bool, exits: &[_]| {
+            decide(Ok(record()), proc, "abc", spec, logs, exits)
+        };
+        assert_eq!(
+            decide_with(alive.path(), "spec1", true, &[]),
+            Verdict::Adopt(record())
+        );
+        assert_eq!(
+            decide_with(alive.path(), "spec2", true, &[]),
+            Verdict::Refused(Refused::SpecChanged)
+        );
+        assert_eq!(
+            decide_with(alive.path(), "spec1", false, &[]),
+            Verdict::Refused(Refused::LogsLost)
+        );
+        // A corrupt record is refused whatever else holds.
+        let corrupt = Refused::Corrupt {
+            path: "/x/adopt.json".into(),
+            why: "EOF".into(),
+        };
+        assert_eq!(
+            decide(
+                Err(corrupt.clone()),
+                alive.path(),
+                "abc",
+                "spec1",
+                true,
+                &[]
+            ),
+            Verdict::Refused(corrupt)
+        );
+        // A pid reused by another process is never adopted, even with an exit of that pid.
+        let reused = fake_proc(4242, 9500, "/keelson/web");
+        assert!(matches!(
+            decide_with(reused.path(), "spec1", true, &[exit(4242, u64::MAX)]),
+            Verdict::Refused(Refused::PidReused { .. })
+        ));
+        // Gone: matched to init's record of its exit, if reaped after it started.
+        let gone = tempfile::tempdir().unwrap();
+        let started = ticks_to_us(9000);
+        assert_eq!(
+            decide_with(
+                gone.path(),
+                "spec1",
+                true,
+                &[exit(4242, started + 5), exit(7, started + 9)]
+            ),
+            Verdict::Exited(record(), exit(4242, started + 5))
+        );
+        // An exit of the same pid from before it started is another process's.
+        assert_eq!(
+            decide_with(gone.path(), "spec1", true, &[exit(4242, started - 1)]),
+            Verdict::Refused(Refused::Gone { pid: 4242 })
+        );
+        // A cgroup gone (the process moved elsewhere) is refused.
+        let moved = fake_proc(4242, 9000, "/");
+        assert!(matches!(
+            decide_with(moved.path(), "spec1", true, &[]),
+            Verdict::Refused(Refused::WrongCgroup { .. })
+        ));
     }
 
     #[test]
@@ -254,6 +411,8 @@ mod tests {
             start_ticks: start_ticks(proc, pid).unwrap(),
             cgroup: cgroup_of(proc, pid).unwrap(),
             config_hash: "h".into(),
+            spec_hash: String::new(),
+            restarts: 0,
         };
         assert_eq!(r.check(proc, "h"), Ok(()));
         child.kill().unwrap();

@@ -223,9 +223,11 @@ pub struct Leftover {
     pub cgroup_path: Option<String>,
     /// Whether the cgroup still has processes.
     pub populated: bool,
-    /// What its adoption record (`adopt.json` in the bundle) says: still the same process, or
-    /// why not (`None`: no record). Nothing adopts yet; the verdict is reported.
-    pub adoptable: Option<Result<(), adopt::Refused>>,
+    /// Its adoption record (`adopt.json` in the bundle), or why it cannot be read (`None`: no
+    /// record), for [`adopt::decide`].
+    pub record: Option<Result<adopt::Record, adopt::Refused>>,
+    /// The hash of its bundle's `config.json` as it is now.
+    pub bundle_hash: String,
 }
 
 impl Leftover {
@@ -247,10 +249,8 @@ impl Leftover {
             parts.push(format!("cgroup {cg} {state}"));
         }
         let mut line = parts.join(", ");
-        match &self.adoptable {
-            Some(Ok(())) => line.push_str("; it was still the recorded process (adoptable)"),
-            Some(Err(why)) => line.push_str(&format!("; not adoptable: {why}")),
-            None => {}
+        if let Some(Err(why)) = &self.record {
+            line.push_str(&format!("; {why}"));
         }
         line
     }
@@ -546,7 +546,8 @@ impl Runtime {
                     pid: None,
                     cgroup_path: None,
                     populated: false,
-                    adoptable: None,
+                    record: None,
+                    bundle_hash: String::new(),
                 });
                 if let Ok(state) = std::fs::read(entry.path().join("state.json")) {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&state) {
@@ -556,13 +557,10 @@ impl Runtime {
                 let bundle = self.bundles_dir().join(&id).join("config.json");
                 let record = self.bundles_dir().join(&id).join(adopt::RECORD);
                 if record.exists() {
-                    let hash = std::fs::read(&bundle)
+                    l.bundle_hash = std::fs::read(&bundle)
                         .map(|c| adopt::config_hash(&c))
                         .unwrap_or_default();
-                    l.adoptable = Some(
-                        adopt::Record::load(&record)
-                            .and_then(|r| r.check(Path::new("/proc"), &hash)),
-                    );
+                    l.record = Some(adopt::Record::load(&record));
                 }
                 if let Ok(config) = std::fs::read(&bundle) {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&config) {
@@ -616,7 +614,8 @@ impl Runtime {
                         pid: None,
                         cgroup_path: Some(path),
                         populated,
-                        adoptable: None,
+                        record: None,
+                        bundle_hash: String::new(),
                     },
                 );
             }
@@ -834,6 +833,34 @@ pub async fn wait_exit(pidfd: &OwnedFd) -> io::Result<ExitInfo> {
         }
         guard.clear_ready();
     }
+}
+
+/// Waits until the process behind `pidfd` has exited, without reaping it (it need not be our
+/// child: an adopted container's init is init's).
+pub async fn wait_pidfd(pidfd: &OwnedFd) -> io::Result<()> {
+    let own = pidfd.try_clone()?;
+    // SAFETY: `own` is owned by the AsyncFd for its whole lifetime and never replaced.
+    let fd = unsafe { AsyncFd::register_with_interest(own, Interest::READABLE) }?;
+    // A pidfd polls readable once its process has exited.
+    let _guard = fd.readable().await?;
+    Ok(())
+}
+
+/// Opens a pidfd on `pid` (for an adopted container: check it is still the recorded process
+/// afterwards, so a pid reused in between is not taken for it).
+pub fn open_pidfd(pid: i32) -> io::Result<OwnedFd> {
+    pidfd_open(pid)
+}
+
+/// Raises a pipe's buffer to `bytes` (`F_SETPIPE_SZ`): what a service may write while no sysd
+/// reads its output.
+pub fn set_pipe_size(fd: &OwnedFd, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: fcntl on a valid fd with an integer argument.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn waitid_pidfd(pidfd: RawFd, flags: libc::c_int) -> io::Result<Option<ExitInfo>> {

@@ -18,6 +18,7 @@
 //! [`keelson_api::Config`]; it knows nothing of updates, first boot or the API's transport.
 
 mod admin;
+pub mod adopt;
 mod checks;
 pub mod events;
 pub mod logs;
@@ -39,6 +40,7 @@ use keelson_images::manager::Images;
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use adopt::{Exits, FdKeeper, Inheritance};
 pub use events::EventBus;
 use keelson_api::{EventFeed, Failure, LogFeed};
 use keelson_runtime::netplug::{Endpoint, ANNOTATION};
@@ -123,7 +125,14 @@ pub struct Shared {
     /// The image store on /var and registry pulls.
     images: Arc<Images>,
     network: HostNet,
+    /// Where the output pipes of started containers are kept beyond sysd (init's FD store).
+    keeper: Mutex<Option<Arc<dyn FdKeeper>>>,
+    /// The exits init reports: how adopted containers end.
+    exits: Mutex<Arc<Exits>>,
 }
+
+/// How much a service may write while no sysd reads its output (each pipe's buffer).
+const PIPE_SIZE: usize = 1 << 20;
 
 pub struct Supervisor {
     shared: Arc<Shared>,
@@ -142,6 +151,8 @@ pub struct Supervisor {
     started: Instant,
     /// The hardware watchdog init armed, as `GET /v1/version` reports it.
     watchdog: std::sync::OnceLock<api::Watchdog>,
+    /// What init handed over, until boot adopts from it.
+    inheritance: Mutex<Option<Inheritance>>,
 }
 
 /// The effective `[network]`/`[host]` config as boot loads it (a bad user file falls back to
@@ -159,20 +170,30 @@ pub fn boot_network_config(sources: &Sources) -> keelson_spec::network::NetConfi
         .unwrap_or_default()
 }
 
-/// Kills containers left by a previous sysd (after a crash): nothing runs twice. Before
-/// anything else starts.
-pub async fn clean_leftovers(runtime: &Runtime, events: &EventBus) {
-    match runtime.cleanup_leftovers().await {
-        Ok(found) => {
-            for left in found {
-                events.emit(
-                    left.id.as_deref(),
-                    "cleanup",
-                    format!("removed what a previous sysd left: {}", left.describe()),
-                );
-            }
-        }
+/// Kills and removes one container a previous sysd left (not adopted): nothing runs twice.
+async fn report_cleanup(runtime: &Runtime, events: &EventBus, left: &keelson_runtime::Leftover) {
+    match runtime.clean(left).await {
+        Ok(()) => events.emit(
+            left.id.as_deref(),
+            "cleanup",
+            format!("removed what a previous sysd left: {}", left.describe()),
+        ),
         Err(e) => events.emit(None, "cleanup-failed", format!("{e:#}")),
+    }
+}
+
+/// The API's exit info of a status init reported.
+fn exit_info(status: keelson_common::notify::Status) -> ExitInfo {
+    use keelson_common::notify::Status;
+    let (code, signal) = match status {
+        Status::Exited(c) => (Some(c), None),
+        Status::Signaled(s) => (None, Some(s)),
+    };
+    ExitInfo {
+        code,
+        signal,
+        oom_killed: false,
+        at_ms: now_ms(),
     }
 }
 
@@ -214,6 +235,8 @@ impl Supervisor {
                 statuses: watch::channel(Vec::new()).0,
                 images,
                 network,
+                keeper: Mutex::new(None),
+                exits: Mutex::new(Arc::new(Exits::default())),
             }),
             system: Mutex::new(Vec::new()),
             apply_lock: tokio::sync::Mutex::new(()),
@@ -224,7 +247,151 @@ impl Supervisor {
             observe_spec,
             started: Instant::now(),
             watchdog: std::sync::OnceLock::new(),
+            inheritance: Mutex::new(None),
         }
+    }
+
+    /// What init handed over (kept descriptors, orphan exits, where to keep new ones); before
+    /// [`Supervisor::boot`], which adopts from it.
+    pub fn inherit(&self, inheritance: Inheritance) {
+        *self.inheritance.lock().unwrap_or_else(|p| p.into_inner()) = Some(inheritance);
+    }
+
+    /// Decides, for every container a previous sysd left, whether its service adopts it
+    /// (module `adopt`); removes those no service claims.
+    fn plan_adoption(&self, config: &Config) -> BTreeMap<String, adopt::Resume> {
+        use keelson_runtime::adopt::Verdict;
+        let inh = self
+            .inheritance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        *self.shared.keeper.lock().unwrap_or_else(|p| p.into_inner()) = inh.keeper.clone();
+        *self.shared.exits.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&inh.exits);
+        let mut fds = inh.fds;
+        let exits = inh.exits.all();
+        let events = &self.shared.events;
+        let mut unclaimed = Vec::new();
+        let mut verdicts = Vec::new();
+        // Without a record (a cgroup alone, a bundle of an older sysd) it is removed before
+        // its service starts, as before adoption existed.
+        let mut plan: BTreeMap<String, adopt::Resume> = BTreeMap::new();
+        for left in self.shared.runtime.leftovers() {
+            let svc = config
+                .services
+                .get(&left.service)
+                .filter(|s| s.spec.enabled);
+            match svc {
+                Some(svc)
+                    if left.record.is_some() && left.id.as_deref() == Some(svc.name.as_str()) =>
+                {
+                    let bridge = svc.spec.network == keelson_spec::Network::Bridge;
+                    let v = adopt::verdict(&left, &svc.spec.hash(), bridge, &fds, &exits);
+                    verdicts.push((left, v));
+                }
+                Some(svc) if !plan.contains_key(&svc.name) => {
+                    plan.insert(svc.name.clone(), adopt::Resume::Clean(Box::new(left)));
+                }
+                _ => unclaimed.push(left),
+            }
+        }
+        let adopted_pids: BTreeMap<String, i32> = verdicts
+            .iter()
+            .filter_map(|(l, v)| match v {
+                Verdict::Adopt(r) => Some((l.service.clone(), r.pid)),
+                _ => None,
+            })
+            .collect();
+        for (left, v) in verdicts {
+            let name = left.service.clone();
+            let resume = match v {
+                Verdict::Adopt(record) => {
+                    // Checked again once the pidfd is open: a pid reused in between is not it.
+                    let pidfd = keelson_runtime::open_pidfd(record.pid).ok().filter(|_| {
+                        record
+                            .check(std::path::Path::new("/proc"), &left.bundle_hash)
+                            .is_ok()
+                    });
+                    let out = fds.remove(&adopt::fd_name(&name, Stream::Stdout));
+                    let err = fds.remove(&adopt::fd_name(&name, Stream::Stderr));
+                    match (pidfd, out, err) {
+                        (Some(pidfd), Some(stdout), Some(stderr)) => {
+                            events.emit(
+                                Some(&name),
+                                "adopted",
+                                format!(
+                                    "pid {} kept running across the sysd restart ({} restart(s) so far)",
+                                    record.pid, record.restarts
+                                ),
+                            );
+                            let joined_pid = config.services[&name]
+                                .spec
+                                .network
+                                .joined()
+                                .and_then(|o| adopted_pids.get(o).copied());
+                            adopt::Resume::Adopt(Box::new(adopt::Adopted {
+                                record,
+                                pidfd,
+                                stdout,
+                                stderr,
+                                joined_pid,
+                            }))
+                        }
+                        _ => {
+                            events.emit(
+                                Some(&name),
+                                "adopt-refused",
+                                format!(
+                                    "pid {} ended while being adopted; its cgroup is killed and it starts fresh",
+                                    record.pid
+                                ),
+                            );
+                            adopt::Resume::Clean(Box::new(left))
+                        }
+                    }
+                }
+                Verdict::Exited(record, exit) => {
+                    events.emit(
+                        Some(&name),
+                        "exited-unsupervised",
+                        format!(
+                            "pid {} ended while no sysd ran ({}); its restart policy decides",
+                            record.pid,
+                            describe_exit(Some(&exit_info(exit.status)))
+                        ),
+                    );
+                    adopt::Resume::Exited(Box::new(left), exit, record.restarts)
+                }
+                Verdict::Refused(why) => {
+                    events.emit(
+                        Some(&name),
+                        "adopt-refused",
+                        format!("{why}; its cgroup is killed and it starts fresh"),
+                    );
+                    adopt::Resume::Clean(Box::new(left))
+                }
+            };
+            if let Some(adopt::Resume::Clean(other)) = plan.insert(name, resume) {
+                unclaimed.push(*other);
+            }
+        }
+        // Kept descriptors nothing adopted: init closes them.
+        if let Some(keeper) = &inh.keeper {
+            for name in fds.keys() {
+                keeper.forget(name);
+            }
+        }
+        if !unclaimed.is_empty() {
+            let runtime = self.shared.runtime.clone();
+            let events = Arc::clone(events);
+            tokio::spawn(async move {
+                for left in unclaimed {
+                    report_cleanup(&runtime, &events, &left).await;
+                }
+            });
+        }
+        plan
     }
 
     /// Records the hardware watchdog init armed (reported with the version).
@@ -363,8 +530,10 @@ impl Supervisor {
         self.sync_admin_keys(&config);
         self.publish_update_spec();
         *self.effective.lock().unwrap_or_else(|p| p.into_inner()) = Some(config.clone());
+        let mut plan = self.plan_adoption(&config);
         for svc in config.services.into_values() {
-            self.shared.spawn(Arc::new(svc));
+            let resume = plan.remove(&svc.name);
+            self.shared.spawn_with(Arc::new(svc), resume);
         }
     }
 
@@ -456,6 +625,10 @@ impl Shared {
     }
 
     fn spawn(self: &Arc<Self>, svc: Arc<Service>) {
+        self.spawn_with(svc, None);
+    }
+
+    fn spawn_with(self: &Arc<Self>, svc: Arc<Service>, resume: Option<adopt::Resume>) {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(initial_status(&svc));
         self.handles
@@ -474,6 +647,7 @@ impl Shared {
             svc,
             status: status_tx,
             cmds: cmd_rx,
+            resume,
         };
         tokio::spawn(task.run());
         self.bump();
@@ -581,6 +755,34 @@ struct Instance {
     started: Instant,
     /// `network = "service:NAME"`: the pid of NAME's container whose namespace it joined.
     joined_pid: Option<i32>,
+    /// Adopted from a previous sysd: not our child, so its end is seen through the pidfd and
+    /// told by init (these exits); with its start in µs of boot time.
+    adopted: Option<(Arc<Exits>, u64)>,
+}
+
+/// How long an adopted container's end waits for init's word on its status.
+const EXIT_REPORT_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits for the instance's init to end: reaped through its pidfd when it is our child, else
+/// (adopted) seen through its pidfd and told by init.
+async fn instance_exit(inst: &Instance) -> std::io::Result<keelson_runtime::ExitInfo> {
+    let Some((exits, started_us)) = &inst.adopted else {
+        return keelson_runtime::wait_exit(&inst.pidfd).await;
+    };
+    keelson_runtime::wait_pidfd(&inst.pidfd).await?;
+    match exits
+        .wait_for(inst.pid, *started_us, EXIT_REPORT_WAIT)
+        .await
+    {
+        Some(e) => Ok(match e.status {
+            keelson_common::notify::Status::Exited(c) => keelson_runtime::ExitInfo::Exited(c),
+            keelson_common::notify::Status::Signaled(s) => keelson_runtime::ExitInfo::Signaled(s),
+        }),
+        None => Err(std::io::Error::other(format!(
+            "pid {} ended; init did not say how",
+            inst.pid
+        ))),
+    }
 }
 
 /// Why a run ended.
@@ -599,6 +801,8 @@ struct ServiceTask {
     svc: Arc<Service>,
     status: watch::Sender<ServiceStatus>,
     cmds: mpsc::UnboundedReceiver<Cmd>,
+    /// How the task begins (a container a previous sysd left).
+    resume: Option<adopt::Resume>,
 }
 
 impl ServiceTask {
@@ -625,6 +829,19 @@ impl ServiceTask {
     async fn run(mut self) {
         let mut want = self.svc.spec.enabled;
         let mut failures: u32 = 0;
+        let mut pending = None;
+        match self.resume.take() {
+            Some(adopt::Resume::Clean(left)) => {
+                report_cleanup(&self.sup.runtime, &self.sup.events, &left).await;
+            }
+            Some(adopt::Resume::Exited(left, exit, restarts)) => {
+                report_cleanup(&self.sup.runtime, &self.sup.events, &left).await;
+                self.set(|s| s.restarts = restarts);
+                pending = Some(Ended::Exited(exit_info(exit.status)));
+            }
+            Some(adopt::Resume::Adopt(a)) => pending = Some(self.resume_adopted(*a).await),
+            None => {}
+        }
         loop {
             if !want {
                 // Parked: stopped, failed for good or completed. Wait for a command.
@@ -653,14 +870,18 @@ impl ServiceTask {
                 continue;
             }
 
-            if let Some(cmd) = self.wait_for_dependencies().await {
-                match self.handle_idle(cmd, &mut want) {
-                    Flow::Continue => continue,
-                    Flow::Exit => return,
+            let ended = match pending.take() {
+                Some(ended) => ended,
+                None => {
+                    if let Some(cmd) = self.wait_for_dependencies().await {
+                        match self.handle_idle(cmd, &mut want) {
+                            Flow::Continue => continue,
+                            Flow::Exit => return,
+                        }
+                    }
+                    self.run_once().await
                 }
-            }
-
-            let ended = self.run_once().await;
+            };
             let (exit, why) = match ended {
                 Ended::Command(cmd) => {
                     match cmd {
@@ -910,12 +1131,51 @@ impl ServiceTask {
                 return Ended::Failed(info, reason);
             }
         };
+        self.supervise(instance).await
+    }
+
+    /// Resumes a container a previous sysd started: its log readers on the pipes init kept,
+    /// its status as it was (running, restarts), then supervision as for one just started.
+    async fn resume_adopted(&mut self, a: adopt::Adopted) -> Ended {
+        let name = self.name().to_owned();
+        self.sup.logs.capture(&name, Stream::Stdout, a.stdout);
+        self.sup.logs.capture(&name, Stream::Stderr, a.stderr);
+        let started_us = keelson_runtime::adopt::ticks_to_us(a.record.start_ticks);
+        let uptime_us = u64::try_from(boottime().as_micros()).unwrap_or(u64::MAX);
+        let ran = Duration::from_micros(uptime_us.saturating_sub(started_us));
+        let has_health = self.svc.spec.health.is_some();
+        let kind = self.svc.spec.kind;
+        self.set(|s| {
+            s.pid = Some(a.record.pid);
+            s.started_at_ms = Some(now_ms().saturating_sub(ran.as_millis() as u64));
+            s.restarts = a.record.restarts;
+            s.reason = None;
+            if kind == Kind::Service {
+                s.state = State::Running;
+                s.health = has_health.then_some(Health::Starting);
+            } else {
+                s.state = State::Starting;
+            }
+        });
+        let exits = Arc::clone(&self.sup.exits.lock().unwrap_or_else(|p| p.into_inner()));
+        let instance = Instance {
+            pid: a.record.pid,
+            pidfd: a.pidfd,
+            started: Instant::now().checked_sub(ran).unwrap_or_else(Instant::now),
+            joined_pid: a.joined_pid,
+            adopted: Some((exits, started_us)),
+        };
+        self.supervise(instance).await
+    }
+
+    /// Watches a started (or adopted) instance until it ends, then removes what is left of it.
+    async fn supervise(&mut self, instance: Instance) -> Ended {
         let ended = self.watch(&instance).await;
         // Whatever ended the run, nothing of the instance may stay: kill the cgroup, reap,
         // remove the container.
         let ended = match ended {
             Ended::Command(cmd) => {
-                let exit = keelson_runtime::wait_exit(&instance.pidfd);
+                let exit = instance_exit(&instance);
                 tokio::pin!(exit);
                 self.stop_instance(&instance, exit, "stopping on request")
                     .await;
@@ -986,8 +1246,30 @@ impl ServiceTask {
                 readonly: true,
             });
         }
+        let restarts = self.status.borrow().restarts;
+        cfg.annotations.insert(
+            keelson_runtime::adopt::RESTARTS.into(),
+            restarts.to_string(),
+        );
         let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let keeper = self
+            .sup
+            .keeper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (stream, pipe) in [(Stream::Stdout, &out_r), (Stream::Stderr, &err_r)] {
+            // Room for what the service writes while no sysd reads (a crash, a restart); a
+            // smaller buffer still works, it only pauses the writer sooner.
+            if let Err(e) = keelson_runtime::set_pipe_size(pipe, PIPE_SIZE) {
+                tracing::warn!("sysd: {}: pipe buffer stays small: {e}", self.name());
+            }
+            // Kept by init too, so the pipe outlives this sysd and a next one reads on.
+            if let Some(k) = &keeper {
+                k.keep(&adopt::fd_name(self.name(), stream), pipe.try_clone()?);
+            }
+        }
         self.sup.logs.capture(self.name(), Stream::Stdout, out_r);
         self.sup.logs.capture(self.name(), Stream::Stderr, err_r);
         let started = self.sup.runtime.start(&cfg, out_w, err_w).await?;
@@ -1002,6 +1284,7 @@ impl ServiceTask {
             pidfd: started.pidfd,
             started: Instant::now(),
             joined_pid,
+            adopted: None,
         })
     }
 
@@ -1009,13 +1292,13 @@ impl ServiceTask {
     async fn watch(&mut self, inst: &Instance) -> Ended {
         let spec = Arc::clone(&self.svc);
         let spec = &spec.spec;
-        let exit = keelson_runtime::wait_exit(&inst.pidfd);
+        let exit = instance_exit(inst);
         tokio::pin!(exit);
         let mut epoch = self.sup.epoch.subscribe();
         let netns_pid = (spec.network != keelson_spec::Network::Host).then_some(inst.pid);
 
-        let mut ready = spec.ready.is_none();
-        if ready {
+        let mut ready = spec.ready.is_none() || inst.adopted.is_some();
+        if ready && inst.adopted.is_none() {
             self.became_ready();
         }
         let mut failures = 0u32;
@@ -1214,6 +1497,17 @@ impl ServiceTask {
     }
 
     async fn cleanup(&self, _inst: &Instance) {
+        let keeper = self
+            .sup
+            .keeper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(k) = keeper {
+            for stream in [Stream::Stdout, Stream::Stderr] {
+                k.forget(&adopt::fd_name(self.name(), stream));
+            }
+        }
         let cg = format!("{}/{}", self.sup.paths.layout.cgroup_parent, self.svc.name);
         if let Err(e) = self.sup.runtime.kill_cgroup(&cg).await {
             tracing::warn!("sysd: {}: {e:#}", self.name());
@@ -1230,6 +1524,13 @@ impl ServiceTask {
 enum Flow {
     Continue,
     Exit,
+}
+
+/// Time since boot, suspend included (what /proc's process start times count from).
+fn boottime() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
 fn backoff(failures: u32) -> Duration {
