@@ -51,6 +51,7 @@ pub mod cluster;
 pub mod guest;
 pub mod netns;
 pub mod paths;
+pub mod repo_server;
 pub mod scenario;
 pub mod serial;
 

@@ -310,6 +310,15 @@ fn imds_server(
     g: &Guest,
     user_data: &'static str,
 ) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    imds_server_telling(g, user_data.to_string(), None)
+}
+
+/// [`imds_server`], also saying on `answered` each time it has sent the user data.
+fn imds_server_telling(
+    g: &Guest,
+    user_data: String,
+    answered: Option<std::sync::mpsc::Sender<()>>,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
     use std::sync::{Arc, Mutex};
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let listener = g.run_in_netns(|| std::net::TcpListener::bind("127.0.0.1:80").unwrap());
@@ -336,7 +345,7 @@ fn imds_server(
             } else if line.starts_with("GET /latest/meta-data/local-hostname ") {
                 (200, "ip-169-254-0-15.ec2.internal")
             } else if line.starts_with("GET /latest/user-data ") {
-                (200, user_data)
+                (200, user_data.as_str())
             } else {
                 (404, "")
             };
@@ -345,6 +354,12 @@ fn imds_server(
                 "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
+            let _ = s.flush();
+            if line.starts_with("GET /latest/user-data ") {
+                if let Some(tx) = &answered {
+                    let _ = tx.send(());
+                }
+            }
         }
     });
     seen
@@ -380,5 +395,161 @@ fn ec2_style_metadata_service_with_a_session_token() {
     );
     let fb = json(&g, "keelctl -o json firstboot");
     assert_eq!(fb["source"], "imds:http://169.254.169.254:80", "{fb:#}");
+    power_off(g);
+}
+
+/// Power cuts in the two places where the node writes the user's configuration: while first
+/// boot applies user data (many `write_files`, each a durable write, then the instance id last)
+/// and around a `keelctl apply`. Nothing reported written is lost, and nothing is half there:
+/// a first boot cut before it recorded its instance applies it again, whole.
+#[test]
+fn power_cuts_during_first_boot_and_a_config_apply_lose_nothing_reported() {
+    const FILES: usize = 150;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = fresh_disk(dir.path());
+    let mut user_data = String::from("#cloud-config\nhostname: cut-node\nwrite_files:\n");
+    for i in 0..FILES {
+        user_data += &format!(
+            "  - path: /var/lib/keelson/volumes/data/f{i:03}\n    content: \"file {i}\\n\"\n"
+        );
+    }
+    let boot = |answered: Option<std::sync::mpsc::Sender<()>>| {
+        let g = builder(&disk)
+            .user_net("169.254.0.0/16", "169.254.169.254")
+            .args(["-smbios", "type=1,manufacturer=Amazon EC2"])
+            .spawn()
+            .unwrap();
+        imds_server_telling(&g, user_data.clone(), answered);
+        g
+    };
+
+    // 10. Cut as soon as the metadata service has handed over the user data: first boot is
+    // applying it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let g = boot(Some(tx));
+    rx.recv_timeout(BOOT)
+        .unwrap_or_else(|_| panic!("user data never asked for\n{}", g.serial_tail(60)));
+    g.kill().unwrap();
+    drop(g);
+
+    let g = boot(None);
+    let (i, line) = g
+        .wait_for_any(
+            &[
+                "applied cloud-config user data of instance i-0keelson000001",
+                "instance i-0keelson000001 already configured",
+            ],
+            BOOT,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.serial_tail(80)));
+    eprintln!(
+        "after the first-boot cut: {}",
+        if i == 0 {
+            "applied again"
+        } else {
+            "it had finished: already configured"
+        }
+    );
+    assert!(line.contains("i-0keelson000001"), "{line}");
+    g.expect("sysd: testshell: ready", BOOT);
+    assert_eq!(hostname(&g), "cut-node");
+    let files = g.sh("cd /proc/1/root/var/lib/keelson/volumes/data && for f in f*; do printf '%s:' $f; cat $f; done");
+    let expected: String = (0..FILES).map(|i| format!("f{i:03}:file {i}\n")).collect();
+    assert_eq!(files, expected, "write_files after the cut");
+
+    // 11. A config apply that was answered is on disk when power goes right after.
+    let applied = "version = 1\n[services.kept]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sleep\", \"1000000\"]\n";
+    let out = g.sh(&format!(
+        "cat > /tmp/a.toml <<'EOF'\n{applied}EOF\nkeelctl apply /tmp/a.toml"
+    ));
+    assert!(!out.contains("error"), "{out}");
+    g.kill().unwrap();
+    drop(g);
+    let g = boot(None);
+    g.expect("sysd: testshell: ready", BOOT);
+    let svc = wait_running(&g, "kept");
+    assert_eq!(svc["source"], "user", "{svc:#}");
+
+    // 12. Power cut while an apply is in flight: the old config or the new one, whole.
+    let next = applied.replace("kept", "maybe");
+    g.sh(&format!(
+        "cat > /tmp/b.toml <<'EOF'\n{next}EOF\n(keelctl apply /tmp/b.toml >/dev/null 2>&1 &)"
+    ));
+    g.kill().unwrap();
+    drop(g);
+    let g = boot(None);
+    g.expect("sysd: testshell: ready", BOOT);
+    let config = g.sh("cat /proc/1/root/var/lib/keelson/services.toml");
+    assert!(
+        config == applied || config == next,
+        "services.toml is neither the old nor the new config: {config:?}"
+    );
+    let shown = g.sh("keelctl config show");
+    assert!(!shown.contains("keelctl:"), "{shown}");
+    eprintln!(
+        "after the cut in flight: the {} config",
+        if config == next { "new" } else { "old" }
+    );
+    power_off(g);
+}
+
+/// A service that owns a volume cannot turn first boot's `write_files` against the host: it
+/// replaces the file write_files wrote with a symbolic link to a host file, and plants the old
+/// temporary name (`<file>.new`) as another; the next instance's write_files (root, on the
+/// host) follows neither, and both host files stay as they were.
+#[test]
+fn write_files_never_follow_symlinks_a_container_planted() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = fresh_disk(dir.path());
+    let (ud, md) = (dir.path().join("user-data"), dir.path().join("meta-data"));
+    let user_data = |content: &str| {
+        format!(
+            "#cloud-config\nwrite_files:\n  - path: /var/lib/keelson/volumes/www/page.txt\n    content: \"{content}\\n\"\n"
+        )
+    };
+    let spawn = || {
+        builder(&disk)
+            .fw_cfg("opt/keelson/user-data", &ud)
+            .fw_cfg("opt/keelson/meta-data", &md)
+            .spawn()
+            .unwrap()
+    };
+    std::fs::write(&ud, user_data("first")).unwrap();
+    std::fs::write(&md, "instance-id: wf-1\n").unwrap();
+    let g = spawn();
+    g.expect("applied cloud-config user data of instance wf-1", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
+    let web = wait_running(&g, "web");
+    let pid = web["pid"].as_u64().expect("web's pid");
+    // Two host files the attack aims at (the testshell writes them through PID 1's root).
+    g.sh("echo untouched > /proc/1/root/var/lib/keelson/target-a; echo untouched > /proc/1/root/var/lib/keelson/target-b");
+    // Inside web's mount namespace, where /www is the volume: the file becomes a link to one
+    // host file, and the old temporary name a link to the other.
+    let out = g.sh(&format!(
+        "nsenter -t {pid} -m -- sh -c 'cat /www/page.txt; rm /www/page.txt; ln -s /var/lib/keelson/target-a /www/page.txt; ln -s /var/lib/keelson/target-b /www/page.txt.new; ls -l /www'"
+    ));
+    assert!(
+        out.contains("first") && out.contains("page.txt.new ->"),
+        "{out}"
+    );
+    power_off(g);
+
+    std::fs::write(&ud, user_data("second")).unwrap();
+    std::fs::write(&md, "instance-id: wf-2\n").unwrap();
+    let g = spawn();
+    g.expect("applied cloud-config user data of instance wf-2", BOOT);
+    g.expect("sysd: testshell: ready", BOOT);
+    let root = "/proc/1/root/var/lib/keelson";
+    assert_eq!(
+        g.sh(&format!("cat {root}/target-a {root}/target-b")),
+        "untouched\nuntouched\n"
+    );
+    let page = g.sh(&format!(
+        "test -L {root}/volumes/www/page.txt && echo link; cat {root}/volumes/www/page.txt"
+    ));
+    assert_eq!(
+        page, "second\n",
+        "write_files replaced the link with the file"
+    );
     power_off(g);
 }

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use qemu_tests::repo_server::RepoServer;
 use qemu_tests::scenario::{image_build, run, test_guest_uefi, Httpd};
 use qemu_tests::{create_overlay, workspace_root, Guest};
 use serde_json::Value;
@@ -199,53 +200,175 @@ fn update_to_n_plus_1_is_blessed_and_a_broken_n_plus_2_rolls_back() {
     drop(httpd);
 }
 
+/// What every power cut must leave (read from PID 1's root: the shell is a container): the node
+/// up on `slot` running `version`, assessed good,
+/// and /var as it was: the volume file, the user config the agent reads, the DHCP lease, the
+/// agent's own state.
+fn assert_intact(g: &Guest, version: &str, slot: &str) {
+    let s = status(g);
+    assert_eq!(s["version"], version, "{s}");
+    assert_eq!(s["slot"], slot, "{s}");
+    assert_eq!(s["assessment"], "good", "{s}");
+    assert_eq!(g.sh("cat /flush/marker").trim(), "kept");
+    let config = g.sh("cat /proc/1/root/var/lib/keelson/services.toml");
+    assert!(
+        config.contains("[update]") && config.contains("boot_tries = 2"),
+        "the applied config did not survive: {config}"
+    );
+    let lease = g.sh("cat /proc/1/root/var/lib/keelson/network/lease-*.json");
+    let lease: Value = serde_json::from_str(lease.trim())
+        .unwrap_or_else(|e| panic!("the DHCP lease did not survive: {e}: {lease}"));
+    assert!(lease["address"].is_string(), "{lease}");
+}
+
+/// Cuts power (SIGKILL of QEMU) and boots the disk again with a fresh repository server.
+fn cut_and_boot(g: Guest, repo: RepoServer, disk: &Path, f: &Fixture) -> (Guest, RepoServer) {
+    g.kill().unwrap();
+    drop(repo);
+    drop(g);
+    let g = test_guest_uefi(disk).spawn().unwrap();
+    let repo = RepoServer::serve(&g, REPO_PORT, &f.repo_good).unwrap();
+    (g, repo)
+}
+
+/// Power cuts at each step of writing the other slot, each at an exact point (the repository
+/// server stops at a chosen byte, or the test waits for the agent's phase): the running slot
+/// boots every time with /var intact, and the update still lands afterwards.
 #[test]
-fn power_loss_during_write_before_reboot_and_during_boot_leaves_a_good_slot() {
+fn power_cut_at_each_step_of_an_install_keeps_the_running_slot() {
+    let f = fixture();
+    let disk = fresh_disk(f, "cuts");
+    let g = test_guest_uefi(&disk).spawn().unwrap();
+    let mut repo = RepoServer::serve(&g, REPO_PORT, &f.repo_good).unwrap();
+    g.expect("update-blessed: 0.1.0", BOOT);
+    configure(&g);
+    g.sh("echo kept > /flush/marker");
+    let mut g = g;
+    let arrive = Duration::from_secs(240);
+
+    // The agent's order: the UKI into memory (checked against db on a Secure Boot node), the
+    // old entry of slot B removed, root and verity streamed into slot B, the read-back, then
+    // the UKI written to the ESP under a temporary name, fsynced and renamed with its tries.
+
+    // 1. The UKI half downloaded: nothing written yet.
+    repo.stall("0.2.0-uki-b.efi", 4 << 20);
+    g.sh("keelctl update apply --no-wait");
+    let at = repo.wait(arrive).unwrap();
+    eprintln!("cut 1: {at:?}");
+    (g, repo) = cut_and_boot(g, repo, &disk, f);
+    g.expect("boot complete", BOOT);
+    assert_intact(&g, "0.1.0", "a");
+
+    // 2. The root image half downloaded (it streams into slot B as it arrives).
+    repo.stall("0.2.0-root.erofs.gz", 8 << 20);
+    g.sh("keelctl update apply --no-wait");
+    let at = repo.wait(arrive).unwrap();
+    eprintln!("cut 2: {at:?}");
+    (g, repo) = cut_and_boot(g, repo, &disk, f);
+    g.expect("boot complete", BOOT);
+    assert_intact(&g, "0.1.0", "a");
+
+    // 3. Root written and synced, its verity tree half downloaded.
+    repo.stall("0.2.0-root.verity", 64 << 10);
+    g.sh("keelctl update apply --no-wait");
+    let at = repo.wait(arrive).unwrap();
+    eprintln!("cut 3: {at:?}");
+    (g, repo) = cut_and_boot(g, repo, &disk, f);
+    g.expect("boot complete", BOOT);
+    assert_intact(&g, "0.1.0", "a");
+
+    // 4. Reading slot B back to check its root hash (the node's own view of its phase).
+    let until = |phase: &str| {
+        format!(
+            "keelctl update apply --no-wait >/dev/null; \
+             i=0; until keelctl -o json update status | grep -q '\"{phase}\"'; do \
+               i=$((i+1)); [ $i -lt 5000 ] || {{ echo missed {phase}; exit 1; }}; done; echo reached {phase}"
+        )
+    };
+    let out = g.sh(&until("verifying"));
+    assert!(out.contains("reached verifying"), "{out}");
+    eprintln!("cut 4: phase verifying");
+    (g, repo) = cut_and_boot(g, repo, &disk, f);
+    g.expect("boot complete", BOOT);
+    assert_intact(&g, "0.1.0", "a");
+
+    // 5. Installing: the UKI being written to the ESP, fsynced, checked and renamed with its
+    // try counter. Either slot may boot next; whichever does must be good.
+    let out = g.sh(&until("installing"));
+    assert!(out.contains("reached installing"), "{out}");
+    eprintln!("cut 5: phase installing");
+    (g, repo) = cut_and_boot(g, repo, &disk, f);
+    g.expect("boot complete", BOOT);
+    if status(&g)["slot"] == "b" {
+        eprintln!("cut 5 landed after the rename: slot B boots");
+        g.expect("update-blessed: 0.2.0", BOOT);
+        assert_intact(&g, "0.2.0", "b");
+        return;
+    }
+    eprintln!("cut 5 landed before the rename: slot A boots");
+    assert_intact(&g, "0.1.0", "a");
+
+    // Whatever the cuts left on slot B and the ESP, the next update writes it whole.
+    let out = g.sh("keelctl update apply --reboot --no-wait");
+    assert!(!out.contains("keelctl:"), "{out}");
+    g.expect("update-blessed: 0.2.0", BOOT);
+    assert_intact(&g, "0.2.0", "b");
+    drop(repo);
+}
+
+/// Power cuts on the boot side of an update: staged before the reboot, during the new slot's
+/// first boot, right after its bless, and during a rollback from a broken version.
+#[test]
+fn power_cuts_while_staged_booting_blessed_and_rolling_back_leave_a_good_slot() {
     let f = fixture();
     let disk = fresh_disk(f, "power");
-
-    // 1. Power cut while slot B is being written.
     let g = test_guest_uefi(&disk).spawn().unwrap();
     let httpd = serve(&g, &f.repo_good);
     g.expect("update-blessed: 0.1.0", BOOT);
     configure(&g);
     g.sh("echo kept > /flush/marker");
-    g.sh("keelctl update apply --no-wait");
-    g.expect("update-started", BOOT);
-    std::thread::sleep(Duration::from_secs(2));
-    g.kill().unwrap();
-    drop(httpd);
-    drop(g);
 
-    let g = test_guest_uefi(&disk).spawn().unwrap();
-    let httpd = serve(&g, &f.repo_good);
-    g.expect("boot complete", BOOT);
-    let s = status(&g);
-    assert_eq!(s["version"], "0.1.0", "{s}");
-    assert_eq!(s["slot"], "a", "{s}");
-    assert_eq!(s["assessment"], "good", "{s}");
-    assert_eq!(g.sh("cat /flush/marker").trim(), "kept");
-
-    // 2. Power cut after the new slot is staged, before any reboot: it boots next.
+    // 6. Power cut after the new slot is staged, before any reboot: it boots next.
     let out = g.sh("keelctl update apply");
     assert!(out.contains("staged 0.2.0"), "{out}");
     g.kill().unwrap();
     drop(httpd);
     drop(g);
 
-    // 3. Power cut while the new slot boots (its first try is used up).
+    // 7. Power cut while the new slot boots (its first try is used up).
     let g = test_guest_uefi(&disk).spawn().unwrap();
     g.expect("stage1: start", BOOT);
     g.kill().unwrap();
     drop(g);
 
+    // 8. Power cut right after the new slot is blessed: it stays the good one.
     let g = test_guest_uefi(&disk).spawn().unwrap();
     g.expect("update-blessed: 0.2.0", BOOT);
+    g.kill().unwrap();
+    drop(g);
+    let g = test_guest_uefi(&disk).spawn().unwrap();
+    let httpd = serve(&g, &f.repo_all);
+    g.expect("boot complete", BOOT);
+    assert_intact(&g, "0.2.0", "b");
     let s = status(&g);
-    assert_eq!(s["version"], "0.2.0", "{s}");
-    assert_eq!(s["slot"], "b", "{s}");
-    assert_eq!(s["assessment"], "good", "{s}");
-    assert_eq!(g.sh("cat /flush/marker").trim(), "kept");
+    assert_eq!(s["last_good"], "0.2.0", "{s}");
+
+    // 9. A broken 0.3.0 uses up its tries; power is cut while the node boots back into
+    // 0.2.0, before that boot has reported the rollback. The next boot reports it.
+    let out = g.sh("keelctl update apply --reboot --no-wait");
+    assert!(!out.contains("keelctl:"), "{out}");
+    for _ in 0..2 {
+        g.expect("update-health-failed: 0.3.0", BOOT);
+    }
+    g.expect("stage1: start", BOOT);
+    g.kill().unwrap();
+    drop(httpd);
+    drop(g);
+    let g = test_guest_uefi(&disk).spawn().unwrap();
+    g.expect("rolled back from 0.3.0", BOOT);
+    assert_intact(&g, "0.2.0", "b");
+    let s = status(&g);
+    assert_eq!(s["rolled_back_from"], "0.3.0", "{s}");
 }
 
 #[test]
