@@ -39,8 +39,16 @@ use sha2::{Digest, Sha256};
 pub use admin::Admin;
 pub use units::{Capability, CpuQuota, SignalName, Size, Span};
 
-/// The schema version this sysd understands.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema version this sysd writes (`keelctl config show`); it reads 1 and 2.
+///
+/// Version 2 differs in one default: a service without `network` is on the bridge (`keel0`),
+/// as Docker's containers are, instead of the host's network (version 1's default, kept for
+/// the configs written for it: an OS update must not move a running service off the host's
+/// ports). Issue 20's review: on the host network any service could sniff or spoof the
+/// node's traffic and reach the metadata service.
+pub const SCHEMA_VERSION: u32 = 2;
+/// The oldest schema version still read.
+pub const OLDEST_SCHEMA_VERSION: u32 = 1;
 
 /// One config file as written.
 #[derive(Debug, Deserialize)]
@@ -104,7 +112,8 @@ impl RestartPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum Network {
-    /// The host's network namespace (the default until container networks exist).
+    /// The host's network namespace (the default of `version = 1` files; `version = 2`
+    /// defaults to [`Network::Bridge`], see [`SCHEMA_VERSION`]).
     #[default]
     Host,
     /// A private network namespace with only loopback.
@@ -585,11 +594,27 @@ pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Documen
             };
             ConfigError(format!("{shown}:{line}:{col}: {key}{}", e.message()))
         })?;
-    if file.version != SCHEMA_VERSION {
+    if !(OLDEST_SCHEMA_VERSION..=SCHEMA_VERSION).contains(&file.version) {
         return Err(ConfigError(format!(
-            "{shown}: version = {} is not supported (this sysd reads version = {SCHEMA_VERSION})",
+            "{shown}: version = {} is not supported (this sysd reads version = {OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION})",
             file.version
         )));
+    }
+    let mut file = file;
+    if file.version >= 2 {
+        // Which services left `network` out (the parsed spec cannot tell: it has a default).
+        let raw: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError(format!("{shown}: {}", e.message())))?;
+        let services = raw.get("services").and_then(|s| s.as_table());
+        for (name, spanned) in file.services.iter_mut() {
+            let written = services
+                .and_then(|t| t.get(name))
+                .and_then(|s| s.as_table())
+                .is_some_and(|t| t.contains_key("network"));
+            if !written {
+                spanned.get_mut().network = Network::Bridge;
+            }
+        }
     }
     let net = if file.network.is_some() || file.host.is_some() {
         // Where the tables start (a Spanned wrapper does not survive serde_path_to_error's
@@ -1509,8 +1534,29 @@ stop_timeout = "5s"
         );
         let e = err("version = 1\n[services.web]\nimage = \"/x\"\nstop_signal = \"SIGFOO\"\n");
         assert!(e.contains("unknown signal"), "{e}");
-        let e = err("version = 2\n");
-        assert!(e.contains("version = 2 is not supported"), "{e}");
+        let e = err("version = 3\n");
+        assert!(
+            e.contains("version = 3 is not supported (this sysd reads version = 1 to 2)"),
+            "{e}"
+        );
+    }
+
+    /// Version 2's default network is the bridge; version 1 files keep the host's; what a
+    /// file writes wins in both.
+    #[test]
+    fn version_2_defaults_to_the_bridge_and_version_1_keeps_the_host() {
+        let v2 = parse(
+            "version = 2\n[services.web]\nimage = \"/x\"\nports = [\"8080:80\"]\n[services.agent]\nimage = \"/x\"\nnetwork = \"host\"\n",
+        )
+        .unwrap();
+        assert_eq!(v2.services["web"].spec.network, Network::Bridge);
+        assert_eq!(v2.services["agent"].spec.network, Network::Host);
+        let v1 = parse("version = 1\n[services.web]\nimage = \"/x\"\n").unwrap();
+        assert_eq!(v1.services["web"].spec.network, Network::Host);
+        // What `config show` writes reads back as the same services.
+        let again = parse(&v2.render()).unwrap();
+        assert_eq!(again.services["web"].spec, v2.services["web"].spec);
+        assert_eq!(again.services["agent"].spec, v2.services["agent"].spec);
     }
 
     #[test]
