@@ -153,15 +153,17 @@ fn a_killed_sysd_adopts_ten_running_services_and_loses_no_log_line() {
     let disk = fresh_disk(dir.path());
     let g = test_guest(&disk).spawn().unwrap();
     g.expect("boot complete", BOOT);
-    // Ten services: s0 writes a numbered line every 100 ms, s9 restarts always.
-    let mut config = String::from("version = 1\n");
+    // Ten services: s0 writes a numbered line every 100 ms, s9 restarts always; s0-s4 are on
+    // the bridge (schema 2's default), s5-s9 on the host network.
+    let mut config = String::from("version = 2\n");
     config.push_str(
         "[services.s0]\nimage = \"/usr/lib/keelson/images/base\"\n\
          command = [\"sh\", \"-c\", \"i=0; while :; do i=$((i+1)); echo line $i; sleep 0.1; done\"]\n",
     );
     for i in 1..10 {
+        let network = if i < 5 { "bridge" } else { "host" };
         config.push_str(&format!(
-            "[services.s{i}]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sleep\", \"100000\"]\nrestart = \"always\"\n"
+            "[services.s{i}]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sleep\", \"100000\"]\nrestart = \"always\"\nnetwork = \"{network}\"\n"
         ));
     }
     let applied = g.sh(&format!(
@@ -251,6 +253,16 @@ fn a_killed_sysd_adopts_ten_running_services_and_loses_no_log_line() {
         kinds("s9").iter().any(|k| k == "exited-unsupervised"),
         "{events}"
     );
+    // The bridge services got their place back as they had it (address, hosts, ports).
+    let serial = g.serial_log();
+    for i in 0..5 {
+        assert!(
+            serial
+                .lines()
+                .any(|l| l.contains(&format!("endpoint: s{i}: ")) && l.contains("(kept)")),
+            "s{i}'s endpoint was not taken back"
+        );
+    }
     // Every line s0 wrote, through the gap, is in its log once and in order.
     std::thread::sleep(Duration::from_secs(2));
     let file = numbers(&g.sh("cat /proc/1/root/var/log/keelson/s0.log"));

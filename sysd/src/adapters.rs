@@ -212,6 +212,10 @@ impl keelson_supervisor::Network for HostNetwork {
         Ok(self.net.attach(service, ports).await?)
     }
 
+    async fn reattach(&self, kept: &Endpoint, ports: &[PortSpec]) -> anyhow::Result<()> {
+        Ok(self.net.reattach(kept, ports).await?)
+    }
+
     fn hosts_file(&self) -> PathBuf {
         self.net.hosts_file()
     }

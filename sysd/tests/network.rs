@@ -44,6 +44,16 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
+        Lab::build(false)
+    }
+
+    /// A lab whose sysd runs under init's supervision (`keelson-init supervise`: the FD
+    /// store, orphans' exits, restarts after a crash).
+    fn under_init() -> Lab {
+        Lab::build(true)
+    }
+
+    fn build(under_init: bool) -> Lab {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "these tests need root");
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
@@ -67,6 +77,11 @@ impl Lab {
                 "--nft".to_string(),
                 "/usr/sbin/nft".to_string(),
             ]);
+        let sysd = if under_init {
+            sysd.under_init(keelson_testkit::daemon::init_exe())
+        } else {
+            sysd
+        };
         let lab = Lab {
             server: format!("kn-s-{id}"),
             client,
@@ -618,4 +633,186 @@ mounts = [{{ type = "bind", source = "{out}", target = "/out" }}]
         "{body}"
     );
     assert!(body.contains("`web`") && body.contains("`other`"), "{body}");
+}
+
+/// A crash of sysd keeps bridge services running: the restarted sysd adopts each container
+/// with its place on the bridge (same pid, same address, its published port forwarded and in
+/// the ruleset, its name in the hosts file). A container whose address the store now keeps at
+/// another one (bad input: state that disagrees with what runs) is refused, says why, and
+/// starts fresh at the store's address.
+#[test]
+fn under_init_a_killed_sysd_adopts_bridge_services_with_their_address_and_ports() {
+    assert!(
+        Path::new("/usr/sbin/nft").exists(),
+        "nft missing: apt-get install nftables (./dev deps)"
+    );
+    let mut lab = Lab::under_init();
+    let s = lab.subnet.clone();
+    let rootfs = lab.path("rootfs");
+    busybox::rootfs(&rootfs).unwrap();
+    std::fs::create_dir_all(rootfs.join("www")).unwrap();
+    std::fs::write(rootfs.join("www/index.html"), "hello from web\n").unwrap();
+    let config = format!(
+        r#"version = 2
+[network.bridge]
+subnet = "10.91.0.0/24"
+[network.interfaces.ve0]
+addresses = ["{s}.2/24"]
+gateway = "{s}.1"
+
+[services.web]
+image = "{root}"
+command = ["httpd", "-f", "-p", "80", "-h", "/www"]
+ports = ["18082:80/tcp"]
+ready = {{ tcp = "127.0.0.1:80", interval = "200ms" }}
+stop_timeout = "1s"
+
+[services.other]
+image = "{root}"
+command = ["sleep", "100000"]
+stop_timeout = "1s"
+"#,
+        root = rootfs.display(),
+    );
+    lab.start_sysd(&config);
+    lab.wait_log("sysd: endpoint: other: 10.91.0.", 1);
+    let state = |lab: &Lab, name: &str| -> Value {
+        let (code, body) = lab.request("GET", &format!("/v1/services/{name}"), "");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let wait = |lab: &Lab, what: &str, ok: &dyn Fn(&Lab) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ok(lab) {
+            assert!(Instant::now() < deadline, "{what}\n{}", lab.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let pid = |lab: &Lab, name: &str| state(lab, name)["pid"].as_i64().unwrap_or(0);
+    wait(&lab, "web and other running", &|l| {
+        state(l, "web")["state"] == "running" && state(l, "other")["state"] == "running"
+    });
+    let url = format!("http://{s}.2:18082/");
+    let fetch = |lab: &Lab| -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.server,
+                "busybox",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+            ])
+            .arg(&url)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = fetch(&lab);
+        if got == "hello from web\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web's published port: {got}\n{}",
+            lab.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (web, other) = (pid(&lab, "web"), pid(&lab, "other"));
+    // Each one's address, as the hosts file names it (.2 and .3, in the order they started).
+    let hosts = std::fs::read_to_string(lab.path("run/hosts")).unwrap();
+    let address_of = |name: &str| {
+        hosts
+            .lines()
+            .find_map(|l| l.strip_suffix(&format!(" {name}")))
+            .unwrap_or_else(|| panic!("{name} not in the hosts file:\n{hosts}"))
+            .to_string()
+    };
+    let (web_ip, other_ip) = (address_of("web"), address_of("other"));
+    assert!(
+        [&web_ip, &other_ip]
+            .iter()
+            .all(|a| a.starts_with("10.91.0.")),
+        "{hosts}"
+    );
+
+    // The store now keeps `other` at .9 (as if its lease had been edited while sysd was
+    // down): its running container disagrees with it.
+    let ipam = lab.path("var/network/ipam.json");
+    let text = std::fs::read_to_string(&ipam).unwrap();
+    let quoted = format!("\"{other_ip}\"");
+    assert!(text.contains(&quoted), "{text}");
+    std::fs::write(&ipam, text.replace(&quoted, "\"10.91.0.9\"")).unwrap();
+
+    let old = lab.sysd.kill_sysd().expect("sysd's pid");
+    while Path::new(&format!("/proc/{old}")).exists() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    wait(&lab, "init to restart sysd", &|l| {
+        l.sysd.pid().is_some_and(|p| p != old)
+            && l.sysd.try_request("GET", "/v1/services", "").is_ok()
+    });
+    wait(&lab, "other to run again", &|l| {
+        state(l, "other")["state"] == "running" && pid(l, "other") != other
+    });
+    let events = lab.sysd.events();
+    let find = |svc: &str, kind: &str| {
+        events
+            .iter()
+            .find(|e| e["service"] == svc && e["kind"] == kind)
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+    };
+    // web: adopted, the same process, its place taken back.
+    assert!(find("web", "adopted").is_some(), "{events:#?}");
+    assert!(find("web", "adopt-refused").is_none(), "{events:#?}");
+    assert_eq!(pid(&lab, "web"), web);
+    assert_eq!(state(&lab, "web")["state"], "running");
+    let log = lab.log();
+    assert!(
+        log.contains(&format!(
+            "endpoint: web: {web_ip}/24 on keel0 via 10.91.0.1 (kept), publishing 18082->80/tcp"
+        )),
+        "{log}"
+    );
+    // other: refused with the reason, then started fresh at the store's address.
+    let refused = find("other", "adopt-refused").unwrap_or_else(|| panic!("{events:#?}"));
+    assert!(
+        refused.contains(&format!("{other_ip}/24"))
+            && refused.contains("differs from the address the store keeps for it, 10.91.0.9"),
+        "{refused}"
+    );
+    assert!(find("other", "adopted").is_none(), "{events:#?}");
+    lab.wait_log("sysd: endpoint: other: 10.91.0.9/24", 1);
+    // Both in the hosts file and web's port in the ruleset the last attach loaded (it renders
+    // every attached service's ports: web's are there only because its adoption put them back).
+    let hosts = std::fs::read_to_string(lab.path("run/hosts")).unwrap();
+    assert!(
+        hosts.contains(&format!("{web_ip} web\n")) && hosts.contains("10.91.0.9 other\n"),
+        "{hosts}"
+    );
+    let rules = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.client,
+        "nft",
+        "list",
+        "table",
+        "ip",
+        "keelson",
+    ]);
+    assert!(rules.contains("18082"), "{rules}");
+    assert_eq!(fetch(&lab), "hello from web\n", "{}", lab.log());
+    // The veth of other's first container went with it; one per service remains.
+    let links = lab.ip(&["-o", "link", "show", "master", "keel0"]);
+    assert_eq!(links.lines().count(), 2, "{links}");
 }

@@ -47,6 +47,15 @@ pub enum Error {
     /// The task that ran `nft` ended without an answer.
     #[error("{0}")]
     Task(String),
+    /// A running container's endpoint (kept across a sysd restart) that the bridge as it is
+    /// now cannot take back.
+    #[error("its container's endpoint {address}/{prefix} on {bridge} {why}")]
+    NotKept {
+        address: Ipv4Addr,
+        prefix: u8,
+        bridge: String,
+        why: String,
+    },
 }
 
 impl Classify for Error {
@@ -54,6 +63,7 @@ impl Classify for Error {
         match self {
             Error::NotIpv4 => Kind::Invalid,
             Error::Full(_) => Kind::Unavailable,
+            Error::NotKept { .. } => Kind::Conflict,
             Error::Keep { .. }
             | Error::Hosts { .. }
             | Error::Vanished
@@ -121,6 +131,40 @@ impl Ipam {
             }
         }
         Err(Error::Full(subnet))
+    }
+}
+
+impl Ipam {
+    /// Takes back `address` for `service`, whose running container has it: refused (saying
+    /// why) when the store gives the service another address or another service this one, or
+    /// when it is not a host address of `subnet` after the gateway. A store that lost the
+    /// lease (deleted, corrupt) gets it back.
+    pub fn claim(&mut self, service: &str, address: Ipv4Addr, subnet: Cidr) -> Result<(), String> {
+        let IpAddr::V4(net) = subnet.addr else {
+            return Err("is not on an IPv4 bridge".into());
+        };
+        let size = 1u64 << (32 - u32::from(subnet.prefix));
+        let base = u64::from(u32::from(net)) & !(size - 1);
+        let off = u64::from(u32::from(address)).wrapping_sub(base);
+        if off < 2 || off >= size - 1 {
+            return Err(format!(
+                "is not a service address of the bridge subnet {subnet}"
+            ));
+        }
+        if let Some(own) = self.leases.get(service) {
+            return if *own == address {
+                Ok(())
+            } else {
+                Err(format!(
+                    "differs from the address the store keeps for it, {own}"
+                ))
+            };
+        }
+        if let Some((other, _)) = self.leases.iter().find(|(_, a)| **a == address) {
+            return Err(format!("is kept for service `{other}`"));
+        }
+        self.leases.insert(service.to_string(), address);
+        Ok(())
     }
 }
 
@@ -211,6 +255,36 @@ pub fn ipam_path(state_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_adopted_address_is_taken_back_or_refused_with_the_reason() {
+        let subnet = Cidr::parse("10.88.0.0/24").unwrap();
+        let ip = |d| Ipv4Addr::new(10, 88, 0, d);
+        let mut ipam = Ipam::default();
+        ipam.allocate("a", subnet).unwrap();
+        // Its own address again, and one a store that lost it gives back.
+        assert_eq!(ipam.claim("a", ip(2), subnet), Ok(()));
+        assert_eq!(ipam.claim("b", ip(7), subnet), Ok(()));
+        assert_eq!(ipam.leases["b"], ip(7));
+        // A later allocation does not hand that address out again.
+        assert_eq!(ipam.allocate("c", subnet).unwrap(), ip(3));
+        let refused = |r: Result<(), String>, needle: &str| {
+            let e = r.unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        };
+        refused(
+            ipam.claim("a", ip(9), subnet),
+            "the store keeps for it, 10.88.0.2",
+        );
+        refused(ipam.claim("d", ip(7), subnet), "kept for service `b`");
+        for outside in [ip(0), ip(1), ip(255), Ipv4Addr::new(10, 89, 0, 5)] {
+            refused(
+                ipam.claim("e", outside, subnet),
+                "not a service address of the bridge subnet",
+            );
+        }
+        assert!(!ipam.leases.contains_key("d") && !ipam.leases.contains_key("e"));
+    }
 
     #[test]
     fn allocations_are_stable_and_skip_the_gateway() {

@@ -948,6 +948,28 @@ impl Net {
         service: &str,
         ports: &[keelson_spec::network::PortSpec],
     ) -> Result<bridge::Endpoint, Error> {
+        self.place(service, ports, None).await
+    }
+
+    /// Gives a container a previous sysd plugged in (adopted across a sysd restart) its place
+    /// back as it has it: the same address in the store (taken back if the store lost it),
+    /// the hosts file, its published ports in the ruleset. Refused, saying why, when the
+    /// bridge as it is now cannot take that endpoint back: another subnet or bridge, its
+    /// address kept for another service or the service kept at another one, its veth gone.
+    pub async fn reattach(
+        &self,
+        kept: &bridge::Endpoint,
+        ports: &[keelson_spec::network::PortSpec],
+    ) -> Result<(), Error> {
+        self.place(&kept.service, ports, Some(kept)).await.map(drop)
+    }
+
+    async fn place(
+        &self,
+        service: &str,
+        ports: &[keelson_spec::network::PortSpec],
+        kept: Option<&bridge::Endpoint>,
+    ) -> Result<bridge::Endpoint, Error> {
         let _guard = self.bridge_lock.lock().await;
         let subnet = {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -977,7 +999,34 @@ impl Net {
         }
         let ipam_path = bridge::ipam_path(&self.paths.state_dir);
         let mut ipam = bridge::Ipam::load(&ipam_path, subnet);
-        let address = ipam.allocate(service, subnet)?;
+        let address = match kept {
+            None => ipam.allocate(service, subnet)?,
+            Some(ep) => {
+                let not_kept = |why: String| bridge::Error::NotKept {
+                    address: ep.address,
+                    prefix: ep.prefix,
+                    bridge: ep.bridge.clone(),
+                    why,
+                };
+                if ep.bridge != bridge::BRIDGE
+                    || ep.prefix != subnet.prefix
+                    || ep.gateway != gw
+                    || ep.host_if != bridge::host_if_name(service)
+                {
+                    return Err(not_kept(format!(
+                        "is not on the bridge as it is now ({} {subnet} via {gw})",
+                        bridge::BRIDGE
+                    ))
+                    .into());
+                }
+                ipam.claim(service, ep.address, subnet).map_err(not_kept)?;
+                let links = self.nl.links().await?;
+                if !links.iter().any(|l| l.name == ep.host_if) {
+                    return Err(not_kept(format!("has lost its veth {}", ep.host_if)).into());
+                }
+                ep.address
+            }
+        };
         ipam.store(&ipam_path).map_err(|err| bridge::Error::Keep {
             path: ipam_path.clone(),
             err,
@@ -1006,9 +1055,10 @@ impl Net {
         self.emit(
             "endpoint",
             format!(
-                "{service}: {address}/{} on {} via {gw}{}",
+                "{service}: {address}/{} on {} via {gw}{}{}",
                 subnet.prefix,
                 bridge::BRIDGE,
+                if kept.is_some() { " (kept)" } else { "" },
                 if ports.is_empty() {
                     String::new()
                 } else {

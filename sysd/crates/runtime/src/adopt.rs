@@ -92,8 +92,9 @@ pub enum Refused {
     SpecChanged,
     #[error("its log pipes did not come back from init (no FD store)")]
     LogsLost,
-    #[error("{0}")]
-    Unsupported(String),
+    /// A bridge service's container whose bundle does not say where it is on the bridge.
+    #[error("its bundle has no readable bridge endpoint ({0})")]
+    NoEndpoint(String),
 }
 
 /// What a restarted sysd does with a container it finds.

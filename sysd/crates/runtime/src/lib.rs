@@ -228,6 +228,8 @@ pub struct Leftover {
     pub record: Option<Result<adopt::Record, adopt::Refused>>,
     /// The hash of its bundle's `config.json` as it is now.
     pub bundle_hash: String,
+    /// Its bridge endpoint, as the bundle's annotation has it (bridge services), unparsed.
+    pub endpoint: Option<String>,
 }
 
 impl Leftover {
@@ -548,6 +550,7 @@ impl Runtime {
                     populated: false,
                     record: None,
                     bundle_hash: String::new(),
+                    endpoint: None,
                 });
                 if let Ok(state) = std::fs::read(entry.path().join("state.json")) {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&state) {
@@ -572,6 +575,9 @@ impl Runtime {
                         {
                             l.service = h.to_owned();
                         }
+                        l.endpoint = v["annotations"][netplug::ANNOTATION]
+                            .as_str()
+                            .map(str::to_owned);
                         if let Some(p) = v["linux"]["cgroupsPath"].as_str() {
                             l.cgroup_path = Some(p.to_owned());
                             by_cgroup.insert(normalize_cgroup(p), id.clone());
@@ -616,6 +622,7 @@ impl Runtime {
                         populated,
                         record: None,
                         bundle_hash: String::new(),
+                        endpoint: None,
                     },
                 );
             }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use keelson_common::notify::Exit;
 use keelson_runtime::adopt::{self, Record, Refused, Verdict};
+use keelson_runtime::netplug::{Endpoint, ANNOTATION};
 use keelson_runtime::Leftover;
 use tokio::sync::watch;
 
@@ -117,6 +118,10 @@ pub(crate) struct Adopted {
     pub stderr: OwnedFd,
     /// The pid of the container whose network namespace it joined (`network = "service:X"`).
     pub joined_pid: Option<i32>,
+    /// Where it is on the bridge (`network = "bridge"`): taken back before it is supervised.
+    pub endpoint: Option<Endpoint>,
+    /// What it is, should the bridge refuse it back (then it is removed and started fresh).
+    pub left: Box<Leftover>,
 }
 
 /// How a service's task begins.
@@ -128,35 +133,55 @@ pub(crate) enum Resume {
     Clean(Box<Leftover>),
 }
 
-/// One service's verdict, before the pidfd is taken.
+/// One service's verdict, before the pidfd is taken, with a bridge service's endpoint (its
+/// bundle's annotation: where its container is on the bridge).
 pub(crate) fn verdict(
     left: &Leftover,
     spec_hash: &str,
     bridge: bool,
     fds: &BTreeMap<String, OwnedFd>,
     exits: &[Exit],
-) -> Verdict {
+) -> (Verdict, Option<Endpoint>) {
     use keelson_common::api::Stream;
     let Some(record) = left.record.clone() else {
-        return Verdict::Refused(Refused::Corrupt {
+        let why = Refused::Corrupt {
             path: format!("{} (bundle)", left.id.as_deref().unwrap_or(&left.service)).into(),
             why: "no adopt.json".into(),
-        });
+        };
+        return (Verdict::Refused(why), None);
     };
-    if bridge {
-        return Verdict::Refused(Refused::Unsupported(
-            "network = \"bridge\": its veth and address are not adopted (yet)".into(),
-        ));
-    }
     let logs_back = [Stream::Stdout, Stream::Stderr]
         .iter()
         .all(|s| fds.contains_key(&fd_name(&left.service, *s)));
-    adopt::decide(
+    let verdict = adopt::decide(
         record,
         std::path::Path::new("/proc"),
         &left.bundle_hash,
         spec_hash,
         logs_back,
         exits,
-    )
+    );
+    if !bridge || !matches!(verdict, Verdict::Adopt(_)) {
+        return (verdict, None);
+    }
+    match endpoint(left) {
+        Ok(ep) => (verdict, Some(ep)),
+        Err(why) => (Verdict::Refused(Refused::NoEndpoint(why)), None),
+    }
+}
+
+/// A bridge leftover's endpoint, as its bundle's annotation says.
+fn endpoint(left: &Leftover) -> Result<Endpoint, String> {
+    let text = left
+        .endpoint
+        .as_deref()
+        .ok_or_else(|| format!("no {ANNOTATION} annotation"))?;
+    let ep: Endpoint = serde_json::from_str(text).map_err(|e| format!("{ANNOTATION}: {e}"))?;
+    if ep.service != left.service {
+        return Err(format!(
+            "{ANNOTATION} names service `{}`, not `{}`",
+            ep.service, left.service
+        ));
+    }
+    Ok(ep)
 }

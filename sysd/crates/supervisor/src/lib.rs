@@ -80,6 +80,9 @@ pub trait Network: Send + Sync {
     /// A bridge service's place on the bridge: its address and published ports (the runtime
     /// helper plugs the container in with the endpoint).
     async fn attach(&self, service: &str, ports: &[PortSpec]) -> anyhow::Result<Endpoint>;
+    /// An adopted bridge container's place back as it has it (`kept`, from its bundle), or
+    /// why the bridge cannot take it back.
+    async fn reattach(&self, kept: &Endpoint, ports: &[PortSpec]) -> anyhow::Result<()>;
     /// The hosts file bridge containers get as /etc/hosts.
     fn hosts_file(&self) -> PathBuf;
 }
@@ -287,8 +290,8 @@ impl Supervisor {
                     if left.record.is_some() && left.id.as_deref() == Some(svc.name.as_str()) =>
                 {
                     let bridge = svc.spec.network == keelson_spec::Network::Bridge;
-                    let v = adopt::verdict(&left, &svc.spec.hash(), bridge, &fds, &exits);
-                    verdicts.push((left, v));
+                    let (v, ep) = adopt::verdict(&left, &svc.spec.hash(), bridge, &fds, &exits);
+                    verdicts.push((left, v, ep));
                 }
                 Some(svc) if !plan.contains_key(&svc.name) => {
                     plan.insert(svc.name.clone(), adopt::Resume::Clean(Box::new(left)));
@@ -298,12 +301,12 @@ impl Supervisor {
         }
         let adopted_pids: BTreeMap<String, i32> = verdicts
             .iter()
-            .filter_map(|(l, v)| match v {
+            .filter_map(|(l, v, _)| match v {
                 Verdict::Adopt(r) => Some((l.service.clone(), r.pid)),
                 _ => None,
             })
             .collect();
-        for (left, v) in verdicts {
+        for (left, v, endpoint) in verdicts {
             let name = left.service.clone();
             let resume = match v {
                 Verdict::Adopt(record) => {
@@ -317,14 +320,8 @@ impl Supervisor {
                     let err = fds.remove(&adopt::fd_name(&name, Stream::Stderr));
                     match (pidfd, out, err) {
                         (Some(pidfd), Some(stdout), Some(stderr)) => {
-                            events.emit(
-                                Some(&name),
-                                "adopted",
-                                format!(
-                                    "pid {} kept running across the sysd restart ({} restart(s) so far)",
-                                    record.pid, record.restarts
-                                ),
-                            );
+                            // Its `adopted` event comes from its task, once a bridge
+                            // container has its place back.
                             let joined_pid = config.services[&name]
                                 .spec
                                 .network
@@ -336,6 +333,8 @@ impl Supervisor {
                                 stdout,
                                 stderr,
                                 joined_pid,
+                                endpoint,
+                                left: Box::new(left),
                             }))
                         }
                         _ => {
@@ -839,7 +838,17 @@ impl ServiceTask {
                 self.set(|s| s.restarts = restarts);
                 pending = Some(Ended::Exited(exit_info(exit.status)));
             }
-            Some(adopt::Resume::Adopt(a)) => pending = Some(self.resume_adopted(*a).await),
+            Some(adopt::Resume::Adopt(a)) => match self.reattach(&a).await {
+                Ok(()) => pending = Some(self.resume_adopted(*a).await),
+                Err(why) => {
+                    self.event(
+                        "adopt-refused",
+                        format!("{why:#}; its cgroup is killed and it starts fresh"),
+                    );
+                    let adopt::Adopted { left, .. } = *a;
+                    report_cleanup(&self.sup.runtime, &self.sup.events, &left).await;
+                }
+            },
             None => {}
         }
         loop {
@@ -1134,9 +1143,37 @@ impl ServiceTask {
         self.supervise(instance).await
     }
 
+    /// Gives an adopted bridge container its place on the bridge back (its address kept in
+    /// the store, the hosts file, its published ports), before anything else of it resumes.
+    async fn reattach(&self, a: &adopt::Adopted) -> anyhow::Result<()> {
+        let Some(ep) = &a.endpoint else {
+            return Ok(());
+        };
+        let net = self.sup.network().ok_or_else(|| {
+            anyhow::anyhow!("network = \"bridge\" needs sysd's host networking (--host-network)")
+        })?;
+        let ports: Vec<_> = self
+            .svc
+            .spec
+            .ports
+            .iter()
+            .filter_map(|p| PortSpec::parse(p).ok())
+            .collect();
+        net.reattach(ep, &ports)
+            .await
+            .map_err(|e| anyhow::anyhow!("bridge network: {e:#}"))
+    }
+
     /// Resumes a container a previous sysd started: its log readers on the pipes init kept,
     /// its status as it was (running, restarts), then supervision as for one just started.
     async fn resume_adopted(&mut self, a: adopt::Adopted) -> Ended {
+        self.event(
+            "adopted",
+            format!(
+                "pid {} kept running across the sysd restart ({} restart(s) so far)",
+                a.record.pid, a.record.restarts
+            ),
+        );
         let name = self.name().to_owned();
         self.sup.logs.capture(&name, Stream::Stdout, a.stdout);
         self.sup.logs.capture(&name, Stream::Stderr, a.stderr);
