@@ -116,35 +116,11 @@ impl Keys {
 mod tests {
     use super::*;
 
-    /// Makes a key directory the way docs/secure-boot.md tells users to.
-    pub fn make_keys(dir: &Path) {
-        std::fs::create_dir_all(dir).unwrap();
-        for name in ["PK", "KEK", "db"] {
-            let out = Command::new("openssl")
-                .args([
-                    "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
-                ])
-                .args(["-days", "3650", "-subj"])
-                .arg(format!("/CN=Keelson test {name}/"))
-                .arg("-keyout")
-                .arg(dir.join(format!("{name}.key")))
-                .arg("-out")
-                .arg(dir.join(format!("{name}.crt")))
-                .output()
-                .expect("openssl (package openssl)");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-
     #[test]
     fn keys_sign_and_enroll_reproducibly() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("keys");
-        make_keys(&dir);
+        keelson_testkit::secure_boot::key_dir(&dir);
         let keys = Keys::load(&dir).unwrap();
         let a = keys
             .enrollment(&tmp.path().join("a"), "seed", 1_700_000_000)
@@ -187,7 +163,7 @@ mod tests {
     #[test]
     fn a_missing_key_file_is_named() {
         let tmp = tempfile::tempdir().unwrap();
-        make_keys(tmp.path());
+        keelson_testkit::secure_boot::key_dir(tmp.path());
         std::fs::remove_file(tmp.path().join("KEK.crt")).unwrap();
         let err = Keys::load(tmp.path()).unwrap_err().to_string();
         assert!(err.contains("KEK.crt is missing"), "{err}");

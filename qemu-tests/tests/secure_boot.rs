@@ -7,7 +7,6 @@
 //! Denied`).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,23 +15,6 @@ use qemu_tests::{create_overlay, workspace_root};
 
 const BOOT: Duration = Duration::from_secs(420);
 const REPO_PORT: u16 = 8000;
-
-/// Makes the user's key directory the way docs/secure-boot.md says.
-fn make_keys(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    for name in ["PK", "KEK", "db"] {
-        run(Command::new("openssl")
-            .args([
-                "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
-            ])
-            .args(["-days", "3650", "-subj"])
-            .arg(format!("/CN=Keelson test {name}/"))
-            .arg("-keyout")
-            .arg(dir.join(format!("{name}.key")))
-            .arg("-out")
-            .arg(dir.join(format!("{name}.crt"))));
-    }
-}
 
 /// File offset of a PE image's section `name`.
 fn section_offset(pe: &[u8], name: &str) -> usize {
@@ -54,7 +36,7 @@ fn signed_uki_boots_under_secure_boot_and_unsigned_or_tampered_ones_are_refused(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("keys");
-    make_keys(&keys);
+    keelson_testkit::secure_boot::key_dir(&keys);
     let ib = image_build().unwrap();
     let tuf_key = dir.join("tuf.pk8");
     let root = dir.join("root.json");

@@ -24,5 +24,6 @@ pub mod http;
 pub mod oci;
 pub mod peers;
 pub mod registry;
+pub mod secure_boot;
 pub mod stats;
 pub mod tools;

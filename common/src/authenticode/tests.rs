@@ -4,25 +4,7 @@ use std::process::Command;
 
 /// An RSA key and self-signed certificate made by openssl, as PEM (key, cert).
 pub(super) fn keypair(dir: &Path, cn: &str) -> (Vec<u8>, Vec<u8>) {
-    let key = dir.join(format!("{cn}.key"));
-    let crt = dir.join(format!("{cn}.crt"));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
-        ])
-        .arg("-subj")
-        .arg(format!("/CN={cn}/"))
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt)
-        .output()
-        .expect("openssl (package openssl) runs");
-    assert!(
-        out.status.success(),
-        "openssl req: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (key, crt) = keelson_testkit::secure_boot::keypair(dir, cn, cn);
     (std::fs::read(key).unwrap(), std::fs::read(crt).unwrap())
 }
 

@@ -59,24 +59,5 @@ pub fn build_with(
 /// A Secure Boot key directory (PK, KEK, db), made with openssl as docs/secure-boot.md says.
 #[allow(dead_code)] // not every test binary that includes this module signs
 pub fn secure_boot_keys(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    for name in ["PK", "KEK", "db"] {
-        let out = Command::new("openssl")
-            .args([
-                "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
-            ])
-            .args(["-days", "3650", "-subj"])
-            .arg(format!("/CN=Keelson test {name}/"))
-            .arg("-keyout")
-            .arg(dir.join(format!("{name}.key")))
-            .arg("-out")
-            .arg(dir.join(format!("{name}.crt")))
-            .output()
-            .expect("openssl (package openssl)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    keelson_testkit::secure_boot::key_dir(dir);
 }

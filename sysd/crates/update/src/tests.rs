@@ -1156,24 +1156,7 @@ fn read_all(mut r: impl Read) -> Vec<u8> {
 
 /// An RSA key and self-signed certificate (PEM) made by openssl, as a Secure Boot db key.
 fn sb_key(dir: &Path, cn: &str) -> keelson_common::authenticode::Signer {
-    let (key, crt) = (dir.join(format!("{cn}.key")), dir.join(format!("{cn}.crt")));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "30",
-        ])
-        .arg("-subj")
-        .arg(format!("/CN={cn}/"))
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt)
-        .output()
-        .expect("openssl (package openssl)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (key, crt) = keelson_testkit::secure_boot::keypair(dir, cn, cn);
     keelson_common::authenticode::Signer::new(
         &std::fs::read(key).unwrap(),
         &std::fs::read(crt).unwrap(),
