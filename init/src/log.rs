@@ -1,9 +1,10 @@
 //! The console log: every line init prints, stamped with CLOCK_BOOTTIME in the kernel's dmesg
 //! style (`[    1.234567] keelson-init: ...`) so init's lines interleave readably with the
-//! kernel's and the boot-timeline benchmark can parse them.
+//! kernel's and the boot-timeline benchmark can parse them. Each line also goes to the boot
+//! record (`/run/keelson/init.log`, [`open_record`]), which sysd serves as `GET /v1/boot`.
 
 use std::os::fd::{IntoRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nix::time::{clock_gettime, ClockId};
@@ -11,6 +12,45 @@ use nix::time::{clock_gettime, ClockId};
 /// The console fd once opened; until then (or if /dev/console cannot be opened) lines go to
 /// stderr, which the kernel points at the console for PID 1 anyway.
 static CONSOLE: AtomicI32 = AtomicI32::new(-1);
+
+/// The boot record's fd once opened (-1: none), and how much has been written to it.
+static RECORD: AtomicI32 = AtomicI32::new(-1);
+static RECORDED: AtomicUsize = AtomicUsize::new(0);
+
+/// Where init records its lines for `keelctl analyze` (keelson_common's `api::boot::INIT_LOG`).
+pub const RECORD_PATH: &str = "/run/keelson/init.log";
+
+/// The record stops growing here (about 2000 lines): a boot needs a few dozen, and a node that
+/// logs on for months (sysd restarts) must not fill /run.
+pub const RECORD_MAX: usize = 256 * 1024;
+
+/// Opens the boot record for appending: stage 1 once /run is mounted, stage 2 again after the
+/// switch (its /run is stage 1's, moved, so the file holds both stages' lines). O_CLOEXEC: the
+/// exec into stage 2 and sysd do not inherit it. Without /run the lines only reach the console.
+pub fn open_record(path: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let opened = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path);
+    if let Ok(file) = opened {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        RECORDED.store(
+            usize::try_from(len).unwrap_or(usize::MAX),
+            Ordering::Relaxed,
+        );
+        let old = RECORD.swap(file.into_raw_fd(), Ordering::Relaxed);
+        if old >= 0 {
+            // SAFETY: `old` was ours (from an earlier open_record) and nothing else holds it.
+            unsafe { libc::close(old) };
+        }
+    }
+}
 
 /// Opens /dev/console for logging. Safe to call again (for instance after /dev changed); the old
 /// fd is kept open, as a log line racing with the swap must never hit a closed fd.
@@ -87,6 +127,20 @@ pub fn line(msg: &str) {
         fd => fd,
     };
     write_all(fd, text.as_bytes());
+    record(text.as_bytes());
+}
+
+/// Appends one line to the boot record, whole (O_APPEND: one write per line, so the
+/// background module loader's lines never land inside init's), until [`RECORD_MAX`].
+fn record(line: &[u8]) {
+    let fd = RECORD.load(Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    let before = RECORDED.fetch_add(line.len(), Ordering::Relaxed);
+    if before.saturating_add(line.len()) <= RECORD_MAX {
+        write_all(fd, line);
+    }
 }
 
 fn write_all(fd: RawFd, mut buf: &[u8]) {
@@ -134,6 +188,37 @@ mod tests {
             format_line(Duration::ZERO, ""),
             "[    0.000000] keelson-init: \n"
         );
+    }
+
+    #[test]
+    fn record_gets_every_line_appended_until_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keelson/init.log");
+        let path = path.to_str().unwrap();
+        std::fs::create_dir_all(dir.path().join("keelson")).unwrap();
+        std::fs::write(path, "[    1.000000] keelson-init: stage1: start\n").unwrap();
+        // Stage 2 reopens what stage 1 wrote and appends.
+        open_record(path);
+        line("stage2: start");
+        let text = std::fs::read_to_string(path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // (Other tests' lines may land here too while the record is open.)
+        assert_eq!(lines[0], "[    1.000000] keelson-init: stage1: start");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with("] keelson-init: stage2: start")),
+            "{text}"
+        );
+        // Full: further lines reach the console only.
+        RECORDED.store(RECORD_MAX, Ordering::Relaxed);
+        line("after the cap");
+        assert!(!std::fs::read_to_string(path)
+            .unwrap()
+            .contains("after the cap"));
+        let fd = RECORD.swap(-1, Ordering::Relaxed);
+        // SAFETY: the fd open_record opened; no other test uses the record.
+        unsafe { libc::close(fd) };
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub fn run() -> ! {
     let api = mounts::mount_all(&mut Kernel, &mounts::STAGE1);
     crate::log::ensure_stdio();
     crate::log::open_console();
+    crate::log::open_record(crate::log::RECORD_PATH);
     say!("stage1: start");
     if let Err(e) = api {
         fatal(&e.to_string());

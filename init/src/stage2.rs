@@ -59,6 +59,7 @@ pub fn run() -> ! {
     let blocked = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), None);
     crate::log::ensure_stdio();
     crate::log::open_console();
+    crate::log::open_record(crate::log::RECORD_PATH);
     say!("stage2: start");
     if let Err(e) = blocked {
         fatal(&format!("cannot block signals: {e}"));

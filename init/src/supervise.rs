@@ -541,6 +541,10 @@ pub fn host_main(args: &[String]) -> ! {
     use nix::sys::signalfd::{SfdFlags, SignalFd};
 
     crate::log::use_stderr();
+    // Where to record init's lines, as PID 1 does in /run/keelson/init.log (`GET /v1/boot`).
+    if let Ok(path) = std::env::var("KEELSON_INIT_LOG") {
+        crate::log::open_record(&path);
+    }
     let args: Vec<&str> = args
         .iter()
         .map(String::as_str)

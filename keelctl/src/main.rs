@@ -8,6 +8,7 @@
 //! request at a time (several nodes: one thread each). `keelctl pki` ([`pki`]) is the
 //! operator's PKI for the remote API.
 
+mod analyze;
 mod config;
 mod extensions;
 mod http;
@@ -135,6 +136,12 @@ enum Command {
     Images {
         #[command(subcommand)]
         command: Option<images::ImagesCommand>,
+    },
+    /// Where this boot's time went (init's steps, the services' start-up): a summary, or
+    /// `blame`, `critical-chain`, `timeline`, `plot > boot.svg`.
+    Analyze {
+        #[command(subcommand)]
+        command: Option<analyze::AnalyzeCommand>,
     },
     /// Engine extensions of the running OS version: name, version, state, root hash, source.
     Extensions,
@@ -336,6 +343,7 @@ fn run_one(cli: &Cli, client: &Client, json: bool, out: &mut impl Write) -> Resu
         }
         Command::Update(cmd) => update::run(&client, cmd, json, out)?,
         Command::Extensions => extensions::run(&client, json, out)?,
+        Command::Analyze { command } => analyze::run(&client, command, json, out)?,
         Command::Completions { .. } | Command::Pki(_) => {
             unreachable!("answered before a client is made")
         }

@@ -99,6 +99,9 @@ struct DaemonArgs {
     /// The resolver file (/etc/resolv.conf links to it).
     #[arg(long, default_value = "/run/keelson/resolv.conf")]
     resolv_conf: PathBuf,
+    /// init's record of this boot's lines (`GET /v1/boot`; absent: no init timeline).
+    #[arg(long, default_value = keelson_common::api::boot::INIT_LOG)]
+    init_log: PathBuf,
     /// The hardware watchdog init armed (written by init; absent: none).
     #[arg(long, default_value = "/run/keelson/watchdog.json")]
     watchdog_status: PathBuf,
@@ -145,16 +148,32 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    tracing_subscriber::fmt()
-        .with_target(false)
-        .without_time()
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let fmt = tracing_subscriber::fmt()
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(std::io::stderr);
     match cli.command {
-        Some(Command::Check { files, system }) => check(&files, system),
-        None => daemon(cli.daemon),
+        Some(Command::Check { files, system }) => {
+            fmt.without_time().init();
+            check(&files, system)
+        }
+        None => {
+            // Stamped like init's lines, on init's clock: the console reads as one timeline
+            // (`bench-boot` takes the services' start-up from it).
+            fmt.with_timer(BootClock).init();
+            daemon(cli.daemon)
+        }
+    }
+}
+
+/// `[    2.100000]`: CLOCK_BOOTTIME, as the kernel and init stamp their lines.
+struct BootClock;
+
+impl tracing_subscriber::fmt::time::FormatTime for BootClock {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let us = keelson_common::api::boot::boottime_us();
+        write!(w, "[{:>5}.{:06}]", us / 1_000_000, us % 1_000_000)
     }
 }
 
@@ -418,6 +437,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
             cgroup_parent: args.cgroup_parent.clone(),
         },
         log_dir: args.log_dir.clone(),
+        init_log: args.init_log.clone(),
     };
     let sup = Arc::new(Supervisor::new(
         runtime,

@@ -789,3 +789,131 @@ fn under_init_a_killed_sysd_adopts_running_services_and_loses_no_log_line() {
     sysd.terminate();
     assert!(sysd.log().contains("sysd: stopped"), "{}", sysd.log());
 }
+
+/// `GET /v1/boot`: init's record (the real init's lines, recorded as PID 1 records them) and
+/// each service's start on the same clock, in dependency order, then all services ready; a
+/// record that does not read is an error naming its line.
+#[test]
+fn boot_timeline_has_init_steps_and_services_in_dependency_order() {
+    use keelson_common::api::boot::{self, Boot};
+    let p = port();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let record = tmp.path().join("init.log");
+    let record_s = record.display().to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = dir.path().join("rootfs");
+    busybox::rootfs(&rootfs).expect("busybox rootfs");
+    let mut daemon = Daemon::new(
+        SYSD,
+        dir.path(),
+        Daemon::cgroup_parent_for("bt", dir.path()),
+    )
+    .under_init(keelson_testkit::daemon::init_exe())
+    .env("KEELSON_INIT_LOG", &record_s)
+    .args([
+        "--no-firstboot".to_string(),
+        "--init-log".into(),
+        record_s.clone(),
+    ]);
+    std::fs::write(
+        dir.path().join("system/10-test.toml"),
+        format!(
+            r#"version = 1
+[services.db]
+image = "{r}"
+command = ["sh", "-c", "sleep 1; exec nc -ll -p {p} -e cat"]
+ready = {{ tcp = "127.0.0.1:{p}", interval = "100ms", retries = 100 }}
+
+[services.migrate]
+image = "{r}"
+kind = "oneshot"
+command = ["true"]
+
+[services.web]
+image = "{r}"
+command = ["sleep", "1000"]
+requires = ["db", "migrate"]
+
+[services.standby]
+image = "{r}"
+command = ["sleep", "1000"]
+enabled = false
+"#,
+            r = rootfs.display()
+        ),
+    )
+    .expect("write system config");
+    daemon.start(Duration::from_secs(60));
+    let fetch = || -> Boot {
+        let (status, body) = daemon.request("GET", "/v1/boot", "");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    };
+    daemon.wait_until("all services ready", Duration::from_secs(60), |_| {
+        fetch().all_ready_us.is_some()
+    });
+    let b = fetch();
+    // init's own lines, from its record.
+    let started = b.mark("stage2: sysd started").expect("sysd started line");
+    let complete = b.boot_complete_us().expect("boot complete line");
+    assert!(started.at_us <= complete, "{:?}", b.init);
+    let svc = |name: &str| b.services.iter().find(|s| s.name == name).cloned().unwrap();
+    let (db, migrate, web) = (svc("db"), svc("migrate"), svc("web"));
+    for s in [&db, &migrate, &web] {
+        let (Some(a), Some(st), Some(r)) = (s.starting_us, s.started_us, s.ready_us) else {
+            panic!("{s:?} in {b:#?}\n{}", daemon.log());
+        };
+        assert!(started.at_us <= a && a <= st && st <= r, "{s:?}");
+    }
+    // db takes a second to listen: web, which requires it, starts after it is ready.
+    assert!(
+        db.ready_us.unwrap() >= db.started_us.unwrap() + 900_000,
+        "{db:?}"
+    );
+    assert!(
+        web.starting_us.unwrap() >= db.ready_us.unwrap(),
+        "{web:?} {db:?}"
+    );
+    assert!(web.starting_us.unwrap() >= migrate.ready_us.unwrap());
+    assert_eq!(web.after, vec!["db".to_string(), "migrate".to_string()]);
+    let standby = svc("standby");
+    assert_eq!(
+        (standby.starting_us, standby.state),
+        (None, Some(keelson_common::api::State::Stopped))
+    );
+    let all = b.all_ready_us.unwrap();
+    assert!(all >= web.ready_us.unwrap() && all <= b.now_us);
+    assert!(daemon.events().iter().any(|e| e["kind"] == "boot-ready"
+        && e["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("all 3 service(s) ready")));
+    // What keelctl renders from it: the chain runs web ← db ← sysd's start.
+    let chain = boot::critical_chain(&b);
+    let pos = |what: &str| {
+        chain
+            .find(what)
+            .unwrap_or_else(|| panic!("{what} in {chain}"))
+    };
+    assert!(pos("all services ready") < pos("└─web @") && pos("└─web @") < pos("└─db @"));
+    assert!(pos("└─db @") < pos("stage2: sysd started"), "{chain}");
+    assert!(boot::blame(&b).contains("db [service]"));
+    // sysd's console lines carry the same clock: the console alone gives the same times.
+    let console = Boot::from_console(&daemon.log());
+    let db2 = console.services.iter().find(|s| s.name == "db").unwrap();
+    // (Two reads of the clock a few microseconds apart: the event's and the log line's.)
+    let (r1, r2) = (db.ready_us.unwrap(), db2.ready_us.unwrap());
+    assert!(r2 >= r1 && r2 - r1 < 50_000, "{r1} {r2}\n{}", daemon.log());
+    // A record that does not read: a 500 naming the file and the line.
+    let mut text = std::fs::read_to_string(&record).unwrap();
+    let line = text.lines().count() + 1;
+    text.push_str("not a stamped line\n");
+    std::fs::write(&record, text).unwrap();
+    let (status, body) = daemon.request("GET", "/v1/boot", "");
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains(&format!("init.log: line {line}: no [seconds] stamp")),
+        "{body}"
+    );
+    daemon.terminate();
+}

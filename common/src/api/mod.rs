@@ -9,6 +9,7 @@ pub mod images;
 
 use serde::{Deserialize, Serialize};
 
+pub mod boot;
 pub mod config;
 pub mod extensions;
 pub mod firstboot;

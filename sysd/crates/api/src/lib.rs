@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use keelson_common::api::boot::Boot;
 use keelson_common::api::config::ConfigView;
 use keelson_common::api::extensions::ExtensionsView;
 use keelson_common::api::firstboot::FirstBoot;
@@ -119,6 +120,13 @@ pub trait Services: Send + Sync {
     /// Events with `seq > since` still in memory, then live ones.
     fn events(&self, since: Option<u64>) -> EventFeed;
     fn stats(&self) -> Vec<Stats>;
+    /// This boot's timeline: init's record and the services' start-up (`GET /v1/boot`).
+    fn boot(&self) -> Result<Boot, Failure> {
+        Err(Failure {
+            status: 501,
+            message: "this sysd keeps no boot timeline".into(),
+        })
+    }
 }
 
 /// The service config: its layers and `apply`.

@@ -340,6 +340,7 @@ enum Endpoint {
     FirstBoot,
     Config,
     Extensions,
+    Boot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,6 +387,7 @@ impl Endpoint {
                 (Endpoint::Action(name.to_string(), action), post)
             }
             ["events"] => (Endpoint::Events, get),
+            ["boot"] => (Endpoint::Boot, get),
             ["stats"] => (Endpoint::Stats, get),
             ["apply"] => (Endpoint::Apply, post),
             ["network"] => (Endpoint::Network, get),
@@ -494,6 +496,10 @@ async fn dispatch(
                 .report()
                 .ok_or_else(|| Failure::not_found("first boot has not run in this sysd"))?;
             Ok(json(&status))
+        }
+        Endpoint::Boot => {
+            query.allow(&[])?;
+            Ok(json(&concerns.services()?.boot()?))
         }
         Endpoint::Extensions => {
             query.allow(&[])?;
@@ -1507,6 +1513,10 @@ mod tests {
         let (response, _conn) = send(&h, "POST", "/v1/images/pull?reference=x", None, b"").await;
         expect_error(response, 501, "images").await;
         expect_error(get(&h, "/v1/firstboot").await, 501, "first boot").await;
+        expect_error(get(&h, "/v1/boot").await, 501, "no boot timeline").await;
+        expect_error(get(&h, "/v1/boot?x=1").await, 400, "takes none").await;
+        let (response, _conn) = send(&h, "POST", "/v1/boot", None, b"").await;
+        expect_error(response, 405, "use GET").await;
         expect_error(get(&h, "/v1/extensions").await, 501, "extensions").await;
         expect_error(get(&h, "/v1/network?x=1").await, 400, "takes none").await;
     }

@@ -2,9 +2,10 @@
 //! `?since=` and late readers) and broadcast to live readers; every event is also one line on
 //! sysd's stderr, which init connects to the console, so the boot log tells the same story.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Mutex, OnceLock};
 
+use keelson_common::api::boot::{self, ServiceBoot};
 use keelson_common::api::{now_ms, Event};
 use tokio::sync::broadcast;
 
@@ -15,6 +16,11 @@ const KEEP: usize = 2000;
 pub struct EventBus {
     ring: Mutex<(u64, VecDeque<Event>)>,
     tx: broadcast::Sender<Event>,
+    /// Each service's boot milestones (first `starting`, `started`/`adopted`,
+    /// `ready`/`completed`), on init's clock (CLOCK_BOOTTIME): `GET /v1/boot`.
+    boot: Mutex<BTreeMap<String, ServiceBoot>>,
+    /// When every service started at boot was ready (set once).
+    all_ready_us: OnceLock<u64>,
 }
 
 impl Default for EventBus {
@@ -28,11 +34,45 @@ impl EventBus {
         EventBus {
             ring: Mutex::new((0, VecDeque::new())),
             tx: broadcast::channel(1024).0,
+            boot: Mutex::new(BTreeMap::new()),
+            all_ready_us: OnceLock::new(),
+        }
+    }
+
+    /// The services' boot milestones so far, by name.
+    pub fn boot_times(&self) -> BTreeMap<String, ServiceBoot> {
+        self.boot.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// When every service started at boot was ready, once it was.
+    pub fn all_ready_us(&self) -> Option<u64> {
+        self.all_ready_us.get().copied()
+    }
+
+    /// Records that every service started at boot is ready, with a `boot-ready` event (once).
+    pub fn boot_ready(&self, services: usize) {
+        let at = boot::boottime_us();
+        if self.all_ready_us.set(at).is_ok() {
+            self.emit(
+                None,
+                boot::BOOT_READY,
+                format!(
+                    "all {services} service(s) ready {:.3} s after the kernel started",
+                    at as f64 / 1e6
+                ),
+            );
         }
     }
 
     pub fn emit(&self, service: Option<&str>, kind: &str, message: impl Into<String>) {
         let message = message.into();
+        if let Some(name) = service.filter(|_| boot::is_milestone(kind)) {
+            let mut times = self.boot.lock().unwrap_or_else(|p| p.into_inner());
+            let record = times
+                .entry(name.to_string())
+                .or_insert_with(|| ServiceBoot::new(name));
+            boot::note_event(record, kind, boot::boottime_us());
+        }
         match service {
             Some(s) => tracing::info!("sysd: {s}: {kind}: {message}"),
             None => tracing::info!("sysd: {kind}: {message}"),

@@ -65,6 +65,8 @@ pub struct Paths {
     pub sources: Sources,
     pub layout: resolve::Layout,
     pub log_dir: PathBuf,
+    /// init's record of this boot's lines (`GET /v1/boot`).
+    pub init_log: PathBuf,
 }
 
 /// What the supervisor needs from the host network manager. The `sysd` binary adapts
@@ -534,6 +536,35 @@ impl Supervisor {
             let resume = plan.remove(&svc.name);
             self.shared.spawn_with(Arc::new(svc), resume);
         }
+        self.watch_boot_ready();
+    }
+
+    /// Reports `boot-ready` once every service this boot started is ready (running, or a
+    /// oneshot completed); a disabled or stopped service does not count. Until then the
+    /// boot's `all_ready_us` stays unset, so a service that never gets ready shows.
+    fn watch_boot_ready(&self) {
+        let shared = Arc::clone(&self.shared);
+        let mut changes = shared.statuses.subscribe();
+        tokio::spawn(async move {
+            loop {
+                changes.borrow_and_update();
+                let statuses = shared.list();
+                let counted: Vec<&ServiceStatus> = statuses
+                    .iter()
+                    .filter(|s| s.state != State::Stopped)
+                    .collect();
+                if counted
+                    .iter()
+                    .all(|s| matches!(s.state, State::Running | State::Completed))
+                {
+                    shared.events.boot_ready(counted.len());
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     /// Installs `[admin]` keys before the admin service (re)starts; a failure is an event, the
@@ -1123,6 +1154,8 @@ impl ServiceTask {
             s.reason = None;
             s.health = None;
         });
+        // Its dependencies allow it: the boot timeline's start of this service.
+        self.event("starting", "creating its container");
         let instance = match self.start_container().await {
             Ok(i) => i,
             Err(err) => {
@@ -1806,6 +1839,50 @@ impl keelson_api::Services for Supervisor {
     fn events(&self, since: Option<u64>) -> EventFeed {
         let (backlog, live) = self.shared.events.subscribe(since);
         EventFeed { backlog, live }
+    }
+
+    fn boot(&self) -> Result<api::boot::Boot, Failure> {
+        use api::boot::{self, ServiceBoot};
+        let path = &self.shared.paths.init_log;
+        let init = match std::fs::read_to_string(path) {
+            Ok(text) => boot::parse_init_log(&text)
+                .map_err(|e| Failure::internal(format!("{}: {e}", path.display())))?,
+            // A host sysd (tests, benchmarks) has no init that records.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(Failure::internal(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )))
+            }
+        };
+        let mut services = self.shared.events.boot_times();
+        {
+            let handles = self
+                .shared
+                .handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (name, h) in handles.iter() {
+                let record = services
+                    .entry(name.clone())
+                    .or_insert_with(|| ServiceBoot::new(name));
+                record.after = h
+                    .service
+                    .spec
+                    .dependencies()
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect();
+                record.state = Some(h.status.borrow().state);
+            }
+        }
+        Ok(boot::Boot {
+            init,
+            services: services.into_values().collect(),
+            all_ready_us: self.shared.events.all_ready_us(),
+            now_us: boot::boottime_us(),
+        })
     }
 
     fn stats(&self) -> Vec<api::Stats> {
