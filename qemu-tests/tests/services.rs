@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qemu_tests::scenario::{fresh_disk, http_get, test_guest};
+use keelson_common::api::boot::Boot;
 use qemu_tests::Guest;
 use serde_json::Value;
 
@@ -39,6 +40,72 @@ fn boot(disk: &Path) -> Guest {
         .forward(SSH_PORT, 22)
         .spawn()
         .unwrap()
+}
+
+/// `keelctl analyze` on the node: init's steps of both stages in their order, the services'
+/// starts in dependency order on the same clock, every service settled (the crasher failed),
+/// and the blame, chain and plot made from them.
+fn analyze(g: &Guest) {
+    let deadline = Instant::now() + SETTLE;
+    let b: Boot = loop {
+        let out = g.sh("keelctl -o json analyze");
+        let b: Boot = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("keelctl -o json analyze: {e}: {out}"));
+        if b.all_ready_us.is_some() {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "never all ready: {b:#?}");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let at = |prefix: &str| {
+        b.mark(prefix)
+            .unwrap_or_else(|| panic!("no init line {prefix:?} in {:#?}", b.init))
+            .at_us
+    };
+    let order = [
+        "stage1: start",
+        "stage1: modules loaded",
+        "stage1: boot disk",
+        "stage1: root verified by dm-verity",
+        "stage1: switching root",
+        "stage2: start",
+        "machine-id: ",
+        "stage2: sysd started",
+        "boot complete in",
+    ];
+    for w in order.windows(2) {
+        assert!(at(w[0]) <= at(w[1]), "{} after {}: {:#?}", w[0], w[1], b.init);
+    }
+    assert!(b.init.windows(2).all(|w| w[0].at_us <= w[1].at_us), "{:#?}", b.init);
+    let svc = |name: &str| {
+        b.services
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {:#?}", b.services))
+    };
+    let sysd = at("stage2: sysd started");
+    for name in ["db", "migrate", "app", "worker"] {
+        let s = svc(name);
+        let (Some(a), Some(st), Some(r)) = (s.starting_us, s.started_us, s.ready_us) else {
+            panic!("{s:?}");
+        };
+        assert!(sysd <= a && a <= st && st <= r, "{s:?}");
+    }
+    assert!(svc("app").starting_us >= svc("migrate").ready_us);
+    assert!(svc("worker").starting_us >= svc("app").ready_us);
+    assert_eq!(svc("app").after, vec!["db".to_string(), "migrate".to_string()]);
+    assert_eq!(svc("crasher").ready_us, None);
+    let summary = g.sh("keelctl analyze");
+    assert!(summary.starts_with("Boot complete after "), "{summary}");
+    assert!(summary.contains("All services ready after ") && summary.contains("failed: crasher"), "{summary}");
+    let blame = g.sh("keelctl analyze blame");
+    assert!(blame.contains("stage1: modules loaded") && blame.contains("db [service]"), "{blame}");
+    let chain = g.sh("keelctl analyze critical-chain");
+    assert!(chain.contains("all services ready @") && chain.contains("kernel (until stage1: start)"), "{chain}");
+    let plot = g.sh("keelctl analyze plot");
+    assert!(plot.starts_with("<?xml") && plot.trim_end().ends_with("</svg>"), "{plot}");
+    assert!(plot.contains(">worker ("), "{plot}");
 }
 
 fn ps(g: &Guest) -> Vec<Value> {
@@ -155,6 +222,8 @@ fn default_services_reach_ready_and_are_supervised() {
         reason.contains("exited with status 3") && reason.contains("gave up after 2 retries"),
         "{reason}"
     );
+
+    analyze(&g);
 
     // stats come from the services' cgroups (cgroup v2 controllers on the real kernel).
     let stats: Value = serde_json::from_str(g.sh("keelctl -o json stats").trim()).unwrap();

@@ -20,6 +20,7 @@ pub mod busybox;
 pub mod cgroup;
 pub mod daemon;
 pub mod etcd;
+pub mod history;
 pub mod http;
 pub mod oci;
 pub mod peers;

@@ -32,7 +32,8 @@ pub struct Boot {
     pub init: Vec<Mark>,
     /// Each service sysd ran this boot, by name.
     pub services: Vec<ServiceBoot>,
-    /// When the last service started at boot became ready (`null` while one is still not).
+    /// When every service started at boot had settled: ready, or failed for good (`null`
+    /// while one is still starting, waiting or in backoff).
     pub all_ready_us: Option<u64>,
     /// The clock when this answer was made.
     pub now_us: u64,
@@ -379,7 +380,17 @@ pub fn summary(boot: &Boot) -> String {
     }
     match (boot.all_ready_us, waiting(boot)) {
         (Some(at), _) => {
-            let _ = writeln!(out, "All services ready after {}", human(at));
+            let failed: Vec<&str> = boot
+                .services
+                .iter()
+                .filter(|s| s.ready_us.is_none() && s.state == Some(State::Failed))
+                .map(|s| s.name.as_str())
+                .collect();
+            let _ = write!(out, "All services ready after {}", human(at));
+            if !failed.is_empty() {
+                let _ = write!(out, " (failed: {})", failed.join(", "));
+            }
+            out.push('\n');
         }
         (None, w) if !w.is_empty() => {
             let _ = writeln!(
@@ -891,6 +902,9 @@ mod tests {
         let s = summary(&b);
         assert!(s.starts_with("Boot complete after 1.383s (kernel) + 480ms (initramfs) + 542ms (userspace) = 2.405s"), "{s}");
         assert!(s.contains("All services ready after 2.600s"));
+        b.services[2].ready_us = None;
+        b.services[2].state = Some(State::Failed);
+        assert!(summary(&b).contains("All services ready after 2.600s (failed: cache)\n"));
         b.all_ready_us = None;
         b.services[1].ready_us = None;
         b.services[1].state = Some(State::Backoff);

@@ -2,6 +2,10 @@
 //! with the floor the same kernel allows (a busybox initramfs that only prints its uptime), and
 //! Secure Boot on vs off (`out/vm-sb`), in one run. Prints tables; asserts nothing (these machines are shared and noisy).
 //!
+//! Each measured boot's timeline (init's stamped steps and the services' start-up, read from
+//! the console as `keelctl analyze` reads them on the node: `keelson_common::api::boot`) is
+//! printed for the median run and drawn for every run as `out/bench-boot/<mode>-<run>.svg`.
+//!
 //! Usage: `./dev bench` (builds the images first), or `cargo run --release -p qemu-tests --bin
 //! bench-boot -- [RUNS [secure-boot]]` (`secure-boot`: only that table).
 
@@ -9,7 +13,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use keelson_common::api::boot::{self as analyze, Boot};
 use keelson_common::cpio::{Entry, Writer};
+use keelson_testkit::history;
 use qemu_tests::{image, GuestBuilder, NicModel};
 
 const BOOT: Duration = Duration::from_secs(240);
@@ -22,8 +28,12 @@ struct Timeline {
     stage1: f64,
     stage2: f64,
     init_total: f64,
+    /// Kernel start → sysd's `boot-ready` (every service ready), when it came.
+    all_ready: Option<f64>,
     total: f64,
     rss_kib: f64,
+    /// The boot's timeline as the console shows it.
+    boot: Boot,
 }
 
 /// `[    1.472582] keelson-init: msg` → (1.472582, msg).
@@ -53,15 +63,39 @@ fn timeline(lines: &[(Duration, String)]) -> Result<Timeline> {
         .and_then(|r| r.parse().ok())
         .unwrap_or(0.0);
     let kernel_start = arrive - start;
+    let console: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    let boot = Boot::from_console(&console.join("\n"));
     Ok(Timeline {
         firmware: kernel_start,
         kernel: start,
         stage1: switch - start,
         stage2: done - s2,
         init_total: done - start,
+        all_ready: boot.all_ready_us.map(|us| us as f64 / 1e6),
         total: kernel_start + done,
         rss_kib: rss,
+        boot,
     })
+}
+
+/// How long a boot may take after `boot complete` until every service is ready (services
+/// after `network-online` wait for its timeout on a guest without a network).
+const ALL_READY: Duration = Duration::from_secs(60);
+
+/// The boot's picture, `out/bench-boot/<name>.svg`.
+fn write_svg(name: &str, t: &Timeline) -> Result<()> {
+    let dir = qemu_tests::paths::images_dir().join("bench-boot");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{name}.svg"));
+    std::fs::write(&path, analyze::svg(&t.boot))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The run whose userspace time is the median's (the lower one of an even count).
+fn median_run(runs: &[Timeline]) -> Option<&Timeline> {
+    let mut v: Vec<&Timeline> = runs.iter().collect();
+    v.sort_by(|a, b| a.init_total.total_cmp(&b.init_total));
+    v.get(v.len().saturating_sub(1) / 2).copied()
 }
 
 /// A UEFI boot of `dir` from a copy of the variable store `vars`, with OVMF's Secure Boot build
@@ -139,6 +173,8 @@ fn keelson_boot(dir: &Path, uefi: bool) -> Result<Timeline> {
     };
     let g = builder.nic(NicModel::None).spawn()?;
     g.wait_for("boot complete in", BOOT)?;
+    // Not every image's services get ready without a network: then the row says so.
+    let _ = g.wait_for(analyze::BOOT_READY, ALL_READY);
     timeline(&g.lines_with_times())
 }
 
@@ -271,6 +307,8 @@ fn main() -> Result<()> {
         floor.push(busybox_floor(&dir, work.path())?);
         direct.push(keelson_boot(&dir, false)?);
         uefi.push(keelson_boot(&dir, true)?);
+        write_svg(&format!("direct-{}", i + 1), &direct[i])?;
+        write_svg(&format!("uefi-{}", i + 1), &uefi[i])?;
     }
     println!("\n## Boot timeline, QEMU TCG, 1 vCPU, median of {runs} runs (seconds)\n");
     println!("| phase | Keelson direct | Keelson UEFI (OVMF + systemd-boot + UKI) | busybox floor, same kernel |");
@@ -297,11 +335,54 @@ fn main() -> Result<()> {
     row("stage 2 (→ sysd ready)", &|t| t.stage2, false);
     row("init start → boot complete", &|t| t.init_total, false);
     row("QEMU start → boot complete", &|t| t.total, true);
+    let ready = |runs: &[Timeline]| {
+        let v: Vec<f64> = runs.iter().filter_map(|t| t.all_ready).collect();
+        match keelson_testkit::stats::median(&v) {
+            Some(m) if v.len() == runs.len() => format!("{m:.3}"),
+            Some(m) => format!("{m:.3} ({} of {} runs)", v.len(), runs.len()),
+            None => format!("not within {} s", ALL_READY.as_secs()),
+        }
+    };
+    println!(
+        "| kernel start → all services ready | {} | {} | - |",
+        ready(&direct),
+        ready(&uefi)
+    );
     println!(
         "| init RSS at boot complete (KiB) | {:.0} | {:.0} | - |",
         median(&direct, |t| t.rss_kib),
         median(&uefi, |t| t.rss_kib)
     );
+    // The history's figures (`./dev bench` compares them with docs/bench/figures.jsonl).
+    let fig = |name: &str, unit: &str, samples: Vec<f64>| {
+        history::record(history::Figure::from_samples(
+            "bench-boot",
+            name,
+            unit,
+            true,
+            &samples,
+        ))
+    };
+    let all = |runs: &[Timeline], f: &dyn Fn(&Timeline) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    fig("init start → boot complete, direct", "s", all(&direct, &|t| t.init_total))?;
+    fig("init start → boot complete, UEFI", "s", all(&uefi, &|t| t.init_total))?;
+    fig("stage 1, direct", "s", all(&direct, &|t| t.stage1))?;
+    fig("stage 2, direct", "s", all(&direct, &|t| t.stage2))?;
+    fig("QEMU start → boot complete, UEFI", "s", all(&uefi, &|t| t.total))?;
+    fig("QEMU start → boot complete, direct", "s", all(&direct, &|t| t.total))?;
+    fig("busybox floor: kernel start → /init", "s", all(&floor, &|t| t.kernel))?;
+    for (name, runs) in [("direct", &direct), ("UEFI", &uefi)] {
+        // Only when every run got there: a partial set would hide the ones that did not.
+        let ready: Vec<f64> = runs.iter().filter_map(|t| t.all_ready).collect();
+        if ready.len() == runs.len() {
+            fig(&format!("kernel start → all services ready, {name}"), "s", ready)?;
+        }
+    }
+    fig("init RSS at boot complete, direct", "KiB", all(&direct, &|t| t.rss_kib))?;
+    fig("UKI + root fs", "MiB", vec![(uki_b + root_b) as f64 / 1048576.0])?;
+    fig("UKI", "MiB", vec![uki_b as f64 / 1048576.0])?;
+    fig("root fs (EROFS)", "MiB", vec![root_b as f64 / 1048576.0])?;
+
     let init = median(&direct, |t| t.init_total);
     println!("\nKeelson userspace (init start → boot complete): {init:.3} s; target 0.5 s ({:.2}x of target).", init / 0.5);
     println!(
@@ -312,6 +393,13 @@ fn main() -> Result<()> {
         "Kernel + Keelson userspace vs the busybox floor (kernel start → boot complete vs → /init): {:.2}x.",
         (median(&direct, |t| t.kernel) + init) / median(&floor, |t| t.kernel)
     );
+
+    for (name, runs) in [("direct", &direct), ("UEFI", &uefi)] {
+        if let Some(t) = median_run(runs) {
+            println!("\n## Timeline of the median {name} boot (`keelctl analyze timeline`; pictures in out/bench-boot/)\n");
+            println!("```\n{}{}```", analyze::summary(&t.boot), analyze::timeline(&t.boot));
+        }
+    }
 
     secure_boot_table(runs, work.path())?;
 

@@ -49,18 +49,19 @@ impl EventBus {
         self.all_ready_us.get().copied()
     }
 
-    /// Records that every service started at boot is ready, with a `boot-ready` event (once).
-    pub fn boot_ready(&self, services: usize) {
+    /// Records that every service started at boot has settled (`ready` of them ready, `failed`
+    /// failed for good), with a `boot-ready` event (once).
+    pub fn boot_ready(&self, ready: usize, failed: &[&str]) {
         let at = boot::boottime_us();
         if self.all_ready_us.set(at).is_ok() {
-            self.emit(
-                None,
-                boot::BOOT_READY,
-                format!(
-                    "all {services} service(s) ready {:.3} s after the kernel started",
-                    at as f64 / 1e6
-                ),
+            let mut message = format!(
+                "all {ready} service(s) ready {:.3} s after the kernel started",
+                at as f64 / 1e6
             );
+            if !failed.is_empty() {
+                message.push_str(&format!("; failed: {}", failed.join(", ")));
+            }
+            self.emit(None, boot::BOOT_READY, message);
         }
     }
 

@@ -539,9 +539,10 @@ impl Supervisor {
         self.watch_boot_ready();
     }
 
-    /// Reports `boot-ready` once every service this boot started is ready (running, or a
-    /// oneshot completed); a disabled or stopped service does not count. Until then the
-    /// boot's `all_ready_us` stays unset, so a service that never gets ready shows.
+    /// Reports `boot-ready` once every service this boot started has settled: ready (running,
+    /// or a oneshot completed) or failed for good (it will not get ready on its own; the event
+    /// names it); a disabled or stopped service does not count. Until then the boot's
+    /// `all_ready_us` stays unset, so a service still starting or in backoff shows.
     fn watch_boot_ready(&self) {
         let shared = Arc::clone(&self.shared);
         let mut changes = shared.statuses.subscribe();
@@ -553,11 +554,17 @@ impl Supervisor {
                     .iter()
                     .filter(|s| s.state != State::Stopped)
                     .collect();
-                if counted
-                    .iter()
-                    .all(|s| matches!(s.state, State::Running | State::Completed))
-                {
-                    shared.events.boot_ready(counted.len());
+                if counted.iter().all(|s| {
+                    matches!(s.state, State::Running | State::Completed | State::Failed)
+                }) {
+                    let failed: Vec<&str> = counted
+                        .iter()
+                        .filter(|s| s.state == State::Failed)
+                        .map(|s| s.name.as_str())
+                        .collect();
+                    shared
+                        .events
+                        .boot_ready(counted.len() - failed.len(), &failed);
                     return;
                 }
                 if changes.changed().await.is_err() {
