@@ -9,8 +9,8 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use qemu_tests::scenario::{fresh_disk, http_get, test_guest};
 use keelson_common::api::boot::Boot;
+use qemu_tests::scenario::{fresh_disk, http_get, test_guest};
 use qemu_tests::Guest;
 use serde_json::Value;
 
@@ -74,9 +74,19 @@ fn analyze(g: &Guest) {
         "boot complete in",
     ];
     for w in order.windows(2) {
-        assert!(at(w[0]) <= at(w[1]), "{} after {}: {:#?}", w[0], w[1], b.init);
+        assert!(
+            at(w[0]) <= at(w[1]),
+            "{} after {}: {:#?}",
+            w[0],
+            w[1],
+            b.init
+        );
     }
-    assert!(b.init.windows(2).all(|w| w[0].at_us <= w[1].at_us), "{:#?}", b.init);
+    assert!(
+        b.init.windows(2).all(|w| w[0].at_us <= w[1].at_us),
+        "{:#?}",
+        b.init
+    );
     let svc = |name: &str| {
         b.services
             .iter()
@@ -94,17 +104,32 @@ fn analyze(g: &Guest) {
     }
     assert!(svc("app").starting_us >= svc("migrate").ready_us);
     assert!(svc("worker").starting_us >= svc("app").ready_us);
-    assert_eq!(svc("app").after, vec!["db".to_string(), "migrate".to_string()]);
+    assert_eq!(
+        svc("app").after,
+        vec!["db".to_string(), "migrate".to_string()]
+    );
     assert_eq!(svc("crasher").ready_us, None);
     let summary = g.sh("keelctl analyze");
     assert!(summary.starts_with("Boot complete after "), "{summary}");
-    assert!(summary.contains("All services ready after ") && summary.contains("failed: crasher"), "{summary}");
+    assert!(
+        summary.contains("All services ready after ") && summary.contains("failed: crasher"),
+        "{summary}"
+    );
     let blame = g.sh("keelctl analyze blame");
-    assert!(blame.contains("stage1: modules loaded") && blame.contains("db [service]"), "{blame}");
+    assert!(
+        blame.contains("stage1: modules loaded") && blame.contains("db [service]"),
+        "{blame}"
+    );
     let chain = g.sh("keelctl analyze critical-chain");
-    assert!(chain.contains("all services ready @") && chain.contains("kernel (until stage1: start)"), "{chain}");
+    assert!(
+        chain.contains("all services ready @") && chain.contains("kernel (until stage1: start)"),
+        "{chain}"
+    );
     let plot = g.sh("keelctl analyze plot");
-    assert!(plot.starts_with("<?xml") && plot.trim_end().ends_with("</svg>"), "{plot}");
+    assert!(
+        plot.starts_with("<?xml") && plot.trim_end().ends_with("</svg>"),
+        "{plot}"
+    );
     assert!(plot.contains(">worker ("), "{plot}");
 }
 

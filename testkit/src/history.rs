@@ -95,7 +95,11 @@ impl Figure {
         let lower_is_better = match text("better")?.as_str() {
             "lower" => true,
             "higher" => false,
-            other => return Err(format!("\"better\" is {other:?}, not \"lower\" or \"higher\"")),
+            other => {
+                return Err(format!(
+                    "\"better\" is {other:?}, not \"lower\" or \"higher\""
+                ))
+            }
         };
         let runs = v
             .get("runs")
@@ -190,7 +194,8 @@ pub fn compare(committed: &[Figure], now: &[Figure]) -> Vec<Row> {
         .iter()
         .map(|key| {
             let new = last(now, key);
-            let old = last(committed, key).filter(|o| new.as_ref().is_some_and(|n| n.unit == o.unit));
+            let old =
+                last(committed, key).filter(|o| new.as_ref().is_some_and(|n| n.unit == o.unit));
             let verdict = match (&old, &new) {
                 (Some(o), Some(n)) => {
                     let noise = o.noise().max(n.noise());
@@ -233,7 +238,10 @@ pub fn compare(committed: &[Figure], now: &[Figure]) -> Vec<Row> {
 
 fn figure_cell(f: &Option<Figure>) -> String {
     match f {
-        Some(f) => format!("{:.4} {} (min {:.4}, {} runs)", f.median, f.unit, f.min, f.runs),
+        Some(f) => format!(
+            "{:.4} {} (min {:.4}, {} runs)",
+            f.median, f.unit, f.min, f.runs
+        ),
         None => "-".into(),
     }
 }
@@ -296,21 +304,26 @@ mod tests {
     #[test]
     fn worse_only_beyond_the_noise_either_way() {
         let committed = vec![
-            fig("boot", true, &[1.0, 1.1, 1.2]),      // median 1.1, noise 0.1
-            fig("pull", true, &[2.0, 2.0, 2.0]),      // no noise
+            fig("boot", true, &[1.0, 1.1, 1.2]), // median 1.1, noise 0.1
+            fig("pull", true, &[2.0, 2.0, 2.0]), // no noise
             fig("rate", false, &[100.0, 110.0, 120.0]), // higher is better
             fig("size", true, &[40.0]),
             fig("old", true, &[1.0]),
         ];
         let now = vec![
-            fig("boot", true, &[1.1, 1.15, 1.2]),    // +0.05 < 0.1: same
-            fig("pull", true, &[2.3, 2.5, 2.6]),     // +0.5 > 0.2: worse
+            fig("boot", true, &[1.1, 1.15, 1.2]),       // +0.05 < 0.1: same
+            fig("pull", true, &[2.3, 2.5, 2.6]),        // +0.5 > 0.2: worse
             fig("rate", false, &[130.0, 140.0, 150.0]), // +30 > 10: better
-            fig("size", true, &[39.0]),              // -1, no noise: better
+            fig("size", true, &[39.0]),                 // -1, no noise: better
             fig("new", true, &[5.0]),
         ];
         let rows = compare(&committed, &now);
-        let verdict = |k: &str| rows.iter().find(|r| r.key == format!("bench-x: {k}")).unwrap().verdict;
+        let verdict = |k: &str| {
+            rows.iter()
+                .find(|r| r.key == format!("bench-x: {k}"))
+                .unwrap()
+                .verdict
+        };
         assert_eq!(verdict("boot"), Verdict::Same);
         assert_eq!(verdict("pull"), Verdict::Worse);
         assert_eq!(verdict("rate"), Verdict::Better);
@@ -339,11 +352,17 @@ mod tests {
     #[test]
     fn file_round_trip_and_errors_name_the_line() {
         let figures = vec![fig("a", true, &[1.0, 2.0]), fig("b", false, &[3.0])];
-        let text: String = figures.iter().map(|f| format!("{}\n", f.to_json())).collect();
+        let text: String = figures
+            .iter()
+            .map(|f| format!("{}\n", f.to_json()))
+            .collect();
         assert_eq!(parse(&text, "f").unwrap(), figures);
         let bad = format!("{text}\n{{\"bench\":\"x\"}}\n");
         let e = parse(&bad, "docs/bench/figures.jsonl").unwrap_err();
-        assert!(e.starts_with("docs/bench/figures.jsonl:4: no text field"), "{e}");
+        assert!(
+            e.starts_with("docs/bench/figures.jsonl:4: no text field"),
+            "{e}"
+        );
         let e = parse("{\"bench\":\"x\",\"name\":\"n\",\"unit\":\"s\",\"better\":\"up\",\"runs\":1,\"min\":1,\"median\":1}", "f").unwrap_err();
         assert!(e.contains("\"better\" is \"up\""), "{e}");
         assert!(parse("not json", "f").unwrap_err().starts_with("f:1: "));
@@ -358,8 +377,12 @@ mod tests {
         record(Some(fig("a", true, &[1.0]))).unwrap();
         record(Some(fig("b", true, &[2.0]))).unwrap();
         record(None).unwrap();
+        // SAFETY: as above.
         unsafe { std::env::remove_var(ENV) };
         let got = parse(&std::fs::read_to_string(&path).unwrap(), "f").unwrap();
-        assert_eq!(got.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            got.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 }

@@ -363,23 +363,56 @@ fn main() -> Result<()> {
             &samples,
         ))
     };
-    let all = |runs: &[Timeline], f: &dyn Fn(&Timeline) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
-    fig("init start → boot complete, direct", "s", all(&direct, &|t| t.init_total))?;
-    fig("init start → boot complete, UEFI", "s", all(&uefi, &|t| t.init_total))?;
+    let all =
+        |runs: &[Timeline], f: &dyn Fn(&Timeline) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    fig(
+        "init start → boot complete, direct",
+        "s",
+        all(&direct, &|t| t.init_total),
+    )?;
+    fig(
+        "init start → boot complete, UEFI",
+        "s",
+        all(&uefi, &|t| t.init_total),
+    )?;
     fig("stage 1, direct", "s", all(&direct, &|t| t.stage1))?;
     fig("stage 2, direct", "s", all(&direct, &|t| t.stage2))?;
-    fig("QEMU start → boot complete, UEFI", "s", all(&uefi, &|t| t.total))?;
-    fig("QEMU start → boot complete, direct", "s", all(&direct, &|t| t.total))?;
-    fig("busybox floor: kernel start → /init", "s", all(&floor, &|t| t.kernel))?;
+    fig(
+        "QEMU start → boot complete, UEFI",
+        "s",
+        all(&uefi, &|t| t.total),
+    )?;
+    fig(
+        "QEMU start → boot complete, direct",
+        "s",
+        all(&direct, &|t| t.total),
+    )?;
+    fig(
+        "busybox floor: kernel start → /init",
+        "s",
+        all(&floor, &|t| t.kernel),
+    )?;
     for (name, runs) in [("direct", &direct), ("UEFI", &uefi)] {
         // Only when every run got there: a partial set would hide the ones that did not.
         let ready: Vec<f64> = runs.iter().filter_map(|t| t.all_ready).collect();
         if ready.len() == runs.len() {
-            fig(&format!("kernel start → all services ready, {name}"), "s", ready)?;
+            fig(
+                &format!("kernel start → all services ready, {name}"),
+                "s",
+                ready,
+            )?;
         }
     }
-    fig("init RSS at boot complete, direct", "KiB", all(&direct, &|t| t.rss_kib))?;
-    fig("UKI + root fs", "MiB", vec![(uki_b + root_b) as f64 / 1048576.0])?;
+    fig(
+        "init RSS at boot complete, direct",
+        "KiB",
+        all(&direct, &|t| t.rss_kib),
+    )?;
+    fig(
+        "UKI + root fs",
+        "MiB",
+        vec![(uki_b + root_b) as f64 / 1048576.0],
+    )?;
     fig("UKI", "MiB", vec![uki_b as f64 / 1048576.0])?;
     fig("root fs (EROFS)", "MiB", vec![root_b as f64 / 1048576.0])?;
 
@@ -397,7 +430,11 @@ fn main() -> Result<()> {
     for (name, runs) in [("direct", &direct), ("UEFI", &uefi)] {
         if let Some(t) = median_run(runs) {
             println!("\n## Timeline of the median {name} boot (`keelctl analyze timeline`; pictures in out/bench-boot/)\n");
-            println!("```\n{}{}```", analyze::summary(&t.boot), analyze::timeline(&t.boot));
+            println!(
+                "```\n{}{}```",
+                analyze::summary(&t.boot),
+                analyze::timeline(&t.boot)
+            );
         }
     }
 

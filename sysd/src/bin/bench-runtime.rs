@@ -20,7 +20,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use keelson_testkit::stats;
+use keelson_testkit::{history, stats};
 
 use keelson_runtime::{ContainerConfig, Runtime};
 
@@ -148,6 +148,17 @@ fn run() -> Result<()> {
             p90(exited),
             em / ce,
         );
+    }
+    for (name, started, exited) in &rows {
+        for (what, samples) in [("started", started), ("exited", exited)] {
+            history::record(history::Figure::from_samples(
+                "bench-runtime",
+                &format!("{name}: container start, busybox /bin/true, create → {what}"),
+                "ms",
+                true,
+                samples,
+            ))?;
+        }
     }
     println!(
         "helper ({}) peak RSS: {:.1} MiB",

@@ -22,7 +22,10 @@ fn main() -> ExitCode {
         [new] => (new.as_str(), history::COMMITTED),
         [new, committed] => (new.as_str(), committed.as_str()),
         _ => {
-            eprintln!("usage: bench-compare NEW_FIGURES [COMMITTED_FIGURES (default {})]", history::COMMITTED);
+            eprintln!(
+                "usage: bench-compare NEW_FIGURES [COMMITTED_FIGURES (default {})]",
+                history::COMMITTED
+            );
             return ExitCode::from(2);
         }
     };

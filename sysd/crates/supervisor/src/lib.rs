@@ -554,9 +554,10 @@ impl Supervisor {
                     .iter()
                     .filter(|s| s.state != State::Stopped)
                     .collect();
-                if counted.iter().all(|s| {
-                    matches!(s.state, State::Running | State::Completed | State::Failed)
-                }) {
+                if counted
+                    .iter()
+                    .all(|s| matches!(s.state, State::Running | State::Completed | State::Failed))
+                {
                     let failed: Vec<&str> = counted
                         .iter()
                         .filter(|s| s.state == State::Failed)
