@@ -613,7 +613,6 @@ pub fn svg(boot: &Boot) -> String {
     const ROW: u64 = 18;
     const LEFT: u64 = 10;
     const TOP: u64 = 60;
-    const PX_PER_S: f64 = 1000.0;
     let mut steps = boot.init_steps();
     let mut services = boot.service_steps();
     if let Some(all) = boot.all_ready_us {
@@ -627,7 +626,19 @@ pub fn svg(boot: &Boot) -> String {
         .max()
         .unwrap_or(0)
         .max(100_000);
-    let x = |us: u64| LEFT as f64 + us as f64 / 1e6 * PX_PER_S;
+    // 1000 px a second for a boot of up to 10 s; a longer one (a network timeout) is squeezed
+    // into about 10000 px, with a grid line a second instead of every 100 ms.
+    let secs = end_us as f64 / 1e6;
+    let (px_per_s, tick_us, label_every) = if secs <= 10.0 {
+        (1000.0, 100_000u64, if secs > 2.0 { 10 } else { 1 })
+    } else {
+        (
+            (10_000.0 / secs).max(20.0),
+            1_000_000u64,
+            if secs > 60.0 { 10 } else { 1 },
+        )
+    };
+    let x = |us: u64| LEFT as f64 + us as f64 / 1e6 * px_per_s;
     let plot_w = x(end_us) - LEFT as f64;
     // Room for the labels written right of the last bars.
     let width = (x(end_us) + 420.0).ceil() as u64;
@@ -649,10 +660,7 @@ pub fn svg(boot: &Boot) -> String {
             xml_escape(line)
         );
     }
-    // The time axis: a grid line every 100 ms (labelled every second, or every 100 ms on a
-    // boot under two seconds).
-    let tick_us = 100_000u64;
-    let label_every = if end_us > 2_000_000 { 10 } else { 1 };
+    // The time axis: grid lines, every tenth one strong, labelled as chosen above.
     let rows_bottom = TOP + ROW * steps.len() as u64;
     let mut t = 0;
     let mut i = 0u64;
@@ -935,6 +943,20 @@ mod tests {
         let pic2 = svg(&b);
         assert!(!pic2.contains(">late ("));
         assert!(pic2.len() < pic.len() + 100);
+        // A long boot (a network timeout) stays a picture of bounded width.
+        b.all_ready_us = Some(95_000_000);
+        let long = svg(&b);
+        let width: u64 = long
+            .split("width=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(width < 11_000, "{width}");
+        assert!(long.contains(">90.0s</text>") && !long.contains(">91.0s</text>"));
     }
 
     #[test]
