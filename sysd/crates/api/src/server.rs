@@ -470,7 +470,7 @@ fn authorize(
         Role::Reader if *method == Method::GET => Ok(()),
         Role::Reader => Err(Failure::forbidden(format!(
             "client {:?} has role reader, which may only read (GET: services, status, logs, \
-             events, stats, network, images, updates, extensions, first boot); {method} {path} \
+             events, stats, network, images, updates, extensions, first boot, boot timeline); {method} {path} \
              needs role admin",
             peer.name
         ))),
