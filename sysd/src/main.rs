@@ -395,7 +395,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
 
-    let events = Arc::new(EventBus::new());
+    let events = Arc::new(EventBus::new().with_boot_record(args.run_dir.join("boot.json")));
     let runtime = keelson_runtime::Runtime::new(args.run_dir.join("runtime"))
         .with_cgroup_parent(&args.cgroup_parent);
     // What init kept of a previous sysd: the containers it left are adopted or removed at

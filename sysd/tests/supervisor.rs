@@ -904,6 +904,29 @@ enabled = false
     // (Two reads of the clock a few microseconds apart: the event's and the log line's.)
     let (r1, r2) = (db.ready_us.unwrap(), db2.ready_us.unwrap());
     assert!(r2 >= r1 && r2 - r1 < 50_000, "{r1} {r2}\n{}", daemon.log());
+    // A crashed sysd, restarted by init, adopts the services and keeps their first times.
+    let old = daemon.kill_sysd().expect("sysd's pid");
+    daemon.wait_until("init to restart sysd", Duration::from_secs(60), |d| {
+        d.pid().is_some_and(|p| p != old) && d.try_request("GET", "/v1/boot", "").is_ok()
+    });
+    daemon.wait_until("the services adopted", Duration::from_secs(60), |d| {
+        d.events().iter().filter(|e| e["kind"] == "adopted").count() == 2
+    });
+    let again = fetch();
+    let times = |b: &Boot| -> Vec<_> {
+        b.services
+            .iter()
+            .map(|s| (s.name.clone(), s.starting_us, s.started_us, s.ready_us))
+            .collect()
+    };
+    assert_eq!(times(&again), times(&b), "{again:#?}");
+    assert_eq!(again.all_ready_us, b.all_ready_us);
+    let starts = again
+        .init
+        .iter()
+        .filter(|m| m.message.starts_with("stage2: sysd started"))
+        .count();
+    assert_eq!(starts, 2, "{:#?}", again.init);
     // A record that does not read: a 500 naming the file and the line.
     let mut text = std::fs::read_to_string(&record).unwrap();
     let line = text.lines().count() + 1;
