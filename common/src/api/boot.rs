@@ -383,7 +383,7 @@ pub fn summary(boot: &Boot) -> String {
             let failed: Vec<&str> = boot
                 .services
                 .iter()
-                .filter(|s| s.ready_us.is_none() && s.state == Some(State::Failed))
+                .filter(|s| s.state == Some(State::Failed))
                 .map(|s| s.name.as_str())
                 .collect();
             let _ = write!(out, "All services ready after {}", human(at));
@@ -404,11 +404,18 @@ pub fn summary(boot: &Boot) -> String {
     out
 }
 
-/// Services started this boot that are not ready.
+/// Services that have not settled (ready, completed, failed for good or stopped).
 fn waiting(boot: &Boot) -> Vec<String> {
     boot.services
         .iter()
-        .filter(|s| s.ready_us.is_none() && s.state.is_some_and(|st| st != State::Stopped))
+        .filter(|s| {
+            s.state.is_some_and(|st| {
+                matches!(
+                    st,
+                    State::Waiting | State::Starting | State::Backoff | State::Stopping
+                )
+            })
+        })
         .map(|s| match s.state {
             Some(st) => format!("{} ({})", s.name, state_word(st)),
             None => s.name.clone(),
