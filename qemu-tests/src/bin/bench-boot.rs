@@ -482,8 +482,14 @@ fn entropy_boots(dir: &Path, work: &Path) -> Result<[Timeline; 4]> {
         }
         let g = b.spawn()?;
         g.wait_for("boot complete in", BOOT)?;
-        // The seed is stored once the pool is ready: wait for it before the power-off.
-        if uuid {
+        // The seed is stored once the pool is ready: wait for it before the power-off (it may
+        // have been stored before `boot complete`, which the console reader has moved past).
+        let stored = |g: &qemu_tests::Guest| {
+            g.lines_with_times()
+                .iter()
+                .any(|(_, l)| l.contains("random-seed: stored"))
+        };
+        if uuid && !stored(&g) {
             g.wait_for("random-seed: stored", BOOT)?;
         }
         let t = timeline(&g.lines_with_times())?;
