@@ -643,3 +643,63 @@ fn pipe() -> (OwnedFd, OwnedFd) {
         )
     }
 }
+
+/// The node agent contract (docs/node-agent.md): a delegated container manages its own cgroup
+/// subtree. It moves itself into a leaf (cgroup v2's no-internal-processes rule), enables the
+/// controllers it was given in its namespace's root and sees them in a new child; a plain one
+/// cannot create a cgroup. On a hybrid host (controllers bound to v1 hierarchies, none on the
+/// cgroup2 root) there is no controller to enable: the subtree part is still proven.
+#[test]
+fn delegated_service_manages_its_cgroup_subtree() {
+    let Some(fx) = fixture() else { return };
+    let host_controllers =
+        fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+    let script = "grep '^0::' /proc/self/cgroup; \
+                  mkdir /sys/fs/cgroup/engine || exit 10; \
+                  echo $$ > /sys/fs/cgroup/engine/cgroup.procs || exit 11; \
+                  grep '^0::' /proc/self/cgroup; \
+                  c=$(cat /sys/fs/cgroup/cgroup.controllers); echo \"given: $c\"; \
+                  for x in $c; do echo +$x > /sys/fs/cgroup/cgroup.subtree_control || exit 12; done; \
+                  mkdir /sys/fs/cgroup/workload || exit 13; \
+                  echo \"child: $(cat /sys/fs/cgroup/workload/cgroup.controllers)\"";
+    let mut cfg = fx.config("delegated", &["sh", "-c", script]);
+    cfg.delegate = true;
+    let (code, out, err) = fx.run(&cfg);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    // Its own cgroup namespace: it sees its cgroup as the root, then its leaf.
+    assert_eq!(lines[..2], ["0::/", "0::/engine"], "{out}");
+    let given = lines[2].strip_prefix("given: ").expect("given line");
+    let child = lines[3].strip_prefix("child: ").expect("child line");
+    assert_eq!(
+        given.trim(),
+        child.trim(),
+        "every given controller enabled: {out}"
+    );
+    // The runtime enables what the host has on the way down: the engine is given it all.
+    assert_eq!(
+        given.split_whitespace().collect::<Vec<_>>(),
+        host_controllers.split_whitespace().collect::<Vec<_>>(),
+        "{out}"
+    );
+    eprintln!("delegated and enabled in the engine's child: {child:?}");
+    if host_controllers.split_whitespace().any(|c| c == "pids") {
+        assert!(
+            child.split_whitespace().any(|c| c == "pids"),
+            "the host has pids but the engine's child does not: {out}"
+        );
+    } else {
+        eprintln!("no pids controller on this host's cgroup2 root ({host_controllers:?})");
+    }
+
+    let cfg = fx.config(
+        "plain",
+        &[
+            "sh",
+            "-c",
+            "mkdir /sys/fs/cgroup/engine 2>/dev/null && echo created || echo refused",
+        ],
+    );
+    let (code, out, err) = fx.run(&cfg);
+    assert_eq!((code, out.as_str()), (0, "refused\n"), "stderr: {err}");
+}

@@ -196,6 +196,13 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<SpecMo
 /// The mounts every container gets, as runc/Docker make them.
 fn default_mounts(cfg: &ContainerConfig) -> Result<Vec<SpecMount>> {
     let sys_ro = if cfg.privileged { "rw" } else { "ro" };
+    // A delegated service manages its own cgroup subtree (its cgroup namespace's root is its
+    // service cgroup), so its cgroupfs is writable even when the rest of /sys is not.
+    let cgroup_ro = if cfg.privileged || cfg.delegate {
+        "rw"
+    } else {
+        "ro"
+    };
     let mut mounts = vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
         mount(
@@ -250,7 +257,7 @@ fn default_mounts(cfg: &ContainerConfig) -> Result<Vec<SpecMount>> {
             "/sys/fs/cgroup",
             "cgroup",
             "cgroup",
-            &["nosuid", "noexec", "nodev", "relatime", sys_ro],
+            &["nosuid", "noexec", "nodev", "relatime", cgroup_ro],
         )?);
     }
     Ok(mounts)
@@ -872,6 +879,42 @@ pub(crate) mod tests {
         ] {
             assert!(dests.contains(&PathBuf::from(d)), "{d} missing");
         }
+    }
+
+    #[test]
+    fn delegated_cgroupfs_is_writable_in_its_own_cgroup_namespace() {
+        let cgroup_options = |cfg: &ContainerConfig| {
+            let spec = spec(cfg).unwrap();
+            let ns = ns_types(&spec);
+            assert!(ns.contains(&LinuxNamespaceType::Cgroup), "{ns:?}");
+            spec.mounts()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.destination() == Path::new("/sys/fs/cgroup"))
+                .and_then(|m| m.options().clone())
+                .unwrap()
+        };
+        let mut cfg = config();
+        let plain = cgroup_options(&cfg);
+        assert!(plain.contains(&"ro".to_string()), "{plain:?}");
+        cfg.delegate = true;
+        let delegated = cgroup_options(&cfg);
+        assert!(delegated.contains(&"rw".to_string()), "{delegated:?}");
+        assert!(!delegated.contains(&"ro".to_string()), "{delegated:?}");
+        // The rest of /sys stays read-only: only the cgroup subtree is delegated.
+        let spec = spec(&cfg).unwrap();
+        let sys = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/sys"))
+            .and_then(|m| m.options().clone())
+            .unwrap();
+        assert!(sys.contains(&"ro".to_string()), "{sys:?}");
+        // Confinement is unchanged: seccomp and masked paths stay.
+        assert!(spec.linux().as_ref().unwrap().seccomp().is_some());
     }
 
     #[test]

@@ -178,9 +178,55 @@ pub async fn remove(dir: &Path) -> Result<()> {
     }
 }
 
+/// rmdir of the cgroups below `dir` (deepest first), leaving `dir` itself: what a delegated
+/// service (`delegate = true`) created in its subtree, which libcontainer, removing only the
+/// container's own cgroup, would trip over. Gone already is fine; EBUSY (tasks still being
+/// released) is retried briefly; a child that still has processes is an error naming it.
+pub fn remove_descendants(dir: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let child = e.path();
+        remove_descendants(&child)?;
+        let mut tries = 0;
+        loop {
+            match fs::remove_dir(&child) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("removing cgroup {}", child.display()))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_descendants_keeps_the_dir_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir_all(d.join("a/b")).unwrap();
+        fs::create_dir_all(d.join("c")).unwrap();
+        fs::write(d.join("cgroup.procs"), "").unwrap();
+        remove_descendants(d).unwrap();
+        assert!(d.exists() && d.join("cgroup.procs").exists());
+        assert!(!d.join("a").exists() && !d.join("c").exists());
+        // A missing dir is fine.
+        remove_descendants(&d.join("gone")).unwrap();
+    }
 
     #[test]
     fn parses_stats_and_tolerates_missing_files() {

@@ -419,6 +419,15 @@ fn delete(args: &Args) -> Result<()> {
     }
     let mut container =
         Container::load(dir.clone()).with_context(|| format!("loading {}", dir.display()))?;
+    // A delegated service's own child cgroups: libcontainer removes only the container's.
+    if let Ok(cfg) = container.spec() {
+        let rel = cfg
+            .cgroup_path
+            .strip_prefix("/")
+            .unwrap_or(&cfg.cgroup_path);
+        super::cgroup::remove_descendants(&Path::new("/sys/fs/cgroup").join(rel))
+            .with_context(|| format!("deleting container {id}"))?;
+    }
     container
         .delete(true)
         .with_context(|| format!("deleting container {id}"))?;

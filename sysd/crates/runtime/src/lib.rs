@@ -70,6 +70,10 @@ pub struct ContainerConfig {
     pub init: bool,
     /// Share the host's pid namespace (see every process of the node: the admin container).
     pub host_pid: bool,
+    /// The node agent contract's `delegate`: the cgroup at `cgroup_path` is the service's to
+    /// manage: cgroupfs is mounted writable in its cgroup namespace, so it may create child
+    /// cgroups and enable controllers in them (docs/node-agent.md).
+    pub delegate: bool,
     /// Capabilities to add to / drop from Docker's default set, `CAP_` prefixed, upper case;
     /// `ALL` allowed in either.
     pub cap_add: Vec<String>,
@@ -111,6 +115,7 @@ impl ContainerConfig {
             mounts: vec![],
             network: NetworkMode::None,
             host_pid: false,
+            delegate: false,
             init: false,
             cap_add: vec![],
             cap_drop: vec![],

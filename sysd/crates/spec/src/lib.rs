@@ -371,6 +371,13 @@ pub struct ServiceSpec {
     pub privileged: bool,
     #[serde(default)]
     pub user_namespace: bool,
+    /// The node agent contract (docs/node-agent.md), named after systemd's `Delegate=`: the
+    /// service's cgroup is its own to manage. It gets its cgroup namespace with a writable
+    /// cgroupfs at /sys/fs/cgroup, may create child cgroups there and enable controllers in
+    /// them: for a system service that is itself a container engine (dockerd, containerd).
+    /// Only system and extension services may set it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub delegate: bool,
     #[serde(default)]
     pub resources: Resources,
     /// Default: `always` for services, `never` for one-shot tasks.
@@ -401,6 +408,10 @@ pub struct ServiceSpec {
 
 fn yes() -> bool {
     true
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl ServiceSpec {
@@ -663,6 +674,12 @@ pub fn parse_document(path: &Path, text: &str, source: Source) -> Result<Documen
         let spec = spanned.into_inner();
         check_service(&name, &spec)
             .map_err(|e| ConfigError(format!("{origin}: service `{name}`: {e}")))?;
+        if spec.delegate && source != Source::System {
+            return Err(ConfigError(format!(
+                "{origin}: service `{name}`: delegate: only system and extension services may manage their own cgroup subtree (this one comes from {}); ship the engine as an extension (docs/node-agent.md)",
+                source.as_str()
+            )));
+        }
         out.push(Service {
             name,
             spec,
@@ -896,6 +913,18 @@ fn check_service(name: &str, s: &ServiceSpec) -> Result<(), Invalid> {
         return Err(Invalid::from(
             "privileged and user_namespace cannot be combined",
         ));
+    }
+    if s.delegate {
+        if s.user_namespace {
+            return Err(Invalid::from(
+                "delegate and user_namespace cannot be combined: the delegated cgroup's files belong to the host's root, which a user-namespaced root cannot write",
+            ));
+        }
+        if s.kind == Kind::Oneshot {
+            return Err(Invalid::from(
+                "delegate needs kind = \"service\": a delegated cgroup is for a long-running engine that manages its own children, not a one-shot task",
+            ));
+        }
     }
     Ok(())
 }
@@ -1459,6 +1488,59 @@ stop_timeout = "5s"
 
     fn err(text: &str) -> String {
         parse(text).unwrap_err().0
+    }
+
+    #[test]
+    fn delegate_is_for_system_engines_only() {
+        let engine = "version = 1\n[services.dockerd]\nimage = \"/x\"\nnetwork = \"host\"\npid = \"host\"\nprivileged = true\ndelegate = true\n";
+        let sys = parse_file(Path::new("ext.toml"), engine, Source::System).unwrap();
+        assert!(sys[0].spec.delegate);
+        assert_eq!(sys[0].spec.pid, PidMode::Host);
+        // The hash of a service that does not set it is what it was before the field existed.
+        let plain = parse_file(
+            Path::new("a.toml"),
+            "version = 1\n[services.a]\nimage = \"/x\"\n",
+            Source::System,
+        )
+        .unwrap();
+        assert!(!serde_json::to_string(&plain[0].spec)
+            .unwrap()
+            .contains("delegate"));
+        assert_ne!(plain[0].spec.hash(), sys[0].spec.hash());
+
+        let e = err(engine);
+        assert!(
+            e.contains(
+                "svc.toml:2:1: service `dockerd`: delegate: only system and extension services"
+            ) && e.contains("comes from user"),
+            "{e}"
+        );
+        let e = parse_file(Path::new("ud"), engine, Source::UserData)
+            .unwrap_err()
+            .0;
+        assert!(e.contains("comes from user-data"), "{e}");
+        let e = parse_file(
+            Path::new("s.toml"),
+            "version = 1\n[services.d]\nimage = \"/x\"\ndelegate = true\nuser_namespace = true\n",
+            Source::System,
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.contains("service `d`: delegate and user_namespace cannot be combined"),
+            "{e}"
+        );
+        let e = parse_file(
+            Path::new("s.toml"),
+            "version = 1\n[services.d]\nimage = \"/x\"\nkind = \"oneshot\"\ndelegate = true\n",
+            Source::System,
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.contains("service `d`: delegate needs kind = \"service\""),
+            "{e}"
+        );
     }
 
     #[test]

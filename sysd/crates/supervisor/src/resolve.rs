@@ -169,6 +169,7 @@ pub fn container(svc: &Service, image: &Image, layout: &Layout) -> Result<Contai
         cap_drop: spec.cap_drop.iter().map(|c| c.0.clone()).collect(),
         privileged: spec.privileged,
         host_pid: spec.pid == keelson_spec::PidMode::Host,
+        delegate: spec.delegate,
         init: spec.init,
         user_namespace: spec.user_namespace.then_some(100_000),
         resources,
