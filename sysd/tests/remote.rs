@@ -312,7 +312,7 @@ fn a_reader_reads_and_only_an_admin_changes_things() {
         stderr(&stop),
         "keelctl: node 127.0.0.1: client \"rd\" has role reader, which may only read (GET: \
          services, status, logs, events, stats, network, images, updates, extensions, first \
-         boot); POST /v1/services/web/stop needs role admin"
+         boot, boot timeline); POST /v1/services/web/stop needs role admin"
     );
     let dir = node.dir.path().display().to_string();
     let config = format!("{dir}/empty.toml");
