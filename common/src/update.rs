@@ -501,22 +501,36 @@ mod tests {
     #[test]
     fn chunk_lists_that_do_not_tile_the_image_are_refused() {
         let k = CHUNK_MIN;
-        let good = list(3 * k + 100, vec![entry(0, 0, k), entry(1, k, 2 * k), entry(2, 3 * k, 100)]);
+        let good = list(
+            3 * k + 100,
+            vec![entry(0, 0, k), entry(1, k, 2 * k), entry(2, 3 * k, 100)],
+        );
         assert_eq!(good.check(3 * k + 100), Ok(()));
         let err = |l: &ChunkList, size| l.check(size).unwrap_err();
         assert_eq!(
             err(&good, 3 * k),
-            format!("the list covers {} bytes but the root image is {}", 3 * k + 100, 3 * k)
+            format!(
+                "the list covers {} bytes but the root image is {}",
+                3 * k + 100,
+                3 * k
+            )
         );
         let past = list(2 * k, vec![entry(0, 0, k), entry(1, k, 2 * k)]);
         assert_eq!(
             err(&past, 2 * k),
-            format!("chunk 1 ends at byte {}, past the root image's end ({})", 3 * k, 2 * k)
+            format!(
+                "chunk 1 ends at byte {}, past the root image's end ({})",
+                3 * k,
+                2 * k
+            )
         );
         let overlap = list(3 * k, vec![entry(0, 0, 2 * k), entry(1, k, 2 * k)]);
         assert_eq!(
             err(&overlap, 3 * k),
-            format!("chunk 1 starts at byte {k} but the previous one ends at {} (overlap)", 2 * k)
+            format!(
+                "chunk 1 starts at byte {k} but the previous one ends at {} (overlap)",
+                2 * k
+            )
         );
         let gap = list(3 * k, vec![entry(0, 0, k), entry(1, 2 * k, k)]);
         assert!(err(&gap, 3 * k).ends_with("(gap)"));
@@ -528,7 +542,10 @@ mod tests {
         let short = list(2 * k, vec![entry(0, 0, k)]);
         assert_eq!(
             err(&short, 2 * k),
-            format!("the chunks end at byte {k}, short of the root image's {}", 2 * k)
+            format!(
+                "the chunks end at byte {k}, short of the root image's {}",
+                2 * k
+            )
         );
         let many = list(
             64 * k,
@@ -571,17 +588,22 @@ mod tests {
                 x as u8
             })
             .collect();
-        let shas = |d: &[u8]| -> Vec<[u8; 32]> {
-            chunking::cut(d).map(|c| c.unwrap().sha256).collect()
-        };
+        let shas =
+            |d: &[u8]| -> Vec<[u8; 32]> { chunking::cut(d).map(|c| c.unwrap().sha256).collect() };
         let a = shas(&data);
         let mut moved = data.clone();
         moved.splice(100_000..100_000, [7u8; 5000]);
         let b = shas(&moved);
         let common = b.iter().filter(|s| a.contains(s)).count();
         assert!(a.len() >= 16 && a.len() <= 64, "{} chunks", a.len());
-        assert!(common + 3 >= b.len(), "{common} of {} chunks recur", b.len());
-        let total: usize = chunking::cut(&data[..]).map(|c| c.unwrap().data.len()).sum();
+        assert!(
+            common + 3 >= b.len(),
+            "{common} of {} chunks recur",
+            b.len()
+        );
+        let total: usize = chunking::cut(&data[..])
+            .map(|c| c.unwrap().data.len())
+            .sum();
         assert_eq!(total, data.len());
     }
 }

@@ -277,7 +277,12 @@ impl Open {
                     }
                 })
                 .with_context(|| format!("reading {}", c.target))?
-                .with_context(|| format!("version {} lists {}, which is not a target", p.version, c.target))?;
+                .with_context(|| {
+                    format!(
+                        "version {} lists {}, which is not a target",
+                        p.version, c.target
+                    )
+                })?;
             let list: ChunkList = serde_json::from_slice(&bytes)
                 .with_context(|| format!("{}: not a chunk list", c.target))?;
             used.extend(list.chunks.into_iter().map(|c| c.sha256));

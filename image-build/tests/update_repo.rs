@@ -366,12 +366,26 @@ fn chunk_lists_rebuild_the_root_and_unused_chunks_are_collected() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).to_str().unwrap().to_owned();
     ok(&["update", "keygen", &p("k.pk8")]);
-    ok(&["update", "root", "--key", &p("k.pk8"), "--out", &p("root.json")]);
+    ok(&[
+        "update",
+        "root",
+        "--key",
+        &p("k.pk8"),
+        "--out",
+        &p("root.json"),
+    ]);
     let repo = t.path().join("repo");
     let add = |img: &str| -> Output {
         ib(&[
-            "update", "add", "--repo", &p("repo"), "--root", &p("root.json"), "--key",
-            &p("k.pk8"), img,
+            "update",
+            "add",
+            "--repo",
+            &p("repo"),
+            "--root",
+            &p("root.json"),
+            "--key",
+            &p("k.pk8"),
+            img,
         ])
     };
     let v1_root = noise(1, 1 << 20);
@@ -397,7 +411,10 @@ fn chunk_lists_rebuild_the_root_and_unused_chunks_are_collected() {
         assert_eq!(target, format!("t-{version}-root.chunks.json"));
         let list: serde_json::Value =
             serde_json::from_slice(&signed_target(&repo, &target)).unwrap();
-        assert_eq!(u["chunks"]["count"], list["chunks"].as_array().unwrap().len());
+        assert_eq!(
+            u["chunks"]["count"],
+            list["chunks"].as_array().unwrap().len()
+        );
         list
     };
     let rebuild = |list: &serde_json::Value| -> Vec<u8> {
@@ -418,7 +435,10 @@ fn chunk_lists_rebuild_the_root_and_unused_chunks_are_collected() {
     assert_eq!(l1["chunker"], "fastcdc-v2020/16384/32768/65536");
     assert_eq!(l1["compression"], "zstd");
     assert_eq!(l1["size"], 1 << 20);
-    assert!(rebuild(&l1) == v1_root, "version 1.0's chunks are not its root");
+    assert!(
+        rebuild(&l1) == v1_root,
+        "version 1.0's chunks are not its root"
+    );
     let after_v1 = stored_chunks(&repo);
 
     // A refused add (a version nodes would refuse) leaves chunks nothing lists...
@@ -438,7 +458,10 @@ fn chunk_lists_rebuild_the_root_and_unused_chunks_are_collected() {
     let o = add(&v2);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let l2 = list_of("1.1");
-    assert!(rebuild(&l2) == v2_root, "version 1.1's chunks are not its root");
+    assert!(
+        rebuild(&l2) == v2_root,
+        "version 1.1's chunks are not its root"
+    );
     assert!(rebuild(&list_of("1.0")) == v1_root);
     let names = |l: &serde_json::Value| -> std::collections::BTreeSet<String> {
         l["chunks"]
@@ -450,7 +473,11 @@ fn chunk_lists_rebuild_the_root_and_unused_chunks_are_collected() {
     };
     let (n1, n2) = (names(&l1), names(&l2));
     let union: std::collections::BTreeSet<String> = n1.union(&n2).cloned().collect();
-    assert_eq!(stored_chunks(&repo), union, "stored chunks = the listed versions' chunks");
+    assert_eq!(
+        stored_chunks(&repo),
+        union,
+        "stored chunks = the listed versions' chunks"
+    );
     let new_in_v2 = n2.difference(&n1).count();
     assert!(
         new_in_v2 * 4 < n2.len(),

@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 use tough::{IntoVec, RepositoryLoader, TargetName};
 use url::Url;
 
+use super::delta;
 use super::http;
 use super::secure_boot;
 use super::slots::{self, Layout};
@@ -72,7 +73,7 @@ pub async fn load_repo(spec: &UpdateSpec, trusted_root: &Path, datastore: &Path)
     Ok(Repo { repo, targets })
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -178,6 +179,8 @@ pub fn select(
         offered.push(OfferedVersion {
             version: p.version.clone(),
             download_size: 0,
+            delta_size: None,
+            delta_note: None,
             verdict,
         });
     }
@@ -218,7 +221,7 @@ fn wave_verdict(p: &Payload, seed: u8, now: jiff::Timestamp) -> Option<String> {
 }
 
 /// The signed length and sha256 of a target, and its URL.
-fn target_info(repo: &Repo, name: &str) -> Result<(u64, Vec<u8>, Url)> {
+pub(crate) fn target_info(repo: &Repo, name: &str) -> Result<(u64, Vec<u8>, Url)> {
     let tn = TargetName::new(name)?;
     let t = repo
         .repo
@@ -404,6 +407,7 @@ pub async fn install(
     layout: &Layout,
     p: &Payload,
     tries: u32,
+    delta_max_percent: u8,
 ) -> Result<Installed> {
     let slot = layout.running.other();
     let letter = slot.letter();
@@ -437,7 +441,56 @@ pub async fn install(
             p.verity
         );
     }
-    agent.set_progress_total(root_len + verity_len + uki_len);
+    // A delta from the running slot, or the full root (and why), decided before anything is
+    // written.
+    let decision = delta::decide(
+        agent,
+        repo,
+        layout.running_root.as_deref(),
+        &layout.roothash,
+        p,
+        root_len,
+        delta_max_percent,
+    )
+    .await;
+    agent.check_cancel()?;
+    let delta = match decision {
+        delta::Decision {
+            planned: Some((plan, index)),
+            whole: None,
+        } => {
+            agent.emit(
+                "update-delta",
+                format!(
+                    "{} by delta: downloading {} KiB of chunks instead of the {} KiB root ({} of {} chunks), copying {} KiB from slot {}",
+                    p.version,
+                    plan.download >> 10,
+                    root_len >> 10,
+                    plan.missing.len(),
+                    plan.list.chunks.len(),
+                    plan.copied >> 10,
+                    layout.running.letter()
+                ),
+            );
+            Some((plan, index))
+        }
+        delta::Decision { whole, .. } => {
+            agent.emit(
+                "update-delta-fallback",
+                format!(
+                    "{} comes whole ({} KiB root): {}",
+                    p.version,
+                    root_len >> 10,
+                    whole.unwrap_or_default()
+                ),
+            );
+            None
+        }
+    };
+    let root_download = delta
+        .as_ref()
+        .map_or(root_len, |(plan, _)| plan.download - plan.list_len);
+    agent.set_progress_total(root_download + verity_len + uki_len);
     let old: Vec<_> = slots::entries(&layout.esp)?
         .into_iter()
         .filter(|e| e.slot == Some(slot))
@@ -497,35 +550,27 @@ pub async fn install(
 
     // 4. Root, then verity.
     agent.set_phase(Phase::Downloading);
-    let mut dev = open_dev(&t.root)?;
-    dev.seek(SeekFrom::Start(0))?;
-    let mut gz = flate2::write::GzDecoder::new(Bounded {
-        f: dev,
-        written: 0,
-        limit: p.root_size,
-        what: format!("{} (uncompressed)", p.root),
-    });
-    stream_target(agent, repo, &p.root, &mut |chunk| {
-        gz.write_all(chunk)
-            .with_context(|| format!("writing {} into slot {letter}", p.root))?;
-        agent.set_written(gz.get_ref().written);
-        Ok(())
-    })
-    .await?;
-    gz.try_finish()
-        .with_context(|| format!("{}: gzip stream incomplete", p.root))?;
-    let bounded = gz
-        .finish()
-        .with_context(|| format!("{}: gzip stream incomplete", p.root))?;
-    if bounded.written != p.root_size {
-        bail!(
-            "{}: decompressed to {} bytes, the manifest says {} (refused)",
-            p.root,
-            bounded.written,
-            p.root_size
-        );
+    if let Some((plan, index)) = &delta {
+        let running = layout.running_root.as_deref().context("no running root")?;
+        match delta::assemble(agent, repo, plan, index, running, &t.root).await {
+            Ok(()) => {}
+            Err(e) => {
+                agent.check_cancel()?;
+                agent.emit(
+                    "update-delta-fallback",
+                    format!(
+                        "assembling {} from chunks failed: {e:#}; downloading the full root ({} KiB) instead",
+                        p.version,
+                        root_len >> 10
+                    ),
+                );
+                agent.add_progress_total(root_len);
+                write_full_root(agent, repo, p, &t.root, letter).await?;
+            }
+        }
+    } else {
+        write_full_root(agent, repo, p, &t.root, letter).await?;
     }
-    bounded.f.sync_all().context("syncing the root partition")?;
     let mut verity_bytes = Vec::with_capacity(p.verity_size as usize);
     stream_target(agent, repo, &p.verity, &mut |chunk| {
         verity_bytes.extend_from_slice(chunk);
@@ -592,6 +637,46 @@ pub async fn install(
             Err(e)
         }
     }
+}
+
+/// Streams the full (gzip) root into the slot's root partition `dev_path` and syncs it.
+async fn write_full_root(
+    agent: &Agent,
+    repo: &Repo,
+    p: &Payload,
+    dev_path: &Path,
+    letter: &str,
+) -> Result<()> {
+    let mut dev = open_dev(dev_path)?;
+    dev.seek(SeekFrom::Start(0))?;
+    let mut gz = flate2::write::GzDecoder::new(Bounded {
+        f: dev,
+        written: 0,
+        limit: p.root_size,
+        what: format!("{} (uncompressed)", p.root),
+    });
+    stream_target(agent, repo, &p.root, &mut |chunk| {
+        gz.write_all(chunk)
+            .with_context(|| format!("writing {} into slot {letter}", p.root))?;
+        agent.set_written(gz.get_ref().written);
+        Ok(())
+    })
+    .await?;
+    gz.try_finish()
+        .with_context(|| format!("{}: gzip stream incomplete", p.root))?;
+    let bounded = gz
+        .finish()
+        .with_context(|| format!("{}: gzip stream incomplete", p.root))?;
+    if bounded.written != p.root_size {
+        bail!(
+            "{}: decompressed to {} bytes, the manifest says {} (refused)",
+            p.root,
+            bounded.written,
+            p.root_size
+        );
+    }
+    bounded.f.sync_all().context("syncing the root partition")?;
+    Ok(())
 }
 
 fn part_name(version: &str) -> String {
