@@ -454,6 +454,11 @@ pub async fn install(
     )
     .await;
     agent.check_cancel()?;
+    // The chunk list was downloaded to decide: it counts.
+    let list_len = decision
+        .planned
+        .as_ref()
+        .map_or(0, |(plan, _)| plan.list_len);
     let delta = match decision {
         delta::Decision {
             planned: Some((plan, index)),
@@ -489,8 +494,9 @@ pub async fn install(
     };
     let root_download = delta
         .as_ref()
-        .map_or(root_len, |(plan, _)| plan.download - plan.list_len);
+        .map_or(root_len + list_len, |(plan, _)| plan.download);
     agent.set_progress_total(root_download + verity_len + uki_len);
+    agent.add_downloaded(list_len);
     let old: Vec<_> = slots::entries(&layout.esp)?
         .into_iter()
         .filter(|e| e.slot == Some(slot))

@@ -613,9 +613,14 @@ impl Agent {
         match result {
             Ok(installed) => {
                 self.set_phase(Phase::Staged);
+                let downloaded = self.live().progress.as_ref().map_or(0, |p| p.downloaded);
                 self.emit(
                     "update-staged",
-                    format!("{} verified and installed; it boots next", installed.entry),
+                    format!(
+                        "{} verified and installed; it boots next (downloaded {} KiB)",
+                        installed.entry,
+                        downloaded >> 10
+                    ),
                 );
                 if req.reboot {
                     match self.take_reboot_slot(&spec, &installed.version).await {

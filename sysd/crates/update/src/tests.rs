@@ -1446,13 +1446,20 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     );
     let new_bytes: u64 = new.iter().map(|c| c.stored).sum();
     let full_root = std::fs::metadata(v2.dir.join("root.erofs")).unwrap().len();
-    // Downloaded: the new chunks, the verity tree and the UKI (the chunk list is counted
-    // before the progress starts).
+    // Downloaded: the chunk list, the new chunks, the verity tree and the UKI; said so.
     assert!(
         progress.downloaded < new_bytes + (100 << 10) && progress.downloaded < full_root / 4,
         "downloaded {} (new chunks {new_bytes}, root {full_root})",
         progress.downloaded
     );
+    assert!(
+        ev.contains(&format!(
+            "it boots next (downloaded {} KiB)",
+            progress.downloaded >> 10
+        )),
+        "{ev}"
+    );
+    assert_eq!(progress.downloaded, progress.download_total);
     assert!(std::fs::read(&running).unwrap() == running_before);
 
     // Over the share: the full root, and why.
