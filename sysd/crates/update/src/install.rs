@@ -9,9 +9,11 @@
 //!    signature (`secure_boot`);
 //! 3. delete every boot entry of the target slot (fsync the directory): from here on the slot
 //!    is not bootable;
-//! 4. stream the compressed root into the slot (sha256 and length checked against the signed
-//!    targets metadata as it streams; ranged re-requests resume a dropped download), then the
-//!    verity hash device; fsync both;
+//! 4. write the root into the slot: by delta (`delta`: the running slot's chunks copied, the
+//!    missing ones downloaded and checked; decided in step 2, before the slot is touched), or by
+//!    streaming the compressed root (sha256 and length checked against the signed targets
+//!    metadata as it streams; ranged re-requests resume a dropped download), which is also what
+//!    a delta that fails falls back to; then the verity hash device; fsync both;
 //! 5. read the slot back and recompute the dm-verity tree: its root hash must be the signed
 //!    one;
 //! 6. write the slot's UKI (downloaded in step 2) under a temporary name, check its command line
