@@ -260,12 +260,17 @@ fn main() -> Result<()> {
     };
     let (c0, t0) = (cpu(), std::time::Instant::now());
     let mut entries = 0usize;
-    for c in chunking::cut(std::io::BufReader::new(std::fs::File::open(n.join("root.erofs"))?)) {
+    for c in chunking::cut(std::io::BufReader::new(std::fs::File::open(
+        n.join("root.erofs"),
+    )?)) {
         c?;
         entries += 1;
     }
     let (cpu_s, wall_s) = (cpu() - c0, t0.elapsed().as_secs_f64());
-    println!("\n## Indexing the running slot (N's {} KiB root, on the host)\n", old.len() >> 10);
+    println!(
+        "\n## Indexing the running slot (N's {} KiB root, on the host)\n",
+        old.len() >> 10
+    );
     println!("| CPU s | wall s | chunks | index in memory (KiB, 48 B a chunk) | buffer (KiB) |");
     println!("|---:|---:|---:|---:|---:|");
     println!(

@@ -331,5 +331,12 @@ mod tests {
         let text = "version = 1\n[update]\nbogus = 1\n";
         let err = parse(Path::new("u.toml"), text).unwrap_err().0;
         assert!(err.contains("u.toml:3") && err.contains("bogus"), "{err}");
+        let text = "version = 1\n[update]\ndelta_max_percent = 101\n";
+        let err = parse(Path::new("u.toml"), text).unwrap_err().0;
+        assert!(
+            err.contains("update.delta_max_percent: 101 is above 100"),
+            "{err}"
+        );
+        assert_eq!(UpdateSpec::default().delta_max_percent, 70);
     }
 }
