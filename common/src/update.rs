@@ -92,6 +92,187 @@ pub struct Payload {
     /// it, or listed under it by `image-build update extension` (the repository says it fits).
     #[serde(default)]
     pub extensions: Vec<ExtensionPayload>,
+    /// The root image as content-defined chunks, for delta updates (absent in repositories
+    /// written before deltas, and then the node downloads the full root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<ChunksRef>,
+}
+
+/// Where a version's chunk list is, and what it adds up to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunksRef {
+    /// Target: the chunk list ([`ChunkList`], JSON), `<variant>-<version>-root.chunks.json`.
+    pub target: String,
+    /// Number of chunks (entries) in the list.
+    pub count: u64,
+}
+
+/// The chunker every chunk list of this format is cut with: FastCDC 2020 (the `fastcdc`
+/// crate's `v2020`, normalization level 1, its default gear table) with 16 KiB minimum,
+/// 32 KiB average and 64 KiB maximum chunks, on the uncompressed root image.
+pub const CHUNKER: &str = "fastcdc-v2020/16384/32768/65536";
+/// Chunk size bounds of [`CHUNKER`].
+pub const CHUNK_MIN: u64 = 16 << 10;
+pub const CHUNK_AVG: u64 = 32 << 10;
+pub const CHUNK_MAX: u64 = 64 << 10;
+/// How chunk files are compressed.
+pub const CHUNK_COMPRESSION: &str = "zstd";
+/// Chunk files live under the repository's `targets/` as `chunks/<sha256 of the chunk>`.
+pub const CHUNK_DIR: &str = "chunks";
+
+/// The most a stored (compressed) chunk may take: zstd's worst case (`ZSTD_compressBound`) for
+/// a chunk of `length` bytes, rounded up.
+pub fn chunk_stored_max(length: u64) -> u64 {
+    length + length / 128 + 1024
+}
+
+/// The most bytes a valid chunk list for a root of `root_size` bytes can take: every chunk of
+/// the minimum size, each entry at its longest. A signed list longer than this is refused
+/// before it is downloaded.
+pub fn chunk_list_max_bytes(root_size: u64) -> u64 {
+    (root_size / CHUNK_MIN + 1) * 160 + 4096
+}
+
+/// A version's chunk list (a signed target): the root image, in order, as chunks. Each chunk is
+/// stored once in the repository (`targets/chunks/<sha256>`, zstd), named by the sha256 of its
+/// uncompressed bytes, which the node checks on arrival. Signed by being in a signed target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkList {
+    /// [`CHUNKER`]: how the image was cut (a node indexes its running slot the same way).
+    pub chunker: String,
+    /// [`CHUNK_COMPRESSION`].
+    pub compression: String,
+    /// The uncompressed root image's size: the chunks cover exactly `0..size`.
+    pub size: u64,
+    pub chunks: Vec<ChunkEntry>,
+}
+
+/// One chunk of a [`ChunkList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkEntry {
+    /// Hex sha256 of the uncompressed chunk (its name in the repository).
+    pub sha256: String,
+    /// Where it starts in the root image.
+    pub offset: u64,
+    /// Uncompressed length.
+    pub length: u64,
+    /// Length of its stored (compressed) file.
+    pub stored: u64,
+}
+
+impl ChunkList {
+    /// Checks everything a node acts on: the chunker, the size (`root_size` is the signed
+    /// manifest's), chunks that tile `0..size` in order without gaps or overlaps, each within
+    /// the chunker's bounds, with a well-formed name. The error names the first bad entry.
+    pub fn check(&self, root_size: u64) -> Result<(), String> {
+        if self.chunker != CHUNKER {
+            return Err(format!(
+                "chunker {:?} is not the one this node cuts its slot with ({CHUNKER})",
+                self.chunker
+            ));
+        }
+        if self.compression != CHUNK_COMPRESSION {
+            return Err(format!(
+                "chunk compression {:?} is not supported (only {CHUNK_COMPRESSION})",
+                self.compression
+            ));
+        }
+        if self.size != root_size {
+            return Err(format!(
+                "the list covers {} bytes but the root image is {root_size}",
+                self.size
+            ));
+        }
+        let most = root_size / CHUNK_MIN + 1;
+        if self.chunks.len() as u64 > most {
+            return Err(format!(
+                "{} chunks for {root_size} bytes: at least {CHUNK_MIN} bytes each allows at most {most}",
+                self.chunks.len()
+            ));
+        }
+        let mut at = 0u64;
+        let last = self.chunks.len().saturating_sub(1);
+        for (i, c) in self.chunks.iter().enumerate() {
+            let is_hex = |s: &str| {
+                s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            };
+            if !is_hex(&c.sha256) {
+                return Err(format!(
+                    "chunk {i}: {:?} is not a lowercase hex sha256",
+                    c.sha256
+                ));
+            }
+            if c.offset != at {
+                return Err(format!(
+                    "chunk {i} starts at byte {} but the previous one ends at {at} ({})",
+                    c.offset,
+                    if c.offset < at { "overlap" } else { "gap" }
+                ));
+            }
+            if c.length == 0 || c.length > CHUNK_MAX || (c.length < CHUNK_MIN && i != last) {
+                return Err(format!(
+                    "chunk {i} is {} bytes long: chunks are {CHUNK_MIN} to {CHUNK_MAX} bytes (only the last may be shorter)",
+                    c.length
+                ));
+            }
+            let end = c.offset + c.length;
+            if end > root_size {
+                return Err(format!(
+                    "chunk {i} ends at byte {end}, past the root image's end ({root_size})"
+                ));
+            }
+            if c.stored == 0 || c.stored > chunk_stored_max(c.length) {
+                return Err(format!(
+                    "chunk {i} is stored in {} bytes, impossible for {} compressed bytes",
+                    c.stored, c.length
+                ));
+            }
+            at = end;
+        }
+        if at != root_size {
+            return Err(format!(
+                "the chunks end at byte {at}, short of the root image's {root_size}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Cutting images into chunks with [`CHUNKER`].
+#[cfg(feature = "chunking")]
+pub mod chunking {
+    use std::io::Read;
+
+    use sha2::{Digest, Sha256};
+
+    /// One chunk as cut from a stream.
+    #[derive(Debug)]
+    pub struct Cut {
+        pub offset: u64,
+        pub sha256: [u8; 32],
+        pub data: Vec<u8>,
+    }
+
+    /// Cuts `source` into chunks with [`super::CHUNKER`] (memory: one maximum chunk).
+    pub fn cut(source: impl Read) -> impl Iterator<Item = std::io::Result<Cut>> {
+        fastcdc::v2020::StreamCDC::new(
+            source,
+            super::CHUNK_MIN as usize,
+            super::CHUNK_AVG as usize,
+            super::CHUNK_MAX as usize,
+        )
+        .map(|r| {
+            let c = r.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(io) => io,
+                other => std::io::Error::other(other.to_string()),
+            })?;
+            Ok(Cut {
+                offset: c.offset,
+                sha256: Sha256::digest(&c.data).into(),
+                data: c.data,
+            })
+        })
+    }
 }
 
 /// A system extension image listed under an OS version (docs/extensions.md).
@@ -256,6 +437,7 @@ mod tests {
             released: String::new(),
             waves: vec![],
             extensions: vec![],
+            chunks: None,
         };
         let mut m = Manifest {
             updates: vec![p("0.2.0"), p("0.10.0"), p("0.3.1")],
@@ -294,5 +476,134 @@ mod tests {
         let back: Manifest = serde_json::from_str(&json).unwrap();
         assert_eq!(back, m);
         assert_eq!(back.updates[0].extensions, [etcd]);
+    }
+
+    fn entry(i: u64, offset: u64, length: u64) -> ChunkEntry {
+        ChunkEntry {
+            sha256: format!("{i:064x}"),
+            offset,
+            length,
+            stored: length / 2 + 1,
+        }
+    }
+
+    fn list(size: u64, chunks: Vec<ChunkEntry>) -> ChunkList {
+        ChunkList {
+            chunker: CHUNKER.into(),
+            compression: CHUNK_COMPRESSION.into(),
+            size,
+            chunks,
+        }
+    }
+
+    /// What a node would act on wrongly is refused, naming the entry: past the end, overlaps,
+    /// gaps, a chunk of 1 GiB, more entries than the size allows, another chunker.
+    #[test]
+    fn chunk_lists_that_do_not_tile_the_image_are_refused() {
+        let k = CHUNK_MIN;
+        let good = list(
+            3 * k + 100,
+            vec![entry(0, 0, k), entry(1, k, 2 * k), entry(2, 3 * k, 100)],
+        );
+        assert_eq!(good.check(3 * k + 100), Ok(()));
+        let err = |l: &ChunkList, size| l.check(size).unwrap_err();
+        assert_eq!(
+            err(&good, 3 * k),
+            format!(
+                "the list covers {} bytes but the root image is {}",
+                3 * k + 100,
+                3 * k
+            )
+        );
+        let past = list(2 * k, vec![entry(0, 0, k), entry(1, k, 2 * k)]);
+        assert_eq!(
+            err(&past, 2 * k),
+            format!(
+                "chunk 1 ends at byte {}, past the root image's end ({})",
+                3 * k,
+                2 * k
+            )
+        );
+        let overlap = list(3 * k, vec![entry(0, 0, 2 * k), entry(1, k, 2 * k)]);
+        assert_eq!(
+            err(&overlap, 3 * k),
+            format!(
+                "chunk 1 starts at byte {k} but the previous one ends at {} (overlap)",
+                2 * k
+            )
+        );
+        let gap = list(3 * k, vec![entry(0, 0, k), entry(1, 2 * k, k)]);
+        assert!(err(&gap, 3 * k).ends_with("(gap)"));
+        let huge = list(1 << 30, vec![entry(0, 0, 1 << 30)]);
+        assert_eq!(
+            err(&huge, 1 << 30),
+            "chunk 0 is 1073741824 bytes long: chunks are 16384 to 65536 bytes (only the last may be shorter)"
+        );
+        let short = list(2 * k, vec![entry(0, 0, k)]);
+        assert_eq!(
+            err(&short, 2 * k),
+            format!(
+                "the chunks end at byte {k}, short of the root image's {}",
+                2 * k
+            )
+        );
+        let many = list(
+            64 * k,
+            (0..1_000_000).map(|i| entry(i, i * 64, 64)).collect(),
+        );
+        assert_eq!(
+            err(&many, 64 * k),
+            "1000000 chunks for 1048576 bytes: at least 16384 bytes each allows at most 65"
+        );
+        let mut other = good.clone();
+        other.chunker = "fastcdc-v2016/2048/8192/65536".into();
+        assert!(err(&other, 3 * k + 100).starts_with("chunker \"fastcdc-v2016"));
+        let mut bomb = good.clone();
+        bomb.chunks[0].stored = 1 << 30;
+        assert_eq!(
+            err(&bomb, 3 * k + 100),
+            "chunk 0 is stored in 1073741824 bytes, impossible for 16384 compressed bytes"
+        );
+        let mut name = good.clone();
+        name.chunks[2].sha256 = "../../etc/passwd".into();
+        assert_eq!(
+            err(&name, 3 * k + 100),
+            "chunk 2: \"../../etc/passwd\" is not a lowercase hex sha256"
+        );
+        // A manifest entry without chunks still parses (repositories from before deltas).
+        assert!(chunk_list_max_bytes(1 << 20) < 16 << 10);
+    }
+
+    /// The chunker is deterministic and content-defined: an insertion shifts offsets but
+    /// leaves the chunks after it the same.
+    #[cfg(feature = "chunking")]
+    #[test]
+    fn chunks_recur_after_an_insertion() {
+        let mut x: u32 = 1;
+        let data: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        let shas =
+            |d: &[u8]| -> Vec<[u8; 32]> { chunking::cut(d).map(|c| c.unwrap().sha256).collect() };
+        let a = shas(&data);
+        let mut moved = data.clone();
+        moved.splice(100_000..100_000, [7u8; 5000]);
+        let b = shas(&moved);
+        let common = b.iter().filter(|s| a.contains(s)).count();
+        assert!(a.len() >= 16 && a.len() <= 64, "{} chunks", a.len());
+        assert!(
+            common + 3 >= b.len(),
+            "{common} of {} chunks recur",
+            b.len()
+        );
+        let total: usize = chunking::cut(&data[..])
+            .map(|c| c.unwrap().data.len())
+            .sum();
+        assert_eq!(total, data.len());
     }
 }

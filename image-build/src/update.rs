@@ -6,7 +6,10 @@
 //! `targets/<sha256>.<name>`. Targets per version: `<variant>-<version>-root.erofs.gz` (the EROFS
 //! root, gzip), `<variant>-<version>-root.verity` (its dm-verity hash device),
 //! `<variant>-<version>-uki-a.efi` and `...-uki-b.efi` (one UKI per target slot: the slot is on
-//! the UKI's command line), `ext-<name>-<version>-for-<os version>.raw.gz` (a system extension
+//! the UKI's command line), `<variant>-<version>-root.chunks.json` (the root cut into
+//! content-defined chunks for delta updates; each chunk is stored once, zstd-compressed, as
+//! `targets/chunks/<sha256 of the chunk>`, named by that hash in the signed list, and
+//! garbage-collected when no listed version uses it), `ext-<name>-<version>-for-<os version>.raw.gz` (a system extension
 //! image, gzip; docs/extensions.md), and `manifest.json`, which lists the versions with their
 //! payloads, rollout waves and the extensions that fit each. Release keys live outside the
 //! repository; tests generate their own.
@@ -19,7 +22,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use aws_lc_rs::rand::SystemRandom;
 use keelson_common::update::{
-    extension_target, ExtensionPayload, Manifest, Payload, Wave, MANIFEST_TARGET,
+    chunking, extension_target, ChunkEntry, ChunkList, ChunksRef, ExtensionPayload, Manifest,
+    Payload, Wave, CHUNKER, CHUNK_COMPRESSION, CHUNK_DIR, MANIFEST_TARGET,
 };
 use tough::editor::signed::{PathExists, SignedRole};
 use tough::editor::RepositoryEditor;
@@ -251,6 +255,41 @@ impl Open {
             .map(|t| hex::encode(&t.hashes.sha256)))
     }
 
+    /// The chunks the listed versions' chunk lists name (but `skip`'s), read from the
+    /// repository's targets; an unreadable list stops the run, so no chunk a version needs
+    /// is ever collected.
+    fn used_chunks(&self, skip: &str) -> Result<std::collections::HashSet<String>> {
+        let mut used = std::collections::HashSet::new();
+        let Some(repo) = &self.existing else {
+            return Ok(used);
+        };
+        for p in &self.manifest.updates {
+            let Some(c) = p.chunks.as_ref().filter(|c| c.target != skip) else {
+                continue;
+            };
+            let name = TargetName::new(&c.target)?;
+            let bytes = self
+                .rt
+                .block_on(async {
+                    match repo.read_target(&name).await? {
+                        Some(stream) => stream.into_vec().await.map(Some),
+                        None => Ok(None),
+                    }
+                })
+                .with_context(|| format!("reading {}", c.target))?
+                .with_context(|| {
+                    format!(
+                        "version {} lists {}, which is not a target",
+                        p.version, c.target
+                    )
+                })?;
+            let list: ChunkList = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not a chunk list", c.target))?;
+            used.extend(list.chunks.into_iter().map(|c| c.sha256));
+        }
+        Ok(used)
+    }
+
     /// Writes the manifest into `staging`, adds it and the files `new_targets` (in `staging`)
     /// as targets, signs targets, snapshot and timestamp with versions one up, and copies the
     /// new targets into the repository.
@@ -441,11 +480,18 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
             opts.image.display()
         )
     })?;
+    let chunks_name = format!("{stem}-root.chunks.json");
+    let chunk_list = stage_chunks(&root_src, root_size, repo)?;
+    std::fs::write(
+        staging.path().join(&chunks_name),
+        serde_json::to_vec(&chunk_list)?,
+    )?;
     let mut new_targets = vec![
         root_name.clone(),
         verity_name.clone(),
         uki_a.clone(),
         uki_b.clone(),
+        chunks_name.clone(),
     ];
     let mut extensions: Vec<ExtensionPayload> = Vec::new();
     for dir in &opts.extensions {
@@ -499,10 +545,84 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
         released: opts.release.to_string(),
         waves,
         extensions,
+        chunks: Some(ChunksRef {
+            target: chunks_name.clone(),
+            count: chunk_list.chunks.len() as u64,
+        }),
     };
     open.manifest.updates.push(payload.clone());
+    // Every listed version's chunk list, read before the repository changes: what the chunk
+    // store must keep.
+    let mut keep: std::collections::HashSet<String> = open.used_chunks(&chunks_name)?;
+    keep.extend(chunk_list.chunks.iter().map(|c| c.sha256.clone()));
     open.publish(&opts.repo, staging.path(), &new_targets)?;
+    gc_chunks(repo, &keep)?;
     Ok(payload)
+}
+
+/// Cuts the root image into chunks, stores each one the repository does not have yet
+/// (zstd-compressed, written under a temporary name and renamed, so a cut-off run leaves no
+/// half chunk), and returns the chunk list.
+fn stage_chunks(root: &Path, root_size: u64, repo: &Path) -> Result<ChunkList> {
+    let dir = repo.join("targets").join(CHUNK_DIR);
+    std::fs::create_dir_all(&dir)?;
+    let mut chunks = Vec::new();
+    let mut stored_len: HashMap<String, u64> = HashMap::new();
+    let file = std::fs::File::open(root).with_context(|| format!("{}", root.display()))?;
+    for cut in chunking::cut(std::io::BufReader::new(file)) {
+        let cut = cut.with_context(|| format!("cutting {} into chunks", root.display()))?;
+        let sha = hex::encode(cut.sha256);
+        let stored = match stored_len.get(&sha) {
+            Some(n) => *n,
+            None => {
+                let path = dir.join(&sha);
+                let n = match std::fs::metadata(&path) {
+                    Ok(m) => m.len(),
+                    Err(_) => {
+                        let z = zstd::bulk::compress(&cut.data, 9)
+                            .with_context(|| format!("compressing chunk {sha}"))?;
+                        let tmp = dir.join(format!(".{sha}.tmp"));
+                        std::fs::write(&tmp, &z)?;
+                        std::fs::rename(&tmp, &path)?;
+                        z.len() as u64
+                    }
+                };
+                stored_len.insert(sha.clone(), n);
+                n
+            }
+        };
+        chunks.push(ChunkEntry {
+            sha256: sha,
+            offset: cut.offset,
+            length: cut.data.len() as u64,
+            stored,
+        });
+    }
+    let list = ChunkList {
+        chunker: CHUNKER.into(),
+        compression: CHUNK_COMPRESSION.into(),
+        size: root_size,
+        chunks,
+    };
+    list.check(root_size)
+        .map_err(|e| anyhow::anyhow!("{}: the chunk list came out wrong: {e}", root.display()))?;
+    Ok(list)
+}
+
+/// Removes every stored chunk no listed version uses (and leftovers of cut-off runs).
+fn gc_chunks(repo: &Path, keep: &std::collections::HashSet<String>) -> Result<u64> {
+    let dir = repo.join("targets").join(CHUNK_DIR);
+    let mut removed = 0;
+    for e in std::fs::read_dir(&dir).with_context(|| format!("{}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !keep.contains(&name) {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing unused chunk {}", e.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// What `update extension` did.

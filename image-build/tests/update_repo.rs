@@ -336,3 +336,152 @@ fn extensions_are_signed_and_listed_per_os_version() {
     let e = String::from_utf8_lossy(&list("1.0", &p("img-1.0")).stderr).into_owned();
     assert!(e.contains("not the manifest of an extension build"), "{e}");
 }
+
+/// Pseudo-random bytes (incompressible-ish, like a file system's compressed files).
+fn noise(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed.max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x % 64) as u8
+        })
+        .collect()
+}
+
+/// The files under `repo/targets/chunks`.
+fn stored_chunks(repo: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(repo.join("targets/chunks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Every version carries a signed chunk list whose chunks, decompressed in order, are its root
+/// image byte for byte; chunks are stored once across versions; what no listed version uses
+/// (here: the chunks of a refused add) is collected by the next add.
+#[test]
+fn chunk_lists_rebuild_the_root_and_unused_chunks_are_collected() {
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| t.path().join(n).to_str().unwrap().to_owned();
+    ok(&["update", "keygen", &p("k.pk8")]);
+    ok(&[
+        "update",
+        "root",
+        "--key",
+        &p("k.pk8"),
+        "--out",
+        &p("root.json"),
+    ]);
+    let repo = t.path().join("repo");
+    let add = |img: &str| -> Output {
+        ib(&[
+            "update",
+            "add",
+            "--repo",
+            &p("repo"),
+            "--root",
+            &p("root.json"),
+            "--key",
+            &p("k.pk8"),
+            img,
+        ])
+    };
+    let v1_root = noise(1, 1 << 20);
+    let mut v2_root = v1_root.clone();
+    // One file changed in place and one grown: offsets after it move.
+    v2_root[300_000..304_096].copy_from_slice(&noise(2, 4096));
+    v2_root.splice(600_000..600_000, noise(3, 8192));
+    v2_root.truncate(1 << 20);
+    let v1 = image(t.path(), "1.0");
+    std::fs::write(Path::new(&v1).join("root.erofs"), &v1_root).unwrap();
+    let o = add(&v1);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let list_of = |version: &str| -> serde_json::Value {
+        let m = signed_manifest(&repo);
+        let u = m["updates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["version"] == version)
+            .unwrap()
+            .clone();
+        let target = u["chunks"]["target"].as_str().unwrap().to_owned();
+        assert_eq!(target, format!("t-{version}-root.chunks.json"));
+        let list: serde_json::Value =
+            serde_json::from_slice(&signed_target(&repo, &target)).unwrap();
+        assert_eq!(
+            u["chunks"]["count"],
+            list["chunks"].as_array().unwrap().len()
+        );
+        list
+    };
+    let rebuild = |list: &serde_json::Value| -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in list["chunks"].as_array().unwrap() {
+            let sha = c["sha256"].as_str().unwrap();
+            let z = std::fs::read(repo.join("targets/chunks").join(sha)).unwrap();
+            assert_eq!(c["stored"], z.len());
+            let data = zstd::decode_all(&z[..]).unwrap();
+            assert_eq!(sha256(&data), sha);
+            assert_eq!(c["offset"], out.len());
+            assert_eq!(c["length"], data.len());
+            out.extend_from_slice(&data);
+        }
+        out
+    };
+    let l1 = list_of("1.0");
+    assert_eq!(l1["chunker"], "fastcdc-v2020/16384/32768/65536");
+    assert_eq!(l1["compression"], "zstd");
+    assert_eq!(l1["size"], 1 << 20);
+    assert!(
+        rebuild(&l1) == v1_root,
+        "version 1.0's chunks are not its root"
+    );
+    let after_v1 = stored_chunks(&repo);
+
+    // A refused add (a version nodes would refuse) leaves chunks nothing lists...
+    let evil = image(t.path(), "0.9+evil");
+    std::fs::write(Path::new(&evil).join("root.erofs"), noise(9, 256 << 10)).unwrap();
+    assert!(!add(&evil).status.success());
+    std::fs::write(repo.join("targets/chunks/.deadbeef.tmp"), b"cut off").unwrap();
+    let strays: Vec<String> = stored_chunks(&repo)
+        .difference(&after_v1)
+        .cloned()
+        .collect();
+    assert!(strays.len() >= 5, "{strays:?}");
+
+    // ...which the next add collects, keeping both listed versions' chunks, shared once.
+    let v2 = image(t.path(), "1.1");
+    std::fs::write(Path::new(&v2).join("root.erofs"), &v2_root).unwrap();
+    let o = add(&v2);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let l2 = list_of("1.1");
+    assert!(
+        rebuild(&l2) == v2_root,
+        "version 1.1's chunks are not its root"
+    );
+    assert!(rebuild(&list_of("1.0")) == v1_root);
+    let names = |l: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        l["chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["sha256"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (n1, n2) = (names(&l1), names(&l2));
+    let union: std::collections::BTreeSet<String> = n1.union(&n2).cloned().collect();
+    assert_eq!(
+        stored_chunks(&repo),
+        union,
+        "stored chunks = the listed versions' chunks"
+    );
+    let new_in_v2 = n2.difference(&n1).count();
+    assert!(
+        new_in_v2 * 4 < n2.len(),
+        "{new_in_v2} of {} chunks of 1.1 are new: the chunks after the change should recur",
+        n2.len()
+    );
+}

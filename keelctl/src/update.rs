@@ -50,29 +50,7 @@ pub fn run(client: &Client, cmd: &UpdateCommand, json: bool, out: &mut impl Writ
                 return crate::print_raw(out, &body);
             }
             let c: UpdateCheck = crate::parse(&body)?;
-            writeln!(out, "running {}", c.current)?;
-            let rows: Vec<Vec<String>> = c
-                .versions
-                .iter()
-                .map(|v| {
-                    vec![
-                        v.version.clone(),
-                        render::size(v.download_size),
-                        v.verdict.clone(),
-                    ]
-                })
-                .collect();
-            if !rows.is_empty() {
-                write!(
-                    out,
-                    "{}",
-                    render::table(&["VERSION", "DOWNLOAD", "VERDICT"], &rows)
-                )?;
-            }
-            match c.available {
-                Some(v) => writeln!(out, "available: {v} (keelctl update apply)")?,
-                None => writeln!(out, "no update available")?,
-            }
+            write!(out, "{}", show_check(&c))?;
         }
         UpdateCommand::Apply {
             version,
@@ -307,6 +285,45 @@ fn show(s: &UpdateStatus) -> String {
     t
 }
 
+/// `keelctl update check`: every version with its full and delta download sizes and verdict,
+/// then why a version would come whole when it would.
+fn show_check(c: &UpdateCheck) -> String {
+    let mut t = format!("running {}\n", c.current);
+    let rows: Vec<Vec<String>> = c
+        .versions
+        .iter()
+        .map(|v| {
+            let delta = match (&v.delta_size, &v.delta_note) {
+                (Some(d), None) => render::size(*d),
+                (Some(d), Some(_)) => format!("({}: not used)", render::size(*d)),
+                (None, _) => "-".into(),
+            };
+            vec![
+                v.version.clone(),
+                render::size(v.download_size),
+                delta,
+                v.verdict.clone(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        t.push_str(&render::table(
+            &["VERSION", "DOWNLOAD", "DELTA", "VERDICT"],
+            &rows,
+        ));
+    }
+    for v in &c.versions {
+        if let Some(n) = &v.delta_note {
+            t.push_str(&format!("{}: no delta: {n}\n", v.version));
+        }
+    }
+    match &c.available {
+        Some(v) => t.push_str(&format!("available: {v} (keelctl update apply)\n")),
+        None => t.push_str("no update available\n"),
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +365,60 @@ mod tests {
         assert!(t.contains("  waiting:        node2, node3\n"), "{t}");
         assert!(
             t.contains("  halted:         rollout of 0.2.0 by node1: it did not come up healthy\n"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn check_shows_full_and_delta_sizes() {
+        let v = |version: &str, delta: Option<u64>, note: Option<&str>, verdict: &str| {
+            keelson_common::api::update::OfferedVersion {
+                version: version.into(),
+                download_size: 13 << 20,
+                delta_size: delta,
+                delta_note: note.map(str::to_owned),
+                verdict: verdict.into(),
+            }
+        };
+        let c = UpdateCheck {
+            current: "0.1.0".into(),
+            available: Some("0.3.0".into()),
+            versions: vec![
+                v("0.3.0", Some(900 << 10), None, "eligible"),
+                v(
+                    "0.2.0",
+                    Some(12 << 20),
+                    Some("above update.delta_max_percent (70%)"),
+                    "eligible",
+                ),
+                v("0.1.0", None, None, "running"),
+            ],
+        };
+        let t = show_check(&c);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "running 0.1.0");
+        assert!(
+            lines[1].starts_with("VERSION") && lines[1].contains("DELTA"),
+            "{t}"
+        );
+        let row = |v: &str| {
+            lines
+                .iter()
+                .find(|l| l.starts_with(v))
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(row("0.3.0 "), "0.3.0 13M 900K eligible");
+        assert_eq!(row("0.2.0 "), "0.2.0 13M (12M: not used) eligible");
+        assert_eq!(row("0.1.0 "), "0.1.0 13M - running");
+        assert!(
+            t.contains("0.2.0: no delta: above update.delta_max_percent (70%)\n"),
+            "{t}"
+        );
+        assert!(
+            t.ends_with("available: 0.3.0 (keelctl update apply)\n"),
             "{t}"
         );
     }

@@ -120,6 +120,13 @@ pub struct OfferedVersion {
     pub version: String,
     /// Compressed download size (root + verity + this slot's UKI).
     pub download_size: u64,
+    /// What a delta update would download instead (chunk list, the root's chunks this node
+    /// lacks, verity, UKI); None when this version would come whole, `delta_note` says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_size: Option<u64>,
+    /// Why there is no delta (no chunk list, slot not indexable, over the limit), if none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_note: Option<String>,
     /// `eligible`, or why not (`not newer`, `wave: from <time>`, `above max_version 0.3`).
     pub verdict: String,
 }

@@ -3,11 +3,14 @@
 //! Builds the test image as N (0.1.0) and N+1 (0.2.0 with one more system service: one piece of
 //! the root changed), adds both to a fresh TUF repository, then prints
 //! 1. bytes on the wire: the whole disk image and the raw root (what image-copy updaters send),
-//!    Keelson's full payload (gzip root + verity + one UKI), and what two delta schemes would
-//!    send against the running slot: content-defined chunks (the design in ARCHITECTURE.md) and
-//!    4 KiB blocks, each compressed the same way, as ratios to the full image;
-//! 2. time under QEMU (TCG, UEFI): `keelctl update apply` until staged (download, write,
-//!    read-back verification, boot entry) and until N+1 is blessed after its reboot.
+//!    Keelson's full payload (gzip root + verity + one UKI), Keelson's delta as the repository
+//!    publishes it (chunk list + the chunks of N+1 that N lacks, zstd, + verity + UKI), and two
+//!    schemes not built, for comparison: 4 KiB blocks (update_engine-style block copy) and the
+//!    delta with the UKI chunked against the node's own; as ratios to the full image;
+//! 2. the node's cost of indexing its running slot (here on the host: CPU time, index size);
+//! 3. under QEMU (TCG, UEFI), once with deltas off and once on, side by side: the bytes the
+//!    node downloaded (its `update-staged` event), `keelctl update apply` until staged
+//!    (download, write, read-back verification, boot entry) and until N+1 is blessed.
 //!
 //! Asserts nothing. Usage: `./dev bench`, or `cargo run --release -p qemu-tests --bin
 //! bench-update`.
@@ -20,6 +23,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use keelson_common::update::{chunking, ChunkList};
 use qemu_tests::scenario::{image_build, test_guest_uefi, Httpd};
 use qemu_tests::{create_overlay, workspace_root};
 
@@ -56,37 +60,14 @@ fn gzip_len(data: &[u8]) -> Result<u64> {
     Ok(buf.len() as u64)
 }
 
-/// Content-defined chunks (a gear rolling hash, FastCDC's cut condition without its
-/// normalisation): 16 KiB minimum, ~32 KiB average, 64 KiB maximum.
+/// Chunks as nodes and repositories cut them (FastCDC 2020, 16/32/64 KiB).
 fn cdc(data: &[u8]) -> Vec<&[u8]> {
-    let mut gear = [0u64; 256];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for g in gear.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *g = x;
-    }
-    const MIN: usize = 16 << 10;
-    const MAX: usize = 64 << 10;
-    const MASK: u64 = (1 << 15) - 1;
     let mut out = Vec::new();
-    let mut start = 0;
-    while start < data.len() {
-        let end = (start + MAX).min(data.len());
-        let mut h: u64 = 0;
-        let mut cut = end;
-        let mut i = start + MIN.min(end - start);
-        while i < end {
-            h = (h << 1).wrapping_add(gear[data[i] as usize]);
-            if h & MASK == 0 {
-                cut = i + 1;
-                break;
-            }
-            i += 1;
-        }
-        out.push(&data[start..cut]);
-        start = cut;
+    let mut at = 0;
+    for c in chunking::cut(data) {
+        let len = c.map(|c| c.data.len()).unwrap_or(0);
+        out.push(&data[at..at + len]);
+        at += len;
     }
     out
 }
@@ -188,25 +169,50 @@ fn main() -> Result<()> {
     let payload = target("test-0.2.0-root.erofs.gz")? + verity + uki;
     let old = std::fs::read(n.join("root.erofs"))?;
     let new = std::fs::read(n1.join("root.erofs"))?;
-    let (cdc_raw, cdc_gz) = delta(&old, &new, cdc)?;
+    // The delta as published: what a node running N downloads for N+1 (it indexes its slot
+    // with the same chunker, so it has exactly N's chunks).
+    let list = |v: &str| -> Result<(ChunkList, u64)> {
+        let name = format!("test-{v}-root.chunks.json");
+        for e in std::fs::read_dir(repo.join("targets"))? {
+            let p = e?.path();
+            if p.to_string_lossy().ends_with(&format!(".{name}")) {
+                let bytes = std::fs::read(&p)?;
+                return Ok((serde_json::from_slice(&bytes)?, bytes.len() as u64));
+            }
+        }
+        bail!("no {name} in the repository")
+    };
+    let (list_n, _) = list("0.1.0")?;
+    let (list_n1, list_len) = list("0.2.0")?;
+    let have: HashSet<&str> = list_n.chunks.iter().map(|c| c.sha256.as_str()).collect();
+    let mut fetched = HashSet::new();
+    let (mut missing_raw, mut missing_stored, mut missing_count) = (0u64, 0u64, 0usize);
+    for c in &list_n1.chunks {
+        if !have.contains(c.sha256.as_str()) && fetched.insert(c.sha256.as_str()) {
+            missing_raw += c.length;
+            missing_stored += c.stored;
+            missing_count += 1;
+        }
+    }
+    let delta_total = list_len + missing_stored + verity + uki;
     let (blk_raw, blk_gz) = delta(&old, &new, blocks)?;
-    let cdc_total = cdc_gz + verity + uki;
     let blk_total = blk_gz + verity + uki;
     // The UKIs differ only in .osrel and .cmdline: chunking them against the node's own UKI
-    // (on its ESP) leaves almost nothing to send.
+    // (on its ESP) would leave almost nothing to send (not built).
     let old_uki = std::fs::read(n.join("keelson_0.1.0+3.efi"))?;
     let new_uki = std::fs::read(n1.join("uki-slot-b.efi"))?;
     let (_, uki_cdc_gz) = delta(&old_uki, &new_uki, cdc)?;
-    let full_delta = cdc_gz + verity + uki_cdc_gz;
+    let with_uki = list_len + missing_stored + verity + uki_cdc_gz;
 
     println!("\n## Update download for a version bump (N -> N+1: one system service added)\n");
-    println!("| what is sent | bytes | MiB | vs full disk image |");
-    println!("|---|---:|---:|---:|");
+    println!("| what is sent | bytes | MiB | vs full disk image | vs Keelson full payload |");
+    println!("|---|---:|---:|---:|---:|");
     let row = |what: &str, b: u64| {
         println!(
-            "| {what} | {b} | {:.1} | {:.3} |",
+            "| {what} | {b} | {:.2} | {:.3} | {:.3} |",
             b as f64 / 1048576.0,
-            b as f64 / disk_qcow2 as f64
+            b as f64 / disk_qcow2 as f64,
+            b as f64 / payload as f64
         )
     };
     row(
@@ -222,66 +228,124 @@ fn main() -> Result<()> {
         payload,
     );
     row(
-        "delta: content-defined chunks missing from N (gzip) + verity + UKI",
-        cdc_total,
+        "**Keelson delta** (chunk list + missing chunks, zstd + verity + UKI)",
+        delta_total,
     );
     row(
-        "delta: 4 KiB blocks missing from N (gzip) + verity + UKI",
+        "not built: 4 KiB blocks missing from N (gzip) + verity + UKI",
         blk_total,
     );
     row(
-        "delta: CDC on root and UKI (against the node's own UKI) + verity",
-        full_delta,
+        "not built: Keelson delta with the UKI chunked against the node's own",
+        with_uki,
     );
     println!(
-        "\nchunks of N+1's root not in N: CDC {} KiB of {} KiB raw, 4 KiB blocks {} KiB; the UKI ({} KiB) is always whole: the kernel and initramfs did not change but the UKI carries the new root hash",
-        cdc_raw >> 10,
+        "\nchunks of N+1's root not in N: {missing_count} of {} ({} KiB of {} KiB raw, {} KiB stored); 4 KiB blocks not in N: {} KiB; chunk list {} KiB; verity {} KiB; UKI {} KiB (whole: the kernel and initramfs did not change but the UKI carries the new root hash)",
+        list_n1.chunks.len(),
+        missing_raw >> 10,
         new.len() >> 10,
+        missing_stored >> 10,
         blk_raw >> 10,
+        list_len >> 10,
+        verity >> 10,
         uki >> 10
     );
-    for (what, d) in [("root only", cdc_total), ("root and UKI", full_delta)] {
+
+    // The node's cost of indexing its running slot (the same code, on the host's CPU).
+    let cpu = || {
+        let mut ru: libc::rusage = unsafe_rusage();
+        // SAFETY: getrusage writes into the struct it is given.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        ru.ru_utime.tv_sec as f64 + ru.ru_utime.tv_usec as f64 / 1e6
+    };
+    let (c0, t0) = (cpu(), std::time::Instant::now());
+    let mut entries = 0usize;
+    for c in chunking::cut(std::io::BufReader::new(std::fs::File::open(
+        n.join("root.erofs"),
+    )?)) {
+        c?;
+        entries += 1;
+    }
+    let (cpu_s, wall_s) = (cpu() - c0, t0.elapsed().as_secs_f64());
+    println!(
+        "\n## Indexing the running slot (N's {} KiB root, on the host)\n",
+        old.len() >> 10
+    );
+    println!("| CPU s | wall s | chunks | index in memory (KiB, 48 B a chunk) | buffer (KiB) |");
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| {cpu_s:.3} | {wall_s:.3} | {entries} | {} | 1088 |",
+        entries * 48 / 1024
+    );
+
+    // Under QEMU, deltas off and on.
+    let mut runs = Vec::new();
+    for (mode, percent) in [("full", 0u8), ("delta", 70u8)] {
+        eprintln!("applying N -> N+1 under QEMU ({mode}) ...");
+        runs.push((mode, apply_under_qemu(&dir, &n, &repo, mode, percent)?));
+    }
+    println!("\n## Apply N -> N+1 under QEMU (TCG, UEFI, 1 GiB, test image), full vs delta\n");
+    println!("| mode | downloaded (KiB, the node's count) | apply until staged (s) | apply until N+1 blessed (s) |");
+    println!("|---|---:|---:|---:|");
+    for (mode, (kib, staged, blessed)) in &runs {
+        println!("| {mode} | {kib} | {staged:.1} | {blessed:.1} |");
+    }
+    if let [(_, (full, ..)), (_, (delta, ..))] = &runs[..] {
         println!(
-            "bytes saved by the CDC delta ({what}) vs the full payload: {} KiB ({:.0} %)",
-            (payload.saturating_sub(d)) >> 10,
-            100.0 * (payload.saturating_sub(d)) as f64 / payload as f64
+            "\ndelta downloads {:.1} % of the full payload",
+            100.0 * *delta as f64 / (*full).max(1) as f64
         );
     }
+    Ok(())
+}
 
-    // Time under QEMU.
-    let disk = dir.join("node.qcow2");
+fn unsafe_rusage() -> libc::rusage {
+    // SAFETY: rusage is plain integers; all zeros is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Boots N from a fresh overlay, applies N+1 with `delta_max_percent = percent`; returns the
+/// KiB downloaded (from `update-staged`), seconds until staged and until N+1 is blessed.
+fn apply_under_qemu(
+    dir: &Path,
+    n: &Path,
+    repo: &Path,
+    mode: &str,
+    percent: u8,
+) -> Result<(u64, f64, f64)> {
+    let disk = dir.join(format!("node-{mode}.qcow2"));
     create_overlay(&n.join("disk.raw"), &disk, Some(2 << 30))?;
     let g = test_guest_uefi(&disk).spawn()?;
     let httpd = Httpd::serve(
         g.netns(),
         SocketAddr::from((Ipv4Addr::LOCALHOST, REPO_PORT)),
-        &repo,
+        repo,
     )?;
-    let result = (|| -> Result<(f64, f64)> {
+    let result = (|| -> Result<(u64, f64, f64)> {
         g.wait_for("update-blessed: 0.1.0", BOOT)?;
         g.try_sh(
-            &format!("printf 'version = 1\\n[update]\\nrepository = \"http://10.0.2.2:{REPO_PORT}/\"\\n' > /tmp/u.toml && keelctl apply /tmp/u.toml"),
+            &format!("printf 'version = 1\\n[update]\\nrepository = \"http://10.0.2.2:{REPO_PORT}/\"\\ndelta_max_percent = {percent}\\n' > /tmp/u.toml && keelctl apply /tmp/u.toml"),
         )?;
         let t0 = g.spawned_at().elapsed();
         let out = g.try_sh("keelctl update apply --reboot --no-wait")?;
         if out.contains("keelctl:") {
             bail!("apply: {out}");
         }
-        let staged = g.wait_for_match(&["update-staged"], BOOT)?.at;
+        let staged = g.wait_for_match(&["update-staged"], BOOT)?;
+        let kib = staged
+            .line
+            .split("(downloaded ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|k| k.parse().ok())
+            .with_context(|| format!("no download size in {:?}", staged.line))?;
         let blessed = g.wait_for_match(&["update-blessed: 0.2.0"], BOOT)?.at;
         Ok((
-            staged.saturating_sub(t0).as_secs_f64(),
+            kib,
+            staged.at.saturating_sub(t0).as_secs_f64(),
             blessed.saturating_sub(t0).as_secs_f64(),
         ))
     })();
     drop(httpd);
-    let (staged, blessed) = result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", g.serial_tail(60)))?;
-    println!("\n## Apply under QEMU (TCG, UEFI, 1 GiB, test image)\n");
-    println!("| step | seconds |");
-    println!("|---|---:|");
-    println!("| `keelctl update apply` until staged (TUF refresh, download, write, read-back verity, UKI) | {staged:.1} |");
-    println!(
-        "| apply until N+1 blessed (including the reboot and the health gate) | {blessed:.1} |"
-    );
-    Ok(())
+    result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", g.serial_tail(60)))
 }

@@ -55,6 +55,15 @@ pub struct UpdateSpec {
     pub max_version: Option<String>,
     /// How nodes of a fleet take turns rebooting (`[update.coordination]`; absent: none).
     pub coordination: Option<Coordination>,
+    /// Delta updates: build the new root from the running slot's chunks and download only the
+    /// missing ones, unless they add up to more than this percentage of the full root
+    /// download (then the full payload). 0 turns deltas off.
+    #[serde(default = "default_delta_max_percent")]
+    pub delta_max_percent: u8,
+}
+
+fn default_delta_max_percent() -> u8 {
+    70
 }
 
 /// Reboot coordination strategies.
@@ -173,6 +182,7 @@ impl Default for UpdateSpec {
             boot_tries: default_tries(),
             max_version: None,
             coordination: None,
+            delta_max_percent: default_delta_max_percent(),
         }
     }
 }
@@ -189,6 +199,12 @@ impl UpdateSpec {
         }
         if let Some(w) = &self.window {
             parse_window(w).map_err(|e| format!("update.window: {e}"))?;
+        }
+        if self.delta_max_percent > 100 {
+            return Err(Invalid::from(format!(
+                "update.delta_max_percent: {} is above 100",
+                self.delta_max_percent
+            )));
         }
         if !(1..=7).contains(&self.boot_tries) {
             return Err(Invalid::from("update.boot_tries: must be between 1 and 7"));
@@ -315,5 +331,12 @@ mod tests {
         let text = "version = 1\n[update]\nbogus = 1\n";
         let err = parse(Path::new("u.toml"), text).unwrap_err().0;
         assert!(err.contains("u.toml:3") && err.contains("bogus"), "{err}");
+        let text = "version = 1\n[update]\ndelta_max_percent = 101\n";
+        let err = parse(Path::new("u.toml"), text).unwrap_err().0;
+        assert!(
+            err.contains("update.delta_max_percent: 101 is above 100"),
+            "{err}"
+        );
+        assert_eq!(UpdateSpec::default().delta_max_percent, 70);
     }
 }

@@ -214,6 +214,7 @@ mod tests {
             released: String::new(),
             waves: vec![],
             extensions: ext,
+            chunks: None,
         };
         Manifest {
             updates: vec![

@@ -9,9 +9,11 @@
 //!    signature (`secure_boot`);
 //! 3. delete every boot entry of the target slot (fsync the directory): from here on the slot
 //!    is not bootable;
-//! 4. stream the compressed root into the slot (sha256 and length checked against the signed
-//!    targets metadata as it streams; ranged re-requests resume a dropped download), then the
-//!    verity hash device; fsync both;
+//! 4. write the root into the slot: by delta (`delta`: the running slot's chunks copied, the
+//!    missing ones downloaded and checked; decided in step 2, before the slot is touched), or by
+//!    streaming the compressed root (sha256 and length checked against the signed targets
+//!    metadata as it streams; ranged re-requests resume a dropped download), which is also what
+//!    a delta that fails falls back to; then the verity hash device; fsync both;
 //! 5. read the slot back and recompute the dm-verity tree: its root hash must be the signed
 //!    one;
 //! 6. write the slot's UKI (downloaded in step 2) under a temporary name, check its command line
@@ -31,6 +33,7 @@ use sha2::{Digest, Sha256};
 use tough::{IntoVec, RepositoryLoader, TargetName};
 use url::Url;
 
+use super::delta;
 use super::http;
 use super::secure_boot;
 use super::slots::{self, Layout};
@@ -72,7 +75,7 @@ pub async fn load_repo(spec: &UpdateSpec, trusted_root: &Path, datastore: &Path)
     Ok(Repo { repo, targets })
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -178,6 +181,8 @@ pub fn select(
         offered.push(OfferedVersion {
             version: p.version.clone(),
             download_size: 0,
+            delta_size: None,
+            delta_note: None,
             verdict,
         });
     }
@@ -218,7 +223,7 @@ fn wave_verdict(p: &Payload, seed: u8, now: jiff::Timestamp) -> Option<String> {
 }
 
 /// The signed length and sha256 of a target, and its URL.
-fn target_info(repo: &Repo, name: &str) -> Result<(u64, Vec<u8>, Url)> {
+pub(crate) fn target_info(repo: &Repo, name: &str) -> Result<(u64, Vec<u8>, Url)> {
     let tn = TargetName::new(name)?;
     let t = repo
         .repo
@@ -404,6 +409,7 @@ pub async fn install(
     layout: &Layout,
     p: &Payload,
     tries: u32,
+    delta_max_percent: u8,
 ) -> Result<Installed> {
     let slot = layout.running.other();
     let letter = slot.letter();
@@ -437,7 +443,62 @@ pub async fn install(
             p.verity
         );
     }
-    agent.set_progress_total(root_len + verity_len + uki_len);
+    // A delta from the running slot, or the full root (and why), decided before anything is
+    // written.
+    let decision = delta::decide(
+        agent,
+        repo,
+        layout.running_root.as_deref(),
+        &layout.roothash,
+        p,
+        root_len,
+        delta_max_percent,
+    )
+    .await;
+    agent.check_cancel()?;
+    // The chunk list was downloaded to decide: it counts.
+    let list_len = decision
+        .planned
+        .as_ref()
+        .map_or(0, |(plan, _)| plan.list_len);
+    let delta = match decision {
+        delta::Decision {
+            planned: Some((plan, index)),
+            whole: None,
+        } => {
+            agent.emit(
+                "update-delta",
+                format!(
+                    "{} by delta: downloading {} KiB of chunks instead of the {} KiB root ({} of {} chunks), copying {} KiB from slot {}",
+                    p.version,
+                    plan.download >> 10,
+                    root_len >> 10,
+                    plan.missing.len(),
+                    plan.list.chunks.len(),
+                    plan.copied >> 10,
+                    layout.running.letter()
+                ),
+            );
+            Some((plan, index))
+        }
+        delta::Decision { whole, .. } => {
+            agent.emit(
+                "update-delta-fallback",
+                format!(
+                    "{} comes whole ({} KiB root): {}",
+                    p.version,
+                    root_len >> 10,
+                    whole.unwrap_or_default()
+                ),
+            );
+            None
+        }
+    };
+    let root_download = delta
+        .as_ref()
+        .map_or(root_len + list_len, |(plan, _)| plan.download);
+    agent.set_progress_total(root_download + verity_len + uki_len);
+    agent.add_downloaded(list_len);
     let old: Vec<_> = slots::entries(&layout.esp)?
         .into_iter()
         .filter(|e| e.slot == Some(slot))
@@ -497,35 +558,27 @@ pub async fn install(
 
     // 4. Root, then verity.
     agent.set_phase(Phase::Downloading);
-    let mut dev = open_dev(&t.root)?;
-    dev.seek(SeekFrom::Start(0))?;
-    let mut gz = flate2::write::GzDecoder::new(Bounded {
-        f: dev,
-        written: 0,
-        limit: p.root_size,
-        what: format!("{} (uncompressed)", p.root),
-    });
-    stream_target(agent, repo, &p.root, &mut |chunk| {
-        gz.write_all(chunk)
-            .with_context(|| format!("writing {} into slot {letter}", p.root))?;
-        agent.set_written(gz.get_ref().written);
-        Ok(())
-    })
-    .await?;
-    gz.try_finish()
-        .with_context(|| format!("{}: gzip stream incomplete", p.root))?;
-    let bounded = gz
-        .finish()
-        .with_context(|| format!("{}: gzip stream incomplete", p.root))?;
-    if bounded.written != p.root_size {
-        bail!(
-            "{}: decompressed to {} bytes, the manifest says {} (refused)",
-            p.root,
-            bounded.written,
-            p.root_size
-        );
+    if let Some((plan, index)) = &delta {
+        let running = layout.running_root.as_deref().context("no running root")?;
+        match delta::assemble(agent, repo, plan, index, running, &t.root).await {
+            Ok(()) => {}
+            Err(e) => {
+                agent.check_cancel()?;
+                agent.emit(
+                    "update-delta-fallback",
+                    format!(
+                        "assembling {} from chunks failed: {e:#}; downloading the full root ({} KiB) instead",
+                        p.version,
+                        root_len >> 10
+                    ),
+                );
+                agent.add_progress_total(root_len);
+                write_full_root(agent, repo, p, &t.root, letter).await?;
+            }
+        }
+    } else {
+        write_full_root(agent, repo, p, &t.root, letter).await?;
     }
-    bounded.f.sync_all().context("syncing the root partition")?;
     let mut verity_bytes = Vec::with_capacity(p.verity_size as usize);
     stream_target(agent, repo, &p.verity, &mut |chunk| {
         verity_bytes.extend_from_slice(chunk);
@@ -592,6 +645,46 @@ pub async fn install(
             Err(e)
         }
     }
+}
+
+/// Streams the full (gzip) root into the slot's root partition `dev_path` and syncs it.
+async fn write_full_root(
+    agent: &Agent,
+    repo: &Repo,
+    p: &Payload,
+    dev_path: &Path,
+    letter: &str,
+) -> Result<()> {
+    let mut dev = open_dev(dev_path)?;
+    dev.seek(SeekFrom::Start(0))?;
+    let mut gz = flate2::write::GzDecoder::new(Bounded {
+        f: dev,
+        written: 0,
+        limit: p.root_size,
+        what: format!("{} (uncompressed)", p.root),
+    });
+    stream_target(agent, repo, &p.root, &mut |chunk| {
+        gz.write_all(chunk)
+            .with_context(|| format!("writing {} into slot {letter}", p.root))?;
+        agent.set_written(gz.get_ref().written);
+        Ok(())
+    })
+    .await?;
+    gz.try_finish()
+        .with_context(|| format!("{}: gzip stream incomplete", p.root))?;
+    let bounded = gz
+        .finish()
+        .with_context(|| format!("{}: gzip stream incomplete", p.root))?;
+    if bounded.written != p.root_size {
+        bail!(
+            "{}: decompressed to {} bytes, the manifest says {} (refused)",
+            p.root,
+            bounded.written,
+            p.root_size
+        );
+    }
+    bounded.f.sync_all().context("syncing the root partition")?;
+    Ok(())
 }
 
 fn part_name(version: &str) -> String {

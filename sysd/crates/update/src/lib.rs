@@ -20,6 +20,7 @@
 //! reboots).
 
 mod coordinate;
+pub mod delta;
 pub mod extensions;
 pub mod http;
 pub mod install;
@@ -240,6 +241,13 @@ impl Agent {
         });
     }
 
+    /// Grows the download total (a delta that fell back to the full root).
+    pub(crate) fn add_progress_total(&self, n: u64) {
+        if let Some(p) = self.live().progress.as_mut() {
+            p.download_total += n;
+        }
+    }
+
     pub(crate) fn add_downloaded(&self, n: u64) {
         if let Some(p) = self.live().progress.as_mut() {
             p.downloaded += n;
@@ -424,9 +432,29 @@ impl Agent {
         let m = install::read_manifest(&repo).await?;
         let (mut versions, chosen) =
             install::select(&m, &node, spec, None, false, jiff::Timestamp::now());
+        let (_, roothash) = self.discovery.running()?;
+        let running_root = self.discovery.running_root();
         for v in &mut versions {
             if let Some(p) = m.updates.iter().find(|p| p.version == v.version) {
                 v.download_size = install::download_size(&repo, p, &node.target_slot);
+                if v.verdict == "running" {
+                    continue;
+                }
+                let root_len = install::target_info(&repo, &p.root).map_or(0, |(l, _, _)| l);
+                let d = delta::decide(
+                    self,
+                    &repo,
+                    running_root.as_deref(),
+                    &roothash,
+                    p,
+                    root_len,
+                    spec.delta_max_percent,
+                )
+                .await;
+                v.delta_size = d
+                    .planned
+                    .map(|(plan, _)| v.download_size - root_len + plan.download);
+                v.delta_note = d.whole;
             }
         }
         Ok(UpdateCheck {
@@ -558,7 +586,15 @@ impl Agent {
             let base = spec.repository.clone().unwrap_or_default();
             self.sync_extensions(&repo, &store, &p.version, &listed, &base)
                 .await?;
-            let installed = install::install(self, &repo, &layout, &p, spec.boot_tries).await?;
+            let installed = install::install(
+                self,
+                &repo,
+                &layout,
+                &p,
+                spec.boot_tries,
+                spec.delta_max_percent,
+            )
+            .await?;
             // A forced downgrade sorts below the running version: demote the running entry so
             // systemd-boot prefers the new one (and still falls back to it).
             if compare_versions_lt(&p.version, &node.version) {
@@ -577,9 +613,14 @@ impl Agent {
         match result {
             Ok(installed) => {
                 self.set_phase(Phase::Staged);
+                let downloaded = self.live().progress.as_ref().map_or(0, |p| p.downloaded);
                 self.emit(
                     "update-staged",
-                    format!("{} verified and installed; it boots next", installed.entry),
+                    format!(
+                        "{} verified and installed; it boots next (downloaded {} KiB)",
+                        installed.entry,
+                        downloaded >> 10
+                    ),
                 );
                 if req.reboot {
                     match self.take_reboot_slot(&spec, &installed.version).await {

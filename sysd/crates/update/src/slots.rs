@@ -29,6 +29,10 @@ pub struct Layout {
     pub roothash: String,
     /// The other slot's devices.
     pub target: SlotDevices,
+    /// The running slot's root as dm-verity serves it (every block read is checked against
+    /// the root hash the node booted with): what delta updates copy chunks from. None when it
+    /// cannot be found (then updates download the full root).
+    pub running_root: Option<PathBuf>,
     /// The mounted ESP.
     pub esp: PathBuf,
     /// Where the UEFI variables are (efivarfs), None without UEFI.
@@ -45,6 +49,8 @@ pub enum Discovery {
     Files {
         cmdline: String,
         target: SlotDevices,
+        /// The running slot's root, as [`Layout::running_root`].
+        running_root: Option<PathBuf>,
         esp: PathBuf,
         /// A directory of UEFI variables as efivarfs shows them (None: no UEFI).
         efivars: Option<PathBuf>,
@@ -75,6 +81,7 @@ impl Discovery {
         match self {
             Discovery::Files {
                 target,
+                running_root,
                 esp,
                 efivars,
                 ..
@@ -82,6 +89,7 @@ impl Discovery {
                 running,
                 roothash,
                 target: target.clone(),
+                running_root: running_root.clone(),
                 esp: esp.clone(),
                 efivars: efivars.clone(),
             }),
@@ -110,10 +118,19 @@ impl Discovery {
                         verity,
                         verity_size,
                     },
+                    running_root: self.running_root(),
                     esp: esp_mount.clone(),
                     efivars: crate::secure_boot::node_efivars()?,
                 })
             }
+        }
+    }
+
+    /// The running slot's root as dm-verity serves it ([`Layout::running_root`]).
+    pub fn running_root(&self) -> Option<PathBuf> {
+        match self {
+            Discovery::Files { running_root, .. } => running_root.clone(),
+            Discovery::Node { .. } => verity_root(),
         }
     }
 
@@ -148,6 +165,20 @@ impl Discovery {
             }
         }
     }
+}
+
+/// The device `/` is mounted from, if it is the dm-verity mapping stage 1 made (named `root`):
+/// `/dev/dm-<minor>`.
+fn verity_root() -> Option<PathBuf> {
+    let st = nix::sys::stat::stat("/").ok()?;
+    let (major, minor) = (libc::major(st.st_dev), libc::minor(st.st_dev));
+    let name = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/dm/name")).ok()?;
+    if name.trim() != "root" {
+        tracing::info!("update: / is on {major}:{minor}, not the dm-verity root; no delta updates");
+        return None;
+    }
+    let dev = PathBuf::from(format!("/dev/dm-{minor}"));
+    dev.exists().then_some(dev)
 }
 
 struct Disk {

@@ -103,8 +103,6 @@ fn fake_image(parent: &Path, version: &str, blocks: usize) -> FakeImage {
 /// An image whose UKIs say `real` while the build manifest (and so the repository) says
 /// `version`: an older version dressed up as a newer one.
 fn fake_image_claiming(parent: &Path, version: &str, real: &str, blocks: usize) -> FakeImage {
-    let dir = parent.join(format!("img-{version}"));
-    std::fs::create_dir_all(&dir).unwrap();
     let mut root = Vec::with_capacity(blocks * 4096);
     let mut x: u32 = version
         .bytes()
@@ -116,9 +114,16 @@ fn fake_image_claiming(parent: &Path, version: &str, real: &str, blocks: usize) 
         // Compressible, like a file system: small values.
         root.extend_from_slice(&(x % 16).to_le_bytes());
     }
+    fake_image_with_root(parent, version, real, &root)
+}
+
+/// An image of `version` whose root image is `root` (a multiple of 4096 bytes).
+fn fake_image_with_root(parent: &Path, version: &str, real: &str, root: &[u8]) -> FakeImage {
+    let dir = parent.join(format!("img-{version}"));
+    std::fs::create_dir_all(&dir).unwrap();
     let tree = verity::build(&mut &root[..], root.len() as u64, &[9; 32], [3; 16]).unwrap();
     let roothash = verity::to_hex(&tree.root_hash);
-    std::fs::write(dir.join("root.erofs"), &root).unwrap();
+    std::fs::write(dir.join("root.erofs"), root).unwrap();
     std::fs::write(dir.join("root.verity"), &tree.hash_device).unwrap();
     let osrel = format!("ID=keelson\nIMAGE_ID=keelson\nIMAGE_VERSION={real}\nVARIANT_ID=test\n");
     let uki = format!("keelson_{version}+3.efi");
@@ -293,6 +298,12 @@ fn netns() {
 }
 
 fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
+    node_with(running, version, slot, false)
+}
+
+/// A node; with `verity_root`, the running slot's root (as its dm-verity device would serve
+/// it) is a file of the running image's root, which delta updates copy chunks from.
+fn node_with(running: &FakeImage, version: &str, slot: &str, verity_root: bool) -> Node {
     netns();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -365,6 +376,11 @@ fn node(running: &FakeImage, version: &str, slot: &str) -> Node {
                 verity: d.join("root-b-verity"),
                 verity_size: 64 << 10,
             },
+            running_root: verity_root.then(|| {
+                let path = d.join("running-root");
+                std::fs::copy(running.dir.join("root.erofs"), &path).unwrap();
+                path
+            }),
             esp,
             efivars: efivars.clone(),
         },
@@ -1247,4 +1263,318 @@ fn a_secure_boot_node_refuses_an_unsigned_or_foreign_uki_before_touching_the_esp
         std::fs::read(n.dir.path().join("esp/EFI/Linux/keelson_0.4.0+3.efi")).unwrap(),
         std::fs::read(good.dir.join("uki-slot-b.efi")).unwrap()
     );
+}
+
+/// Incompressible bytes (so every stored chunk is a raw zstd block and a flipped byte of it is
+/// a flipped byte of the chunk).
+fn random_bytes(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed.max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 7) as u8
+        })
+        .collect()
+}
+
+/// Versions 0.1.0 and 0.2.0 whose roots differ in one 8 KiB stretch (one service changed).
+fn related_images(parent: &Path) -> (FakeImage, FakeImage, Vec<u8>) {
+    let v1 = random_bytes(11, 200 * 4096);
+    let mut v2 = v1.clone();
+    v2[400_000..408_192].copy_from_slice(&random_bytes(12, 8192));
+    let a = fake_image_with_root(parent, "0.1.0", "0.1.0", &v1);
+    let b = fake_image_with_root(parent, "0.2.0", "0.2.0", &v2);
+    (a, b, v2)
+}
+
+impl Node {
+    /// The chunk list the repository signed for `version`.
+    fn chunk_list(&self, version: &str) -> keelson_common::update::ChunkList {
+        let name = format!("test-{version}-root.chunks.json");
+        let file = std::fs::read_dir(self.repo.join("targets"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(&format!(".{name}")))
+            .unwrap_or_else(|| panic!("no {name}"));
+        serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+    }
+
+    fn chunk_file(&self, sha: &str) -> PathBuf {
+        self.repo.join("targets/chunks").join(sha)
+    }
+
+    /// Discards the staged version and scribbles over slot B, so the next install has to
+    /// write every byte of it again.
+    fn reset_slot_b(&self, rt: &tokio::runtime::Runtime) {
+        rt.block_on(self.agent.cancel()).unwrap();
+        std::fs::write(self.dir.path().join("root-b"), vec![0x5a; 1 << 20]).unwrap();
+    }
+
+    /// Replaces the target `name` with `bytes` and signs the repository anew with the test's
+    /// key (targets, snapshot and timestamp one version up): a repository that signs bad input.
+    fn resign_target(&self, rt: &tokio::runtime::Runtime, name: &str, bytes: &[u8]) {
+        use tough::editor::signed::PathExists;
+        use tough::editor::RepositoryEditor;
+        use tough::key_source::{KeySource, LocalKeySource};
+        let staging = tempfile::tempdir().unwrap();
+        std::fs::write(staging.path().join(name), bytes).unwrap();
+        let meta = self.repo.join("metadata");
+        let targets = self.repo.join("targets");
+        let url = |p: &Path| url::Url::from_directory_path(p).unwrap();
+        rt.block_on(async {
+            let repo = tough::RepositoryLoader::new(
+                &std::fs::read(&self.root_json).unwrap(),
+                url(&meta),
+                url(&targets),
+            )
+            .load()
+            .await
+            .unwrap();
+            let next = |v: std::num::NonZeroU64| v.checked_add(1).unwrap();
+            let (t, s, ts) = (
+                next(repo.targets().signed.version),
+                next(repo.snapshot().signed.version),
+                next(repo.timestamp().signed.version),
+            );
+            let expires = repo.targets().signed.expires;
+            let mut e = RepositoryEditor::from_repo(&self.root_json, repo)
+                .await
+                .unwrap();
+            e.remove_target(&tough::TargetName::new(name).unwrap())
+                .unwrap();
+            let (tn, target) = RepositoryEditor::build_target(staging.path().join(name))
+                .await
+                .unwrap();
+            e.add_target(tn, target).unwrap();
+            e.targets_version(t)
+                .unwrap()
+                .targets_expires(expires)
+                .unwrap()
+                .snapshot_version(s)
+                .snapshot_expires(expires)
+                .timestamp_version(ts)
+                .timestamp_expires(expires);
+            let keys: Vec<Box<dyn KeySource>> = vec![Box::new(LocalKeySource {
+                path: self.key.clone(),
+            })];
+            let signed = e.sign(&keys).await.unwrap();
+            signed
+                .copy_targets(staging.path(), &targets, PathExists::Skip)
+                .await
+                .unwrap();
+            signed.write(&meta).await.unwrap();
+        });
+    }
+}
+
+/// N → N+1 by delta: only the changed chunks are downloaded, the rest copied from the running
+/// slot, and slot B is bit-identical to N+1's root; the running slot is only read. Then each
+/// way a delta must give up ends in the full root, with an event saying why, and a good slot:
+/// over the configured share, a chunk with wrong content (refused on arrival), a missing chunk.
+#[test]
+fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
+    let t = tempfile::tempdir().unwrap();
+    let (v1, v2, v2_root) = related_images(t.path());
+    let n = node_with(&v1, "0.1.0", "a", true);
+    n.add(&v1, &[]);
+    n.add(&v2, &[]);
+    let rt = rt();
+    let running = n.dir.path().join("running-root");
+    let running_before = std::fs::read(&running).unwrap();
+    let slot_b = || std::fs::read(n.dir.path().join("root-b")).unwrap()[..v2_root.len()].to_vec();
+
+    // `keelctl update check`: both sizes.
+    let check = rt.block_on(n.agent.check()).unwrap();
+    let offered = check
+        .versions
+        .iter()
+        .find(|v| v.version == "0.2.0")
+        .unwrap();
+    let delta = offered.delta_size.expect("a delta size for 0.2.0");
+    assert!(offered.delta_note.is_none(), "{:?}", offered.delta_note);
+    assert!(
+        delta * 4 < offered.download_size,
+        "delta {delta} vs full {}",
+        offered.download_size
+    );
+
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    assert!(
+        ev.contains("update-delta: 0.2.0 by delta: downloading"),
+        "{ev}"
+    );
+    assert!(!ev.contains("update-delta-fallback"), "{ev}");
+    assert!(
+        slot_b() == v2_root,
+        "slot B is not 0.2.0's root byte for byte"
+    );
+    assert_eq!(n.slot_b_hash(&v2), v2.roothash);
+    let progress = n.agent.status().progress.unwrap();
+    let list = n.chunk_list("0.2.0");
+    let new: Vec<_> = {
+        let old = n.chunk_list("0.1.0");
+        list.chunks
+            .iter()
+            .filter(|c| !old.chunks.iter().any(|o| o.sha256 == c.sha256))
+            .cloned()
+            .collect()
+    };
+    assert!(
+        !new.is_empty() && new.len() <= 3,
+        "{} new chunks",
+        new.len()
+    );
+    let new_bytes: u64 = new.iter().map(|c| c.stored).sum();
+    let full_root = std::fs::metadata(v2.dir.join("root.erofs")).unwrap().len();
+    // Downloaded: the chunk list, the new chunks, the verity tree and the UKI; said so.
+    assert!(
+        progress.downloaded < new_bytes + (100 << 10) && progress.downloaded < full_root / 4,
+        "downloaded {} (new chunks {new_bytes}, root {full_root})",
+        progress.downloaded
+    );
+    assert!(
+        ev.contains(&format!(
+            "it boots next (downloaded {} KiB)",
+            progress.downloaded >> 10
+        )),
+        "{ev}"
+    );
+    assert_eq!(progress.downloaded, progress.download_total);
+    assert!(std::fs::read(&running).unwrap() == running_before);
+
+    // Over the share: the full root, and why.
+    n.reset_slot_b(&rt);
+    n.set_spec(|s| s.delta_max_percent = 1);
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    assert!(
+        ev.contains("update-delta-fallback: 0.2.0 comes whole")
+            && ev.contains("above update.delta_max_percent (1%)"),
+        "{ev}"
+    );
+    assert!(slot_b() == v2_root);
+    n.set_spec(|s| s.delta_max_percent = 70);
+
+    // A chunk whose content is wrong (one byte flipped in its raw zstd block): refused on
+    // arrival, then the full root.
+    let bad = &new[0];
+    let good = std::fs::read(n.chunk_file(&bad.sha256)).unwrap();
+    let mut flipped = good.clone();
+    *flipped.last_mut().unwrap() ^= 0xff;
+    std::fs::write(n.chunk_file(&bad.sha256), &flipped).unwrap();
+    n.reset_slot_b(&rt);
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    assert!(
+        ev.contains(&format!(
+            "chunk {} (bytes {}..{} of the new root): its content hashes to",
+            bad.sha256,
+            bad.offset,
+            bad.offset + bad.length
+        )) && ev.contains("(wrong content refused on arrival); downloading the full root"),
+        "{ev}"
+    );
+    assert!(slot_b() == v2_root);
+    assert_eq!(n.slot_b_hash(&v2), v2.roothash);
+
+    // A chunk the repository lost: the full root.
+    std::fs::remove_file(n.chunk_file(&bad.sha256)).unwrap();
+    n.reset_slot_b(&rt);
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    assert!(
+        ev.contains(&format!("chunk {} (bytes", bad.sha256))
+            && ev.contains("HTTP 404; downloading the full root"),
+        "{ev}"
+    );
+    assert!(slot_b() == v2_root);
+    std::fs::write(n.chunk_file(&bad.sha256), &good).unwrap();
+    assert!(
+        std::fs::read(&running).unwrap() == running_before,
+        "the running slot was written"
+    );
+
+    // Deltas off: said so.
+    n.reset_slot_b(&rt);
+    n.set_spec(|s| s.delta_max_percent = 0);
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    assert!(
+        n.events()
+            .contains("comes whole (800 KiB root): deltas are off"),
+        "{}",
+        n.events()
+    );
+}
+
+/// A repository that signs a bad chunk list (past the image's end, overlapping chunks, a chunk
+/// of 1 GiB, a million entries): refused with the reason, before any chunk is fetched, the
+/// full root installed instead, the running slot untouched; a million entries is refused by
+/// its signed length, unread.
+#[test]
+fn bad_chunk_lists_are_refused_and_the_full_root_installed() {
+    let t = tempfile::tempdir().unwrap();
+    let (v1, v2, v2_root) = related_images(t.path());
+    let n = node_with(&v1, "0.1.0", "a", true);
+    n.add(&v1, &[]);
+    n.add(&v2, &[]);
+    let rt = rt();
+    let running = n.dir.path().join("running-root");
+    let running_before = std::fs::read(&running).unwrap();
+    let good = n.chunk_list("0.2.0");
+    let size = good.size;
+    let mut past = good.clone();
+    past.chunks.last_mut().unwrap().length += 4096;
+    let mut overlap = good.clone();
+    overlap.chunks[1].offset -= 100;
+    let mut huge = good.clone();
+    huge.chunks = vec![keelson_common::update::ChunkEntry {
+        length: 1 << 30,
+        stored: 1 << 20,
+        ..good.chunks[0].clone()
+    }];
+    huge.size = size;
+    let mut million = good.clone();
+    million.chunks = (0..1_000_000u64)
+        .map(|i| keelson_common::update::ChunkEntry {
+            sha256: format!("{i:064x}"),
+            offset: i,
+            length: 1,
+            stored: 1,
+        })
+        .collect();
+    let name = "test-0.2.0-root.chunks.json";
+    let cases: [(&keelson_common::update::ChunkList, String); 4] = [
+        (
+            &past,
+            format!("{name} is refused: chunk {} ends at byte {}, past the root image's end ({size})", past.chunks.len() - 1, size + 4096),
+        ),
+        (
+            &overlap,
+            format!("{name} is refused: chunk 1 starts at byte {} but the previous one ends at {} (overlap)", good.chunks[1].offset - 100, good.chunks[1].offset),
+        ),
+        (
+            &huge,
+            format!("{name} is refused: chunk 0 is 1073741824 bytes long"),
+        ),
+        (
+            &million,
+            format!("{name}: {} bytes signed, more than a chunk list of a {size}-byte root can take", serde_json::to_vec(&million).unwrap().len()),
+        ),
+    ];
+    for (list, why) in cases {
+        n.resign_target(&rt, name, &serde_json::to_vec(list).unwrap());
+        let started = std::time::Instant::now();
+        n.apply(&rt, ApplyRequest::default()).unwrap();
+        let ev = n.events();
+        assert!(ev.contains(&why), "expected {why:?} in\n{ev}");
+        assert!(
+            std::fs::read(n.dir.path().join("root-b")).unwrap()[..v2_root.len()] == v2_root[..]
+        );
+        assert!(std::fs::read(&running).unwrap() == running_before);
+        assert!(started.elapsed() < Duration::from_secs(60));
+        n.reset_slot_b(&rt);
+    }
 }
