@@ -348,14 +348,27 @@ fn killed_sysd_is_restarted_adopts_its_services_and_power_off_stops_them_gracefu
     // The test shell shares the host's pid namespace: kill sysd like a crash would.
     g.sh("kill -9 $(pidof sysd)");
     g.expect("sysd killed by signal SIGKILL", SETTLE);
-    g.expect("removed what a previous sysd left", SETTLE);
+    // Every service is adopted, the bridge ones only once their place on the bridge is
+    // taken back (`endpoint: ... (kept)` comes first).
+    g.expect("sysd: bweb: adopted: pid", SETTLE);
     let after = wait_until(&g, "services after the sysd restart", SETTLE, |l| {
         LONG_RUNNING
             .iter()
             .all(|n| service(l, n)["state"] == "running")
     });
     // The new sysd adopted them (issue 21): the same containers, not new instances.
-    for name in ["web", "counter", "db"] {
+    let serial = g.serial_log();
+    assert!(
+        serial
+            .lines()
+            .any(|l| l.contains("endpoint: bweb: ") && l.contains("(kept)")),
+        "bweb's endpoint was not taken back"
+    );
+    assert!(
+        !serial.contains("adopt-refused"),
+        "a service was refused adoption"
+    );
+    for name in ["web", "counter", "db", "bweb"] {
         assert_eq!(
             service(&after, name)["pid"],
             service(&before, name)["pid"],
