@@ -223,6 +223,42 @@ impl Lab {
         }
     }
 
+    /// `url` fetched from the server namespace (outside the node): what wget printed.
+    fn outside_get(&self, url: &str) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.server,
+                "busybox",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                url,
+            ])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// Waits (at most `timeout`) until `url`, fetched from outside the node, answers `want`.
+    fn wait_outside_get(&self, what: &str, url: &str, want: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.outside_get(url);
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {got}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     fn ip(&self, args: &[&str]) -> String {
         let mut all = vec!["ip", "-n", &self.client];
         all.extend_from_slice(args);
@@ -575,18 +611,7 @@ mounts = [{{ type = "bind", source = "{out}", target = "/out" }}]
 
     // The published port, from outside the node (the server namespace).
     let url = format!("http://{s}.2:18081/");
-    let got = run(&[
-        "ip",
-        "netns",
-        "exec",
-        &lab.server,
-        "busybox",
-        "wget",
-        "-q",
-        "-O",
-        "-",
-        &url,
-    ]);
+    let got = lab.outside_get(&url);
     assert_eq!(got, "hello from web\n");
 
     // A restart keeps the address.
@@ -594,32 +619,12 @@ mounts = [{{ type = "bind", source = "{out}", target = "/out" }}]
     assert_eq!(code, 200, "{body}");
     let log = lab.wait_log("sysd: endpoint: web: 10.89.0.2/24", 2);
     assert!(!log.contains("endpoint: web: 10.89.0.4"), "{log}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.server,
-                "busybox",
-                "wget",
-                "-q",
-                "-O",
-                "-",
-                &url,
-            ])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&out.stdout) == "hello from web\n" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "web unreachable after its restart\n{}",
-            lab.log()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    lab.wait_outside_get(
+        "web unreachable after its restart",
+        &url,
+        "hello from web\n",
+        Duration::from_secs(30),
+    );
 
     // Two services cannot publish the same host port: refused at apply time.
     let clash = format!(
@@ -693,40 +698,12 @@ stop_timeout = "1s"
         state(l, "web")["state"] == "running" && state(l, "other")["state"] == "running"
     });
     let url = format!("http://{s}.2:18082/");
-    let fetch = |lab: &Lab| -> String {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.server,
-                "busybox",
-                "wget",
-                "-q",
-                "-O",
-                "-",
-            ])
-            .arg(&url)
-            .output()
-            .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = fetch(&lab);
-        if got == "hello from web\n" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "web's published port: {got}\n{}",
-            lab.log()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    lab.wait_outside_get(
+        "web's published port",
+        &url,
+        "hello from web\n",
+        Duration::from_secs(60),
+    );
     let (web, other) = (pid(&lab, "web"), pid(&lab, "other"));
     // Each one's address, as the hosts file names it (.2 and .3, in the order they started).
     let hosts = std::fs::read_to_string(lab.path("run/hosts")).unwrap();
@@ -811,7 +788,7 @@ stop_timeout = "1s"
         "keelson",
     ]);
     assert!(rules.contains("18082"), "{rules}");
-    assert_eq!(fetch(&lab), "hello from web\n", "{}", lab.log());
+    assert_eq!(lab.outside_get(&url), "hello from web\n", "{}", lab.log());
     // The veth of other's first container went with it; one per service remains.
     let links = lab.ip(&["-o", "link", "show", "master", "keel0"]);
     assert_eq!(links.lines().count(), 2, "{links}");
