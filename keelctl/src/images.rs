@@ -171,9 +171,10 @@ fn removed(body: &str, json: bool, out: &mut impl Write) -> Result<()> {
     }
     writeln!(
         out,
-        "{} blobs and {} unpacked images deleted, {} freed",
+        "{} blobs, {} unpacked images and {} layers deleted, {} freed",
         r.blobs,
         r.rootfs,
+        r.layers,
         render::size(r.freed_bytes)
     )?;
     Ok(())

@@ -73,8 +73,11 @@ pub struct ImagesRemoved {
     pub removed: Vec<String>,
     /// Blobs deleted (no image referenced them any more).
     pub blobs: usize,
-    /// Unpacked root file systems deleted.
+    /// Unpacked images deleted (their views, or an older sysd's merged copies).
     pub rootfs: usize,
+    /// Unpacked layers deleted (no image left in the store used them).
+    #[serde(default)]
+    pub layers: usize,
     /// Bytes freed on /var (blobs and unpacked files).
     pub freed_bytes: u64,
 }

@@ -2,12 +2,13 @@
 //!
 //! - [`lookup`]: what a service's `image` path names, a root file system directory or an OCI
 //!   image layout, as an [`Image`] (its root and the config's defaults).
-//! - [`oci_layout`]: OCI image layouts unpacked once, digest-verified and contained, into
-//!   `STORE/<manifest digest hex>/rootfs`.
+//! - [`oci_layout`]: OCI image layouts unpacked, digest-verified and contained, each layer
+//!   once into the store.
+//! - [`snapshot`]: layers stored once by chain id (`STORE/layers/<hex>`) and stacked with
+//!   overlayfs, the containerd snapshotter model: images sharing a base share its layers.
 //! - [`store`]: `/var/lib/keelson/images`, itself an OCI image layout (content-addressed blobs
-//!   shared between images, `index.json` naming each pulled reference), with each image's root
-//!   file system unpacked once beside it (`<manifest hex>/rootfs`), reference counts, removal
-//!   and garbage collection.
+//!   shared between images, `index.json` naming each pulled reference), with each layer
+//!   unpacked once beside it, reference counts, removal and garbage collection.
 //! - [`distribution`]: the distribution spec's pull requests (manifests, blobs, the token flow
 //!   and Basic auth) with every body read whole bounded, and credentials sent only to the
 //!   registry's own site.
@@ -28,6 +29,7 @@ pub mod lookup;
 pub mod manager;
 pub mod oci_layout;
 pub mod pull;
+pub mod snapshot;
 pub mod store;
 pub mod trust;
 

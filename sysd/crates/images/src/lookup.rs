@@ -22,7 +22,12 @@ pub struct ImageDefaults {
 /// An image ready to run: its root directory and defaults.
 #[derive(Debug, Clone)]
 pub struct Image {
+    /// The root to read (users, argv[0]): a plain directory, or the read-only view of the
+    /// image's layers (see [`crate::snapshot`]).
     pub rootfs: PathBuf,
+    /// The layer directories, top first, that a container stacks as its overlay's lower
+    /// directories; empty when `rootfs` is a plain directory (then it is the lower one).
+    pub layers: Vec<PathBuf>,
     pub defaults: ImageDefaults,
 }
 
@@ -47,6 +52,7 @@ pub fn lookup(reference: &str, store: &Path) -> Result<Image> {
     }
     Ok(Image {
         rootfs: path.to_path_buf(),
+        layers: Vec::new(),
         defaults: ImageDefaults::default(),
     })
 }

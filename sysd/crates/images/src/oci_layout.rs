@@ -27,7 +27,6 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -41,7 +40,7 @@ use oci_spec::image::{
 };
 use sha2::{Digest as _, Sha256};
 
-use crate::{Image, ImageDefaults};
+use crate::{snapshot, Image, ImageDefaults};
 
 /// The annotation naming a manifest in `index.json` (its tag).
 pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -96,50 +95,80 @@ pub fn unpack_descriptor(layout: &Path, selected: &Descriptor, store: &Path) -> 
 
     let config_desc = manifest.config();
     let config_bytes = read_json_blob(layout, config_desc)?;
-    let defaults = parse_config(&manifest_desc, config_desc, &config_bytes)?;
+    let config = image_config(&manifest_desc, config_desc, &config_bytes)?;
+    let defaults = defaults(&config);
+    let diff_ids = config.rootfs().diff_ids().clone();
 
     let hex = sha256_hex(&manifest_desc)?;
-    let dir = store.join(hex);
-    let rootfs = dir.join("rootfs");
-    if is_real_dir(&rootfs) {
-        return Ok(Image { rootfs, defaults });
+    // Unpacked by an older sysd as one merged copy: used as it is.
+    let legacy = store.join(hex).join("rootfs");
+    if is_real_dir(&legacy) {
+        return Ok(Image {
+            rootfs: legacy,
+            layers: Vec::new(),
+            defaults,
+        });
     }
-    fs::create_dir_all(store)
-        .with_context(|| format!("creating the image store {}", store.display()))?;
-    remove_stale(store, hex);
-    if fs::symlink_metadata(&dir).is_ok() {
-        // A rename brings `rootfs` with it: look again in case one just landed.
-        if is_real_dir(&rootfs) {
-            return Ok(Image { rootfs, defaults });
-        }
-        // Not made by us (we only ever rename a complete directory into place).
-        remove_any(&dir).with_context(|| format!("removing incomplete {}", dir.display()))?;
-    }
-
-    let tmp = TempDir::new(store, hex)?;
-    let tmp_root = tmp.path.join("rootfs");
-    fs::create_dir(&tmp_root).with_context(|| format!("creating {}", tmp_root.display()))?;
-    fs::set_permissions(&tmp_root, fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("chmod {}", tmp_root.display()))?;
-    let mut budget = Budget::for_store(store)?;
-    for (n, layer) in manifest.layers().iter().enumerate() {
-        apply_layer(layout, layer, &tmp_root, &mut budget)
+    let ids = layer_ids(&manifest, &diff_ids)?;
+    let chains = snapshot::chain_ids(&ids);
+    let _busy = snapshot::Busy::hold(&chains);
+    let mut budget = None;
+    let mut made = Vec::new();
+    let mut apply = || -> Result<(PathBuf, Vec<PathBuf>)> {
+        for (n, layer) in manifest.layers().iter().enumerate() {
+            let expected = diff_ids.get(n).filter(|_| diff_ids.len() == ids.len());
+            let applied = snapshot::ensure_layer(store, &chains[..=n], |root| {
+                let budget = match &mut budget {
+                    Some(b) => b,
+                    None => budget.insert(Budget::for_store(store)?),
+                };
+                apply_layer(layout, layer, root, budget, expected.map(String::as_str))
+            })
             .with_context(|| format!("layer {} ({})", n + 1, layer.digest()))?;
-    }
-    // Durable before it becomes visible: a crash after the rename must not leave truncated files.
-    let fd = File::open(&tmp.path).with_context(|| format!("opening {}", tmp.path.display()))?;
-    nix::unistd::syncfs(fd.as_raw_fd()).with_context(|| format!("syncfs {}", store.display()))?;
-    drop(fd);
-    match fs::rename(&tmp.path, &dir) {
-        Ok(()) => tmp.keep(),
-        // Another start unpacked the same image meanwhile: use theirs, drop ours.
-        Err(_) if is_real_dir(&rootfs) => {}
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("renaming {} to {}", tmp.path.display(), dir.display()))
+            if applied {
+                made.push(chains[n].clone());
+            }
         }
+        snapshot::image_view(store, hex, &chains)
+    };
+    let (rootfs, layers) = match apply() {
+        Ok(view) => view,
+        Err(e) => {
+            snapshot::discard(store, &made);
+            return Err(e);
+        }
+    };
+    Ok(Image {
+        rootfs,
+        layers,
+        defaults,
+    })
+}
+
+/// What names each layer of `manifest` in its chain: the config's diff_ids (the digests of
+/// the uncompressed layers, which [`apply_layer`] checks), or, for a config that lists none,
+/// the layers' own digests (for an uncompressed layer the same thing).
+fn layer_ids(manifest: &ImageManifest, diff_ids: &[String]) -> Result<Vec<String>> {
+    let layers = manifest.layers();
+    if diff_ids.len() == layers.len() {
+        for id in diff_ids {
+            match id.strip_prefix("sha256:") {
+                Some(h)
+                    if h.len() == 64
+                        && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {}
+                _ => bail!("image config: diff_id {id:?} is not a sha256 digest"),
+            }
+        }
+        return Ok(diff_ids.to_vec());
     }
-    Ok(Image { rootfs, defaults })
+    if !diff_ids.is_empty() {
+        bail!(
+            "image config lists {} diff_ids for the manifest's {} layers",
+            diff_ids.len(),
+            layers.len()
+        );
+    }
+    Ok(layers.iter().map(|l| l.digest().to_string()).collect())
 }
 
 /// An image config (`config_bytes`, named by `config_desc` in the manifest `manifest_desc`)
@@ -149,6 +178,14 @@ pub fn parse_config(
     config_desc: &Descriptor,
     config_bytes: &[u8],
 ) -> Result<ImageDefaults> {
+    image_config(manifest_desc, config_desc, config_bytes).map(|c| defaults(&c))
+}
+
+fn image_config(
+    manifest_desc: &Descriptor,
+    config_desc: &Descriptor,
+    config_bytes: &[u8],
+) -> Result<ImageConfiguration> {
     let config = ImageConfiguration::from_reader(config_bytes)
         .with_context(|| format!("parsing image config {}", config_desc.digest()))?;
     if *config.os() != Os::Linux || *config.architecture() != Arch::default() {
@@ -161,7 +198,7 @@ pub fn parse_config(
             Arch::default()
         );
     }
-    Ok(defaults(&config))
+    Ok(config)
 }
 
 /// The `index.json` entry named by `tag`; without a tag, the only entry or the one tagged
@@ -561,14 +598,27 @@ fn copy_within(from: &mut impl Read, file: &mut File, budget: &mut Budget) -> Re
     }
 }
 
-/// Applies one layer blob onto `root`, verifying it as it streams.
-fn apply_layer(layout: &Path, desc: &Descriptor, root: &Path, budget: &mut Budget) -> Result<()> {
+/// Applies one layer blob onto `root`, verifying it as it streams: the blob against its
+/// descriptor, and what it decompresses to against `diff_id` (the config's) where given.
+fn apply_layer(
+    layout: &Path,
+    desc: &Descriptor,
+    root: &Path,
+    budget: &mut Budget,
+    diff_id: Option<&str>,
+) -> Result<()> {
     let compression = compression(desc.media_type())?;
     let mut blob = open_blob(layout, desc)?;
     let applied = apply_stream(&mut blob, compression, root, budget);
     // A digest mismatch explains any parse error and wins over it.
     blob.finish()?;
-    applied
+    let actual = format!("sha256:{}", applied?);
+    match diff_id {
+        Some(expected) if expected != actual => bail!(
+            "uncompressed, it hashes to {actual}, where the image config's diff_id says {expected}; refusing it"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Applies one layer of `media_type` read from `blob` onto the directory `root`, as an unpack
@@ -583,21 +633,25 @@ pub fn unpack_layer(
     max_bytes: u64,
 ) -> Result<()> {
     let mut budget = Budget::new(max_entries, max_bytes, "the caller's limit");
-    apply_stream(blob, compression(media_type)?, root, &mut budget)
+    apply_stream(blob, compression(media_type)?, root, &mut budget).map(drop)
 }
 
+/// Applies the layer; returns the sha256 (hex) of its uncompressed tar stream, its diff_id.
 fn apply_stream(
     blob: &mut dyn Read,
     compression: Compression,
     root: &Path,
     budget: &mut Budget,
-) -> Result<()> {
+) -> Result<String> {
     let reader: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(blob),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
         Compression::Zstd => Box::new(ZstdFrames::new(blob).context("reading the layer")?),
     };
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(Hashing {
+        inner: reader,
+        hasher: Sha256::new(),
+    });
     let mut layer = Layer {
         root,
         seen: HashSet::new(),
@@ -609,8 +663,23 @@ fn apply_stream(
         layer.apply(&mut entry)?;
     }
     // The rest of the stream: tar padding, the gzip trailer (checks its CRC).
-    io::copy(&mut archive.into_inner(), &mut io::sink()).context("reading the layer")?;
-    Ok(())
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).context("reading the layer")?;
+    Ok(hex::encode(rest.hasher.finalize()))
+}
+
+/// Hashes what is read through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// The state of applying one layer.
@@ -901,7 +970,7 @@ pub(crate) fn remove_any(path: &Path) -> Result<()> {
     result.with_context(|| format!("removing {}", path.display()))
 }
 
-fn is_real_dir(path: &Path) -> bool {
+pub(crate) fn is_real_dir(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
 
@@ -909,13 +978,13 @@ fn is_real_dir(path: &Path) -> bool {
 static UNPACKS: AtomicU64 = AtomicU64::new(0);
 
 /// `STORE/.tmp-<hex>-<pid>-<n>`, removed on drop unless kept.
-struct TempDir {
-    path: PathBuf,
+pub(crate) struct TempDir {
+    pub(crate) path: PathBuf,
     keep: bool,
 }
 
 impl TempDir {
-    fn new(store: &Path, hex: &str) -> Result<TempDir> {
+    pub(crate) fn new(store: &Path, hex: &str) -> Result<TempDir> {
         let n = UNPACKS.fetch_add(1, Ordering::Relaxed);
         let path = store.join(format!(".tmp-{hex}-{}-{n}", std::process::id()));
         remove_any(&path)?;
@@ -923,7 +992,7 @@ impl TempDir {
         Ok(TempDir { path, keep: false })
     }
 
-    fn keep(mut self) {
+    pub(crate) fn keep(mut self) {
         self.keep = true;
     }
 }
@@ -937,7 +1006,7 @@ impl Drop for TempDir {
 }
 
 /// Leftovers of an unpack of `hex` by an earlier sysd (another pid) that did not finish.
-fn remove_stale(store: &Path, hex: &str) {
+pub(crate) fn remove_stale(store: &Path, hex: &str) {
     let prefix = format!(".tmp-{hex}-");
     let ours = format!("{}-", std::process::id());
     let Ok(entries) = fs::read_dir(store) else {
@@ -1054,6 +1123,7 @@ pub(crate) mod tests {
             E::File("etc/.wh.never-existed", b"", 0o644),
             E::File("/abs", b"inside", 0o644),
         ]);
+        let lower_again = lower.clone();
         let m = image(
             &layout,
             &[(TAR, lower), (TGZ, gzip(&upper))],
@@ -1064,13 +1134,20 @@ pub(crate) mod tests {
         );
         write_index(&layout, vec![m.clone()]);
 
+        let _views = Views(&store);
         let img = unpack(&layout, None, &store).unwrap();
         let hex = m["digest"]
             .as_str()
             .unwrap()
             .strip_prefix("sha256:")
             .unwrap();
-        assert_eq!(img.rootfs, store.join(hex).join("rootfs"));
+        // Two layers: read through their view; a container stacks the layers themselves.
+        assert_eq!(img.rootfs, store.join(hex).join("merged"));
+        assert_eq!(img.layers.len(), 2);
+        assert!(img
+            .layers
+            .iter()
+            .all(|l| l.starts_with(store.join("layers"))));
         let r = &img.rootfs;
         assert_eq!(fs::read_to_string(r.join("etc/keep")).unwrap(), "keep");
         assert!(!r.join("etc/gone").exists() && !r.join("etc/gone-dir").exists());
@@ -1106,18 +1183,154 @@ pub(crate) mod tests {
             }
         );
 
-        // Unpacked once: a second call finds the directory (a marker survives), and
-        // leaves no temporary directory behind.
-        fs::write(r.join("marker"), "").unwrap();
+        // The view is read-only, and the upper layer is stored as overlayfs keeps one: what it
+        // removes from below (a whiteout, or an opaque directory's old entries) are 0/0
+        // character devices, and it holds nothing of the layer below that it left alone.
+        let e = fs::write(r.join("marker"), "").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+        let top = &img.layers[0];
+        for gone in ["etc/gone", "etc/gone-dir", "opaque/old", "opaque/sub/old"] {
+            let m = fs::symlink_metadata(top.join(gone)).unwrap();
+            assert!(m.file_type().is_char_device() && m.rdev() == 0, "{gone}");
+        }
+        assert!(!top.join("etc/keep").exists() && !top.join("bin").exists());
+
+        // Unpacked once: a second call finds the layers (a marker in one survives) and the
+        // mounted view, and leaves no temporary directory behind.
+        fs::write(img.layers[1].join("layer-marker"), "").unwrap();
         let again = unpack(&layout, None, &store).unwrap();
-        assert_eq!(again.rootfs, img.rootfs);
-        assert!(again.rootfs.join("marker").exists());
+        assert_eq!((&again.rootfs, &again.layers), (&img.rootfs, &img.layers));
+        assert!(again.rootfs.join("layer-marker").exists());
         assert_eq!(again.defaults, img.defaults);
-        let names: Vec<_> = fs::read_dir(&store)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
+        let mut names: Vec<_> = walk(&store)
+            .into_iter()
+            .filter(|p| p.components().count() <= 2)
             .collect();
-        assert_eq!(names, [std::ffi::OsString::from(hex)]);
+        names.retain(|p| !p.starts_with(hex) || p.components().count() == 2);
+        let mut expected: Vec<PathBuf> = vec![
+            PathBuf::from(hex).join("layers.json"),
+            PathBuf::from(hex).join("merged"),
+            "layers".into(),
+        ];
+        expected.extend(
+            img.layers
+                .iter()
+                .map(|l| l.strip_prefix(&store).unwrap().to_path_buf()),
+        );
+        expected.sort();
+        names.sort();
+        assert_eq!(names, expected);
+
+        // A second image on the same base layer stores only its own top layer.
+        let other = image(
+            &layout,
+            &[
+                (TAR, lower_again),
+                (TAR, tar(&[E::File("other", b"o", 0o644)])),
+            ],
+            serde_json::json!({}),
+        );
+        write_index(&layout, vec![other]);
+        let img2 = unpack(&layout, None, &store).unwrap();
+        assert_eq!(img2.layers[1], img.layers[1]);
+        assert_ne!(img2.layers[0], img.layers[0]);
+        assert_eq!(
+            fs::read_to_string(img2.rootfs.join("etc/gone")).unwrap(),
+            "gone"
+        );
+        assert_eq!(fs::read_to_string(img2.rootfs.join("other")).unwrap(), "o");
+        assert!(img2.rootfs.join("layer-marker").exists());
+    }
+
+    /// An image whose config lists `diff_ids` for its plain-tar `layers`.
+    fn image_with_diff_ids(layout: &Path, layers: &[Vec<u8>], diff_ids: &[String]) {
+        let config = serde_json::json!({
+            "architecture": Arch::default().to_string(), "os": "linux",
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        });
+        let config = blob(layout, config.to_string().as_bytes());
+        let layers: Vec<_> = layers
+            .iter()
+            .map(|data| descriptor(TAR, blob(layout, data)))
+            .collect();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+            "layers": layers,
+        });
+        let m = descriptor(
+            "application/vnd.oci.image.manifest.v1+json",
+            blob(layout, manifest.to_string().as_bytes()),
+        );
+        write_index(layout, vec![m]);
+    }
+
+    #[test]
+    fn layers_are_named_by_chain_id_and_checked_against_their_diff_ids() {
+        let t = tempfile::tempdir().unwrap();
+        let (layout, store) = (t.path().join("layout"), t.path().join("store"));
+        let _views = Views(&store);
+        let (l1, l2) = (
+            tar(&[E::File("a", b"a", 0o644)]),
+            tar(&[E::File("b", b"b", 0o644)]),
+        );
+        let id = |l: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(l)));
+        let ids = [id(&l1), id(&l2)];
+        image_with_diff_ids(&layout, &[l1.clone(), l2.clone()], &ids);
+        let img = unpack(&layout, None, &store).unwrap();
+        let chains = snapshot::chain_ids(&ids);
+        assert_eq!(
+            img.layers,
+            [
+                snapshot::layer_dir(&store, &chains[1]),
+                snapshot::layer_dir(&store, &chains[0])
+            ]
+        );
+        assert_eq!(fs::read_to_string(img.rootfs.join("a")).unwrap(), "a");
+
+        // A config whose diff_id does not match what the layer decompresses to.
+        let fresh = t.path().join("fresh");
+        let _views = Views(&fresh);
+        let wrong = id(b"something else");
+        image_with_diff_ids(
+            &layout,
+            &[l1.clone(), l2.clone()],
+            &[ids[0].clone(), wrong.clone()],
+        );
+        let e = err(&layout, None, &fresh);
+        assert!(
+            e.contains("layer 2 (sha256:")
+                && e.contains(&format!(
+                    "the image config's diff_id says {wrong}; refusing it"
+                )),
+            "{e}"
+        );
+        assert_eq!(
+            walk(&fresh),
+            [PathBuf::from("layers")]
+                .into_iter()
+                .take(0)
+                .collect::<Vec<_>>()
+        );
+        // Or lists another number of them.
+        image_with_diff_ids(&layout, &[l1, l2], &ids[..1]);
+        let e = err(&layout, None, &fresh);
+        assert!(
+            e.contains("image config lists 1 diff_ids for the manifest's 2 layers"),
+            "{e}"
+        );
+    }
+
+    /// Unmounts the image views under a test's store before its directory goes.
+    pub(crate) struct Views<'a>(pub &'a Path);
+
+    impl Drop for Views<'_> {
+        fn drop(&mut self) {
+            for e in fs::read_dir(self.0).into_iter().flatten().flatten() {
+                let _ = snapshot::unmount_view(&e.path());
+            }
+        }
     }
 
     #[test]
@@ -1512,6 +1725,7 @@ pub(crate) mod tests {
     fn final_symlink_replaced_not_followed() {
         let t = tempfile::tempdir().unwrap();
         let (layout, store) = (t.path().join("layout"), t.path().join("store"));
+        let _views = Views(&store);
         let outside = t.path().join("victim");
         fs::write(&outside, "host").unwrap();
         let l1 = tar(&[E::Symlink("passwd", outside.to_str().unwrap())]);
@@ -1556,6 +1770,7 @@ pub(crate) mod tests {
     fn zstd_layers_of_several_frames_and_user_xattrs() {
         let t = tempfile::tempdir().unwrap();
         let (layout, store) = (t.path().join("layout"), t.path().join("store"));
+        let _views = Views(&store);
         let level = ruzstd::encoding::CompressionLevel::Fastest;
         // One tar split across two zstd frames.
         let data = tar(&[E::Dir("etc/"), E::File("etc/zstd", b"from zstd", 0o644)]);

@@ -5,7 +5,8 @@
 //! images/oci-layout                  {"imageLayoutVersion":"1.0.0"}
 //! images/index.json                  one descriptor per pulled reference (annotations below)
 //! images/blobs/sha256/<hex>          manifests, indexes, configs, layers: each stored once
-//! images/<manifest hex>/rootfs       the image unpacked (see oci_layout)
+//! images/layers/<chain id hex>       each layer unpacked once (see snapshot)
+//! images/<manifest hex>/layers.json  an image's layers; `merged` is their read-only view
 //! images/.downloads/<hex>            a blob being downloaded (kept across failures: resumed)
 //! ```
 //!
@@ -30,6 +31,7 @@ use keelson_common::api::images::{ImageInfo, ImagesRemoved};
 use oci_spec::image::{Descriptor, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType};
 
 use crate::oci_layout::{self, REF_NAME};
+use crate::snapshot;
 use crate::Image;
 
 const MANIFEST_ANNOTATION: &str = "io.keelson.image.manifest";
@@ -244,7 +246,7 @@ impl Store {
         write_atomic(&self.root.join("index.json"), &text)
     }
 
-    /// The entry's image, unpacked into `<manifest hex>/rootfs` if it is not yet (every layer
+    /// The entry's image, its layers unpacked if they are not yet (every layer
     /// verified and checked as it is applied).
     pub fn unpack(&self, entry: &Entry) -> Result<Image> {
         oci_layout::unpack_descriptor(&self.root, &entry.desc, &self.root)
@@ -308,8 +310,9 @@ impl Store {
                     size,
                     unique_size,
                     layers,
-                    unpacked: fs::symlink_metadata(self.root.join(hex).join("rootfs"))
-                        .is_ok_and(|m| m.is_dir()),
+                    unpacked: self.root.join(hex).join(snapshot::LIST).is_file()
+                        || fs::symlink_metadata(self.root.join(hex).join("rootfs"))
+                            .is_ok_and(|m| m.is_dir()),
                     used_by: used_by.get(&e.reference).cloned().unwrap_or_default(),
                     pulled_ms: e.pulled_ms,
                 }
@@ -317,8 +320,8 @@ impl Store {
             .collect())
     }
 
-    /// Deletes every blob no entry reaches (and no pull holds), the unpacked root of every
-    /// manifest deleted, and downloads no pull holds.
+    /// Deletes every blob no entry reaches (and no pull holds), the unpacked image of every
+    /// manifest deleted, the layers no unpacked image lists, and downloads no pull holds.
     pub fn gc(&self) -> Result<ImagesRemoved> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut keep: HashSet<String> = self
@@ -351,11 +354,16 @@ impl Store {
             report.freed_bytes += size;
             let unpacked = self.root.join(&name);
             if fs::symlink_metadata(&unpacked).is_ok_and(|m| m.is_dir()) {
+                snapshot::unmount_view(&unpacked)?;
                 report.freed_bytes += disk_usage(&unpacked);
                 oci_layout::remove_any(&unpacked)?;
                 report.rootfs += 1;
             }
         }
+        // Then the layers no unpacked image lists any more.
+        let layers = snapshot::gc(&self.root)?;
+        report.layers = layers.layers;
+        report.freed_bytes += layers.bytes;
         if let Ok(listing) = fs::read_dir(self.downloads()) {
             for item in listing.flatten() {
                 let name = item.file_name().to_string_lossy().into_owned();

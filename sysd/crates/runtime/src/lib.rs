@@ -54,6 +54,9 @@ pub struct ContainerConfig {
     pub service: String,
     /// Root file system directory (already unpacked). Mounted read-only unless `writable_root`.
     pub rootfs: PathBuf,
+    /// The image's layer directories, top first, stacked as the container overlay's lower
+    /// directories; empty when `rootfs` itself is the (only) lower directory.
+    pub lowers: Vec<PathBuf>,
     pub writable_root: bool,
     /// Full argv (entrypoint + command resolved); argv[0] is looked up in the container's PATH.
     pub args: Vec<String>,
@@ -105,6 +108,7 @@ impl ContainerConfig {
             id: service.into(),
             service: service.into(),
             rootfs: rootfs.into(),
+            lowers: vec![],
             writable_root: false,
             args: args.iter().map(|a| a.to_string()).collect(),
             env: vec!["PATH=/bin".into()],
@@ -338,7 +342,11 @@ impl Runtime {
             );
         }
         let bundle_dir = self.bundles_dir().join(&cfg.id);
-        let rootfs = mount_rootfs(&bundle_dir, &cfg.rootfs)
+        let lowers = match cfg.lowers.as_slice() {
+            [] => std::slice::from_ref(&cfg.rootfs),
+            layers => layers,
+        };
+        let rootfs = mount_rootfs(&bundle_dir, lowers)
             .await
             .with_context(|| format!("service {svc}: preparing its root file system"))?;
         let mut effective = ContainerConfig {
@@ -687,11 +695,11 @@ impl Runtime {
 /// background while sysd starts).
 const OVERLAY_WAIT: Duration = Duration::from_secs(10);
 
-/// Mounts the container's root: an overlay of the (read-only) image directory with an empty
-/// upper layer on /run, at `BUNDLE/rootfs`. The image itself is never written, and the runtime
-/// can create mount points that the image lacks (a user's volume at /data) in the upper layer
-/// before the root is made read-only. Returns the mount point.
-async fn mount_rootfs(bundle: &Path, image: &Path) -> Result<PathBuf> {
+/// Mounts the container's root: an overlay of the (read-only) image directories (its layers,
+/// top first) with an empty upper layer on /run, at `BUNDLE/rootfs`. The image itself is never
+/// written, and the runtime can create mount points that the image lacks (a user's volume at
+/// /data) in the upper layer before the root is made read-only. Returns the mount point.
+async fn mount_rootfs(bundle: &Path, image: &[PathBuf]) -> Result<PathBuf> {
     use nix::mount::{mount, MsFlags};
     let (upper, work, merged) = (
         bundle.join("upper"),
@@ -701,15 +709,28 @@ async fn mount_rootfs(bundle: &Path, image: &Path) -> Result<PathBuf> {
     for dir in [&upper, &work, &merged] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let lower = image.display().to_string();
-    if lower.contains([',', ':']) || lower.contains('\\') {
-        bail!("image path {lower} cannot contain ',', ':' or '\\' (overlayfs option syntax)");
+    let mut dirs = Vec::with_capacity(image.len());
+    for dir in image {
+        let dir = dir.display().to_string();
+        if dir.contains([',', ':']) || dir.contains('\\') {
+            bail!("image path {dir} cannot contain ',', ':' or '\\' (overlayfs option syntax)");
+        }
+        dirs.push(dir);
     }
+    let lower = dirs.join(":");
     let options = format!(
         "lowerdir={lower},upperdir={},workdir={}",
         upper.display(),
         work.display()
     );
+    // The kernel takes a page of options (legacy mount data).
+    if options.len() > 4095 {
+        bail!(
+            "the image's {} layers do not fit one overlay mount's options ({} bytes)",
+            image.len(),
+            options.len()
+        );
+    }
     let deadline = tokio::time::Instant::now() + OVERLAY_WAIT;
     loop {
         match mount(

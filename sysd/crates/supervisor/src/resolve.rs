@@ -146,6 +146,7 @@ pub fn container(svc: &Service, image: &Image, layout: &Layout) -> Result<Contai
         id: svc.name.clone(),
         service: svc.name.clone(),
         rootfs: image.rootfs.clone(),
+        lowers: image.layers.clone(),
         writable_root: false,
         args,
         env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
@@ -259,6 +260,7 @@ mod tests {
         };
         let image = Image {
             rootfs: root.path().to_path_buf(),
+            layers: vec![],
             defaults: ImageDefaults {
                 entrypoint: vec!["/bin/srv".into()],
                 cmd: vec!["--default".into()],
@@ -306,6 +308,7 @@ mod tests {
         assert!(format!("{e:#}").contains("\"nobody\" is not in the image's /etc/passwd"));
         let bare = Image {
             rootfs: root.path().to_path_buf(),
+            layers: vec![],
             defaults: ImageDefaults::default(),
         };
         let e = container(
