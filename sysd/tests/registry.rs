@@ -142,6 +142,44 @@ impl Sysd {
         self.daemon.events()
     }
 
+    /// An unpacked image's root as sysd sees it: its only layer, or the view of its layers
+    /// mounted in sysd's mount namespace (read through /proc/PID/root).
+    fn image_root(&self, hex: &str) -> PathBuf {
+        let list = std::fs::read(self.store().join(hex).join("layers.json"))
+            .unwrap_or_else(|e| panic!("image {hex} is not unpacked: {e}"));
+        let chains: Vec<String> = serde_json::from_slice(&list).unwrap();
+        match chains.as_slice() {
+            [only] => self
+                .store()
+                .join("layers")
+                .join(only.strip_prefix("sha256:").unwrap()),
+            _ => {
+                let pid = self.daemon.pid().expect("sysd runs");
+                let view = self.store().join(hex).join("merged");
+                Path::new(&format!("/proc/{pid}/root")).join(view.strip_prefix("/").unwrap())
+            }
+        }
+    }
+
+    /// Layers in the store that no unpacked image lists.
+    fn unlisted_layers(&self) -> Vec<String> {
+        let mut listed = std::collections::HashSet::new();
+        for e in std::fs::read_dir(self.store()).unwrap().flatten() {
+            if let Ok(list) = std::fs::read(e.path().join("layers.json")) {
+                let chains: Vec<String> = serde_json::from_slice(&list).unwrap();
+                listed.extend(chains.into_iter().map(|c| c[7..].to_string()));
+            }
+        }
+        std::fs::read_dir(self.store().join("layers"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !listed.contains(n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Files (not directories) under the store, relative.
     fn store_files(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -253,7 +291,14 @@ fn pull_by_tag_digest_and_index_then_run_on_demand_and_gc() {
     );
     let manifest = amd64["digest"].as_str().unwrap();
     let hex = manifest.strip_prefix("sha256:").unwrap();
-    let root = sysd.store().join(hex).join("rootfs");
+    let root = sysd.image_root(hex);
+    // Three layers, each stored once, stacked.
+    assert_eq!(
+        std::fs::read_dir(sysd.store().join("layers"))
+            .unwrap()
+            .count(),
+        3
+    );
     assert_eq!(
         std::fs::read_to_string(root.join("srv/index.html")).unwrap(),
         "hello from the registry"
@@ -341,7 +386,12 @@ fn pull_by_tag_digest_and_index_then_run_on_demand_and_gc() {
     let pruned: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(pruned["removed"].as_array().unwrap().len(), 2, "{body}");
     assert!(pruned["rootfs"].as_u64().unwrap() >= 1, "{body}");
-    assert!(!root.exists(), "v1's unpacked root is collected");
+    assert!(
+        !sysd.store().join(hex).exists(),
+        "v1's unpacked image is collected"
+    );
+    assert!(pruned["layers"].as_u64().unwrap() >= 1, "{body}");
+    assert_eq!(sysd.unlisted_layers(), Vec::<String>::new(), "{body}");
     let images = sysd.images();
     assert_eq!(images.len(), 1, "{images:#?}");
     assert_eq!(images[0]["used_by"][0], "web");
@@ -478,7 +528,7 @@ fn registry_going_away_mid_pull_is_resumed() {
         .strip_prefix("sha256:")
         .unwrap();
     assert_eq!(
-        std::fs::read(sysd.store().join(hex).join("rootfs/big")).unwrap(),
+        std::fs::read(sysd.image_root(hex).join("big")).unwrap(),
         big
     );
 }

@@ -163,11 +163,14 @@ impl Layout {
     }
 
     /// An image manifest of `layers` (media type, blob) for `arch`; returns its descriptor.
+    /// The config lists the layers' diff_ids as real images do, where every layer is a plain
+    /// or gzip tar of at most 256 MiB (else none, as some old tools wrote).
     pub fn image(&self, arch: &str, layers: &[(&str, Vec<u8>)], cmd: &[&str]) -> serde_json::Value {
+        let diff_ids: Option<Vec<String>> = layers.iter().map(|(t, d)| diff_id(t, d)).collect();
         let config = serde_json::json!({
             "architecture": arch, "os": "linux",
             "config": { "Cmd": cmd, "Env": ["PATH=/bin"] },
-            "rootfs": { "type": "layers", "diff_ids": [] },
+            "rootfs": { "type": "layers", "diff_ids": diff_ids.unwrap_or_default() },
         });
         let config = self.blob(
             "application/vnd.oci.image.config.v1+json",
@@ -575,6 +578,27 @@ pub struct Hostile {
     pub sent: Arc<AtomicU64>,
     /// Connections the other host's listener accepted.
     pub elsewhere: Arc<AtomicU64>,
+}
+
+/// The digest of a layer's uncompressed tar, for a plain or gzip tar of at most 256 MiB.
+fn diff_id(media_type: &str, data: &[u8]) -> Option<String> {
+    use std::io::Read;
+    let tar = match media_type {
+        crate::oci::TAR => data.to_vec(),
+        crate::oci::TGZ => {
+            let mut out = Vec::new();
+            flate2::read::MultiGzDecoder::new(data)
+                .take(256 << 20)
+                .read_to_end(&mut out)
+                .ok()?;
+            if out.len() == 256 << 20 {
+                return None;
+            }
+            out
+        }
+        _ => return None,
+    };
+    Some(format!("sha256:{}", hex::encode(Sha256::digest(&tar))))
 }
 
 /// Layer and config of `oversize/app`, and its manifest.
