@@ -130,8 +130,15 @@ pub fn run(
 }
 
 /// Unmounts /var, retrying briefly while the last processes' files close; falls back to a
-/// read-only remount, which also leaves the journal clean.
+/// read-only remount, which also leaves the journal clean. What is mounted below it first
+/// (sysd's image views, a container's leftovers), deepest first.
 fn unmount_var() {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for point in mounts_below(&info, "/var") {
+        if nix::mount::umount2(point.as_str(), MntFlags::empty()).is_err() {
+            let _ = nix::mount::umount2(point.as_str(), MntFlags::MNT_DETACH);
+        }
+    }
     let mut last = Errno::UnknownErrno;
     for _ in 0..10 {
         match nix::mount::umount2("/var", MntFlags::empty()) {
@@ -163,9 +170,46 @@ fn unmount_var() {
     }
 }
 
+/// The mount points strictly below `dir` in a mountinfo text, deepest (and latest) first.
+/// Points with escaped characters (`\040` for a space) are left out: sysd makes none.
+fn mounts_below(mountinfo: &str, dir: &str) -> Vec<String> {
+    let prefix = format!("{}/", dir.trim_end_matches('/'));
+    let mut points: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix) && !p.contains('\\'))
+        .map(str::to_string)
+        .collect();
+    points.reverse();
+    // Stable: among equal depths the later mount (on top) stays first.
+    points.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+    points
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_below_var_deepest_first() {
+        let info = "\
+22 1 254:0 / / ro - erofs /dev/dm-0 ro
+30 22 254:3 / /var rw - ext4 /dev/vda4 rw
+41 30 0:40 / /var/lib/keelson/images/ab/merged ro - overlay overlay ro,lowerdir=/var/a:/var/b
+42 30 0:41 / /var/lib/keelson/x rw - tmpfs tmpfs rw
+43 42 0:42 / /var/lib/keelson/x/y rw - tmpfs tmpfs rw
+44 30 0:43 / /var/with\\040space rw - tmpfs tmpfs rw
+45 22 0:44 / /variable rw - tmpfs tmpfs rw
+";
+        assert_eq!(
+            mounts_below(info, "/var"),
+            [
+                "/var/lib/keelson/images/ab/merged",
+                "/var/lib/keelson/x/y",
+                "/var/lib/keelson/x"
+            ]
+        );
+    }
 
     #[test]
     fn final_words() {

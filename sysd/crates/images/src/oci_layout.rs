@@ -97,7 +97,6 @@ pub fn unpack_descriptor(layout: &Path, selected: &Descriptor, store: &Path) -> 
     let config_bytes = read_json_blob(layout, config_desc)?;
     let config = image_config(&manifest_desc, config_desc, &config_bytes)?;
     let defaults = defaults(&config);
-    let diff_ids = config.rootfs().diff_ids().clone();
 
     let hex = sha256_hex(&manifest_desc)?;
     // Unpacked by an older sysd as one merged copy: used as it is.
@@ -109,15 +108,44 @@ pub fn unpack_descriptor(layout: &Path, selected: &Descriptor, store: &Path) -> 
             defaults,
         });
     }
-    let ids = layer_ids(&manifest, &diff_ids)?;
+    let applied = unpack_layers(layout, &manifest, &config, store, |_| Ok(()))?;
+    let (rootfs, layers) = snapshot::image_view(store, hex, &applied.chains)?;
+    Ok(Image {
+        rootfs,
+        layers,
+        defaults,
+    })
+}
+
+/// An image's layers, present in the store and held against garbage collection until the
+/// image lists them (drop this after [`snapshot::image_view`]).
+pub struct Layers {
+    pub chains: Vec<String>,
+    _busy: snapshot::Busy,
+}
+
+/// Applies the layers of `manifest` (blobs in `layout`, config `config`) that the store lacks,
+/// bottom first, each verified and contained as it streams. `arrived` is called before a
+/// layer's blob is read and may wait for it (a pull applies each layer as soon as it and the
+/// ones below it are downloaded). A refused layer leaves none of the layers this call applied.
+pub fn unpack_layers(
+    layout: &Path,
+    manifest: &ImageManifest,
+    config: &ImageConfiguration,
+    store: &Path,
+    mut arrived: impl FnMut(&Descriptor) -> Result<()>,
+) -> Result<Layers> {
+    let diff_ids = config.rootfs().diff_ids();
+    let ids = layer_ids(manifest, diff_ids)?;
     let chains = snapshot::chain_ids(&ids);
-    let _busy = snapshot::Busy::hold(&chains);
+    let busy = snapshot::Busy::hold(&chains);
     let mut budget = None;
     let mut made = Vec::new();
-    let mut apply = || -> Result<(PathBuf, Vec<PathBuf>)> {
+    let mut apply = || -> Result<()> {
         for (n, layer) in manifest.layers().iter().enumerate() {
             let expected = diff_ids.get(n).filter(|_| diff_ids.len() == ids.len());
             let applied = snapshot::ensure_layer(store, &chains[..=n], |root| {
+                arrived(layer)?;
                 let budget = match &mut budget {
                     Some(b) => b,
                     None => budget.insert(Budget::for_store(store)?),
@@ -129,20 +157,26 @@ pub fn unpack_descriptor(layout: &Path, selected: &Descriptor, store: &Path) -> 
                 made.push(chains[n].clone());
             }
         }
-        snapshot::image_view(store, hex, &chains)
+        Ok(())
     };
-    let (rootfs, layers) = match apply() {
-        Ok(view) => view,
-        Err(e) => {
-            snapshot::discard(store, &made);
-            return Err(e);
-        }
-    };
-    Ok(Image {
-        rootfs,
-        layers,
-        defaults,
+    if let Err(e) = apply() {
+        snapshot::discard(store, &made);
+        return Err(e);
+    }
+    Ok(Layers {
+        chains,
+        _busy: busy,
     })
+}
+
+/// The image config of `manifest` (from `layout`), checked to be for this machine.
+pub fn read_config(
+    layout: &Path,
+    manifest_desc: &Descriptor,
+    manifest: &ImageManifest,
+) -> Result<ImageConfiguration> {
+    let bytes = read_json_blob(layout, manifest.config())?;
+    image_config(manifest_desc, manifest.config(), &bytes)
 }
 
 /// What names each layer of `manifest` in its chain: the config's diff_ids (the digests of

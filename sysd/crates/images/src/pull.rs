@@ -113,6 +113,9 @@ pub async fn pull(
     // Parallel downloads, bounded.
     let ep = Arc::new(ep);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(ep.settings.parallel()));
+    // Each blob that is in the store goes on this channel; the unpacker below applies each
+    // layer as soon as it and the ones below it are there, while the rest download.
+    let (arrived, arrivals) = std::sync::mpsc::channel::<String>();
     let mut tasks = Vec::new();
     for b in blobs {
         let hex = b.digest().digest().to_string();
@@ -122,22 +125,53 @@ pub async fn pull(
                 digest: b.digest().to_string(),
                 size: b.size(),
             });
+            let _ = arrived.send(hex);
             continue;
         }
         let (ep, semaphore, progress) = (Arc::clone(&ep), Arc::clone(&semaphore), progress.clone());
         let partial = store.downloads().join(&hex);
         let dest = store.blob_path(&hex);
         let lock = store.blob_lock(&hex);
+        let arrived = arrived.clone();
         tasks.push(async move {
             let _permit = semaphore.acquire().await;
             let _lock = lock.lock().await;
             // Another pull may have fetched it meanwhile.
-            if store.has_blob(&hex, b.size()) {
-                return Ok(0);
-            }
-            download(&ep, &b, &partial, &dest, &progress).await
+            let n = if store.has_blob(&hex, b.size()) {
+                0
+            } else {
+                download(&ep, &b, &partial, &dest, &progress).await?
+            };
+            let _ = arrived.send(hex);
+            anyhow::Ok(n)
         });
     }
+    drop(arrived);
+    let unpacker = {
+        let (root, manifest_desc, manifest) = (
+            store.root().to_path_buf(),
+            manifest_desc.clone(),
+            manifest.clone(),
+        );
+        tokio::task::spawn_blocking(move || -> Result<oci_layout::Layers> {
+            let mut have = std::collections::HashSet::new();
+            let mut wait = |d: &Descriptor| -> Result<()> {
+                let hex = d.digest().digest();
+                while !have.contains(hex) {
+                    match arrivals.recv() {
+                        Ok(h) => {
+                            have.insert(h);
+                        }
+                        Err(_) => bail!("blob {} was not downloaded", d.digest()),
+                    }
+                }
+                Ok(())
+            };
+            wait(manifest.config())?;
+            let config = oci_layout::read_config(&root, &manifest_desc, &manifest)?;
+            oci_layout::unpack_layers(&root, &manifest, &config, &root, wait)
+        })
+    };
     let mut downloaded = 0;
     let mut first_error = None;
     for r in futures_util::future::join_all(tasks).await {
@@ -148,9 +182,11 @@ pub async fn pull(
             }
         }
     }
+    let unpacked_layers = unpacker.await.context("unpacking")?;
     if let Some(e) = first_error {
         return Err(e.context(format!("pulling {name} from {}", ep.host)));
     }
+    let _layers = unpacked_layers.with_context(|| format!("pulling {name}: refusing the image"))?;
 
     let entry = Entry {
         reference: name.clone(),
