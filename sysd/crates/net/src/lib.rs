@@ -1514,9 +1514,7 @@ fn no_link_reason(managed: &[String], links: &[Link]) -> Option<String> {
     if managed.is_empty() {
         return Some("no network link to configure (only loopback)".into());
     }
-    let with_carrier = links
-        .iter()
-        .any(|l| l.carrier && managed.iter().any(|m| *m == l.name));
+    let with_carrier = links.iter().any(|l| l.carrier && managed.contains(&l.name));
     (!with_carrier).then(|| format!("no carrier on {}", managed.join(", ")))
 }
 
