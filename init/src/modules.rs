@@ -151,24 +151,62 @@ impl Loader {
 
     /// Loads everything `modules.load` asks for.
     pub fn load_list(&mut self) {
-        let list = match std::fs::read_to_string(self.dir.join("modules.load")) {
+        let list = self.read_list();
+        let order = self.plan_list(&list);
+        self.load_paths(&order);
+    }
+
+    /// Stage 1: the drivers of the devices present and `modules.load`, loaded together (one
+    /// parallel batch), then [`Loader::coldplug`] for the devices the drivers revealed.
+    pub fn load_boot(&mut self) {
+        let list = self.read_list();
+        let mut order = self.plan_list(&list);
+        let drivers = self.unmatched_drivers();
+        for path in plan(&self.dep, &drivers).order {
+            if !order.contains(&path) {
+                order.push(path);
+            }
+        }
+        self.load_paths(&order);
+        self.coldplug();
+    }
+
+    fn read_list(&self) -> Vec<String> {
+        match std::fs::read_to_string(self.dir.join("modules.load")) {
             Ok(text) => parse_load_list(&text),
             Err(e) => {
                 crate::say!(
                     "modules: no {}/modules.load ({e}); loading none",
                     self.dir.display()
                 );
-                return;
+                Vec::new()
             }
-        };
-        let plan = plan(&self.dep, &list);
+        }
+    }
+
+    /// The load order of `list`, naming the modules the kernel has built in.
+    fn plan_list(&self, list: &[String]) -> Vec<String> {
+        let plan = plan(&self.dep, list);
         if !plan.builtin.is_empty() {
             crate::say!(
                 "modules: not in modules.dep, assuming built into the kernel: {}",
                 plan.builtin.join(", ")
             );
         }
-        self.load_paths(&plan.order);
+        plan.order
+    }
+
+    /// The drivers whose aliases match a device not matched before.
+    fn unmatched_drivers(&mut self) -> Vec<String> {
+        let fresh: Vec<String> = device_modaliases()
+            .into_iter()
+            .filter(|m| self.seen.insert(m.clone()))
+            .collect();
+        self.aliases
+            .iter()
+            .filter(|(pattern, _)| fresh.iter().any(|m| glob_match(pattern, m)))
+            .map(|(_, module)| module.clone())
+            .collect()
     }
 
     /// Loads the drivers of devices not matched before; returns how many modules it loaded.
@@ -177,16 +215,7 @@ impl Loader {
     pub fn coldplug(&mut self) -> usize {
         let before = self.count;
         loop {
-            let fresh: Vec<String> = device_modaliases()
-                .into_iter()
-                .filter(|m| self.seen.insert(m.clone()))
-                .collect();
-            let wanted: Vec<String> = self
-                .aliases
-                .iter()
-                .filter(|(pattern, _)| fresh.iter().any(|m| glob_match(pattern, m)))
-                .map(|(_, module)| module.clone())
-                .collect();
+            let wanted = self.unmatched_drivers();
             if wanted.is_empty() {
                 return self.count - before;
             }
@@ -197,28 +226,130 @@ impl Loader {
         }
     }
 
-    /// Loads the paths not tried before; returns whether any was new.
+    /// Loads the paths not tried before, [`THREADS`] at a time (see [`load_parallel`]);
+    /// returns whether any was new.
     fn load_paths(&mut self, order: &[String]) -> bool {
-        let mut any = false;
-        for path in order {
-            if !self.done.insert(path.clone()) {
-                continue;
-            }
-            any = true;
-            let full = if path.starts_with('/') {
-                PathBuf::from(path)
+        let fresh: Vec<String> = order
+            .iter()
+            .filter(|p| self.done.insert((*p).clone()))
+            .cloned()
+            .collect();
+        let dir = &self.dir;
+        let results = load_parallel(&fresh, &self.dep, THREADS, |path| {
+            if path.starts_with('/') {
+                load_one(Path::new(path))
             } else {
-                self.dir.join(path)
-            };
-            match load_one(&full) {
+                load_one(&dir.join(path))
+            }
+        });
+        for (path, result) in fresh.iter().zip(results) {
+            match result {
                 Ok(()) => self.count += 1,
                 // No such hardware or firmware interface (efivarfs without UEFI): nothing to do.
                 Err(Error::Init(Errno::ENODEV)) => {}
-                Err(e) => crate::say!("modules: cannot load {}: {e}", full.display()),
+                Err(e) => crate::say!("modules: cannot load {path}: {e}"),
             }
         }
-        any
+        !fresh.is_empty()
     }
+}
+
+/// How many modules are loaded at once. Most of a module load is the kernel waiting (RCU grace
+/// periods, a driver's probe waiting for its device), not computing, so loads overlap well
+/// even on one CPU; udev's workers load modules the same way.
+pub const THREADS: usize = 8;
+
+/// Runs `load` for every path of `order` (dependencies before the modules that need them, as
+/// [`plan`] orders them) on up to `threads` threads: a path starts once every dependency
+/// `dep` names for it that is in `order` has finished (loaded or failed; a module whose
+/// dependency failed fails on its own, naming the missing symbols). Returns the results in
+/// the order of `order`.
+pub fn load_parallel<E: Send>(
+    order: &[String],
+    dep: &DepMap,
+    threads: usize,
+    load: impl Fn(&str) -> Result<(), E> + Sync,
+) -> Vec<Result<(), E>> {
+    use std::sync::{Condvar, Mutex};
+    struct Sched<E> {
+        /// Indices of `order` not started yet.
+        waiting: Vec<usize>,
+        running: usize,
+        finished: HashSet<usize>,
+        results: Vec<(usize, Result<(), E>)>,
+    }
+    let index: HashMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.as_str(), i))
+        .collect();
+    // For each path, the indices in `order` it waits for.
+    let needs: Vec<Vec<usize>> = order
+        .iter()
+        .map(|p| {
+            dep.deps
+                .get(p)
+                .map(|ds| {
+                    ds.iter()
+                        .filter_map(|d| index.get(d.as_str()).copied())
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    let sched = Mutex::new(Sched {
+        waiting: (0..order.len()).collect(),
+        running: 0,
+        finished: HashSet::new(),
+        results: Vec::with_capacity(order.len()),
+    });
+    let turn = Condvar::new();
+    let worker = || loop {
+        let next = {
+            let mut s = sched.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if s.waiting.is_empty() {
+                    break None;
+                }
+                let ready = s
+                    .waiting
+                    .iter()
+                    .position(|&i| needs[i].iter().all(|d| s.finished.contains(d)));
+                let at = match ready {
+                    Some(at) => at,
+                    // Only a cycle (a broken modules.dep) leaves none ready with none running:
+                    // take the first one anyway rather than wait forever.
+                    None if s.running == 0 => 0,
+                    None => {
+                        s = turn.wait(s).unwrap_or_else(|p| p.into_inner());
+                        continue;
+                    }
+                };
+                s.running += 1;
+                break Some(s.waiting.remove(at));
+            }
+        };
+        let Some(i) = next else { return };
+        let result = load(&order[i]);
+        let mut s = sched.lock().unwrap_or_else(|p| p.into_inner());
+        s.running -= 1;
+        s.results.push((i, result));
+        s.finished.insert(i);
+        turn.notify_all();
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads.clamp(1, order.len().max(1)) {
+            // A thread that cannot be made leaves its share to the others.
+            let _ = std::thread::Builder::new().spawn_scoped(scope, worker);
+        }
+        worker();
+    });
+    let mut results = sched
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .results;
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Stage 2: loads the root's `modules.load` (modules the boot does not wait for) in a child
@@ -229,6 +360,10 @@ pub fn load_root_modules_in_background() {
     // after fork; it ends with _exit and never returns into init's loop.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
+            // Nothing waits for these but the services that need one (they retry): sysd's
+            // start comes first on a busy CPU.
+            // SAFETY: setpriority on this process only.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
             let mut loader = Loader::open();
             loader.load_list();
             crate::say!(
@@ -442,6 +577,62 @@ garbage line without colon
                 ("pci:v*d*bc01sc06i01*".to_owned(), "ahci".to_owned()),
                 ("acpi*:PNP0C0C:*".to_owned(), "button".to_owned())
             ]
+        );
+    }
+
+    /// Every module once, each after the dependencies it waits for, several at a time; a
+    /// cycle in a broken modules.dep does not hang.
+    #[test]
+    fn parallel_loads_respect_dependencies() {
+        use std::sync::Mutex;
+        let dep = DepMap::parse(DEP);
+        let wanted = parse_load_list("dm_verity\nvirtio_blk\nbutton\na\n");
+        let order = plan(&dep, &wanted).order;
+        let log = Mutex::new(Vec::<(String, &str)>::new());
+        let results = load_parallel(&order, &dep, 4, |path| {
+            log.lock().unwrap().push((path.to_owned(), "start"));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            log.lock().unwrap().push((path.to_owned(), "end"));
+            if path.ends_with("virtio_blk.ko") {
+                Err(path.to_owned())
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(results.len(), order.len());
+        for (path, r) in order.iter().zip(&results) {
+            assert_eq!(r.is_err(), path.ends_with("virtio_blk.ko"), "{path}");
+        }
+        let log = log.into_inner().unwrap();
+        let at = |p: &str, what: &str| {
+            log.iter()
+                .position(|(l, w)| l == p && *w == what)
+                .unwrap_or_else(|| panic!("{p} {what}: {log:?}"))
+        };
+        assert_eq!(log.len(), order.len() * 2, "each once: {log:?}");
+        for (path, deps) in &dep.deps {
+            if !order.contains(path)
+                || path.starts_with("kernel/a")
+                || path.starts_with("kernel/b")
+                || path.starts_with("kernel/c")
+            {
+                continue;
+            }
+            for d in deps {
+                assert!(
+                    at(d, "end") < at(path, "start"),
+                    "{d} before {path}: {log:?}"
+                );
+            }
+        }
+        // dm-mod and virtio_ring have no dependencies: they overlap.
+        let (m, r) = (
+            "kernel/drivers/md/dm-mod.ko",
+            "kernel/drivers/virtio/virtio_ring.ko",
+        );
+        assert!(
+            at(m, "start") < at(r, "end") && at(r, "start") < at(m, "end"),
+            "{log:?}"
         );
     }
 

@@ -7,7 +7,8 @@
 //! The first boot has no seed: nothing on init's path needs blocking randomness then (the
 //! machine ID comes from the VM's SMBIOS UUID where there is one, see
 //! [`crate::state::machine_id`]), and the seed is written by a child process that waits for
-//! the pool.
+//! the pool. At shutdown the seed is written again from the pool, which has gathered the
+//! whole boot's entropy by then ([`save`]), as `systemd-random-seed save` does.
 
 use std::fs::File;
 use std::io::Write;
@@ -46,14 +47,19 @@ pub fn load(seed: &Path, urandom: &Path) -> Loaded {
         Ok(f) => f,
         Err(e) => return Loaded::NotCredited(format!("{}: {e}", urandom.display())),
     };
-    // Mixed without credit first: the new seed depends on the old one and on whatever the
-    // kernel gathered so far, and is unpredictable if either is.
+    // Mixed without credit first, so it counts towards the pool even if the credit fails.
     if let Err(e) = (&pool).write_all(&old) {
         return Loaded::NotCredited(format!("writing to {}: {e}", urandom.display()));
     }
+    // The new seed is the old one XORed with the kernel's output so far: unpredictable if
+    // either is. (Before the pool is initialized the kernel's output does not depend on what
+    // was written to /dev/urandom, so the old seed is folded in here.)
     let mut new = [0u8; SIZE];
     if let Err(e) = crate::state::getrandom(&mut new, libc::GRND_INSECURE) {
         return Loaded::NotCredited(format!("getrandom: {e}"));
+    }
+    for (n, o) in new.iter_mut().zip(old.iter().cycle()) {
+        *n ^= o;
     }
     if let Err(e) = crate::state::write_atomic(seed, &new, 0o600) {
         return Loaded::NotCredited(format!("replacing {}: {e}", seed.display()));
@@ -84,6 +90,32 @@ pub fn store_when_ready(seed: &'static str) {
         }
         Ok(nix::unistd::ForkResult::Parent { .. }) => {}
         Err(e) => say!("random-seed: cannot fork its writer: {e}"),
+    }
+}
+
+/// What [`save`] did at shutdown.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Saved {
+    /// A new seed from the initialized pool replaced the one of the boot.
+    Refreshed,
+    /// The pool is not initialized yet: the seed written at boot (or by the waiting child)
+    /// stays; nothing from an uninitialized pool is stored to be credited.
+    PoolNotReady,
+    Failed(String),
+}
+
+/// Replaces the seed with one from the pool, if the pool is initialized (never blocking:
+/// shutdown must not wait for entropy).
+pub fn save(seed: &Path) -> Saved {
+    let mut new = [0u8; SIZE];
+    match crate::state::getrandom(&mut new, libc::GRND_NONBLOCK) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Saved::PoolNotReady,
+        Err(e) => return Saved::Failed(format!("getrandom: {e}")),
+    }
+    match crate::state::write_atomic(seed, &new, 0o600) {
+        Ok(()) => Saved::Refreshed,
+        Err(e) => Saved::Failed(format!("replacing {}: {e}", seed.display())),
     }
 }
 
@@ -132,10 +164,31 @@ mod tests {
         let new = std::fs::read(&seed).unwrap();
         assert_eq!(new.len(), SIZE);
         assert_ne!(new, old, "replaced before the credit");
+        assert_ne!(new, [0u8; SIZE], "not the old seed cancelled out");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&seed).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    /// At shutdown the seed is replaced from the pool (the host's, initialized long ago).
+    #[test]
+    fn shutdown_refreshes_the_seed() {
+        let t = tempfile::tempdir().unwrap();
+        let seed = t.path().join("random-seed");
+        std::fs::write(&seed, [7u8; SIZE]).unwrap();
+        assert_eq!(save(&seed), Saved::Refreshed);
+        let new = std::fs::read(&seed).unwrap();
+        assert_eq!(new.len(), SIZE);
+        assert_ne!(new, vec![7u8; SIZE]);
+        let missing = t.path().join("missing/random-seed");
+        match save(&missing) {
+            Saved::Failed(why) => assert!(
+                why.starts_with(&format!("replacing {}: ", missing.display())),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -111,6 +111,13 @@ pub fn run(
     reap_until(sfd, Duration::from_secs(1), no_children);
 
     pet(&mut wd);
+    match crate::random_seed::save(std::path::Path::new(crate::random_seed::SEED)) {
+        crate::random_seed::Saved::Refreshed => say!("random-seed: refreshed for the next boot"),
+        crate::random_seed::Saved::PoolNotReady => {
+            say!("random-seed: the pool is not initialized; keeping the stored seed")
+        }
+        crate::random_seed::Saved::Failed(why) => say!("random-seed: not refreshed: {why}"),
+    }
     sync();
     unmount_var();
     sync();

@@ -46,10 +46,9 @@ pub fn run() -> ! {
     }
     let slot = args.slot;
 
-    // Drivers of the hardware present first (the boot disk), then the always-loaded list.
+    // Drivers of the hardware present (the boot disk) and the always-loaded list, together.
     let mut modules = crate::modules::Loader::open();
-    modules.coldplug();
-    modules.load_list();
+    modules.load_boot();
     say!(
         "stage1: modules loaded ({} modules in {} ms)",
         modules.count,
@@ -93,6 +92,7 @@ pub fn run() -> ! {
     let root_dev = setup_verity(&parts, &args.roothash, slot);
     mount_root(&root_dev, slot);
     say!("stage1: root verified by dm-verity");
+    preload(&format!("{NEW_ROOT}{}", switch_root::NEXT_INIT));
 
     let data_grew = grown.is_some_and(|g| g.number == parts.data_number);
     mount_data(&parts.data, data_grew);
@@ -274,5 +274,18 @@ fn mount_data(data: &PartDev, grew: bool) {
                 part_blocks.saturating_mul(sb.block_size) >> 20
             ),
         }
+    }
+}
+
+/// Starts reading `path` into the page cache (posix_fadvise WILLNEED returns once the reads
+/// are queued). The real root's init is read through dm-verity when stage 1 execs it; left to
+/// its page faults, that is hundreds of small verified reads one after the other (a third of
+/// a second under QEMU TCG), queued here it is a few large ones that overlap the data
+/// partition's checks and mount.
+fn preload(path: &str) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = File::open(path) {
+        // SAFETY: a valid open descriptor; advice only, nothing is written.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
     }
 }

@@ -103,6 +103,9 @@ fn direct_boot_read_only_root_persistent_var_and_clean_poweroff() {
         .unwrap();
     g.wait_for("boot complete in", BOOT).unwrap();
     g.powerdown().unwrap();
+    // The seed is written again from the pool, with /var still mounted.
+    g.wait_for("random-seed: refreshed for the next boot", STOP)
+        .unwrap();
     g.wait_for("shutdown: /var unmounted cleanly", STOP)
         .unwrap();
     g.wait_exit(STOP).unwrap();

@@ -298,6 +298,42 @@ impl Drop for Lab {
     }
 }
 
+/// A node where no link can bring network-online does not hold its dependents for
+/// `online_timeout`: with no link to configure, and with the configured link's cable out
+/// (its veth peer down), it settles as unreachable; the cable plugged in and a DHCP server
+/// answering, it becomes online.
+#[test]
+fn network_online_settles_without_a_link_or_carrier_and_comes_later() {
+    let mut bare = Lab::new();
+    run(&["ip", "-n", &bare.client, "link", "del", "ve0"]);
+    bare.start_sysd("version = 1\n[network]\nonline_timeout = \"10m\"\n");
+    let log = bare.wait_log(
+        "network-unreachable: no network link to configure (only loopback)",
+        1,
+    );
+    assert!(!log.contains("network-online-timeout"), "{log}");
+    let st = bare.status();
+    assert_eq!(st["online"], "unreachable", "{st}");
+    assert_eq!(
+        st["online_reason"],
+        "no network link to configure (only loopback)"
+    );
+    drop(bare);
+
+    let mut lab = Lab::new();
+    run(&["ip", "-n", &lab.server, "link", "set", "vs", "down"]);
+    lab.start_sysd(
+        "version = 1\n[network]\nonline_timeout = \"10m\"\n[network.interfaces.ve0]\ndhcp = true\n",
+    );
+    lab.wait_log("network-unreachable: no carrier on ve0", 1);
+    assert_eq!(lab.status()["online"], "unreachable");
+    run(&["ip", "-n", &lab.server, "link", "set", "vs", "up"]);
+    lab.start_dnsmasq(&[]);
+    let log = lab.wait_log("network-online: default route and DNS server present", 1);
+    assert!(!log.contains("network-online-timeout"), "{log}");
+    assert_eq!(lab.status()["online"], "online");
+}
+
 const DHCP_CONFIG: &str = "version = 1\n[network.interfaces.ve0]\ndhcp = true\n";
 
 /// Lease, resolv.conf, hostname default, online; renew at T1; the server stops answering

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 /// Everything `keelctl net` shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkStatus {
-    /// `pending`, `online` (a default route and a DNS server) or `timed-out`.
+    /// `pending`, `online` (a default route and a DNS server), `timed-out` or `unreachable`
+    /// (no link to configure, or none with carrier).
     pub online: String,
     /// Why it is not online (what is missing), when it is not.
     pub online_reason: Option<String>,

@@ -440,39 +440,67 @@ fn main() -> Result<()> {
 
     secure_boot_table(runs, work.path())?;
 
-    // A VM without RDRAND (QEMU's default CPU model): first boots with and without a firmware
-    // UUID, and the boot after (the random seed credited).
-    let mut entropy: Vec<[Timeline; 4]> = Vec::new();
+    // QEMU's default CPU model (`qemu64`, no RDRAND) and `-cpu max`, a first boot and the
+    // boot after it; without a firmware UUID; and with a virtio-rng device.
+    let mut entropy: Vec<Vec<Timeline>> = Vec::new();
     for i in 0..runs {
         eprintln!("entropy run {}/{runs}", i + 1);
         entropy.push(entropy_boots(&dir, work.path())?);
     }
-    println!("\n## Userspace without RDRAND (`-cpu qemu64`), direct boot, median of {runs} runs (seconds)\n");
-    println!("| boot | init start → boot complete | stage 2 |");
-    println!("|---|---|---|");
-    for (k, name) in [
-        "`-cpu max` (RDRAND), first boot",
-        "`-cpu qemu64`, first boot, no firmware UUID (random machine ID)",
-        "`-cpu qemu64`, first boot, firmware UUID (machine ID from it)",
-        "`-cpu qemu64`, second boot (random seed credited)",
-    ]
-    .iter()
-    .enumerate()
-    {
+    println!("\n## Userspace by CPU model, first and later boots, direct boot, median of {runs} runs (seconds)\n");
+    println!("| boot | init start → boot complete | stage 2 | kernel start → all services ready |");
+    println!("|---|---|---|---|");
+    for (k, (name, key)) in ENTROPY_BOOTS.iter().enumerate() {
         let runs: Vec<Timeline> = entropy.iter().map(|r| r[k].clone()).collect();
         println!(
-            "| {name} | {:.3} | {:.3} |",
+            "| {name} | {:.3} | {:.3} | {} |",
             median(&runs, |t| t.init_total),
-            median(&runs, |t| t.stage2)
+            median(&runs, |t| t.stage2),
+            ready(&runs)
         );
+        fig(
+            &format!("init start → boot complete, direct, {key}"),
+            "s",
+            all(&runs, &|t| t.init_total),
+        )?;
+        let ready: Vec<f64> = runs.iter().filter_map(|t| t.all_ready).collect();
+        if ready.len() == runs.len() {
+            fig(
+                &format!("kernel start → all services ready, direct, {key}"),
+                "s",
+                ready,
+            )?;
+        }
     }
     Ok(())
 }
 
-/// Four direct boots: `-cpu max`; `-cpu qemu64` without and with a firmware UUID (fresh disks);
-/// and the UUID disk booted again.
-fn entropy_boots(dir: &Path, work: &Path) -> Result<[Timeline; 4]> {
-    let boot = |cpu: &str, disk: &Path, uuid: bool| -> Result<Timeline> {
+/// The boots of [`entropy_boots`], in its order: the table's name and the figure's.
+const ENTROPY_BOOTS: [(&str, &str); 6] = [
+    ("`-cpu max` (RDRAND), first boot", "-cpu max, first boot"),
+    ("`-cpu max`, later boot", "-cpu max, later boot"),
+    (
+        "QEMU's default CPU (`qemu64`, no RDRAND), first boot (machine ID from the firmware UUID)",
+        "-cpu qemu64, first boot",
+    ),
+    (
+        "`qemu64`, later boot (random seed credited)",
+        "-cpu qemu64, later boot",
+    ),
+    (
+        "`qemu64`, first boot, no firmware UUID (random machine ID: waits for the pool)",
+        "-cpu qemu64, first boot, no UUID",
+    ),
+    (
+        "`qemu64` + virtio-rng-pci, first boot, no firmware UUID",
+        "-cpu qemu64, virtio-rng, first boot, no UUID",
+    ),
+];
+
+/// Direct boots, fresh disks unless said: `-cpu max` twice on one disk; `-cpu qemu64` with a
+/// firmware UUID twice on one disk; `qemu64` without a UUID; and with a virtio-rng device.
+fn entropy_boots(dir: &Path, work: &Path) -> Result<Vec<Timeline>> {
+    let boot = |cpu: &str, disk: &Path, uuid: bool, rng: bool| -> Result<Timeline> {
         let mut b = GuestBuilder::from_image_dir(dir)?
             .disk_no_copy(disk, qemu_tests::DiskFormat::Qcow2)
             .cpu_model(cpu)
@@ -480,16 +508,20 @@ fn entropy_boots(dir: &Path, work: &Path) -> Result<[Timeline; 4]> {
         if uuid {
             b = b.args(["-uuid", "6c3f8a2e-1b4d-4e5f-9a0b-1c2d3e4f5a6b"]);
         }
+        if rng {
+            b = b.args(["-device", "virtio-rng-pci"]);
+        }
         let g = b.spawn()?;
         g.wait_for("boot complete in", BOOT)?;
+        let _ = g.wait_for(analyze::BOOT_READY, ALL_READY);
         // The seed is stored once the pool is ready: wait for it before the power-off (it may
         // have been stored before `boot complete`, which the console reader has moved past).
         let stored = |g: &qemu_tests::Guest| {
             g.lines_with_times()
                 .iter()
-                .any(|(_, l)| l.contains("random-seed: stored"))
+                .any(|(_, l)| l.contains("random-seed: stored") || l.contains("bytes credited"))
         };
-        if uuid && !stored(&g) {
+        if !stored(&g) {
             g.wait_for("random-seed: stored", BOOT)?;
         }
         let t = timeline(&g.lines_with_times())?;
@@ -503,10 +535,14 @@ fn entropy_boots(dir: &Path, work: &Path) -> Result<[Timeline; 4]> {
         qemu_tests::create_overlay(&dir.join("disk.raw"), &disk, None)?;
         Ok(disk)
     };
-    let max = boot("max", &fresh("max.qcow2")?, false)?;
-    let random = boot("qemu64", &fresh("random.qcow2")?, false)?;
-    let disk = fresh("uuid.qcow2")?;
-    let first = boot("qemu64", &disk, true)?;
-    let second = boot("qemu64", &disk, false)?;
-    Ok([max, random, first, second])
+    let max = fresh("max.qcow2")?;
+    let uuid = fresh("uuid.qcow2")?;
+    Ok(vec![
+        boot("max", &max, false, false)?,
+        boot("max", &max, false, false)?,
+        boot("qemu64", &uuid, true, false)?,
+        boot("qemu64", &uuid, true, false)?,
+        boot("qemu64", &fresh("random.qcow2")?, false, false)?,
+        boot("qemu64", &fresh("rng.qcow2")?, false, true)?,
+    ])
 }

@@ -74,6 +74,10 @@ pub enum Online {
     Reached,
     /// The timeout passed; dependents started anyway. The reason says what was missing.
     TimedOut(String),
+    /// No link can carry traffic (there is none besides loopback, or none of the configured
+    /// links has carrier): dependents start at once instead of after the timeout, and it
+    /// becomes `Reached` if a link comes. The reason says which.
+    Unreachable(String),
 }
 
 /// Why the network manager could not do what it was asked. The texts name the link, key or
@@ -208,10 +212,14 @@ impl Net {
         {
             let net = Arc::clone(&net);
             tokio::spawn(async move {
-                let _guard = net.apply_lock.lock().await;
-                if let Err(e) = net.reconcile(config).await {
-                    net.emit("network-error", format!("boot network config: {e}"));
+                let started = tokio::time::Instant::now();
+                {
+                    let _guard = net.apply_lock.lock().await;
+                    if let Err(e) = net.reconcile(config).await {
+                        net.emit("network-error", format!("boot network config: {e}"));
+                    }
                 }
+                net.settle_without_links(started + CARRIER_WAIT).await;
             });
         }
         {
@@ -448,7 +456,11 @@ impl Net {
             let _ = self.nl.set_up(l.index, None).await;
         }
         let deadline = tokio::time::Instant::now() + CARRIER_WAIT;
+        // Without a candidate there is no carrier to wait for.
         let chosen = loop {
+            if candidates.is_empty() {
+                break None;
+            }
             let now = self.nl.links().await.unwrap_or_default();
             let with_carrier = now
                 .iter()
@@ -922,6 +934,45 @@ impl Net {
         }
     }
 
+    /// Settles `network-online` as unreachable when no link can bring it: none is managed
+    /// (a guest without a NIC), or none of the managed links has carrier by `carrier_by`.
+    /// Like `systemd-networkd-wait-online --any`, which waits only while some link could still
+    /// come online: a node with no cable or no NIC would otherwise hold every service after
+    /// `network-online` for the whole `online_timeout`. A link with carrier whose DHCP or
+    /// route is slow keeps the timeout, and a link that comes later still makes it `Reached`.
+    async fn settle_without_links(&self, carrier_by: tokio::time::Instant) {
+        loop {
+            if *self.online.borrow() != Online::Pending {
+                return;
+            }
+            let managed: Vec<String> = self
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .managed
+                .keys()
+                .cloned()
+                .collect();
+            let links = self.nl.links().await.unwrap_or_default();
+            let reason = no_link_reason(&managed, &links);
+            let Some(reason) = reason else {
+                return;
+            };
+            if !managed.is_empty() && tokio::time::Instant::now() < carrier_by {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            if *self.online.borrow() == Online::Pending {
+                self.emit(
+                    "network-unreachable",
+                    format!("{reason}; starting the services that wait for network-online now"),
+                );
+                self.online.send_replace(Online::Unreachable(reason));
+            }
+            return;
+        }
+    }
+
     /// What `network-online` still lacks ("" when nothing).
     async fn missing(&self) -> String {
         let routes = self.nl.routes().await.unwrap_or_default();
@@ -1133,6 +1184,7 @@ impl Net {
             Online::Pending => ("pending", None),
             Online::Reached => ("online", None),
             Online::TimedOut(r) => ("timed-out", Some(r.clone())),
+            Online::Unreachable(r) => ("unreachable", Some(r.clone())),
         };
         NetworkStatus {
             online: online.into(),
@@ -1456,6 +1508,16 @@ fn matches(label: &str, spec: &InterfaceSpec, link: &Link) -> bool {
 }
 
 /// An error with its causes, for messages a person reads (`netlink: listing links: ...`).
+/// Why no link can bring `network-online` (see [`Net::settle_without_links`]), or None while
+/// one of the `managed` links has carrier.
+fn no_link_reason(managed: &[String], links: &[Link]) -> Option<String> {
+    if managed.is_empty() {
+        return Some("no network link to configure (only loopback)".into());
+    }
+    let with_carrier = links.iter().any(|l| l.carrier && managed.contains(&l.name));
+    (!with_carrier).then(|| format!("no carrier on {}", managed.join(", ")))
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
@@ -1545,6 +1607,31 @@ dhcp = true
 vlan = { parent = "bond0", id = 10 }
 addresses = ["10.10.0.5/24"]
 "#;
+
+    #[test]
+    fn network_online_is_unreachable_only_without_a_link_with_carrier() {
+        let mut eth0 = link(2, "eth0", "52:54:00:00:00:01");
+        let eth1 = link(3, "eth1", "52:54:00:00:00:02");
+        assert_eq!(
+            no_link_reason(&[], &[eth0.clone()]).as_deref(),
+            Some("no network link to configure (only loopback)")
+        );
+        let managed = ["eth0".to_owned()];
+        assert_eq!(
+            no_link_reason(&managed, &[eth0.clone(), eth1.clone()]),
+            None
+        );
+        eth0.carrier = false;
+        // eth1 has carrier but sysd does not manage it: it cannot bring network-online.
+        assert_eq!(
+            no_link_reason(&managed, &[eth0.clone(), eth1]).as_deref(),
+            Some("no carrier on eth0")
+        );
+        assert_eq!(
+            no_link_reason(&managed, &[]).as_deref(),
+            Some("no carrier on eth0")
+        );
+    }
 
     #[test]
     fn virtual_plan_creates_enslaves_and_is_idempotent() {
