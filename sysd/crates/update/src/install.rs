@@ -501,7 +501,11 @@ pub async fn install(
         .map_or(root_len + list_len, |(plan, _)| plan.download);
     // The UKI as a patch against the running one, when the repository has one for it.
     let uki_name = p.uki_for(letter);
-    let uki_plan = match uki::plan(repo, layout, p, letter, uki_len) {
+    let uki_plan = match if delta_max_percent == 0 {
+        Err("deltas are off (update.delta_max_percent = 0)".to_string())
+    } else {
+        uki::plan(repo, layout, p, letter, uki_len)
+    } {
         Ok(plan) => Some(plan),
         Err(why) => {
             agent.emit(

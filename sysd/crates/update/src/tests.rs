@@ -1384,6 +1384,12 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     let running = n.dir.path().join("running-root");
     let running_before = std::fs::read(&running).unwrap();
     let slot_b = || std::fs::read(n.dir.path().join("root-b")).unwrap()[..v2_root.len()].to_vec();
+    // The node booted 0.1.0's UKI for slot A: 0.2.0's for slot B comes as a patch against it.
+    std::fs::copy(
+        v1.dir.join("keelson_0.1.0+3.efi"),
+        n.dir.path().join("esp/EFI/Linux/keelson_0.1.0.efi"),
+    )
+    .unwrap();
 
     // `keelctl update check`: both sizes.
     let check = rt.block_on(n.agent.check()).unwrap();
@@ -1408,6 +1414,10 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     );
     assert!(!ev.contains("update-delta-fallback"), "{ev}");
     assert!(
+        ev.contains("update-uki-patch: 0.2.0's UKI for slot b"),
+        "{ev}"
+    );
+    assert!(
         slot_b() == v2_root,
         "slot B is not 0.2.0's root byte for byte"
     );
@@ -1429,7 +1439,7 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     );
     let new_bytes: u64 = new.iter().map(|c| c.stored).sum();
     let full_root = std::fs::metadata(v2.dir.join("root.erofs")).unwrap().len();
-    // Downloaded: the chunk list, the new chunks, the verity tree and the UKI; said so.
+    // Downloaded: the chunk list, the new chunks, the verity tree and the UKI's patch; said so.
     assert!(
         progress.downloaded < new_bytes + (100 << 10) && progress.downloaded < full_root / 4,
         "downloaded {} (new chunks {new_bytes}, root {full_root})",
@@ -1504,6 +1514,12 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     assert!(
         n.events()
             .contains("comes whole (800 KiB root): deltas are off"),
+        "{}",
+        n.events()
+    );
+    assert!(
+        n.events()
+            .contains("0.2.0's UKI for slot b comes whole (64 KiB): deltas are off"),
         "{}",
         n.events()
     );
