@@ -33,6 +33,28 @@ impl Manifest {
                         )
                     })?;
             }
+            for u in &p.uki_patches {
+                if u.slot != "a" && u.slot != "b" {
+                    return Err(format!(
+                        "version {}: UKI patch {:?} is for slot {:?} (a or b)",
+                        p.version, u.target, u.slot
+                    ));
+                }
+                check_version(&u.from_version).map_err(|e| {
+                    format!(
+                        "version {}: UKI patch {:?}: from version: {e}",
+                        p.version, u.target
+                    )
+                })?;
+                if u.from_sha256.len() != 64
+                    || !u.from_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    return Err(format!(
+                        "version {}: UKI patch {:?}: {:?} is no sha256",
+                        p.version, u.target, u.from_sha256
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -96,7 +118,32 @@ pub struct Payload {
     /// written before deltas, and then the node downloads the full root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunks: Option<ChunksRef>,
+    /// This version's UKIs as zstd `--patch-from` patches against the previous listed
+    /// version's (absent when there was none): a node running that version patches the UKI it
+    /// booted instead of downloading the whole one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uki_patches: Vec<UkiPatch>,
 }
+
+/// One UKI of a version as a patch against a UKI nodes already have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UkiPatch {
+    /// The slot whose UKI the patch builds (`a` or `b`): a node running the other slot
+    /// installs it.
+    pub slot: String,
+    /// The version whose UKI (for the other slot) the patch applies to.
+    pub from_version: String,
+    /// That UKI's sha256 (hex): the node patches only a running UKI with this hash.
+    pub from_sha256: String,
+    /// Target: the patch (a zstd frame, the old UKI its reference prefix),
+    /// `<variant>-<version>-uki-<slot>.from-<from_version>.zst`.
+    pub target: String,
+}
+
+/// The largest zstd window (log2) a UKI patch may need: the reference UKI and the new one
+/// together, up to 64 MiB. image-build publishes no patch above it; the agent refuses to
+/// decode one (bounded memory whatever a patch declares).
+pub const UKI_PATCH_WINDOW_LOG_MAX: u32 = 26;
 
 /// Where a version's chunk list is, and what it adds up to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -438,6 +485,7 @@ mod tests {
             waves: vec![],
             extensions: vec![],
             chunks: None,
+            uki_patches: vec![],
         };
         let mut m = Manifest {
             updates: vec![p("0.2.0"), p("0.10.0"), p("0.3.1")],
@@ -447,6 +495,36 @@ mod tests {
         assert_eq!(v, ["0.10.0", "0.3.1", "0.2.0"]);
         let json = r#"{"updates": [], "future": 1}"#;
         assert!(serde_json::from_str::<Manifest>(json).is_ok());
+    }
+
+    /// UKI patches are optional, and what a node acts on in one is checked.
+    #[test]
+    fn uki_patches_are_optional_and_checked() {
+        let json = |slot: &str, from: &str, sha: &str| {
+            format!(
+                r#"{{"updates": [{{"version": "0.2.0", "variant": "test", "roothash": "ab",
+                "root": "r", "root_size": 8192, "verity": "v", "verity_size": 4096,
+                "uki_a": "a.efi", "uki_b": "b.efi", "released": "2025-01-01T00:00:00Z",
+                "uki_patches": [{{"slot": "{slot}", "from_version": "{from}",
+                "from_sha256": "{sha}", "target": "test-0.2.0-uki-{slot}.from-0.1.0.zst"}}]}}]}}"#
+            )
+        };
+        let sha = "ab".repeat(32);
+        let m: Manifest = serde_json::from_str(&json("b", "0.1.0", &sha)).unwrap();
+        assert!(m.check().is_ok());
+        assert_eq!(m.updates[0].uki_patches[0].from_version, "0.1.0");
+        let e = serde_json::from_str::<Manifest>(&json("c", "0.1.0", &sha))
+            .unwrap()
+            .check();
+        assert!(e.unwrap_err().contains("for slot \"c\" (a or b)"));
+        let e = serde_json::from_str::<Manifest>(&json("a", "../x", &sha))
+            .unwrap()
+            .check();
+        assert!(e.unwrap_err().contains("from version"));
+        let e = serde_json::from_str::<Manifest>(&json("a", "0.1.0", "xyz"))
+            .unwrap()
+            .check();
+        assert!(e.unwrap_err().contains("is no sha256"));
     }
 
     /// A manifest written before extensions existed still parses (no extensions), and one

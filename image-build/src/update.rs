@@ -22,8 +22,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use aws_lc_rs::rand::SystemRandom;
 use keelson_common::update::{
-    chunking, extension_target, ChunkEntry, ChunkList, ChunksRef, ExtensionPayload, Manifest,
-    Payload, Wave, CHUNKER, CHUNK_COMPRESSION, CHUNK_DIR, MANIFEST_TARGET,
+    chunking, compare_versions, extension_target, ChunkEntry, ChunkList, ChunksRef,
+    ExtensionPayload, Manifest, Payload, UkiPatch, Wave, CHUNKER, CHUNK_COMPRESSION, CHUNK_DIR,
+    MANIFEST_TARGET, UKI_PATCH_WINDOW_LOG_MAX,
 };
 use tough::editor::signed::{PathExists, SignedRole};
 use tough::editor::RepositoryEditor;
@@ -253,6 +254,24 @@ impl Open {
             .targets
             .get(&tn)
             .map(|t| hex::encode(&t.hashes.sha256)))
+    }
+
+    /// A target's bytes as the repository signs them (length and sha256 checked).
+    fn read_target(&self, name: &str) -> Result<Vec<u8>> {
+        let repo = self
+            .existing
+            .as_ref()
+            .context("the repository has no metadata yet")?;
+        let tn = TargetName::new(name)?;
+        self.rt
+            .block_on(async {
+                match repo.read_target(&tn).await? {
+                    Some(stream) => stream.into_vec().await.map(Some),
+                    None => Ok(None),
+                }
+            })
+            .with_context(|| format!("reading {name}"))?
+            .with_context(|| format!("{name} is not a target"))
     }
 
     /// The chunks the listed versions' chunk lists name (but `skip`'s), read from the
@@ -493,6 +512,39 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
         uki_b.clone(),
         chunks_name.clone(),
     ];
+    // The UKIs as patches against the previous listed version's: a node running it on slot
+    // A installs this version's UKI for B from its own UKI for A, and the other way round.
+    let mut uki_patches = Vec::new();
+    let previous = open
+        .manifest
+        .updates
+        .iter()
+        .filter(|u| {
+            u.variant == img.name
+                && compare_versions(&u.version, &img.version) == std::cmp::Ordering::Less
+        })
+        .max_by(|a, b| compare_versions(&a.version, &b.version))
+        .cloned();
+    if let Some(prev) = previous {
+        for (slot, new_uki, from_uki) in [("a", &uki_a, &prev.uki_b), ("b", &uki_b, &prev.uki_a)] {
+            let reference = open.read_target(from_uki)?;
+            let new = std::fs::read(staging.path().join(new_uki))?;
+            let Some(patch) = uki_patch(&reference, &new)
+                .with_context(|| format!("making a patch of {new_uki} from {from_uki}"))?
+            else {
+                continue;
+            };
+            let target = format!("{stem}-uki-{slot}.from-{}.zst", prev.version);
+            std::fs::write(staging.path().join(&target), &patch)?;
+            new_targets.push(target.clone());
+            uki_patches.push(UkiPatch {
+                slot: slot.into(),
+                from_version: prev.version.clone(),
+                from_sha256: crate::util::sha256_hex(&reference),
+                target,
+            });
+        }
+    }
     let mut extensions: Vec<ExtensionPayload> = Vec::new();
     for dir in &opts.extensions {
         let id = manifest::read_extension_id(dir)?;
@@ -549,6 +601,7 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
             target: chunks_name.clone(),
             count: chunk_list.chunks.len() as u64,
         }),
+        uki_patches,
     };
     open.manifest.updates.push(payload.clone());
     // Every listed version's chunk list, read before the repository changes: what the chunk
@@ -558,6 +611,32 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
     open.publish(&opts.repo, staging.path(), &new_targets)?;
     gc_chunks(repo, &keep)?;
     Ok(payload)
+}
+
+/// The zstd level UKI patches are made at (with long distance matching the unchanged kernel and
+/// initramfs cost almost nothing at any level; higher levels only slow `update add` down).
+const UKI_PATCH_LEVEL: i32 = 3;
+
+/// `new` as a zstd `--patch-from` patch against `reference` (its reference prefix): long
+/// distance matching, a window covering both, the content size in the frame header. None when
+/// the patch would be no smaller than `new`, or would need a window above what nodes decode
+/// ([`UKI_PATCH_WINDOW_LOG_MAX`]).
+fn uki_patch(reference: &[u8], new: &[u8]) -> Result<Option<Vec<u8>>> {
+    use zstd::zstd_safe::CParameter;
+    let total = (reference.len() + new.len()).max(2) as u64;
+    let window_log = (u64::BITS - (total - 1).leading_zeros()).max(10);
+    if window_log > UKI_PATCH_WINDOW_LOG_MAX {
+        return Ok(None);
+    }
+    let mut enc =
+        zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), UKI_PATCH_LEVEL, reference)?;
+    enc.set_parameter(CParameter::WindowLog(window_log))?;
+    enc.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
+    enc.set_pledged_src_size(Some(new.len() as u64))?;
+    enc.include_contentsize(true)?;
+    enc.write_all(new)?;
+    let patch = enc.finish()?;
+    Ok((patch.len() < new.len()).then_some(patch))
 }
 
 /// Cuts the root image into chunks, stores each one the repository does not have yet

@@ -485,3 +485,85 @@ fn chunk_lists_rebuild_the_root_and_unused_chunks_are_collected() {
         n2.len()
     );
 }
+
+/// From the second version on, each UKI also comes as a zstd `--patch-from` patch against the
+/// previous listed version's UKI for the other slot (what a node running it booted), named in
+/// the manifest with that UKI's sha256; applied, it is the new UKI byte for byte.
+#[test]
+fn uki_patches_rebuild_each_uki_from_the_previous_versions() {
+    use std::io::Read;
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| t.path().join(n).to_str().unwrap().to_owned();
+    ok(&["update", "keygen", &p("k.pk8")]);
+    ok(&[
+        "update",
+        "root",
+        "--key",
+        &p("k.pk8"),
+        "--out",
+        &p("root.json"),
+    ]);
+    let repo = t.path().join("repo");
+    // Two versions' UKIs: the same 1 MiB kernel and initramfs, another command line.
+    let kernel = noise(5, 1 << 20);
+    let uki = |version: &str, slot: &str| {
+        let mut u = format!("MZ keelson.slot={slot} version={version} ").into_bytes();
+        u.extend_from_slice(&kernel);
+        u
+    };
+    let mut ukis = std::collections::HashMap::new();
+    for v in ["1.0", "2.0"] {
+        let img = image(t.path(), v);
+        for (file, slot) in [
+            (format!("keelson_{v}+3.efi"), "a"),
+            ("uki-slot-b.efi".into(), "b"),
+        ] {
+            std::fs::write(Path::new(&img).join(file), uki(v, slot)).unwrap();
+            ukis.insert((v, slot), uki(v, slot));
+        }
+        ok(&[
+            "update",
+            "add",
+            "--repo",
+            &p("repo"),
+            "--root",
+            &p("root.json"),
+            "--key",
+            &p("k.pk8"),
+            &img,
+        ]);
+    }
+    let m = signed_manifest(&repo);
+    let version = |v: &str| {
+        m["updates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["version"] == v)
+            .unwrap()
+            .clone()
+    };
+    assert!(version("1.0").get("uki_patches").is_none(), "{m}");
+    let patches = version("2.0")["uki_patches"].as_array().unwrap().clone();
+    assert_eq!(patches.len(), 2, "{m}");
+    for (slot, other) in [("a", "b"), ("b", "a")] {
+        let x = patches.iter().find(|x| x["slot"] == slot).unwrap();
+        assert_eq!(x["from_version"], "1.0");
+        assert_eq!(x["target"], format!("t-2.0-uki-{slot}.from-1.0.zst"));
+        let reference = &ukis[&("1.0", other)];
+        assert_eq!(x["from_sha256"], sha256(reference));
+        let patch = signed_target(&repo, x["target"].as_str().unwrap());
+        assert!(
+            patch.len() * 100 < reference.len(),
+            "a {}-byte patch for a {}-byte UKI",
+            patch.len(),
+            reference.len()
+        );
+        let mut out = Vec::new();
+        zstd::stream::read::Decoder::with_ref_prefix(&patch[..], &reference[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == ukis[&("2.0", slot)], "slot {slot}'s patch");
+    }
+}

@@ -54,6 +54,7 @@ pub mod paths;
 pub mod repo_server;
 pub mod scenario;
 pub mod serial;
+pub mod update;
 
 pub use cluster::{Cluster, ClusterBuilder, NodeConfig};
 pub use guest::{

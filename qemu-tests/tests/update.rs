@@ -6,19 +6,19 @@
 //! The node is driven with keelctl from the test image's remote shell; the agent's events are
 //! read on the console.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use qemu_tests::repo_server::RepoServer;
-use qemu_tests::scenario::{image_build, run, test_guest_uefi, Httpd};
-use qemu_tests::{create_overlay, workspace_root, Guest};
-use serde_json::Value;
+use qemu_tests::scenario::{run, test_guest_uefi};
+use qemu_tests::update::{
+    self, apply_until_phase, assert_intact, configure_with, serve, status, Signing, REPO_PORT,
+};
+use qemu_tests::{workspace_root, Guest};
 
 const BOOT: Duration = Duration::from_secs(300);
-const REPO_PORT: u16 = 8000;
 
 /// Images and repositories, built once per test process.
 struct Fixture {
@@ -35,19 +35,10 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let ws = workspace_root();
-        let dir = ws.join("target/qemu-update");
+        let dir = workspace_root().join("target/qemu-update");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let ib = image_build().unwrap();
-        let key = dir.join("test-key.pk8");
-        let root = dir.join("root.json");
-        run(Command::new(&ib).args(["update", "keygen"]).arg(&key));
-        run(Command::new(&ib)
-            .args(["update", "root", "--key"])
-            .arg(&key)
-            .arg("--out")
-            .arg(&root));
+        let s = Signing::new(&dir);
         let broken = dir.join("broken.toml");
         std::fs::write(
             &broken,
@@ -62,55 +53,20 @@ stop_timeout = "2s"
 "#,
         )
         .unwrap();
-        let build = |version: &str, extra: Option<&Path>| -> PathBuf {
-            let out = dir.join(version);
-            let mut c = Command::new(&ib);
-            c.current_dir(&ws)
-                .args(["-q", "build", "configs/test.toml", "--version", version])
-                .arg("--trusted-root")
-                .arg(&root)
-                .arg("--out")
-                .arg(&out);
-            if let Some(e) = extra {
-                c.arg("--extra-services").arg(e);
-            }
-            run(&mut c);
-            out
-        };
-        let n = build("0.1.0", None);
-        let n1 = build("0.2.0", None);
-        let n2 = build("0.3.0", Some(&broken));
-        let n4 = {
-            let out = dir.join("0.4.0");
-            run(Command::new(&ib)
-                .current_dir(&ws)
-                .args(["-q", "build", "configs/test.toml", "--version", "0.4.0"])
-                .args(["--kernel-arg", "keelson.fatal=reboot", "--trusted-root"])
-                .arg(&root)
-                .arg("--out")
-                .arg(&out));
-            out
-        };
-        let add = |repo: &Path, img: &Path| {
-            run(Command::new(&ib)
-                .args(["-q", "update", "add", "--repo"])
-                .arg(repo)
-                .arg("--root")
-                .arg(&root)
-                .arg("--key")
-                .arg(&key)
-                .arg(img));
-        };
+        let n = s.build(&dir, "0.1.0", None, &[]);
+        let n1 = s.build(&dir, "0.2.0", None, &[]);
+        let n2 = s.build(&dir, "0.3.0", Some(&broken), &[]);
+        let n4 = s.build(&dir, "0.4.0", None, &["keelson.fatal=reboot"]);
         let repo_good = dir.join("repo-good");
         let repo_all = dir.join("repo-all");
         for img in [&n, &n1] {
-            add(&repo_good, img);
-            add(&repo_all, img);
+            s.add(&repo_good, img);
+            s.add(&repo_all, img);
         }
-        add(&repo_all, &n2);
+        s.add(&repo_all, &n2);
         let repo_fatal = dir.join("repo-fatal");
-        add(&repo_fatal, &n);
-        add(&repo_fatal, &n4);
+        s.add(&repo_fatal, &n);
+        s.add(&repo_fatal, &n4);
         Fixture {
             dir,
             repo_good,
@@ -121,36 +77,8 @@ stop_timeout = "2s"
     })
 }
 
-/// busybox httpd serving a repository in the guest's namespace (10.0.2.2 for the guest).
-fn serve(g: &Guest, repo: &Path) -> Httpd {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, REPO_PORT));
-    Httpd::serve(g.netns(), addr, repo).unwrap()
-}
-
-fn status(g: &Guest) -> Value {
-    let out = g.sh("keelctl -o json update status");
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("update status: {e}: {out}"))
-}
-
-/// The node's update policy (the user's config on /var, which every version reads).
-fn configure(g: &Guest) {
-    configure_with(g, "");
-}
-
-/// `configure`, with `extra` lines in the `[update]` table.
-fn configure_with(g: &Guest, extra: &str) {
-    let out = g.sh(&format!(
-            "cat > /tmp/update.toml <<'EOF'\nversion = 1\n[update]\nrepository = \"http://10.0.2.2:{REPO_PORT}/\"\nhealth_timeout = \"40s\"\nboot_tries = 2\n{extra}EOF\nkeelctl apply /tmp/update.toml"
-        ),
-    );
-    assert!(!out.contains("error"), "{out}");
-}
-
 fn fresh_disk(f: &Fixture, name: &str) -> PathBuf {
-    let disk = f.dir.join(format!("{name}.qcow2"));
-    let _ = std::fs::remove_file(&disk);
-    create_overlay(&f.n.join("disk.raw"), &disk, Some(2 << 30)).unwrap();
-    disk
+    update::fresh_disk(&f.n, &f.dir, name)
 }
 
 #[test]
@@ -161,7 +89,7 @@ fn update_to_n_plus_1_is_blessed_and_a_broken_n_plus_2_rolls_back() {
     let mut httpd = serve(&g, &f.repo_good);
     // N's own first boot has a try counter too: the gate blesses it.
     g.expect("update-blessed: 0.1.0", BOOT);
-    configure(&g);
+    configure_with(&g, "");
     g.sh("echo kept > /flush/marker");
     let out = g.sh("keelctl update check");
     assert!(out.contains("available: 0.2.0"), "{out}");
@@ -203,27 +131,6 @@ fn update_to_n_plus_1_is_blessed_and_a_broken_n_plus_2_rolls_back() {
     let out = g.sh("keelctl update status");
     assert!(out.contains("rolled back from: 0.3.0"), "{out}");
     drop(httpd);
-}
-
-/// What every power cut must leave (read from PID 1's root: the shell is a container): the node
-/// up on `slot` running `version`, assessed good,
-/// and /var as it was: the volume file, the user config the agent reads, the DHCP lease, the
-/// agent's own state.
-fn assert_intact(g: &Guest, version: &str, slot: &str) {
-    let s = status(g);
-    assert_eq!(s["version"], version, "{s}");
-    assert_eq!(s["slot"], slot, "{s}");
-    assert_eq!(s["assessment"], "good", "{s}");
-    assert_eq!(g.sh("cat /flush/marker").trim(), "kept");
-    let config = g.sh("cat /proc/1/root/var/lib/keelson/services.toml");
-    assert!(
-        config.contains("[update]") && config.contains("boot_tries = 2"),
-        "the applied config did not survive: {config}"
-    );
-    let lease = g.sh("cat /proc/1/root/var/lib/keelson/network/lease-*.json");
-    let lease: Value = serde_json::from_str(lease.trim())
-        .unwrap_or_else(|e| panic!("the DHCP lease did not survive: {e}: {lease}"));
-    assert!(lease["address"].is_string(), "{lease}");
 }
 
 /// Cuts power (SIGKILL of QEMU) and boots the disk again with a fresh repository server.
@@ -285,14 +192,7 @@ fn power_cut_at_each_step_of_an_install_keeps_the_running_slot() {
     assert_intact(&g, "0.1.0", "a");
 
     // 4. Reading slot B back to check its root hash (the node's own view of its phase).
-    let until = |phase: &str| {
-        format!(
-            "keelctl update apply --no-wait >/dev/null; \
-             i=0; until keelctl -o json update status | grep -q '\"{phase}\"'; do \
-               i=$((i+1)); [ $i -lt 5000 ] || {{ echo missed {phase}; exit 1; }}; done; echo reached {phase}"
-        )
-    };
-    let out = g.sh(&until("verifying"));
+    let out = g.sh(&apply_until_phase("verifying"));
     assert!(out.contains("reached verifying"), "{out}");
     eprintln!("cut 4: phase verifying");
     (g, repo) = cut_and_boot(g, repo, &disk, f);
@@ -301,7 +201,7 @@ fn power_cut_at_each_step_of_an_install_keeps_the_running_slot() {
 
     // 5. Installing: the UKI being written to the ESP, fsynced, checked and renamed with its
     // try counter. Either slot may boot next; whichever does must be good.
-    let out = g.sh(&until("installing"));
+    let out = g.sh(&apply_until_phase("installing"));
     assert!(out.contains("reached installing"), "{out}");
     eprintln!("cut 5: phase installing");
     (g, repo) = cut_and_boot(g, repo, &disk, f);
@@ -332,7 +232,7 @@ fn power_cuts_while_staged_booting_blessed_and_rolling_back_leave_a_good_slot() 
     let g = test_guest_uefi(&disk).spawn().unwrap();
     let httpd = serve(&g, &f.repo_good);
     g.expect("update-blessed: 0.1.0", BOOT);
-    configure(&g);
+    configure_with(&g, "");
     g.sh("echo kept > /flush/marker");
 
     // 6. Power cut after the new slot is staged, before any reboot: it boots next.
@@ -385,7 +285,7 @@ fn a_new_slot_whose_init_fails_rolls_back_within_its_tries() {
     let g = test_guest_uefi(&disk).spawn().unwrap();
     let httpd = serve(&g, &f.repo_fatal);
     g.expect("update-blessed: 0.1.0", BOOT);
-    configure(&g);
+    configure_with(&g, "");
     g.sh("echo kept > /flush/marker");
     let out = g.sh("keelctl update apply");
     assert!(out.contains("staged 0.4.0"), "{out}");

@@ -4,7 +4,8 @@
 //! the root changed), adds both to a fresh TUF repository, then prints
 //! 1. bytes on the wire: the whole disk image and the raw root (what image-copy updaters send),
 //!    Keelson's full payload (gzip root + verity + one UKI), Keelson's delta as the repository
-//!    publishes it (chunk list + the chunks of N+1 that N lacks, zstd, + verity + UKI), and two
+//!    publishes it (chunk list + the chunks of N+1 that N lacks, zstd, + verity + the UKI's
+//!    `--patch-from` patch against N's), and two
 //!    schemes not built, for comparison: 4 KiB blocks (update_engine-style block copy) and the
 //!    delta with the UKI chunked against the node's own; as ratios to the full image;
 //! 2. the node's cost of indexing its running slot (here on the host: CPU time, index size);
@@ -194,7 +195,8 @@ fn main() -> Result<()> {
             missing_count += 1;
         }
     }
-    let delta_total = list_len + missing_stored + verity + uki;
+    let uki_patch = target("test-0.2.0-uki-b.from-0.1.0.zst")?;
+    let delta_total = list_len + missing_stored + verity + uki_patch;
     let (blk_raw, blk_gz) = delta(&old, &new, blocks)?;
     let blk_total = blk_gz + verity + uki;
     // The UKIs differ only in .osrel and .cmdline: chunking them against the node's own UKI
@@ -228,7 +230,7 @@ fn main() -> Result<()> {
         payload,
     );
     row(
-        "**Keelson delta** (chunk list + missing chunks, zstd + verity + UKI)",
+        "**Keelson delta** (chunk list + missing chunks, zstd + verity + UKI patch)",
         delta_total,
     );
     row(
@@ -236,11 +238,11 @@ fn main() -> Result<()> {
         blk_total,
     );
     row(
-        "not built: Keelson delta with the UKI chunked against the node's own",
+        "the same with the UKI chunked against the node's own instead of patched (not built)",
         with_uki,
     );
     println!(
-        "\nchunks of N+1's root not in N: {missing_count} of {} ({} KiB of {} KiB raw, {} KiB stored); 4 KiB blocks not in N: {} KiB; chunk list {} KiB; verity {} KiB; UKI {} KiB (whole: the kernel and initramfs did not change but the UKI carries the new root hash)",
+        "\nchunks of N+1's root not in N: {missing_count} of {} ({} KiB of {} KiB raw, {} KiB stored); 4 KiB blocks not in N: {} KiB; chunk list {} KiB; verity {} KiB; UKI {} KiB whole, its patch against N's {} B",
         list_n1.chunks.len(),
         missing_raw >> 10,
         new.len() >> 10,
@@ -248,7 +250,8 @@ fn main() -> Result<()> {
         blk_raw >> 10,
         list_len >> 10,
         verity >> 10,
-        uki >> 10
+        uki >> 10,
+        uki_patch
     );
 
     // The node's cost of indexing its running slot (the same code, on the host's CPU).

@@ -215,6 +215,7 @@ mod tests {
             waves: vec![],
             extensions: ext,
             chunks: None,
+            uki_patches: vec![],
         };
         Manifest {
             updates: vec![

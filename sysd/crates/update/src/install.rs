@@ -5,7 +5,8 @@
 //! 1. refresh TUF metadata (signatures, expiry, rollback and freeze protection are tough's),
 //!    read the signed manifest, pick the version;
 //! 2. check sizes (slot partitions, ESP free space) before touching anything; download the UKI
-//!    and, on a node booted with Secure Boot on, refuse it unless the firmware's db trusts its
+//!    (as a patch against the running one when the repository has one for it: `uki`) and, on
+//!    a node booted with Secure Boot on, refuse it unless the firmware's db trusts its
 //!    signature (`secure_boot`);
 //! 3. delete every boot entry of the target slot (fsync the directory): from here on the slot
 //!    is not bootable;
@@ -37,6 +38,7 @@ use super::delta;
 use super::http;
 use super::secure_boot;
 use super::slots::{self, Layout};
+use super::uki;
 use super::Agent;
 use keelson_spec::update::UpdateSpec;
 
@@ -497,7 +499,28 @@ pub async fn install(
     let root_download = delta
         .as_ref()
         .map_or(root_len + list_len, |(plan, _)| plan.download);
-    agent.set_progress_total(root_download + verity_len + uki_len);
+    // The UKI as a patch against the running one, when the repository has one for it.
+    let uki_name = p.uki_for(letter);
+    let uki_plan = match if delta_max_percent == 0 {
+        Err("deltas are off (update.delta_max_percent = 0)".to_string())
+    } else {
+        uki::plan(repo, layout, p, letter, uki_len)
+    } {
+        Ok(plan) => Some(plan),
+        Err(why) => {
+            agent.emit(
+                "update-delta-fallback",
+                format!(
+                    "{}'s UKI for slot {letter} comes whole ({} KiB): {why}",
+                    p.version,
+                    uki_len >> 10
+                ),
+            );
+            None
+        }
+    };
+    let uki_download = uki_plan.as_ref().map_or(uki_len, |u| u.patch_len);
+    agent.set_progress_total(root_download + verity_len + uki_download);
     agent.add_downloaded(list_len);
     let old: Vec<_> = slots::entries(&layout.esp)?
         .into_iter()
@@ -520,12 +543,49 @@ pub async fn install(
 
     // The UKI before anything is written: on a Secure Boot node, one the firmware would not
     // boot (unsigned, tampered, signed by a key not in db, or in dbx) is refused here.
-    let mut uki = Vec::with_capacity(uki_len as usize);
-    stream_target(agent, repo, p.uki_for(letter), &mut |chunk| {
-        uki.extend_from_slice(chunk);
-        Ok(())
-    })
-    .await?;
+    let patched = match &uki_plan {
+        Some(plan) => match uki::assemble(agent, repo, plan, uki_name).await {
+            Ok(uki) => {
+                agent.emit(
+                    "update-uki-patch",
+                    format!(
+                        "{}'s UKI for slot {letter} built from the running one ({}'s): downloaded {} KiB instead of {} KiB",
+                        p.version,
+                        plan.patch.from_version,
+                        plan.patch_len >> 10,
+                        uki_len >> 10
+                    ),
+                );
+                Some(uki)
+            }
+            Err(e) => {
+                agent.check_cancel()?;
+                agent.emit(
+                    "update-delta-fallback",
+                    format!(
+                        "{}'s UKI for slot {letter}: {e:#}; downloading the whole UKI ({} KiB) instead",
+                        p.version,
+                        uki_len >> 10
+                    ),
+                );
+                agent.add_progress_total(uki_len);
+                None
+            }
+        },
+        None => None,
+    };
+    let uki = match patched {
+        Some(uki) => uki,
+        None => {
+            let mut uki = Vec::with_capacity(uki_len as usize);
+            stream_target(agent, repo, uki_name, &mut |chunk| {
+                uki.extend_from_slice(chunk);
+                Ok(())
+            })
+            .await?;
+            uki
+        }
+    };
     let uki_what = format!(
         "{}'s UKI for slot {letter} ({})",
         p.version,

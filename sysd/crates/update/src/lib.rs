@@ -28,6 +28,7 @@ pub mod secure_boot;
 pub mod slots;
 #[cfg(test)]
 mod tests;
+pub mod uki;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -434,6 +435,7 @@ impl Agent {
             install::select(&m, &node, spec, None, false, jiff::Timestamp::now());
         let (_, roothash) = self.discovery.running()?;
         let running_root = self.discovery.running_root();
+        let layout = self.discovery.layout().ok();
         for v in &mut versions {
             if let Some(p) = m.updates.iter().find(|p| p.version == v.version) {
                 v.download_size = install::download_size(&repo, p, &node.target_slot);
@@ -451,9 +453,16 @@ impl Agent {
                     spec.delta_max_percent,
                 )
                 .await;
-                v.delta_size = d
-                    .planned
-                    .map(|(plan, _)| v.download_size - root_len + plan.download);
+                // The UKI as a patch against the running one, where it can come so.
+                let uki_len = install::target_info(&repo, p.uki_for(&node.target_slot))
+                    .map_or(0, |(l, _, _)| l);
+                let uki_download = layout
+                    .as_ref()
+                    .and_then(|l| uki::plan(&repo, l, p, &node.target_slot, uki_len).ok())
+                    .map_or(uki_len, |u| u.patch_len);
+                v.delta_size = d.planned.map(|(plan, _)| {
+                    v.download_size - root_len - uki_len + plan.download + uki_download
+                });
                 v.delta_note = d.whole;
             }
         }

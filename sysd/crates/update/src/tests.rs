@@ -1384,6 +1384,12 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     let running = n.dir.path().join("running-root");
     let running_before = std::fs::read(&running).unwrap();
     let slot_b = || std::fs::read(n.dir.path().join("root-b")).unwrap()[..v2_root.len()].to_vec();
+    // The node booted 0.1.0's UKI for slot A: 0.2.0's for slot B comes as a patch against it.
+    std::fs::copy(
+        v1.dir.join("keelson_0.1.0+3.efi"),
+        n.dir.path().join("esp/EFI/Linux/keelson_0.1.0.efi"),
+    )
+    .unwrap();
 
     // `keelctl update check`: both sizes.
     let check = rt.block_on(n.agent.check()).unwrap();
@@ -1408,6 +1414,10 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     );
     assert!(!ev.contains("update-delta-fallback"), "{ev}");
     assert!(
+        ev.contains("update-uki-patch: 0.2.0's UKI for slot b"),
+        "{ev}"
+    );
+    assert!(
         slot_b() == v2_root,
         "slot B is not 0.2.0's root byte for byte"
     );
@@ -1429,7 +1439,7 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     );
     let new_bytes: u64 = new.iter().map(|c| c.stored).sum();
     let full_root = std::fs::metadata(v2.dir.join("root.erofs")).unwrap().len();
-    // Downloaded: the chunk list, the new chunks, the verity tree and the UKI; said so.
+    // Downloaded: the chunk list, the new chunks, the verity tree and the UKI's patch; said so.
     assert!(
         progress.downloaded < new_bytes + (100 << 10) && progress.downloaded < full_root / 4,
         "downloaded {} (new chunks {new_bytes}, root {full_root})",
@@ -1507,6 +1517,12 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
         "{}",
         n.events()
     );
+    assert!(
+        n.events()
+            .contains("0.2.0's UKI for slot b comes whole (64 KiB): deltas are off"),
+        "{}",
+        n.events()
+    );
 }
 
 /// A repository that signs a bad chunk list (past the image's end, overlapping chunks, a chunk
@@ -1577,4 +1593,121 @@ fn bad_chunk_lists_are_refused_and_the_full_root_installed() {
         assert!(started.elapsed() < Duration::from_secs(60));
         n.reset_slot_b(&rt);
     }
+}
+
+/// The UKI as a patch against the running one: a node whose running UKI is the one the patch
+/// was made from downloads the patch (far smaller than the UKI) and installs exactly the
+/// signed UKI; a node running another UKI, and a patch that builds the wrong bytes, each get
+/// the whole UKI with an event saying why.
+#[test]
+fn a_uki_comes_as_a_patch_against_the_running_one_and_every_failure_downloads_it_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let (v1, v2, _) = related_images(t.path());
+    let n = node_with(&v1, "0.1.0", "a", true);
+    n.add(&v1, &[]);
+    n.add(&v2, &[]);
+    let rt = rt();
+    let m: keelson_common::update::Manifest = {
+        let file = std::fs::read_dir(n.repo.join("targets"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(".manifest.json"))
+            .max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+            .unwrap();
+        serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+    };
+    let p2 = m.updates.iter().find(|p| p.version == "0.2.0").unwrap();
+    let patch = p2
+        .uki_patches
+        .iter()
+        .find(|u| u.slot == "b")
+        .expect("a patch of 0.2.0's UKI for slot b");
+    assert_eq!(patch.from_version, "0.1.0");
+    let new_uki = std::fs::read(v2.dir.join("uki-slot-b.efi")).unwrap();
+    let installed = || {
+        let dir = n.dir.path().join("esp/EFI/Linux");
+        let f = n
+            .esp_files()
+            .into_iter()
+            .find(|f| f.starts_with("keelson_0.2.0"))
+            .unwrap();
+        std::fs::read(dir.join(f)).unwrap()
+    };
+
+    // The harness's running UKI is not 0.1.0's as the repository has it: the whole UKI.
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    assert!(
+        ev.contains("update-delta-fallback: 0.2.0's UKI for slot b comes whole")
+            && ev.contains(&format!(
+                "applies to 0.1.0's UKI (sha256 {})",
+                patch.from_sha256
+            )),
+        "{ev}"
+    );
+    assert!(installed() == new_uki);
+    let whole = n.agent.status().progress.unwrap().downloaded;
+
+    // The running UKI is 0.1.0's for slot A: patched, exactly the signed UKI, and only the
+    // patch downloaded for it.
+    n.reset_slot_b(&rt);
+    let running = n.dir.path().join("esp/EFI/Linux/keelson_0.1.0.efi");
+    let original = std::fs::read(&running).unwrap();
+    std::fs::copy(v1.dir.join("keelson_0.1.0+3.efi"), &running).unwrap();
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    assert!(
+        ev.contains(
+            "update-uki-patch: 0.2.0's UKI for slot b built from the running one (0.1.0's)"
+        ),
+        "{ev}"
+    );
+    assert!(
+        installed() == new_uki,
+        "the patched UKI is not the signed one"
+    );
+    let patch_len = std::fs::read_dir(n.repo.join("targets"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(&format!(".{}", patch.target)))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    assert!(
+        patch_len * 10 < new_uki.len() as u64,
+        "patch {patch_len} bytes for a {}-byte UKI",
+        new_uki.len()
+    );
+    // The same root chunks and verity tree as before; the patch instead of the UKI.
+    let progress = n.agent.status().progress.unwrap();
+    assert_eq!(progress.downloaded, progress.download_total);
+    assert_eq!(
+        progress.downloaded,
+        whole - new_uki.len() as u64 + patch_len,
+        "downloaded {} (with the whole UKI: {whole})",
+        progress.downloaded
+    );
+
+    // A signed patch that builds other bytes (made against another reference): refused by
+    // the signed UKI's sha256, the whole UKI installed.
+    let wrong = {
+        use std::io::Write;
+        let other = std::fs::read(v2.dir.join("keelson_0.2.0+3.efi")).unwrap();
+        let mut enc =
+            zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), 3, &original[..]).unwrap();
+        enc.write_all(&other).unwrap();
+        enc.finish().unwrap()
+    };
+    n.resign_target(&rt, &patch.target, &wrong);
+    n.reset_slot_b(&rt);
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    let line = ev
+        .lines()
+        .find(|l| l.contains("update-delta-fallback: 0.2.0's UKI for slot b: "))
+        .unwrap_or_else(|| panic!("{ev}"));
+    assert!(
+        line.contains(&patch.target) && line.contains("downloading the whole UKI"),
+        "{line}"
+    );
+    assert!(installed() == new_uki);
 }
