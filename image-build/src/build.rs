@@ -485,7 +485,7 @@ pub fn partition_info(gpt: &Gpt) -> Vec<PartitionInfo> {
         .collect()
 }
 
-fn single_dir_name(dir: &Path) -> Result<String> {
+pub(crate) fn single_dir_name(dir: &Path) -> Result<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok())

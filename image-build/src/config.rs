@@ -329,8 +329,38 @@ pub struct ExtensionConfig {
     /// Service root file systems at `/usr/lib/keelson/images/<name>/`, as in an OS config.
     #[serde(default)]
     pub images: BTreeMap<String, Image>,
+    /// Kernel modules and sysctls its engines need (docs/node-agent.md).
+    #[serde(default)]
+    pub kernel: ExtensionKernel,
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// `[kernel]` of an extension definition: what the node loads and sets when it activates the
+/// extension, before any of its services starts. The modules (with their dependency closure,
+/// for the OS config's kernel) ship inside the extension image, so the OS pays nothing for
+/// them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtensionKernel {
+    /// Module names (`br_netfilter`, `ip_vs`); built-in ones are recorded, not shipped.
+    #[serde(default)]
+    pub modules: Vec<String>,
+    /// `key = "value"` as in sysctl.conf (`"net.bridge.bridge-nf-call-iptables" = "1"`),
+    /// written to /proc/sys after the modules are loaded.
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+}
+
+/// A sysctl key as sysctl.conf spells it: dot-separated words of letters, digits, `_` and `-`
+/// (no `/`, no `..`: it becomes a path under /proc/sys).
+pub fn valid_sysctl_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.split('.').all(|w| {
+            !w.is_empty()
+                && w.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
 }
 
 /// GPT partition labels hold 36 UTF-16 code units; `<name>_<version>_verity` must fit.
@@ -405,6 +435,28 @@ impl ExtensionConfig {
             return Err(invalid(
                 "neither images nor services: an extension carries at least one".into(),
             ));
+        }
+        for (i, m) in self.kernel.modules.iter().enumerate() {
+            let ok = !m.is_empty()
+                && m.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !ok {
+                return Err(invalid(format!(
+                    "kernel.modules[{i}] = {m:?}: a module name is letters, digits, '_' and '-'"
+                )));
+            }
+        }
+        for (k, v) in &self.kernel.sysctls {
+            if !valid_sysctl_key(k) {
+                return Err(invalid(format!(
+                    "kernel.sysctls.{k:?}: a sysctl key is dot-separated words of letters, digits, '_' and '-' (net.ipv4.ip_forward)"
+                )));
+            }
+            if v.trim().is_empty() || v.contains(['\n', '\0']) {
+                return Err(invalid(format!(
+                    "kernel.sysctls.{k:?} = {v:?}: the value must be one non-empty line"
+                )));
+            }
         }
         validate_images(&self.images).map_err(invalid)?;
         validate_services(&self.services, &self.service_files()).map_err(invalid)?;
@@ -630,6 +682,15 @@ exclude = ["adduser"]
         let e = load_ext(d.path(), "e.toml", EXT).unwrap();
         assert_eq!(e.os_config(), d.path().join("extensions/../os.toml"));
         assert_eq!(e.images["e"].exclude, ["adduser"]);
+        assert!(e.kernel.modules.is_empty() && e.kernel.sysctls.is_empty());
+        let k = load_ext(
+            d.path(),
+            "e.toml",
+            &format!("{EXT}[kernel]\nmodules = [\"vxlan\"]\nsysctls = {{ \"net.ipv4.ip_forward\" = \"1\" }}\n"),
+        )
+        .unwrap();
+        assert_eq!(k.kernel.modules, ["vxlan"]);
+        assert_eq!(k.kernel.sysctls["net.ipv4.ip_forward"], "1");
         assert_eq!(
             kind_of(&d.path().join("extensions/e.toml")).unwrap(),
             Kind::Extension
@@ -675,9 +736,24 @@ exclude = ["adduser"]
         );
         let e = err(
             "e.toml",
-            &EXT.replace("seed = \"x\"", "seed = \"x\"\nkernel = 1"),
+            &EXT.replace("seed = \"x\"", "seed = \"x\"\ndrivers = 1"),
         );
-        assert!(e.contains("e.toml:6:1: unknown field `kernel`"), "{e}");
+        assert!(e.contains("e.toml:6:1: unknown field `drivers`"), "{e}");
+        let e = err(
+            "e.toml",
+            &format!("{EXT}[kernel]\nmodules = [\"br_netfilter\", \"../x\"]\n"),
+        );
+        assert!(e.contains("kernel.modules[1] = \"../x\""), "{e}");
+        let e = err(
+            "e.toml",
+            &format!("{EXT}[kernel.sysctls]\n\"net/ipv4\" = \"1\"\n"),
+        );
+        assert!(e.contains("kernel.sysctls.\"net/ipv4\""), "{e}");
+        let e = err(
+            "e.toml",
+            &format!("{EXT}[kernel.sysctls]\n\"net.ipv4.ip_forward\" = \"\"\n"),
+        );
+        assert!(e.contains("the value must be one non-empty line"), "{e}");
         let e = err(
             "e.toml",
             &EXT.replace("services/e.toml", "services/none.toml"),

@@ -26,8 +26,11 @@ use crate::config::{ExtensionConfig, ImageConfig};
 use crate::disk::{self, Part};
 use crate::fetch;
 use crate::images::IMAGES_DIR;
+use crate::kmod::ModuleTree;
 use crate::lock::Lock;
-use crate::manifest::{self, ExtensionManifest, ExtensionSizes, Input, Output, ROOTHASH};
+use crate::manifest::{
+    self, ExtensionKernelManifest, ExtensionManifest, ExtensionSizes, Input, Output, ROOTHASH,
+};
 use crate::pipeline::{self, VerifiedFs};
 use crate::rootfs;
 use crate::services::{self, ServiceFile, SERVICES_DIR};
@@ -35,6 +38,10 @@ use crate::util::{self, mib, sha256_file, Progress};
 
 /// Where extension-release files live in an extension's tree.
 pub const EXTENSION_RELEASE_DIR: &str = "usr/lib/extension-release.d";
+/// Where an extension's kernel modules and sysctls live in its tree:
+/// `<dir>/<name>/modules/<release>/` (`modules.dep`, `modules.load`, `kernel/…`) and
+/// `<dir>/<name>/sysctl.conf`. The node (`keelson_extensions::kernel`) reads the same paths.
+pub const KERNEL_DIR: &str = "usr/lib/keelson/kernel";
 
 /// Options of one extension build.
 pub struct Options {
@@ -114,12 +121,28 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         .clone()
         .unwrap_or_else(|| Path::new("out/ext").join(&ext.name));
     let work = util::work_dir(&out)?;
-    let mut p = Progress::new(common.quiet, 5);
+    let mut p = Progress::new(common.quiet, 6);
 
     p.step(&format!("fetching {} pinned packages", lock.packages.len()));
     let debs = fetch::fetch_all(&lock, &common.cache, &ext)?;
     let mut inputs = debs.inputs();
     p.done(&format!("{} verified", inputs.len()));
+
+    p.step("kernel modules and sysctls");
+    let stage = work.join("tree");
+    stage_tree(&stage)?;
+    let kernel = kernel_files(&stage, &ext, &os, &common.cache, &work, &mut inputs)?;
+    p.done(&match &kernel {
+        None => "none".to_owned(),
+        Some(k) => format!(
+            "{} modules for kernel {} ({} files with their dependencies, {} built in), {} sysctls",
+            k.modules.len(),
+            k.release,
+            k.files,
+            k.builtin.len(),
+            k.sysctls.len()
+        ),
+    });
 
     p.step("checking the service files with the OS's sysd");
     let sysd = match &common.bins {
@@ -159,8 +182,6 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     ));
 
     p.step("service images, service files, extension-release");
-    let stage = work.join("tree");
-    stage_tree(&stage)?;
     let image_info = ext
         .images
         .iter()
@@ -261,6 +282,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         partitions: partition_info(&gpt),
         images: image_info,
         services: service_info,
+        kernel,
         files: tree_files,
     };
     manifest::write(&out, &manifest)?;
@@ -275,6 +297,99 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         out.display()
     ));
     Ok(out)
+}
+
+/// `[kernel]` of the definition into the tree: the modules' closure for the OS config's kernel
+/// under `KERNEL_DIR/<name>/modules/<release>/`, the sysctls as `KERNEL_DIR/<name>/sysctl.conf`.
+/// A module the kernel has neither as a file nor built in is refused, naming it.
+fn kernel_files(
+    stage: &Path,
+    ext: &ExtensionConfig,
+    os: &ImageConfig,
+    cache: &Path,
+    work: &Path,
+    inputs: &mut Vec<Input>,
+) -> Result<Option<ExtensionKernelManifest>> {
+    let k = &ext.kernel;
+    if k.modules.is_empty() && k.sysctls.is_empty() {
+        return Ok(None);
+    }
+    let dir = stage.join(KERNEL_DIR).join(&ext.name);
+    mkdirs(stage, &dir)?;
+    let mut manifest = ExtensionKernelManifest {
+        release: String::new(),
+        package: String::new(),
+        modules: Vec::new(),
+        builtin: Vec::new(),
+        files: 0,
+        sysctls: k.sysctls.clone(),
+    };
+    if !k.modules.is_empty() {
+        let os_lock = Lock::load(os)?;
+        let pin = os_lock.pin(&os.kernel.package)?;
+        let deb = fetch::fetch(pin, cache, &crate::lock::lock_path(os), &os.path)?;
+        inputs.push(Input::deb(pin));
+        let kdir = work.join("kernel");
+        crate::initramfs::unpack_deb(&deb, &kdir)?;
+        let release = crate::build::single_dir_name(&kdir.join("lib/modules"))?;
+        let tree = ModuleTree::open(&kdir.join("lib/modules").join(&release))?;
+        let closure = tree
+            .closure("kernel.modules", &k.modules, &[])
+            .with_context(|| {
+                format!(
+                    "{}: the OS's kernel {release} ({} {})",
+                    ext.path.display(),
+                    pin.name,
+                    pin.version
+                )
+            })?;
+        let base = Path::new(KERNEL_DIR)
+            .join(&ext.name)
+            .join("modules")
+            .join(&release);
+        mkdirs(stage, &stage.join(&base))?;
+        rootfs::add_modules_at(stage, &base, &tree, &closure)?;
+        manifest.files = closure.deps.len();
+        manifest.modules = closure.load;
+        manifest.builtin = closure.builtin;
+        manifest.package = format!("{} {}", pin.name, pin.version);
+        manifest.release = release;
+        std::fs::remove_dir_all(&kdir)?;
+    }
+    if !k.sysctls.is_empty() {
+        let path = dir.join("sysctl.conf");
+        std::fs::write(&path, sysctl_conf(&k.sysctls))?;
+        rootfs::set_mode(&path, 0o644)?;
+    }
+    Ok(Some(manifest))
+}
+
+/// sysctl.conf text: a comment, then `key = value` lines in key order.
+pub fn sysctl_conf(sysctls: &std::collections::BTreeMap<String, String>) -> String {
+    let mut out = String::from(
+        "# Set by the node when it activates this extension, before its services start.\n",
+    );
+    for (k, v) in sysctls {
+        out.push_str(&format!("{k} = {}\n", v.trim()));
+    }
+    out
+}
+
+/// Creates `dir` and its missing parents below `stage`, each 0755 (the umask must not reach
+/// the image).
+fn mkdirs(stage: &Path, dir: &Path) -> Result<()> {
+    let rel = dir
+        .strip_prefix(stage)
+        .context("a directory outside the tree")?;
+    let mut acc = stage.to_owned();
+    for part in rel.components() {
+        acc.push(part);
+        if !acc.exists() {
+            std::fs::create_dir(&acc).with_context(|| format!("creating {}", acc.display()))?;
+            rootfs::set_mode(&acc, 0o755)?;
+        }
+    }
+    Ok(())
 }
 
 /// The skeleton of an extension's tree: `/usr` and the directories Keelson reads in it, each
@@ -351,6 +466,25 @@ mod tests {
         let (root, verity) = partition_uuids(&hash);
         assert_eq!(root.to_string(), "00010203-0405-0607-0809-0a0b0c0d0e0f");
         assert_eq!(verity.to_string(), "10111213-1415-1617-1819-1a1b1c1d1e1f");
+    }
+
+    #[test]
+    fn sysctls_are_written_in_key_order() {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("net.ipv4.ip_forward".to_owned(), " 1 ".to_owned());
+        m.insert(
+            "net.bridge.bridge-nf-call-iptables".to_owned(),
+            "1".to_owned(),
+        );
+        let text = sysctl_conf(&m);
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(
+            lines,
+            [
+                "net.bridge.bridge-nf-call-iptables = 1",
+                "net.ipv4.ip_forward = 1"
+            ]
+        );
     }
 
     #[test]

@@ -184,7 +184,26 @@ pub struct ExtensionManifest {
     pub partitions: Vec<PartitionInfo>,
     pub images: Vec<ImageManifest>,
     pub services: Vec<ServiceManifest>,
+    /// `[kernel]`: the modules and sysctls the node loads and sets on activation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<ExtensionKernelManifest>,
     pub files: Vec<FileEntry>,
+}
+
+/// What an extension carries for the kernel.
+#[derive(Serialize)]
+pub struct ExtensionKernelManifest {
+    /// The kernel release its modules are for (empty without modules).
+    pub release: String,
+    /// The OS's kernel package they come from (`name version`).
+    pub package: String,
+    /// The requested modules the node loads, in order.
+    pub modules: Vec<String>,
+    /// Requested modules built into that kernel (nothing to load).
+    pub builtin: Vec<String>,
+    /// Module files shipped (the requested ones and their dependencies).
+    pub files: usize,
+    pub sysctls: std::collections::BTreeMap<String, String>,
 }
 
 /// Sizes of an extension build, in bytes.

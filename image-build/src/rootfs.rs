@@ -88,7 +88,17 @@ pub fn stage(dir: &Path, os_release: &str, installs: &[Install]) -> Result<()> {
 /// Adds the kernel modules of `closure` under `usr/lib/modules/<release>` with their
 /// `modules.dep` and `modules.load`, for stage 2 to load.
 pub fn add_modules(dir: &Path, tree: &ModuleTree, closure: &Closure, release: &str) -> Result<()> {
-    let base = Path::new("usr/lib/modules").join(release);
+    add_modules_at(
+        dir,
+        &Path::new("usr/lib/modules").join(release),
+        tree,
+        closure,
+    )
+}
+
+/// Adds the kernel modules of `closure` under `base` (relative to `dir`), in the layout of
+/// `lib/modules/<release>`: `modules.dep`, `modules.load` and the module files.
+pub fn add_modules_at(dir: &Path, base: &Path, tree: &ModuleTree, closure: &Closure) -> Result<()> {
     let mut files: Vec<(PathBuf, Vec<u8>)> = vec![
         (
             base.join("modules.dep"),

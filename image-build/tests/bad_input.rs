@@ -183,6 +183,15 @@ fn a_service_file_sysd_rejects_fails_the_build_with_its_location() {
 /// names (configs/test.toml, its lock and services) into `dir`, keeping their relative layout,
 /// with `edit` applied to the extension's service file; returns the extension definition.
 fn extension_setup(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    extension_setup_with(dir, |d| d, edit)
+}
+
+/// [`extension_setup`] with `edit_def` applied to the extension definition too.
+fn extension_setup_with(
+    dir: &Path,
+    edit_def: impl Fn(String) -> String,
+    edit: impl Fn(String) -> String,
+) -> PathBuf {
     let ext = dir.join("extensions");
     std::fs::create_dir_all(ext.join("services")).unwrap();
     std::fs::create_dir_all(dir.join("services")).unwrap();
@@ -193,9 +202,13 @@ fn extension_setup(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
         let f = f.unwrap().path();
         std::fs::copy(&f, dir.join("services").join(f.file_name().unwrap())).unwrap();
     }
-    for f in ["etcd.toml", "etcd.lock"] {
-        std::fs::copy(ws().join("configs/extensions").join(f), ext.join(f)).unwrap();
-    }
+    std::fs::copy(
+        ws().join("configs/extensions/etcd.lock"),
+        ext.join("etcd.lock"),
+    )
+    .unwrap();
+    let def = std::fs::read_to_string(ws().join("configs/extensions/etcd.toml")).unwrap();
+    std::fs::write(ext.join("etcd.toml"), edit_def(def)).unwrap();
     let svc = std::fs::read_to_string(ws().join("configs/extensions/services/etcd.toml")).unwrap();
     std::fs::write(ext.join("services/etcd.toml"), edit(svc)).unwrap();
     ext.join("etcd.toml")
@@ -248,6 +261,23 @@ fn an_extension_service_must_run_from_the_extension_s_images() {
             && err.contains("image /usr/lib/keelson/images/base is not built into this extension"),
         "{err}"
     );
+}
+
+#[test]
+fn an_extension_module_the_kernel_lacks_is_refused_with_its_name() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = extension_setup_with(
+        d.path(),
+        |def| format!("{def}\n[kernel]\nmodules = [\"vxlan\", \"no_such_module\", \"overlay\"]\n"),
+        |s| s,
+    );
+    let err = extension_err(&cfg, &d.path().join("out"));
+    assert!(
+        err.contains("kernel.modules names modules this kernel has neither as a file nor built in: no_such_module")
+            && err.contains("the OS's kernel 6."),
+        "{err}"
+    );
+    assert!(!d.path().join("out/etcd.raw").exists());
 }
 
 #[test]

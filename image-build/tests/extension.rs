@@ -186,3 +186,94 @@ fn etcd_extension_is_reproducible_and_a_system_extension() {
     );
     assert!(!verify(&wrong).status.success());
 }
+
+/// A copy of the etcd extension (and the OS config it names) in `dir` with `[kernel]` added.
+fn etcd_with_kernel(dir: &Path, kernel: &str) -> std::path::PathBuf {
+    let ws = common::workspace();
+    let ext = dir.join("extensions");
+    std::fs::create_dir_all(ext.join("services")).unwrap();
+    std::fs::create_dir_all(dir.join("services")).unwrap();
+    for f in ["test.toml", "test.lock"] {
+        std::fs::copy(ws.join("configs").join(f), dir.join(f)).unwrap();
+    }
+    for f in std::fs::read_dir(ws.join("configs/services")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join("services").join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(
+        ws.join("configs/extensions/etcd.lock"),
+        ext.join("etcd.lock"),
+    )
+    .unwrap();
+    std::fs::copy(
+        ws.join("configs/extensions/services/etcd.toml"),
+        ext.join("services/etcd.toml"),
+    )
+    .unwrap();
+    let def = std::fs::read_to_string(ws.join("configs/extensions/etcd.toml")).unwrap();
+    std::fs::write(ext.join("etcd.toml"), format!("{def}\n{kernel}")).unwrap();
+    ext.join("etcd.toml")
+}
+
+#[test]
+fn an_extension_ships_its_modules_with_their_closure_and_its_sysctls() {
+    let d = tempfile::tempdir().unwrap();
+    let def = etcd_with_kernel(
+        d.path(),
+        "[kernel]\nmodules = [\"br_netfilter\", \"vxlan\"]\n[kernel.sysctls]\n\"net.bridge.bridge-nf-call-iptables\" = \"1\"\n",
+    );
+    let out = d.path().join("out");
+    common::build(
+        "extension",
+        def.to_str().unwrap(),
+        &out,
+        d.path(),
+        0o022,
+        "UTC",
+    );
+    let m = json(&out.join("manifest.json"));
+    let k = &m["kernel"];
+    let release = k["release"].as_str().unwrap();
+    assert!(
+        release.starts_with("6.") && release.ends_with("-cloud-amd64"),
+        "{k}"
+    );
+    assert_eq!(k["modules"], serde_json::json!(["br_netfilter", "vxlan"]));
+    assert_eq!(k["sysctls"]["net.bridge.bridge-nf-call-iptables"], "1");
+    let files: Vec<&str> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    let base = format!("/usr/lib/keelson/kernel/etcd/modules/{release}");
+    // The requested modules and their dependencies (bridge, stp, llc; udp_tunnel for vxlan).
+    for f in [
+        "modules.dep",
+        "modules.load",
+        "kernel/net/bridge/br_netfilter.ko",
+        "kernel/net/bridge/bridge.ko",
+        "kernel/net/802/stp.ko",
+        "kernel/net/llc/llc.ko",
+        "kernel/drivers/net/vxlan/vxlan.ko",
+        "kernel/net/ipv4/udp_tunnel.ko",
+    ] {
+        let p = format!("{base}/{f}");
+        assert!(files.contains(&p.as_str()), "{p} missing: {files:?}");
+    }
+    assert!(files.contains(&"/usr/lib/keelson/kernel/etcd/sysctl.conf"));
+    assert_eq!(
+        k["files"].as_u64().unwrap() as usize,
+        files.iter().filter(|f| f.ends_with(".ko")).count()
+    );
+    // The kernel package the modules come from is an input of the build.
+    assert!(
+        m["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"].as_str().unwrap().starts_with("linux-image-")),
+        "{}",
+        m["inputs"]
+    );
+}

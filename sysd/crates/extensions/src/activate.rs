@@ -6,6 +6,7 @@ use keelson_common::dm;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tracing::{info, warn};
 
+use crate::kernel::{self, Kernel};
 use crate::release::{self, Release};
 use crate::{ddi, loopdev, Entry, Error, Status, Store, RUN_DIR, STORE_DIR};
 
@@ -22,6 +23,8 @@ pub struct Paths {
     /// The tree the extensions' `/usr` trees are merged over.
     pub usr: PathBuf,
     pub os_release: PathBuf,
+    /// Where an extension's modules are loaded and its sysctls set.
+    pub kernel: Kernel,
 }
 
 impl Default for Paths {
@@ -31,6 +34,7 @@ impl Default for Paths {
             run: RUN_DIR.into(),
             usr: "/usr".into(),
             os_release: "/usr/lib/os-release".into(),
+            kernel: Kernel::default(),
         }
     }
 }
@@ -198,6 +202,12 @@ fn mount_one(
         })
     })?;
     check_tree(&root, os, os_version, entry)?;
+    // Its modules and sysctls before any of its services can start (they are read only once
+    // the set is merged).
+    let k = kernel::prepare(&root, &entry.name, &paths.kernel, &mut kernel::finit)?;
+    if !k.loaded.is_empty() || !k.sysctls.is_empty() {
+        info!(extension = %entry.name, loaded = %k.loaded.join(" "), already = %k.present.join(" "), sysctls = %k.sysctls.join(", "), "extension kernel modules and sysctls");
+    }
     Ok(root)
 }
 

@@ -16,6 +16,7 @@
 //! services, the supervisor or the API.
 
 pub mod ddi;
+pub mod kernel;
 pub mod loopdev;
 pub mod release;
 mod store;

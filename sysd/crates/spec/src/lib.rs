@@ -1274,7 +1274,8 @@ impl Sources {
         for path in files {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-            if let Some(n) = parse_net(&path, &text)? {
+            // Parsed as what it is: a system file (whose services may `delegate`).
+            if let Some(n) = parse_document(&path, &text, Source::System)?.net {
                 net = Some(n);
             }
         }
@@ -1488,6 +1489,34 @@ stop_timeout = "5s"
 
     fn err(text: &str) -> String {
         parse(text).unwrap_err().0
+    }
+
+    #[test]
+    fn a_delegating_system_service_loads_through_the_sources() {
+        // Found in QEMU: the system files' [network] tables were read as a user file's, so a
+        // system engine's `delegate` refused the whole config.
+        let d = tempfile::tempdir().unwrap();
+        let system_dir = d.path().join("services.d");
+        std::fs::create_dir_all(&system_dir).unwrap();
+        std::fs::write(
+            system_dir.join("docker.toml"),
+            "version = 1\n[services.docker]\nimage = \"/x\"\nnetwork = \"host\"\npid = \"host\"\nprivileged = true\ndelegate = true\n",
+        )
+        .unwrap();
+        let sources = Sources {
+            system_dir,
+            userdata_file: d.path().join("user-data.toml"),
+            user_file: d.path().join("services.toml"),
+        };
+        let system = sources.read_system().unwrap();
+        let config = sources
+            .combine(
+                system,
+                Some("version = 1\n[overrides.docker]\nenabled = true\n"),
+                None,
+            )
+            .unwrap();
+        assert!(config.services["docker"].spec.delegate);
     }
 
     #[test]
