@@ -1356,6 +1356,40 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn services_starting_together_on_one_image_share_one_view() {
+        let t = tempfile::tempdir().unwrap();
+        let (layout, store) = (t.path().join("layout"), t.path().join("store"));
+        let _views = Views(&store);
+        let m = image(
+            &layout,
+            &[
+                (
+                    TAR,
+                    tar(&[E::File("etc/passwd", b"root:x:0:0::/:/bin/sh\n", 0o644)]),
+                ),
+                (TAR, tar(&[E::File("srv/app", b"app", 0o755)])),
+            ],
+            serde_json::json!({}),
+        );
+        write_index(&layout, vec![m]);
+        let roots: Vec<PathBuf> = std::thread::scope(|s| {
+            let starts: Vec<_> = (0..6)
+                .map(|_| s.spawn(|| unpack(&layout, None, &store).unwrap().rootfs))
+                .collect();
+            starts.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for root in &roots {
+            assert_eq!(root, &roots[0]);
+            assert_eq!(fs::read_to_string(root.join("srv/app")).unwrap(), "app");
+            assert!(root.join("etc/passwd").is_file());
+        }
+        // Mounted once.
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let point = format!(" {} ", roots[0].display());
+        assert_eq!(mounts.matches(&point).count(), 1, "{mounts}");
+    }
+
     /// Unmounts the image views under a test's store before its directory goes.
     pub(crate) struct Views<'a>(pub &'a Path);
 

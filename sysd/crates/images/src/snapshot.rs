@@ -74,7 +74,8 @@ pub fn layer_dir(store: &Path, chain: &str) -> PathBuf {
 /// Layers an unpack in this process is making or about to list: garbage collection keeps
 /// them (a layer is renamed into place before the image that uses it lists it).
 static BUSY: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
-/// One view mount at a time (two unpacks of one image must not mount it twice).
+/// One image directory and view mount change at a time (two unpacks of one image must not
+/// replace its directory or mount its view twice).
 static VIEWS: Mutex<()> = Mutex::new(());
 
 /// Holds layers against garbage collection while an unpack runs; released on drop.
@@ -246,6 +247,9 @@ pub fn image_view(store: &Path, hex: &str, chains: &[String]) -> Result<(PathBuf
     let lowers: Vec<PathBuf> = chains.iter().rev().map(|c| layer_dir(store, c)).collect();
     let dir = store.join(hex);
     let list = serde_json::to_vec(chains).context("encoding the layer list")?;
+    // One at a time in this process: two services starting on one image must not replace
+    // the directory, or mount its view twice, under each other.
+    let _one = VIEWS.lock().unwrap_or_else(|p| p.into_inner());
     if fs::read(dir.join(LIST)).ok().as_deref() != Some(list.as_slice()) {
         record(store, hex, &list)?;
     }
@@ -265,7 +269,7 @@ fn record(store: &Path, hex: &str, list: &[u8]) -> Result<()> {
     fs::write(tmp.path.join(LIST), list).context("writing the layer list")?;
     fs::create_dir(tmp.path.join(VIEW)).context("creating the view directory")?;
     if fs::symlink_metadata(&dir).is_ok() {
-        unmount_view(&dir)?;
+        unmount_locked(&dir)?;
         remove_any(&dir)?;
     }
     match fs::rename(&tmp.path, &dir) {
@@ -285,8 +289,8 @@ fn mounted(dir: &Path, view: &Path) -> Result<bool> {
     Ok(d.dev() != v.dev())
 }
 
+/// Under [`VIEWS`].
 fn mount_view(dir: &Path, view: &Path, lowers: &[PathBuf]) -> Result<()> {
-    let _one = VIEWS.lock().unwrap_or_else(|p| p.into_inner());
     if mounted(dir, view)? {
         return Ok(());
     }
@@ -309,11 +313,16 @@ fn mount_view(dir: &Path, view: &Path, lowers: &[PathBuf]) -> Result<()> {
 
 /// Unmounts `DIR/merged` if it is mounted (before `DIR` is removed).
 pub fn unmount_view(dir: &Path) -> Result<()> {
+    let _one = VIEWS.lock().unwrap_or_else(|p| p.into_inner());
+    unmount_locked(dir)
+}
+
+/// [`unmount_view`] under [`VIEWS`].
+fn unmount_locked(dir: &Path) -> Result<()> {
     let view = dir.join(VIEW);
     if !is_real_dir(&view) {
         return Ok(());
     }
-    let _one = VIEWS.lock().unwrap_or_else(|p| p.into_inner());
     while mounted(dir, &view)? {
         umount2(&view, MntFlags::MNT_DETACH)
             .with_context(|| format!("unmounting {}", view.display()))?;
