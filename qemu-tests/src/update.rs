@@ -86,14 +86,23 @@ impl Signing {
 
     /// Adds the image in `img` to the repository `repo` (created if new), signed with this key.
     pub fn add(&self, repo: &Path, img: &Path) {
-        run(Command::new(&self.image_build)
-            .args(["-q", "update", "add", "--repo"])
+        self.add_with_extensions(repo, img, &[]);
+    }
+
+    /// [`add`](Self::add), listing the extensions built in `extensions` for that version.
+    pub fn add_with_extensions(&self, repo: &Path, img: &Path, extensions: &[&Path]) {
+        let mut c = Command::new(&self.image_build);
+        c.args(["-q", "update", "add", "--repo"])
             .arg(repo)
             .arg("--root")
             .arg(&self.root)
             .arg("--key")
             .arg(&self.key)
-            .arg(img));
+            .arg(img);
+        for e in extensions {
+            c.arg("--extension").arg(e);
+        }
+        run(&mut c);
     }
 }
 

@@ -26,7 +26,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use keelson_testkit::registry::{Layout, Registry, RegistryOptions};
-use qemu_tests::scenario::{http_get_until, image_build, run, Httpd, SHELL_PORT};
+use qemu_tests::scenario::{http_get_until, run, Httpd, SHELL_PORT};
+use qemu_tests::update::Signing;
 use qemu_tests::{create_overlay, workspace_root, DiskFormat, Guest, GuestBuilder};
 
 /// Boot, the extension's download (~80 MB) and its activation, dockerd's first start.
@@ -70,37 +71,14 @@ fn fixture() -> &'static Fixture {
 fn build_fixture(ws: &Path, dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    let ib = image_build().unwrap();
-    let key = dir.join("test-key.pk8");
-    let root = dir.join("root.json");
-    run(Command::new(&ib).args(["update", "keygen"]).arg(&key));
-    run(Command::new(&ib)
-        .args(["update", "root", "--key"])
-        .arg(&key)
-        .arg("--out")
-        .arg(&root));
-    run(Command::new(&ib)
-        .current_dir(ws)
-        .args(["-q", "build", "configs/test.toml", "--version", "0.1.0"])
-        .arg("--trusted-root")
-        .arg(&root)
-        .arg("--out")
-        .arg(dir.join("0.1.0")));
-    run(Command::new(&ib)
+    let signing = Signing::new(dir);
+    let img = signing.build(dir, "0.1.0", None, &[]);
+    run(Command::new(&signing.image_build)
         .current_dir(ws)
         .args(["-q", "extension", "configs/extensions/docker.toml"])
         .args(["--os-version", "0.1.0", "--out"])
         .arg(dir.join("ext")));
-    run(Command::new(&ib)
-        .args(["-q", "update", "add", "--repo"])
-        .arg(dir.join("repo"))
-        .arg("--root")
-        .arg(&root)
-        .arg("--key")
-        .arg(&key)
-        .arg(dir.join("0.1.0"))
-        .arg("--extension")
-        .arg(dir.join("ext")));
+    signing.add_with_extensions(&dir.join("repo"), &img, &[&dir.join("ext")]);
 }
 
 /// The test image's exercises for other scenarios, off here: they would only load the guest.
