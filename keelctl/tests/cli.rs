@@ -316,7 +316,8 @@ fn pull_shows_progress_and_fails_with_the_pull() {
 #[test]
 fn images_list_remove_and_prune() {
     let list = r#"[{"reference":"r:5000/app:v1","digest":"sha256:aaaaaaaaaaaaaaaaaaaa","manifest":"sha256:aaaaaaaaaaaaaaaaaaaa","size":2097152,"unique_size":1048576,"layers":2,"unpacked":true,"used_by":["web"],"pulled_ms":0}]"#;
-    let removed = r#"{"removed":["r:5000/old:v1"],"blobs":3,"rootfs":1,"freed_bytes":3145728}"#;
+    let removed =
+        r#"{"removed":["r:5000/old:v1"],"blobs":3,"rootfs":1,"layers":2,"freed_bytes":3145728}"#;
     let in_use =
         r#"{"error":"image r:5000/app:v1 is used by web: change or remove that service first"}"#;
     let server = Canned::new(vec![
@@ -336,7 +337,7 @@ fn images_list_remove_and_prune() {
     let out = server.run(&["images", "rm", "r:5000/old:v1"]);
     assert_eq!(
         stdout(&out),
-        "removed r:5000/old:v1\n3 blobs and 1 unpacked images deleted, 3M freed\n"
+        "removed r:5000/old:v1\n3 blobs, 1 unpacked images and 2 layers deleted, 3M freed\n"
     );
     let out = server.run(&["images", "rm", "r:5000/app:v1"]);
     assert!(!out.status.success());
