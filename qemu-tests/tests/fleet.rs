@@ -37,7 +37,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use qemu_tests::cluster::HOST_ADDR;
-use qemu_tests::scenario::{image_build, run, Httpd};
+use qemu_tests::scenario::{run, Httpd};
+use qemu_tests::update::Signing;
 use qemu_tests::{workspace_root, Cluster, Guest, GuestBuilder, NodeConfig};
 use serde_json::{json, Value};
 
@@ -131,15 +132,11 @@ fn copy_ext(from: &Path, to: &Path) {
 fn build_fixture(ws: &Path, dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    let ib = image_build().unwrap();
-    let key = dir.join("test-key.pk8");
-    let root = dir.join("root.json");
-    run(Command::new(&ib).args(["update", "keygen"]).arg(&key));
-    run(Command::new(&ib)
-        .args(["update", "root", "--key"])
-        .arg(&key)
-        .arg("--out")
-        .arg(&root));
+    let Signing {
+        image_build: ib,
+        key,
+        root,
+    } = Signing::new(dir);
     let broken = dir.join("broken.toml");
     std::fs::write(
         &broken,
