@@ -1011,10 +1011,9 @@ pub(crate) fn is_real_dir(path: &Path) -> bool {
 /// Distinguishes concurrent unpacks of one image in this process.
 static UNPACKS: AtomicU64 = AtomicU64::new(0);
 
-/// `STORE/.tmp-<hex>-<pid>-<n>`, removed on drop unless kept.
+/// `STORE/.tmp-<hex>-<pid>-<n>`, removed on drop (what it built is renamed out first).
 pub(crate) struct TempDir {
     pub(crate) path: PathBuf,
-    keep: bool,
 }
 
 impl TempDir {
@@ -1023,19 +1022,13 @@ impl TempDir {
         let path = store.join(format!(".tmp-{hex}-{}-{n}", std::process::id()));
         remove_any(&path)?;
         fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(TempDir { path, keep: false })
-    }
-
-    pub(crate) fn keep(mut self) {
-        self.keep = true;
+        Ok(TempDir { path })
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if !self.keep {
-            let _ = fs::remove_dir_all(&self.path);
-        }
+        let _ = fs::remove_dir_all(&self.path);
     }
 }
 

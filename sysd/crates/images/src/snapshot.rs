@@ -261,26 +261,16 @@ pub fn image_view(store: &Path, hex: &str, chains: &[String]) -> Result<(PathBuf
     Ok((only.clone(), lowers))
 }
 
-/// Writes `STORE/<hex>/` (the list and an empty view directory) in a temporary directory and
-/// renames it into place.
+/// Records the image's layer list in `STORE/<hex>/` (replaced durably: the list is what
+/// garbage collection keeps layers by) with an empty view directory beside it; a view mounted
+/// over other layers goes first. Under [`VIEWS`].
 fn record(store: &Path, hex: &str, list: &[u8]) -> Result<()> {
     let dir = store.join(hex);
-    let tmp = TempDir::new(store, hex)?;
-    fs::write(tmp.path.join(LIST), list).context("writing the layer list")?;
-    fs::create_dir(tmp.path.join(VIEW)).context("creating the view directory")?;
-    if fs::symlink_metadata(&dir).is_ok() {
-        unmount_locked(&dir)?;
-        remove_any(&dir)?;
-    }
-    match fs::rename(&tmp.path, &dir) {
-        Ok(()) => tmp.keep(),
-        Err(_) if dir.join(LIST).is_file() => {}
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("renaming {} to {}", tmp.path.display(), dir.display()))
-        }
-    }
-    Ok(())
+    unmount_locked(&dir)?;
+    let view = dir.join(VIEW);
+    fs::create_dir_all(&view).with_context(|| format!("creating {}", view.display()))?;
+    keelson_common::durable::replace(&dir.join(LIST), list)
+        .with_context(|| format!("writing {}", dir.join(LIST).display()))
 }
 
 fn mounted(dir: &Path, view: &Path) -> Result<bool> {
