@@ -44,6 +44,10 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_HEAD: usize = 16 * 1024;
 /// How long open connections get to finish once the server stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// After answering, how long (and how many bytes) what the client still sends is read and
+/// dropped before the socket closes: see [`lingering_close`].
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
 /// The organization prefix that marks a Keelson role in a client certificate.
 pub const ROLE_PREFIX: &str = "keelson:";
 
@@ -387,6 +391,17 @@ async fn remote_connection(
     stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    // A second handle on the socket, so that it outlives the TLS stream hyper drops.
+    let (stream, linger) = match stream.into_std().and_then(|s| {
+        let dup = s.try_clone()?;
+        Ok((TcpStream::from_std(s)?, dup))
+    }) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::debug!(%addr, %err, "api: remote client dropped: cannot hold its socket");
+            return;
+        }
+    };
     let acceptor = TlsAcceptor::from(Arc::clone(&tls.config));
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
@@ -408,6 +423,31 @@ async fn remote_connection(
     };
     tracing::debug!(%addr, client = %peer.name, "api: remote client");
     serve_authenticated(stream, peer, concerns, stop).await;
+    lingering_close(linger).await;
+}
+
+/// Closes a connection whose client may still be sending (an oversized head answered 431
+/// while the rest of it is in flight): a socket closed with unread input sends a reset, and a
+/// reset makes the client's kernel drop the answer it has not read yet. So the write side is
+/// shut first (the client reads the answer, then end of stream) and what still arrives is read
+/// and dropped for a bounded time and size: the "lingering close" of Apache and nginx.
+async fn lingering_close(socket: std::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    let Ok(mut socket) = TcpStream::from_std(socket) else {
+        return;
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while let Ok(n @ 1..) = socket.read(&mut buf).await {
+            left = left.saturating_sub(n);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Serves the API's HTTP/1.1 on `io`, a remote connection whose TLS handshake is done and
