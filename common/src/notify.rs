@@ -24,6 +24,13 @@ pub const FD_ENV: &str = "KEELSON_NOTIFY_FD";
 pub const MAX_STORED: usize = 1024;
 /// The most orphan exits init remembers for the next sysd (the oldest are dropped).
 pub const MAX_EXITS: usize = 1024;
+/// In the run directory (`/run/keelson`): init loads the root's modules beside sysd's start
+/// and writes the loader's pid here; sysd starts nothing that may need a module (overlay
+/// mounts, bridges, extensions, VLANs) before [`ROOT_MODULES_LOADED`] is there or that
+/// process is gone. Neither file (an older init, a sysd run outside init): nothing to wait for.
+pub const ROOT_MODULES_LOADING: &str = "root-modules.loading";
+/// In the run directory: the loader's summary line, written once the list is through.
+pub const ROOT_MODULES_LOADED: &str = "root-modules.loaded";
 /// The largest message either end sends or accepts.
 pub const MAX_MESSAGE: usize = 512;
 /// The longest descriptor name.

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use keelson_common::notify;
 use nix::errno::Errno;
 use nix::kmod::{finit_module, ModuleInitFlags};
 
@@ -352,31 +353,54 @@ pub fn load_parallel<E: Send>(
     results.into_iter().map(|(_, r)| r).collect()
 }
 
-/// Stage 2: loads the root's `modules.load` (modules the boot does not wait for) in a child
-/// process, so init keeps serving signals and sysd starts at the same time. The child is reaped
-/// by init's ordinary zombie reaping.
-pub fn load_root_modules_in_background() {
+/// Stage 2: loads the root's `modules.load` in a child process, so init keeps serving
+/// signals and sysd starts at the same time. The child's pid goes to
+/// [`notify::ROOT_MODULES_LOADING`] and its summary to [`notify::ROOT_MODULES_LOADED`] in
+/// `run_dir`: sysd waits for them before anything that may need a module (it found `overlay`
+/// missing when the loader was slower than its start). The child is reaped by init's ordinary
+/// zombie reaping.
+pub fn load_root_modules_in_background(run_dir: &Path) {
+    let loaded = run_dir.join(notify::ROOT_MODULES_LOADED);
     // SAFETY: init is single-threaded, so the child may run arbitrary code (allocate, log)
     // after fork; it ends with _exit and never returns into init's loop.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
-            // Nothing waits for these but the services that need one (they retry): sysd's
-            // start comes first on a busy CPU.
-            // SAFETY: setpriority on this process only.
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-            let mut loader = Loader::open();
-            loader.load_list();
-            crate::say!(
-                "modules: {} from the root loaded in {} ms",
-                loader.count,
-                loader.millis()
-            );
+            let summary = load_root_list();
+            if let Err(e) = crate::state::write_atomic(&loaded, summary.as_bytes(), 0o644) {
+                crate::say!("modules: cannot record {}: {e}", loaded.display());
+            }
             // SAFETY: ends the child without running init's exit paths.
             unsafe { libc::_exit(0) }
         }
-        Ok(nix::unistd::ForkResult::Parent { .. }) => {}
-        Err(e) => crate::say!("modules: cannot fork the root module loader: {e}"),
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            // Written after the fork: a loader that finished first has written `loaded`, which
+            // sysd looks for first.
+            let loading = run_dir.join(notify::ROOT_MODULES_LOADING);
+            if let Err(e) =
+                crate::state::write_atomic(&loading, format!("{child}\n").as_bytes(), 0o644)
+            {
+                crate::say!("modules: cannot record {}: {e}", loading.display());
+            }
+        }
+        Err(e) => {
+            crate::say!("modules: cannot fork the root module loader ({e}): loading them now");
+            let summary = load_root_list();
+            let _ = crate::state::write_atomic(&loaded, summary.as_bytes(), 0o644);
+        }
     }
+}
+
+/// Loads the root's list; says and returns the summary line.
+fn load_root_list() -> String {
+    let mut loader = Loader::open();
+    loader.load_list();
+    let summary = format!(
+        "modules: {} from the root loaded in {} ms",
+        loader.count,
+        loader.millis()
+    );
+    crate::say!("{summary}");
+    summary
 }
 
 /// `alias <pattern> <module>` lines of `modules.alias`, module names normalised.

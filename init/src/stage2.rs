@@ -17,6 +17,9 @@ use crate::fatal::{self, fatal, PowerAction};
 use crate::mounts::{self, Kernel};
 use crate::supervise::{reap_all, Supervisor};
 use crate::watchdog::Watchdog;
+
+/// Where init and sysd leave each other runtime state (init.log, the module loader's marks).
+const RUN_DIR: &str = "/run/keelson";
 use crate::{bootargs, etc, power_button, random_seed, say, shutdown, state};
 
 /// The file stage 2 tries to create to prove the root is read-only.
@@ -121,7 +124,7 @@ pub fn run() -> ! {
     // starts (sysd learns how often to say WATCHDOG=1 from the environment).
     let wd = Watchdog::open(&cmdline);
     crate::supervise::raise_fd_limit();
-    crate::modules::load_root_modules_in_background();
+    crate::modules::load_root_modules_in_background(Path::new(RUN_DIR));
     event_loop(&sfd, &mut buttons, wd)
 }
 

@@ -25,9 +25,10 @@ mod notify;
 mod observe;
 mod remote;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -377,6 +378,44 @@ fn api_listener(
     keelson_api::server::bind(path)
 }
 
+/// A note compiled in by whoever built this sysd (`KEELSON_BUILD_NOTE` in the build's
+/// environment: a CI job, a vendor's patch level), shown in the ready line. `bench-update` builds
+/// a version with one to measure an update in which only sysd changed.
+const BUILD_NOTE: Option<&str> = option_env!("KEELSON_BUILD_NOTE");
+
+/// Waits until init's loader of the root's modules is through (its mark in `run_dir`, or the
+/// process gone): see `keelson_common::notify::ROOT_MODULES_LOADING`. Nothing to wait for when
+/// init did not start one (an older init, sysd outside init).
+async fn wait_for_root_modules(run_dir: &Path) {
+    use keelson_common::notify::{ROOT_MODULES_LOADED, ROOT_MODULES_LOADING};
+    let loaded = run_dir.join(ROOT_MODULES_LOADED);
+    let Ok(pid) = std::fs::read_to_string(run_dir.join(ROOT_MODULES_LOADING)) else {
+        return;
+    };
+    let Ok(pid) = pid.trim().parse::<u32>() else {
+        tracing::warn!("sysd: {ROOT_MODULES_LOADING} holds no pid; not waiting for modules");
+        return;
+    };
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let started = std::time::Instant::now();
+    let mut said = false;
+    while !loaded.exists() && proc.exists() {
+        if !said && started.elapsed() >= Duration::from_secs(1) {
+            tracing::info!("sysd: waiting for init's module loader (pid {pid}) before starting networks, extensions and services");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if said {
+        let got = std::fs::read_to_string(&loaded).unwrap_or_default();
+        tracing::info!(
+            "sysd: waited {} ms for the root's modules ({})",
+            started.elapsed().as_millis(),
+            got.trim()
+        );
+    }
+}
+
 async fn run(args: DaemonArgs) -> Result<()> {
     // First: from here on a runtime that stops turning stops the heartbeat init watches.
     let mut notifier = notify::Notifier::from_env();
@@ -417,6 +456,9 @@ async fn run(args: DaemonArgs) -> Result<()> {
             Err(log) => imds_log = Some(log),
         }
     }
+    // Everything from here may need a module init is still loading (overlay for every
+    // container, bridge and nf_tables for bridge networks, 8021q/bonding, loop for extensions).
+    wait_for_root_modules(&args.run_dir).await;
     let net = args
         .host_network
         .then(|| start_network(&args, &sources, &events))
@@ -534,7 +576,14 @@ async fn run(args: DaemonArgs) -> Result<()> {
                 .map(|n| keelson_supervisor::Network::online(n.as_ref())),
         );
     }
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "sysd: ready");
+    match BUILD_NOTE {
+        Some(note) => tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            build = note,
+            "sysd: ready"
+        ),
+        None => tracing::info!(version = env!("CARGO_PKG_VERSION"), "sysd: ready"),
+    }
     notifier.ready();
 
     tokio::select! {
@@ -550,4 +599,65 @@ async fn run(args: DaemonArgs) -> Result<()> {
     let _ = remote_server.await;
     tracing::info!("sysd: stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use keelson_common::notify::{ROOT_MODULES_LOADED, ROOT_MODULES_LOADING};
+
+    use super::wait_for_root_modules;
+
+    #[tokio::test]
+    async fn no_loader_recorded_is_no_wait() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Instant::now();
+        wait_for_root_modules(d.path()).await;
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn a_loader_gone_without_its_mark_ends_the_wait() {
+        let d = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("0")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        std::fs::write(d.path().join(ROOT_MODULES_LOADING), format!("{pid}\n")).unwrap();
+        let t = Instant::now();
+        wait_for_root_modules(d.path()).await;
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn a_running_loader_is_waited_for_until_its_mark() {
+        let d = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::fs::write(
+            d.path().join(ROOT_MODULES_LOADING),
+            format!("{}\n", child.id()),
+        )
+        .unwrap();
+        let loaded = d.path().join(ROOT_MODULES_LOADED);
+        let writer = {
+            let loaded = loaded.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                std::fs::write(loaded, "modules: 3 from the root loaded in 300 ms\n").unwrap();
+            })
+        };
+        let t = Instant::now();
+        wait_for_root_modules(d.path()).await;
+        assert!(loaded.exists(), "returned before the mark");
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        writer.await.unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
