@@ -7,9 +7,9 @@
 //! use qemu_tests::update::Signing;
 //!
 //! let dir = std::path::Path::new("target/qemu-example");
-//! let s = Signing::new(dir);
-//! let n = s.build(dir, "0.1.0", None, &[]);
-//! let n1 = s.build(dir, "0.2.0", None, &[]);
+//! let s = Signing::for_scenario(dir);
+//! let n = s.image("0.1.0", None, &[]);
+//! let n1 = s.image("0.2.0", None, &[]);
 //! let repo = dir.join("repo");
 //! s.add(&repo, &n);
 //! s.add(&repo, &n1);
@@ -31,12 +31,31 @@ use crate::{create_overlay, qemu_img, workspace_root, Guest};
 /// the guest).
 pub const REPO_PORT: u16 = 8000;
 
-/// An update signing key and the TUF root trusting it, with the `image-build` that uses them.
+/// An update signing key and the TUF root trusting it, with the `image-build` that uses them,
+/// and the images of `configs/test.toml` built to trust it.
 pub struct Signing {
     pub image_build: PathBuf,
     pub key: PathBuf,
     pub root: PathBuf,
+    /// Where [`image`](Self::image) builds (and finds) its images.
+    images: PathBuf,
 }
+
+/// A services file whose `canary` is never ready: the health gate of a version built with it
+/// must fail (the update and fleet scenarios' broken version).
+pub const NEVER_READY: &str = r#"version = 1
+# Never ready: the health gate of the version carrying it must fail.
+[services.canary]
+image = "/usr/lib/keelson/images/base"
+command = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 5 & wait $!; done"]
+ready = { tcp = "127.0.0.1:9", interval = "1s" }
+critical = true
+stop_timeout = "2s"
+"#;
+
+/// Set by `./dev test` to a name unique to the run: the scenarios of that run share one key,
+/// root and set of built images ([`Signing::for_scenario`]).
+pub const RUN_ENV: &str = "KEELSON_TEST_RUN";
 
 impl Signing {
     /// A fresh key and root in `dir` (`test-key.pk8`, `root.json`).
@@ -54,19 +73,80 @@ impl Signing {
             image_build: ib,
             key,
             root,
+            images: dir.to_path_buf(),
         }
     }
 
-    /// `configs/test.toml` built as `version` into `dir/version`, trusting this root, with
-    /// `extra_services` (a services file) and `kernel_args` added.
-    pub fn build(
+    /// The signing a scenario uses: inside one `./dev test` run ([`RUN_ENV`] set), one key and
+    /// root for every scenario in `target/qemu-signed/<run>`, so that an image they all need
+    /// (0.1.0, 0.2.0, the broken 0.3.0) is built once per run, not once per scenario; else
+    /// (a scenario run on its own) a fresh key and root in `dir`. Never across runs: the
+    /// images are the sources of this run, and `./dev test` removes older runs' directories.
+    pub fn for_scenario(dir: &Path) -> Signing {
+        let Some(run) = std::env::var_os(RUN_ENV).filter(|r| !r.is_empty()) else {
+            return Signing::new(dir);
+        };
+        let shared = workspace_root().join("target/qemu-signed").join(run);
+        std::fs::create_dir_all(&shared).unwrap();
+        let _lock = Lock::take(&shared);
+        if shared.join("root.json").is_file() {
+            Signing {
+                image_build: image_build().unwrap(),
+                key: shared.join("test-key.pk8"),
+                root: shared.join("root.json"),
+                images: shared,
+            }
+        } else {
+            let _ = std::fs::remove_file(shared.join("test-key.pk8"));
+            Signing::new(&shared)
+        }
+    }
+
+    /// `configs/test.toml` built as `version`, trusting this root, with `extra_services` (a
+    /// services file) and `kernel_args` added: built once per signing (a second call with the
+    /// same arguments, from this or another scenario of the run, returns the same directory).
+    pub fn image(
         &self,
-        dir: &Path,
         version: &str,
         extra_services: Option<&Path>,
         kernel_args: &[&str],
     ) -> PathBuf {
-        let out = dir.join(version);
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(version.as_bytes());
+        if let Some(e) = extra_services {
+            h.update(b"\0services\0");
+            h.update(std::fs::read(e).unwrap());
+        }
+        for a in kernel_args {
+            h.update(b"\0arg\0");
+            h.update(a.as_bytes());
+        }
+        let key: String = h.finalize()[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let name = format!("{version}-{key}");
+        let _lock = Lock::take(&self.images);
+        let out = self.images.join(&name);
+        let done = self.images.join(format!("{name}.complete"));
+        if !done.is_file() {
+            self.build(&self.images, &name, version, extra_services, kernel_args);
+            std::fs::write(&done, "").unwrap();
+        }
+        out
+    }
+
+    /// `configs/test.toml` built as `version` into `dir/name`, trusting this root.
+    fn build(
+        &self,
+        dir: &Path,
+        name: &str,
+        version: &str,
+        extra_services: Option<&Path>,
+        kernel_args: &[&str],
+    ) {
+        let out = dir.join(name);
         let mut c = Command::new(&self.image_build);
         c.current_dir(workspace_root())
             .args(["-q", "build", "configs/test.toml", "--version", version])
@@ -81,7 +161,6 @@ impl Signing {
             c.args(["--kernel-arg", a]);
         }
         run(&mut c);
-        out
     }
 
     /// Adds the image in `img` to the repository `repo` (created if new), signed with this key.
@@ -103,6 +182,29 @@ impl Signing {
             c.arg("--extension").arg(e);
         }
         run(&mut c);
+    }
+}
+
+/// An exclusive `flock` on `dir/.lock`, held until dropped: scenarios of one run may build
+/// into the shared directory at once.
+struct Lock {
+    _file: std::fs::File,
+}
+
+impl Lock {
+    fn take(dir: &Path) -> Lock {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::create(dir.join(".lock")).unwrap();
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(
+            rc,
+            0,
+            "flock {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+        Lock { _file: file }
     }
 }
 

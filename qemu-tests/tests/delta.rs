@@ -58,16 +58,16 @@ fn fixture() -> &'static Fixture {
         let dir = workspace_root().join("target/qemu-delta");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let s = Signing::new(&dir);
+        let s = Signing::for_scenario(&dir);
         let hello = dir.join("hello.toml");
         std::fs::write(
             &hello,
             "version = 1\n[services.hello]\nimage = \"/usr/lib/keelson/images/base\"\ncommand = [\"sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 60 & wait $!; done\"]\n",
         )
         .unwrap();
-        let n = s.build(&dir, "0.1.0", None, &[]);
-        let n1 = s.build(&dir, "0.2.0", None, &[]);
-        let n2 = s.build(&dir, "0.3.0", Some(&hello), &[]);
+        let n = s.image("0.1.0", None, &[]);
+        let n1 = s.image("0.2.0", None, &[]);
+        let n2 = s.image("0.3.0", Some(&hello), &[]);
         let repo12 = dir.join("repo12");
         let repo123 = dir.join("repo123");
         for img in [&n, &n1] {

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use qemu_tests::cluster::HOST_ADDR;
 use qemu_tests::scenario::{run, Httpd};
-use qemu_tests::update::Signing;
+use qemu_tests::update::{self, Signing};
 use qemu_tests::{workspace_root, Cluster, Guest, GuestBuilder, NodeConfig};
 use serde_json::{json, Value};
 
@@ -132,43 +132,25 @@ fn copy_ext(from: &Path, to: &Path) {
 fn build_fixture(ws: &Path, dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    let Signing {
-        image_build: ib,
-        key,
-        root,
-    } = Signing::new(dir);
+    let signing = Signing::for_scenario(dir);
     let broken = dir.join("broken.toml");
-    std::fs::write(
-        &broken,
-        r#"version = 1
-# Never ready: the health gate of the version carrying it must fail.
-[services.canary]
-image = "/usr/lib/keelson/images/base"
-command = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 5 & wait $!; done"]
-ready = { tcp = "127.0.0.1:9", interval = "1s" }
-critical = true
-stop_timeout = "2s"
-"#,
-    )
-    .unwrap();
+    std::fs::write(&broken, update::NEVER_READY).unwrap();
     for v in VERSIONS {
-        let mut c = Command::new(&ib);
-        c.current_dir(ws)
-            .args(["-q", "build", "configs/test.toml", "--version", v])
-            .arg("--trusted-root")
-            .arg(&root)
-            .arg("--out")
-            .arg(dir.join(v));
-        if v == "0.3.0" {
-            c.arg("--extra-services").arg(&broken);
-        }
-        run(&mut c);
-        run(Command::new(&ib)
+        let extra = (v == "0.3.0").then_some(broken.as_path());
+        // The run's shared build of this version, under the name the fixture uses.
+        std::os::unix::fs::symlink(signing.image(v, extra, &[]), dir.join(v)).unwrap();
+        run(Command::new(&signing.image_build)
             .current_dir(ws)
             .args(["-q", "extension", "configs/extensions/etcd.toml"])
             .args(["--os-version", v, "--out"])
             .arg(dir.join(format!("ext-{v}"))));
     }
+    let Signing {
+        image_build: ib,
+        key,
+        root,
+        ..
+    } = signing;
 
     let add = |repo: &Path, version: &str, ext: &Path| {
         let img = dir.join(version);

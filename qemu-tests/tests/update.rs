@@ -38,25 +38,13 @@ fn fixture() -> &'static Fixture {
         let dir = workspace_root().join("target/qemu-update");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let s = Signing::new(&dir);
+        let s = Signing::for_scenario(&dir);
         let broken = dir.join("broken.toml");
-        std::fs::write(
-            &broken,
-            r#"version = 1
-# Never ready: the health gate of the version carrying it must fail.
-[services.canary]
-image = "/usr/lib/keelson/images/base"
-command = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 5 & wait $!; done"]
-ready = { tcp = "127.0.0.1:9", interval = "1s" }
-critical = true
-stop_timeout = "2s"
-"#,
-        )
-        .unwrap();
-        let n = s.build(&dir, "0.1.0", None, &[]);
-        let n1 = s.build(&dir, "0.2.0", None, &[]);
-        let n2 = s.build(&dir, "0.3.0", Some(&broken), &[]);
-        let n4 = s.build(&dir, "0.4.0", None, &["keelson.fatal=reboot"]);
+        std::fs::write(&broken, update::NEVER_READY).unwrap();
+        let n = s.image("0.1.0", None, &[]);
+        let n1 = s.image("0.2.0", None, &[]);
+        let n2 = s.image("0.3.0", Some(&broken), &[]);
+        let n4 = s.image("0.4.0", None, &["keelson.fatal=reboot"]);
         let repo_good = dir.join("repo-good");
         let repo_all = dir.join("repo-all");
         for img in [&n, &n1] {
