@@ -1,6 +1,7 @@
 //! `bench-boot`: image sizes and the boot timeline of the vm image under QEMU (TCG), side by side
-//! with the floor the same kernel allows (a busybox initramfs that only prints its uptime), and
-//! Secure Boot on vs off (`out/vm-sb`), in one run. Prints tables; asserts nothing (these machines are shared and noisy).
+//! with the floor the same kernel allows (a busybox initramfs that only prints its uptime), the
+//! peer the issue names (Debian 12 minbase with systemd on the same kernel package, made once
+//! with debootstrap: [`debian_peer`]), and Secure Boot on vs off (`out/vm-sb`), in one run. Prints tables; asserts nothing (these machines are shared and noisy).
 //!
 //! Each measured boot's timeline (init's stamped steps and the services' start-up, read from
 //! the console as `keelctl analyze` reads them on the node: `keelson_common::api::boot`) is
@@ -233,6 +234,195 @@ fn busybox_floor(dir: &Path, work: &Path) -> Result<Timeline> {
     })
 }
 
+/// The peer the issue names: Debian 12 `minbase` with systemd (`systemd-sysv`), its own
+/// initramfs (initramfs-tools) and the same kernel package as `image` (the lock's
+/// `linux-image-*-cloud-amd64`), on an ext4 root. Made once with debootstrap from the
+/// machine's Debian mirror (the kernel from bookworm-security when it is not in bookworm) and
+/// cached in `out/bench-boot/debian-peer-<kernel>/` (`vmlinuz`, `initrd.img`, `root.ext4`).
+fn debian_peer(lock: &Path) -> Result<std::path::PathBuf> {
+    let lock = std::fs::read_to_string(lock).with_context(|| lock.display().to_string())?;
+    let kernel = lock
+        .split("[[package]]")
+        .find(|e| e.contains("requested = \"linux-image-cloud-amd64\""))
+        .and_then(|e| e.lines().find_map(|l| l.strip_prefix("name = \"")))
+        .and_then(|n| n.strip_suffix('"'))
+        .context("the image's lock pins no linux-image-cloud-amd64")?
+        .to_owned();
+    let dir = qemu_tests::paths::images_dir()
+        .join("bench-boot")
+        .join(format!("debian-peer-{kernel}"));
+    if dir.join("complete").is_file() {
+        return Ok(dir);
+    }
+    eprintln!("making the Debian peer ({kernel}) in {} ...", dir.display());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mirror = String::from_utf8(
+        std::process::Command::new(qemu_tests::workspace_root().join("dev"))
+            .arg("mirror")
+            .output()
+            .context("./dev mirror")?
+            .stdout,
+    )?
+    .trim()
+    .trim_end_matches('/')
+    .to_owned();
+    let root = dir.join("root");
+    let out = keelson_testkit::tools::command("debootstrap")
+        .args([
+            "--variant=minbase",
+            "--include=systemd-sysv,initramfs-tools,zstd",
+            "bookworm",
+        ])
+        .arg(&root)
+        .arg(&mirror)
+        .output()
+        .context("debootstrap")?;
+    if !out.status.success() {
+        bail!(
+            "debootstrap of the Debian peer failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The kernel, and the root's setup, in the root (its mounts vanish with the namespace).
+    let script = format!(
+        r#"set -eu
+R={root}
+mount -t proc proc "$R/proc"
+mount --rbind /sys "$R/sys"
+mount --rbind /dev "$R/dev"
+cp /etc/resolv.conf "$R/etc/resolv.conf"
+printf 'deb {mirror} bookworm main\ndeb {mirror}-security bookworm-security main\n' > "$R/etc/apt/sources.list"
+printf '#!/bin/sh\nexit 101\n' > "$R/usr/sbin/policy-rc.d"; chmod +x "$R/usr/sbin/policy-rc.d"
+in_root() {{ chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive "$@"; }}
+in_root apt-get update -qq
+in_root apt-get install -y -qq --no-install-recommends {kernel} >/dev/null
+rm "$R/usr/sbin/policy-rc.d"
+echo debian-peer > "$R/etc/hostname"
+printf '/dev/vda / ext4 defaults 0 1\n' > "$R/etc/fstab"
+in_root apt-get clean
+"#,
+        root = root.display(),
+    );
+    let out = keelson_testkit::tools::command("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/bash",
+            "-c",
+        ])
+        .arg(&script)
+        .output()
+        .context("unshare")?;
+    if !out.status.success() {
+        bail!(
+            "setting up the Debian peer failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let boot = root.join("boot");
+    let find = |prefix: &str| -> Result<std::path::PathBuf> {
+        std::fs::read_dir(&boot)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+            })
+            .with_context(|| format!("no {prefix}* in {}", boot.display()))
+    };
+    std::fs::copy(find("vmlinuz-")?, dir.join("vmlinuz"))?;
+    std::fs::copy(find("initrd.img-")?, dir.join("initrd.img"))?;
+    let status = keelson_testkit::tools::command("mkfs.ext4")
+        .args(["-q", "-F", "-L", "root", "-d"])
+        .arg(&root)
+        .arg(dir.join("root.ext4"))
+        .arg("2G")
+        .status()
+        .context("mkfs.ext4")?;
+    if !status.success() {
+        bail!("mkfs.ext4 of the Debian peer's root failed ({status})");
+    }
+    std::fs::remove_dir_all(&root)?;
+    std::fs::write(dir.join("complete"), "")?;
+    Ok(dir)
+}
+
+/// `1min 2.345s`, `812ms`, `1.234s` (systemd's timespans) in seconds.
+fn systemd_span(text: &str) -> Option<f64> {
+    let mut total = 0.0;
+    for word in text.split_whitespace() {
+        let (num, unit) = word.split_at(word.find(|c: char| c.is_ascii_alphabetic())?);
+        let n: f64 = num.parse().ok()?;
+        total += n * match unit {
+            "min" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" => 1e-6,
+            _ => return None,
+        };
+    }
+    Some(total)
+}
+
+/// One boot of the Debian peer from a fresh overlay of its root: systemd's own account of it
+/// (`Startup finished in K (kernel) + U (userspace) = T`, printed on the console with
+/// `systemd.log_target=console`), `total` when the line arrived. systemd counts the time of
+/// an initramfs-tools initramfs (no systemd in it) into K; `floor_kernel` (the busybox
+/// floor's kernel start → /init on the same kernel, this run) separates it: `kernel` is the
+/// floor's, `stage1` the rest of K (the initramfs), `stage2` U, and `init_total` both stages,
+/// as Keelson's `init start → boot complete` counts its own initramfs.
+fn debian_boot(peer: &Path, work: &Path, floor_kernel: f64) -> Result<Timeline> {
+    let disk = work.join("debian-peer.qcow2");
+    let _ = std::fs::remove_file(&disk);
+    qemu_tests::create_overlay(&peer.join("root.ext4"), &disk, None)?;
+    let g = GuestBuilder::direct(
+        peer.join("vmlinuz"),
+        peer.join("initrd.img"),
+        "console=ttyS0,115200 quiet root=/dev/vda rw systemd.log_target=console systemd.log_level=info",
+        None,
+    )
+    .disk_no_copy(&disk, qemu_tests::DiskFormat::Qcow2)
+    .nic(NicModel::None)
+    .spawn()?;
+    let line = g.wait_for("Startup finished in ", BOOT)?;
+    let at = g
+        .lines_with_times()
+        .iter()
+        .find(|(_, l)| l.contains("Startup finished in "))
+        .map(|(at, _)| at.as_secs_f64())
+        .unwrap_or(0.0);
+    let spans = line
+        .split("Startup finished in ")
+        .nth(1)
+        .context("no Startup finished")?;
+    let part = |name: &str| {
+        spans.split(" + ").find_map(|p| {
+            let p = p.split(" = ").next()?.trim();
+            p.strip_suffix(&format!("({name})"))
+                .and_then(|v| systemd_span(v.trim()))
+        })
+    };
+    let kernel = part("kernel").context(format!("no kernel time in {line:?}"))?;
+    let initrd = part("initrd").unwrap_or(0.0);
+    let userspace = part("userspace").context(format!("no userspace time in {line:?}"))?;
+    let initramfs = (kernel - floor_kernel).max(0.0) + initrd;
+    Ok(Timeline {
+        firmware: at - (kernel + initrd + userspace),
+        kernel: kernel + initrd - initramfs,
+        stage1: initramfs,
+        stage2: userspace,
+        init_total: initramfs + userspace,
+        total: at,
+        ..Timeline::default()
+    })
+}
+
 fn median(runs: &[Timeline], f: impl Fn(&Timeline) -> f64) -> f64 {
     let v: Vec<f64> = runs.iter().map(f).collect();
     keelson_testkit::stats::median(&v).unwrap_or(0.0)
@@ -301,26 +491,42 @@ fn main() -> Result<()> {
     println!("| disk.qcow2 | {} |", mib(size(&dir, "disk.qcow2")?));
 
     let work = tempfile::tempdir()?;
-    let (mut direct, mut uefi, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    // The peer is made once (debootstrap from the mirror); without it the rows say why.
+    let peer = debian_peer(&qemu_tests::workspace_root().join("configs/vm.lock"));
+    if let Err(e) = &peer {
+        eprintln!("the Debian peer is not measured: {e:#}");
+    }
+    let (mut direct, mut uefi, mut floor, mut debian) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         eprintln!("run {}/{runs}", i + 1);
         floor.push(busybox_floor(&dir, work.path())?);
+        if let Ok(peer) = &peer {
+            let floor_kernel = floor.last().map_or(0.0, |f: &Timeline| f.kernel);
+            debian.push(debian_boot(peer, work.path(), floor_kernel)?);
+        }
         direct.push(keelson_boot(&dir, false)?);
         uefi.push(keelson_boot(&dir, true)?);
         write_svg(&format!("direct-{}", i + 1), &direct[i])?;
         write_svg(&format!("uefi-{}", i + 1), &uefi[i])?;
     }
     println!("\n## Boot timeline, QEMU TCG, 1 vCPU, median of {runs} runs (seconds)\n");
-    println!("| phase | Keelson direct | Keelson UEFI (OVMF + systemd-boot + UKI) | busybox floor, same kernel |");
-    println!("|---|---|---|---|");
+    println!("| phase | Keelson direct | Keelson UEFI (OVMF + systemd-boot + UKI) | busybox floor, same kernel | Debian 12 minbase + systemd, same kernel, direct | Keelson direct / Debian |");
+    println!("|---|---|---|---|---|---|");
     let row = |name: &str, f: &dyn Fn(&Timeline) -> f64, with_floor: bool| {
         let fl = if with_floor {
             format!("{:.3}", median(&floor, f))
         } else {
             "-".into()
         };
+        let (deb, ratio) = if debian.is_empty() {
+            ("not measured".to_string(), "-".to_string())
+        } else {
+            let d = median(&debian, f);
+            (format!("{d:.3}"), format!("{:.2}x", median(&direct, f) / d))
+        };
         println!(
-            "| {name} | {:.3} | {:.3} | {fl} |",
+            "| {name} | {:.3} | {:.3} | {fl} | {deb} | {ratio} |",
             median(&direct, f),
             median(&uefi, f)
         );
@@ -331,8 +537,16 @@ fn main() -> Result<()> {
         true,
     );
     row("kernel start → init (kernel)", &|t| t.kernel, true);
-    row("stage 1 (init → switch_root)", &|t| t.stage1, false);
-    row("stage 2 (→ sysd ready)", &|t| t.stage2, false);
+    row(
+        "stage 1 (init → switch_root; Debian: its initrd)",
+        &|t| t.stage1,
+        false,
+    );
+    row(
+        "stage 2 (→ sysd ready; Debian: userspace to the default target)",
+        &|t| t.stage2,
+        false,
+    );
     row("init start → boot complete", &|t| t.init_total, false);
     row("QEMU start → boot complete", &|t| t.total, true);
     let ready = |runs: &[Timeline]| {
@@ -344,12 +558,12 @@ fn main() -> Result<()> {
         }
     };
     println!(
-        "| kernel start → all services ready | {} | {} | - |",
+        "| kernel start → all services ready | {} | {} | - | - | - |",
         ready(&direct),
         ready(&uefi)
     );
     println!(
-        "| init RSS at boot complete (KiB) | {:.0} | {:.0} | - |",
+        "| init RSS at boot complete (KiB) | {:.0} | {:.0} | - | - | - |",
         median(&direct, |t| t.rss_kib),
         median(&uefi, |t| t.rss_kib)
     );
@@ -418,10 +632,18 @@ fn main() -> Result<()> {
 
     let init = median(&direct, |t| t.init_total);
     println!("\nKeelson userspace (init start → boot complete): {init:.3} s; target 0.5 s ({:.2}x of target).", init / 0.5);
-    println!(
-        "Debian 12 minbase with systemd needs ~11.8 s of userspace on this kernel and QEMU (design field notes, not re-measured here): Keelson is {:.1}x faster.",
-        11.8 / init
-    );
+    if !debian.is_empty() {
+        let deb = median(&debian, |t| t.init_total);
+        println!(
+            "Debian 12 minbase with systemd, measured in this run on the same kernel and QEMU: {deb:.3} s from its initramfs to the default target (systemd's `Startup finished` less the busybox floor's kernel time); Keelson's init start → boot complete is {:.2}x of it.",
+            init / deb
+        );
+        fig(
+            "Debian minbase+systemd: initramfs start → default target, direct",
+            "s",
+            all(&debian, &|t| t.init_total),
+        )?;
+    }
     println!(
         "Kernel + Keelson userspace vs the busybox floor (kernel start → boot complete vs → /init): {:.2}x.",
         (median(&direct, |t| t.kernel) + init) / median(&floor, |t| t.kernel)
