@@ -104,6 +104,22 @@ pub fn command(name: &str) -> std::process::Command {
     std::process::Command::new(path(name))
 }
 
+/// `bash -c script` in a private mount namespace (`unshare --mount --propagation private`):
+/// the mounts the script makes (a chroot's /proc, /sys, /dev) vanish with it, whatever happens.
+pub fn private_mount_shell(script: &str) -> std::process::Command {
+    let mut c = command("unshare");
+    c.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/bash",
+        "-c",
+        script,
+    ]);
+    c
+}
+
 fn locate(name: &str) -> Option<PathBuf> {
     if name.starts_with('/') {
         return Path::new(name).exists().then(|| PathBuf::from(name));

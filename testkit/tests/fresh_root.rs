@@ -190,16 +190,7 @@ in_root qemu-system-x86_64 --version | head -n1
     );
     let out = run(
         "./dev deps in a fresh Debian 12 root",
-        tools::command("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "/bin/bash",
-                "-c",
-            ])
-            .arg(&script),
+        &mut tools::private_mount_shell(&script),
     );
     eprintln!("{}", tail(&out, 40));
     assert!(out.contains("== tools"), "{out}");

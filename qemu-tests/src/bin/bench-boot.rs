@@ -306,16 +306,7 @@ in_root apt-get clean
 "#,
         root = root.display(),
     );
-    let out = keelson_testkit::tools::command("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "/bin/bash",
-            "-c",
-        ])
-        .arg(&script)
+    let out = keelson_testkit::tools::private_mount_shell(&script)
         .output()
         .context("unshare")?;
     if !out.status.success() {
