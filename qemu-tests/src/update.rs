@@ -131,36 +131,23 @@ impl Signing {
         let out = self.images.join(&name);
         let done = self.images.join(format!("{name}.complete"));
         if !done.is_file() {
-            self.build(&self.images, &name, version, extra_services, kernel_args);
+            let mut c = Command::new(&self.image_build);
+            c.current_dir(workspace_root())
+                .args(["-q", "build", "configs/test.toml", "--version", version])
+                .arg("--trusted-root")
+                .arg(&self.root)
+                .arg("--out")
+                .arg(&out);
+            if let Some(e) = extra_services {
+                c.arg("--extra-services").arg(e);
+            }
+            for a in kernel_args {
+                c.args(["--kernel-arg", a]);
+            }
+            run(&mut c);
             std::fs::write(&done, "").unwrap();
         }
         out
-    }
-
-    /// `configs/test.toml` built as `version` into `dir/name`, trusting this root.
-    fn build(
-        &self,
-        dir: &Path,
-        name: &str,
-        version: &str,
-        extra_services: Option<&Path>,
-        kernel_args: &[&str],
-    ) {
-        let out = dir.join(name);
-        let mut c = Command::new(&self.image_build);
-        c.current_dir(workspace_root())
-            .args(["-q", "build", "configs/test.toml", "--version", version])
-            .arg("--trusted-root")
-            .arg(&self.root)
-            .arg("--out")
-            .arg(&out);
-        if let Some(e) = extra_services {
-            c.arg("--extra-services").arg(e);
-        }
-        for a in kernel_args {
-            c.args(["--kernel-arg", a]);
-        }
-        run(&mut c);
     }
 
     /// Adds the image in `img` to the repository `repo` (created if new), signed with this key.

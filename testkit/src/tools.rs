@@ -104,9 +104,14 @@ pub fn command(name: &str) -> std::process::Command {
     std::process::Command::new(path(name))
 }
 
-/// `bash -c script` in a private mount namespace (`unshare --mount --propagation private`):
-/// the mounts the script makes (a chroot's /proc, /sys, /dev) vanish with it, whatever happens.
-pub fn private_mount_shell(script: &str) -> std::process::Command {
+/// `bash -c script` in a private mount namespace (`unshare --mount --propagation private`)
+/// with `root` prepared for `chroot`: `$R` names it, and its /proc, /sys and /dev are mounted
+/// first. The mounts vanish with the namespace, whatever the script does.
+pub fn chroot_shell(root: &Path, script: &str) -> std::process::Command {
+    let script = format!(
+        "set -eu\nR='{}'\nmount -t proc proc \"$R/proc\"\nmount --rbind /sys \"$R/sys\"\nmount --rbind /dev \"$R/dev\"\n{script}",
+        root.display()
+    );
     let mut c = command("unshare");
     c.args([
         "--mount",
@@ -115,8 +120,8 @@ pub fn private_mount_shell(script: &str) -> std::process::Command {
         "--",
         "/bin/bash",
         "-c",
-        script,
-    ]);
+    ])
+    .arg(script);
     c
 }
 

@@ -134,7 +134,6 @@ fn dev_deps_on_a_fresh_debian_12_root_resolves_every_host_tool() {
             .arg(&mirror),
     );
 
-    let r = root.0.display().to_string();
     let ws = workspace().display().to_string();
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));
@@ -157,12 +156,7 @@ fn dev_deps_on_a_fresh_debian_12_root_resolves_every_host_tool() {
 
     // Everything runs in a private mount namespace: its mounts vanish with it.
     let script = format!(
-        r#"set -eu
-R={r}
-mount -t proc proc "$R/proc"
-mount --rbind /sys "$R/sys"
-mount --rbind /dev "$R/dev"
-mkdir -p "$R/src" "$R{cargo_home}" "$R{rustup_home}"
+        r#"mkdir -p "$R/src" "$R{cargo_home}" "$R{rustup_home}"
 mount --bind {ws} "$R/src" && mount -o remount,bind,ro "$R/src"
 mount --bind {cargo_home} "$R{cargo_home}" && mount -o remount,bind,ro "$R{cargo_home}"
 mount --bind {rustup_home} "$R{rustup_home}" && mount -o remount,bind,ro "$R{rustup_home}"
@@ -190,7 +184,7 @@ in_root qemu-system-x86_64 --version | head -n1
     );
     let out = run(
         "./dev deps in a fresh Debian 12 root",
-        &mut tools::private_mount_shell(&script),
+        &mut tools::chroot_shell(&root.0, &script),
     );
     eprintln!("{}", tail(&out, 40));
     assert!(out.contains("== tools"), "{out}");

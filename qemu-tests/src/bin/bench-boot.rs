@@ -288,12 +288,7 @@ fn debian_peer(lock: &Path) -> Result<std::path::PathBuf> {
     }
     // The kernel, and the root's setup, in the root (its mounts vanish with the namespace).
     let script = format!(
-        r#"set -eu
-R={root}
-mount -t proc proc "$R/proc"
-mount --rbind /sys "$R/sys"
-mount --rbind /dev "$R/dev"
-cp /etc/resolv.conf "$R/etc/resolv.conf"
+        r#"cp /etc/resolv.conf "$R/etc/resolv.conf"
 printf 'deb {mirror} bookworm main\ndeb {mirror}-security bookworm-security main\n' > "$R/etc/apt/sources.list"
 printf '#!/bin/sh\nexit 101\n' > "$R/usr/sbin/policy-rc.d"; chmod +x "$R/usr/sbin/policy-rc.d"
 in_root() {{ chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive "$@"; }}
@@ -303,10 +298,9 @@ rm "$R/usr/sbin/policy-rc.d"
 echo debian-peer > "$R/etc/hostname"
 printf '/dev/vda / ext4 defaults 0 1\n' > "$R/etc/fstab"
 in_root apt-get clean
-"#,
-        root = root.display(),
+"#
     );
-    let out = keelson_testkit::tools::private_mount_shell(&script)
+    let out = keelson_testkit::tools::chroot_shell(&root, &script)
         .output()
         .context("unshare")?;
     if !out.status.success() {
