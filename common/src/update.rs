@@ -33,6 +33,24 @@ impl Manifest {
                         )
                     })?;
             }
+            for r in &p.root_patches {
+                let what = format!("version {}: root patch {:?}", p.version, r.target);
+                check_version(&r.from_version).map_err(|e| format!("{what}: from version: {e}"))?;
+                if r.from_roothash.len() != 64
+                    || !r.from_roothash.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    return Err(format!(
+                        "{what}: {:?} is no dm-verity root hash (64 hex digits)",
+                        r.from_roothash
+                    ));
+                }
+                if r.from_size == 0 || r.from_size % 4096 != 0 {
+                    return Err(format!(
+                        "{what}: from size {} is not a positive multiple of 4096",
+                        r.from_size
+                    ));
+                }
+            }
             for u in &p.uki_patches {
                 if u.slot != "a" && u.slot != "b" {
                     return Err(format!(
@@ -123,6 +141,26 @@ pub struct Payload {
     /// booted instead of downloading the whole one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uki_patches: Vec<UkiPatch>,
+    /// This version's root image as zstd `--patch-from` patches against earlier versions'
+    /// roots (the previous listed one's by default): a node running one of them patches its
+    /// own root, read through dm-verity, instead of fetching chunks or the whole root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub root_patches: Vec<RootPatch>,
+}
+
+/// A version's root image as a patch against the root of a version nodes already run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootPatch {
+    /// The version whose root the patch applies to.
+    pub from_version: String,
+    /// That root's dm-verity root hash: a node patches only the root it booted with this hash
+    /// (every byte it reads from it is checked by dm-verity against it).
+    pub from_roothash: String,
+    /// That root image's size: the reference is its first `from_size` bytes.
+    pub from_size: u64,
+    /// Target: the patch (one zstd frame, the old root its reference prefix, the new root's
+    /// size in its header), `<variant>-<version>-root.from-<from_version>.zst`.
+    pub target: String,
 }
 
 /// One UKI of a version as a patch against a UKI nodes already have.
@@ -144,6 +182,11 @@ pub struct UkiPatch {
 /// together, up to 64 MiB. image-build publishes no patch above it; the agent refuses to
 /// decode one (bounded memory whatever a patch declares).
 pub const UKI_PATCH_WINDOW_LOG_MAX: u32 = 26;
+
+/// The largest zstd window (log2) a root patch is made with: zstd's own maximum, 2 GiB for the
+/// reference and the new root together. Nodes decode a root patch in one pass into a buffer of
+/// the signed root size (no window buffer), so this bounds nothing on the node.
+pub const ROOT_PATCH_WINDOW_LOG_MAX: u32 = 31;
 
 /// Where a version's chunk list is, and what it adds up to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -486,6 +529,7 @@ mod tests {
             extensions: vec![],
             chunks: None,
             uki_patches: vec![],
+            root_patches: vec![],
         };
         let mut m = Manifest {
             updates: vec![p("0.2.0"), p("0.10.0"), p("0.3.1")],
@@ -525,6 +569,36 @@ mod tests {
             .unwrap()
             .check();
         assert!(e.unwrap_err().contains("is no sha256"));
+    }
+
+    /// Root patches are optional, and what a node acts on in one is checked.
+    #[test]
+    fn root_patches_are_optional_and_checked() {
+        let json = |from: &str, hash: &str, size: u64| {
+            format!(
+                r#"{{"updates": [{{"version": "0.2.0", "variant": "test", "roothash": "ab",
+                "root": "r", "root_size": 8192, "verity": "v", "verity_size": 4096,
+                "uki_a": "a.efi", "uki_b": "b.efi", "released": "2025-01-01T00:00:00Z",
+                "root_patches": [{{"from_version": "{from}", "from_roothash": "{hash}",
+                "from_size": {size}, "target": "test-0.2.0-root.from-0.1.0.zst"}}]}}]}}"#
+            )
+        };
+        let hash = "cd".repeat(32);
+        let check = |j: String| serde_json::from_str::<Manifest>(&j).unwrap().check();
+        assert!(check(json("0.1.0", &hash, 8192)).is_ok());
+        let m: Manifest = serde_json::from_str(&json("0.1.0", &hash, 8192)).unwrap();
+        assert_eq!(m.updates[0].root_patches[0].from_size, 8192);
+        let e = check(json("../x", &hash, 8192)).unwrap_err();
+        assert!(
+            e.contains("root patch") && e.contains("from version"),
+            "{e}"
+        );
+        let e = check(json("0.1.0", "abc", 8192)).unwrap_err();
+        assert!(e.contains("no dm-verity root hash"), "{e}");
+        let e = check(json("0.1.0", &hash, 4097)).unwrap_err();
+        assert!(e.contains("not a positive multiple of 4096"), "{e}");
+        let e = check(json("0.1.0", &hash, 0)).unwrap_err();
+        assert!(e.contains("not a positive multiple of 4096"), "{e}");
     }
 
     /// A manifest written before extensions existed still parses (no extensions), and one

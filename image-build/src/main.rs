@@ -144,6 +144,13 @@ enum UpdateCmd {
         /// and listed under it (repeatable).
         #[arg(long = "extension")]
         extensions: Vec<PathBuf>,
+        /// Publish the root as a patch against each of the N newest older versions of the
+        /// variant (0: none; nodes running another version use the chunks).
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        root_patches: usize,
+        /// zstd level of the root patches (1-22; lower is faster to make, larger to download).
+        #[arg(long, default_value_t = update::ROOT_PATCH_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+        patch_level: i32,
     },
     /// List an extension build under an OS version already in the repository (the repository
     /// says it fits that version, whatever it was built for), signing its image if new.
@@ -232,6 +239,8 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
             image,
             waves,
             extensions,
+            root_patches,
+            patch_level,
         } => {
             let repo = repo.options()?;
             let dir = repo.repo.clone();
@@ -241,6 +250,8 @@ fn run_update(cmd: UpdateCmd, quiet: bool) -> Result<()> {
                 waves: waves.iter().map(|w| parse_wave(w)).collect::<Result<_>>()?,
                 release: jiff::Timestamp::now(),
                 extensions,
+                root_patches,
+                patch_level,
             })?;
             if !quiet {
                 eprintln!(

@@ -36,7 +36,8 @@ fn image(dir: &Path, version: &str) -> String {
     std::fs::write(d.join(&uki), b"MZ uki a").unwrap();
     std::fs::write(d.join("uki-slot-b.efi"), b"MZ uki b").unwrap();
     let m = format!(
-        r#"{{"image": {{"name": "t", "version": "{version}", "roothash_a": "ab", "uki": "{uki}"}}}}"#
+        r#"{{"image": {{"name": "t", "version": "{version}", "roothash_a": "{}", "uki": "{uki}"}}}}"#,
+        "ab".repeat(32)
     );
     std::fs::write(d.join("manifest.json"), m).unwrap();
     d.to_str().unwrap().to_owned()
@@ -566,4 +567,126 @@ fn uki_patches_rebuild_each_uki_from_the_previous_versions() {
             .unwrap();
         assert!(out == ukis[&("2.0", slot)], "slot {slot}'s patch");
     }
+}
+
+/// From the second version on, the root also comes as a zstd `--patch-from` patch against the
+/// roots of the newest older versions (`--root-patches N`, 1 by default, 0 for none), each
+/// naming the root hash and size it applies to; applied, it is the new root byte for byte.
+#[test]
+fn root_patches_rebuild_the_root_from_older_versions() {
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| t.path().join(n).to_str().unwrap().to_owned();
+    ok(&["update", "keygen", &p("k.pk8")]);
+    ok(&[
+        "update",
+        "root",
+        "--key",
+        &p("k.pk8"),
+        "--out",
+        &p("root.json"),
+    ]);
+    let repo = t.path().join("repo");
+    // Three versions' roots: 2 MiB alike but for one changed 16 KiB stretch each.
+    let mut roots = std::collections::HashMap::new();
+    let mut root = noise(9, 2 << 20);
+    for (i, (v, extra)) in [
+        ("1.0", &[][..]),
+        ("2.0", &[][..]),
+        ("3.0", &["--root-patches", "2"][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if i > 0 {
+            let at = i * (512 << 10);
+            root[at..at + (16 << 10)].copy_from_slice(&noise(20 + i as u32, 16 << 10));
+        }
+        let img = image(t.path(), v);
+        std::fs::write(Path::new(&img).join("root.erofs"), &root).unwrap();
+        let roothash = format!("{i:x}").repeat(64);
+        let m = format!(
+            r#"{{"image": {{"name": "t", "version": "{v}", "roothash_a": "{roothash}", "uki": "keelson_{v}+3.efi"}}}}"#
+        );
+        std::fs::write(Path::new(&img).join("manifest.json"), m).unwrap();
+        roots.insert(v, (root.clone(), roothash));
+        let (repo_arg, root_arg, key_arg) = (p("repo"), p("root.json"), p("k.pk8"));
+        let mut args = vec![
+            "update",
+            "add",
+            "--repo",
+            &repo_arg,
+            "--root",
+            &root_arg,
+            "--key",
+            &key_arg,
+            "--patch-level",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        args.push(&img);
+        ok(&args);
+    }
+    let m = signed_manifest(&repo);
+    let version = |v: &str| {
+        m["updates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["version"] == v)
+            .unwrap()
+            .clone()
+    };
+    assert!(version("1.0").get("root_patches").is_none(), "{m}");
+    let from = |v: &str| -> Vec<String> {
+        version(v)["root_patches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["from_version"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(from("2.0"), ["1.0"], "{m}");
+    assert_eq!(from("3.0"), ["2.0", "1.0"], "{m}");
+    for (v, x) in [("2.0", 0), ("3.0", 0), ("3.0", 1)] {
+        let x = &version(v)["root_patches"][x];
+        let old = x["from_version"].as_str().unwrap();
+        let (reference, roothash) = &roots[old];
+        assert_eq!(x["from_roothash"], roothash.as_str());
+        assert_eq!(x["from_size"], reference.len());
+        assert_eq!(x["target"], format!("t-{v}-root.from-{old}.zst"));
+        let patch = signed_target(&repo, x["target"].as_str().unwrap());
+        assert!(
+            patch.len() < 64 << 10,
+            "a {}-byte patch of {v}'s root from {old}'s",
+            patch.len()
+        );
+        let mut d = zstd::zstd_safe::DCtx::create();
+        d.ref_prefix(&reference[..]).unwrap();
+        let mut out = Vec::with_capacity(reference.len());
+        d.decompress(&mut out, &patch).unwrap();
+        assert!(out == roots[v].0, "{v}'s root from {old}'s");
+    }
+    // None asked for: none published.
+    let img = image(t.path(), "4.0");
+    ok(&[
+        "update",
+        "add",
+        "--repo",
+        &p("repo"),
+        "--root",
+        &p("root.json"),
+        "--key",
+        &p("k.pk8"),
+        "--root-patches",
+        "0",
+        &img,
+    ]);
+    let m = signed_manifest(&repo);
+    let v4 = m["updates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["version"] == "4.0")
+        .unwrap();
+    assert!(v4.get("root_patches").is_none(), "{m}");
 }

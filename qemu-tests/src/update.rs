@@ -150,13 +150,21 @@ impl Signing {
         out
     }
 
-    /// Adds the image in `img` to the repository `repo` (created if new), signed with this key.
+    /// Adds the image in `img` to the repository `repo` (created if new), signed with this key,
+    /// with a root patch against the previous version as releases have (made at
+    /// [`TEST_PATCH_LEVEL`]).
     pub fn add(&self, repo: &Path, img: &Path) {
         self.add_with_extensions(repo, img, &[]);
     }
 
     /// [`add`](Self::add), listing the extensions built in `extensions` for that version.
     pub fn add_with_extensions(&self, repo: &Path, img: &Path, extensions: &[&Path]) {
+        self.add_with(repo, img, extensions, &["--patch-level", TEST_PATCH_LEVEL]);
+    }
+
+    /// Adds with these `image-build update add` options and its defaults otherwise (a release's
+    /// root patch level; `--root-patches 0`: a repository whose nodes take the chunks).
+    pub fn add_with(&self, repo: &Path, img: &Path, extensions: &[&Path], options: &[&str]) {
         let mut c = Command::new(&self.image_build);
         c.args(["-q", "update", "add", "--repo"])
             .arg(repo)
@@ -164,13 +172,19 @@ impl Signing {
             .arg(&self.root)
             .arg("--key")
             .arg(&self.key)
-            .arg(img);
+            .args(options);
         for e in extensions {
             c.arg("--extension").arg(e);
         }
+        c.arg(img);
         run(&mut c);
     }
 }
+
+/// The zstd level of the root patches scenarios publish: level 3 makes one in under a second,
+/// where releases' default (19, which `bench-update` measures) takes about 20 s of CPU; the
+/// scenarios check what a patch builds, not how small it is.
+pub const TEST_PATCH_LEVEL: &str = "3";
 
 /// An exclusive `flock` on `dir/.lock`, held until dropped: scenarios of one run may build
 /// into the shared directory at once.

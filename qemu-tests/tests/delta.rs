@@ -1,11 +1,12 @@
 //! Delta updates through the real UEFI path (OVMF + systemd-boot + UKIs with boot counting), on
 //! images the test builds: N (0.1.0), N+1 (0.2.0) and N+2 (0.3.0, one more system service), in
-//! repositories made with `image-build update add` (each version's root cut into chunks). What
-//! each install did is read from the agent's events on the console (`update-delta`,
+//! repositories made with `image-build update add` (each version's root cut into chunks, and in
+//! one of them also published as a patch against the previous root). What each install did is
+//! read from the agent's events on the console (`update-delta`, `update-root-patch`,
 //! `update-delta-fallback`, `update-staged` with the bytes downloaded) and checked against the
-//! repository's own chunk lists; the slots written are read back from the guest's disk after
-//! it powered off and compared byte for byte with the images built (what a full update
-//! writes).
+//! repository's own chunk lists and patches; the slots written are read back from the guest's
+//! disk after it powered off and compared byte for byte with the images built (what a full
+//! update writes).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -28,9 +29,11 @@ struct Fixture {
     n: PathBuf,
     n1: PathBuf,
     n2: PathBuf,
-    /// Offers 0.1.0 and 0.2.0.
+    /// Offers 0.1.0 and 0.2.0, 0.2.0's root also as a patch against 0.1.0's (as releases do).
+    repo12_patch: PathBuf,
+    /// Offers 0.1.0 and 0.2.0, roots as chunks only (no root patches).
     repo12: PathBuf,
-    /// Offers 0.1.0, 0.2.0 and 0.3.0.
+    /// Offers 0.1.0, 0.2.0 and 0.3.0, roots as chunks only.
     repo123: PathBuf,
     /// `repo12` without one chunk 0.2.0 has and 0.1.0 lacks (`missing`).
     repo_missing: PathBuf,
@@ -68,13 +71,18 @@ fn fixture() -> &'static Fixture {
         let n = s.image("0.1.0", None, &[]);
         let n1 = s.image("0.2.0", None, &[]);
         let n2 = s.image("0.3.0", Some(&hello), &[]);
+        let repo12_patch = dir.join("repo12-patch");
         let repo12 = dir.join("repo12");
         let repo123 = dir.join("repo123");
+        let chunks_only = |repo: &Path, img: &Path| {
+            s.add_with(repo, img, &[], &["--root-patches", "0"]);
+        };
         for img in [&n, &n1] {
-            s.add(&repo12, img);
-            s.add(&repo123, img);
+            s.add(&repo12_patch, img);
+            chunks_only(&repo12, img);
+            chunks_only(&repo123, img);
         }
-        s.add(&repo123, &n2);
+        chunks_only(&repo123, &n2);
 
         let new = new_chunks(&repo12, "0.1.0", "0.2.0");
         assert!(!new.is_empty(), "0.2.0's root has no chunk 0.1.0 lacks");
@@ -97,6 +105,7 @@ fn fixture() -> &'static Fixture {
             n,
             n1,
             n2,
+            repo12_patch,
             repo12,
             repo123,
             repo_missing,
@@ -118,7 +127,11 @@ fn file_len(p: &Path) -> u64 {
 /// the root (by delta: the chunk list and the stored chunks the node lacks; whole: the gzip
 /// root), the UKI (by delta: its patch against `from`'s; whole: the UKI), and the verity tree.
 struct Expected {
+    /// The chunk list and the chunks `from` lacks; or, when the repository has a patch of
+    /// `to`'s root against `from`'s (which the agent takes first), that patch.
     delta_root: u64,
+    /// Whether `delta_root` is a root patch.
+    patch: bool,
     full_root: u64,
     uki_patch: u64,
     uki: u64,
@@ -141,13 +154,19 @@ fn expected(repo: &Path, from: &str, to: &str, slot: &str) -> Expected {
         })
         .sum();
     let list_len = file_len(&target_path(repo, &p.chunks.as_ref().unwrap().target));
+    let root_patch = p
+        .root_patches
+        .iter()
+        .find(|r| r.from_version == from)
+        .map(|r| file_len(&target_path(repo, &r.target)));
     let patch = p
         .uki_patches
         .iter()
         .find(|u| u.slot == slot && u.from_version == from)
         .unwrap_or_else(|| panic!("{to} has no UKI patch for slot {slot} from {from}"));
     Expected {
-        delta_root: list_len + stored,
+        delta_root: root_patch.unwrap_or(list_len + stored),
+        patch: root_patch.is_some(),
         full_root: file_len(&target_path(repo, &p.root)),
         uki_patch: file_len(&target_path(repo, &patch.target)),
         uki: file_len(&target_path(repo, p.uki_for(slot))),
@@ -167,29 +186,44 @@ fn number_after(line: &str, after: &str) -> u64 {
         .unwrap_or_else(|| panic!("no number after {after:?} in {line}"))
 }
 
-/// Applies (and reboots into) `to`: the agent must take the delta path for the root and the
-/// UKI, not fall back, and download exactly the chunk list, the chunks the running slot lacks,
-/// the UKI's patch and the verity tree; then the new slot is blessed with /var intact.
+/// Applies (and reboots into) `to`: the agent must take the cheapest way the repository
+/// offers for the root (its patch against `from`'s root if there is one, else the chunks) and
+/// the UKI's patch, not fall back, and download exactly that (the patch, or the chunk list and
+/// the chunks the running slot lacks), the UKI's patch and the verity tree; then the new slot
+/// is blessed with /var intact.
 fn update_by_delta(g: &Guest, repo: &Path, from: &str, to: &str, slot: &str) {
     let e = expected(repo, from, to, slot);
     let out = g.sh("keelctl update apply --reboot --no-wait");
     assert!(!out.contains("keelctl:"), "{out}");
+    let way = if e.patch { "by root patch" } else { "by delta" };
     let (i, line) = g
         .wait_for_any(
             &[
-                &format!("update-delta: {to} by delta"),
+                &format!("update-delta: {to} {way}"),
                 "update-delta-fallback",
             ],
             BOOT,
         )
         .unwrap();
-    assert_eq!(i, 0, "{to} did not come by delta: {line}");
-    let chunks_kib = number_after(&line, "downloading ");
+    assert_eq!(i, 0, "{to} did not come {way}: {line}");
+    let root_kib = number_after(&line, "downloading ");
     assert_eq!(
-        chunks_kib,
+        root_kib,
         e.delta_root >> 10,
-        "the agent plans another download than the chunks {to} has and {from} lacks: {line}"
+        "the agent plans another download than {to}'s root {way} from {from}'s: {line}"
     );
+    if e.patch {
+        let (i, line) = g
+            .wait_for_any(&["update-root-patch", "update-delta-fallback"], BOOT)
+            .unwrap();
+        assert_eq!(i, 0, "{to}'s root patch was not applied: {line}");
+        assert!(
+            line.contains(&format!(
+                "{to}'s root built from the running one ({from}'s)"
+            )),
+            "{line}"
+        );
+    }
     let (i, line) = g
         .wait_for_any(&["update-uki-patch", "update-delta-fallback"], BOOT)
         .unwrap();
@@ -209,11 +243,11 @@ fn update_by_delta(g: &Guest, repo: &Path, from: &str, to: &str, slot: &str) {
     assert_eq!(
         downloaded,
         delta >> 10,
-        "{staged}: not the chunk list + missing chunks + UKI patch + verity"
+        "{staged}: not the root {way} + UKI patch + verity"
     );
     let full = e.full_root + e.uki + e.verity;
     eprintln!(
-        "{from} -> {to} by delta: root {} KiB of {} KiB full ({:.1} %), UKI {} B of {} KiB; with the verity tree {} KiB of {} KiB ({:.1} %)",
+        "{from} -> {to} {way}: root {} KiB of {} KiB full ({:.1} %), UKI {} B of {} KiB; with the verity tree {} KiB of {} KiB ({:.1} %)",
         e.delta_root >> 10,
         e.full_root >> 10,
         e.delta_root as f64 * 100.0 / e.full_root as f64,
@@ -243,14 +277,15 @@ fn power_off(g: Guest) {
     g.wait_exit(Duration::from_secs(120)).unwrap();
 }
 
-/// N -> N+1 by delta, then N+1 -> N+2 by delta from the slot the first delta wrote; each slot
-/// read back from the disk is the version's root image and verity tree byte for byte.
+/// N -> N+1 with the root as a patch against N's, then N+1 -> N+2 by chunks from the slot the
+/// patch wrote; each slot read back from the disk is the version's root image and verity tree
+/// byte for byte.
 #[test]
 fn delta_updates_n_to_n1_to_n2_write_each_slot_as_the_image_built() {
     let f = fixture();
     let disk = fresh_disk(f, "chain");
     let g = test_guest_uefi(&disk).spawn().unwrap();
-    let httpd = serve(&g, &f.repo12);
+    let httpd = serve(&g, &f.repo12_patch);
     g.expect("update-blessed: 0.1.0", BOOT);
     configure_with(&g, "");
     g.sh("echo kept > /flush/marker");
@@ -272,7 +307,7 @@ fn delta_updates_n_to_n1_to_n2_write_each_slot_as_the_image_built() {
     assert!(delta < full, "{v}");
     eprintln!("keelctl update check: 0.2.0 {full} bytes full, {delta} by delta");
 
-    update_by_delta(&g, &f.repo12, "0.1.0", "0.2.0", "b");
+    update_by_delta(&g, &f.repo12_patch, "0.1.0", "0.2.0", "b");
     drop(httpd);
     let httpd = serve(&g, &f.repo123);
     update_by_delta(&g, &f.repo123, "0.2.0", "0.3.0", "a");

@@ -157,6 +157,7 @@ fn build_fixture(ws: &Path, dir: &Path) {
         let mut c = Command::new(&ib);
         c.args(["-q", "update", "add", "--repo"]).arg(repo);
         c.arg("--root").arg(&root).arg("--key").arg(&key);
+        c.args(["--patch-level", update::TEST_PATCH_LEVEL]);
         c.arg(&img).arg("--extension").arg(ext);
         run(&mut c);
     };

@@ -120,8 +120,9 @@ pub struct OfferedVersion {
     pub version: String,
     /// Compressed download size (root + verity + this slot's UKI).
     pub download_size: u64,
-    /// What a delta update would download instead (chunk list, the root's chunks this node
-    /// lacks, verity, UKI); None when this version would come whole, `delta_note` says why.
+    /// What a delta update would download instead (the root as a patch against this node's
+    /// root, or the chunk list and the root's chunks this node lacks; verity; the UKI or its
+    /// patch); None when this version would come whole, `delta_note` says why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_size: Option<u64>,
     /// Why there is no delta (no chunk list, slot not indexable, over the limit), if none.

@@ -429,8 +429,9 @@ fn main() -> Result<()> {
         ("everything rebuilt with a new seed", "0.5.0", &reseeded),
     ] {
         let repo = dir.join(format!("repo-{version}"));
-        signing.add(&repo, &n);
-        signing.add(&repo, image);
+        // As a release is published: root patches at image-build's default level.
+        signing.add_with(&repo, &n, &[], &[]);
+        signing.add_with(&repo, image, &[], &[]);
         scenarios.push(Scenario {
             name: name.to_owned(),
             version: version.into(),

@@ -216,6 +216,7 @@ mod tests {
             extensions: ext,
             chunks: None,
             uki_patches: vec![],
+            root_patches: vec![],
         };
         Manifest {
             updates: vec![

@@ -10,9 +10,10 @@
 //!    signature (`secure_boot`);
 //! 3. delete every boot entry of the target slot (fsync the directory): from here on the slot
 //!    is not bootable;
-//! 4. write the root into the slot: by delta (`delta`: the running slot's chunks copied, the
-//!    missing ones downloaded and checked; decided in step 2, before the slot is touched), or by
-//!    streaming the compressed root (sha256 and length checked against the signed targets
+//! 4. write the root into the slot: as patched from the running root (`root_patch`: the patch
+//!    downloaded and applied in step 2, before the slot is touched), by delta (`delta`: the
+//!    running slot's chunks copied, the missing ones downloaded and checked; decided in step 2),
+//!    or by streaming the compressed root (sha256 and length checked against the signed targets
 //!    metadata as it streams; ranged re-requests resume a dropped download), which is also what
 //!    a delta that fails falls back to; then the verity hash device; fsync both;
 //! 5. read the slot back and recompute the dm-verity tree: its root hash must be the signed
@@ -36,6 +37,7 @@ use url::Url;
 
 use super::delta;
 use super::http;
+use super::root_patch;
 use super::secure_boot;
 use super::slots::{self, Layout};
 use super::uki;
@@ -445,25 +447,89 @@ pub async fn install(
             p.verity
         );
     }
-    // A delta from the running slot, or the full root (and why), decided before anything is
-    // written.
-    let decision = delta::decide(
-        agent,
+    // The root as a patch against the running one, when the repository has one for it:
+    // downloaded and applied in memory before anything is written.
+    let (patched_root, patch_spent) = match root_patch::plan(
         repo,
         layout.running_root.as_deref(),
         &layout.roothash,
         p,
         root_len,
         delta_max_percent,
-    )
-    .await;
+    ) {
+        Ok(plan) => {
+            agent.emit(
+                "update-delta",
+                format!(
+                    "{} by root patch: downloading {} KiB ({}) instead of the {} KiB root, applying it to the running root ({}'s) in slot {}",
+                    p.version,
+                    plan.patch_len >> 10,
+                    plan.patch.target,
+                    root_len >> 10,
+                    plan.patch.from_version,
+                    layout.running.letter()
+                ),
+            );
+            match root_patch::assemble(agent, repo, &plan, p).await {
+                Ok(root) => {
+                    agent.emit(
+                        "update-root-patch",
+                        format!(
+                            "{}'s root built from the running one ({}'s): downloaded {} KiB instead of {} KiB",
+                            p.version,
+                            plan.patch.from_version,
+                            plan.patch_len >> 10,
+                            root_len >> 10
+                        ),
+                    );
+                    (Some(root), plan.patch_len)
+                }
+                Err(e) => {
+                    agent.check_cancel()?;
+                    agent.emit(
+                        "update-delta-fallback",
+                        format!(
+                            "{}'s root patch {}: {e:#}; trying its chunks",
+                            p.version, plan.patch.target
+                        ),
+                    );
+                    (None, plan.patch_len)
+                }
+            }
+        }
+        Err(why) => {
+            tracing::info!("update: {why}");
+            (None, 0)
+        }
+    };
+    // Else a delta from the running slot's chunks, or the full root (and why), decided before
+    // anything is written.
+    let decision = if patched_root.is_some() {
+        delta::Decision {
+            planned: None,
+            whole: None,
+        }
+    } else {
+        delta::decide(
+            agent,
+            repo,
+            layout.running_root.as_deref(),
+            &layout.roothash,
+            p,
+            root_len,
+            delta_max_percent,
+        )
+        .await
+    };
     agent.check_cancel()?;
-    // The chunk list was downloaded to decide: it counts.
+    // The chunk list was downloaded to decide: it counts, as does a root patch.
     let list_len = decision
         .planned
         .as_ref()
-        .map_or(0, |(plan, _)| plan.list_len);
+        .map_or(0, |(plan, _)| plan.list_len)
+        + patch_spent;
     let delta = match decision {
+        _ if patched_root.is_some() => None,
         delta::Decision {
             planned: Some((plan, index)),
             whole: None,
@@ -496,9 +562,11 @@ pub async fn install(
             None
         }
     };
-    let root_download = delta
-        .as_ref()
-        .map_or(root_len + list_len, |(plan, _)| plan.download);
+    let root_download = match (&patched_root, &delta) {
+        (Some(_), _) => patch_spent,
+        (None, Some((plan, _))) => plan.download + patch_spent,
+        (None, None) => root_len + list_len,
+    };
     // The UKI as a patch against the running one, when the repository has one for it.
     let uki_name = p.uki_for(letter);
     let uki_plan = match if delta_max_percent == 0 {
@@ -618,7 +686,9 @@ pub async fn install(
 
     // 4. Root, then verity.
     agent.set_phase(Phase::Downloading);
-    if let Some((plan, index)) = &delta {
+    if let Some(root) = &patched_root {
+        write_root(agent, root, &t.root, letter)?;
+    } else if let Some((plan, index)) = &delta {
         let running = layout.running_root.as_deref().context("no running root")?;
         match delta::assemble(agent, repo, plan, index, running, &t.root).await {
             Ok(()) => {}
@@ -705,6 +775,22 @@ pub async fn install(
             Err(e)
         }
     }
+}
+
+/// Writes a root assembled in memory (from a root patch) into the slot's root partition
+/// `dev_path` and syncs it.
+fn write_root(agent: &Agent, root: &[u8], dev_path: &Path, letter: &str) -> Result<()> {
+    let mut dev = open_dev(dev_path)?;
+    let mut written = 0;
+    for piece in root.chunks(4 << 20) {
+        dev.write_all(piece)
+            .with_context(|| format!("writing the root into slot {letter}"))?;
+        written += piece.len() as u64;
+        agent.set_written(written);
+        agent.check_cancel()?;
+    }
+    dev.sync_all().context("syncing the root partition")?;
+    Ok(())
 }
 
 /// Streams the full (gzip) root into the slot's root partition `dev_path` and syncs it.

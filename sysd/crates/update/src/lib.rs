@@ -24,6 +24,7 @@ pub mod delta;
 pub mod extensions;
 pub mod http;
 pub mod install;
+pub mod root_patch;
 pub mod secure_boot;
 pub mod slots;
 #[cfg(test)]
@@ -443,16 +444,31 @@ impl Agent {
                     continue;
                 }
                 let root_len = install::target_info(&repo, &p.root).map_or(0, |(l, _, _)| l);
-                let d = delta::decide(
-                    self,
+                // The root as a patch against the running one, else as chunks.
+                let root_download = match root_patch::plan(
                     &repo,
                     running_root.as_deref(),
                     &roothash,
                     p,
                     root_len,
                     spec.delta_max_percent,
-                )
-                .await;
+                ) {
+                    Ok(plan) => Some(plan.patch_len),
+                    Err(_) => {
+                        let d = delta::decide(
+                            self,
+                            &repo,
+                            running_root.as_deref(),
+                            &roothash,
+                            p,
+                            root_len,
+                            spec.delta_max_percent,
+                        )
+                        .await;
+                        v.delta_note = d.whole;
+                        d.planned.map(|(plan, _)| plan.download)
+                    }
+                };
                 // The UKI as a patch against the running one, where it can come so.
                 let uki_len = install::target_info(&repo, p.uki_for(&node.target_slot))
                     .map_or(0, |(l, _, _)| l);
@@ -460,10 +476,8 @@ impl Agent {
                     .as_ref()
                     .and_then(|l| uki::plan(&repo, l, p, &node.target_slot, uki_len).ok())
                     .map_or(uki_len, |u| u.patch_len);
-                v.delta_size = d.planned.map(|(plan, _)| {
-                    v.download_size - root_len - uki_len + plan.download + uki_download
-                });
-                v.delta_note = d.whole;
+                v.delta_size = root_download
+                    .map(|root| v.download_size - root_len - uki_len + root + uki_download);
             }
         }
         Ok(UpdateCheck {

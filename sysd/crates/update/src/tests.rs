@@ -1379,7 +1379,8 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     let (v1, v2, v2_root) = related_images(t.path());
     let n = node_with(&v1, "0.1.0", "a", true);
     n.add(&v1, &[]);
-    n.add(&v2, &[]);
+    // Chunks only: the root-patch path has its own test.
+    n.add(&v2, &["--root-patches", "0"]);
     let rt = rt();
     let running = n.dir.path().join("running-root");
     let running_before = std::fs::read(&running).unwrap();
@@ -1535,7 +1536,7 @@ fn bad_chunk_lists_are_refused_and_the_full_root_installed() {
     let (v1, v2, v2_root) = related_images(t.path());
     let n = node_with(&v1, "0.1.0", "a", true);
     n.add(&v1, &[]);
-    n.add(&v2, &[]);
+    n.add(&v2, &["--root-patches", "0"]);
     let rt = rt();
     let running = n.dir.path().join("running-root");
     let running_before = std::fs::read(&running).unwrap();
@@ -1710,4 +1711,126 @@ fn a_uki_comes_as_a_patch_against_the_running_one_and_every_failure_downloads_it
         "{line}"
     );
     assert!(installed() == new_uki);
+}
+
+/// N → N+1 with the root as a patch against the running root (what `update add` publishes by
+/// default): only the patch is downloaded for the root, slot B is N+1's root byte for byte and
+/// the running root is only read. A signed patch that builds other bytes is refused and the
+/// root comes as chunks; a patch over the configured share is not used.
+#[test]
+fn a_root_comes_as_a_patch_against_the_running_one_and_a_bad_patch_falls_back_to_chunks() {
+    let t = tempfile::tempdir().unwrap();
+    let (v1, v2, v2_root) = related_images(t.path());
+    let n = node_with(&v1, "0.1.0", "a", true);
+    n.add(&v1, &[]);
+    n.add(&v2, &["--patch-level", "3"]);
+    let rt = rt();
+    let running = n.dir.path().join("running-root");
+    let running_before = std::fs::read(&running).unwrap();
+    let slot_b = || std::fs::read(n.dir.path().join("root-b")).unwrap()[..v2_root.len()].to_vec();
+    let target = "test-0.2.0-root.from-0.1.0.zst";
+    let good_patch = std::fs::read_dir(n.repo.join("targets"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(&format!(".{target}")))
+        .map(|p| std::fs::read(p).unwrap())
+        .unwrap_or_else(|| panic!("no {target} in the repository"));
+    let patch_len = good_patch.len() as u64;
+    let full_root = v2_root.len() as u64;
+    assert!(
+        patch_len < 16 << 10,
+        "an 8 KiB change patched in {patch_len} bytes"
+    );
+
+    // `keelctl update check` counts the patch for the root.
+    let check = rt.block_on(n.agent.check()).unwrap();
+    let offered = check
+        .versions
+        .iter()
+        .find(|v| v.version == "0.2.0")
+        .unwrap();
+    let delta = offered.delta_size.expect("a delta size for 0.2.0");
+    assert!(offered.delta_note.is_none(), "{:?}", offered.delta_note);
+
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    assert!(
+        ev.contains(&format!(
+            "update-delta: 0.2.0 by root patch: downloading {} KiB ({target})",
+            patch_len >> 10
+        )) && ev.contains("update-root-patch: 0.2.0's root built from the running one (0.1.0's)"),
+        "{ev}"
+    );
+    assert!(!ev.contains("update-delta-fallback: 0.2.0's root"), "{ev}");
+    assert!(!ev.contains("by delta"), "chunks were used: {ev}");
+    assert!(
+        slot_b() == v2_root,
+        "slot B is not 0.2.0's root byte for byte"
+    );
+    assert_eq!(n.slot_b_hash(&v2), v2.roothash);
+    let progress = n.agent.status().progress.unwrap();
+    assert_eq!(progress.downloaded, progress.download_total);
+    assert_eq!(
+        progress.downloaded, delta,
+        "what check said it would download"
+    );
+    assert!(
+        progress.downloaded < full_root / 4,
+        "downloaded {} for an {full_root}-byte root",
+        progress.downloaded
+    );
+    assert!(std::fs::read(&running).unwrap() == running_before);
+
+    // A signed patch made against another root (0.2.0's own: applied to 0.1.0's it copies
+    // the old bytes where 0.2.0 changed): zstd's checksum refuses what it builds, and the root
+    // comes as chunks, exactly the signed one.
+    let wrong = {
+        use zstd::zstd_safe::{CCtx, CParameter};
+        let other = v2_root.clone();
+        let mut c = CCtx::create();
+        c.set_parameter(CParameter::ChecksumFlag(true)).unwrap();
+        c.set_parameter(CParameter::EnableLongDistanceMatching(true))
+            .unwrap();
+        c.ref_prefix(&other[..]).unwrap();
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(v2_root.len()));
+        c.compress2(&mut out, &v2_root[..]).unwrap();
+        out
+    };
+    n.resign_target(&rt, target, &wrong);
+    n.reset_slot_b(&rt);
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    let line = ev
+        .lines()
+        .find(|l| l.contains("update-delta-fallback: 0.2.0's root patch"))
+        .unwrap_or_else(|| panic!("{ev}"));
+    assert!(
+        line.contains(target)
+            && line.contains("another root")
+            && line.contains("trying its chunks"),
+        "{line}"
+    );
+    assert!(ev.contains("update-delta: 0.2.0 by delta"), "{ev}");
+    assert!(slot_b() == v2_root);
+    assert_eq!(n.slot_b_hash(&v2), v2.roothash);
+
+    // Over the configured share (the good patch and a 100 KiB skippable zstd frame, 12% of
+    // the root): not downloaded; the chunks are over it too, so the whole root.
+    let mut padded = good_patch.clone();
+    padded.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    padded.extend_from_slice(&(100u32 << 10).to_le_bytes());
+    padded.resize(padded.len() + (100 << 10), 0);
+    n.resign_target(&rt, target, &padded);
+    n.reset_slot_b(&rt);
+    n.set_spec(|s| s.delta_max_percent = 1);
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    let last = &ev[ev.rfind("update-started").unwrap()..];
+    assert!(
+        !last.contains("by root patch")
+            && last.contains("update-delta-fallback: 0.2.0 comes whole"),
+        "{last}"
+    );
+    assert!(slot_b() == v2_root);
+    assert!(std::fs::read(&running).unwrap() == running_before);
 }
