@@ -33,6 +33,23 @@ impl Manifest {
                         )
                     })?;
             }
+            for x in &p.extensions {
+                for q in &x.patches {
+                    let what = format!(
+                        "version {}: extension {} patch {:?}",
+                        p.version, x.name, q.target
+                    );
+                    for (field, hex) in [("from_roothash", &q.from_roothash), ("sha256", &q.sha256)]
+                    {
+                        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                            return Err(format!("{what}: {field} {hex:?} is not 64 hex digits"));
+                        }
+                    }
+                    if q.from_size == 0 || q.size == 0 {
+                        return Err(format!("{what}: an image size is 0"));
+                    }
+                }
+            }
             for r in &p.root_patches {
                 let what = format!("version {}: root patch {:?}", p.version, r.target);
                 check_version(&r.from_version).map_err(|e| format!("{what}: from version: {e}"))?;
@@ -384,6 +401,27 @@ pub struct ExtensionPayload {
     pub sha256: String,
     /// The OS `VERSION_ID` in the extension's extension-release (the version it was built for).
     pub built_for: String,
+    /// The image as zstd `--patch-from` patches against the same extension's images listed
+    /// under the previous OS version: a node that has one in its store builds this one from
+    /// it instead of downloading the whole image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<ExtensionPatch>,
+}
+
+/// An extension image as a patch against another image of the same extension.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtensionPatch {
+    /// The root hash of the image it applies to (the store's name for it).
+    pub from_roothash: String,
+    /// That image's size in bytes.
+    pub from_size: u64,
+    /// The image it builds: its size and hex sha256 (uncompressed), checked by the node
+    /// before the image enters the store.
+    pub size: u64,
+    pub sha256: String,
+    /// Target: the patch, `ext-<name>-<version>-for-<os version>.from-<first 16 hex digits
+    /// of from_roothash>.zst`.
+    pub target: String,
 }
 
 /// The TUF target name of an extension image built for `os_version`.
@@ -621,13 +659,36 @@ mod tests {
             size: 1234,
             sha256: "ef".repeat(32),
             built_for: "0.1.0".into(),
+            patches: vec![],
         };
         assert_eq!(etcd.target, "ext-etcd-3.4.23-1-for-0.1.0.raw.gz");
         m.updates[0].extensions.push(etcd.clone());
         let json = serde_json::to_string(&m).unwrap();
+        assert!(!json.contains("patches"), "{json}");
         let back: Manifest = serde_json::from_str(&json).unwrap();
         assert_eq!(back, m);
-        assert_eq!(back.updates[0].extensions, [etcd]);
+        assert_eq!(back.updates[0].extensions, std::slice::from_ref(&etcd));
+
+        // With a patch: round-trips, and what a node acts on is checked.
+        let patch = ExtensionPatch {
+            from_roothash: "12".repeat(32),
+            from_size: 8192,
+            size: 8192,
+            sha256: "34".repeat(32),
+            target: "ext-etcd-3.4.23-1-for-0.1.0.from-1212121212121212.zst".into(),
+        };
+        m.updates[0].extensions[0].patches.push(patch.clone());
+        let back: Manifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        assert!(m.check().is_ok());
+        m.updates[0].extensions[0].patches[0].sha256 = "xyz".into();
+        let e = m.check().unwrap_err();
+        assert!(
+            e.contains("extension etcd patch") && e.contains("sha256"),
+            "{e}"
+        );
+        m.updates[0].extensions[0].patches[0] = ExtensionPatch { size: 0, ..patch };
+        assert!(m.check().unwrap_err().contains("an image size is 0"));
     }
 
     fn entry(i: u64, offset: u64, length: u64) -> ChunkEntry {

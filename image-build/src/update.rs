@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use aws_lc_rs::rand::SystemRandom;
 use keelson_common::update::{
-    chunking, compare_versions, extension_target, ChunkEntry, ChunkList, ChunksRef,
+    chunking, compare_versions, extension_target, ChunkEntry, ChunkList, ChunksRef, ExtensionPatch,
     ExtensionPayload, Manifest, Payload, RootPatch, UkiPatch, Wave, CHUNKER, CHUNK_COMPRESSION,
     CHUNK_DIR, MANIFEST_TARGET, ROOT_PATCH_WINDOW_LOG_MAX, UKI_PATCH_WINDOW_LOG_MAX,
 };
@@ -442,6 +442,7 @@ impl Open {
             sha256: gz_sha,
             target,
             built_for: ext.os_version,
+            patches: Vec::new(),
         })
     }
 }
@@ -562,7 +563,7 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
         for prev in older.iter().take(opts.root_patches) {
             let reference = gunzip(&open.read_target(&prev.root)?, prev.root_size)
                 .with_context(|| format!("decompressing {}", prev.root))?;
-            let Some(patch) = root_patch(&reference, &new, opts.patch_level)
+            let Some(patch) = image_patch(&reference, &new, opts.patch_level)
                 .with_context(|| format!("making a patch of {stem}'s root from {}", prev.root))?
             else {
                 continue;
@@ -602,6 +603,50 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
             );
         }
         extensions.push(ext);
+    }
+    // Each extension also as a patch against the same extension's image listed under the
+    // previous version, when that is another image: a node that has it builds this one from it.
+    if let Some(prev) = older.first() {
+        for (x, dir) in extensions.iter_mut().zip(&opts.extensions) {
+            let Some(old) = prev
+                .extensions
+                .iter()
+                .find(|o| o.name == x.name && o.roothash != x.roothash)
+            else {
+                continue;
+            };
+            let id = manifest::read_extension_id(dir)?;
+            let new = std::fs::read(dir.join(&id.raw.path))?;
+            if new.len() as u64 > EXTENSION_PATCH_MAX {
+                continue;
+            }
+            let reference = gunzip_at_most(&open.read_target(&old.target)?, EXTENSION_PATCH_MAX)
+                .with_context(|| format!("decompressing {}", old.target))?;
+            let target = format!(
+                "{}.from-{}.zst",
+                x.target.trim_end_matches(".raw.gz"),
+                &old.roothash[..16]
+            );
+            // The same patch may be listed already (the image listed under another version).
+            if open.target_sha256(&target)?.is_none() {
+                let Some(patch) =
+                    image_patch(&reference, &new, opts.patch_level).with_context(|| {
+                        format!("making a patch of {} from {}", x.target, old.target)
+                    })?
+                else {
+                    continue;
+                };
+                std::fs::write(staging.path().join(&target), &patch)?;
+                new_targets.push(target.clone());
+            }
+            x.patches.push(ExtensionPatch {
+                from_roothash: old.roothash.clone(),
+                from_size: reference.len() as u64,
+                size: new.len() as u64,
+                sha256: crate::util::sha256_hex(&new),
+                target,
+            });
+        }
     }
     let waves = opts
         .waves
@@ -678,12 +723,12 @@ fn uki_patch(reference: &[u8], new: &[u8]) -> Result<Option<Vec<u8>>> {
 /// and 300 MiB on the publisher, paid once for every node that downloads it.
 pub const ROOT_PATCH_LEVEL: i32 = 19;
 
-/// `new` (a root image) as a zstd `--patch-from` patch against `reference` (the root it is
-/// applied to): long distance matching and a window covering both, the content size and a
-/// checksum in the frame. Nodes decode it in one pass into a buffer of the signed root size, so
-/// the window costs them no memory. None when the patch would be no smaller than `new`, or the
-/// two do not fit zstd's largest window.
-fn root_patch(reference: &[u8], new: &[u8], level: i32) -> Result<Option<Vec<u8>>> {
+/// `new` (a root or extension image) as a zstd `--patch-from` patch against `reference` (the
+/// image it is applied to): long distance matching and a window covering both, the content
+/// size and a checksum in the frame. Nodes decode it in one pass into a buffer of the signed
+/// size, so the window costs them no memory. None when the patch would be no smaller than
+/// `new`, or the two do not fit zstd's largest window.
+fn image_patch(reference: &[u8], new: &[u8], level: i32) -> Result<Option<Vec<u8>>> {
     use zstd::zstd_safe::{CCtx, CParameter};
     let total = (reference.len() + new.len()).max(2) as u64;
     let window_log = (u64::BITS - (total - 1).leading_zeros()).max(10);
@@ -713,16 +758,29 @@ fn root_patch(reference: &[u8], new: &[u8], level: i32) -> Result<Option<Vec<u8>
 
 /// A gzip target's bytes, decompressed: exactly `size` bytes.
 fn gunzip(gz: &[u8], size: u64) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let mut out = Vec::with_capacity(size as usize);
-    flate2::read::GzDecoder::new(gz)
-        .take(size + 1)
-        .read_to_end(&mut out)?;
+    let out = gunzip_at_most(gz, size)?;
     if out.len() as u64 != size {
         bail!("{} bytes, the manifest says {size}", out.len());
     }
     Ok(out)
 }
+
+/// A gzip target's bytes, decompressed, if they are at most `max` bytes.
+fn gunzip_at_most(gz: &[u8], max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .take(max + 1)
+        .read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        bail!("more than {max} bytes decompressed");
+    }
+    Ok(out)
+}
+
+/// The largest extension image `update add` makes patches against (the agent has to hold the
+/// reference and the new image in memory; a larger one comes whole).
+const EXTENSION_PATCH_MAX: u64 = 1 << 30;
 
 /// Cuts the root image into chunks, stores each one the repository does not have yet
 /// (zstd-compressed, written under a temporary name and renamed, so a cut-off run leaves no

@@ -13,12 +13,14 @@
 //!
 //! Then prints
 //! 1. per scenario, bytes on the wire: Keelson's full payload (gzip root + verity + one UKI)
-//!    and its delta as the repository publishes it (chunk list + the chunks of the new root N
-//!    lacks, zstd + verity + the UKI's `--patch-from` patch against N's), with the root and UKI
-//!    parts apart; for the first scenario also the whole disk image, the raw root, and 4 KiB
-//!    blocks (update_engine-style block copy, not built) for comparison;
-//! 2. the node's cost of indexing its running slot (the agent's chunker and index, in a child
-//!    process: its CPU time and peak RSS);
+//!    and its delta as the repository publishes it (the root's zstd `--patch-from` patch
+//!    against N's root, made at image-build's default level, or for a node without one the
+//!    chunk list + the chunks of the new root N lacks; + verity + the UKI's patch against N's),
+//!    with the root and UKI parts apart; for the first scenario also the whole disk image, the
+//!    raw root, and 4 KiB blocks (update_engine-style block copy, not built) for comparison;
+//! 2. the node's costs, each in a child process (CPU time, peak RSS): indexing its running
+//!    slot (the agent's chunker and index) and building the new root from its patch (the
+//!    agent's decoder);
 //! 3. under QEMU (TCG, UEFI), N -> N+1 (the service added, and sysd changed) with deltas off
 //!    and on, side by side: the bytes the node downloaded (its `update-staged` event),
 //!    `keelctl update apply` until staged (download, write, read-back verification, boot entry)
@@ -126,7 +128,10 @@ struct Bytes {
     full_root: u64,
     verity: u64,
     uki: u64,
-    delta_root: u64,
+    /// The chunk list and the chunks N lacks (stored).
+    chunks_root: u64,
+    /// The root's patch against N's, as published (at image-build's default level).
+    root_patch: Option<u64>,
     uki_patch: Option<u64>,
     missing: usize,
     chunks: usize,
@@ -136,8 +141,15 @@ impl Bytes {
     fn full(&self) -> u64 {
         self.full_root + self.verity + self.uki
     }
+    /// What the agent downloads: the root patch where there is one (it tries it first).
     fn delta(&self) -> u64 {
-        self.delta_root + self.verity + self.uki_patch.unwrap_or(self.uki)
+        self.root_patch.unwrap_or(self.chunks_root)
+            + self.verity
+            + self.uki_patch.unwrap_or(self.uki)
+    }
+    /// What it downloads by chunks (a node the repository has no root patch for).
+    fn chunks_delta(&self) -> u64 {
+        self.chunks_root + self.verity + self.uki_patch.unwrap_or(self.uki)
     }
 }
 
@@ -165,15 +177,34 @@ fn bytes(s: &Scenario) -> Result<Bytes> {
         Some(u) => Some(len(&u.target)?),
         None => None,
     };
+    let root_patch = match root_patch_target(s)? {
+        Some(t) => Some(len(&t)?),
+        None => None,
+    };
     Ok(Bytes {
         full_root: len(&p.root)?,
         verity: len(&p.verity)?,
         uki: len(&p.uki_b)?,
-        delta_root: list_len + stored,
+        chunks_root: list_len + stored,
+        root_patch,
         uki_patch,
         missing: new.len(),
         chunks: list.chunks.len(),
     })
+}
+
+/// The scenario version's root patch against N's (its target name), if published.
+fn root_patch_target(s: &Scenario) -> Result<Option<String>> {
+    let m = update::manifest(&s.repo);
+    let p = m
+        .updates
+        .iter()
+        .find(|p| p.version == s.version)
+        .context("the scenario's version is not in its repository")?;
+    Ok(p.root_patches
+        .iter()
+        .find(|r| r.from_version == "0.1.0")
+        .map(|r| r.target.clone()))
 }
 
 /// `configs/` copied to `dir/name` (the test image's lock and services beside it, as
@@ -304,33 +335,54 @@ fn index_child(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs the index child on `root`: (CPU seconds, peak RSS in KiB, wall seconds, chunks).
-fn measure_index(root: &Path) -> Result<(f64, u64, f64, usize)> {
+/// Child mode (`bench-update --apply-patch REFERENCE PATCH SIZE`): builds a root from a root
+/// patch as the agent does (`keelson_update::root_patch::apply`, the reference and the new root
+/// in memory) and prints the new root's sha256.
+fn apply_child(reference: &Path, patch: &Path, size: &str) -> Result<()> {
+    let reference = std::fs::read(reference)?;
+    let patch = std::fs::read(patch)?;
+    let root = keelson_update::root_patch::apply(&reference, &patch, size.parse()?)?;
+    println!("{}", hex(&sha(&root)));
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Runs this program as a child with `args`: (CPU seconds, peak RSS in KiB, wall seconds, its
+/// output).
+fn measure_child(args: &[&std::ffi::OsStr]) -> Result<(f64, u64, f64, String)> {
     let t0 = std::time::Instant::now();
     let child = Command::new(std::env::current_exe()?)
-        .arg("--index")
-        .arg(root)
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let pid = child.id() as libc::pid_t;
     let mut out = String::new();
     child
         .stdout
-        .context("the index child's stdout")?
+        .context("the child's stdout")?
         .read_to_string(&mut out)?;
     let mut status = 0;
     let mut ru = unsafe_rusage();
     // SAFETY: wait4 on our own child's pid, writing into the status and rusage it is given.
     let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
     if rc != pid || status != 0 {
-        bail!("the index child failed (wait4 {rc}, status {status})");
+        bail!("the child {args:?} failed (wait4 {rc}, status {status})");
     }
     let cpu = ru.ru_utime.tv_sec as f64
         + ru.ru_utime.tv_usec as f64 / 1e6
         + ru.ru_stime.tv_sec as f64
         + ru.ru_stime.tv_usec as f64 / 1e6;
+    Ok((cpu, ru.ru_maxrss as u64, t0.elapsed().as_secs_f64(), out))
+}
+
+/// Runs the index child on `root`: (CPU seconds, peak RSS in KiB, wall seconds, chunks).
+fn measure_index(root: &Path) -> Result<(f64, u64, f64, usize)> {
+    let (cpu, rss, wall, out) = measure_child(&["--index".as_ref(), root.as_os_str()])?;
     let chunks = out.trim().parse().context("the index child's output")?;
-    Ok((cpu, ru.ru_maxrss as u64, t0.elapsed().as_secs_f64(), chunks))
+    Ok((cpu, rss, wall, chunks))
 }
 
 fn kib(b: u64) -> String {
@@ -339,10 +391,12 @@ fn kib(b: u64) -> String {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    if let [_, flag, root] = &args[..] {
-        if flag == "--index" {
-            return index_child(Path::new(root));
+    match &args[..] {
+        [_, flag, root] if flag == "--index" => return index_child(Path::new(root)),
+        [_, flag, reference, patch, size] if flag == "--apply-patch" => {
+            return apply_child(Path::new(reference), Path::new(patch), size)
         }
+        _ => {}
     }
     let ws = workspace_root();
     let dir = ws.join("target/bench-update");
@@ -442,19 +496,23 @@ fn main() -> Result<()> {
 
     // 1. Bytes.
     println!("\n## Update download, N -> the scenario's version, full vs delta (KiB)\n");
-    println!("| scenario | full payload | delta | delta / full | root: gzip vs chunks (new / all) | UKI: whole vs patch | verity |");
-    println!("|---|---:|---:|---:|---|---|---:|");
+    println!("The agent downloads the root's patch against N's where the repository has one, else the chunks N lacks (both columns shown).\n");
+    println!("| scenario | full payload | delta | delta / full | by chunks instead | root: gzip / patch / chunks (new of all) | UKI: whole / patch | verity |");
+    println!("|---|---:|---:|---:|---:|---|---|---:|");
     let mut measured = Vec::new();
     for s in &scenarios {
         let b = bytes(s)?;
         println!(
-            "| {} | {} | {} | {:.1} % | {} vs {} ({} / {}) | {} vs {} | {} |",
+            "| {} | {} | {} | {:.1} % | {} = {:.1} % | {} / {} / {} ({} of {}) | {} / {} | {} |",
             s.name,
             kib(b.full()),
             kib(b.delta()),
             100.0 * b.delta() as f64 / b.full() as f64,
+            kib(b.chunks_delta()),
+            100.0 * b.chunks_delta() as f64 / b.full() as f64,
             kib(b.full_root),
-            kib(b.delta_root),
+            b.root_patch.map_or("none".into(), kib),
+            kib(b.chunks_root),
             b.missing,
             b.chunks,
             kib(b.uki),
@@ -479,6 +537,11 @@ fn main() -> Result<()> {
             format!("delta / full download, {}", s.name),
             "%",
             100.0 * b.delta() as f64 / b.full() as f64,
+        )?;
+        fig(
+            format!("delta by chunks / full download, {}", s.name),
+            "%",
+            100.0 * b.chunks_delta() as f64 / b.full() as f64,
         )?;
         measured.push(b);
     }
@@ -520,7 +583,11 @@ fn main() -> Result<()> {
         blk_gz + b.verity + b.uki_patch.unwrap_or(b.uki),
     );
     row(
-        "**Keelson delta** (chunk list + missing chunks, zstd + verity + UKI patch)",
+        "Keelson delta by chunks (chunk list + missing chunks, zstd + verity + UKI patch)",
+        b.chunks_delta(),
+    );
+    row(
+        "**Keelson delta** (root patch + verity + UKI patch)",
         b.delta(),
     );
     println!(
@@ -563,6 +630,54 @@ fn main() -> Result<()> {
         true,
         &idx.iter().map(|r| r.1 as f64 / 1024.0).collect::<Vec<_>>(),
     ))?;
+
+    // Building the new root from a root patch, as the agent does, in a child process.
+    println!(
+        "\n## Building the new root from its patch against N's (N's {} KiB root as the reference, on the host, 3 runs each)\n",
+        old.len() >> 10
+    );
+    println!("| scenario | patch (KiB) | CPU s (min) | wall s (min) | peak RSS (MiB, max) |");
+    println!("|---|---:|---:|---:|---:|");
+    for s in &scenarios {
+        let Some(target) = root_patch_target(s)? else {
+            println!("| {} | none published | | | |", s.name);
+            continue;
+        };
+        let patch = update::target_path(&s.repo, &target);
+        let new_root = s.image.join("root.erofs");
+        let want = hex(&sha(&std::fs::read(&new_root)?));
+        let size = file_len(&new_root)?.to_string();
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            let (cpu, rss, wall, out) = measure_child(&[
+                "--apply-patch".as_ref(),
+                n.join("root.erofs").as_os_str(),
+                patch.as_os_str(),
+                size.as_ref(),
+            ])?;
+            if out.trim() != want {
+                bail!("{target} applied to N's root is not {}'s root", s.version);
+            }
+            runs.push((cpu, rss, wall));
+        }
+        let min = |f: fn(&(f64, u64, f64)) -> f64| runs.iter().map(f).fold(f64::INFINITY, f64::min);
+        let rss = runs.iter().map(|r| r.1).max().unwrap_or(0);
+        println!(
+            "| {} | {} | {:.3} | {:.3} | {:.1} |",
+            s.name,
+            kib(file_len(&patch)?),
+            min(|r| r.0),
+            min(|r| r.2),
+            rss as f64 / 1024.0
+        );
+        history::record(history::Figure::from_samples(
+            "bench-update",
+            &format!("root patch applied, CPU, {}", s.name),
+            "s",
+            true,
+            &runs.iter().map(|r| r.0).collect::<Vec<_>>(),
+        ))?;
+    }
 
     // 3. Under QEMU, deltas off and on, the two nodes side by side (the same load for both).
     for s in &scenarios[..2] {

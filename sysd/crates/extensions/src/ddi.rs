@@ -101,13 +101,15 @@ pub fn decode_roothash(roothash: &str) -> Result<[u8; 32], &'static str> {
     Ok(out)
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// Extension images for tests (of this crate, and of the crates that keep them: feature
+/// `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
     use super::*;
     use keelson_common::gpt::SECTOR;
 
     /// Writes a DDI like image-build's: `fs` (a multiple of 4096 bytes) and its verity tree.
-    pub(crate) fn make_ddi(path: &Path, fs: &[u8], label: &str) -> String {
+    pub fn make_ddi(path: &Path, fs: &[u8], label: &str) -> String {
         use std::io::Write;
         let tree = verity::build(&mut &fs[..], fs.len() as u64, b"salt", [7; 16]).unwrap();
         let roothash = verity::to_hex(&tree.root_hash);
@@ -146,6 +148,12 @@ pub(crate) mod tests {
         f.write_all(&tree.hash_device).unwrap();
         roothash
     }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::testing::make_ddi;
+    use super::*;
 
     #[test]
     fn reads_what_the_pipeline_writes() {

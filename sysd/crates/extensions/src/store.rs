@@ -165,7 +165,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ddi::tests::make_ddi;
+    use crate::ddi::testing::make_ddi;
 
     fn entry(name: &str, roothash: &str) -> Entry {
         Entry {

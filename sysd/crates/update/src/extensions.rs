@@ -5,12 +5,15 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use keelson_common::update::{ExtensionPayload, Manifest};
+use keelson_common::update::{ExtensionPatch, ExtensionPayload, Manifest};
 use keelson_extensions::{Entry, Store};
+use sha2::{Digest, Sha256};
 
 use super::install::{self, Repo};
+use super::root_patch;
 use super::Agent;
 
 /// Room left on /var after an extension download (logs, service state).
@@ -105,6 +108,39 @@ impl Agent {
         for x in listed {
             let e = entry(x, os_version, base);
             if !store.has(&e) {
+                match self.patch_extension(repo, store, x, &e).await {
+                    Some(Ok(q)) => {
+                        self.emit(
+                            "extension-patched",
+                            format!(
+                                "{} {} for version {os_version} built from the image {} the store has: downloaded {} bytes instead of {} ({}), verified against root hash {}",
+                                x.name,
+                                x.version,
+                                q.from_roothash,
+                                install::target_info(repo, &q.target).map_or(0, |t| t.0),
+                                x.size,
+                                q.target,
+                                x.roothash
+                            ),
+                        );
+                        entries.push(e);
+                        continue;
+                    }
+                    Some(Err(err)) => {
+                        if let Ok(part) = store.staging(&e) {
+                            let _ = std::fs::remove_file(part);
+                        }
+                        self.check_cancel()?;
+                        self.emit(
+                            "extension-delta-fallback",
+                            format!(
+                                "{} {} for version {os_version}: {err:#}; downloading the whole image",
+                                x.name, x.version
+                            ),
+                        );
+                    }
+                    None => {}
+                }
                 self.emit(
                     "extension-downloading",
                     format!(
@@ -127,27 +163,28 @@ impl Agent {
         Ok(entries)
     }
 
-    async fn download_extension(
+    /// The staging file of `e`, created empty (never through a link planted at its name), once
+    /// `need` bytes (`what`, with its size) fit on /var beside the reserve; and how much may be
+    /// written.
+    fn open_staging(
         &self,
-        repo: &Repo,
         store: &Store,
-        x: &ExtensionPayload,
         e: &Entry,
-    ) -> Result<()> {
+        need: u64,
+        what: &str,
+    ) -> Result<(PathBuf, File, u64)> {
         let part = store.staging(e)?;
         let vfs = nix::sys::statvfs::statvfs(store.dir())
             .with_context(|| format!("statvfs {}", store.dir().display()))?;
         let free = vfs.blocks_available() * vfs.fragment_size();
         let limit = free.saturating_sub(VAR_RESERVE);
-        if x.size > limit {
+        if need > limit {
             bail!(
-                "its download ({} MiB compressed) does not fit on /var ({} MiB free beyond the {} MiB kept for logs and state): nothing written",
-                x.size >> 20,
+                "{what} does not fit on /var ({} MiB free beyond the {} MiB kept for logs and state): nothing written",
                 limit >> 20,
                 VAR_RESERVE >> 20
             );
         }
-        // Never through a link planted at the staging name.
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -155,6 +192,90 @@ impl Agent {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&part)
             .with_context(|| format!("creating {}", part.display()))?;
+        Ok((part, f, limit))
+    }
+
+    /// Builds `x`'s image from one of its patches against an image of the same extension the
+    /// store has: the patch (a signed target, checked as it streams) decoded in one pass into
+    /// the signed image size, kept only if its sha256 is the signed one, then committed like a
+    /// download (layout checked against the root hash). None when `x` has no patch against an
+    /// image the store has.
+    async fn patch_extension(
+        &self,
+        repo: &Repo,
+        store: &Store,
+        x: &ExtensionPayload,
+        e: &Entry,
+    ) -> Option<Result<ExtensionPatch>> {
+        let (q, reference) = x.patches.iter().find_map(|q| {
+            let have = Entry {
+                roothash: q.from_roothash.clone(),
+                ..e.clone()
+            };
+            store.has(&have).then(|| (q, store.image(&have)))
+        })?;
+        Some(
+            async {
+                let (patch_len, _, _) = install::target_info(repo, &q.target)?;
+                if patch_len >= x.size {
+                    bail!(
+                        "{} is {patch_len} bytes signed, not smaller than the {}-byte image (refused unread)",
+                        q.target,
+                        x.size
+                    );
+                }
+                let (part, mut f, _) =
+                    self.open_staging(store, e, q.size, &format!("{} ({} MiB uncompressed)", x.name, q.size >> 20))?;
+                let reference = std::fs::read(&reference)
+                    .with_context(|| format!("reading {}", reference.display()))?;
+                if reference.len() as u64 != q.from_size {
+                    bail!(
+                        "the store's image {} has {} bytes, the patch applies to {}",
+                        q.from_roothash,
+                        reference.len(),
+                        q.from_size
+                    );
+                }
+                let mut patch = Vec::with_capacity(patch_len as usize);
+                install::stream_target(self, repo, &q.target, &mut |b| {
+                    patch.extend_from_slice(b);
+                    Ok(())
+                })
+                .await?;
+                let image = root_patch::apply(&reference, &patch, q.size)
+                    .with_context(|| format!("applying {}", q.target))?;
+                let got = hex::encode(Sha256::digest(&image));
+                if got != q.sha256 {
+                    bail!(
+                        "{} builds an image with sha256 {got}, the signed one is {} (refused)",
+                        q.target,
+                        q.sha256
+                    );
+                }
+                f.write_all(&image)
+                    .with_context(|| format!("writing {}", part.display()))?;
+                drop(f);
+                // `store.commit` fsyncs it before the rename.
+                store.commit(e)?;
+                Ok(q.clone())
+            }
+            .await,
+        )
+    }
+
+    async fn download_extension(
+        &self,
+        repo: &Repo,
+        store: &Store,
+        x: &ExtensionPayload,
+        e: &Entry,
+    ) -> Result<()> {
+        let (part, f, limit) = self.open_staging(
+            store,
+            e,
+            x.size,
+            &format!("its download ({} MiB compressed)", x.size >> 20),
+        )?;
         let mut gz = flate2::write::GzDecoder::new(Capped {
             f,
             written: 0,
@@ -197,6 +318,7 @@ mod tests {
             size: 10,
             sha256: "cd".repeat(32),
             built_for: built_for.into(),
+            patches: vec![],
         }
     }
 

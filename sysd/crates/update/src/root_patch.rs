@@ -125,13 +125,13 @@ pub async fn assemble(agent: &Agent, repo: &Repo, plan: &Plan, p: &Payload) -> R
         .with_context(|| format!("applying {}", plan.patch.target))
 }
 
-/// `patch` decoded in one pass with `reference` as zstd's prefix: exactly `len` bytes. A frame
-/// that declares another size is refused before anything is decoded; one that decodes to more
-/// stops at the buffer's end (an error, never more memory).
+/// `patch` decoded in one pass with `reference` as zstd's prefix: exactly `len` bytes (a root
+/// or an extension image). A frame that declares another size is refused before anything is
+/// decoded; one that decodes to more stops at the buffer's end (an error, never more memory).
 pub fn apply(reference: &[u8], patch: &[u8], len: u64) -> Result<Vec<u8>> {
     match zstd_safe::get_frame_content_size(patch) {
         Ok(Some(n)) if n == len => {}
-        Ok(Some(n)) => bail!("the patch builds a {n}-byte root, the signed root has {len}"),
+        Ok(Some(n)) => bail!("the patch builds {n} bytes, the signed image has {len}"),
         Ok(None) => bail!("the patch does not declare its size (refused)"),
         Err(_) => bail!("not a zstd frame"),
     }
@@ -142,13 +142,13 @@ pub fn apply(reference: &[u8], patch: &[u8], len: u64) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(usize::try_from(len)?);
     d.decompress(&mut out, patch).map_err(|c| {
         anyhow::anyhow!(
-            "{} (a corrupt patch, or one made against another root)",
+            "{} (a corrupt patch, or one made against another image)",
             zerr(c)
         )
     })?;
     if out.len() as u64 != len {
         bail!(
-            "it decodes to {} bytes, the signed root has {len}",
+            "it decodes to {} bytes, the signed image has {len}",
             out.len()
         );
     }
@@ -213,9 +213,9 @@ mod tests {
         let len = new.len() as u64;
         // The declared size must be the signed one: refused before decoding.
         let e = format!("{:#}", apply(&old, &p, len - 4096).unwrap_err());
-        assert!(e.contains("the signed root has"), "{e}");
+        assert!(e.contains("the signed image has"), "{e}");
         let e = format!("{:#}", apply(&old, &p, len + 4096).unwrap_err());
-        assert!(e.contains("the signed root has"), "{e}");
+        assert!(e.contains("the signed image has"), "{e}");
         // A frame without its size is refused (nothing bounds it but the buffer).
         let e = format!(
             "{:#}",
@@ -225,7 +225,7 @@ mod tests {
         // Against another reference: the checksum refuses what it decodes to.
         let other = bytes(9, old.len());
         let e = format!("{:#}", apply(&other, &p, len).unwrap_err());
-        assert!(e.contains("another root"), "{e}");
+        assert!(e.contains("another image"), "{e}");
         // A flipped byte in the middle of the frame.
         let mut bad = p.clone();
         let mid = bad.len() / 2;

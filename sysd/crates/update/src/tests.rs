@@ -1806,7 +1806,7 @@ fn a_root_comes_as_a_patch_against_the_running_one_and_a_bad_patch_falls_back_to
         .unwrap_or_else(|| panic!("{ev}"));
     assert!(
         line.contains(target)
-            && line.contains("another root")
+            && line.contains("another image")
             && line.contains("trying its chunks"),
         "{line}"
     );
@@ -1833,4 +1833,131 @@ fn a_root_comes_as_a_patch_against_the_running_one_and_a_bad_patch_falls_back_to
     );
     assert!(slot_b() == v2_root);
     assert!(std::fs::read(&running).unwrap() == running_before);
+}
+
+/// A real extension build directory (a DDI with its dm-verity tree, as `image-build extension`
+/// writes) around the file system `fs`; returns it and the image's root hash.
+fn ddi_extension(parent: &Path, name: &str, os_version: &str, fs: &[u8]) -> (PathBuf, String) {
+    use sha2::Digest;
+    let dir = parent.join(format!("ext-{name}-{os_version}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let raw = dir.join(format!("{name}.raw"));
+    let roothash = keelson_extensions::ddi::testing::make_ddi(&raw, fs, &format!("{name}_1.0"));
+    let bytes = std::fs::read(&raw).unwrap();
+    let manifest = serde_json::json!({
+        "name": name,
+        "version": "1.0",
+        "os_version": os_version,
+        "roothash": roothash,
+        "raw": {
+            "path": format!("{name}.raw"),
+            "size": bytes.len(),
+            "sha256": hex::encode(sha2::Sha256::digest(&bytes)),
+        },
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    (dir, roothash)
+}
+
+/// The extension built for N+1 comes as a patch against the one built for N that the node's
+/// store has: only the patch is downloaded and the stored image is N+1's byte for byte. A
+/// signed patch that builds other bytes is refused and the whole image downloaded.
+#[test]
+fn an_extension_comes_as_a_patch_against_the_stored_one_and_a_bad_patch_downloads_it_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let (v1, v2, _) = related_images(t.path());
+    let n = node(&v1, "0.1.0", "a");
+    // The same engine built for two OS versions: 1 MiB alike but for 8 KiB.
+    let fs1 = random_bytes(31, 256 * 4096);
+    let mut fs2 = fs1.clone();
+    fs2[300_000..308_192].copy_from_slice(&random_bytes(32, 8192));
+    let (x1, rh1) = ddi_extension(t.path(), "etcd", "0.1.0", &fs1);
+    let (x2, rh2) = ddi_extension(t.path(), "etcd", "0.2.0", &fs2);
+    let image2 = std::fs::read(x2.join("etcd.raw")).unwrap();
+    n.add(&v1, &["--extension", x1.to_str().unwrap()]);
+    n.add(
+        &v2,
+        &["--patch-level", "3", "--extension", x2.to_str().unwrap()],
+    );
+    let target = format!("ext-etcd-1.0-for-0.2.0.from-{}.zst", &rh1[..16]);
+    let rt = rt();
+    n.extensions.send_modify(|x| {
+        *x = Ok(ExtensionsSpec {
+            enabled: vec!["etcd".into()],
+        })
+    });
+    // The node runs 0.1.0 with its extension: downloaded whole.
+    rt.block_on(n.agent.sync_running_extensions()).unwrap();
+    assert!(
+        n.events()
+            .contains("extension-downloaded: etcd 1.0 verified against root hash"),
+        "{}",
+        n.events()
+    );
+    let store = keelson_extensions::Store::new(n.dir.path().join("var/extensions"));
+    let stored2 = || std::fs::read(store.dir().join("etcd").join(format!("{rh2}.raw"))).ok();
+
+    // Installing 0.2.0 fetches its extension first: as the patch.
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    let line = ev
+        .lines()
+        .find(|l| l.starts_with("extension-patched: etcd 1.0 for version 0.2.0"))
+        .unwrap_or_else(|| panic!("{ev}"));
+    assert!(line.contains(&rh1) && line.contains(&target), "{line}");
+    let patch_len: u64 = line
+        .split("downloaded ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        patch_len > 0 && patch_len < 16 << 10,
+        "a {patch_len}-byte patch for an 8 KiB change"
+    );
+    assert!(
+        stored2() == Some(image2.clone()),
+        "the patched image is not 0.2.0's"
+    );
+    assert!(!ev.contains("extension-delta-fallback"), "{ev}");
+
+    // A signed patch made against another image (0.2.0's own): refused, the whole image.
+    // A copy: zstd ignores a prefix that overlaps the input.
+    let reference = image2.clone();
+    let wrong = {
+        use zstd::zstd_safe::{CCtx, CParameter};
+        let mut c = CCtx::create();
+        c.set_parameter(CParameter::ChecksumFlag(true)).unwrap();
+        c.set_parameter(CParameter::WindowLog(23)).unwrap();
+        c.set_parameter(CParameter::EnableLongDistanceMatching(true))
+            .unwrap();
+        c.ref_prefix(&reference[..]).unwrap();
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(image2.len()));
+        c.compress2(&mut out, &image2[..]).unwrap();
+        out
+    };
+    n.resign_target(&rt, &target, &wrong);
+    std::fs::remove_file(store.dir().join("etcd").join(format!("{rh2}.raw"))).unwrap();
+    n.reset_slot_b(&rt);
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    let line = ev
+        .lines()
+        .find(|l| l.starts_with("extension-delta-fallback: etcd 1.0 for version 0.2.0"))
+        .unwrap_or_else(|| panic!("{ev}"));
+    assert!(
+        line.contains(&target) && line.contains("downloading the whole image"),
+        "{line}"
+    );
+    assert!(
+        stored2() == Some(image2),
+        "the downloaded image is not 0.2.0's"
+    );
+    let mut want = [format!("{rh1}.raw"), format!("{rh2}.raw")];
+    want.sort();
+    assert_eq!(
+        files_under(&store.dir().join("etcd")),
+        want,
+        "no partial file left"
+    );
 }
