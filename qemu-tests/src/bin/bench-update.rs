@@ -153,13 +153,17 @@ impl Bytes {
     }
 }
 
-fn bytes(s: &Scenario) -> Result<Bytes> {
-    let m = update::manifest(&s.repo);
-    let p = m
+/// The scenario version's manifest entry.
+fn payload(s: &Scenario) -> Result<keelson_common::update::Payload> {
+    update::manifest(&s.repo)
         .updates
-        .iter()
+        .into_iter()
         .find(|p| p.version == s.version)
-        .context("the scenario's version is not in its repository")?;
+        .context("the scenario's version is not in its repository")
+}
+
+fn bytes(s: &Scenario) -> Result<Bytes> {
+    let p = payload(s)?;
     let list = update::chunk_list(&s.repo, &s.version);
     let new = update::new_chunks(&s.repo, "0.1.0", &s.version);
     let stored: u64 = new
@@ -195,13 +199,8 @@ fn bytes(s: &Scenario) -> Result<Bytes> {
 
 /// The scenario version's root patch against N's (its target name), if published.
 fn root_patch_target(s: &Scenario) -> Result<Option<String>> {
-    let m = update::manifest(&s.repo);
-    let p = m
-        .updates
-        .iter()
-        .find(|p| p.version == s.version)
-        .context("the scenario's version is not in its repository")?;
-    Ok(p.root_patches
+    Ok(payload(s)?
+        .root_patches
         .iter()
         .find(|r| r.from_version == "0.1.0")
         .map(|r| r.target.clone()))

@@ -470,6 +470,8 @@ pub async fn install(
                     layout.running.letter()
                 ),
             );
+            // Progress while the patch downloads; the whole install's total follows below.
+            agent.set_progress_total(plan.patch_len);
             match root_patch::assemble(agent, repo, &plan, p).await {
                 Ok(root) => {
                     agent.emit(

@@ -160,17 +160,7 @@ mod tests {
     use super::*;
     use zstd::zstd_safe::{CCtx, CParameter};
 
-    fn bytes(seed: u32, len: usize) -> Vec<u8> {
-        let mut x = seed.max(1);
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x >> 9) as u8
-            })
-            .collect()
-    }
+    use crate::tests::random_bytes as bytes;
 
     /// A root and the next version's: 4 MiB alike but for one changed 64 KiB "binary".
     fn roots() -> (Vec<u8>, Vec<u8>) {

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use keelson_common::api::update::{ApplyRequest, Phase};
+use keelson_common::api::update::{ApplyRequest, OfferedVersion, Phase};
 use keelson_common::api::{Kind, ServiceStatus, State};
 use keelson_common::verity;
 
@@ -1267,7 +1267,7 @@ fn a_secure_boot_node_refuses_an_unsigned_or_foreign_uki_before_touching_the_esp
 
 /// Incompressible bytes (so every stored chunk is a raw zstd block and a flipped byte of it is
 /// a flipped byte of the chunk).
-fn random_bytes(seed: u32, len: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(seed: u32, len: usize) -> Vec<u8> {
     let mut x = seed.max(1);
     (0..len)
         .map(|_| {
@@ -1289,16 +1289,52 @@ fn related_images(parent: &Path) -> (FakeImage, FakeImage, Vec<u8>) {
     (a, b, v2)
 }
 
+/// A node running 0.1.0 from slot A with its root readable as through dm-verity, and a
+/// repository with 0.1.0 and 0.2.0 (added with `v2_options`): what every delta test starts
+/// from. Returns the node, both images and 0.2.0's root.
+fn delta_node(parent: &Path, v2_options: &[&str]) -> (Node, FakeImage, FakeImage, Vec<u8>) {
+    let (v1, v2, v2_root) = related_images(parent);
+    let n = node_with(&v1, "0.1.0", "a", true);
+    n.add(&v1, &[]);
+    n.add(&v2, v2_options);
+    (n, v1, v2, v2_root)
+}
+
 impl Node {
-    /// The chunk list the repository signed for `version`.
-    fn chunk_list(&self, version: &str) -> keelson_common::update::ChunkList {
-        let name = format!("test-{version}-root.chunks.json");
-        let file = std::fs::read_dir(self.repo.join("targets"))
+    /// The file of the signed target `name` in the repository (consistent snapshots: its
+    /// sha256 before the name).
+    fn target_file(&self, name: &str) -> PathBuf {
+        std::fs::read_dir(self.repo.join("targets"))
             .unwrap()
             .map(|e| e.unwrap().path())
             .find(|p| p.to_string_lossy().ends_with(&format!(".{name}")))
-            .unwrap_or_else(|| panic!("no {name}"));
+            .unwrap_or_else(|| panic!("no {name} in the repository"))
+    }
+
+    /// What `keelctl update check` says of `version`.
+    fn offered(&self, rt: &tokio::runtime::Runtime, version: &str) -> OfferedVersion {
+        let check = rt.block_on(self.agent.check()).unwrap();
+        check
+            .versions
+            .into_iter()
+            .find(|v| v.version == version)
+            .unwrap_or_else(|| panic!("{version} is not offered"))
+    }
+
+    /// The chunk list the repository signed for `version`.
+    fn chunk_list(&self, version: &str) -> keelson_common::update::ChunkList {
+        let file = self.target_file(&format!("test-{version}-root.chunks.json"));
         serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+    }
+
+    /// The running slot's root, as its dm-verity device serves it.
+    fn running_root(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("running-root")).unwrap()
+    }
+
+    /// The first `len` bytes of slot B's root partition.
+    fn slot_b_root(&self, len: usize) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("root-b")).unwrap()[..len].to_vec()
     }
 
     fn chunk_file(&self, sha: &str) -> PathBuf {
@@ -1376,15 +1412,11 @@ impl Node {
 #[test]
 fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     let t = tempfile::tempdir().unwrap();
-    let (v1, v2, v2_root) = related_images(t.path());
-    let n = node_with(&v1, "0.1.0", "a", true);
-    n.add(&v1, &[]);
     // Chunks only: the root-patch path has its own test.
-    n.add(&v2, &["--root-patches", "0"]);
+    let (n, v1, v2, v2_root) = delta_node(t.path(), &["--root-patches", "0"]);
     let rt = rt();
-    let running = n.dir.path().join("running-root");
-    let running_before = std::fs::read(&running).unwrap();
-    let slot_b = || std::fs::read(n.dir.path().join("root-b")).unwrap()[..v2_root.len()].to_vec();
+    let running_before = n.running_root();
+    let slot_b = || n.slot_b_root(v2_root.len());
     // The node booted 0.1.0's UKI for slot A: 0.2.0's for slot B comes as a patch against it.
     std::fs::copy(
         v1.dir.join("keelson_0.1.0+3.efi"),
@@ -1393,12 +1425,7 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     .unwrap();
 
     // `keelctl update check`: both sizes.
-    let check = rt.block_on(n.agent.check()).unwrap();
-    let offered = check
-        .versions
-        .iter()
-        .find(|v| v.version == "0.2.0")
-        .unwrap();
+    let offered = n.offered(&rt, "0.2.0");
     let delta = offered.delta_size.expect("a delta size for 0.2.0");
     assert!(offered.delta_note.is_none(), "{:?}", offered.delta_note);
     assert!(
@@ -1454,7 +1481,7 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
         "{ev}"
     );
     assert_eq!(progress.downloaded, progress.download_total);
-    assert!(std::fs::read(&running).unwrap() == running_before);
+    assert!(n.running_root() == running_before);
 
     // Over the share: the full root, and why.
     n.reset_slot_b(&rt);
@@ -1504,7 +1531,7 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     assert!(slot_b() == v2_root);
     std::fs::write(n.chunk_file(&bad.sha256), &good).unwrap();
     assert!(
-        std::fs::read(&running).unwrap() == running_before,
+        n.running_root() == running_before,
         "the running slot was written"
     );
 
@@ -1533,13 +1560,9 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
 #[test]
 fn bad_chunk_lists_are_refused_and_the_full_root_installed() {
     let t = tempfile::tempdir().unwrap();
-    let (v1, v2, v2_root) = related_images(t.path());
-    let n = node_with(&v1, "0.1.0", "a", true);
-    n.add(&v1, &[]);
-    n.add(&v2, &["--root-patches", "0"]);
+    let (n, _, _, v2_root) = delta_node(t.path(), &["--root-patches", "0"]);
     let rt = rt();
-    let running = n.dir.path().join("running-root");
-    let running_before = std::fs::read(&running).unwrap();
+    let running_before = n.running_root();
     let good = n.chunk_list("0.2.0");
     let size = good.size;
     let mut past = good.clone();
@@ -1590,7 +1613,7 @@ fn bad_chunk_lists_are_refused_and_the_full_root_installed() {
         assert!(
             std::fs::read(n.dir.path().join("root-b")).unwrap()[..v2_root.len()] == v2_root[..]
         );
-        assert!(std::fs::read(&running).unwrap() == running_before);
+        assert!(n.running_root() == running_before);
         assert!(started.elapsed() < Duration::from_secs(60));
         n.reset_slot_b(&rt);
     }
@@ -1603,10 +1626,7 @@ fn bad_chunk_lists_are_refused_and_the_full_root_installed() {
 #[test]
 fn a_uki_comes_as_a_patch_against_the_running_one_and_every_failure_downloads_it_whole() {
     let t = tempfile::tempdir().unwrap();
-    let (v1, v2, _) = related_images(t.path());
-    let n = node_with(&v1, "0.1.0", "a", true);
-    n.add(&v1, &[]);
-    n.add(&v2, &[]);
+    let (n, v1, v2, _) = delta_node(t.path(), &[]);
     let rt = rt();
     let m: keelson_common::update::Manifest = {
         let file = std::fs::read_dir(n.repo.join("targets"))
@@ -1667,12 +1687,9 @@ fn a_uki_comes_as_a_patch_against_the_running_one_and_every_failure_downloads_it
         installed() == new_uki,
         "the patched UKI is not the signed one"
     );
-    let patch_len = std::fs::read_dir(n.repo.join("targets"))
+    let patch_len = std::fs::metadata(n.target_file(&patch.target))
         .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with(&format!(".{}", patch.target)))
-        .map(|p| std::fs::metadata(p).unwrap().len())
-        .unwrap();
+        .len();
     assert!(
         patch_len * 10 < new_uki.len() as u64,
         "patch {patch_len} bytes for a {}-byte UKI",
@@ -1720,21 +1737,12 @@ fn a_uki_comes_as_a_patch_against_the_running_one_and_every_failure_downloads_it
 #[test]
 fn a_root_comes_as_a_patch_against_the_running_one_and_a_bad_patch_falls_back_to_chunks() {
     let t = tempfile::tempdir().unwrap();
-    let (v1, v2, v2_root) = related_images(t.path());
-    let n = node_with(&v1, "0.1.0", "a", true);
-    n.add(&v1, &[]);
-    n.add(&v2, &["--patch-level", "3"]);
+    let (n, _, v2, v2_root) = delta_node(t.path(), &["--patch-level", "3"]);
     let rt = rt();
-    let running = n.dir.path().join("running-root");
-    let running_before = std::fs::read(&running).unwrap();
-    let slot_b = || std::fs::read(n.dir.path().join("root-b")).unwrap()[..v2_root.len()].to_vec();
+    let running_before = n.running_root();
+    let slot_b = || n.slot_b_root(v2_root.len());
     let target = "test-0.2.0-root.from-0.1.0.zst";
-    let good_patch = std::fs::read_dir(n.repo.join("targets"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with(&format!(".{target}")))
-        .map(|p| std::fs::read(p).unwrap())
-        .unwrap_or_else(|| panic!("no {target} in the repository"));
+    let good_patch = std::fs::read(n.target_file(target)).unwrap();
     let patch_len = good_patch.len() as u64;
     let full_root = v2_root.len() as u64;
     assert!(
@@ -1743,12 +1751,7 @@ fn a_root_comes_as_a_patch_against_the_running_one_and_a_bad_patch_falls_back_to
     );
 
     // `keelctl update check` counts the patch for the root.
-    let check = rt.block_on(n.agent.check()).unwrap();
-    let offered = check
-        .versions
-        .iter()
-        .find(|v| v.version == "0.2.0")
-        .unwrap();
+    let offered = n.offered(&rt, "0.2.0");
     let delta = offered.delta_size.expect("a delta size for 0.2.0");
     assert!(offered.delta_note.is_none(), "{:?}", offered.delta_note);
 
@@ -1779,7 +1782,7 @@ fn a_root_comes_as_a_patch_against_the_running_one_and_a_bad_patch_falls_back_to
         "downloaded {} for an {full_root}-byte root",
         progress.downloaded
     );
-    assert!(std::fs::read(&running).unwrap() == running_before);
+    assert!(n.running_root() == running_before);
 
     // A signed patch made against another root (0.2.0's own: applied to 0.1.0's it copies
     // the old bytes where 0.2.0 changed): zstd's checksum refuses what it builds, and the root
@@ -1832,7 +1835,7 @@ fn a_root_comes_as_a_patch_against_the_running_one_and_a_bad_patch_falls_back_to
         "{last}"
     );
     assert!(slot_b() == v2_root);
-    assert!(std::fs::read(&running).unwrap() == running_before);
+    assert!(n.running_root() == running_before);
 }
 
 /// A real extension build directory (a DDI with its dm-verity tree, as `image-build extension`

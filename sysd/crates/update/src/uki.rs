@@ -162,17 +162,7 @@ mod tests {
     use std::io::Write;
     use zstd::zstd_safe::CParameter;
 
-    fn bytes(seed: u32, len: usize) -> Vec<u8> {
-        let mut x = seed.max(1);
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x >> 9) as u8
-            })
-            .collect()
-    }
+    use crate::tests::random_bytes as bytes;
 
     /// A UKI and the next version's: the same kernel and initramfs, another command line.
     fn ukis() -> (Vec<u8>, Vec<u8>) {
