@@ -161,9 +161,10 @@ pub fn plan(list: ChunkList, list_len: u64, index: &Index) -> Plan {
     }
 }
 
-/// Writes the new root into `target` (the inactive slot's root partition): the chunks the
-/// running slot (`running`) has, copied and re-hashed, then the others, downloaded
-/// [`PARALLEL`] at a time and checked on arrival. Syncs the partition.
+/// Writes the new root into `target` (slot `slot`'s root partition): the chunks the running
+/// slot (`running`) has, copied and re-hashed, then the others: kept where an earlier attempt
+/// already wrote them (they hash right at their place), else downloaded [`PARALLEL`] at a time
+/// and checked on arrival. Syncs the partition.
 pub async fn assemble(
     agent: &Agent,
     repo: &Repo,
@@ -171,8 +172,10 @@ pub async fn assemble(
     index: &Index,
     running: &Path,
     target: &Path,
+    slot: &str,
 ) -> Result<()> {
     let out = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .open(target)
         .with_context(|| format!("opening {}", target.display()))?;
@@ -205,8 +208,40 @@ pub async fn assemble(
             _ => places.entry(sha).or_default().push(c.offset),
         }
     }
+    // Resuming: a missing chunk an earlier, cut-off attempt already wrote into this slot is
+    // there at its place; it is hashed and kept instead of downloaded again.
+    let mut fetch = Vec::new();
+    for &i in &plan.missing {
+        let c = &plan.list.chunks[i];
+        let b = &mut buf[..c.length as usize];
+        let sha = unhex(&c.sha256).context("checked chunk list")?;
+        let have = out.read_exact_at(b, c.offset).is_ok() && Sha256::digest(&*b).as_slice() == sha;
+        if !have {
+            fetch.push(i);
+            continue;
+        }
+        for &at in places.get(&sha).map(Vec::as_slice).unwrap_or_default() {
+            if at != c.offset {
+                out.write_all_at(b, at)
+                    .with_context(|| format!("writing at byte {at} of {}", target.display()))?;
+            }
+            written += c.length;
+        }
+    }
+    if fetch.len() < plan.missing.len() {
+        agent.emit(
+            "update-delta-resumed",
+            format!(
+                "{} of the {} chunks to download are in slot {} already (an earlier attempt wrote them): kept",
+                plan.missing.len() - fetch.len(),
+                plan.missing.len(),
+                slot
+            ),
+        );
+        agent.set_written(written);
+    }
     let mut arrivals = futures_util::stream::iter(
-        plan.missing
+        fetch
             .iter()
             .map(|&i| fetch_chunk(agent, repo, &plan.list.chunks[i])),
     )

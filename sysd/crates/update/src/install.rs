@@ -692,7 +692,7 @@ pub async fn install(
         write_root(agent, root, &t.root, letter)?;
     } else if let Some((plan, index)) = &delta {
         let running = layout.running_root.as_deref().context("no running root")?;
-        match delta::assemble(agent, repo, plan, index, running, &t.root).await {
+        match delta::assemble(agent, repo, plan, index, running, &t.root, letter).await {
             Ok(()) => {}
             Err(e) => {
                 agent.check_cancel()?;

@@ -1483,6 +1483,27 @@ fn a_version_comes_by_delta_and_every_failure_falls_back_to_the_full_root() {
     assert_eq!(progress.downloaded, progress.download_total);
     assert!(n.running_root() == running_before);
 
+    // Resuming: slot B still holds what that install wrote (as after an attempt cut off while
+    // downloading): the chunks to download are found in place, hashed, and not fetched again.
+    rt.block_on(n.agent.cancel()).unwrap();
+    n.apply(&rt, ApplyRequest::default()).unwrap();
+    let ev = n.events();
+    assert!(
+        ev.contains(&format!(
+            "update-delta-resumed: {0} of the {0} chunks to download are in slot b already",
+            new.len()
+        )),
+        "{ev}"
+    );
+    assert!(slot_b() == v2_root);
+    assert_eq!(n.slot_b_hash(&v2), v2.roothash);
+    let resumed = n.agent.status().progress.unwrap().downloaded;
+    assert_eq!(
+        resumed,
+        progress.downloaded - new_bytes,
+        "resumed without the chunks"
+    );
+
     // Over the share: the full root, and why.
     n.reset_slot_b(&rt);
     n.set_spec(|s| s.delta_max_percent = 1);
