@@ -1070,6 +1070,20 @@ fn rolling_update_keeps_quorum() {
     let windows: Vec<Window> = (0..NODES)
         .map(|i| window(&c, i, published, "0.2.0"))
         .collect();
+    // Every node built 0.2.0's root and its etcd extension from what it had (the repository's
+    // patches against 0.1.0's), not from full downloads.
+    for i in 0..NODES {
+        for needle in [
+            "sysd: update-root-patch: 0.2.0's root built from the running one (0.1.0's)",
+            "sysd: extension-patched: etcd 3.4.23-1 for version 0.2.0",
+        ] {
+            assert!(
+                line_after(&c, c.guest(i), published, needle).is_some(),
+                "{}: no {needle:?} after 0.2.0 was published",
+                c.name(i)
+            );
+        }
+    }
     // Somebody waited for the slot (all three staged 0.2.0 within a minute of each other).
     let waited = (0..NODES)
         .filter(|&i| {
