@@ -568,6 +568,18 @@ pub fn add(opts: &AddOptions) -> Result<Payload> {
             else {
                 continue;
             };
+            // A node on `prev` would take the patch first: publish it only if it costs less
+            // than the chunks such a node lacks (their list included), which it takes without.
+            if let Some(chunks) = chunk_cost(&open, prev, &chunk_list)? {
+                if patch.len() as u64 >= chunks {
+                    eprintln!(
+                        "image-build: no root patch from {}: {} bytes, the chunks a node on it lacks take {chunks}",
+                        prev.version,
+                        patch.len()
+                    );
+                    continue;
+                }
+            }
             let target = format!("{stem}-root.from-{}.zst", prev.version);
             std::fs::write(staging.path().join(&target), &patch)?;
             new_targets.push(target.clone());
@@ -716,6 +728,27 @@ fn uki_patch(reference: &[u8], new: &[u8]) -> Result<Option<Vec<u8>>> {
     enc.write_all(new)?;
     let patch = enc.finish()?;
     Ok((patch.len() < new.len()).then_some(patch))
+}
+
+/// What a node running `prev` downloads for the new root by chunks: the new chunk list
+/// (`list`, as published) and the stored chunks `prev`'s list lacks. None when
+/// `prev` has no chunk list (such a node downloads the whole root without a patch).
+fn chunk_cost(open: &Open, prev: &Payload, list: &ChunkList) -> Result<Option<u64>> {
+    let Some(prev_list) = &prev.chunks else {
+        return Ok(None);
+    };
+    let old: ChunkList = serde_json::from_slice(&open.read_target(&prev_list.target)?)
+        .with_context(|| format!("{} is not a chunk list", prev_list.target))?;
+    let have: std::collections::HashSet<&str> =
+        old.chunks.iter().map(|c| c.sha256.as_str()).collect();
+    let mut fetched = std::collections::HashSet::new();
+    let missing: u64 = list
+        .chunks
+        .iter()
+        .filter(|c| !have.contains(c.sha256.as_str()) && fetched.insert(c.sha256.as_str()))
+        .map(|c| c.stored)
+        .sum();
+    Ok(Some(serde_json::to_vec(list)?.len() as u64 + missing))
 }
 
 /// The zstd level root patches are made at by default: 19 makes a patch of the root with one

@@ -216,6 +216,8 @@ impl Agent {
         })?;
         Some(
             async {
+                root_patch::fits_in_memory(q.from_size.saturating_add(q.size), "the stored image and the new one")
+                    .map_err(anyhow::Error::msg)?;
                 let (patch_len, _, _) = install::target_info(repo, &q.target)?;
                 if patch_len >= x.size {
                     bail!(

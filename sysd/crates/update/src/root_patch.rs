@@ -79,6 +79,10 @@ pub fn plan(
             dev.display()
         ));
     }
+    fits_in_memory(
+        patch.from_size + p.root_size,
+        "the running root and the new one",
+    )?;
     let (patch_len, _, _) =
         install::target_info(repo, &patch.target).map_err(|e| format!("{e:#}"))?;
     if patch_len.saturating_mul(100) > root_len.saturating_mul(u64::from(max_percent)) {
@@ -92,6 +96,29 @@ pub fn plan(
         patch_len,
         running: dev.to_owned(),
     })
+}
+
+/// Whether `need` bytes (`what`) fit in half of the memory the kernel says is available: a
+/// patch holds its reference and its result in memory, and a node short of memory takes the
+/// other ways (chunks, the whole image) instead of risking the OOM killer.
+pub fn fits_in_memory(need: u64, what: &str) -> Result<(), String> {
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib << 10)
+        .ok_or("/proc/meminfo has no MemAvailable")?;
+    if need > available / 2 {
+        return Err(format!(
+            "{what} ({} MiB) would not fit in half of the {} MiB of memory available",
+            need >> 20,
+            available >> 20
+        ));
+    }
+    Ok(())
 }
 
 /// Downloads the patch (a signed target, checked as it streams) and applies it to the running
