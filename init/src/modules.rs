@@ -356,15 +356,21 @@ pub fn load_parallel<E: Send>(
 /// Stage 2: loads the root's `modules.load` in a child process, so init keeps serving
 /// signals and sysd starts at the same time. The child's pid goes to
 /// [`notify::ROOT_MODULES_LOADING`] and its summary to [`notify::ROOT_MODULES_LOADED`] in
-/// `run_dir`: sysd waits for them before anything that may need a module (it found `overlay`
-/// missing when the loader was slower than its start). The child is reaped by init's ordinary
-/// zombie reaping.
+/// `run_dir`: what needs a module in sysd waits for them (it found `overlay` missing when the
+/// loader was slower than its start), nothing before its READY does. The child is reaped by
+/// init's ordinary zombie reaping.
 pub fn load_root_modules_in_background(run_dir: &Path) {
     let loaded = run_dir.join(notify::ROOT_MODULES_LOADED);
     // SAFETY: init is single-threaded, so the child may run arbitrary code (allocate, log)
     // after fork; it ends with _exit and never returns into init's loop.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
+            // Niced: sysd's start to READY waits for no module, so it comes first on a busy
+            // CPU; what does wait (container starts, the extension merge) waits while sysd is
+            // idle, and then the loader has the CPU. Set before the loader's threads start
+            // (they inherit it).
+            // SAFETY: setpriority on this process only, no memory arguments.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
             let summary = load_root_list();
             if let Err(e) = crate::state::write_atomic(&loaded, summary.as_bytes(), 0o644) {
                 crate::say!("modules: cannot record {}: {e}", loaded.display());

@@ -17,16 +17,19 @@ use keelson_common::api::ServiceStatus;
 use keelson_images::manager::{self, Users};
 use keelson_net::{Net, Online};
 use keelson_runtime::netplug::Endpoint;
+use keelson_runtime::RootModules;
 use keelson_spec::network::{NetConfig, PortSpec};
 use keelson_supervisor::EventBus;
 use tokio::sync::{mpsc, watch};
 
 /// The image store and registry pulls (`/v1/images*`). Which images are in use comes from the
-/// services' statuses the supervisor publishes.
+/// services' statuses the supervisor publishes. A pull unpacks layers over overlay mounts:
+/// early in boot it waits for the root's modules first.
 pub struct Images {
     images: Arc<manager::Images>,
     services: watch::Receiver<Vec<ServiceStatus>>,
     events: Arc<EventBus>,
+    modules: RootModules,
 }
 
 impl Images {
@@ -34,11 +37,13 @@ impl Images {
         images: Arc<manager::Images>,
         services: watch::Receiver<Vec<ServiceStatus>>,
         events: Arc<EventBus>,
+        modules: RootModules,
     ) -> Self {
         Images {
             images,
             services,
             events,
+            modules,
         }
     }
 
@@ -67,8 +72,9 @@ impl keelson_api::Images for Images {
             .map_err(|e| Failure::bad_request(format!("image {reference:?}: {e}")))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (images, events) = (Arc::clone(&self.images), Arc::clone(&self.events));
-        let reference = reference.to_string();
+        let (reference, modules) = (reference.to_string(), self.modules.clone());
         tokio::spawn(async move {
+            modules.wait().await;
             let (progress, mut items) = mpsc::unbounded_channel();
             let pull = async {
                 let pulled = images.pull(&reference, &progress).await;
@@ -136,29 +142,37 @@ impl keelson_api::Images for Images {
     }
 }
 
-/// The update agent (`/v1/update/*`).
-pub struct Updates(pub Arc<keelson_update::Agent>);
+/// The update agent (`/v1/update/*`). What may read or write the ESP (vfat) or the UEFI
+/// variables (efivarfs) waits for the root's modules first (only early in boot).
+pub struct Updates {
+    pub agent: Arc<keelson_update::Agent>,
+    pub modules: RootModules,
+}
 
 #[async_trait]
 impl keelson_api::Updates for Updates {
     fn status(&self) -> UpdateStatus {
-        self.0.status()
+        self.agent.status()
     }
 
     async fn check(&self) -> Result<UpdateCheck, Failure> {
-        self.0.check().await.map_err(failure)
+        self.modules.wait().await;
+        self.agent.check().await.map_err(failure)
     }
 
     async fn apply(&self, req: ApplyRequest) -> Result<UpdateStatus, Failure> {
-        self.0.apply(req).await.map_err(failure)
+        self.modules.wait().await;
+        self.agent.apply(req).await.map_err(failure)
     }
 
     async fn cancel(&self) -> Result<UpdateStatus, Failure> {
-        self.0.cancel().await.map_err(failure)
+        self.modules.wait().await;
+        self.agent.cancel().await.map_err(failure)
     }
 
     async fn rollback(&self, reboot: bool) -> Result<UpdateStatus, Failure> {
-        self.0.rollback(reboot).await.map_err(failure)
+        self.modules.wait().await;
+        self.agent.rollback(reboot).await.map_err(failure)
     }
 }
 

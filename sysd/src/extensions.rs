@@ -3,13 +3,19 @@
 //! `[extensions]`: once the network is up it has the update agent download what the
 //! repository lists for this version, activates the new set and has the supervisor re-read
 //! the system services (an extension's services are system services).
+//!
+//! Merging needs the root's kernel modules (loop for the images, overlay for the merge), which
+//! init loads beside sysd's start: a node with a set to activate waits for them
+//! ([`keelson_runtime::RootModules`]) before its system services are read; a node without
+//! one does not wait.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keelson_common::api::extensions::{ExtensionStatus, ExtensionsView};
-use keelson_extensions::{Paths, Status};
+use keelson_extensions::{Paths, Status, Store};
+use keelson_runtime::RootModules;
 use keelson_spec::extensions::ExtensionsSpec;
 use keelson_spec::ConfigError;
 use keelson_supervisor::{EventBus, Supervisor};
@@ -32,19 +38,44 @@ pub struct Extensions {
     spec: watch::Receiver<Result<ExtensionsSpec, ConfigError>>,
     events: Arc<EventBus>,
     view: Mutex<View>,
+    modules: RootModules,
 }
 
 impl Extensions {
     pub fn new(
         spec: watch::Receiver<Result<ExtensionsSpec, ConfigError>>,
         events: Arc<EventBus>,
+        modules: RootModules,
     ) -> Self {
         Extensions {
             paths: Paths::default(),
             spec,
             events,
             view: Mutex::new(View::default()),
+            modules,
         }
+    }
+
+    /// At boot, before the system services are read: activates the running version's set,
+    /// once the root's modules are in if there is a set to merge (an empty one only takes
+    /// down what a previous sysd merged, which needs no module).
+    pub async fn activate_at_boot(&self) {
+        if self.has_set() && !self.modules.is_ready() {
+            tracing::info!("sysd: extensions to merge: {}", self.modules.reason());
+            self.modules.wait().await;
+        }
+        self.activate();
+    }
+
+    /// Whether the store records extensions for the running version (an unreadable store
+    /// counts: `activate` reports it, after the same wait).
+    fn has_set(&self) -> bool {
+        let text = std::fs::read_to_string(&self.paths.os_release).unwrap_or_default();
+        let release = keelson_extensions::release::Release::parse(&text);
+        let version = release.get("VERSION_ID").unwrap_or_default();
+        Store::new(&self.paths.store)
+            .set(version)
+            .map_or(true, |set| !set.is_empty())
     }
 
     fn view_mut(&self) -> std::sync::MutexGuard<'_, View> {
@@ -130,6 +161,8 @@ impl Extensions {
                     match agent.sync_running_extensions().await {
                         Ok(_) => {
                             self.view_mut().last_error = None;
+                            // loop and overlay (long in by now: the network came first).
+                            self.modules.wait().await;
                             let me = Arc::clone(&self);
                             let _ = tokio::task::spawn_blocking(move || me.activate()).await;
                             match sup.reload_system().await {

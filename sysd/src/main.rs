@@ -6,7 +6,10 @@
 //! single-threaded helper that creates containers, so the tokio daemon itself never forks.
 //!
 //! Boot handshake: once the API socket is up and every service task is launched, sysd sends
-//! READY=1 to init (services become ready on their own, in dependency order). On SIGTERM it
+//! READY=1 to init (services become ready on their own, in dependency order). None of that
+//! waits for the root's kernel modules init loads beside sysd's start: what needs one waits
+//! for them where it needs it ([`keelson_runtime::RootModules`]: container starts, bonds and
+//! VLANs, the container bridge, the extension merge, the update agent's ESP). On SIGTERM it
 //! stops services, dependents first, and exits 0. Killed (a crash), it leaves the containers
 //! running: init keeps their log pipes, and the next sysd adopts them (`notify`,
 //! `keelson_supervisor::adopt`).
@@ -25,14 +28,14 @@ mod notify;
 mod observe;
 mod remote;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use keelson_common::notice::Notice;
+use keelson_runtime::RootModules;
 use keelson_spec::{Source, Sources};
 use keelson_supervisor::{EventBus, HostNet, Supervisor};
 use keelson_update::{Agent, Channels, Report};
@@ -260,6 +263,7 @@ fn start_network(
     args: &DaemonArgs,
     sources: &Sources,
     events: &Arc<EventBus>,
+    modules: &RootModules,
 ) -> Option<Arc<adapters::HostNetwork>> {
     let paths = keelson_net::Paths {
         state_dir: args.network_state.clone(),
@@ -269,7 +273,7 @@ fn start_network(
         nft: args.nft.clone(),
     };
     let config = keelson_supervisor::boot_network_config(sources);
-    match keelson_net::Net::start(paths, config, notices_to(events)) {
+    match keelson_net::Net::start(paths, config, notices_to(events), modules.clone()) {
         Ok(net) => Some(Arc::new(adapters::HostNetwork::new(net))),
         Err(err) => {
             tracing::error!("sysd: host networking not started: {err}");
@@ -383,39 +387,6 @@ fn api_listener(
 /// a version with one to measure an update in which only sysd changed.
 const BUILD_NOTE: Option<&str> = option_env!("KEELSON_BUILD_NOTE");
 
-/// Waits until init's loader of the root's modules is through (its mark in `run_dir`, or the
-/// process gone): see `keelson_common::notify::ROOT_MODULES_LOADING`. Nothing to wait for when
-/// init did not start one (an older init, sysd outside init).
-async fn wait_for_root_modules(run_dir: &Path) {
-    use keelson_common::notify::{ROOT_MODULES_LOADED, ROOT_MODULES_LOADING};
-    let loaded = run_dir.join(ROOT_MODULES_LOADED);
-    let Ok(pid) = std::fs::read_to_string(run_dir.join(ROOT_MODULES_LOADING)) else {
-        return;
-    };
-    let Ok(pid) = pid.trim().parse::<u32>() else {
-        tracing::warn!("sysd: {ROOT_MODULES_LOADING} holds no pid; not waiting for modules");
-        return;
-    };
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    let started = std::time::Instant::now();
-    let mut said = false;
-    while !loaded.exists() && proc.exists() {
-        if !said && started.elapsed() >= Duration::from_secs(1) {
-            tracing::info!("sysd: waiting for init's module loader (pid {pid}) before starting networks, extensions and services");
-            said = true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if said {
-        let got = std::fs::read_to_string(&loaded).unwrap_or_default();
-        tracing::info!(
-            "sysd: waited {} ms for the root's modules ({})",
-            started.elapsed().as_millis(),
-            got.trim()
-        );
-    }
-}
-
 async fn run(args: DaemonArgs) -> Result<()> {
     // First: from here on a runtime that stops turning stops the heartbeat init watches.
     let mut notifier = notify::Notifier::from_env();
@@ -433,6 +404,8 @@ async fn run(args: DaemonArgs) -> Result<()> {
     keelson_runtime::become_subreaper().context("becoming the child subreaper of containers")?;
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
+    // init's loader of the root's modules, followed from here; only what needs a module waits.
+    let modules = RootModules::follow(&args.run_dir);
 
     let events = Arc::new(EventBus::new().with_boot_record(args.run_dir.join("boot.json")));
     let runtime = keelson_runtime::Runtime::new(args.run_dir.join("runtime"))
@@ -456,12 +429,9 @@ async fn run(args: DaemonArgs) -> Result<()> {
             Err(log) => imds_log = Some(log),
         }
     }
-    // Everything from here may need a module init is still loading (overlay for every
-    // container, bridge and nf_tables for bridge networks, 8021q/bonding, loop for extensions).
-    wait_for_root_modules(&args.run_dir).await;
     let net = args
         .host_network
-        .then(|| start_network(&args, &sources, &events))
+        .then(|| start_network(&args, &sources, &events, &modules))
         .flatten();
     let network = match (&net, args.host_network) {
         (Some(net), _) => HostNet::Managed(net.clone()),
@@ -487,23 +457,31 @@ async fn run(args: DaemonArgs) -> Result<()> {
         Arc::clone(&events),
         Arc::clone(&images),
         network,
+        modules.clone(),
     ));
     sup.inherit(inheritance);
     report_watchdog(&args.watchdog_status, &sup, &events);
     let agent = update_agent(&sup, &events);
     // Extensions before the supervisor reads the system services (`sup.boot`): theirs are
-    // among them.
-    let extensions = args.extensions.then(|| {
+    // among them. The only wait for the root's modules before READY, and only on a node
+    // with extensions to merge (loop, overlay).
+    let extensions = if args.extensions {
         let x = Arc::new(extensions::Extensions::new(
             sup.extensions_spec(),
             Arc::clone(&events),
+            modules.clone(),
         ));
-        x.activate();
-        x
-    });
+        x.activate_at_boot().await;
+        Some(x)
+    } else {
+        None
+    };
 
     let requests = Arc::new(keelson_api::RequestCounts::default());
-    let updates = Arc::new(adapters::Updates(Arc::clone(&agent)));
+    let updates = Arc::new(adapters::Updates {
+        agent: Arc::clone(&agent),
+        modules: modules.clone(),
+    });
     observe::follow(
         &sup,
         &events,
@@ -522,6 +500,7 @@ async fn run(args: DaemonArgs) -> Result<()> {
             images,
             sup.statuses(),
             Arc::clone(&events),
+            modules.clone(),
         ))),
         updates: Some(updates),
         network: net
@@ -566,8 +545,14 @@ async fn run(args: DaemonArgs) -> Result<()> {
             log,
         );
     }
-    // Boot assessment starts now.
-    agent.boot();
+    // Boot assessment starts once the ESP can be mounted (vfat is among the root's modules).
+    {
+        let (agent, modules) = (Arc::clone(&agent), modules.clone());
+        tokio::spawn(async move {
+            modules.wait().await;
+            agent.boot();
+        });
+    }
     if let Some(x) = extensions {
         x.follow(
             Arc::clone(&agent),
@@ -599,65 +584,4 @@ async fn run(args: DaemonArgs) -> Result<()> {
     let _ = remote_server.await;
     tracing::info!("sysd: stopped");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    use keelson_common::notify::{ROOT_MODULES_LOADED, ROOT_MODULES_LOADING};
-
-    use super::wait_for_root_modules;
-
-    #[tokio::test]
-    async fn no_loader_recorded_is_no_wait() {
-        let d = tempfile::tempdir().unwrap();
-        let t = Instant::now();
-        wait_for_root_modules(d.path()).await;
-        assert!(t.elapsed() < Duration::from_secs(1));
-    }
-
-    #[tokio::test]
-    async fn a_loader_gone_without_its_mark_ends_the_wait() {
-        let d = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("0")
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        std::fs::write(d.path().join(ROOT_MODULES_LOADING), format!("{pid}\n")).unwrap();
-        let t = Instant::now();
-        wait_for_root_modules(d.path()).await;
-        assert!(t.elapsed() < Duration::from_secs(1));
-    }
-
-    #[tokio::test]
-    async fn a_running_loader_is_waited_for_until_its_mark() {
-        let d = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        std::fs::write(
-            d.path().join(ROOT_MODULES_LOADING),
-            format!("{}\n", child.id()),
-        )
-        .unwrap();
-        let loaded = d.path().join(ROOT_MODULES_LOADED);
-        let writer = {
-            let loaded = loaded.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                std::fs::write(loaded, "modules: 3 from the root loaded in 300 ms\n").unwrap();
-            })
-        };
-        let t = Instant::now();
-        wait_for_root_modules(d.path()).await;
-        assert!(loaded.exists(), "returned before the mark");
-        assert!(t.elapsed() >= Duration::from_millis(300));
-        writer.await.unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
-    }
 }

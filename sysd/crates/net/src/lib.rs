@@ -34,6 +34,7 @@ use keelson_common::api::network::{
 };
 use keelson_common::error::{Classify, Kind};
 use keelson_common::notice::Notice;
+use keelson_runtime::RootModules;
 use rtnetlink::packet_route::route::RouteProtocol;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use tokio::sync::{mpsc, watch};
@@ -176,15 +177,21 @@ pub struct Net {
     lease_epoch: watch::Sender<u64>,
     /// One bridge attachment at a time (allocation, hosts file, ruleset).
     bridge_lock: tokio::sync::Mutex<()>,
+    /// The root's kernel modules init loads beside sysd's start: bonds (bonding), VLANs
+    /// (8021q) and the container bridge (bridge, nf_tables) wait for them; plain links,
+    /// DHCP and the hostname do not.
+    modules: RootModules,
 }
 
 impl Net {
     /// Starts the manager with the boot config: links, addresses, routes, DHCP, link events.
     /// What happens is reported on `events`; the online state is [`Net::online_changes`].
+    /// What needs a kernel module (a bond, a VLAN, the container bridge) waits for `modules`.
     pub fn start(
         paths: Paths,
         config: NetConfig,
         events: mpsc::UnboundedSender<Notice>,
+        modules: RootModules,
     ) -> Result<Arc<Net>, links::Error> {
         let nl = Netlink::open()?;
         let (reports, reports_rx) = mpsc::unbounded_channel();
@@ -199,6 +206,7 @@ impl Net {
             apply_lock: tokio::sync::Mutex::new(()),
             lease_epoch: watch::channel(0).0,
             bridge_lock: tokio::sync::Mutex::new(()),
+            modules,
         });
         let timeout = config
             .network
@@ -372,6 +380,9 @@ impl Net {
             .clone();
         let links = self.nl.links().await?;
         let steps = virtual_plan(&cfg.network, &prev, &links)?;
+        if steps.iter().any(VirtualStep::needs_module) {
+            self.modules.wait().await;
+        }
         if !steps.is_empty() {
             self.run_virtual(steps).await?;
         }
@@ -1021,6 +1032,9 @@ impl Net {
         ports: &[keelson_spec::network::PortSpec],
         kept: Option<&bridge::Endpoint>,
     ) -> Result<bridge::Endpoint, Error> {
+        // The bridge, veth pairs and the ruleset need bridge, veth and nf_tables (the nft_*
+        // modules for masquerade and published ports).
+        self.modules.wait().await;
         let _guard = self.bridge_lock.lock().await;
         let subnet = {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -1033,8 +1047,8 @@ impl Net {
             .unwrap_or_else(|p| p.into_inner())
             .bridge_up;
         if !bridge_up {
-            // Early in boot the bridge module may still be loading (init loads the root's
-            // modules in the background): a few tries.
+            // An older init does not say when its background loader is through (no
+            // `root-modules.loading`): the bridge module may still be loading, a few tries.
             let mut tries = 0;
             loop {
                 match self.ensure_bridge(subnet, gw).await {
@@ -1335,6 +1349,17 @@ enum VirtualStep {
         parent: String,
         id: u16,
     },
+}
+
+impl VirtualStep {
+    /// Whether the step creates a link whose kernel module (bonding, 8021q) init loads with
+    /// the root's modules; deleting, releasing and enslaving work on links that exist.
+    fn needs_module(&self) -> bool {
+        matches!(
+            self,
+            VirtualStep::AddBond { .. } | VirtualStep::AddVlan { .. }
+        )
+    }
 }
 
 impl std::fmt::Display for VirtualStep {
@@ -1661,6 +1686,9 @@ addresses = ["10.10.0.5/24"]
                 },
             ]
         );
+        // Creating the bond and the VLAN waits for the root's modules (bonding, 8021q).
+        let waits: Vec<bool> = steps.iter().map(VirtualStep::needs_module).collect();
+        assert_eq!(waits, [true, false, false, true]);
         // Before they exist, plan() leaves the entries to these steps.
         assert_eq!(plan(&cfg, &links).unwrap().len(), 0);
         // Once done, nothing more to do; plan() configures the new links.
@@ -1710,6 +1738,8 @@ addresses = ["10.10.0.5/24"]
                 },
             ]
         );
+        // Taking links down needs no module: nothing waits.
+        assert!(!steps.iter().any(VirtualStep::needs_module));
     }
 
     #[test]

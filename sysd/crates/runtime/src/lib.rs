@@ -27,10 +27,12 @@ pub mod bundle;
 mod cgroup;
 pub mod helper;
 pub mod init;
+pub mod modules;
 pub mod netplug;
 pub mod seccomp;
 
 pub use cgroup::Stats;
+pub use modules::RootModules;
 
 use std::collections::BTreeMap;
 use std::io;

@@ -9,8 +9,9 @@
 //! touched.
 //!
 //! What it is given, it owns or shares explicitly: the runtime, the event bus, the image
-//! manager and the host network manager ([`HostNet`], through the [`Network`] it needs)
-//! come in through [`Supervisor::new`];
+//! manager, the host network manager ([`HostNet`], through the [`Network`] it needs) and the
+//! gate of the root's kernel modules (a service's last wait before its container,
+//! [`keelson_runtime::RootModules`]) come in through [`Supervisor::new`];
 //! each service task holds an `Arc` of the state tasks share ([`Shared`]), never a reference
 //! back to the [`Supervisor`]. What others need from it, it publishes: every service's status
 //! ([`Supervisor::statuses`]) and the effective `[update]` table ([`Supervisor::update_spec`])
@@ -44,7 +45,7 @@ pub use adopt::{Exits, FdKeeper, Inheritance};
 pub use events::EventBus;
 use keelson_api::{EventFeed, Failure, LogFeed};
 use keelson_runtime::netplug::{Endpoint, ANNOTATION};
-use keelson_runtime::Runtime;
+use keelson_runtime::{RootModules, Runtime};
 use keelson_spec::api::ApiSpec;
 use keelson_spec::extensions::ExtensionsSpec;
 use keelson_spec::network::{NetConfig, PortSpec};
@@ -134,6 +135,9 @@ pub struct Shared {
     keeper: Mutex<Option<Arc<dyn FdKeeper>>>,
     /// The exits init reports: how adopted containers end.
     exits: Mutex<Arc<Exits>>,
+    /// The root's kernel modules init loads beside sysd's start: every container start waits
+    /// for them (overlay for its root and image layers, bridge, veth and nf_tables).
+    modules: RootModules,
 }
 
 /// How much a service may write while no sysd reads its output (each pipe's buffer).
@@ -211,6 +215,7 @@ impl Supervisor {
         events: Arc<EventBus>,
         images: Arc<Images>,
         network: HostNet,
+        modules: RootModules,
     ) -> Self {
         let epoch = watch::channel(0).0;
         if let HostNet::Managed(net) = &network {
@@ -242,6 +247,7 @@ impl Supervisor {
                 network,
                 keeper: Mutex::new(None),
                 exits: Mutex::new(Arc::new(Exits::default())),
+                modules,
             }),
             system: Mutex::new(Vec::new()),
             apply_lock: tokio::sync::Mutex::new(()),
@@ -1101,11 +1107,16 @@ impl ServiceTask {
         });
     }
 
-    /// Waits until every dependency allows a start; returns early with a command.
+    /// Waits until every dependency allows a start, and then the root's kernel modules (a
+    /// container needs them from its first mount); returns early with a command.
     async fn wait_for_dependencies(&mut self) -> Option<Cmd> {
         let mut epoch = self.sup.epoch.subscribe();
+        let modules = self.sup.modules.clone();
         loop {
-            match self.blocking_dependency() {
+            let blocking = self
+                .blocking_dependency()
+                .or_else(|| (!modules.is_ready()).then(|| modules.reason()));
+            match blocking {
                 None => return None,
                 Some(reason) => {
                     if self.status.borrow().reason.as_deref() != Some(&reason)
@@ -1120,6 +1131,7 @@ impl ServiceTask {
             }
             tokio::select! {
                 r = epoch.changed() => if r.is_err() { return None },
+                () = modules.wait(), if !modules.is_ready() => {}
                 cmd = self.cmds.recv() => return cmd.or(Some(Cmd::Remove(oneshot::channel().0))),
             }
         }
