@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use keelson_common::update::{ExtensionPatch, ExtensionPayload, Manifest};
@@ -108,38 +108,42 @@ impl Agent {
         for x in listed {
             let e = entry(x, os_version, base);
             if !store.has(&e) {
-                match self.patch_extension(repo, store, x, &e).await {
-                    Some(Ok(q)) => {
-                        self.emit(
-                            "extension-patched",
-                            format!(
-                                "{} {} for version {os_version} built from the image {} the store has: downloaded {} bytes instead of {} ({}), verified against root hash {}",
-                                x.name,
-                                x.version,
-                                q.from_roothash,
-                                install::target_info(repo, &q.target).map_or(0, |t| t.0),
-                                x.size,
-                                q.target,
-                                x.roothash
-                            ),
-                        );
-                        entries.push(e);
-                        continue;
-                    }
-                    Some(Err(err)) => {
-                        if let Ok(part) = store.staging(&e) {
-                            let _ = std::fs::remove_file(part);
+                if let Some((q, reference)) = Self::patch_source(store, x, &e) {
+                    match self
+                        .patch_extension(repo, store, (x, &e), q, &reference)
+                        .await
+                    {
+                        Ok(()) => {
+                            self.emit(
+                                "extension-patched",
+                                format!(
+                                    "{} {} for version {os_version} built from the image {} the store has: downloaded {} bytes instead of {} ({}), verified against root hash {}",
+                                    x.name,
+                                    x.version,
+                                    q.from_roothash,
+                                    install::target_info(repo, &q.target).map_or(0, |t| t.0),
+                                    x.size,
+                                    q.target,
+                                    x.roothash
+                                ),
+                            );
+                            entries.push(e);
+                            continue;
                         }
-                        self.check_cancel()?;
-                        self.emit(
-                            "extension-delta-fallback",
-                            format!(
-                                "{} {} for version {os_version}: {err:#}; downloading the whole image",
-                                x.name, x.version
-                            ),
-                        );
+                        Err(err) => {
+                            if let Ok(part) = store.staging(&e) {
+                                let _ = std::fs::remove_file(part);
+                            }
+                            self.check_cancel()?;
+                            self.emit(
+                                "extension-delta-fallback",
+                                format!(
+                                    "{} {} for version {os_version}: {err:#}; downloading the whole image",
+                                    x.name, x.version
+                                ),
+                            );
+                        }
                     }
-                    None => {}
                 }
                 self.emit(
                     "extension-downloading",
@@ -195,74 +199,79 @@ impl Agent {
         Ok((part, f, limit))
     }
 
-    /// Builds `x`'s image from one of its patches against an image of the same extension the
-    /// store has: the patch (a signed target, checked as it streams) decoded in one pass into
-    /// the signed image size, kept only if its sha256 is the signed one, then committed like a
-    /// download (layout checked against the root hash). None when `x` has no patch against an
-    /// image the store has.
-    async fn patch_extension(
-        &self,
-        repo: &Repo,
+    /// One of `x`'s patches against an image of the same extension the store has, and that
+    /// image's file.
+    fn patch_source<'a>(
         store: &Store,
-        x: &ExtensionPayload,
+        x: &'a ExtensionPayload,
         e: &Entry,
-    ) -> Option<Result<ExtensionPatch>> {
-        let (q, reference) = x.patches.iter().find_map(|q| {
+    ) -> Option<(&'a ExtensionPatch, PathBuf)> {
+        x.patches.iter().find_map(|q| {
             let have = Entry {
                 roothash: q.from_roothash.clone(),
                 ..e.clone()
             };
             store.has(&have).then(|| (q, store.image(&have)))
-        })?;
-        Some(
-            async {
-                root_patch::fits_in_memory(q.from_size.saturating_add(q.size), "the stored image and the new one")
-                    .map_err(anyhow::Error::msg)?;
-                let (patch_len, _, _) = install::target_info(repo, &q.target)?;
-                if patch_len >= x.size {
-                    bail!(
-                        "{} is {patch_len} bytes signed, not smaller than the {}-byte image (refused unread)",
-                        q.target,
-                        x.size
-                    );
-                }
-                let (part, mut f, _) =
-                    self.open_staging(store, e, q.size, &format!("{} ({} MiB uncompressed)", x.name, q.size >> 20))?;
-                let reference = std::fs::read(&reference)
-                    .with_context(|| format!("reading {}", reference.display()))?;
-                if reference.len() as u64 != q.from_size {
-                    bail!(
-                        "the store's image {} has {} bytes, the patch applies to {}",
-                        q.from_roothash,
-                        reference.len(),
-                        q.from_size
-                    );
-                }
-                let mut patch = Vec::with_capacity(patch_len as usize);
-                install::stream_target(self, repo, &q.target, &mut |b| {
-                    patch.extend_from_slice(b);
-                    Ok(())
-                })
-                .await?;
-                let image = root_patch::apply(&reference, &patch, q.size)
-                    .with_context(|| format!("applying {}", q.target))?;
-                let got = hex::encode(Sha256::digest(&image));
-                if got != q.sha256 {
-                    bail!(
-                        "{} builds an image with sha256 {got}, the signed one is {} (refused)",
-                        q.target,
-                        q.sha256
-                    );
-                }
-                f.write_all(&image)
-                    .with_context(|| format!("writing {}", part.display()))?;
-                drop(f);
-                // `store.commit` fsyncs it before the rename.
-                store.commit(e)?;
-                Ok(q.clone())
-            }
-            .await,
-        )
+        })
+    }
+
+    /// Builds `x`'s image from its patch `q` against the store's image `reference`: the patch
+    /// (a signed target, checked as it streams) decoded in one pass into the signed image size,
+    /// kept only if its sha256 is the signed one, then committed like a download (layout checked
+    /// against the root hash).
+    async fn patch_extension(
+        &self,
+        repo: &Repo,
+        store: &Store,
+        (x, e): (&ExtensionPayload, &Entry),
+        q: &ExtensionPatch,
+        reference: &Path,
+    ) -> Result<()> {
+        let need = q.from_size.saturating_add(q.size);
+        root_patch::fits_in_memory(need, "the stored image and the new one")
+            .map_err(anyhow::Error::msg)?;
+        let (patch_len, _, _) = install::target_info(repo, &q.target)?;
+        if patch_len >= x.size {
+            bail!(
+                "{} is {patch_len} bytes signed, not smaller than the {}-byte image (refused unread)",
+                q.target,
+                x.size
+            );
+        }
+        let what = format!("{} ({} MiB uncompressed)", x.name, q.size >> 20);
+        let (part, mut f, _) = self.open_staging(store, e, q.size, &what)?;
+        let reference =
+            std::fs::read(reference).with_context(|| format!("reading {}", reference.display()))?;
+        if reference.len() as u64 != q.from_size {
+            bail!(
+                "the store's image {} has {} bytes, the patch applies to {}",
+                q.from_roothash,
+                reference.len(),
+                q.from_size
+            );
+        }
+        let mut patch = Vec::with_capacity(patch_len as usize);
+        install::stream_target(self, repo, &q.target, &mut |b| {
+            patch.extend_from_slice(b);
+            Ok(())
+        })
+        .await?;
+        let image = root_patch::apply(&reference, &patch, q.size)
+            .with_context(|| format!("applying {}", q.target))?;
+        let got = hex::encode(Sha256::digest(&image));
+        if got != q.sha256 {
+            bail!(
+                "{} builds an image with sha256 {got}, the signed one is {} (refused)",
+                q.target,
+                q.sha256
+            );
+        }
+        f.write_all(&image)
+            .with_context(|| format!("writing {}", part.display()))?;
+        drop(f);
+        // `store.commit` fsyncs it before the rename.
+        store.commit(e)?;
+        Ok(())
     }
 
     async fn download_extension(
