@@ -80,7 +80,7 @@ pub fn plan(
         ));
     }
     fits_in_memory(
-        patch.from_size + p.root_size,
+        patch.from_size.saturating_add(p.root_size),
         "the running root and the new one",
     )?;
     let (patch_len, _, _) =
