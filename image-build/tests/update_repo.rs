@@ -26,6 +26,20 @@ fn err(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A signing key `dir/k.pk8` and the repository root `dir/root.json` it signs.
+fn key_and_root(dir: &Path) {
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+    ok(&["update", "keygen", &p("k.pk8")]);
+    ok(&[
+        "update",
+        "root",
+        "--key",
+        &p("k.pk8"),
+        "--out",
+        &p("root.json"),
+    ]);
+}
+
 /// A build output directory as far as `update add` reads it.
 fn image(dir: &Path, version: &str) -> String {
     let d = dir.join(format!("img-{version}"));
@@ -198,15 +212,7 @@ fn signed_target(repo: &Path, name: &str) -> Vec<u8> {
 fn extensions_are_signed_and_listed_per_os_version() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).to_str().unwrap().to_owned();
-    ok(&["update", "keygen", &p("k.pk8")]);
-    ok(&[
-        "update",
-        "root",
-        "--key",
-        &p("k.pk8"),
-        "--out",
-        &p("root.json"),
-    ]);
+    key_and_root(t.path());
     let repo = t.path().join("repo");
     let common = |cmd: &str| -> Vec<String> {
         [
@@ -366,15 +372,7 @@ fn stored_chunks(repo: &Path) -> std::collections::BTreeSet<String> {
 fn chunk_lists_rebuild_the_root_and_unused_chunks_are_collected() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).to_str().unwrap().to_owned();
-    ok(&["update", "keygen", &p("k.pk8")]);
-    ok(&[
-        "update",
-        "root",
-        "--key",
-        &p("k.pk8"),
-        "--out",
-        &p("root.json"),
-    ]);
+    key_and_root(t.path());
     let repo = t.path().join("repo");
     let add = |img: &str| -> Output {
         ib(&[
@@ -495,15 +493,7 @@ fn uki_patches_rebuild_each_uki_from_the_previous_versions() {
     use std::io::Read;
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).to_str().unwrap().to_owned();
-    ok(&["update", "keygen", &p("k.pk8")]);
-    ok(&[
-        "update",
-        "root",
-        "--key",
-        &p("k.pk8"),
-        "--out",
-        &p("root.json"),
-    ]);
+    key_and_root(t.path());
     let repo = t.path().join("repo");
     // Two versions' UKIs: the same 1 MiB kernel and initramfs, another command line.
     let kernel = noise(5, 1 << 20);
@@ -576,15 +566,7 @@ fn uki_patches_rebuild_each_uki_from_the_previous_versions() {
 fn root_patches_rebuild_the_root_from_older_versions() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).to_str().unwrap().to_owned();
-    ok(&["update", "keygen", &p("k.pk8")]);
-    ok(&[
-        "update",
-        "root",
-        "--key",
-        &p("k.pk8"),
-        "--out",
-        &p("root.json"),
-    ]);
+    key_and_root(t.path());
     let repo = t.path().join("repo");
     // Three versions' roots: 2 MiB alike but for one changed 16 KiB stretch each.
     let mut roots = std::collections::HashMap::new();
