@@ -352,7 +352,10 @@ fn a_missing_or_wrong_chunk_falls_back_to_the_full_root_and_never_makes_a_bad_sl
     assert!(s["staged"].is_null(), "{s}");
 
     // 2. The chunk has wrong content: refused on arrival, the full root installed, and the
-    // node reboots into it.
+    // node reboots into it. The fallback above wrote the whole of 0.2.0's root into slot B, so
+    // the next attempt would find every chunk in place (`update-delta-resumed`) and fetch
+    // none: slot B is wiped first, as a slot that never held 0.2.0.
+    wipe_root(&g, Slot::B);
     drop(httpd);
     let httpd = serve(&g, &f.repo_wrong);
     let out = g.sh("keelctl update apply --reboot --no-wait");
@@ -371,6 +374,23 @@ fn a_missing_or_wrong_chunk_falls_back_to_the_full_root_and_never_makes_a_bad_sl
     power_off(g);
     assert_slot_holds(&f.n, &disk, Slot::B, &f.n1);
     assert_slot_holds(&f.n, &disk, Slot::A, &f.n);
+}
+
+/// Zeroes `slot`'s root partition from the test shell (privileged, in the host's pid
+/// namespace: the partition is found by its GPT label in init's /sys and written through init's
+/// /dev).
+fn wipe_root(g: &Guest, slot: Slot) {
+    let label = slot.root_label();
+    let out = g.sh(&format!(
+        "n=; for u in /proc/1/root/sys/class/block/*/uevent; do \
+           grep -qx PARTNAME={label} $u && n=$(basename $(dirname $u)); done; \
+         if [ -n \"$n\" ]; then \
+           s=$(cat /proc/1/root/sys/class/block/$n/size); \
+           dd if=/dev/zero of=/proc/1/root/dev/$n bs=1M count=$((s / 2048)) conv=fsync \
+             2>&1 && echo wiped $n; \
+         else echo no partition labelled {label}; fi"
+    ));
+    assert!(out.contains("wiped"), "wiping {label}: {out}");
 }
 
 /// Cuts power (SIGKILL of QEMU) and boots the disk again with a fresh repository server; the
