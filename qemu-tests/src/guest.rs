@@ -1167,6 +1167,13 @@ impl Guest {
             .unwrap_or_else(|e| panic!("{e}\n--- console ---\n{}", self.serial_tail(150)))
     }
 
+    /// [`Guest::wait_for_from_start`], failing the test with the console's tail when the line
+    /// never comes: for a line whose order against the lines already waited for is not fixed.
+    pub fn expect_from_start(&self, pattern: &str, timeout: Duration) -> String {
+        self.wait_for_from_start(pattern, timeout)
+            .unwrap_or_else(|e| panic!("{e}\n--- console ---\n{}", self.serial_tail(150)))
+    }
+
     /// Runs `script` in the test image's root shell (the `testshell` service) where the builder
     /// said it is ([`GuestBuilder::forward_test_shell`], [`GuestBuilder::test_shell_at`]);
     /// returns its combined output. Connections are retried for two minutes while the shell comes

@@ -1444,12 +1444,18 @@ fn a_tampered_extension_is_refused() {
     let _httpd = serve(&c, &f.repos);
     c.expect_all("sysd: testshell: ready", FORM);
 
+    // Each verdict comes as soon as the extension is downloaded, before or after the test shell
+    // is ready (it waits for the root's modules, the download does not): searched from the start.
     // node1: the store refuses the download (its partitions are not those of the listed root
     // hash); nothing is recorded, so nothing is activated.
-    let line = c.guest(0).expect("sysd: extensions-sync-failed:", FORM);
+    let line = c
+        .guest(0)
+        .expect_from_start("sysd: extensions-sync-failed:", FORM);
     assert!(line.contains("root hash"), "{line}");
     // node2: it downloads (the layout matches), dm-verity refuses its first block.
-    let line2 = c.guest(1).expect("sysd: extension-refused:", FORM);
+    let line2 = c
+        .guest(1)
+        .expect_from_start("sysd: extension-refused:", FORM);
     assert!(
         line2.contains("its content does not match root hash") && line2.contains("dm-verity"),
         "{line2}"
@@ -1461,7 +1467,9 @@ fn a_tampered_extension_is_refused() {
         c.guest(1).serial_tail(80)
     );
     // node3: its extension-release names 0.2.0, the signed listing said 0.1.0.
-    let line3 = c.guest(2).expect("sysd: extension-refused:", FORM);
+    let line3 = c
+        .guest(2)
+        .expect_from_start("sysd: extension-refused:", FORM);
     assert!(
         line3.contains("VERSION_ID=0.2.0, the repository listed it as built for 0.1.0"),
         "{line3}"
