@@ -47,6 +47,9 @@ use links::{Link, Netlink};
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the default rule waits for a link with carrier before taking the first link.
 const CARRIER_WAIT: Duration = Duration::from_secs(5);
+/// How long after a look that finds the default route or DNS gone the next look confirms it
+/// before an online node is reported offline.
+const OFFLINE_CONFIRM: Duration = Duration::from_secs(1);
 /// How long `apply` waits for the checks of a new config before rolling back.
 const TRY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a stopping DHCP client may take to release its lease.
@@ -929,7 +932,9 @@ impl Net {
             }
             self.emit("hostname", format!("{name} (from {source})"));
         }
-        let missing = self.missing().await;
+        let Some(missing) = self.missing_checked().await else {
+            return;
+        };
         if missing.is_empty() {
             if *self.online.borrow() != Online::Reached {
                 self.emit(
@@ -939,9 +944,30 @@ impl Net {
                 self.online.send_replace(Online::Reached);
             }
         } else if *self.online.borrow() == Online::Reached {
-            // Lost it (lease expired, link gone): dependents already started stay up.
-            self.emit("network-offline", missing.clone());
-            self.online.send_replace(Online::Pending);
+            // A node that was online goes offline only on a second look: a route table read
+            // while links and routes change around it (a bridge, a veth, a module's new link)
+            // is not a lost default route, and nothing would look again until the next event.
+            tokio::time::sleep(OFFLINE_CONFIRM).await;
+            let Some(missing) = self.missing_checked().await else {
+                return;
+            };
+            if !missing.is_empty() && *self.online.borrow() == Online::Reached {
+                // Lost it (lease expired, link gone): dependents already started stay up.
+                self.emit("network-offline", missing.clone());
+                self.online.send_replace(Online::Pending);
+            }
+        }
+    }
+
+    /// [`missing`](Self::missing), or None when the kernel's route table could not be read:
+    /// that says nothing about the default route, so the online state stays as it is.
+    async fn missing_checked(&self) -> Option<String> {
+        match self.nl.routes().await {
+            Ok(routes) => Some(self.missing_from(&routes)),
+            Err(e) => {
+                tracing::warn!("network: reading the route table: {e}; online state kept");
+                None
+            }
         }
     }
 
@@ -984,9 +1010,15 @@ impl Net {
         }
     }
 
-    /// What `network-online` still lacks ("" when nothing).
+    /// What `network-online` still lacks ("" when nothing); a route table that cannot be read
+    /// counts as no default route (for the reason given when a wait times out).
     async fn missing(&self) -> String {
         let routes = self.nl.routes().await.unwrap_or_default();
+        self.missing_from(&routes)
+    }
+
+    /// What `network-online` lacks, given the kernel's routes.
+    fn missing_from(&self, routes: &[links::Route]) -> String {
         let has_default = routes.iter().any(|r| r.dst.prefix == 0);
         let has_dns = !self
             .state
