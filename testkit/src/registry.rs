@@ -4,7 +4,7 @@
 //! pushed with `skopeo`, and a TCP proxy that can make the registry go away mid-transfer.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,6 +57,9 @@ pub struct RegistryOptions<'a> {
     pub tls: Option<(&'a Path, &'a Path)>,
     /// Bearer tokens from a token server (see [`TokenServer`]).
     pub token: Option<&'a TokenServer>,
+    /// The address to listen on; 127.0.0.1 if `None`. A multi-node scenario gives its
+    /// namespace's bridge address so that guests on the LAN can pull.
+    pub host: Option<Ipv4Addr>,
 }
 
 impl Registry {
@@ -67,7 +70,8 @@ impl Registry {
         );
         let storage = dir.join("storage");
         std::fs::create_dir_all(&storage).unwrap();
-        let addr = format!("127.0.0.1:{port}");
+        let host = opts.host.unwrap_or(Ipv4Addr::LOCALHOST);
+        let addr = format!("{host}:{port}");
         let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             storage.display()
