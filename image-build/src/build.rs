@@ -264,6 +264,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
 
     p.step("root file system (EROFS) and dm-verity tree");
     rootfs::add_modules(&stage, &tree, &root_closure, &release)?;
+    let (linked, saved) = rootfs::link_duplicates(&stage)?;
     let root_img = out.join("root.erofs");
     std::fs::create_dir_all(&out)?;
     let verity_img = out.join("root.verity");
@@ -271,10 +272,20 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
         len: root_len,
         tree: tree_v,
         roothash,
-    } = pipeline::erofs_with_verity(&stage, &root_img, &verity_img, epoch, &cfg.seed, "root-a")?;
+    } = pipeline::erofs_with_verity(
+        &stage,
+        &root_img,
+        &verity_img,
+        epoch,
+        &cfg.seed,
+        "root-a",
+        cfg.disk.root_compression,
+    )?;
     p.done(&format!(
-        "root {}, verity {}, root hash {}",
+        "root {} ({linked} duplicate files stored once, {} saved; compression {:?}), verity {}, root hash {}",
         mib(root_len),
+        mib(saved),
+        cfg.disk.root_compression,
         mib(tree_v.hash_device.len() as u64),
         &roothash[..16]
     ));

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use keelson_common::verity;
 
-use crate::config::Image;
+use crate::config::{Compression, Image};
 use crate::fetch::Debs;
 use crate::images::{self, IMAGES_DIR};
 use crate::lock::Lock;
@@ -93,12 +93,14 @@ pub fn erofs_with_verity(
     epoch: u64,
     seed: &str,
     purpose: &str,
+    compression: Compression,
 ) -> Result<VerifiedFs> {
     rootfs::mkfs_erofs(
         stage,
         erofs,
         epoch,
         derive_guid(seed, &format!("{purpose} fs")),
+        compression,
     )?;
     let len = std::fs::metadata(erofs)?.len();
     let tree = verity::build(

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use keelson_common::gpt::Guid;
 use serde::Serialize;
 
+use crate::config::Compression;
 use crate::kmod::{render_load, Closure, ModuleTree};
 use crate::util::{run, sha256_file};
 
@@ -129,10 +130,83 @@ pub fn add_modules_at(dir: &Path, base: &Path, tree: &ModuleTree, closure: &Clos
     Ok(())
 }
 
+/// Files with the same bytes and mode stored once: every copy after the first (in path order)
+/// becomes a hard link to it, so EROFS keeps one inode and one copy of the data. The service
+/// images each carry their own libc, libm, busybox…; the root is read-only, so a shared inode is
+/// never written through. Returns how many files were linked and the bytes saved.
+pub fn link_duplicates(dir: &Path) -> Result<(usize, u64)> {
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() && meta.len() > 0 {
+                files.push((path, meta));
+            }
+        }
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    // (size, mode) first: only files that could be equal are hashed.
+    let mut candidates: HashMap<(u64, u32), Vec<usize>> = HashMap::new();
+    for (i, (_, meta)) in files.iter().enumerate() {
+        candidates
+            .entry((meta.len(), meta.mode()))
+            .or_default()
+            .push(i);
+    }
+    let mut first: HashMap<(u64, u32, String), usize> = HashMap::new();
+    let mut links = Vec::new();
+    let mut groups: Vec<_> = candidates.into_values().filter(|g| g.len() > 1).collect();
+    groups.sort();
+    for group in groups {
+        for i in group {
+            let (path, meta) = &files[i];
+            let key = (meta.len(), meta.mode(), sha256_file(path)?);
+            match first.get(&key) {
+                None => {
+                    first.insert(key, i);
+                }
+                Some(&j) => {
+                    let target = &files[j];
+                    if (target.1.dev(), target.1.ino()) != (meta.dev(), meta.ino()) {
+                        links.push((j, i));
+                    }
+                }
+            }
+        }
+    }
+    links.sort();
+    let mut saved = 0;
+    for &(j, i) in &links {
+        let (target, (path, meta)) = (&files[j].0, &files[i]);
+        std::fs::remove_file(path).with_context(|| format!("replacing {}", path.display()))?;
+        std::fs::hard_link(target, path)
+            .with_context(|| format!("linking {} to {}", path.display(), target.display()))?;
+        saved += meta.len();
+    }
+    Ok((links.len(), saved))
+}
+
 /// Packs `dir` into an EROFS image at `out`.
-pub fn mkfs_erofs(dir: &Path, out: &Path, epoch: u64, uuid: Guid) -> Result<()> {
+pub fn mkfs_erofs(
+    dir: &Path,
+    out: &Path,
+    epoch: u64,
+    uuid: Guid,
+    compression: Compression,
+) -> Result<()> {
     let _ = std::fs::remove_file(out);
-    run(Command::new("mkfs.erofs")
+    let mut cmd = Command::new("mkfs.erofs");
+    if compression == Compression::Lz4hc {
+        cmd.args(["-zlz4hc,12", "-C65536"]);
+    }
+    run(cmd
         .arg("--quiet")
         .arg(format!("-T{epoch}"))
         .arg(format!("-U{uuid}"))
@@ -217,4 +291,48 @@ pub fn list(dir: &Path) -> Result<Vec<FileEntry>> {
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn same_bytes_and_mode_are_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |path: &str, data: &str, mode: u32| {
+            let p = dir.path().join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, data).unwrap();
+            set_mode(&p, mode).unwrap();
+        };
+        put("images/b/lib/libc.so.6", "libc", 0o644);
+        put("images/a/lib/libc.so.6", "libc", 0o644);
+        put("images/c/lib/libc.so.6", "libc", 0o755);
+        put("images/c/etc/other", "other", 0o644);
+        put("images/a/etc/empty", "", 0o644);
+        put("images/b/etc/empty", "", 0o644);
+        let (linked, saved) = link_duplicates(dir.path()).unwrap();
+        assert_eq!((linked, saved), (1, 4));
+        let ino = |p: &str| std::fs::metadata(dir.path().join(p)).unwrap().ino();
+        // The first in path order keeps its inode; the copy becomes a link to it.
+        assert_eq!(ino("images/a/lib/libc.so.6"), ino("images/b/lib/libc.so.6"));
+        assert_eq!(
+            std::fs::metadata(dir.path().join("images/a/lib/libc.so.6"))
+                .unwrap()
+                .nlink(),
+            2
+        );
+        // Another mode is another file; empty files are left alone.
+        assert_ne!(ino("images/a/lib/libc.so.6"), ino("images/c/lib/libc.so.6"));
+        assert_ne!(ino("images/a/etc/empty"), ino("images/b/etc/empty"));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("images/b/lib/libc.so.6")).unwrap(),
+            "libc"
+        );
+        // A second pass finds nothing left to do.
+        assert_eq!(link_duplicates(dir.path()).unwrap(), (0, 0));
+    }
 }

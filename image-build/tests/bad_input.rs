@@ -98,6 +98,29 @@ fn unknown_config_key_is_located() {
 }
 
 #[test]
+fn an_unknown_root_compression_is_located_with_the_choices() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_with_lock(d.path(), |l| l);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "root_compression = \"lz4hc\"",
+        "root_compression = \"lzma\"",
+    );
+    std::fs::write(&cfg, &text).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("root_compression"))
+        .unwrap()
+        + 1;
+    let err = build_err(&cfg, &d.path().join("out"));
+    assert!(
+        err.contains(&format!(
+            "vm.toml:{line}:20: unknown variant `lzma`, expected `none` or `lz4hc`"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_image_package_missing_from_the_lock_names_the_fix() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config_with_lock(d.path(), |l| l);
