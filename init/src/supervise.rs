@@ -109,6 +109,7 @@ impl Exec {
     fn sysd() -> Self {
         // sysd owns the host network and the extensions on a node (the flags keep host tests
         // off the host's links and /usr).
+        // sysd reads exactly this command line without clap (`NODE_ARGS` in sysd's main).
         Self::new(SYSD, &[SYSD, "--host-network", "--extensions"])
     }
 
