@@ -340,9 +340,8 @@ impl Probe {
     }
 
     /// Keelson's boot disk and the partitions its image made (found by their GPT names: the
-    /// disk with a `root-a` or `root-b` partition): none of them can hold a seed, and reading
-    /// each one's first blocks costs a boot ~0.1 s under QEMU TCG (the ESP and the data
-    /// partition are real reads; the root slots go through their verity devices' disk). Other
+    /// disk with a `root-a` or `root-b` partition): none of them can hold a seed, so their first
+    /// blocks are not read at every boot (seven reads of the disk on a vm image). Other
     /// partitions on that disk, and every other disk, are still looked at.
     fn boot_disk_own(&self) -> Vec<String> {
         let block = self.sys.join("class/block");
