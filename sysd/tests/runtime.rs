@@ -504,6 +504,62 @@ fn api_start_exec_stats_stop_remove() {
     assert_eq!(text, "started\n");
 }
 
+/// An exec into a delegated engine that enabled controllers for its children (its own cgroup
+/// can then hold no process: EBUSY) runs in the `keelson-exec` leaf below it; without
+/// controllers to enable (a hybrid host's cgroup2 root has none) it joins the service's cgroup
+/// as any exec does. Either way the exec runs and the container's removal leaves no cgroup.
+#[test]
+fn exec_into_a_delegated_engine_that_enabled_controllers() {
+    let Some(fx) = fixture() else { return };
+    let rt = fx.runtime();
+    let script = "mkdir /sys/fs/cgroup/engine && echo $$ > /sys/fs/cgroup/engine/cgroup.procs \
+                  && for x in $(cat /sys/fs/cgroup/cgroup.controllers); do \
+                       echo +$x > /sys/fs/cgroup/cgroup.subtree_control || exit 12; done \
+                  && echo engine-ready && exec sleep 30";
+    let mut cfg = fx.config("engine", &["sh", "-c", script]);
+    cfg.delegate = true;
+    let (out_r, out_w) = pipe();
+    let (_err_r, err_w) = pipe();
+    let cg = Path::new("/sys/fs/cgroup").join(cfg.cgroup_path.trim_start_matches('/'));
+    block_on(async {
+        let started = rt.start(&cfg, out_w, err_w).await.expect("start");
+        let mut out = File::from(out_r);
+        let mut line = [0u8; 13];
+        std::io::Read::read_exact(&mut out, &mut line).expect("the engine's ready line");
+        assert_eq!(&line, b"engine-ready\n");
+        let enabled = fs::read_to_string(cg.join("cgroup.subtree_control")).unwrap_or_default();
+        let run = rt
+            .exec(
+                "engine",
+                &[
+                    "sh".into(),
+                    "-c".into(),
+                    "grep '^0::' /proc/self/cgroup".into(),
+                ],
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("exec");
+        assert_eq!(run.code, 0, "{run:?}");
+        if enabled.trim().is_empty() {
+            eprintln!("no controller to enable on this host's cgroup2 root: the exec joined the service's cgroup");
+            assert_eq!(run.output, "0::/\n", "{run:?}");
+        } else {
+            assert_eq!(
+                run.output, "0::/keelson-exec\n",
+                "controllers {enabled:?}: {run:?}"
+            );
+        }
+        rt.kill_cgroup(&cfg.cgroup_path).await.expect("kill");
+        tokio::time::timeout(Duration::from_secs(10), runtime::wait_exit(&started.pidfd))
+            .await
+            .expect("exit in time")
+            .expect("wait_exit");
+        rt.remove("engine", &cfg.cgroup_path).await.expect("remove");
+    });
+    assert!(!cg.exists(), "cgroup left behind");
+}
+
 #[test]
 fn api_exit_code_via_pidfd() {
     let Some(fx) = fixture() else { return };

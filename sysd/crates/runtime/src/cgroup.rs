@@ -178,6 +178,18 @@ pub async fn remove(dir: &Path) -> Result<()> {
     }
 }
 
+/// The leaf below a delegated service's cgroup that processes exec'd into it join (see
+/// [`holds_no_process`]).
+pub const EXEC_LEAF: &str = "keelson-exec";
+
+/// Whether cgroup `dir` can take no process: it enables controllers for its children
+/// (`cgroup.subtree_control` not empty), and cgroup v2 keeps processes out of such a cgroup
+/// (the no-internal-processes rule; writing a pid to its `cgroup.procs` fails with EBUSY). A
+/// delegated engine does this to its own cgroup once it has moved itself into a leaf.
+pub fn holds_no_process(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("cgroup.subtree_control")).is_ok_and(|c| !c.trim().is_empty())
+}
+
 /// rmdir of the cgroups below `dir` (deepest first), leaving `dir` itself: what a delegated
 /// service (`delegate = true`) created in its subtree, which libcontainer, removing only the
 /// container's own cgroup, would trip over. Gone already is fine; EBUSY (tasks still being
@@ -213,6 +225,17 @@ pub fn remove_descendants(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_that_enables_controllers_for_children_holds_no_process() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not a cgroup (no file): nothing is known, join it as ever.
+        assert!(!holds_no_process(dir.path()));
+        fs::write(dir.path().join("cgroup.subtree_control"), "\n").unwrap();
+        assert!(!holds_no_process(dir.path()));
+        fs::write(dir.path().join("cgroup.subtree_control"), "memory pids\n").unwrap();
+        assert!(holds_no_process(dir.path()));
+    }
 
     #[test]
     fn remove_descendants_keeps_the_dir_itself() {

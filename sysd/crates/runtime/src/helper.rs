@@ -273,16 +273,38 @@ fn exec(args: &Args) -> Result<u8> {
     if args.argv.is_empty() {
         bail!("no command (usage: exec --root R --id ID [--timeout-ms N] -- ARGV...)");
     }
+    let sub_cgroup = exec_leaf(&root.join(id))?;
     let pid = ContainerBuilder::new(id.to_owned(), SyscallType::default())
         .with_root_path(root)
         .with_context(|| format!("state root {}", root.display()))?
         .as_tenant()
+        .with_sub_cgroup(sub_cgroup)
         .with_container_args(args.argv.clone())
         .with_detach(false)
         .build()
         .with_context(|| format!("running {:?} in container {id}", args.argv[0]))?
         .as_raw();
     wait_child(pid, args.timeout)
+}
+
+/// The cgroup below the container's that an exec'd process joins, if it cannot join the
+/// container's own: a delegated engine (the node agent contract) that enabled controllers for
+/// its children has a cgroup that, by cgroup v2's no-internal-processes rule, can hold no
+/// process (joining it fails with EBUSY). Its execs then go to the leaf
+/// [`cgroup::EXEC_LEAF`](super::cgroup::EXEC_LEAF), made on first use inside the engine's
+/// subtree (removed with the container's other descendants), as `runc exec --cgroup` does.
+fn exec_leaf(dir: &Path) -> Result<Option<String>> {
+    let container =
+        Container::load(dir.to_owned()).with_context(|| format!("loading {}", dir.display()))?;
+    let Ok(cfg) = container.spec() else {
+        return Ok(None);
+    };
+    let rel = cfg
+        .cgroup_path
+        .strip_prefix("/")
+        .unwrap_or(&cfg.cgroup_path);
+    let cgroup = Path::new("/sys/fs/cgroup").join(rel);
+    Ok(super::cgroup::holds_no_process(&cgroup).then(|| super::cgroup::EXEC_LEAF.to_owned()))
 }
 
 /// Waits for child `pid`; on timeout kills it and returns [`EXIT_TIMEOUT`].
