@@ -1,24 +1,28 @@
 //! The Kubernetes node side: containerd's CRI plugin as a system extension
 //! (configs/extensions/containerd.toml, docs/node-agent.md), driven by the calls a kubelet
-//! makes. One TCG guest of the test image built with a trusted update root, whose first-boot
-//! user data (`#cloud-config`) writes the CRI listener's TLS files into the `containerd-tls`
-//! volume, names a repository (busybox httpd in the guest's namespace, `10.0.2.2:8000` for the
-//! guest) listing the extension, enables it and turns its `containerd` service on. A reference
-//! registry (Debian's `docker-registry`) in the same namespace (`10.0.2.2:5000`) holds the
-//! pipeline's `base` image (busybox) and a pause image the test builds from its layer.
+//! makes. Two TCG guests of the test image (built with a trusted update root) on one LAN
+//! (`Cluster`). node1's first-boot user data (`#cloud-config`) writes the CRI listener's TLS
+//! files into the `containerd-tls` volume, names a repository (busybox httpd on the LAN's
+//! `10.77.0.1:8000`) listing the extension, enables it and turns its `containerd` service on;
+//! node2 runs nothing but the test shell. A reference registry (Debian's `docker-registry`) at
+//! `10.77.0.1:5000` holds the pipeline's `base` image (busybox) and a pause image the test
+//! builds from its layer.
 //!
 //! The client is this test: the CRI v1 gRPC API (`k8s-cri`'s generated client on tonic) over
-//! containerd's TCP listener with mutual TLS (a CA, server and client certificates made here),
-//! reached through the guest's port forward. Checked: Version; bad input (a pull of a missing
-//! image, a CNI conflist naming a plugin that does not exist) answered with containerd's own
-//! words; a pod with a hostPort: RunPodSandbox, PullImage, CreateContainer, StartContainer,
-//! ContainerStatus running, PodSandboxStatus with an address of the CNI network's host-local
-//! range, its container's output in the pod log, HTTP from the test's namespace through the
-//! node's port to portmap's DNAT; StopContainer, RemoveContainer, StopPodSandbox,
-//! RemovePodSandbox leaving no veth, network namespace, container cgroup, mount or process;
-//! the extension's modules and sysctls in force. Then a table: RunPodSandbox + CreateContainer +
-//! StartContainer beside sysd starting a service of its own in the same guest (printed, never
-//! asserted), and a stop of the service that leaves no process of it.
+//! containerd's TCP listener at node1's address with mutual TLS (a CA, server and client
+//! certificates made here). Checked: Version; containerd's own API absent from that listener;
+//! bad input (a pull of a missing image, a CNI conflist naming a plugin that does not exist)
+//! answered with containerd's own words, the failed sandbox cleaned up as a kubelet's garbage
+//! collection does; a pod with a hostPort: RunPodSandbox, PullImage, CreateContainer,
+//! StartContainer, ContainerStatus running, PodSandboxStatus with an address of the CNI
+//! network's host-local range, HTTP from node2 to node1's hostPort (portmap's DNAT), the
+//! container's cgroup inside containerd's delegated subtree, its output in the pod log;
+//! StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox leaving no veth, network
+//! namespace, container cgroup, mount or process (each looked for while the pod ran, so an
+//! empty answer means gone); the extension's modules and sysctls in force. Then a table: a pod
+//! start (RunPodSandbox + CreateContainer + StartContainer) beside sysd starting services of its
+//! own in the same guest (printed, never asserted); and a stop of the service that leaves no
+//! process of it.
 //!
 //! `KEELSON_CRI_REUSE=1` reuses the images and repository of an earlier run in
 //! `target/qemu-cri` (when complete).
@@ -42,21 +46,20 @@ use k8s_cri::v1::{
     StopPodSandboxRequest, VersionRequest,
 };
 use keelson_testkit::registry::{Layout, Registry, RegistryOptions};
-use qemu_tests::scenario::{http_get_until, run, Httpd, SHELL_PORT};
+use qemu_tests::cluster::{Cluster, NodeConfig, HOST_ADDR};
+use qemu_tests::scenario::{run, Httpd};
 use qemu_tests::update::Signing;
-use qemu_tests::{create_overlay, workspace_root, DiskFormat, Guest, GuestBuilder};
+use qemu_tests::{workspace_root, Guest, GuestBuilder};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Boot, the extension's download and activation, containerd's first start.
 const READY: Duration = Duration::from_secs(1200);
 const REPO_PORT: u16 = 8000;
 const REGISTRY_PORT: u16 = 5000;
-/// containerd's CRI TCP listener in the guest, and the namespace's port forwarded to it.
-const CRI_GUEST_PORT: u16 = 10010;
-const CRI_PORT: u16 = 20010;
-/// The pod's hostPort on the node, and the namespace's port forwarded to it.
+/// containerd's CRI TCP listener on node1.
+const CRI_PORT: u16 = 10010;
+/// The pod's hostPort on node1.
 const HOST_PORT: u16 = 8090;
-const POD_APP: u16 = 18090;
 /// The name in the server certificate, which the client checks.
 const NODE_NAME: &str = "node1.keelson.test";
 /// The node's pod range (the extension's default, `CRI_POD_SUBNET`): host-local hands out
@@ -163,7 +166,7 @@ fn user_data(pki: &Pki) -> String {
         r#"version = 1
 
 [update]
-repository = "http://10.0.2.2:{REPO_PORT}/"
+repository = "http://{HOST_ADDR}:{REPO_PORT}/"
 
 [extensions]
 enabled = ["containerd"]
@@ -172,9 +175,9 @@ enabled = ["containerd"]
 enabled = true
 
 [overrides.containerd.env]
-CRI_SANDBOX_IMAGE = "10.0.2.2:{REGISTRY_PORT}/keelson/pause:v1"
-CRI_INSECURE_REGISTRIES = "10.0.2.2:{REGISTRY_PORT}"
-CRI_TCP_ADDRESS = "0.0.0.0:{CRI_GUEST_PORT}"
+CRI_SANDBOX_IMAGE = "{HOST_ADDR}:{REGISTRY_PORT}/keelson/pause:v1"
+CRI_INSECURE_REGISTRIES = "{HOST_ADDR}:{REGISTRY_PORT}"
+CRI_TCP_ADDRESS = "0.0.0.0:{CRI_PORT}"
 
 # The benchmark's peer of a pod with a hostPort: a container on sysd's bridge with a published
 # port.
@@ -204,6 +207,18 @@ ports = ["8091:80/tcp"]
         file(&format!("{tls}/cert.pem"), &pki.server_cert, "0644"),
         file(&format!("{tls}/key.pem"), &pki.server_key, "0600"),
         file("/etc/keelson/config.toml", &config, "0600"),
+    )
+}
+
+/// node2: the test image with its exercises off, nothing else (no extension): the other node
+/// a pod's hostPort is reached from.
+fn node2_user_data() -> String {
+    format!(
+        "version = 1\n{}",
+        QUIET
+            .iter()
+            .map(|svc| format!("\n[overrides.{svc}]\nenabled = false\n"))
+            .collect::<String>()
     )
 }
 
@@ -257,7 +272,7 @@ struct Cri<'g> {
 
 impl<'g> Cri<'g> {
     /// Connects once containerd answers Version (its listener comes up with the service).
-    fn connect(g: &'g Guest, pki: &Pki, timeout: Duration) -> (Cri<'g>, String) {
+    fn connect(g: &'g Guest, addr: Ipv4Addr, pki: &Pki, timeout: Duration) -> (Cri<'g>, String) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -266,7 +281,7 @@ impl<'g> Cri<'g> {
             .ca_certificate(Certificate::from_pem(&pki.ca))
             .identity(Identity::from_pem(&pki.client_cert, &pki.client_key))
             .domain_name(NODE_NAME);
-        let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{CRI_PORT}"))
+        let endpoint = Endpoint::from_shared(format!("https://{addr}:{CRI_PORT}"))
             .unwrap()
             .tls_config(tls)
             .unwrap()
@@ -560,43 +575,41 @@ fn leftovers(g: &Guest) -> String {
 fn containerd_serves_cri_to_a_kubelet_client() {
     let f = fixture();
     let tmp = tempfile::tempdir().unwrap();
-    let disk = tmp.path().join("disk.qcow2");
-    create_overlay(&f.image.join("disk.raw"), &disk, Some(6 << 30)).unwrap();
     let pki = pki();
-    let ud = tmp.path().join("user-data");
-    std::fs::write(&ud, user_data(&pki)).unwrap();
     let started = Instant::now();
-    let g = GuestBuilder::from_image_dir(&f.image)
+    let template = GuestBuilder::from_image_dir(&f.image)
         .unwrap()
-        .disk_no_copy(&disk, DiskFormat::Qcow2)
-        .memory_mib(2048)
-        .forward_test_shell(SHELL_PORT)
-        .forward(CRI_PORT, CRI_GUEST_PORT)
-        .forward(POD_APP, HOST_PORT)
-        .fw_cfg("opt/keelson/user-data", &ud)
+        .disk_size(6 << 30)
+        .memory_mib(1536);
+    let c = Cluster::builder(template)
+        .node(NodeConfig::new("node1").user_data(&user_data(&pki)))
+        .node(NodeConfig::new("node2").user_data(&node2_user_data()))
         .spawn()
         .unwrap();
-    let _repo = Httpd::serve(
-        g.netns(),
-        SocketAddr::from((Ipv4Addr::LOCALHOST, REPO_PORT)),
-        &f.repo,
-    )
-    .unwrap();
+    let (g, node1) = (c.guest(0), c.addr(0));
+    let _repo = Httpd::serve(c.netns(), SocketAddr::from((HOST_ADDR, REPO_PORT)), &f.repo).unwrap();
     let work = tmp.path().to_path_buf();
     let base = f.image.join("oci/base");
-    let _registry = g.run_in_netns(move || {
-        let reg = Registry::start(&work.join("reg"), REGISTRY_PORT, RegistryOptions::default());
+    let _registry = c.run_in(move || {
+        let reg = Registry::start(
+            &work.join("reg"),
+            REGISTRY_PORT,
+            RegistryOptions {
+                host: Some(HOST_ADDR),
+                ..Default::default()
+            },
+        );
         push_images(&base, &work, &reg.addr);
         reg
     });
-    let base_image = format!("10.0.2.2:{REGISTRY_PORT}/keelson/base:v1");
+    let base_image = format!("{HOST_ADDR}:{REGISTRY_PORT}/keelson/base:v1");
 
     g.expect("sysd: extension-active: containerd", READY);
     eprintln!(
         "extension active after {:.0} s",
         started.elapsed().as_secs_f64()
     );
-    let (cri, version) = Cri::connect(&g, &pki, READY.saturating_sub(started.elapsed()));
+    let (cri, version) = Cri::connect(g, node1, &pki, READY.saturating_sub(started.elapsed()));
     eprintln!(
         "CRI answers after {:.0} s: {version}",
         started.elapsed().as_secs_f64()
@@ -643,7 +656,7 @@ fn containerd_serves_cri_to_a_kubelet_client() {
     assert!(cg.trim_end().ends_with("0::/../containerd/init"), "{cg}");
 
     // Bad input, first: the engine's own words reach the client.
-    let missing = format!("10.0.2.2:{REGISTRY_PORT}/keelson/missing:v1");
+    let missing = format!("{HOST_ADDR}:{REGISTRY_PORT}/keelson/missing:v1");
     let err = cri
         .pull(&missing)
         .expect_err("pulling an image that does not exist");
@@ -659,7 +672,7 @@ fn containerd_serves_cri_to_a_kubelet_client() {
         "{err:?}"
     );
     in_engine(
-        &g,
+        g,
         "printf %s \"{\\\"cniVersion\\\":\\\"1.0.0\\\",\\\"name\\\":\\\"broken\\\",\\\"plugins\\\":[{\\\"type\\\":\\\"no-such-plugin\\\"}]}\" > /etc/cni/net.d/00-broken.conflist",
     );
     let broken = sandbox("broken", vec![]);
@@ -696,14 +709,14 @@ fn containerd_serves_cri_to_a_kubelet_client() {
     // (upstream changed this in 1.7.23). A kubelet's garbage collection finds it in
     // ListPodSandbox and stops and removes it, which tears its network down with the fixed
     // configuration; the test does the same, and then nothing of it may be left.
-    in_engine(&g, "rm /etc/cni/net.d/00-broken.conflist");
+    in_engine(g, "rm /etc/cni/net.d/00-broken.conflist");
     std::thread::sleep(Duration::from_secs(2));
     for (id, state) in cri.pods() {
         eprintln!("left by the failed RunPodSandbox: {id} {state:?}");
         assert_eq!(state, PodSandboxState::SandboxNotready, "{id}");
         cri.delete_pod(&id, &[]);
     }
-    let left = leftovers(&g);
+    let left = leftovers(g);
     assert!(left.trim().is_empty(), "a failed sandbox left:\n{left}");
 
     // A pod as a kubelet runs one: sandbox (pause image pulled by containerd), image, container.
@@ -751,14 +764,18 @@ fn containerd_serves_cri_to_a_kubelet_client() {
         "pod address {ip:?} is not of the CNI network's range"
     );
     eprintln!("pod {pod} at {ip}, container {web} running");
-    // Reached from the test's namespace at the node's address and hostPort: QEMU's forward
-    // delivers to 10.0.2.15:8090, portmap's DNAT to the pod.
-    let body = http_get_until(
-        &g,
-        SocketAddr::from((Ipv4Addr::LOCALHOST, POD_APP)),
-        "/",
-        "hello-from-a-cri-pod",
-    );
+    // Reached from the other node at node1's address and the hostPort: portmap's DNAT on node1
+    // sends it to the pod.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let out = c.guest(1).sh(&format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {node1} {HOST_PORT} 2>&1"
+        ));
+        if out.contains("hello-from-a-cri-pod") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
     assert!(body.contains("hello-from-a-cri-pod"), "{body}");
     // The pod is where the contract says: its container's cgroup below the pod's parent inside
     // containerd's delegated subtree, its output in the pod log.
@@ -771,22 +788,22 @@ fn containerd_serves_cri_to_a_kubelet_client() {
     );
     // What the leftover checks below look for, present while the pod runs (so an empty answer
     // later means gone, not looked for in the wrong place).
-    let during = leftovers(&g);
+    let during = leftovers(g);
     for what in ["veth:", "netns:cni-", "cgroup:", "mount:", "proc:"] {
         assert!(
             during.contains(what),
             "no {what} while the pod runs:\n{during}"
         );
     }
-    let log = in_engine(&g, "cat /var/log/pods/default_web_web-uid/web/0.log");
+    let log = in_engine(g, "cat /var/log/pods/default_web_web-uid/web/0.log");
     assert!(log.contains("stdout F serving"), "{log}");
 
     cri.delete_pod(&pod, &[&web]);
-    let left = leftovers(&g);
+    let left = leftovers(g);
     assert!(left.trim().is_empty(), "a removed pod left:\n{left}");
     // The pod's own cgroup is the kubelet's to remove (it made the parent): empty, it goes.
     let rm = in_engine(
-        &g,
+        g,
         &format!("rmdir /sys/fs/cgroup{POD_CGROUPS}/podweb-uid && echo removed"),
     );
     assert!(rm.contains("removed"), "{rm}");
@@ -810,7 +827,7 @@ fn containerd_serves_cri_to_a_kubelet_client() {
         cri_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         cri.delete_pod(&pod, &[&c]);
         in_engine(
-            &g,
+            g,
             &format!("rmdir /sys/fs/cgroup{POD_CGROUPS}/pod{name}-uid"),
         );
     }
@@ -848,11 +865,11 @@ fn containerd_serves_cri_to_a_kubelet_client() {
          |---|---|---|---|\n\
          | CRI RunPodSandbox + CreateContainer + StartContainer: pause and app containers, CNI bridge, hostPort (from the host, mutual TLS) | {cri_min:.0} | {cri_med:.0} | {:.2} |\n\
          | sysd: keelctl start → running, a service on keel0 with a published port (in the guest) | {br_min:.0} | {br_med:.0} | 1.00 |\n\
-         | sysd: keelctl start → running, a service with no network (`plain`) | {pl_min:.0} | {pl_med:.0} | {:.2} |\n",
+         | sysd: keelctl start → running, a service on the host network (`plain`) | {pl_min:.0} | {pl_med:.0} | {:.2} |\n",
         cri_med / br_med,
         pl_med / br_med,
     );
-    let left = leftovers(&g);
+    let left = leftovers(g);
     assert!(left.trim().is_empty(), "the benchmark's pods left:\n{left}");
 
     // Stopping the service stops containerd and everything it ran.
