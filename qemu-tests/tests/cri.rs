@@ -886,5 +886,30 @@ fn containerd_serves_cri_to_a_kubelet_client() {
         assert!(Instant::now() < deadline, "containerd's stop left:\n{out}");
         std::thread::sleep(Duration::from_secs(2));
     }
+
+    // A CRI listener without its TLS files is never opened: with the key gone (from the volume,
+    // through the host's root), the entry script refuses to start containerd, naming the file.
+    g.sh("rm /proc/1/root/var/lib/keelson/volumes/containerd-tls/key.pem && keelctl start containerd");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let needle = format!(
+        "CRI_TCP_ADDRESS=0.0.0.0:{CRI_PORT} needs mutual TLS: /etc/containerd/tls/key.pem \
+         (volume containerd-tls) is missing or empty"
+    );
+    loop {
+        let log = g.sh("keelctl logs containerd | tail -n 5");
+        if log.contains(&needle) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no refusal in the log:\n{log}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let out = g.sh(
+        "keelctl stop containerd >/dev/null; pidof containerd || echo not-running; \
+         echo listening=$(cat /proc/net/tcp /proc/net/tcp6 | grep -ci ':271A [0-9A-F:]* 0A ')",
+    );
+    assert!(
+        out.contains("not-running") && out.contains("listening=0"),
+        "{out}"
+    );
     eprintln!("done after {:.0} s", started.elapsed().as_secs_f64());
 }
