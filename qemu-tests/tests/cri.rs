@@ -706,9 +706,9 @@ fn containerd_serves_cri_to_a_kubelet_client() {
     );
     // containerd 1.6 keeps a sandbox whose network setup failed when the teardown on its error
     // path fails too (the same missing plugin): NOTREADY, its network namespace still mounted
-    // (upstream changed this in 1.7.23). A kubelet's garbage collection finds it in
-    // ListPodSandbox and stops and removes it, which tears its network down with the fixed
-    // configuration; the test does the same, and then nothing of it may be left.
+    // (upstream changed this on its 1.7 branch in 2024). A kubelet's garbage collection finds
+    // it in ListPodSandbox and stops and removes it, which tears its network down with the
+    // fixed configuration; the test does the same, and then nothing of it may be left.
     in_engine(g, "rm /etc/cni/net.d/00-broken.conflist");
     std::thread::sleep(Duration::from_secs(2));
     for (id, state) in cri.pods() {
