@@ -533,6 +533,53 @@ fn registry_going_away_mid_pull_is_resumed() {
     );
 }
 
+/// The digest is computed as the blob arrives, across a resumed transfer: a wrong byte after
+/// the point where the connection was cut still fails the pull, naming the blob, and nothing of
+/// the image is left unpacked.
+#[test]
+fn wrong_byte_after_a_resume_is_refused() {
+    let t = setup();
+    let reg = Registry::start(&t.path().join("reg"), 5000, RegistryOptions::default());
+    let mut layout = Layout::new(&t.path().join("layout"));
+    let layer = registry::tar(&[E::File("big", &registry::noise(6 << 20, 3), 0o644)]);
+    let m = layout.image("amd64", &[(TAR, layer.clone())], &["true"]);
+    layout.tag(&m, "v1");
+    layout.push("v1", &format!("{}/big:v1", reg.addr), None);
+    let digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&layer))
+    );
+    // Same size, one other byte, past the 3 MiB the proxy lets through before its cut.
+    let file = reg.blob_file(&digest);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[5 << 20] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let proxy = Proxy::start(5001, &reg.addr, 3 << 20, Duration::from_millis(500));
+
+    let sysd = Sysd::start(&t.path().join("sysd"));
+    sysd.apply(&insecure(&proxy.addr));
+    let err = sysd.pull_err(&format!("{}/big:v1", proxy.addr));
+    assert_eq!(proxy.cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(
+        err.contains("does not match") && err.contains(&digest),
+        "{err}"
+    );
+    assert!(sysd.images().is_empty());
+    let files = sysd.store_files();
+    assert!(
+        files
+            .iter()
+            .all(|f| f.starts_with("blobs/") || *f == "index.json" || *f == "oci-layout"),
+        "{files:#?}"
+    );
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.ends_with(&digest["sha256:".len()..])),
+        "the wrong blob is not kept: {files:#?}"
+    );
+}
+
 #[test]
 fn bad_blobs_and_bad_registries_are_refused_and_nothing_runs() {
     let t = setup();

@@ -4,7 +4,8 @@
 //!
 //! 1. Pull time and bytes: a real sysd (`$KEELSON_SYSD` or the `sysd` beside this binary)
 //!    pulling through its API into an empty store (download, verify, unpack) against
-//!    `skopeo copy docker://… dir:…` (download and verify, no unpack), three runs each.
+//!    `skopeo copy docker://… dir:…` (download and verify, no unpack), five runs each,
+//!    alternating.
 //! 2. From "image present" to "service running": a service applied with a pulled registry
 //!    image against the same service from a plain root file system directory.
 //! 3. Disk used by ten services on ten images sharing the base: the store's blobs and
@@ -198,9 +199,10 @@ fn run() -> Result<()> {
     let big_ref = format!("{}/bench:big", reg.addr);
 
     // 1. Pulls.
+    const PULLS: usize = 5;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let (mut our_bytes, mut their_bytes, mut our_disk) = (0, 0, 0);
-    for run in 0..3 {
+    for run in 0..PULLS {
         let dir = t.join(format!("pull{run}"));
         let sysd = Sysd::start(&exe, &dir)?;
         sysd.apply(&insecure)?;
@@ -226,7 +228,7 @@ fn run() -> Result<()> {
     }
     let (o, s) = (median(&ours).unwrap_or(0.0), median(&theirs).unwrap_or(0.0));
     println!(
-        "Pull of a 4-layer image ({} MiB compressed), median of 3, same registry, same run",
+        "Pull of a 4-layer image ({} MiB compressed), median of {PULLS}, same registry, same run",
         mib(our_bytes)
     );
     println!("| client | time (s) | downloaded (MiB) | on disk (MiB) | time vs skopeo |");

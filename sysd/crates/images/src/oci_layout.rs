@@ -108,7 +108,7 @@ pub fn unpack_descriptor(layout: &Path, selected: &Descriptor, store: &Path) -> 
             defaults,
         });
     }
-    let applied = unpack_layers(layout, &manifest, &config, store, |_| Ok(()))?;
+    let applied = unpack_layers(layout, &manifest, &config, store, |_| Ok(None))?;
     let (rootfs, layers) = snapshot::image_view(store, hex, &applied.chains)?;
     Ok(Image {
         rootfs,
@@ -127,13 +127,15 @@ pub struct Layers {
 /// Applies the layers of `manifest` (blobs in `layout`, config `config`) that the store lacks,
 /// bottom first, each verified and contained as it streams. `arrived` is called before a
 /// layer's blob is read and may wait for it (a pull applies each layer as soon as it and the
-/// ones below it are downloaded). A refused layer leaves none of the layers this call applied.
+/// ones below it are downloaded); it may hand over the blob already open (a download verified
+/// but not yet moved into `layout`), which is then read instead of the layout's file, and
+/// verified all the same. A refused layer leaves none of the layers this call applied.
 pub fn unpack_layers(
     layout: &Path,
     manifest: &ImageManifest,
     config: &ImageConfiguration,
     store: &Path,
-    mut arrived: impl FnMut(&Descriptor) -> Result<()>,
+    mut arrived: impl FnMut(&Descriptor) -> Result<Option<File>>,
 ) -> Result<Layers> {
     let diff_ids = config.rootfs().diff_ids();
     let ids = layer_ids(manifest, diff_ids)?;
@@ -145,12 +147,16 @@ pub fn unpack_layers(
         for (n, layer) in manifest.layers().iter().enumerate() {
             let expected = diff_ids.get(n).filter(|_| diff_ids.len() == ids.len());
             let applied = snapshot::ensure_layer(store, &chains[..=n], |root| {
-                arrived(layer)?;
+                let open = arrived(layer)?;
                 let budget = match &mut budget {
                     Some(b) => b,
                     None => budget.insert(Budget::for_store(store)?),
                 };
-                apply_layer(layout, layer, root, budget, expected.map(String::as_str))
+                let blob = match open {
+                    Some(file) => Verified::new(file, layer),
+                    None => open_blob(layout, layer)?,
+                };
+                apply_layer(blob, layer, root, budget, expected.map(String::as_str))
             })
             .with_context(|| format!("layer {} ({})", n + 1, layer.digest()))?;
             if applied {
@@ -635,18 +641,21 @@ fn copy_within(from: &mut impl Read, file: &mut File, budget: &mut Budget) -> Re
 /// Applies one layer blob onto `root`, verifying it as it streams: the blob against its
 /// descriptor, and what it decompresses to against `diff_id` (the config's) where given.
 fn apply_layer(
-    layout: &Path,
+    mut blob: Verified<File>,
     desc: &Descriptor,
     root: &Path,
     budget: &mut Budget,
     diff_id: Option<&str>,
 ) -> Result<()> {
     let compression = compression(desc.media_type())?;
-    let mut blob = open_blob(layout, desc)?;
     let applied = apply_stream(&mut blob, compression, root, budget);
     // A digest mismatch explains any parse error and wins over it.
     blob.finish()?;
-    let actual = format!("sha256:{}", applied?);
+    // An uncompressed layer's diff_id is its blob's digest, just checked (one hash, not two).
+    let actual = format!(
+        "sha256:{}",
+        applied?.unwrap_or_else(|| desc.digest().digest().to_string())
+    );
     match diff_id {
         Some(expected) if expected != actual => bail!(
             "uncompressed, it hashes to {actual}, where the image config's diff_id says {expected}; refusing it"
@@ -670,21 +679,29 @@ pub fn unpack_layer(
     apply_stream(blob, compression(media_type)?, root, &mut budget).map(drop)
 }
 
-/// Applies the layer; returns the sha256 (hex) of its uncompressed tar stream, its diff_id.
+/// Applies the layer; returns the sha256 (hex) of its uncompressed tar stream, its diff_id,
+/// for a compressed layer (an uncompressed one's is the blob's digest, which the caller
+/// checks: it is not hashed twice).
 fn apply_stream(
     blob: &mut dyn Read,
     compression: Compression,
     root: &Path,
     budget: &mut Budget,
-) -> Result<String> {
-    let reader: Box<dyn Read + '_> = match compression {
-        Compression::None => Box::new(blob),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
-        Compression::Zstd => Box::new(ZstdFrames::new(blob).context("reading the layer")?),
+) -> Result<Option<String>> {
+    let (reader, hasher): (Box<dyn Read + '_>, _) = match compression {
+        Compression::None => (Box::new(blob), None),
+        Compression::Gzip => (
+            Box::new(flate2::read::MultiGzDecoder::new(blob)),
+            Some(Sha256::new()),
+        ),
+        Compression::Zstd => (
+            Box::new(ZstdFrames::new(blob).context("reading the layer")?),
+            Some(Sha256::new()),
+        ),
     };
     let mut archive = tar::Archive::new(Hashing {
         inner: reader,
-        hasher: Sha256::new(),
+        hasher,
     });
     let mut layer = Layer {
         root,
@@ -699,19 +716,21 @@ fn apply_stream(
     // The rest of the stream: tar padding, the gzip trailer (checks its CRC).
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).context("reading the layer")?;
-    Ok(hex::encode(rest.hasher.finalize()))
+    Ok(rest.hasher.map(|h| hex::encode(h.finalize())))
 }
 
-/// Hashes what is read through it.
+/// Hashes what is read through it (when it has a hasher).
 struct Hashing<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         Ok(n)
     }
 }

@@ -7,12 +7,15 @@
 //! 2. The manifest is fetched (size limit, digest checked against a `@sha256:` pin); an index
 //!    is resolved to its linux/amd64 manifest, whose digest must match the index entry.
 //! 3. Config and layers not yet in the store are downloaded in parallel into
-//!    `.downloads/<hex>`, hashed as they arrive. A transfer error is retried with backoff
+//!    `.downloads/<hex>`, hashed as they arrive (across retries of this pull; a partial file an
+//!    earlier pull left is read back once complete). A transfer error is retried with backoff
 //!    (0.5 s doubling, 6 attempts), resuming with an HTTP range request where it stopped; the
 //!    partial file also survives a failed pull (or a sysd restart) and the next pull resumes it.
 //!    A blob whose size or digest does not match its descriptor is deleted and the pull fails.
-//! 4. The image is unpacked (layers verified again and checked for escapes), then entered in
-//!    the store's index: only a complete image is ever listed or run.
+//! 4. Each layer is unpacked as soon as it and the ones below it are verified (read through the
+//!    downloaded file, verified again and checked for escapes, while the blob is fsynced and
+//!    moved into `blobs/`), then the image is entered in the store's index once every blob is
+//!    in the store: only a complete image is ever listed or run.
 //!
 //! Credentials come from the config (or an auth file read at each pull) and are never logged:
 //! errors name the registry and the HTTP status, never the `Authorization` header.
@@ -113,10 +116,12 @@ pub async fn pull(
     // Parallel downloads, bounded.
     let ep = Arc::new(ep);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(ep.settings.parallel()));
-    // Each blob that is in the store goes on this channel; the unpacker below applies each
-    // layer as soon as it and the ones below it are there, while the rest download.
-    let (arrived, arrivals) = std::sync::mpsc::channel::<String>();
+    // Each blob that is in the store, or downloaded and verified (then with the file open,
+    // while it is being moved into the store), goes on this channel; the unpacker below applies
+    // each layer as soon as it and the ones below it are there, while the rest download.
+    let (arrived, arrivals) = std::sync::mpsc::channel::<(String, Option<std::fs::File>)>();
     let mut tasks = Vec::new();
+    let config_hex = manifest.config().digest().digest().to_string();
     for b in blobs {
         let hex = b.digest().digest().to_string();
         hold.add(&hex);
@@ -125,7 +130,7 @@ pub async fn pull(
                 digest: b.digest().to_string(),
                 size: b.size(),
             });
-            let _ = arrived.send(hex);
+            let _ = arrived.send((hex, None));
             continue;
         }
         let (ep, semaphore, progress) = (Arc::clone(&ep), Arc::clone(&semaphore), progress.clone());
@@ -133,16 +138,22 @@ pub async fn pull(
         let dest = store.blob_path(&hex);
         let lock = store.blob_lock(&hex);
         let arrived = arrived.clone();
+        let is_config = hex == config_hex;
         tasks.push(async move {
             let _permit = semaphore.acquire().await;
             let _lock = lock.lock().await;
             // Another pull may have fetched it meanwhile.
             let n = if store.has_blob(&hex, b.size()) {
+                let _ = arrived.send((hex, None));
                 0
+            } else if is_config {
+                // Read from the store by path: announced once it is there.
+                let n = download(&ep, &b, &partial, &dest, &progress, None).await?;
+                let _ = arrived.send((hex, None));
+                n
             } else {
-                download(&ep, &b, &partial, &dest, &progress).await?
+                download(&ep, &b, &partial, &dest, &progress, Some(&arrived)).await?
             };
-            let _ = arrived.send(hex);
             anyhow::Ok(n)
         });
     }
@@ -154,18 +165,27 @@ pub async fn pull(
             manifest.clone(),
         );
         tokio::task::spawn_blocking(move || -> Result<oci_layout::Layers> {
-            let mut have = std::collections::HashSet::new();
-            let mut wait = |d: &Descriptor| -> Result<()> {
+            let mut have = std::collections::HashMap::new();
+            let mut wait = |d: &Descriptor| -> Result<Option<std::fs::File>> {
                 let hex = d.digest().digest();
-                while !have.contains(hex) {
+                while !have.contains_key(hex) {
                     match arrivals.recv() {
-                        Ok(h) => {
-                            have.insert(h);
+                        Ok((h, file)) => {
+                            have.insert(h, file);
                         }
                         Err(_) => bail!("blob {} was not downloaded", d.digest()),
                     }
                 }
-                Ok(())
+                // Each use reads the blob from its start (a layer may be listed twice).
+                match have.get(hex) {
+                    Some(Some(file)) => {
+                        use std::io::Seek;
+                        let mut file = file.try_clone().context("reopening a blob")?;
+                        file.rewind().context("reopening a blob")?;
+                        Ok(Some(file))
+                    }
+                    _ => Ok(None),
+                }
             };
             wait(manifest.config())?;
             let config = oci_layout::read_config(&root, &manifest_desc, &manifest)?;
@@ -415,14 +435,16 @@ async fn download(
     partial: &std::path::Path,
     dest: &std::path::Path,
     progress: &Progress,
+    arrived: Option<&std::sync::mpsc::Sender<(String, Option<std::fs::File>)>>,
 ) -> Result<u64> {
     let digest = desc.digest().to_string();
     let size = desc.size();
     let mut transferred = 0;
     let mut delay = BACKOFF_START;
     let mut attempt = 1;
+    let mut hashed = None;
     loop {
-        match transfer(ep, desc, partial, progress, &mut transferred).await {
+        match transfer(ep, desc, partial, progress, &mut transferred, &mut hashed).await {
             Ok(()) => break,
             Err(Transfer::Fatal(e)) => {
                 let _ = tokio::fs::remove_file(partial).await;
@@ -443,28 +465,27 @@ async fn download(
             }
         }
     }
-    // Verify the whole file (it may have been resumed from an earlier pull).
-    let mut f = tokio::fs::File::open(partial).await?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut n_total = 0u64;
-    loop {
-        use tokio::io::AsyncReadExt;
-        let n = f.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        n_total += n as u64;
-        h.update(&buf[..n]);
-    }
-    let actual = hex::encode(h.finalize());
+    // The digest of the whole file: hashed as it arrived when this pull wrote all of it, else
+    // (resumed from an earlier pull) read back.
+    let (n_total, actual) = match hashed {
+        Some(h) if h.len == file_len(partial).await => (h.len, hex::encode(h.hasher.finalize())),
+        _ => hash_file(partial)
+            .await
+            .with_context(|| format!("blob {digest}: reading {}", partial.display()))?,
+    };
     if n_total != size || actual != desc.digest().digest() {
         let _ = tokio::fs::remove_file(partial).await;
         bail!(
             "blob {digest}: the registry sent {n_total} bytes hashing to sha256:{actual}, which does not match its descriptor ({size} bytes); refusing it"
         );
     }
-    drop(f);
+    // Verified: the unpacker may start on it (reading it through this descriptor, verifying it
+    // again) while it is made durable and moved into the store.
+    if let Some(arrived) = arrived {
+        let file = std::fs::File::open(partial)
+            .with_context(|| format!("blob {digest}: opening {}", partial.display()))?;
+        let _ = arrived.send((desc.digest().digest().to_string(), Some(file)));
+    }
     // fsync the blob, rename it into blobs/, fsync the directory (`keelson_common::durable`).
     let (from, to) = (partial.to_path_buf(), dest.to_path_buf());
     tokio::task::spawn_blocking(move || keelson_common::durable::commit(&from, &to))
@@ -473,6 +494,25 @@ async fn download(
         .with_context(|| format!("moving blob {digest} into the store"))?;
     let _ = progress.send(PullProgress::Verified { digest, size });
     Ok(transferred)
+}
+
+/// What a download has hashed so far: the first `len` bytes of the partial file.
+struct Hashed {
+    hasher: Sha256,
+    len: u64,
+}
+
+/// The length and sha256 (hex) of a file, read in a blocking task.
+async fn hash_file(path: &std::path::Path) -> Result<(u64, String)> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<(u64, String)> {
+        let mut f = std::fs::File::open(&path)?;
+        let mut h = Sha256::new();
+        let n = std::io::copy(&mut f, &mut h)?;
+        Ok((n, hex::encode(h.finalize())))
+    })
+    .await
+    .context("the hashing task")?
 }
 
 async fn file_len(p: &std::path::Path) -> u64 {
@@ -491,6 +531,7 @@ async fn transfer(
     partial: &std::path::Path,
     progress: &Progress,
     transferred: &mut u64,
+    hashed: &mut Option<Hashed>,
 ) -> Result<(), Transfer> {
     let size = desc.size();
     let digest = desc.digest().to_string();
@@ -529,6 +570,17 @@ async fn transfer(
         .open(partial)
         .await
         .map_err(|e| Transfer::Fatal(anyhow!("opening {}: {e}", partial.display())))?;
+    // Hash what arrives, in step with the file: from its start, or continuing what this pull
+    // hashed before an interruption. Otherwise (a partial file left by an earlier pull) the
+    // file is read back once it is complete.
+    if from == 0 {
+        *hashed = Some(Hashed {
+            hasher: Sha256::new(),
+            len: 0,
+        });
+    } else if hashed.as_ref().is_some_and(|h| h.len != from) {
+        *hashed = None;
+    }
     let mut done = from;
     let mut shown = done;
     let _ = progress.send(PullProgress::Downloading {
@@ -557,6 +609,10 @@ async fn transfer(
         file.write_all(&chunk)
             .await
             .map_err(|e| Transfer::Fatal(anyhow!("writing {}: {e}", partial.display())))?;
+        if let Some(h) = hashed {
+            h.hasher.update(&chunk);
+            h.len += chunk.len() as u64;
+        }
         *transferred += chunk.len() as u64;
         if done - shown >= PROGRESS_STEP || done == size {
             shown = done;
