@@ -28,11 +28,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use keelson_common::api::{
-    ApplyPlan, Event, LogLine, ServiceStatus, Stats, Version, API_PREFIX, SOCKET_PATH,
+    ApplyPlan, Event, LogLine, ServiceStatus, State, Stats, Version, API_PREFIX, SOCKET_PATH,
 };
 use serde::de::DeserializeOwned;
 
 use crate::http::{encode_segment, Client};
+
+/// How many of its last output lines `keelctl status NAME` shows for a failed service.
+const LAST_OUTPUT_LINES: usize = 5;
 
 /// Control Keelson's system daemon (sysd): services, logs, events, resource usage and config.
 #[derive(Debug, Parser)]
@@ -264,6 +267,20 @@ fn run_one(cli: &Cli, client: &Client, json: bool, out: &mut impl Write) -> Resu
             }
             let status: ServiceStatus = parse(&body)?;
             write!(out, "{}", render::status(&status, now_ms()))?;
+            // A service that ended badly: its own last words, as `systemctl status` shows the
+            // journal's tail (a oneshot's error is usually its last line).
+            if matches!(status.state, State::Failed | State::Backoff) {
+                let logs = client.get(&format!(
+                    "{}?tail={LAST_OUTPUT_LINES}",
+                    service_path(service, "/logs")
+                ))?;
+                let lines = logs
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(parse::<LogLine>)
+                    .collect::<Result<Vec<_>>>()?;
+                write!(out, "{}", render::last_output(&lines))?;
+            }
         }
         Command::Logs {
             follow,

@@ -321,6 +321,19 @@ pub fn log_line(line: &LogLine) -> String {
     }
 }
 
+/// `keelctl status NAME`'s tail for a service that ended badly: its last output lines (as
+/// `keelctl logs` shows them), indented under a heading; nothing when it printed nothing.
+pub fn last_output(lines: &[LogLine]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut text = String::from("last output:\n");
+    for l in lines {
+        let _ = writeln!(text, "  {}", log_line(l));
+    }
+    text
+}
+
 /// `TIME SERVICE KIND MESSAGE` (`-` when the event concerns no service).
 pub fn event(event: &Event) -> String {
     format!(
@@ -508,6 +521,29 @@ mod tests {
              reason:       killed by the OOM killer\n\
              next restart: 2026-11-22T00:12:43.623Z (in 3s)\n\
              spec:         abc123\n"
+        );
+    }
+
+    #[test]
+    fn last_output_block() {
+        assert_eq!(last_output(&[]), "");
+        let lines = [
+            LogLine {
+                time_ms: NOW - 2_000,
+                stream: Stream::Stdout,
+                line: "joining 10.77.0.11:2377".into(),
+            },
+            LogLine {
+                time_ms: NOW - 1_000,
+                stream: Stream::Stderr,
+                line: "Error response from daemon: invalid join token".into(),
+            },
+        ];
+        assert_eq!(
+            last_output(&lines),
+            "last output:\n  \
+             2026-11-22T00:12:39.123Z joining 10.77.0.11:2377\n  \
+             2026-11-22T00:12:40.123Z [stderr] Error response from daemon: invalid join token\n"
         );
     }
 

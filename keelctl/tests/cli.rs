@@ -161,6 +161,42 @@ fn server_errors_are_printed_and_exit_1() {
 }
 
 #[test]
+fn status_of_a_failed_service_ends_with_its_last_output() {
+    let failed = r#"{"name":"swarm-join","kind":"oneshot","state":"failed","health":null,"critical":false,"source":"system","image":"/usr/lib/keelson/images/docker","pid":null,"started_at_ms":null,"restarts":0,"last_exit":{"code":1,"signal":null,"oom_killed":false,"at_ms":1795306361124},"reason":"exited with code 1","next_restart_ms":null,"spec_hash":"abc"}"#;
+    let server = Canned::new(vec![
+        json(200, failed),
+        chunked(&[
+            r#"{"time_ms":1795306361123,"stream":"stdout","line":"swarm-join: joining the swarm of 10.0.0.11:2377"}"#,
+            r#"{"time_ms":1795306361124,"stream":"stderr","line":"Error response from daemon: invalid join token"}"#,
+        ]),
+        json(200, WEB),
+    ]);
+    let output = server.run(&["status", "swarm-join"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        text.contains("state:        failed\n")
+            && text.ends_with(
+                "last output:\n  \
+                 2026-11-22T00:12:41.123Z swarm-join: joining the swarm of 10.0.0.11:2377\n  \
+                 2026-11-22T00:12:41.124Z [stderr] Error response from daemon: invalid join token\n"
+            ),
+        "{text}"
+    );
+    // A running service: no logs asked for.
+    let output = server.run(&["status", "web"]);
+    assert!(!stdout(&output).contains("last output"));
+    assert_eq!(
+        server.requests(),
+        [
+            "GET /v1/services/swarm-join",
+            "GET /v1/services/swarm-join/logs?tail=5",
+            "GET /v1/services/web"
+        ]
+    );
+}
+
+#[test]
 fn logs_stream_lines_until_the_server_ends() {
     let server = Canned::new(vec![chunked(&[
         r#"{"time_ms":1795306361123,"stream":"stdout","line":"hello"}"#,

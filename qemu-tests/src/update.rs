@@ -150,6 +150,36 @@ impl Signing {
         out
     }
 
+    /// The extension `config` (a path relative to the workspace, e.g.
+    /// `configs/extensions/docker.toml`) built for OS version `os_version`: built once per
+    /// signing, like [`image`](Self::image) (the docker scenarios of one run share it).
+    pub fn extension(&self, config: &str, os_version: &str) -> PathBuf {
+        let stem = Path::new(config)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("ext");
+        let name = format!("ext-{stem}-{os_version}");
+        let _lock = Lock::take(&self.images);
+        let out = self.images.join(&name);
+        let done = self.images.join(format!("{name}.complete"));
+        if !done.is_file() {
+            let _ = std::fs::remove_dir_all(&out);
+            run(Command::new(&self.image_build)
+                .current_dir(workspace_root())
+                .args([
+                    "-q",
+                    "extension",
+                    config,
+                    "--os-version",
+                    os_version,
+                    "--out",
+                ])
+                .arg(&out));
+            std::fs::write(&done, "").unwrap();
+        }
+        out
+    }
+
     /// Adds the image in `img` to the repository `repo` (created if new), signed with this key,
     /// with a root patch against the previous version as releases have (made at
     /// [`TEST_PATCH_LEVEL`]).

@@ -21,12 +21,11 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use keelson_testkit::registry::{Layout, Registry, RegistryOptions};
-use qemu_tests::scenario::{http_get_until, run, Httpd, SHELL_PORT};
+use qemu_tests::scenario::{http_get_until, Httpd, SHELL_PORT};
 use qemu_tests::update::Signing;
 use qemu_tests::{create_overlay, workspace_root, DiskFormat, Guest, GuestBuilder};
 
@@ -54,7 +53,7 @@ fn fixture() -> &'static Fixture {
         let reuse = std::env::var("KEELSON_DOCKER_REUSE").is_ok_and(|v| v == "1");
         if !(reuse && done.exists()) {
             let started = Instant::now();
-            build_fixture(&ws, &dir);
+            build_fixture(&dir);
             std::fs::write(&done, "").unwrap();
             eprintln!(
                 "docker fixture built in {:.0} s",
@@ -68,18 +67,14 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-fn build_fixture(ws: &Path, dir: &Path) {
+fn build_fixture(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let signing = Signing::for_scenario(dir);
     let img = signing.image("0.1.0", None, &[]);
     std::os::unix::fs::symlink(&img, dir.join("0.1.0")).unwrap();
-    run(Command::new(&signing.image_build)
-        .current_dir(ws)
-        .args(["-q", "extension", "configs/extensions/docker.toml"])
-        .args(["--os-version", "0.1.0", "--out"])
-        .arg(dir.join("ext")));
-    signing.add_with_extensions(&dir.join("repo"), &img, &[&dir.join("ext")]);
+    let ext = signing.extension("configs/extensions/docker.toml", "0.1.0");
+    signing.add_with_extensions(&dir.join("repo"), &img, &[&ext]);
 }
 
 /// The test image's exercises for other scenarios, off here: they would only load the guest.
