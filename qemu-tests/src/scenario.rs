@@ -150,3 +150,25 @@ impl Drop for Httpd {
         let _ = self.0.wait();
     }
 }
+
+/// A scenario's fixture directory, `target/qemu-NAME`, made empty and filled by `build` once
+/// per test process; with `KEELSON_<NAME>_REUSE=1` and a complete earlier build there, `build`
+/// does not run (a developer's shortcut while iterating on a scenario).
+pub fn fixture_dir(name: &str, build: impl FnOnce(&Path)) -> PathBuf {
+    let dir = workspace_root().join(format!("target/qemu-{name}"));
+    let done = dir.join("fixture-complete");
+    let var = format!("KEELSON_{}_REUSE", name.to_uppercase().replace('-', "_"));
+    let reuse = std::env::var(&var).is_ok_and(|v| v == "1");
+    if !(reuse && done.exists()) {
+        let started = Instant::now();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        build(&dir);
+        std::fs::write(&done, "").unwrap();
+        eprintln!(
+            "{name} fixture built in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    dir
+}

@@ -47,7 +47,7 @@ use k8s_cri::v1::{
 };
 use keelson_testkit::registry::{Layout, Registry, RegistryOptions};
 use qemu_tests::cluster::{Cluster, NodeConfig, HOST_ADDR};
-use qemu_tests::scenario::{run, Httpd};
+use qemu_tests::scenario::{fixture_dir, run, Httpd};
 use qemu_tests::update::Signing;
 use qemu_tests::{workspace_root, Guest, GuestBuilder};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -78,14 +78,8 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let ws = workspace_root();
-        let dir = ws.join("target/qemu-cri");
-        let done = dir.join("fixture-complete");
-        let reuse = std::env::var("KEELSON_CRI_REUSE").is_ok_and(|v| v == "1");
-        if !(reuse && done.exists()) {
-            let started = Instant::now();
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            let signing = Signing::for_scenario(&dir);
+        let dir = fixture_dir("cri", |dir| {
+            let signing = Signing::for_scenario(dir);
             let img = signing.image("0.1.0", None, &[]);
             std::os::unix::fs::symlink(&img, dir.join("0.1.0")).unwrap();
             run(Command::new(&signing.image_build)
@@ -94,12 +88,7 @@ fn fixture() -> &'static Fixture {
                 .args(["--os-version", "0.1.0", "--out"])
                 .arg(dir.join("ext")));
             signing.add_with_extensions(&dir.join("repo"), &img, &[&dir.join("ext")]);
-            std::fs::write(&done, "").unwrap();
-            eprintln!(
-                "cri fixture built in {:.0} s",
-                started.elapsed().as_secs_f64()
-            );
-        }
+        });
         Fixture {
             image: dir.join("0.1.0"),
             repo: dir.join("repo"),

@@ -25,9 +25,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use keelson_testkit::registry::{Layout, Registry, RegistryOptions};
-use qemu_tests::scenario::{http_get_until, Httpd, SHELL_PORT};
+use qemu_tests::scenario::{fixture_dir, http_get_until, Httpd, SHELL_PORT};
 use qemu_tests::update::Signing;
-use qemu_tests::{create_overlay, workspace_root, DiskFormat, Guest, GuestBuilder};
+use qemu_tests::{create_overlay, DiskFormat, Guest, GuestBuilder};
 
 /// Boot, the extension's download (~80 MB) and its activation, dockerd's first start.
 const READY: Duration = Duration::from_secs(1500);
@@ -47,19 +47,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let ws = workspace_root();
-        let dir = ws.join("target/qemu-docker");
-        let done = dir.join("fixture-complete");
-        let reuse = std::env::var("KEELSON_DOCKER_REUSE").is_ok_and(|v| v == "1");
-        if !(reuse && done.exists()) {
-            let started = Instant::now();
-            build_fixture(&dir);
-            std::fs::write(&done, "").unwrap();
-            eprintln!(
-                "docker fixture built in {:.0} s",
-                started.elapsed().as_secs_f64()
-            );
-        }
+        let dir = fixture_dir("docker", build_fixture);
         Fixture {
             image: dir.join("0.1.0"),
             repo: dir.join("repo"),
@@ -68,8 +56,6 @@ fn fixture() -> &'static Fixture {
 }
 
 fn build_fixture(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).unwrap();
     let signing = Signing::for_scenario(dir);
     let img = signing.image("0.1.0", None, &[]);
     std::os::unix::fs::symlink(&img, dir.join("0.1.0")).unwrap();

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use qemu_tests::cluster::HOST_ADDR;
-use qemu_tests::scenario::{run, Httpd};
+use qemu_tests::scenario::{fixture_dir, run, Httpd};
 use qemu_tests::update::{self, Signing};
 use qemu_tests::{workspace_root, Cluster, Guest, GuestBuilder, NodeConfig};
 use serde_json::{json, Value};
@@ -79,18 +79,7 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let ws = workspace_root();
-        let dir = ws.join("target/qemu-fleet");
-        let done = dir.join("fixture-complete");
-        let reuse = std::env::var("KEELSON_FLEET_REUSE").is_ok_and(|v| v == "1");
-        if !(reuse && done.exists()) {
-            let started = Instant::now();
-            build_fixture(&ws, &dir);
-            std::fs::write(&done, "").unwrap();
-            eprintln!(
-                "fleet fixture built in {:.0} s",
-                started.elapsed().as_secs_f64()
-            );
-        }
+        let dir = fixture_dir("fleet", |dir| build_fixture(&ws, dir));
         let etcd_roothash = VERSIONS
             .iter()
             .map(|v| {
@@ -130,8 +119,6 @@ fn copy_ext(from: &Path, to: &Path) {
 }
 
 fn build_fixture(ws: &Path, dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).unwrap();
     let signing = Signing::for_scenario(dir);
     let broken = dir.join("broken.toml");
     std::fs::write(&broken, update::NEVER_READY).unwrap();

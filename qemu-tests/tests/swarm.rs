@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 
 use keelson_testkit::registry::{Layout, Registry, RegistryOptions};
 use qemu_tests::cluster::HOST_ADDR;
-use qemu_tests::scenario::{http_get, run, Httpd};
+use qemu_tests::scenario::{fixture_dir, http_get, run, Httpd};
 use qemu_tests::update::Signing;
-use qemu_tests::{workspace_root, Cluster, Guest, GuestBuilder, NodeConfig};
+use qemu_tests::{Cluster, Guest, GuestBuilder, NodeConfig};
 
 /// Three cold UEFI boots at once, the extension's download and activation, dockerd's start.
 const READY: Duration = Duration::from_secs(1200);
@@ -60,19 +60,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let ws = workspace_root();
-        let dir = ws.join("target/qemu-swarm");
-        let done = dir.join("fixture-complete");
-        let reuse = std::env::var("KEELSON_SWARM_REUSE").is_ok_and(|v| v == "1");
-        if !(reuse && done.exists()) {
-            let started = Instant::now();
-            build_fixture(&dir);
-            std::fs::write(&done, "").unwrap();
-            eprintln!(
-                "swarm fixture built in {:.0} s",
-                started.elapsed().as_secs_f64()
-            );
-        }
+        let dir = fixture_dir("swarm", build_fixture);
         Fixture {
             n: dir.join("0.1.0"),
             repos: dir.join("repos"),
@@ -83,8 +71,6 @@ fn fixture() -> &'static Fixture {
 /// The run's shared builds (`Signing`: the images and the docker extension for 0.1.0 are
 /// docker.rs's too), the repositories made here.
 fn build_fixture(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).unwrap();
     let signing = Signing::for_scenario(dir);
     let mut ext = BTreeMap::new();
     for v in ["0.1.0", "0.2.0"] {
