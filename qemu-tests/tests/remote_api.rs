@@ -142,13 +142,43 @@ fn keelctl_manages_three_nodes_over_mutual_tls_with_trust_from_user_data() {
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = events.spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(5));
+    let mut child = events.spawn().unwrap();
+    // The stream read until the line comes (a loaded machine can take more than a few seconds
+    // to connect and replay), then ended.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("remote API on 0.0.0.0:50000"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
     // SAFETY: kill(2) on our own child (ip netns exec, which execs keelctl).
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let events = child.wait_with_output().unwrap();
-    let events = String::from_utf8_lossy(&events.stdout);
-    assert!(events.contains("remote API on 0.0.0.0:50000"), "{events}");
+    let ended = child.wait_with_output().unwrap();
+    let events = seen.join("\n");
+    assert!(
+        events.contains("remote API on 0.0.0.0:50000"),
+        "{events}\nstderr: {}",
+        String::from_utf8_lossy(&ended.stderr)
+    );
 
     // An admin applies a service on node2 remotely; it runs there.
     let file = work.path().join("hello.toml");
