@@ -16,8 +16,8 @@ use keelson_common::partitions::Slot;
 use qemu_tests::repo_server::{Reached, RepoServer};
 use qemu_tests::scenario::test_guest_uefi;
 use qemu_tests::update::{
-    self, apply_until_phase, assert_intact, assert_slot_holds, chunk_list, configure_with,
-    manifest, new_chunks, serve, status, target_path, Signing, REPO_PORT,
+    self, apply_until_phase, assert_intact, assert_slot_holds, chunk_list, chunks_in_place,
+    configure_with, manifest, new_chunks, serve, status, target_path, Signing, REPO_PORT,
 };
 use qemu_tests::{workspace_root, Guest};
 
@@ -132,27 +132,35 @@ struct Expected {
     delta_root: u64,
     /// Whether `delta_root` is a root patch.
     patch: bool,
+    /// By chunks: how many chunks `from` lacks, and how many of those the slot written
+    /// already holds at their place (left there by the version it held before), which the
+    /// agent keeps instead of downloading.
+    missing: usize,
+    kept: usize,
+    /// The kept chunks' stored bytes: planned, not downloaded.
+    kept_stored: u64,
     full_root: u64,
     uki_patch: u64,
     uki: u64,
     verity: u64,
 }
 
-fn expected(repo: &Path, from: &str, to: &str, slot: &str) -> Expected {
+fn expected(repo: &Path, from: &str, to: &str, slot: &str, held: Option<&Path>) -> Expected {
     let m = manifest(repo);
     let p = m.updates.iter().find(|p| p.version == to).unwrap();
     let list = chunk_list(repo, to);
     let new = new_chunks(repo, from, to);
-    let stored: u64 = new
-        .iter()
-        .map(|sha| {
-            list.chunks
-                .iter()
-                .find(|c| &c.sha256 == sha)
-                .unwrap()
-                .stored
-        })
-        .sum();
+    let kept = held.map_or_else(Vec::new, |h| {
+        chunks_in_place(repo, to, &new, &h.join("root.erofs"))
+    });
+    let stored_len = |sha: &String| {
+        list.chunks
+            .iter()
+            .find(|c| &c.sha256 == sha)
+            .unwrap()
+            .stored
+    };
+    let stored: u64 = new.iter().map(stored_len).sum();
     let list_len = file_len(&target_path(repo, &p.chunks.as_ref().unwrap().target));
     let root_patch = p
         .root_patches
@@ -167,6 +175,9 @@ fn expected(repo: &Path, from: &str, to: &str, slot: &str) -> Expected {
     Expected {
         delta_root: root_patch.unwrap_or(list_len + stored),
         patch: root_patch.is_some(),
+        missing: new.len(),
+        kept: kept.len(),
+        kept_stored: kept.iter().map(stored_len).sum(),
         full_root: file_len(&target_path(repo, &p.root)),
         uki_patch: file_len(&target_path(repo, &patch.target)),
         uki: file_len(&target_path(repo, p.uki_for(slot))),
@@ -190,9 +201,10 @@ fn number_after(line: &str, after: &str) -> u64 {
 /// offers for the root (its patch against `from`'s root if there is one, else the chunks) and
 /// the UKI's patch, not fall back, and download exactly that (the patch, or the chunk list and
 /// the chunks the running slot lacks), the UKI's patch and the verity tree; then the new slot
-/// is blessed with /var intact.
-fn update_by_delta(g: &Guest, repo: &Path, from: &str, to: &str, slot: &str) {
-    let e = expected(repo, from, to, slot);
+/// is blessed with /var intact. `held` is the image the written slot held before: chunks of
+/// `to` it still has at their place are kept, not downloaded.
+fn update_by_delta(g: &Guest, repo: &Path, from: &str, to: &str, slot: &str, held: Option<&Path>) {
+    let e = expected(repo, from, to, slot, held);
     let out = g.sh("keelctl update apply --reboot --no-wait");
     assert!(!out.contains("keelctl:"), "{out}");
     let way = if e.patch { "by root patch" } else { "by delta" };
@@ -242,15 +254,40 @@ fn update_by_delta(g: &Guest, repo: &Path, from: &str, to: &str, slot: &str) {
     let delta = e.delta_root + e.uki_patch + e.verity;
     assert_eq!(
         downloaded,
-        delta >> 10,
-        "{staged}: not the root {way} + UKI patch + verity"
+        (delta - e.kept_stored) >> 10,
+        "{staged}: not the root {way} + UKI patch + verity, less the {} chunks slot {slot} already held",
+        e.kept
     );
+    let log = g.serial_log();
+    let attempt = &log[log
+        .rfind(&format!("update-started: installing {to}"))
+        .unwrap_or_else(|| panic!("no update-started for {to}"))..];
+    let resumed = attempt.lines().find(|l| l.contains("update-delta-resumed"));
+    if e.kept == 0 {
+        assert!(
+            resumed.is_none(),
+            "slot {slot} held none of {to}'s chunks: {resumed:?}"
+        );
+    } else {
+        let want = format!(
+            "update-delta-resumed: {} of the {} chunks",
+            e.kept, e.missing
+        );
+        assert!(
+            resumed.is_some_and(|l| l.contains(&want)),
+            "slot {slot} held {} of {to}'s {} missing chunks at their place: {resumed:?}",
+            e.kept,
+            e.missing
+        );
+    }
     let full = e.full_root + e.uki + e.verity;
     eprintln!(
-        "{from} -> {to} {way}: root {} KiB of {} KiB full ({:.1} %), UKI {} B of {} KiB; with the verity tree {} KiB of {} KiB ({:.1} %)",
+        "{from} -> {to} {way}: root {} KiB of {} KiB full ({:.1} %; {} of its {} new chunks already in slot {slot}), UKI {} B of {} KiB; with the verity tree {} KiB of {} KiB ({:.1} %)",
         e.delta_root >> 10,
         e.full_root >> 10,
         e.delta_root as f64 * 100.0 / e.full_root as f64,
+        e.kept,
+        e.missing,
         e.uki_patch,
         e.uki >> 10,
         delta >> 10,
@@ -307,10 +344,12 @@ fn delta_updates_n_to_n1_to_n2_write_each_slot_as_the_image_built() {
     assert!(delta < full, "{v}");
     eprintln!("keelctl update check: 0.2.0 {full} bytes full, {delta} by delta");
 
-    update_by_delta(&g, &f.repo12_patch, "0.1.0", "0.2.0", "b");
+    update_by_delta(&g, &f.repo12_patch, "0.1.0", "0.2.0", "b", None);
     drop(httpd);
     let httpd = serve(&g, &f.repo123);
-    update_by_delta(&g, &f.repo123, "0.2.0", "0.3.0", "a");
+    // Slot A still holds 0.1.0: chunks of 0.3.0 that 0.2.0 changed but 0.1.0 had at the
+    // same place are kept (found by hashing the slot), not downloaded.
+    update_by_delta(&g, &f.repo123, "0.2.0", "0.3.0", "a", Some(&f.n));
     let ps = g.sh("keelctl ps");
     assert!(ps.contains("hello"), "0.3.0's added service: {ps}");
     drop(httpd);
@@ -449,7 +488,7 @@ fn power_cuts_along_the_delta_path_always_leave_a_good_slot() {
     );
 
     // 2. Indexed; the UKI's patch half downloaded: slot B not touched yet.
-    let e = expected(&f.repo12, "0.1.0", "0.2.0", "b");
+    let e = expected(&f.repo12, "0.1.0", "0.2.0", "b", None);
     repo.stall(".from-0.1.0.zst", (e.uki_patch / 2).max(1));
     g.sh("keelctl update apply --no-wait");
     g.expect(delta_line, BOOT);

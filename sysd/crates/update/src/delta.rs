@@ -208,8 +208,9 @@ pub async fn assemble(
             _ => places.entry(sha).or_default().push(c.offset),
         }
     }
-    // Resuming: a missing chunk an earlier, cut-off attempt already wrote into this slot is
-    // there at its place; it is hashed and kept instead of downloaded again.
+    // Resuming: a missing chunk an earlier, cut-off attempt already wrote into this slot (or
+    // that the version the slot held had at the same place) is hashed and kept instead of
+    // downloaded.
     let mut fetch = Vec::new();
     for &i in &plan.missing {
         let c = &plan.list.chunks[i];
@@ -232,7 +233,7 @@ pub async fn assemble(
         agent.emit(
             "update-delta-resumed",
             format!(
-                "{} of the {} chunks to download are in slot {} already (an earlier attempt wrote them): kept",
+                "{} of the {} chunks to download are in slot {} already (written by an earlier attempt, or left by the version it held): kept",
                 plan.missing.len() - fetch.len(),
                 plan.missing.len(),
                 slot
