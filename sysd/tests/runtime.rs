@@ -116,8 +116,19 @@ impl Fixture {
     /// helper's stderr. The container's stdout/stderr go to files `<id>.out` / `<id>.err`.
     fn cli_create(&self, cfg: &ContainerConfig) -> Result<i32, String> {
         let spec = runtime::bundle::spec(cfg).map_err(|e| format!("{e:#}"))?;
-        let bundle = self.state.join("bundles").join(&cfg.id);
-        runtime::bundle::write(&bundle, &spec).map_err(|e| format!("{e:#}"))?;
+        let bundle = self.bundle(&cfg.id);
+        runtime::bundle::write_compiled(&bundle, spec, &runtime::bundle::Programs::default())
+            .map_err(|e| format!("{e:#}"))?;
+        self.cli_create_bundle(cfg)
+    }
+
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.state.join("bundles").join(id)
+    }
+
+    /// `sysd runtime create` on the bundle already written for `cfg`.
+    fn cli_create_bundle(&self, cfg: &ContainerConfig) -> Result<i32, String> {
+        let bundle = self.bundle(&cfg.id);
         let out = File::create(self.base.join(format!("{}.out", cfg.id))).expect("out file");
         let err = File::create(self.base.join(format!("{}.err", cfg.id))).expect("err file");
         let (o, e) = (out.as_raw_fd(), err.as_raw_fd());
@@ -333,6 +344,45 @@ fn seccomp_denies_namespaces_but_allows_fork() {
     assert_eq!(code, 0, "{err}");
 }
 
+/// The seccomp program is sysd's, compiled once per profile: a bundle that carries its profile
+/// uncompiled in config.json, or names a program that is missing or not a BPF program, is
+/// refused before anything runs; it is never run unfiltered.
+#[test]
+fn a_seccomp_profile_runs_compiled_or_not_at_all() {
+    let Some(fx) = fixture() else { return };
+    let cfg = fx.config("uncompiled", &["true"]);
+    let spec = runtime::bundle::spec(&cfg).unwrap();
+    runtime::bundle::write(&fx.bundle("uncompiled"), &spec).unwrap();
+    let err = fx
+        .cli_create_bundle(&cfg)
+        .expect_err("an uncompiled profile");
+    assert!(
+        err.contains("config.json carries a seccomp profile"),
+        "{err}"
+    );
+    for (id, program) in [("no-program", None), ("bad-program", Some(&[7u8; 13][..]))] {
+        let cfg = fx.config(id, &["true"]);
+        let bundle = fx.bundle(id);
+        runtime::bundle::write_compiled(
+            &bundle,
+            runtime::bundle::spec(&cfg).unwrap(),
+            &runtime::bundle::Programs::default(),
+        )
+        .unwrap();
+        let path = bundle.join(runtime::bundle::SECCOMP_PROGRAM);
+        match program {
+            None => fs::remove_file(&path).unwrap(),
+            Some(bytes) => fs::write(&path, bytes).unwrap(),
+        }
+        let err = fx.cli_create_bundle(&cfg).expect_err(id);
+        assert!(
+            err.contains("seccomp program") && err.contains(&path.display().to_string()),
+            "{id}: {err}"
+        );
+        assert!(fx.output(id).0.is_empty(), "{id} ran");
+    }
+}
+
 #[test]
 fn masked_paths_readonly_root_and_tmpfs() {
     let Some(fx) = fixture() else { return };
@@ -411,6 +461,18 @@ fn cli_exec_returns_the_exit_code() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "exec\n");
+    // An exec'd process is filtered as the container's own is.
+    let out = exec(&[
+        "sh",
+        "-c",
+        "grep Seccomp: /proc/self/status; unshare -U true 2>/dev/null || echo refused",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Seccomp:\t2\nrefused\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = exec(&["/bin/nonexistent"]);
     assert_eq!(out.status.code(), Some(125));
     eprintln!(

@@ -543,6 +543,80 @@ pub fn write(dir: &Path, spec: &Spec) -> Result<()> {
     Ok(())
 }
 
+/// The annotation that names the bundle file holding the container's compiled seccomp
+/// program ([`SECCOMP_PROGRAM`]). Its presence, not the file's, is what the runtime helper acts
+/// on: a bundle that names a program it cannot load is refused, never run unfiltered.
+pub const SECCOMP_ANNOTATION: &str = "org.keelson.seccomp";
+/// The compiled program's file name in the bundle.
+pub const SECCOMP_PROGRAM: &str = "seccomp.bpf";
+
+/// Seccomp programs compiled so far, by profile: a node's services hold a handful of
+/// capability sets, so each profile is compiled once per daemon, not once per start.
+#[derive(Debug, Default, Clone)]
+pub struct Programs(std::sync::Arc<std::sync::Mutex<HashMap<String, std::sync::Arc<Vec<u8>>>>>);
+
+impl Programs {
+    /// `profile`'s program, compiled on first use.
+    fn get(&self, profile: &oci_spec::runtime::LinuxSeccomp) -> Result<std::sync::Arc<Vec<u8>>> {
+        let key = serde_json::to_string(profile).context("serializing the seccomp profile")?;
+        let mut known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = known.get(&key) {
+            return Ok(p.clone());
+        }
+        let program = std::sync::Arc::new(seccomp::compile(profile)?);
+        known.insert(key, program.clone());
+        Ok(program)
+    }
+}
+
+/// Writes `spec` as a bundle in `dir` the way the runtime helper runs it: a seccomp profile is
+/// taken out of `config.json` and written compiled ([`SECCOMP_PROGRAM`], named by
+/// [`SECCOMP_ANNOTATION`]), so that the container's process loads it as it is instead of
+/// libcontainer compiling it again for every start.
+pub fn write_compiled(dir: &Path, mut spec: Spec, programs: &Programs) -> Result<()> {
+    let profile = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.seccomp_mut().take());
+    if let Some(profile) = profile {
+        let program = programs
+            .get(&profile)
+            .context("compiling the seccomp profile")?;
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating bundle dir {}", dir.display()))?;
+        let path = dir.join(SECCOMP_PROGRAM);
+        keelson_common::durable::replace_with(
+            &path,
+            &keelson_common::durable::Options::mode(0o600),
+            |f| f.write_all(&program),
+        )?;
+        let mut notes = spec.annotations().clone().unwrap_or_default();
+        notes.insert(SECCOMP_ANNOTATION.into(), SECCOMP_PROGRAM.into());
+        spec.set_annotations(Some(notes));
+    }
+    write(dir, &spec)
+}
+
+/// The seccomp program a bundle names ([`SECCOMP_ANNOTATION`]), read and checked; `None`
+/// when it names none (a privileged container).
+pub fn compiled_program(dir: &Path, spec: &Spec) -> Result<Option<Vec<libc::sock_filter>>> {
+    let Some(name) = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(SECCOMP_ANNOTATION))
+    else {
+        return Ok(None);
+    };
+    if name != SECCOMP_PROGRAM {
+        bail!("annotation {SECCOMP_ANNOTATION} names {name:?}, not {SECCOMP_PROGRAM}");
+    }
+    let path = dir.join(name);
+    let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    seccomp::decode(&bytes)
+        .map(Some)
+        .with_context(|| format!("{}", path.display()))
+}
+
 /// Device nodes under `dev` (recursively, not pts/shm/mqueue), for privileged containers.
 fn host_devices(dev: &Path) -> Vec<LinuxDevice> {
     fn walk(dir: &Path, out: &mut Vec<LinuxDevice>) {

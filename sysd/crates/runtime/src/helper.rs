@@ -28,6 +28,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 
 /// Exit status of `exec` when the command ran past `--timeout-ms` (as timeout(1)).
 pub const EXIT_TIMEOUT: u8 = 124;
@@ -166,7 +168,11 @@ fn create(args: &Args) -> Result<i32> {
     let stderr = inherited_fd(4, "container stderr")?;
     let stdin = File::open("/dev/null").context("opening /dev/null")?;
 
+    let path = bundle.join("config.json");
+    let spec = oci_spec::runtime::Spec::load(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
     let mut container = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+        .with_executor(Confined::for_bundle(bundle, &spec)?)
         .with_root_path(root)
         .with_context(|| format!("state root {}", root.display()))?
         .validate_id()
@@ -186,7 +192,7 @@ fn create(args: &Args) -> Result<i32> {
 
     // A bridge service: plugged into the bridge before its process starts (this also
     // brings lo up and leaves us in its namespace, so loopback_up finds nothing to do).
-    let plugged = match bridge_endpoint(bundle) {
+    let plugged = match bridge_endpoint(&spec) {
         Ok(Some(ep)) => super::netplug::plug(pid, &ep)
             .with_context(|| format!("plugging container {id} into bridge {}", ep.bridge)),
         Ok(None) => Ok(()),
@@ -211,11 +217,51 @@ fn create(args: &Args) -> Result<i32> {
     Ok(pid)
 }
 
+/// The container's command run as libcontainer's default executor runs it, under the seccomp
+/// program sysd compiled for the bundle ([`bundle::write_compiled`](super::bundle::write_compiled)),
+/// loaded as the last step before exec: where libcontainer would have loaded the profile it
+/// compiled itself (no_new_privs is already set by then). Also what `exec` runs, so a process
+/// exec'd into the container is filtered the same way.
+#[derive(Clone)]
+struct Confined {
+    program: Option<std::sync::Arc<Vec<libc::sock_filter>>>,
+}
+
+impl Confined {
+    fn for_bundle(bundle: &Path, spec: &oci_spec::runtime::Spec) -> Result<Confined> {
+        if spec.linux().as_ref().is_some_and(|l| l.seccomp().is_some()) {
+            bail!(
+                "{}: config.json carries a seccomp profile; this runtime takes it compiled \
+                 (annotation {}, written by sysd), and libcontainer here cannot compile one",
+                bundle.display(),
+                super::bundle::SECCOMP_ANNOTATION
+            );
+        }
+        let program = super::bundle::compiled_program(bundle, spec)
+            .context("the container's seccomp program")?;
+        Ok(Confined {
+            program: program.map(std::sync::Arc::new),
+        })
+    }
+}
+
+impl Executor for Confined {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        if let Some(program) = &self.program {
+            super::seccomp::load(program).map_err(|e| {
+                ExecutorError::Other(format!("loading the container's seccomp program: {e}"))
+            })?;
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+}
+
 /// The bridge endpoint sysd recorded in the bundle's annotations, if any.
-fn bridge_endpoint(bundle: &Path) -> Result<Option<super::netplug::Endpoint>> {
-    let path = bundle.join("config.json");
-    let spec = oci_spec::runtime::Spec::load(&path)
-        .with_context(|| format!("reading {}", path.display()))?;
+fn bridge_endpoint(spec: &oci_spec::runtime::Spec) -> Result<Option<super::netplug::Endpoint>> {
     let Some(text) = spec
         .annotations()
         .as_ref()
@@ -273,8 +319,9 @@ fn exec(args: &Args) -> Result<u8> {
     if args.argv.is_empty() {
         bail!("no command (usage: exec --root R --id ID [--timeout-ms N] -- ARGV...)");
     }
-    let sub_cgroup = exec_leaf(&root.join(id))?;
+    let (sub_cgroup, confined) = exec_context(&root.join(id))?;
     let pid = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+        .with_executor(confined)
         .with_root_path(root)
         .with_context(|| format!("state root {}", root.display()))?
         .as_tenant()
@@ -287,15 +334,25 @@ fn exec(args: &Args) -> Result<u8> {
     wait_child(pid, args.timeout)
 }
 
+/// What `exec` needs of container `dir`: the cgroup its process joins ([`exec_leaf`]) and the
+/// container's seccomp program.
+fn exec_context(dir: &Path) -> Result<(Option<String>, Confined)> {
+    let container =
+        Container::load(dir.to_owned()).with_context(|| format!("loading {}", dir.display()))?;
+    let bundle = container.bundle();
+    let path = bundle.join("config.json");
+    let spec = oci_spec::runtime::Spec::load(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok((exec_leaf(&container)?, Confined::for_bundle(bundle, &spec)?))
+}
+
 /// The cgroup below the container's that an exec'd process joins, if it cannot join the
 /// container's own: a delegated engine (the node agent contract) that enabled controllers for
 /// its children has a cgroup that, by cgroup v2's no-internal-processes rule, can hold no
 /// process (joining it fails with EBUSY). Its execs then go to the leaf
 /// [`cgroup::EXEC_LEAF`](super::cgroup::EXEC_LEAF), made on first use inside the engine's
 /// subtree (removed with the container's other descendants), as `runc exec --cgroup` does.
-fn exec_leaf(dir: &Path) -> Result<Option<String>> {
-    let container =
-        Container::load(dir.to_owned()).with_context(|| format!("loading {}", dir.display()))?;
+fn exec_leaf(container: &Container) -> Result<Option<String>> {
     let Ok(cfg) = container.spec() else {
         return Ok(None);
     };

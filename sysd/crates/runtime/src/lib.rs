@@ -191,6 +191,7 @@ pub struct Runtime {
     exe: PathBuf,
     cgroup_root: PathBuf,
     cgroup_parent: String,
+    programs: bundle::Programs,
 }
 
 /// A started container: its init's pid and a pidfd on it (for [`wait_exit`] and signals
@@ -280,6 +281,7 @@ impl Runtime {
             exe,
             cgroup_root: "/sys/fs/cgroup".into(),
             cgroup_parent: "/keelson".into(),
+            programs: bundle::Programs::default(),
         }
     }
 
@@ -377,7 +379,8 @@ impl Runtime {
                 .collect();
         }
         let spec = bundle::spec(&effective)?;
-        bundle::write(&bundle_dir, &spec).with_context(|| format!("service {svc}"))?;
+        bundle::write_compiled(&bundle_dir, spec, &self.programs)
+            .with_context(|| format!("service {svc}"))?;
         std::fs::create_dir_all(self.containers_dir())
             .with_context(|| format!("creating {}", self.containers_dir().display()))?;
 
