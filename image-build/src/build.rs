@@ -109,10 +109,12 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     let lock = Lock::load(&cfg)?;
     let service_files = services::load(&cfg)?;
     let epoch = lock.source_date_epoch;
-    let out = common
+    let published = common
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("out").join(&cfg.name));
+    let staging = util::Staging::new(&published)?;
+    let out = staging.path.clone();
     let work = util::work_dir(&out)?;
     let mut p = Progress::new(common.quiet, 11);
 
@@ -477,9 +479,14 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
     };
     manifest::write(&out, &manifest)?;
     std::fs::remove_dir_all(&work)?;
+    staging.publish(&published)?;
     p.done(MANIFEST);
-    p.finish(&format!("{} -> {}", cfg.path.display(), out.display()));
-    Ok(out)
+    p.finish(&format!(
+        "{} -> {}",
+        cfg.path.display(),
+        published.display()
+    ));
+    Ok(published)
 }
 
 pub fn partition_info(gpt: &Gpt) -> Vec<PartitionInfo> {

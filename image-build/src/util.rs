@@ -53,6 +53,92 @@ pub fn work_dir(out: &Path) -> Result<PathBuf> {
     Ok(work)
 }
 
+/// Where a build writes its outputs: a directory beside the output directory, whose entries
+/// [`publish`](Staging::publish) moves into it once everything is written, each by a rename.
+/// Whoever reads the output directory meanwhile (a test booting the last image while
+/// `./dev run` builds the next) finds each file whole, old or new, never missing or half
+/// written; a build that fails leaves the previous image as it was (the staging directory is
+/// removed on drop). What else the output directory holds (`./dev test` keeps its logs in
+/// out/test) stays.
+pub struct Staging {
+    pub path: PathBuf,
+}
+
+impl Staging {
+    pub fn new(out: &Path) -> Result<Staging> {
+        let path = sibling(out, "building")?;
+        if path.exists() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing the old {}", path.display()))?;
+        }
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Staging { path })
+    }
+
+    /// Moves every entry of the staging directory into `out`: a file replaces its old self
+    /// in one rename; a directory (an OCI layout) replaces the old one by two (old aside, new
+    /// in), then the old is removed.
+    pub fn publish(self, out: &Path) -> Result<()> {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let mut entries = std::fs::read_dir(&self.path)
+            .with_context(|| format!("reading {}", self.path.display()))?
+            .collect::<std::io::Result<Vec<_>>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let (from, to) = (e.path(), out.join(e.file_name()));
+            let old = if e.file_type()?.is_dir() && to.symlink_metadata().is_ok() {
+                let old = sibling(&to, "old")?;
+                if old.symlink_metadata().is_ok() {
+                    remove(&old)?;
+                }
+                std::fs::rename(&to, &old)
+                    .with_context(|| format!("moving {} aside", to.display()))?;
+                Some(old)
+            } else {
+                None
+            };
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+            if let Some(old) = old {
+                remove(&old)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn remove(path: &Path) -> Result<()> {
+    let r = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    r.with_context(|| format!("removing {}", path.display()))
+}
+
+/// `DIR/.NAME.WHAT-PID` for `out` = `DIR/NAME`.
+fn sibling(out: &Path, what: &str) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("output directory {} has no name", out.display()))?;
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir.join(format!(
+        ".{}.{what}-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
 /// A version-4-shaped GUID derived from the seed.
 pub fn derive_guid(seed: &str, purpose: &str) -> Guid {
     let d = derive(seed, purpose);
@@ -204,6 +290,55 @@ pub fn civil_from_unix(t: u64) -> (i64, u32, u32, u32, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staging_publishes_each_output_whole_and_keeps_what_else_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("vm");
+        std::fs::create_dir_all(out.join("oci/base")).unwrap();
+        std::fs::write(out.join("disk.raw"), "old disk").unwrap();
+        std::fs::write(out.join("oci/base/stale"), "old layout").unwrap();
+        std::fs::write(out.join("tier.log"), "a log of ./dev test").unwrap();
+
+        let s = Staging::new(&out).unwrap();
+        std::fs::create_dir_all(s.path.join("oci/base")).unwrap();
+        std::fs::write(s.path.join("disk.raw"), "new disk").unwrap();
+        std::fs::write(s.path.join("oci/base/index.json"), "{}").unwrap();
+        // Until published, the old image is whole.
+        assert_eq!(
+            std::fs::read_to_string(out.join("disk.raw")).unwrap(),
+            "old disk"
+        );
+        let staged = s.path.clone();
+        s.publish(&out).unwrap();
+
+        assert_eq!(
+            std::fs::read_to_string(out.join("disk.raw")).unwrap(),
+            "new disk"
+        );
+        assert!(out.join("oci/base/index.json").is_file());
+        assert!(
+            !out.join("oci/base/stale").exists(),
+            "a layout is replaced whole"
+        );
+        assert!(out.join("tier.log").is_file());
+        assert!(!staged.exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["vm"], "nothing left beside the output");
+
+        // A build that fails (its staging dropped unpublished) leaves the image as it was.
+        let s = Staging::new(&out).unwrap();
+        std::fs::write(s.path.join("disk.raw"), "half").unwrap();
+        drop(s);
+        assert_eq!(
+            std::fs::read_to_string(out.join("disk.raw")).unwrap(),
+            "new disk"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 
     #[test]
     fn civil_dates() {
