@@ -143,10 +143,11 @@ pub fn unpack_layers(
     let busy = snapshot::Busy::hold(&chains);
     let mut budget = None;
     let mut made = Vec::new();
-    let mut apply = || -> Result<()> {
+    let mut apply = |made: &mut Vec<String>| -> Result<()> {
+        let mut pending = snapshot::Pending::default();
         for (n, layer) in manifest.layers().iter().enumerate() {
             let expected = diff_ids.get(n).filter(|_| diff_ids.len() == ids.len());
-            let applied = snapshot::ensure_layer(store, &chains[..=n], |root| {
+            snapshot::ensure_layer(store, &chains[..=n], &mut pending, |root| {
                 let open = arrived(layer)?;
                 let budget = match &mut budget {
                     Some(b) => b,
@@ -159,13 +160,10 @@ pub fn unpack_layers(
                 apply_layer(blob, layer, root, budget, expected.map(String::as_str))
             })
             .with_context(|| format!("layer {} ({})", n + 1, layer.digest()))?;
-            if applied {
-                made.push(chains[n].clone());
-            }
         }
-        Ok(())
+        pending.commit(store, made)
     };
-    if let Err(e) = apply() {
+    if let Err(e) = apply(&mut made) {
         snapshot::discard(store, &made);
         return Err(e);
     }

@@ -114,13 +114,64 @@ fn busy() -> HashSet<String> {
         .unwrap_or_default()
 }
 
-/// The layer `chains.last()` (on top of the others), applied by `apply` if it is not in the
-/// store yet (then the answer is `true`). `apply` gets the directory to apply the layer's tar
-/// onto: an empty directory for the bottom layer, else an overlay of the layers below (already
-/// present) whose upper directory becomes the layer.
+/// Layers one unpack applied that are neither durable nor in place yet: each in its temporary
+/// directory, applied on top of the layers below it (in place, or pending here).
+/// [`commit`](Pending::commit) makes them all durable with one `syncfs` and renames them into
+/// place bottom first; dropped without a commit, they are removed. One flush for the image
+/// instead of one per layer: a `syncfs` writes back the whole file system, blobs still
+/// downloading included, and the next layer waited for it.
+#[derive(Default)]
+pub struct Pending {
+    layers: Vec<(String, TempDir, PathBuf)>,
+}
+
+impl Pending {
+    /// Where layer `chain` is while pending.
+    fn dir(&self, chain: &str) -> Option<&Path> {
+        self.layers
+            .iter()
+            .find(|(c, ..)| c == chain)
+            .map(|(_, _, upper)| upper.as_path())
+    }
+
+    /// Makes the pending layers durable (one `syncfs` of the store's file system), then
+    /// renames each into place, bottom first, pushing its chain id to `made`. A crash before
+    /// the renames leaves only temporary directories (removed by the next apply); one between
+    /// them leaves whole, durable lower layers in place.
+    pub fn commit(self, store: &Path, made: &mut Vec<String>) -> Result<()> {
+        let Some((_, first, _)) = self.layers.first() else {
+            return Ok(());
+        };
+        let dir = fs::File::open(&first.path)
+            .with_context(|| format!("opening {}", first.path.display()))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
+            .with_context(|| format!("syncfs {}", store.display()))?;
+        drop(dir);
+        for (chain, _tmp, upper) in &self.layers {
+            let target = layer_dir(store, chain);
+            match fs::rename(upper, &target) {
+                Ok(()) => made.push(chain.clone()),
+                // Another unpack applied the same layer meanwhile: keep theirs.
+                Err(_) if is_real_dir(&target) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("renaming {} to {}", upper.display(), target.display())
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The layer `chains.last()` (on top of the others), applied by `apply` into `pending` if it
+/// is not in the store yet (then the answer is `true`). `apply` gets the directory to apply
+/// the layer's tar onto: an empty directory for the bottom layer, else an overlay of the layers
+/// below (in the store, or in `pending`) whose upper directory becomes the layer.
 pub fn ensure_layer(
     store: &Path,
     chains: &[String],
+    pending: &mut Pending,
     apply: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<bool> {
     let Some((top, below)) = chains.split_last() else {
@@ -146,7 +197,15 @@ pub fn ensure_layer(
         for d in [&work, &merged] {
             fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let lowers: Vec<PathBuf> = below.iter().rev().map(|c| layer_dir(store, c)).collect();
+        let lowers: Vec<PathBuf> = below
+            .iter()
+            .rev()
+            .map(|c| {
+                pending
+                    .dir(c)
+                    .map_or_else(|| layer_dir(store, c), Path::to_path_buf)
+            })
+            .collect();
         // redirect_dir and metacopy off: the upper directory must hold whole files and plain
         // directories, so it means the same under any later stack of the same layers.
         let options = overlay_options(
@@ -175,21 +234,7 @@ pub fn ensure_layer(
         unmounted?;
         remove_any(&work)?;
     }
-    // Durable before it becomes visible: a crash after the rename must not leave truncated files.
-    let dir =
-        fs::File::open(&tmp.path).with_context(|| format!("opening {}", tmp.path.display()))?;
-    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
-        .with_context(|| format!("syncfs {}", store.display()))?;
-    drop(dir);
-    match fs::rename(&upper, &target) {
-        Ok(()) => {}
-        // Another unpack applied the same layer meanwhile: keep theirs.
-        Err(_) if is_real_dir(&target) => {}
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("renaming {} to {}", upper.display(), target.display()))
-        }
-    }
+    pending.layers.push((top.clone(), tmp, upper));
     Ok(true)
 }
 
