@@ -156,6 +156,19 @@ fn run() -> Result<()> {
             em / ce,
         );
     }
+    // The goal row: Keelson's median against crun's, both to exited.
+    if let (Some(k), Some(c)) = (
+        rows.iter().find(|r| r.0 == "keelson"),
+        rows.iter().find(|r| r.0 == "crun"),
+    ) {
+        history::record(history::Figure::from_samples(
+            "bench-runtime",
+            "container start, create → exited, keelson median vs crun median",
+            "ratio",
+            true,
+            &[median(&k.2) / median(&c.2)],
+        ))?;
+    }
     for (name, started, exited) in &rows {
         for (what, samples) in [("started", started), ("exited", exited)] {
             history::record(history::Figure::from_samples(
