@@ -18,6 +18,7 @@
 //! on stderr (the whole cause chain) and exit status 1 (125 for exec); libcontainer's own
 //! `tracing` output goes to stderr at WARN and above.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -29,7 +30,9 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
-use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use libcontainer::workload::{
+    Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
+};
 
 /// Exit status of `exec` when the command ran past `--timeout-ms` (as timeout(1)).
 pub const EXIT_TIMEOUT: u8 = 124;
@@ -219,9 +222,9 @@ fn create(args: &Args) -> Result<i32> {
 
 /// The container's command run as libcontainer's default executor runs it, under the seccomp
 /// program sysd compiled for the bundle ([`bundle::write_compiled`](super::bundle::write_compiled)),
-/// loaded as the last step before exec: where libcontainer would have loaded the profile it
-/// compiled itself (no_new_privs is already set by then). Also what `exec` runs, so a process
-/// exec'd into the container is filtered the same way.
+/// loaded where libcontainer would have loaded the profile it compiled itself (see
+/// `setup_envs`). Also what `exec` runs, so a process exec'd into the container is filtered the
+/// same way.
 #[derive(Clone)]
 struct Confined {
     program: Option<std::sync::Arc<Vec<libc::sock_filter>>>,
@@ -247,16 +250,26 @@ impl Confined {
 
 impl Executor for Confined {
     fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
-        if let Some(program) = &self.program {
-            super::seccomp::load(program).map_err(|e| {
-                ExecutorError::Other(format!("loading the container's seccomp program: {e}"))
-            })?;
-        }
         DefaultExecutor {}.exec(spec)
     }
 
     fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
         DefaultExecutor {}.validate(spec)
+    }
+
+    /// The last step libcontainer's init takes before it tells the helper it is ready and
+    /// waits for the start: the program is loaded here, at the place libcontainer loaded the
+    /// profile it compiled (after capabilities are dropped and no_new_privs is set), so the
+    /// process waits for its start, and an exec'd one sits in the container's namespaces,
+    /// already filtered.
+    fn setup_envs(&self, envs: HashMap<String, String>) -> Result<(), ExecutorSetEnvsError> {
+        DefaultExecutor {}.setup_envs(envs)?;
+        if let Some(program) = &self.program {
+            super::seccomp::load(program).map_err(|e| {
+                ExecutorSetEnvsError::Other(format!("loading the container's seccomp program: {e}"))
+            })?;
+        }
+        Ok(())
     }
 }
 

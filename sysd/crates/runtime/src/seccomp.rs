@@ -9,7 +9,7 @@
 //! seccomp cannot inspect, fails with ENOSYS so that libc falls back to `clone`.
 //!
 //! A profile is compiled to a BPF program once, by sysd ([`compile`]), and the container's
-//! process loads that program just before it executes its command ([`load`]), instead of
+//! process loads that program where libcontainer loaded its own ([`load`]), instead of
 //! libcontainer building the same filter with libseccomp in every container it starts (about
 //! 9 ms of each start, more than crun's whole start). Masked-equal arguments follow the
 //! runtime spec, runc and crun (and Docker's JSON profiles): `value` is the mask, `valueTwo`
