@@ -142,12 +142,11 @@ pub fn unpack_layers(
     let chains = snapshot::chain_ids(&ids);
     let busy = snapshot::Busy::hold(&chains);
     let mut budget = None;
-    let mut made = Vec::new();
-    let mut apply = |made: &mut Vec<String>| -> Result<()> {
-        let mut pending = snapshot::Pending::default();
+    let mut pending = snapshot::Pending::default();
+    let mut apply = |pending: &mut snapshot::Pending| -> Result<()> {
         for (n, layer) in manifest.layers().iter().enumerate() {
             let expected = diff_ids.get(n).filter(|_| diff_ids.len() == ids.len());
-            snapshot::ensure_layer(store, &chains[..=n], &mut pending, |root| {
+            snapshot::ensure_layer(store, &chains[..=n], pending, |root| {
                 let open = arrived(layer)?;
                 let budget = match &mut budget {
                     Some(b) => b,
@@ -161,9 +160,13 @@ pub fn unpack_layers(
             })
             .with_context(|| format!("layer {} ({})", n + 1, layer.digest()))?;
         }
-        pending.commit(store, made)
+        pending.commit(store)
     };
-    if let Err(e) = apply(&mut made) {
+    if let Err(e) = apply(&mut pending) {
+        // The pending layers' temporary directories go first, so that discard finds the
+        // layers directory empty if nothing else is in it.
+        let made = std::mem::take(&mut pending.made);
+        drop(pending);
         snapshot::discard(store, &made);
         return Err(e);
     }
@@ -1308,6 +1311,37 @@ pub(crate) mod tests {
             blob(layout, manifest.to_string().as_bytes()),
         );
         write_index(layout, vec![m]);
+    }
+
+    /// Forty layers: their places in the store fit one overlay mount's options, the longer
+    /// temporary paths they have while pending would not. The layers below are put in place
+    /// early (one more commit) instead of the pull failing.
+    #[test]
+    fn forty_layers_unpack_though_their_pending_paths_would_not_fit_one_mount() {
+        let t = tempfile::tempdir().unwrap();
+        let (layout, store) = (t.path().join("layout"), t.path().join("store"));
+        let _views = Views(&store);
+        let names: Vec<String> = (0..40).map(|i| format!("f{i:02}")).collect();
+        let layers: Vec<Vec<u8>> = names
+            .iter()
+            .map(|n| tar(&[E::File(n, n.as_bytes(), 0o644)]))
+            .collect();
+        let ids: Vec<String> = layers
+            .iter()
+            .map(|l| format!("sha256:{}", hex::encode(Sha256::digest(l))))
+            .collect();
+        image_with_diff_ids(&layout, &layers, &ids);
+        let img = unpack(&layout, None, &store).unwrap();
+        assert_eq!(img.layers.len(), 40);
+        for n in &names {
+            assert_eq!(fs::read_to_string(img.rootfs.join(n)).unwrap(), *n);
+        }
+        let left: Vec<_> = fs::read_dir(store.join(snapshot::LAYERS))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "temporary layers left: {left:?}");
     }
 
     #[test]

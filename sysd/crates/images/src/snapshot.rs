@@ -123,6 +123,8 @@ fn busy() -> HashSet<String> {
 #[derive(Default)]
 pub struct Pending {
     layers: Vec<(String, TempDir, PathBuf)>,
+    /// The chain ids this unpack renamed into place (what [`discard`] removes if it fails).
+    pub made: Vec<String>,
 }
 
 impl Pending {
@@ -135,10 +137,11 @@ impl Pending {
     }
 
     /// Makes the pending layers durable (one `syncfs` of the store's file system), then
-    /// renames each into place, bottom first, pushing its chain id to `made`. A crash before
-    /// the renames leaves only temporary directories (removed by the next apply); one between
-    /// them leaves whole, durable lower layers in place.
-    pub fn commit(self, store: &Path, made: &mut Vec<String>) -> Result<()> {
+    /// renames each into place, bottom first, adding its chain id to [`made`](Self::made), and
+    /// fsyncs the layers directory. A crash before the renames leaves only temporary
+    /// directories (removed by the next apply); one between them leaves whole, durable lower
+    /// layers in place.
+    pub fn commit(&mut self, store: &Path) -> Result<()> {
         let Some((_, first, _)) = self.layers.first() else {
             return Ok(());
         };
@@ -147,10 +150,10 @@ impl Pending {
         nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
             .with_context(|| format!("syncfs {}", store.display()))?;
         drop(dir);
-        for (chain, _tmp, upper) in &self.layers {
-            let target = layer_dir(store, chain);
-            match fs::rename(upper, &target) {
-                Ok(()) => made.push(chain.clone()),
+        for (chain, _tmp, upper) in self.layers.drain(..) {
+            let target = layer_dir(store, &chain);
+            match fs::rename(&upper, &target) {
+                Ok(()) => self.made.push(chain),
                 // Another unpack applied the same layer meanwhile: keep theirs.
                 Err(_) if is_real_dir(&target) => {}
                 Err(e) => {
@@ -160,7 +163,10 @@ impl Pending {
                 }
             }
         }
-        Ok(())
+        let layers = store.join(LAYERS);
+        fs::File::open(&layers)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("fsync {}", layers.display()))
     }
 }
 
@@ -197,22 +203,36 @@ pub fn ensure_layer(
         for d in [&work, &merged] {
             fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let lowers: Vec<PathBuf> = below
-            .iter()
-            .rev()
-            .map(|c| {
-                pending
-                    .dir(c)
-                    .map_or_else(|| layer_dir(store, c), Path::to_path_buf)
-            })
-            .collect();
+        let lowers = |pending: &Pending| -> Vec<PathBuf> {
+            below
+                .iter()
+                .rev()
+                .map(|c| {
+                    pending
+                        .dir(c)
+                        .map_or_else(|| layer_dir(store, c), Path::to_path_buf)
+                })
+                .collect()
+        };
         // redirect_dir and metacopy off: the upper directory must hold whole files and plain
         // directories, so it means the same under any later stack of the same layers.
-        let options = overlay_options(
-            &lowers,
-            Some((&upper, &work)),
-            ",redirect_dir=off,metacopy=off",
-        )?;
+        let options = |pending: &Pending| {
+            overlay_options(
+                &lowers(pending),
+                Some((&upper, &work)),
+                ",redirect_dir=off,metacopy=off",
+            )
+        };
+        let options = match options(pending) {
+            Ok(o) => o,
+            // A pending layer's temporary path is longer than its place in the store: with
+            // many layers, put those below in place first (as one more commit) and retry.
+            Err(_) if !pending.layers.is_empty() => {
+                pending.commit(store)?;
+                options(pending)?
+            }
+            Err(e) => return Err(e),
+        };
         mount(
             Some("overlay"),
             &merged,
