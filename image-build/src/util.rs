@@ -66,6 +66,7 @@ pub struct Staging {
 
 impl Staging {
     pub fn new(out: &Path) -> Result<Staging> {
+        remove_abandoned(out)?;
         let path = sibling(out, "building")?;
         if path.exists() {
             std::fs::remove_dir_all(&path)
@@ -120,6 +121,42 @@ fn remove(path: &Path) -> Result<()> {
         std::fs::remove_file(path)
     };
     r.with_context(|| format!("removing {}", path.display()))
+}
+
+/// Removes what builds of `out` that no longer run left beside it (`.NAME.building-PID`,
+/// `.NAME.old-PID` of a build killed before it could clean up; an image's worth each).
+fn remove_abandoned(out: &Path) -> Result<()> {
+    let (Some(name), Some(dir)) = (out.file_name(), out.parent()) else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let name = name.to_string_lossy();
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(rest) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&format!(".{name}.")))
+        else {
+            continue;
+        };
+        let pid = ["building-", "old-"]
+            .iter()
+            .find_map(|p| rest.strip_prefix(p))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                remove(&e.path())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `DIR/.NAME.WHAT-PID` for `out` = `DIR/NAME`.
@@ -328,6 +365,13 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["vm"], "nothing left beside the output");
+
+        // What a killed build left (its pid no longer runs) is removed by the next one.
+        let abandoned = dir.path().join(".vm.building-4194304999");
+        std::fs::create_dir_all(abandoned.join("oci")).unwrap();
+        let s = Staging::new(&out).unwrap();
+        assert!(!abandoned.exists());
+        drop(s);
 
         // A build that fails (its staging dropped unpublished) leaves the image as it was.
         let s = Staging::new(&out).unwrap();

@@ -360,17 +360,18 @@ pub fn new_chunks(repo: &Path, from: &str, to: &str) -> Vec<String> {
 /// Of `shas` (chunks of `to`'s root that a node lacks, from [`new_chunks`]), those a slot
 /// that held the root image `held` already has at their place in `to`'s root: the agent hashes
 /// the bytes at each missing chunk's offset in the slot it writes and keeps what matches
-/// instead of downloading it (`update-delta-resumed`).
+/// instead of downloading it (`update-delta-resumed`). Past the end of `held` the slot holds
+/// zeros (image-build's disks are sparse there).
 pub fn chunks_in_place(repo: &Path, to: &str, shas: &[String], held: &Path) -> Vec<String> {
     use sha2::{Digest, Sha256};
-    let held = std::fs::read(held).unwrap();
+    let mut held = std::fs::read(held).unwrap();
     let list = chunk_list(repo, to);
+    held.resize(held.len().max(list.size as usize), 0);
     shas.iter()
         .filter(|sha| {
             let c = list.chunks.iter().find(|c| &c.sha256 == *sha).unwrap();
             let (start, end) = (c.offset as usize, (c.offset + c.length) as usize);
-            held.get(start..end)
-                .is_some_and(|b| hex::encode(Sha256::digest(b)) == **sha)
+            hex::encode(Sha256::digest(&held[start..end])) == **sha
         })
         .cloned()
         .collect()
