@@ -252,6 +252,27 @@ pub fn commit(staged: &Path, target: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// [`commit`] without its directory fsyncs: fsync the file, rename it over `target`. For many
+/// files moved between the same two directories at once (a pull's blobs): the caller fsyncs
+/// each directory once ([`sync_dir`]) before anything relies on the new names. Until then a
+/// crash leaves each file whole, under its old name or its new one (a rename is one journal
+/// transaction); never a new name on bytes that did not reach the disk.
+pub fn move_synced(staged: &Path, target: &Path) -> Result<(), Error> {
+    let (to_dir_path, to) = split(target)?;
+    let (from_dir_path, from) = split(staged)?;
+    let to_dir = open_dir(to_dir_path).map_err(|e| Error::new(Step::OpenDir, target, e))?;
+    let from_dir = open_dir(from_dir_path).map_err(|e| Error::new(Step::OpenDir, staged, e))?;
+    let f = openat_read(&from_dir, from).map_err(|e| Error::new(Step::Sync, staged, e))?;
+    fsync(f.as_raw_fd()).map_err(|e| Error::new(Step::Sync, staged, e))?;
+    renameat2(&from_dir, from, &to_dir, to).map_err(|e| Error::new(Step::Rename, target, e))
+}
+
+/// fsyncs the directory `dir` (its entries: names renamed into or out of it).
+pub fn sync_dir(dir: &Path) -> Result<(), Error> {
+    let d = open_dir(dir).map_err(|e| Error::new(Step::OpenDir, dir, e))?;
+    fsync(d.as_raw_fd()).map_err(|e| Error::new(Step::SyncDir, dir, e))
+}
+
 /// Rewrites `path` in place (same inode) for files on /run that services bind-mount: the new
 /// content is written from offset 0 and the file then cut to its length, so a concurrent
 /// reader sees the old content, the new one, or (for the instant of the copy) the new content
@@ -659,6 +680,28 @@ mod tests {
         let e = commit(&d.join(".downloads/gone"), &d.join("blobs/gone")).unwrap_err();
         assert!(e.to_string().contains(".downloads/gone"), "{e}");
         assert_eq!(entries(&d.join("blobs")), ["abc", "def"]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn move_synced_fsyncs_the_file_and_leaves_the_directories_to_the_caller() {
+        let d = tmp();
+        std::fs::create_dir(d.join("blobs")).unwrap();
+        std::fs::create_dir(d.join(".downloads")).unwrap();
+        std::fs::write(d.join(".downloads/abc"), "blob").unwrap();
+        // (syncs() counts the whole process: other tests run beside this one.)
+        let before = syncs();
+        move_synced(&d.join(".downloads/abc"), &d.join("blobs/abc")).unwrap();
+        assert!(syncs() > before, "the file");
+        assert_eq!(std::fs::read(d.join("blobs/abc")).unwrap(), b"blob");
+        assert!(!d.join(".downloads/abc").exists());
+        let before = syncs();
+        sync_dir(&d.join("blobs")).unwrap();
+        assert!(syncs() > before, "the directory");
+        let e = move_synced(&d.join(".downloads/gone"), &d.join("blobs/gone")).unwrap_err();
+        assert!(e.to_string().contains(".downloads/gone"), "{e}");
+        let e = sync_dir(&d.join("nowhere")).unwrap_err();
+        assert!(e.to_string().contains("nowhere"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

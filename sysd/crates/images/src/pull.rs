@@ -14,8 +14,9 @@
 //!    A blob whose size or digest does not match its descriptor is deleted and the pull fails.
 //! 4. Each layer is unpacked as soon as it and the ones below it are verified (read through the
 //!    downloaded file, verified again and checked for escapes, while the blob is fsynced and
-//!    moved into `blobs/`), then the image is entered in the store's index once every blob is
-//!    in the store: only a complete image is ever listed or run.
+//!    moved into `blobs/`); the layers are made durable by one syncfs, the blobs' directories
+//!    by one fsync each, and the image is entered in the store's index once every blob is in
+//!    the store: only a complete image is ever listed or run.
 //!
 //! Credentials come from the config (or an auth file read at each pull) and are never logged:
 //! errors name the registry and the HTTP status, never the `Authorization` header.
@@ -194,6 +195,7 @@ pub async fn pull(
     };
     let mut downloaded = 0;
     let mut first_error = None;
+    let fetched_any = !tasks.is_empty();
     for r in futures_util::future::join_all(tasks).await {
         match r {
             Ok(n) => downloaded += n,
@@ -207,6 +209,21 @@ pub async fn pull(
         return Err(e.context(format!("pulling {name} from {}", ep.host)));
     }
     let _layers = unpacked_layers.with_context(|| format!("pulling {name}: refusing the image"))?;
+    // The blobs' new names durable, once for all of them, before the image is listed.
+    if fetched_any {
+        let blobs_dir = store.blob_path(&config_hex);
+        let dirs = [
+            blobs_dir.parent().unwrap_or(&blobs_dir).to_path_buf(),
+            store.downloads(),
+        ];
+        tokio::task::spawn_blocking(move || {
+            dirs.iter()
+                .try_for_each(|d| keelson_common::durable::sync_dir(d))
+        })
+        .await
+        .context("the blob directories' fsync")?
+        .with_context(|| format!("pulling {name}: making its blobs durable"))?;
+    }
 
     let entry = Entry {
         reference: name.clone(),
@@ -486,9 +503,10 @@ async fn download(
             .with_context(|| format!("blob {digest}: opening {}", partial.display()))?;
         let _ = arrived.send((desc.digest().digest().to_string(), Some(file)));
     }
-    // fsync the blob, rename it into blobs/, fsync the directory (`keelson_common::durable`).
+    // fsync the blob and rename it into blobs/; the pull fsyncs both directories once, after
+    // every blob, before the image is listed (`keelson_common::durable::move_synced`).
     let (from, to) = (partial.to_path_buf(), dest.to_path_buf());
-    tokio::task::spawn_blocking(move || keelson_common::durable::commit(&from, &to))
+    tokio::task::spawn_blocking(move || keelson_common::durable::move_synced(&from, &to))
         .await
         .context("the blob commit task")?
         .with_context(|| format!("moving blob {digest} into the store"))?;
