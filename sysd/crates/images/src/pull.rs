@@ -195,7 +195,6 @@ pub async fn pull(
     };
     let mut downloaded = 0;
     let mut first_error = None;
-    let fetched_any = !tasks.is_empty();
     for r in futures_util::future::join_all(tasks).await {
         match r {
             Ok(n) => downloaded += n,
@@ -209,8 +208,10 @@ pub async fn pull(
         return Err(e.context(format!("pulling {name} from {}", ep.host)));
     }
     let _layers = unpacked_layers.with_context(|| format!("pulling {name}: refusing the image"))?;
-    // The blobs' new names durable, once for all of them, before the image is listed.
-    if fetched_any {
+    // The blobs' new names durable, once for all of them, before the image is listed; also
+    // when this pull downloaded nothing: a blob it found may be one another pull has just
+    // moved in.
+    {
         let blobs_dir = store.blob_path(&config_hex);
         let dirs = [
             blobs_dir.parent().unwrap_or(&blobs_dir).to_path_buf(),
@@ -218,6 +219,7 @@ pub async fn pull(
         ];
         tokio::task::spawn_blocking(move || {
             dirs.iter()
+                .filter(|d| d.is_dir())
                 .try_for_each(|d| keelson_common::durable::sync_dir(d))
         })
         .await
