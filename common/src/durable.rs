@@ -233,21 +233,11 @@ impl Drop for Staged {
 /// file, rename, fsync the target's directory (and the staged file's, when it is another one on
 /// the same file system, so the old entry does not come back either).
 pub fn commit(staged: &Path, target: &Path) -> Result<(), Error> {
-    let (to_dir_path, to) = split(target)?;
-    let (from_dir_path, from) = split(staged)?;
-    let to_dir = open_dir(to_dir_path).map_err(|e| Error::new(Step::OpenDir, target, e))?;
-    let from_dir = if from_dir_path == to_dir_path {
-        None
-    } else {
-        Some(open_dir(from_dir_path).map_err(|e| Error::new(Step::OpenDir, staged, e))?)
-    };
-    let src = from_dir.as_ref().unwrap_or(&to_dir);
-    let f = openat_read(src, from).map_err(|e| Error::new(Step::Sync, staged, e))?;
-    fsync(f.as_raw_fd()).map_err(|e| Error::new(Step::Sync, staged, e))?;
-    renameat2(src, from, &to_dir, to).map_err(|e| Error::new(Step::Rename, target, e))?;
-    fsync(to_dir.as_raw_fd()).map_err(|e| Error::new(Step::SyncDir, target, e))?;
-    if let Some(d) = &from_dir {
-        fsync(d.as_raw_fd()).map_err(|e| Error::new(Step::SyncDir, staged, e))?;
+    move_synced(staged, target)?;
+    let ((to_dir, _), (from_dir, _)) = (split(target)?, split(staged)?);
+    sync_dir(to_dir)?;
+    if from_dir != to_dir {
+        sync_dir(from_dir)?;
     }
     Ok(())
 }
