@@ -379,7 +379,13 @@ impl Runtime {
                 .collect();
         }
         let spec = bundle::spec(&effective)?;
-        bundle::write_compiled(&bundle_dir, spec, &self.programs)
+        // On a blocking thread: the first start of each profile compiles its seccomp program
+        // (milliseconds natively, far more under emulation), which must not hold up the tasks
+        // of this worker (at boot: the readiness sysd reports to init).
+        let (dir, programs) = (bundle_dir.clone(), self.programs.clone());
+        tokio::task::spawn_blocking(move || bundle::write_compiled(&dir, spec, &programs))
+            .await
+            .context("the bundle writer task")?
             .with_context(|| format!("service {svc}"))?;
         std::fs::create_dir_all(self.containers_dir())
             .with_context(|| format!("creating {}", self.containers_dir().display()))?;
