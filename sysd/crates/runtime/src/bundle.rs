@@ -578,23 +578,23 @@ pub fn write_compiled(dir: &Path, mut spec: Spec, programs: &Programs) -> Result
         .linux_mut()
         .as_mut()
         .and_then(|l| l.seccomp_mut().take());
-    if let Some(profile) = profile {
-        let program = programs
-            .get(&profile)
-            .context("compiling the seccomp profile")?;
-        fs::create_dir_all(dir)
-            .with_context(|| format!("creating bundle dir {}", dir.display()))?;
-        let path = dir.join(SECCOMP_PROGRAM);
-        keelson_common::durable::replace_with(
-            &path,
-            &keelson_common::durable::Options::mode(0o600),
-            |f| f.write_all(&program),
-        )?;
-        let mut notes = spec.annotations().clone().unwrap_or_default();
-        notes.insert(SECCOMP_ANNOTATION.into(), SECCOMP_PROGRAM.into());
-        spec.set_annotations(Some(notes));
-    }
-    write(dir, &spec)
+    let Some(profile) = profile else {
+        return write(dir, &spec);
+    };
+    let program = programs
+        .get(&profile)
+        .context("compiling the seccomp profile")?;
+    let mut notes = spec.annotations().clone().unwrap_or_default();
+    notes.insert(SECCOMP_ANNOTATION.into(), SECCOMP_PROGRAM.into());
+    spec.set_annotations(Some(notes));
+    // The bundle directory (0700) first, then the program beside config.json.
+    write(dir, &spec)?;
+    keelson_common::durable::replace_with(
+        &dir.join(SECCOMP_PROGRAM),
+        &keelson_common::durable::Options::mode(0o600),
+        |f| f.write_all(&program),
+    )?;
+    Ok(())
 }
 
 /// The seccomp program a bundle names ([`SECCOMP_ANNOTATION`]), read and checked; `None`
