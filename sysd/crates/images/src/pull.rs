@@ -212,11 +212,7 @@ pub async fn pull(
     // when this pull downloaded nothing: a blob it found may be one another pull has just
     // moved in.
     {
-        let blobs_dir = store.blob_path(&config_hex);
-        let dirs = [
-            blobs_dir.parent().unwrap_or(&blobs_dir).to_path_buf(),
-            store.downloads(),
-        ];
+        let dirs = [store.blobs_dir(), store.downloads()];
         tokio::task::spawn_blocking(move || {
             dirs.iter()
                 .filter(|d| d.is_dir())

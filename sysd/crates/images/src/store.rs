@@ -134,7 +134,12 @@ impl Store {
     }
 
     pub fn blob_path(&self, hex: &str) -> PathBuf {
-        self.root.join("blobs/sha256").join(hex)
+        self.blobs_dir().join(hex)
+    }
+
+    /// Where the blobs are (`blobs/sha256`).
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
     }
 
     pub fn downloads(&self) -> PathBuf {
