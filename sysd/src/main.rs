@@ -266,10 +266,6 @@ fn check(files: &[PathBuf], all_system: bool) -> ExitCode {
 }
 
 fn daemon(args: DaemonArgs) -> ExitCode {
-    // While sysd has one thread: registry TLS roots (see keelson_images::trust).
-    if let Err(err) = keelson_images::trust::install(&args.run_dir) {
-        tracing::warn!("sysd: registry pulls over HTTPS will fail: {err:#}");
-    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -104,7 +104,8 @@ pub struct Client {
 pub struct Options {
     /// Plain HTTP.
     pub insecure: bool,
-    /// Trust anchors (DER), replacing any system store.
+    /// Trust anchors (DER), replacing any system store (the node has none: `pull` passes
+    /// Mozilla's roots, compiled in).
     pub roots_der: Vec<Vec<u8>>,
     /// Extra trust anchors (PEM).
     pub extra_pem: Option<Vec<u8>>,

@@ -17,7 +17,6 @@
 //!   once complete and unpacked.
 //! - [`manager`]: one pull per reference at a time, on-demand pulls for service starts, list,
 //!   remove and prune with their typed [`manager::Error`]s.
-//! - [`trust`]: Mozilla's roots, exported as `SSL_CERT_FILE` (the node has no CA bundle).
 //!
 //! This crate knows the service config's image references and registry settings
 //! (`keelson-spec`), and nothing of services, containers or the API: a pull's progress goes
@@ -31,6 +30,5 @@ pub mod oci_layout;
 pub mod pull;
 pub mod snapshot;
 pub mod store;
-pub mod trust;
 
 pub use lookup::{lookup, Image, ImageDefaults};
