@@ -24,9 +24,12 @@ fn process(
     start: Instant,
     printed: usize,
 ) -> FirstBoot {
-    let system = sources.read_system().unwrap_or_default();
+    // The system services are read only to validate user data, not on a boot without any
+    // (most boots): the network's boot config and the supervisor read them again anyway.
+    let system = std::cell::OnceCell::new();
     let validate = |text: &str, origin: &str| -> Result<(), ConfigError> {
         let doc = keelson_spec::parse_document(Path::new(origin), text, Source::UserData)?;
+        let system = system.get_or_init(|| sources.read_system().unwrap_or_default());
         keelson_spec::Config::from_layers(system.clone(), vec![doc]).map(drop)
     };
     // A panic in a parser of user data, meta-data or network-config (a bug) is a rejected
