@@ -676,6 +676,11 @@ impl GuestBuilder {
             .map(|(p, f)| (p.as_path(), *f))
             .into_iter()
             .chain(self.extra_drives.iter().map(|(p, f)| (p.as_path(), *f)));
+        // The boot disk of a UEFI guest is named in QEMU's boot order: OVMF then connects that
+        // device alone instead of every device (the NIC's network stack included), ~0.7 s of
+        // TCG firmware time; libvirt names its boot device the same way. Linux finds the other
+        // drives itself.
+        let boot_disk = matches!(self.boot, Boot::Uefi) && disk.is_some();
         let mut any_drive = false;
         for (index, (path, format)) in drives.enumerate() {
             if self.controller == DiskController::Ahci && !any_drive {
@@ -692,20 +697,21 @@ impl GuestBuilder {
                 )
                 .into(),
             );
-            a.push("-device".into());
-            a.push(
-                match self.controller {
-                    DiskController::VirtioBlk => format!("virtio-blk-pci,drive={id}"),
-                    DiskController::Nvme => format!("nvme,serial=keelson{index},drive={id}"),
-                    DiskController::Ahci => {
-                        if index >= 6 {
-                            bail!("AHCI has 6 ports; {} drives requested", index + 1);
-                        }
-                        format!("ide-hd,drive={id},bus=ahci.{index}")
+            let mut device = match self.controller {
+                DiskController::VirtioBlk => format!("virtio-blk-pci,drive={id}"),
+                DiskController::Nvme => format!("nvme,serial=keelson{index},drive={id}"),
+                DiskController::Ahci => {
+                    if index >= 6 {
+                        bail!("AHCI has 6 ports; {} drives requested", index + 1);
                     }
+                    format!("ide-hd,drive={id},bus=ahci.{index}")
                 }
-                .into(),
-            );
+            };
+            if boot_disk && index == 0 {
+                device.push_str(",bootindex=0");
+            }
+            a.push("-device".into());
+            a.push(device.into());
         }
 
         if self.nic != NicModel::None {
@@ -1414,9 +1420,10 @@ mod tests {
                 .no_reboot(),
         );
         assert!(nvme.contains("if=none,id=d0,format=qcow2,file=/g/overlay.qcow2"));
-        assert!(nvme.contains("nvme,serial=keelson0,drive=d0"));
+        assert!(nvme.contains("nvme,serial=keelson0,drive=d0,bootindex=0"));
         assert!(nvme.contains("if=none,id=d1,format=raw,file=/e.raw"));
-        assert!(nvme.contains("nvme,serial=keelson1,drive=d1"));
+        // Only the boot disk is in the boot order.
+        assert!(nvme.contains("nvme,serial=keelson1,drive=d1 "));
         assert!(nvme.contains("if=pflash,format=raw,unit=1,file=/g/VARS.fd"));
         assert!(nvme.contains("-no-reboot"));
         let sb = args(GuestBuilder::uefi("/x.img").secure_boot());
@@ -1427,10 +1434,10 @@ mod tests {
         );
         let ahci = args(GuestBuilder::uefi("/x.img").ahci().nic(NicModel::E1000e));
         assert!(ahci.contains("-device ahci,id=ahci -drive"));
-        assert!(ahci.contains("ide-hd,drive=d0,bus=ahci.0"));
+        assert!(ahci.contains("ide-hd,drive=d0,bus=ahci.0,bootindex=0"));
         assert!(ahci.contains("e1000e,netdev=n0"));
         let virtio = args(GuestBuilder::uefi("/x.img").nic(NicModel::None));
-        assert!(virtio.contains("virtio-blk-pci,drive=d0"));
+        assert!(virtio.contains("virtio-blk-pci,drive=d0,bootindex=0"));
         assert!(!virtio.contains("-netdev"));
     }
 
