@@ -1,7 +1,8 @@
 //! `bench-boot`: image sizes and the boot timeline of the vm image under QEMU (TCG), side by side
 //! with the floor the same kernel allows (a busybox initramfs that only prints its uptime), the
 //! peer the issue names (Debian 12 minbase with systemd on the same kernel package, made once
-//! with debootstrap: [`debian_peer`]), and Secure Boot on vs off (`out/vm-sb`), in one run. Prints tables; asserts nothing (these machines are shared and noisy).
+//! with debootstrap: [`debian_peer`]), a VM's later UEFI boots beside its first
+//! ([`keelson_uefi_later_boot`]), and Secure Boot on vs off (`out/vm-sb`), in one run. Prints tables; asserts nothing (these machines are shared and noisy).
 //!
 //! Each measured boot's timeline (init's stamped steps and the services' start-up, read from
 //! the console as `keelctl analyze` reads them on the node: `keelson_common::api::boot`) is
@@ -17,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use keelson_common::api::boot::{self as analyze, Boot};
 use keelson_common::cpio::{Entry, Writer};
 use keelson_testkit::history;
-use qemu_tests::{image, GuestBuilder, NicModel};
+use qemu_tests::{create_overlay, image, DiskFormat, GuestBuilder, NicModel};
 
 const BOOT: Duration = Duration::from_secs(240);
 
@@ -175,6 +176,36 @@ fn keelson_boot(dir: &Path, uefi: bool) -> Result<Timeline> {
     let g = builder.nic(NicModel::None).spawn()?;
     g.wait_for("boot complete in", BOOT)?;
     // Not every image's services get ready without a network: then the row says so.
+    let _ = g.wait_for(analyze::BOOT_READY, ALL_READY);
+    timeline(&g.lines_with_times())
+}
+
+/// A later UEFI boot of one VM: a first boot that powers off cleanly, then the measured boot
+/// from the variable store and disk that boot left, as a VM keeps its NVRAM and disk. A first
+/// boot is OVMF's first start on a fresh store (it writes its boot entries there: pflash writes,
+/// slow under TCG); every later boot of the VM only reads them.
+fn keelson_uefi_later_boot(dir: &Path, work: &Path) -> Result<Timeline> {
+    let disk = work.join("uefi-later.qcow2");
+    let vars = work.join("uefi-later-vars.fd");
+    let _ = std::fs::remove_file(&disk);
+    create_overlay(&dir.join("disk.raw"), &disk, None)?;
+    {
+        let first = GuestBuilder::uefi_from_image_dir(dir)?
+            .disk_no_copy(&disk, DiskFormat::Qcow2)
+            .nic(NicModel::None)
+            .spawn()?;
+        first.wait_for("boot complete in", BOOT)?;
+        first.powerdown()?;
+        first.wait_exit(BOOT)?;
+        std::fs::copy(first.dir().join("OVMF_VARS.fd"), &vars)
+            .context("keeping the first boot's variable store")?;
+    }
+    let g = GuestBuilder::uefi_from_image_dir(dir)?
+        .disk_no_copy(&disk, DiskFormat::Qcow2)
+        .uefi_vars(&vars)
+        .nic(NicModel::None)
+        .spawn()?;
+    g.wait_for("boot complete in", BOOT)?;
     let _ = g.wait_for(analyze::BOOT_READY, ALL_READY);
     timeline(&g.lines_with_times())
 }
@@ -481,8 +512,8 @@ fn main() -> Result<()> {
     if let Err(e) = &peer {
         eprintln!("the Debian peer is not measured: {e:#}");
     }
-    let (mut direct, mut uefi, mut floor, mut debian) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut direct, mut uefi, mut floor, mut debian, mut uefi_later) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         eprintln!("run {}/{runs}", i + 1);
         floor.push(busybox_floor(&dir, work.path())?);
@@ -492,6 +523,7 @@ fn main() -> Result<()> {
         }
         direct.push(keelson_boot(&dir, false)?);
         uefi.push(keelson_boot(&dir, true)?);
+        uefi_later.push(keelson_uefi_later_boot(&dir, work.path())?);
         write_svg(&format!("direct-{}", i + 1), &direct[i])?;
         write_svg(&format!("uefi-{}", i + 1), &uefi[i])?;
     }
@@ -552,6 +584,25 @@ fn main() -> Result<()> {
         median(&direct, |t| t.rss_kib),
         median(&uefi, |t| t.rss_kib)
     );
+    println!("\n## UEFI: a VM's first boot and its later boots, median of {runs} runs (seconds)\n");
+    println!("| boot | QEMU start → kernel start (firmware) | QEMU start → boot complete |");
+    println!("|---|---|---|");
+    for (name, runs) in [
+        (
+            "first boot (fresh OVMF variable store; the table above)",
+            &uefi,
+        ),
+        (
+            "later boot (the VM's variable store and disk kept)",
+            &uefi_later,
+        ),
+    ] {
+        println!(
+            "| {name} | {:.3} | {:.3} |",
+            median(runs, |t| t.firmware),
+            median(runs, |t| t.total)
+        );
+    }
     // The history's figures (`./dev bench` compares them with docs/bench/figures.jsonl).
     let fig = |name: &str, unit: &str, samples: Vec<f64>| {
         history::record(history::Figure::from_samples(
@@ -580,6 +631,11 @@ fn main() -> Result<()> {
         "QEMU start → boot complete, UEFI",
         "s",
         all(&uefi, &|t| t.total),
+    )?;
+    fig(
+        "QEMU start → boot complete, UEFI, later boot",
+        "s",
+        all(&uefi_later, &|t| t.total),
     )?;
     fig(
         "QEMU start → boot complete, direct",
