@@ -100,26 +100,32 @@ fn median_run(runs: &[Timeline]) -> Option<&Timeline> {
     v.get(v.len().saturating_sub(1) / 2).copied()
 }
 
-/// A UEFI boot of `dir` from a copy of the variable store `vars`, with OVMF's Secure Boot build
-/// (SMM) or its plain one.
-fn uefi_boot(dir: &Path, secure_boot: bool, vars: &Path) -> Result<Timeline> {
-    let mut b = GuestBuilder::uefi_from_image_dir(dir)?.uefi_vars(vars);
+/// A UEFI guest of `dir` without a NIC, with OVMF's Secure Boot build (SMM) or its plain one,
+/// on the given disk (kept from an earlier boot) or a fresh overlay.
+fn uefi_guest(dir: &Path, secure_boot: bool, disk: Option<&Path>) -> Result<GuestBuilder> {
+    let mut b = GuestBuilder::uefi_from_image_dir(dir)?.nic(NicModel::None);
     if secure_boot {
         b = b.secure_boot();
     }
-    let g = b.nic(NicModel::None).spawn()?;
+    if let Some(disk) = disk {
+        b = b.disk_no_copy(disk, DiskFormat::Qcow2);
+    }
+    Ok(b)
+}
+
+/// A UEFI boot of `dir` from a copy of the variable store `vars` (see [`uefi_guest`]).
+fn uefi_boot(dir: &Path, secure_boot: bool, vars: &Path, disk: Option<&Path>) -> Result<Timeline> {
+    let g = uefi_guest(dir, secure_boot, disk)?
+        .uefi_vars(vars)
+        .spawn()?;
     g.wait_for("boot complete in", BOOT)?;
     timeline(&g.lines_with_times())
 }
 
 /// Boots `dir` once from the pristine variable store and returns the store it left (boot
 /// options written; with Secure Boot, the ESP's keys enrolled on the way).
-fn warm_vars(dir: &Path, secure_boot: bool, out: &Path) -> Result<()> {
-    let mut b = GuestBuilder::uefi_from_image_dir(dir)?;
-    if secure_boot {
-        b = b.secure_boot();
-    }
-    let g = b.nic(NicModel::None).spawn()?;
+fn warm_vars(dir: &Path, secure_boot: bool, disk: Option<&Path>, out: &Path) -> Result<()> {
+    let g = uefi_guest(dir, secure_boot, disk)?.spawn()?;
     if secure_boot {
         g.wait_for("Enrolling secure boot keys", BOOT)?;
     }
@@ -146,13 +152,13 @@ fn secure_boot_table(runs: usize, work: &Path) -> Result<()> {
         }
     };
     let (plain, enrolled) = (work.join("VARS.plain.fd"), work.join("VARS.enrolled.fd"));
-    warm_vars(&dir, false, &plain)?;
-    warm_vars(&dir, true, &enrolled)?;
+    warm_vars(&dir, false, None, &plain)?;
+    warm_vars(&dir, true, None, &enrolled)?;
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for i in 0..runs {
         eprintln!("secure boot run {}/{runs}", i + 1);
-        off.push(uefi_boot(&dir, false, &plain)?);
-        on.push(uefi_boot(&dir, true, &enrolled)?);
+        off.push(uefi_boot(&dir, false, &plain, None)?);
+        on.push(uefi_boot(&dir, true, &enrolled, None)?);
     }
     println!("| phase | Secure Boot off (OVMF_CODE_4M) | Secure Boot on (OVMF_CODE_4M.secboot, SMM, keys enrolled) | on / off |");
     println!("|---|---|---|---|");
@@ -189,25 +195,8 @@ fn keelson_uefi_later_boot(dir: &Path, work: &Path) -> Result<Timeline> {
     let vars = work.join("uefi-later-vars.fd");
     let _ = std::fs::remove_file(&disk);
     create_overlay(&dir.join("disk.raw"), &disk, None)?;
-    {
-        let first = GuestBuilder::uefi_from_image_dir(dir)?
-            .disk_no_copy(&disk, DiskFormat::Qcow2)
-            .nic(NicModel::None)
-            .spawn()?;
-        first.wait_for("boot complete in", BOOT)?;
-        first.powerdown()?;
-        first.wait_exit(BOOT)?;
-        std::fs::copy(first.dir().join("OVMF_VARS.fd"), &vars)
-            .context("keeping the first boot's variable store")?;
-    }
-    let g = GuestBuilder::uefi_from_image_dir(dir)?
-        .disk_no_copy(&disk, DiskFormat::Qcow2)
-        .uefi_vars(&vars)
-        .nic(NicModel::None)
-        .spawn()?;
-    g.wait_for("boot complete in", BOOT)?;
-    let _ = g.wait_for(analyze::BOOT_READY, ALL_READY);
-    timeline(&g.lines_with_times())
+    warm_vars(dir, false, Some(&disk), &vars)?;
+    uefi_boot(dir, false, &vars, Some(&disk))
 }
 
 /// The same kernel with a busybox initramfs whose /init prints the uptime: the floor any init
