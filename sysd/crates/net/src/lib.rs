@@ -965,7 +965,10 @@ impl Net {
         match self.nl.routes().await {
             Ok(routes) => Some(self.missing_from(&routes)),
             Err(e) => {
-                tracing::warn!("network: reading the route table: {e}; online state kept");
+                tracing::warn!(
+                    "network: reading the route table: {}; online state kept",
+                    chain(&e)
+                );
                 None
             }
         }
@@ -1575,7 +1578,7 @@ fn no_link_reason(managed: &[String], links: &[Link]) -> Option<String> {
     (!with_carrier).then(|| format!("no carrier on {}", managed.join(", ")))
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -3,6 +3,7 @@
 //! the kernel as it was after the first time.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, CacheInfo};
@@ -32,11 +33,6 @@ type Result<T> = std::result::Result<T, Error>;
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
     let what = what.into();
     move |source| Error::Netlink { what, source }
-}
-
-/// Whether a netlink dump was interrupted by a concurrent change (and is worth repeating).
-fn interrupted(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == libc::EBUSY)
 }
 
 /// A link as sysd sees it.
@@ -128,6 +124,11 @@ pub struct Route {
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
+    /// Held for the length of a dump. The kernel runs one dump at a time per netlink socket and
+    /// answers a second one with EBUSY (`netlink_dump_start`); sysd's tasks share this
+    /// connection (the DHCP client, the online check and the links' watcher list routes, links
+    /// and addresses around the same moments at boot), so their dumps take turns.
+    dumping: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Netlink {
@@ -135,25 +136,27 @@ impl Netlink {
     pub fn open() -> Result<Netlink> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink {
+            handle,
+            dumping: Arc::default(),
+        })
+    }
+
+    /// A whole dump, requested and collected while no other dump runs on this connection
+    /// (`request` sends it: rtnetlink queues the message when the request is executed).
+    async fn dump<T, S>(&self, what: &str, request: impl FnOnce() -> S) -> Result<Vec<T>>
+    where
+        S: futures_util::Stream<Item = std::result::Result<T, rtnetlink::Error>>,
+    {
+        let _turn = self.dumping.lock().await;
+        request().try_collect().await.map_err(nl(what))
     }
 
     pub async fn links(&self) -> Result<Vec<Link>> {
-        // A dump that a concurrent change interrupts (a container's veth coming or going)
-        // ends in EBUSY (NLM_F_DUMP_INTR); the kernel's answer to that is to dump again.
-        let mut tries = 0;
-        loop {
-            let dump: std::result::Result<Vec<LinkMessage>, rtnetlink::Error> =
-                self.handle.link().get().execute().try_collect().await;
-            match dump {
-                Ok(msgs) => return Ok(msgs.iter().map(Link::from_message).collect()),
-                Err(e) if interrupted(&e) && tries < 5 => {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(20 * tries)).await;
-                }
-                Err(e) => return Err(nl("listing links")(e)),
-            }
-        }
+        let msgs = self
+            .dump("listing links", || self.handle.link().get().execute())
+            .await?;
+        Ok(msgs.iter().map(Link::from_message).collect())
     }
 
     pub async fn add_bridge(&self, name: &str) -> Result<()> {
@@ -244,13 +247,10 @@ impl Netlink {
 
     pub async fn addresses(&self) -> Result<Vec<Address>> {
         let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing addresses"))?;
+            .dump("listing addresses", || {
+                self.handle.address().get().execute()
+            })
+            .await?;
         let mut out = Vec::new();
         for m in msgs {
             let mut addr = None;
@@ -340,13 +340,8 @@ impl Netlink {
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
         ] {
             let msgs: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(msg)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(nl("listing routes"))?;
+                .dump("listing routes", || self.handle.route().get(msg).execute())
+                .await?;
             for m in msgs {
                 if let Some(r) = route_of(&m) {
                     out.push(r);
@@ -491,5 +486,31 @@ fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
         RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
         RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tasks sharing one connection list links, addresses and routes at the same moment (as the
+    /// DHCP client, the online check and the link watcher do at boot): every dump answers,
+    /// none is refused with EBUSY for another one running on the socket. Reading the tables
+    /// needs no privilege.
+    #[tokio::test(flavor = "current_thread")]
+    async fn dumps_on_one_connection_take_turns() {
+        let nl = Netlink::open().expect("a netlink socket");
+        let rounds = (0..8).map(|_| async {
+            let (links, addresses, routes) =
+                tokio::join!(nl.links(), nl.addresses(), nl.routes());
+            links.map(|_| ())?;
+            addresses.map(|_| ())?;
+            routes.map(|_| ())
+        });
+        for r in futures_util::future::join_all(rounds).await {
+            if let Err(e) = r {
+                panic!("{}", crate::chain(&e));
+            }
+        }
     }
 }
