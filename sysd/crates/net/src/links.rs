@@ -501,8 +501,7 @@ mod tests {
     async fn dumps_on_one_connection_take_turns() {
         let nl = Netlink::open().expect("a netlink socket");
         let rounds = (0..8).map(|_| async {
-            let (links, addresses, routes) =
-                tokio::join!(nl.links(), nl.addresses(), nl.routes());
+            let (links, addresses, routes) = tokio::join!(nl.links(), nl.addresses(), nl.routes());
             links.map(|_| ())?;
             addresses.map(|_| ())?;
             routes.map(|_| ())
